@@ -1,0 +1,367 @@
+//! The BPF maps: names, capacities, keys and values.
+//!
+//! Byte order: ports are in network byte order (as `bpf_sock_addr.user_port` holds them in
+//! its low 16 bits); addresses are [`Addr`] (network order, IPv4-mapped for v4). Everything
+//! else is host order.
+//!
+//! A Service frontend is found in [`FRONTENDS`]; its backends sit in [`SLOTS`] at
+//! `(id, 0..count)`, and [`MEMBERS`] says which backends currently belong to `id` (the
+//! programs check it before reusing a remembered backend). The agent writes these three, in
+//! make-before-break order: members, then slots, then the frontend with its count, then the
+//! tail slots and members it no longer needs. The programs only read them.
+//!
+//! The programs write the per-connection state: [`REVNAT`] (to show the Service address to
+//! the client), [`AFFINITY`] (ClientIP session affinity) and [`UDP_FLOWS`] (unconnected UDP
+//! sockets keep their backend). They are LRU maps; the agent never writes them.
+
+use crate::Addr;
+
+/// Bumped whenever a key, value or the meaning of a field changes. The agent stores it in
+/// [`META`] when it creates the maps and refuses to adopt pinned maps with another value.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// `BPF_F_NO_PREALLOC`: the large service maps grow with use instead of reserving their full
+/// capacity up front.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Pinned names, also the programs' map names (at most 15 bytes: `BPF_OBJ_NAME_LEN`).
+pub const FRONTENDS: &str = "LB_FRONTENDS";
+pub const SLOTS: &str = "LB_SLOTS";
+pub const MEMBERS: &str = "LB_MEMBERS";
+pub const AFFINITY: &str = "LB_AFFINITY";
+pub const REVNAT: &str = "LB_REVNAT";
+pub const UDP_FLOWS: &str = "LB_UDP_FLOWS";
+pub const STATS: &str = "LB_STATS";
+pub const META: &str = "LB_META";
+
+/// Frontends: one per (Service IP, port, protocol). 100 000 Services with two ports fit.
+pub const MAX_FRONTENDS: u32 = 1 << 18;
+/// Backend slots over all frontends (frontends x endpoints).
+pub const MAX_SLOTS: u32 = 1 << 21;
+/// Frontend/backend memberships: one per slot.
+pub const MAX_MEMBERS: u32 = MAX_SLOTS;
+/// ClientIP affinity entries (client x Service port); LRU.
+pub const MAX_AFFINITY: u32 = 1 << 16;
+/// Translated sockets remembered for getpeername/recvmsg; LRU.
+pub const MAX_REVNAT: u32 = 1 << 18;
+/// Unconnected UDP (socket, frontend) pairs; LRU.
+pub const MAX_UDP_FLOWS: u32 = 1 << 16;
+/// Entries of [`META`].
+pub const META_LEN: u32 = 4;
+/// Index in [`META`] of the layout version.
+pub const META_LAYOUT_VERSION: u32 = 0;
+
+/// Key of [`FRONTENDS`]: where a client connects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// The Service address (ClusterIP); never zero.
+    pub addr: Addr,
+    /// The Service port, network byte order; never zero.
+    pub port: u16,
+    /// [`IPPROTO_TCP`], [`IPPROTO_UDP`] or [`IPPROTO_SCTP`].
+    pub proto: u8,
+    /// Always 0, so keys hash the same on both sides.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FrontendKey>() == 20);
+
+/// Value of [`FRONTENDS`]: the frontend's backend set and its settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frontend {
+    /// Names this frontend's [`SLOTS`], [`MEMBERS`] and [`AFFINITY`] entries. Allocated by the
+    /// agent, never 0, not reused while the agent runs (so stale affinity never matches).
+    pub id: u32,
+    /// Backends in slots `0..count`. 0 means "a Service without a usable endpoint": the
+    /// programs refuse the connection (ECONNREFUSED), as kube-proxy's REJECT rule does.
+    pub count: u32,
+    /// ClientIP session affinity timeout in seconds; 0 means no affinity.
+    pub affinity_timeout_s: u32,
+    /// Reserved, 0.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Frontend>() == 16);
+
+/// Key of [`SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// [`Frontend::id`].
+    pub id: u32,
+    /// `0..Frontend::count`.
+    pub slot: u32,
+}
+const _: () = assert!(size_of::<SlotKey>() == 8);
+
+/// A backend (endpoint address and port); the value of [`SLOTS`] and [`UDP_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Endpoint address, same family as the frontend.
+    pub addr: Addr,
+    /// Endpoint port, network byte order.
+    pub port: u16,
+    /// Always 0.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Backend>() == 20);
+
+impl Backend {
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(addr: Addr, port_be: u16) -> Self {
+        Self {
+            addr,
+            port: port_be,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Key of [`MEMBERS`]: "this backend is one of frontend `id`'s slots". The value is a `u32`,
+/// [`MEMBER_PRESENT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    /// [`Frontend::id`].
+    pub id: u32,
+    pub backend: Backend,
+}
+const _: () = assert!(size_of::<MemberKey>() == 24);
+
+/// The value stored in [`MEMBERS`].
+pub const MEMBER_PRESENT: u32 = 1;
+
+/// Key of [`AFFINITY`]: one client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The client: its network namespace cookie. At connect time the source address is not
+    /// chosen yet, and every pod has its own network namespace, so the netns is the client IP.
+    pub client: u64,
+    /// [`Frontend::id`].
+    pub id: u32,
+    /// Always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+
+/// Value of [`AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Affinity {
+    /// `bpf_ktime_get_ns()` of the client's last new connection to the frontend.
+    pub last_used_ns: u64,
+    /// The backend the client sticks to; used only while it is still a member.
+    pub backend: Backend,
+    /// Always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Affinity>() == 32);
+
+/// Key of [`REVNAT`]: a translated socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend address the socket was sent to.
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Always 0.
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<RevNatKey>() == 32);
+
+/// Value of [`REVNAT`]: what the client asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat {
+    /// The Service address the client connected or sent to.
+    pub addr: Addr,
+    /// The Service port, network byte order.
+    pub port: u16,
+    /// Always 0.
+    pub _pad: [u8; 2],
+    /// [`Frontend::id`] at translation time (for inspection).
+    pub id: u32,
+}
+const _: () = assert!(size_of::<RevNat>() == 24);
+
+/// Key of [`UDP_FLOWS`]: an unconnected UDP socket sending to a frontend. Like a conntrack
+/// entry for kube-proxy, it keeps the socket's datagrams on one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    pub frontend: FrontendKey,
+    /// Always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<UdpFlowKey>() == 32);
+
+/// Map types, for the agent's shape check of pinned maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    LruHash,
+    Array,
+    PerCpuArray,
+}
+
+/// What a map must look like; the agent compares pinned maps against it before adopting them.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+    /// Written by the agent (true) or by the programs (false).
+    pub agent_writes: bool,
+}
+
+const fn size<T>() -> u32 {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "map keys and values are a few dozen bytes"
+    )]
+    let size = size_of::<T>() as u32;
+    size
+}
+
+/// Every map lb pins, in the order the agent checks them.
+pub const SPECS: &[MapSpec] = &[
+    MapSpec {
+        name: FRONTENDS,
+        kind: MapKind::Hash,
+        key_size: size::<FrontendKey>(),
+        value_size: size::<Frontend>(),
+        max_entries: MAX_FRONTENDS,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: true,
+    },
+    MapSpec {
+        name: SLOTS,
+        kind: MapKind::Hash,
+        key_size: size::<SlotKey>(),
+        value_size: size::<Backend>(),
+        max_entries: MAX_SLOTS,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: true,
+    },
+    MapSpec {
+        name: MEMBERS,
+        kind: MapKind::Hash,
+        key_size: size::<MemberKey>(),
+        value_size: size::<u32>(),
+        max_entries: MAX_MEMBERS,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: true,
+    },
+    MapSpec {
+        name: AFFINITY,
+        kind: MapKind::LruHash,
+        key_size: size::<AffinityKey>(),
+        value_size: size::<Affinity>(),
+        max_entries: MAX_AFFINITY,
+        flags: 0,
+        agent_writes: false,
+    },
+    MapSpec {
+        name: REVNAT,
+        kind: MapKind::LruHash,
+        key_size: size::<RevNatKey>(),
+        value_size: size::<RevNat>(),
+        max_entries: MAX_REVNAT,
+        flags: 0,
+        agent_writes: false,
+    },
+    MapSpec {
+        name: UDP_FLOWS,
+        kind: MapKind::LruHash,
+        key_size: size::<UdpFlowKey>(),
+        value_size: size::<Backend>(),
+        max_entries: MAX_UDP_FLOWS,
+        flags: 0,
+        agent_writes: false,
+    },
+    MapSpec {
+        name: STATS,
+        kind: MapKind::PerCpuArray,
+        key_size: size::<u32>(),
+        value_size: size::<u64>(),
+        max_entries: crate::stats::COUNT,
+        flags: 0,
+        agent_writes: false,
+    },
+    MapSpec {
+        name: META,
+        kind: MapKind::Array,
+        key_size: size::<u32>(),
+        value_size: size::<u32>(),
+        max_entries: META_LEN,
+        flags: 0,
+        agent_writes: true,
+    },
+];
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
+        SlotKey, UdpFlowKey,
+    };
+
+    // SAFETY: all of these are #[repr(C)], made of integers only, with every padding byte an
+    // explicit field (checked by the size assertions above): any bit pattern is valid.
+    unsafe impl aya::Pod for FrontendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Frontend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MemberKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Affinity {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RevNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RevNat {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UdpFlowKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_kernel_limit() {
+        for spec in SPECS {
+            assert!(spec.name.len() <= 15, "{} is too long", spec.name);
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, a) in SPECS.iter().enumerate() {
+            for b in &SPECS[i + 1..] {
+                assert_ne!(a.name, b.name);
+            }
+        }
+    }
+}

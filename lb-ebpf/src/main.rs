@@ -1,0 +1,71 @@
+//! lb's kernel programs: Service translation at the socket, once per connection.
+//!
+//! Attached to the agent's cgroup: `connect4/6` (TCP and connected UDP) and `sendmsg4/6`
+//! (unconnected UDP) send a Service address to a backend; `recvmsg4/6` and `getpeername4/6`
+//! show the Service address back to the client. Each entry point is a thin wrapper over
+//! [`xlate`], which does the work and returns what happened; the entry point turns that into
+//! the syscall's verdict.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod sock;
+mod xlate;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+use crate::{
+    sock::{V4, V6},
+    xlate::Hook,
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    xlate::forward::<V4>(&ctx, Hook::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    xlate::forward::<V6>(&ctx, Hook::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    xlate::forward::<V4>(&ctx, Hook::SendMsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    xlate::forward::<V6>(&ctx, Hook::SendMsg)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    xlate::reverse::<V4>(&ctx, lb_common::stats::RECVMSG_XLATED)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    xlate::reverse::<V6>(&ctx, lb_common::stats::RECVMSG_XLATED)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    xlate::reverse::<V4>(&ctx, lb_common::stats::GETPEERNAME_XLATED)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    xlate::reverse::<V6>(&ctx, lb_common::stats::GETPEERNAME_XLATED)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier proves there is no path here: eBPF programs cannot panic.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,7 @@
+mod desired;
+mod model;
+mod plan;
+mod source;
+mod topology;
+
+fn main() {}

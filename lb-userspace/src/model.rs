@@ -1,0 +1,212 @@
+//! The world as lb needs it: Services and their endpoints, already validated, independent of
+//! where they came from (manifests or the Kubernetes API) and of the kernel.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    sync::Arc,
+};
+
+/// A Service's (or any namespaced object's) identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// L4 protocol of a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number the kernel programs match on.
+    pub const fn ip_proto(self) -> u8 {
+        match self {
+            Self::Tcp => lb_common::maps::IPPROTO_TCP,
+            Self::Udp => lb_common::maps::IPPROTO_UDP,
+            Self::Sctp => lb_common::maps::IPPROTO_SCTP,
+        }
+    }
+
+    pub const fn from_ip_proto(proto: u8) -> Option<Self> {
+        match proto {
+            lb_common::maps::IPPROTO_TCP => Some(Self::Tcp),
+            lb_common::maps::IPPROTO_UDP => Some(Self::Udp),
+            lb_common::maps::IPPROTO_SCTP => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// IP family of an address or an EndpointSlice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+/// `spec.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+/// `spec.ports[].targetPort`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+/// One entry of `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// "" when the Service has a single unnamed port.
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_port: TargetPort,
+    pub node_port: Option<u16>,
+}
+
+/// Topology hints opt-in, from `spec.trafficDistribution` or the
+/// `service.kubernetes.io/topology-mode` annotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopologyMode {
+    /// No topology filtering.
+    None,
+    /// Use zone hints when every ready endpoint has them (kube-proxy's canUseTopology).
+    ZoneHints,
+}
+
+/// A Service, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub key: ObjectKey,
+    pub service_type: ServiceType,
+    /// `spec.clusterIPs` (or `spec.clusterIP`); empty for headless and ExternalName Services.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// ClientIP affinity timeout in seconds; `None` for `sessionAffinity: None`.
+    pub affinity_timeout_s: Option<u32>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` (VIP mode).
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub health_check_node_port: Option<u16>,
+    pub topology: TopologyMode,
+}
+
+impl Service {
+    /// Whether lb programs anything for it: not ExternalName, not headless.
+    pub fn is_load_balanced(&self) -> bool {
+        self.service_type != ServiceType::ExternalName && !self.cluster_ips.is_empty()
+    }
+}
+
+/// One port of an EndpointSlice (or of an Endpoints subset).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// One endpoint: an address with its conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// `hints.forZones`; empty when the endpoint has no hints.
+    pub zone_hints: BTreeSet<String>,
+}
+
+impl AsRef<Self> for Endpoint {
+    fn as_ref(&self) -> &Self {
+        self
+    }
+}
+
+/// An EndpointSlice, or the slice-equivalent of one v1 Endpoints subset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// The slice's own identity (for Endpoints: the Endpoints name plus a subset suffix).
+    pub key: ObjectKey,
+    /// The Service it belongs to (`kubernetes.io/service-name`).
+    pub service: ObjectKey,
+    pub family: Family,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything a source knows at one moment. Sources hand complete snapshots to the syncer,
+/// so a relist or a reload is applied as one atomic change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    /// EndpointSlices by owning Service, each list sorted by slice key.
+    pub slices: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
+}
+
+impl Snapshot {
+    pub fn slices_of(&self, service: &ObjectKey) -> &[Arc<EndpointSlice>] {
+        self.slices.get(service).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// What lb knows about the node it runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    /// `topology.kubernetes.io/zone` of the Node, when known.
+    pub zone: Option<String>,
+}

@@ -1,0 +1,449 @@
+//! The diff: from what the kernel maps hold to what they should hold, as an ordered list of
+//! map writes, and the agent's mirror of the maps that the writes keep current.
+//!
+//! The order makes every intermediate state valid for a connecting client, as cilium's
+//! `updateFrontend` does: for each frontend, new memberships, then slots, then the frontend
+//! with its count, then the slots past the count and the memberships that ended. A frontend
+//! that goes away goes first (frontend, then its slots and members), so a full map frees room
+//! before anything is added. Re-planning the same desired state gives no writes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use lb_common::maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey};
+
+use crate::desired::{Desired, DesiredFrontend};
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutMember(MemberKey),
+    PutSlot(SlotKey, Backend),
+    PutFrontend(FrontendKey, Frontend),
+    DelFrontend(FrontendKey),
+    DelSlot(SlotKey),
+    DelMember(MemberKey),
+}
+
+/// What the agent-written maps hold, as read from the kernel and kept current by [`Op`]s
+/// that succeeded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelState {
+    frontends: HashMap<FrontendKey, Frontend>,
+    /// Frontend id -> its key, for the ids in use.
+    ids: HashMap<u32, FrontendKey>,
+    slots: HashMap<u32, BTreeMap<u32, Backend>>,
+    members: HashMap<u32, HashSet<Backend>>,
+    next_id: u32,
+}
+
+impl KernelState {
+    /// The state of freshly read maps. Entries that do not fit together (slots or members of
+    /// an id without a frontend) are kept, so the next plan removes them.
+    pub fn from_entries(
+        frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
+        slots: impl IntoIterator<Item = (SlotKey, Backend)>,
+        members: impl IntoIterator<Item = MemberKey>,
+    ) -> Self {
+        let mut state = Self {
+            next_id: 1,
+            ..Self::default()
+        };
+        for (key, value) in frontends {
+            state.apply(&Op::PutFrontend(key, value));
+        }
+        for (key, backend) in slots {
+            state.apply(&Op::PutSlot(key, backend));
+        }
+        for key in members {
+            state.apply(&Op::PutMember(key));
+        }
+        let highest = state
+            .ids
+            .keys()
+            .chain(state.slots.keys())
+            .chain(state.members.keys())
+            .max()
+            .copied()
+            .unwrap_or(0);
+        state.next_id = highest.wrapping_add(1).max(1);
+        state
+    }
+
+    pub fn frontends(&self) -> &HashMap<FrontendKey, Frontend> {
+        &self.frontends
+    }
+
+    /// Backends in slot order for frontend `id` (all slots present, including past the count).
+    pub fn slots(&self, id: u32) -> impl Iterator<Item = (u32, &Backend)> {
+        self.slots.get(&id).into_iter().flatten().map(|(s, b)| (*s, b))
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots.values().map(BTreeMap::len).sum()
+    }
+
+    /// Records a write that the kernel accepted.
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::PutMember(MemberKey { id, backend }) => {
+                self.members.entry(id).or_default().insert(backend);
+            }
+            Op::PutSlot(SlotKey { id, slot }, backend) => {
+                self.slots.entry(id).or_default().insert(slot, backend);
+            }
+            Op::PutFrontend(key, value) => {
+                if let Some(old) = self.frontends.insert(key, value) {
+                    self.ids.remove(&old.id);
+                }
+                self.ids.insert(value.id, key);
+            }
+            Op::DelFrontend(key) => {
+                if let Some(old) = self.frontends.remove(&key) {
+                    self.ids.remove(&old.id);
+                }
+            }
+            Op::DelSlot(SlotKey { id, slot }) => {
+                if let Some(slots) = self.slots.get_mut(&id) {
+                    slots.remove(&slot);
+                    if slots.is_empty() {
+                        self.slots.remove(&id);
+                    }
+                }
+            }
+            Op::DelMember(MemberKey { id, backend }) => {
+                if let Some(members) = self.members.get_mut(&id) {
+                    members.remove(&backend);
+                    if members.is_empty() {
+                        self.members.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn id_in_use(&self, id: u32) -> bool {
+        self.ids.contains_key(&id) || self.slots.contains_key(&id) || self.members.contains_key(&id)
+    }
+
+    /// A frontend id that is not in use. Ids grow and are not reused while the agent runs,
+    /// so affinity and flow entries of a removed frontend never match a new one.
+    fn allocate_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.id_in_use(id) {
+                return id;
+            }
+        }
+    }
+
+    /// The writes that turn this state into `desired`. Allocates ids for new frontends.
+    /// Idempotent: planning again after the writes were applied gives nothing.
+    pub fn plan(&mut self, desired: &Desired) -> Vec<Op> {
+        let mut ops = Vec::new();
+        let mut gone: Vec<(&FrontendKey, &Frontend)> = self
+            .frontends
+            .iter()
+            .filter(|(key, _)| !desired.frontends.contains_key(key))
+            .collect();
+        gone.sort_unstable_by_key(|(key, _)| **key);
+        for (key, frontend) in gone {
+            ops.push(Op::DelFrontend(*key));
+            self.remove_backends_of(frontend.id, &mut ops);
+        }
+        let orphans: BTreeSet<u32> = self
+            .slots
+            .keys()
+            .chain(self.members.keys())
+            .copied()
+            .filter(|id| !self.ids.contains_key(id))
+            .collect();
+        for id in orphans {
+            self.remove_backends_of(id, &mut ops);
+        }
+        for (key, want) in &desired.frontends {
+            let current = self.frontends.get(key).copied();
+            let id = match current {
+                Some(frontend) => frontend.id,
+                None => self.allocate_id(),
+            };
+            self.plan_frontend(*key, id, current, want, &mut ops);
+        }
+        ops
+    }
+
+    fn remove_backends_of(&self, id: u32, ops: &mut Vec<Op>) {
+        for (slot, _) in self.slots(id) {
+            ops.push(Op::DelSlot(SlotKey { id, slot }));
+        }
+        let mut members: Vec<&Backend> = self.members.get(&id).into_iter().flatten().collect();
+        members.sort_unstable();
+        for backend in members {
+            ops.push(Op::DelMember(MemberKey { id, backend: *backend }));
+        }
+    }
+
+    fn plan_frontend(
+        &self,
+        key: FrontendKey,
+        id: u32,
+        current: Option<Frontend>,
+        want: &DesiredFrontend,
+        ops: &mut Vec<Op>,
+    ) {
+        let empty_slots = BTreeMap::new();
+        let empty_members = HashSet::new();
+        let slots = self.slots.get(&id).unwrap_or(&empty_slots);
+        let members = self.members.get(&id).unwrap_or(&empty_members);
+        let old_count = current.map_or(0, |f| f.count);
+        let in_use: Vec<Option<Backend>> = (0..old_count).map(|slot| slots.get(&slot).copied()).collect();
+        let assigned = assign_slots(&in_use, &want.backends);
+        for backend in &want.backends {
+            if !members.contains(backend) {
+                ops.push(Op::PutMember(MemberKey { id, backend: *backend }));
+            }
+        }
+        for (slot, backend) in (0u32..).zip(&assigned) {
+            if slots.get(&slot) != Some(backend) {
+                ops.push(Op::PutSlot(SlotKey { id, slot }, *backend));
+            }
+        }
+        let count = u32::try_from(assigned.len()).unwrap_or(u32::MAX);
+        let value = Frontend {
+            id,
+            count,
+            affinity_timeout_s: want.affinity_timeout_s,
+            flags: 0,
+        };
+        if current != Some(value) {
+            ops.push(Op::PutFrontend(key, value));
+        }
+        for (&slot, _) in slots.range(count..) {
+            ops.push(Op::DelSlot(SlotKey { id, slot }));
+        }
+        let mut ended: Vec<&Backend> = members.iter().filter(|b| !want.backends.contains(b)).collect();
+        ended.sort_unstable();
+        for backend in ended {
+            ops.push(Op::DelMember(MemberKey { id, backend: *backend }));
+        }
+    }
+}
+
+/// The new slot layout: backends that stay keep their slot when it is still in range, so a
+/// change moves as few slots as possible; new backends fill the holes in order.
+fn assign_slots(in_use: &[Option<Backend>], want: &BTreeSet<Backend>) -> Vec<Backend> {
+    let n = want.len();
+    let mut layout: Vec<Option<Backend>> = vec![None; n];
+    let mut placed = HashSet::new();
+    for (slot, backend) in layout.iter_mut().zip(in_use) {
+        if let Some(b) = backend {
+            if want.contains(b) && placed.insert(*b) {
+                *slot = Some(*b);
+            }
+        }
+    }
+    let mut rest = want.iter().filter(|b| !placed.contains(*b));
+    layout
+        .into_iter()
+        .filter_map(|slot| slot.or_else(|| rest.next().copied()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::Addr;
+
+    use super::*;
+    use crate::model::ObjectKey;
+
+    fn fkey(n: u8) -> FrontendKey {
+        FrontendKey { addr: Addr::from_v4_octets([10, 96, 0, n]), port: 80u16.to_be(), proto: 6, _pad: 0 }
+    }
+
+    fn be(n: u8) -> Backend {
+        Backend::new(Addr::from_v4_octets([10, 1, 0, n]), 8080u16.to_be())
+    }
+
+    fn desired(frontends: &[(u8, &[u8], u32)]) -> Desired {
+        let mut d = Desired::default();
+        for &(f, backends, affinity) in frontends {
+            d.frontends.insert(
+                fkey(f),
+                DesiredFrontend {
+                    service: ObjectKey::new("default", format!("s{f}")),
+                    port_name: String::new(),
+                    affinity_timeout_s: affinity,
+                    backends: backends.iter().map(|&b| be(b)).collect(),
+                },
+            );
+        }
+        d
+    }
+
+    /// Plans, applies, checks every intermediate state; returns the ops.
+    fn sync(state: &mut KernelState, d: &Desired) -> Vec<Op> {
+        sync_from(state, d, true)
+    }
+
+    fn sync_from(state: &mut KernelState, d: &Desired, check_each_step: bool) -> Vec<Op> {
+        let ops = state.plan(d);
+        for op in &ops {
+            state.apply(op);
+            if check_each_step {
+                assert_consistent(state);
+            }
+        }
+        assert!(state.plan(d).is_empty(), "not idempotent");
+        assert_matches(state, d);
+        ops
+    }
+
+    /// A client can connect at any moment: every frontend's slots 0..count exist and hold
+    /// members.
+    fn assert_consistent(state: &KernelState) {
+        for (key, f) in &state.frontends {
+            for slot in 0..f.count {
+                let backend = state.slots.get(&f.id).and_then(|s| s.get(&slot));
+                let backend = backend.unwrap_or_else(|| panic!("{key:?}: slot {slot} missing"));
+                assert!(state.members.get(&f.id).is_some_and(|m| m.contains(backend)), "slot {slot} not a member");
+            }
+        }
+    }
+
+    fn assert_matches(state: &KernelState, d: &Desired) {
+        assert_eq!(state.frontends.len(), d.frontends.len());
+        for (key, want) in &d.frontends {
+            let f = state.frontends[key];
+            let got: BTreeSet<Backend> = state.slots(f.id).filter(|(s, _)| *s < f.count).map(|(_, b)| *b).collect();
+            assert_eq!(got, want.backends);
+            assert_eq!(f.count as usize, want.backends.len());
+            assert_eq!(state.slots(f.id).count(), want.backends.len(), "stray slots");
+            assert_eq!(state.members.get(&f.id).map_or(0, HashSet::len), want.backends.len());
+        }
+        let ids: HashSet<u32> = state.frontends.values().map(|f| f.id).collect();
+        assert!(state.slots.keys().all(|id| ids.contains(id)), "orphan slots");
+        assert!(state.members.keys().all(|id| ids.contains(id)), "orphan members");
+    }
+
+    #[test]
+    fn first_sync_writes_members_slots_then_frontend() {
+        let mut state = KernelState::from_entries([], [], []);
+        let ops = sync(&mut state, &desired(&[(1, &[1, 2], 0)]));
+        assert!(matches!(ops[0], Op::PutMember(_)));
+        assert!(matches!(ops[1], Op::PutMember(_)));
+        assert!(matches!(ops[2], Op::PutSlot(..)));
+        assert!(matches!(ops[3], Op::PutSlot(..)));
+        assert!(matches!(ops[4], Op::PutFrontend(_, Frontend { id: 1, count: 2, .. })));
+        assert_eq!(ops.len(), 5);
+    }
+
+    #[test]
+    fn reapplying_gives_an_empty_delta() {
+        let mut state = KernelState::from_entries([], [], []);
+        let d = desired(&[(1, &[1, 2, 3], 0), (2, &[], 0), (3, &[4], 10)]);
+        sync(&mut state, &d);
+        assert!(state.plan(&d).is_empty());
+    }
+
+    #[test]
+    fn one_endpoint_added_is_three_writes() {
+        let mut state = KernelState::from_entries([], [], []);
+        sync(&mut state, &desired(&[(1, &[1, 2], 0)]));
+        let ops = sync(&mut state, &desired(&[(1, &[1, 2, 3], 0)]));
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert_eq!(ops[0], Op::PutMember(MemberKey { id: 1, backend: be(3) }));
+        assert_eq!(ops[1], Op::PutSlot(SlotKey { id: 1, slot: 2 }, be(3)));
+        assert!(matches!(ops[2], Op::PutFrontend(_, Frontend { count: 3, .. })));
+    }
+
+    #[test]
+    fn removal_shrinks_count_before_deleting() {
+        let mut state = KernelState::from_entries([], [], []);
+        sync(&mut state, &desired(&[(1, &[1, 2, 3], 0)]));
+        // Remove the backend in slot 0: the last one moves into its slot, then the count drops.
+        let ops = sync(&mut state, &desired(&[(1, &[2, 3], 0)]));
+        assert_eq!(
+            ops,
+            vec![
+                Op::PutSlot(SlotKey { id: 1, slot: 0 }, be(3)),
+                Op::PutFrontend(fkey(1), Frontend { id: 1, count: 2, affinity_timeout_s: 0, flags: 0 }),
+                Op::DelSlot(SlotKey { id: 1, slot: 2 }),
+                Op::DelMember(MemberKey { id: 1, backend: be(1) }),
+            ]
+        );
+    }
+
+    #[test]
+    fn removed_frontend_goes_first_and_its_id_is_not_reused() {
+        let mut state = KernelState::from_entries([], [], []);
+        sync(&mut state, &desired(&[(1, &[1], 0)]));
+        let ops = sync(&mut state, &desired(&[(2, &[1], 0)]));
+        assert_eq!(ops[0], Op::DelFrontend(fkey(1)));
+        assert_eq!(state.frontends[&fkey(2)].id, 2);
+    }
+
+    #[test]
+    fn affinity_change_rewrites_only_the_frontend() {
+        let mut state = KernelState::from_entries([], [], []);
+        sync(&mut state, &desired(&[(1, &[1, 2], 0)]));
+        let ops = sync(&mut state, &desired(&[(1, &[1, 2], 60)]));
+        assert_eq!(ops.len(), 1);
+        assert!(matches!(ops[0], Op::PutFrontend(_, Frontend { affinity_timeout_s: 60, .. })));
+    }
+
+    #[test]
+    fn adopted_state_with_leftovers_is_repaired() {
+        // A previous agent died mid-write: slots past the count, an orphan id, a missing slot.
+        let f = Frontend { id: 5, count: 3, affinity_timeout_s: 0, flags: 0 };
+        let mut state = KernelState::from_entries(
+            [(fkey(1), f)],
+            [
+                (SlotKey { id: 5, slot: 0 }, be(1)),
+                (SlotKey { id: 5, slot: 2 }, be(3)),
+                (SlotKey { id: 5, slot: 7 }, be(9)),
+                (SlotKey { id: 9, slot: 0 }, be(1)),
+            ],
+            [MemberKey { id: 5, backend: be(1) }, MemberKey { id: 9, backend: be(1) }],
+        );
+        // It starts inconsistent (slot 1 missing), so only the end state is checked.
+        sync_from(&mut state, &desired(&[(1, &[1, 2, 3], 0), (2, &[4], 0)]), false);
+        // New ids continue past the highest seen.
+        assert_eq!(state.frontends[&fkey(2)].id, 10);
+    }
+
+    #[test]
+    fn surviving_backends_keep_their_slots() {
+        let mut state = KernelState::from_entries([], [], []);
+        sync(&mut state, &desired(&[(1, &[1, 2, 3, 4], 0)]));
+        let before: HashMap<Backend, u32> = state.slots(1).map(|(s, b)| (*b, s)).collect();
+        sync(&mut state, &desired(&[(1, &[1, 2, 4, 5, 6], 0)]));
+        for b in [be(1), be(2), be(4)] {
+            let now = state.slots(1).find(|(_, x)| **x == b).map(|(s, _)| s);
+            assert_eq!(now, Some(before[&b]), "{b:?} moved");
+        }
+    }
+
+    #[test]
+    fn random_sequences_stay_consistent() {
+        // xorshift: deterministic, no extra crate.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut state = KernelState::from_entries([], [], []);
+        for _ in 0..300 {
+            let mut frontends = Vec::new();
+            let mut storage: Vec<Vec<u8>> = Vec::new();
+            for f in 0..(next(6) as u8) {
+                let backends: Vec<u8> = (0..next(8)).map(|_| next(12) as u8).collect();
+                storage.push(backends);
+                frontends.push((f, storage.len() - 1, next(2) as u32 * 30));
+            }
+            let spec: Vec<(u8, &[u8], u32)> = frontends.iter().map(|&(f, i, a)| (f, storage[i].as_slice(), a)).collect();
+            sync(&mut state, &desired(&spec));
+        }
+    }
+}

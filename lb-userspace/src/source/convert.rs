@@ -1,0 +1,602 @@
+//! Kubernetes objects (k8s-openapi types) to the validated [`crate::model`], shared by every
+//! source. Each check names the field it rejects, so the message a user sees points at the
+//! line to fix.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1 as core,
+        discovery::v1 as discovery,
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use crate::model::{
+    Endpoint, EndpointPort, EndpointSlice, Family, ObjectKey, Protocol, Service, ServicePort,
+    ServiceType, TargetPort, TopologyMode,
+};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's upper bound for `timeoutSeconds` (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+
+/// A rejected field: where and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Path in the object, e.g. `spec.ports[1].port`.
+    pub field: String,
+    pub message: String,
+}
+
+fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, FieldError> {
+    Err(FieldError {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+/// `metadata.namespace` (default "default") and `metadata.name` (required).
+pub fn object_key(meta: &ObjectMeta) -> Result<ObjectKey, FieldError> {
+    let name = match meta.name.as_deref() {
+        Some(name) if !name.is_empty() => name,
+        _ => return err("metadata.name", "missing"),
+    };
+    let namespace = match meta.namespace.as_deref() {
+        Some(ns) if !ns.is_empty() => ns,
+        _ => "default",
+    };
+    Ok(ObjectKey::new(namespace, name))
+}
+
+fn port_number(field: &str, value: i32) -> Result<u16, FieldError> {
+    match u16::try_from(value) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => err(field, format!("{value} is out of range 1-65535")),
+    }
+}
+
+fn protocol(field: &str, value: Option<&str>) -> Result<Protocol, FieldError> {
+    match value {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => err(
+            field,
+            format!("unsupported protocol {other:?} (TCP, UDP or SCTP)"),
+        ),
+    }
+}
+
+fn ip(field: &str, value: &str) -> Result<IpAddr, FieldError> {
+    match value.parse::<IpAddr>() {
+        Ok(addr) if !addr.is_unspecified() => Ok(addr),
+        Ok(_) => err(field, format!("{value:?} is the unspecified address")),
+        Err(_) => err(field, format!("{value:?} is not an IP address")),
+    }
+}
+
+/// A v1 Service.
+pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
+    let key = object_key(&svc.metadata)?;
+    let Some(spec) = svc.spec.as_ref() else {
+        return err("spec", "missing");
+    };
+    let service_type = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => {
+            return err(
+                "spec.type",
+                format!(
+                    "unknown type {other:?} (ClusterIP, NodePort, LoadBalancer or ExternalName)"
+                ),
+            );
+        }
+    };
+    let mut out = Service {
+        key,
+        service_type,
+        cluster_ips: Vec::new(),
+        ports: Vec::new(),
+        affinity_timeout_s: None,
+        internal_local: false,
+        external_local: false,
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        topology: TopologyMode::None,
+    };
+    if service_type == ServiceType::ExternalName {
+        // A DNS alias: nothing to load balance, whatever else the spec holds.
+        return Ok(out);
+    }
+    out.cluster_ips = cluster_ips(spec)?;
+    out.ports = service_ports(spec, !out.cluster_ips.is_empty())?;
+    out.affinity_timeout_s = session_affinity(spec)?;
+    out.internal_local = traffic_policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
+    out.external_local = traffic_policy("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())?;
+    for (i, addr) in spec.external_ips.iter().flatten().enumerate() {
+        out.external_ips.push(ip(&format!("spec.externalIPs[{i}]"), addr)?);
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ingress) in ingress.into_iter().flatten().enumerate() {
+        // ipMode Proxy: the load balancer proxies, so in-cluster clients must go through it.
+        if ingress.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        if let Some(addr) = ingress.ip.as_deref() {
+            out.load_balancer_ips
+                .push(ip(&format!("status.loadBalancer.ingress[{i}].ip"), addr)?);
+        }
+    }
+    if let Some(port) = spec.health_check_node_port.filter(|&p| p != 0) {
+        out.health_check_node_port = Some(port_number("spec.healthCheckNodePort", port)?);
+    }
+    out.topology = topology_mode(&svc.metadata, spec);
+    Ok(out)
+}
+
+fn cluster_ips(spec: &core::ServiceSpec) -> Result<Vec<IpAddr>, FieldError> {
+    let single = spec.cluster_ip.as_deref().filter(|s| !s.is_empty());
+    let list: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if single == Some("None") || list.first() == Some(&"None") {
+        return Ok(Vec::new());
+    }
+    let (field, values): (&str, Vec<&str>) = match (single, list.is_empty()) {
+        (_, false) => ("spec.clusterIPs", list),
+        (Some(one), true) => ("spec.clusterIP", vec![one]),
+        (None, true) => {
+            return err(
+                "spec.clusterIP",
+                "missing: lb does not allocate ClusterIPs; set one, or \"None\" for a headless Service",
+            );
+        }
+    };
+    if let (Some(one), "spec.clusterIPs") = (single, field) {
+        if values.first() != Some(&one) {
+            return err(
+                "spec.clusterIPs[0]",
+                format!("{:?} differs from spec.clusterIP {one:?}", values[0]),
+            );
+        }
+    }
+    if values.len() > 2 {
+        return err(field, "at most two addresses, one per IP family");
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for (i, value) in values.iter().enumerate() {
+        let name = if field == "spec.clusterIP" {
+            field.to_owned()
+        } else {
+            format!("{field}[{i}]")
+        };
+        out.push(ip(&name, value)?);
+    }
+    if out.len() == 2 && Family::of(&out[0]) == Family::of(&out[1]) {
+        return err(
+            "spec.clusterIPs",
+            "both addresses have the same IP family; dual-stack needs one of each",
+        );
+    }
+    Ok(out)
+}
+
+fn service_ports(spec: &core::ServiceSpec, has_cluster_ip: bool) -> Result<Vec<ServicePort>, FieldError> {
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() && has_cluster_ip {
+        return err("spec.ports", "a Service with a cluster IP needs at least one port");
+    }
+    let mut out: Vec<ServicePort> = Vec::with_capacity(ports.len());
+    let mut seen: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, p) in ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let port = port_number(&format!("{field}.port"), p.port)?;
+        let protocol = protocol(&format!("{field}.protocol"), p.protocol.as_deref())?;
+        let name = p.name.clone().unwrap_or_default();
+        if ports.len() > 1 && name.is_empty() {
+            return err(
+                format!("{field}.name"),
+                "missing: every port of a multi-port Service needs a name",
+            );
+        }
+        if let Some(first) = names.insert(p.name.as_deref().unwrap_or_default(), i) {
+            if !name.is_empty() {
+                return err(
+                    format!("{field}.name"),
+                    format!("duplicate name {name:?} (also spec.ports[{first}])"),
+                );
+            }
+        }
+        if let Some(first) = seen.insert((port, protocol), i) {
+            return err(
+                field,
+                format!("duplicate port {port}/{protocol} (also spec.ports[{first}])"),
+            );
+        }
+        let target_port = match &p.target_port {
+            None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(port_number(&format!("{field}.targetPort"), *n)?),
+            Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
+            Some(IntOrString::String(s)) => match s.parse::<i32>() {
+                // kubectl accepts "8080" as a string; the API server stores it as a name, but
+                // a numeric name can never match a port name, so treat it as the number.
+                Ok(n) => TargetPort::Number(port_number(&format!("{field}.targetPort"), n)?),
+                Err(_) => TargetPort::Name(s.clone()),
+            },
+        };
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(&format!("{field}.nodePort"), n)?),
+        };
+        out.push(ServicePort {
+            name,
+            port,
+            protocol,
+            target_port,
+            node_port,
+        });
+    }
+    Ok(out)
+}
+
+fn session_affinity(spec: &core::ServiceSpec) -> Result<Option<u32>, FieldError> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Ok(Some(t)),
+                    _ => err(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}"),
+                    ),
+                },
+            }
+        }
+        Some(other) => err(
+            "spec.sessionAffinity",
+            format!("unknown value {other:?} (None or ClientIP)"),
+        ),
+    }
+}
+
+fn traffic_policy(field: &str, value: Option<&str>) -> Result<bool, FieldError> {
+    match value {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => err(field, format!("unknown value {other:?} (Cluster or Local)")),
+    }
+}
+
+fn topology_mode(meta: &ObjectMeta, spec: &core::ServiceSpec) -> TopologyMode {
+    // As kube-proxy: trafficDistribution, when set, wins over the annotations.
+    if let Some(distribution) = spec.traffic_distribution.as_deref() {
+        return match distribution {
+            "PreferClose" | "PreferSameZone" | "PreferSameNode" => TopologyMode::ZoneHints,
+            _ => TopologyMode::None,
+        };
+    }
+    let annotations = meta.annotations.as_ref();
+    let mode = annotations
+        .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION))
+        .or_else(|| annotations.and_then(|a| a.get(TOPOLOGY_HINTS_ANNOTATION)));
+    match mode.map(String::as_str) {
+        Some("Auto" | "auto") => TopologyMode::ZoneHints,
+        _ => TopologyMode::None,
+    }
+}
+
+/// A discovery.k8s.io/v1 EndpointSlice. `Ok(None)` for FQDN slices, which kube-proxy ignores.
+pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<EndpointSlice>, FieldError> {
+    let key = object_key(&slice.metadata)?;
+    let service_name = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|s| !s.is_empty());
+    let Some(service_name) = service_name else {
+        return err(
+            format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+            "missing: the label names the Service this slice belongs to",
+        );
+    };
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
+        "FQDN" => return Ok(None),
+        other => return err("addressType", format!("unknown value {other:?} (IPv4, IPv6 or FQDN)")),
+    };
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let field = format!("ports[{i}]");
+        // A port without a number means "all ports" to the API; kube-proxy skips it.
+        let Some(number) = p.port else { continue };
+        ports.push(EndpointPort {
+            name: p.name.clone().unwrap_or_default(),
+            port: port_number(&format!("{field}.port"), number)?,
+            protocol: protocol(&format!("{field}.protocol"), p.protocol.as_deref())?,
+        });
+    }
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let field = format!("endpoints[{i}].addresses");
+        // kube-proxy uses the first address only; the others are for other consumers.
+        let Some(first) = ep.addresses.first() else {
+            return err(field, "empty: an endpoint needs an address");
+        };
+        let addr = ip(&format!("{field}[0]"), first)?;
+        if Family::of(&addr) != family {
+            return err(
+                format!("{field}[0]"),
+                format!("{first:?} is not an {} address", slice.address_type),
+            );
+        }
+        let conditions = ep.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        endpoints.push(Endpoint {
+            addr,
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: ep.node_name.clone().filter(|s| !s.is_empty()),
+            zone: ep.zone.clone().filter(|s| !s.is_empty()),
+            zone_hints: ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+        });
+    }
+    Ok(Some(EndpointSlice {
+        service: ObjectKey::new(key.namespace.clone(), service_name.clone()),
+        key,
+        family,
+        ports,
+        endpoints,
+    }))
+}
+
+/// A v1 Endpoints, as the slices the EndpointSlice mirroring controller would make of it:
+/// one per subset and address family. `notReadyAddresses` are neither ready nor serving.
+pub fn endpoints(eps: &core::Endpoints) -> Result<Vec<EndpointSlice>, FieldError> {
+    let key = object_key(&eps.metadata)?;
+    let mut out = Vec::new();
+    for (i, subset) in eps.subsets.iter().flatten().enumerate() {
+        let field = format!("subsets[{i}]");
+        let mut ports = Vec::new();
+        for (j, p) in subset.ports.iter().flatten().enumerate() {
+            ports.push(EndpointPort {
+                name: p.name.clone().unwrap_or_default(),
+                port: port_number(&format!("{field}.ports[{j}].port"), p.port)?,
+                protocol: protocol(&format!("{field}.ports[{j}].protocol"), p.protocol.as_deref())?,
+            });
+        }
+        let mut by_family: BTreeMap<Family, Vec<Endpoint>> = BTreeMap::new();
+        let lists = [
+            ("addresses", subset.addresses.as_ref(), true),
+            ("notReadyAddresses", subset.not_ready_addresses.as_ref(), false),
+        ];
+        for (list, addresses, ready) in lists {
+            for (j, a) in addresses.into_iter().flatten().enumerate() {
+                let addr = ip(&format!("{field}.{list}[{j}].ip"), &a.ip)?;
+                by_family.entry(Family::of(&addr)).or_default().push(Endpoint {
+                    addr,
+                    ready,
+                    serving: ready,
+                    terminating: false,
+                    node_name: a.node_name.clone().filter(|s| !s.is_empty()),
+                    zone: None,
+                    zone_hints: BTreeSet::new(),
+                });
+            }
+        }
+        for (family, endpoints) in by_family {
+            let suffix = match family {
+                Family::V4 => "v4",
+                Family::V6 => "v6",
+            };
+            out.push(EndpointSlice {
+                key: ObjectKey::new(
+                    key.namespace.clone(),
+                    format!("{}/subset{i}-{suffix}", key.name),
+                ),
+                service: key.clone(),
+                family,
+                ports: ports.clone(),
+                endpoints,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> core::Service {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn field_of(yaml: &str) -> String {
+        service(&svc(yaml)).unwrap_err().field
+    }
+
+    const BASE: &str = "
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80, targetPort: 8080}]
+";
+
+    #[test]
+    fn minimal_service() {
+        let s = service(&svc(BASE)).unwrap();
+        assert_eq!(s.key, ObjectKey::new("shop", "web"));
+        assert_eq!(s.cluster_ips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(s.ports[0].port, 80);
+        assert_eq!(s.ports[0].protocol, Protocol::Tcp);
+        assert_eq!(s.ports[0].target_port, TargetPort::Number(8080));
+        assert_eq!(s.affinity_timeout_s, None);
+        assert!(s.is_load_balanced());
+    }
+
+    #[test]
+    fn namespace_defaults() {
+        let s = service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}")).unwrap();
+        assert_eq!(s.key.namespace, "default");
+    }
+
+    #[test]
+    fn affinity_defaults_to_three_hours() {
+        let s = service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: ClientIP}")).unwrap();
+        assert_eq!(s.affinity_timeout_s, Some(10_800));
+        let s = service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}}")).unwrap();
+        assert_eq!(s.affinity_timeout_s, Some(5));
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let cases = [
+            ("missing clusterIP", "metadata: {name: a}\nspec: {ports: [{port: 1}]}", "spec.clusterIP"),
+            ("bad clusterIP", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 1}]}", "spec.clusterIP"),
+            ("port too big", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 70000}]}", "spec.ports[0].port"),
+            ("port zero", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 0}]}", "spec.ports[0].port"),
+            ("target too big", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, targetPort: 65536}]}", "spec.ports[0].targetPort"),
+            ("duplicate port", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: b, port: 1}]}", "spec.ports[1]"),
+            ("duplicate name", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: a, port: 2}]}", "spec.ports[1].name"),
+            ("unnamed multi-port", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {port: 2}]}", "spec.ports[1].name"),
+            ("bad protocol", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, protocol: ICMP}]}", "spec.ports[0].protocol"),
+            ("no ports", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1}", "spec.ports"),
+            ("no name", "metadata: {}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}", "metadata.name"),
+            ("bad affinity", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: Cookie}", "spec.sessionAffinity"),
+            ("affinity timeout", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}", "spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
+            ("bad type", "metadata: {name: a}\nspec: {type: Magic, clusterIP: 10.0.0.1, ports: [{port: 1}]}", "spec.type"),
+            ("bad policy", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], internalTrafficPolicy: Nearby}", "spec.internalTrafficPolicy"),
+            ("same-family dual stack", "metadata: {name: a}\nspec: {clusterIPs: [10.0.0.1, 10.0.0.2], ports: [{port: 1}]}", "spec.clusterIPs"),
+            ("clusterIPs disagree", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, clusterIPs: [10.0.0.2], ports: [{port: 1}]}", "spec.clusterIPs[0]"),
+            ("no spec", "metadata: {name: a}", "spec"),
+        ];
+        for (case, yaml, field) in cases {
+            assert_eq!(field_of(yaml), field, "case {case}");
+        }
+    }
+
+    #[test]
+    fn headless_and_external_name_are_not_load_balanced() {
+        let headless = service(&svc("metadata: {name: a}\nspec: {clusterIP: None, ports: [{port: 1}]}")).unwrap();
+        assert!(!headless.is_load_balanced());
+        let ext = service(&svc("metadata: {name: a}\nspec: {type: ExternalName, externalName: example.com}")).unwrap();
+        assert!(!ext.is_load_balanced());
+    }
+
+    #[test]
+    fn dual_stack() {
+        let s = service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, clusterIPs: [10.0.0.1, 'fd00::1'], ports: [{port: 1}]}")).unwrap();
+        assert_eq!(s.cluster_ips.len(), 2);
+    }
+
+    #[test]
+    fn named_and_numeric_string_target_ports() {
+        let s = service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1, targetPort: http}, {name: b, port: 2, targetPort: '8443'}]}")).unwrap();
+        assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
+        assert_eq!(s.ports[1].target_port, TargetPort::Number(8443));
+    }
+
+    #[test]
+    fn topology_opt_in() {
+        let s = service(&svc("metadata: {name: a, annotations: {service.kubernetes.io/topology-mode: Auto}}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}")).unwrap();
+        assert_eq!(s.topology, TopologyMode::ZoneHints);
+        let s = service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], trafficDistribution: PreferClose}")).unwrap();
+        assert_eq!(s.topology, TopologyMode::ZoneHints);
+        assert_eq!(service(&svc(BASE)).unwrap().topology, TopologyMode::None);
+    }
+
+    fn slice(yaml: &str) -> Result<Option<EndpointSlice>, FieldError> {
+        endpoint_slice(&serde_yaml::from_str(yaml).unwrap())
+    }
+
+    #[test]
+    fn slice_conditions_default_as_kube_proxy_reads_them() {
+        let s = slice("
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.1.0.1]
+- addresses: [10.1.0.2]
+  conditions: {ready: false, serving: true, terminating: true}
+  nodeName: n1
+  zone: z1
+  hints: {forZones: [{name: z1}]}
+").unwrap().unwrap();
+        assert_eq!(s.service, ObjectKey::new("default", "web"));
+        assert!(s.endpoints[0].ready && s.endpoints[0].serving && !s.endpoints[0].terminating);
+        let e = &s.endpoints[1];
+        assert!(!e.ready && e.serving && e.terminating);
+        assert_eq!(e.node_name.as_deref(), Some("n1"));
+        assert!(e.zone_hints.contains("z1"));
+    }
+
+    #[test]
+    fn slice_rejections() {
+        let no_label = slice("metadata: {name: x}\naddressType: IPv4\nendpoints: []").unwrap_err();
+        assert_eq!(no_label.field, "metadata.labels[kubernetes.io/service-name]");
+        let wrong_family = slice("metadata: {name: x, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]").unwrap_err();
+        assert_eq!(wrong_family.field, "endpoints[0].addresses[0]");
+        let bad_port = slice("metadata: {name: x, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{port: 99999}]\nendpoints: []").unwrap_err();
+        assert_eq!(bad_port.field, "ports[0].port");
+        assert!(slice("metadata: {name: x, labels: {kubernetes.io/service-name: a}}\naddressType: FQDN\nendpoints: [{addresses: [example.com]}]").unwrap().is_none());
+    }
+
+    #[test]
+    fn endpoints_become_slices_per_subset_and_family() {
+        let eps: core::Endpoints = serde_yaml::from_str("
+metadata: {name: ext}
+subsets:
+- addresses: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]
+  notReadyAddresses: [{ip: 10.0.0.2}]
+  ports: [{port: 80}]
+").unwrap();
+        let slices = endpoints(&eps).unwrap();
+        assert_eq!(slices.len(), 2);
+        let v4 = slices.iter().find(|s| s.family == Family::V4).unwrap();
+        assert_eq!(v4.service, ObjectKey::new("default", "ext"));
+        assert_eq!(v4.endpoints.len(), 2);
+        assert!(v4.endpoints[0].ready);
+        assert!(!v4.endpoints[1].ready && !v4.endpoints[1].serving);
+        assert_eq!(v4.ports[0].port, 80);
+    }
+}

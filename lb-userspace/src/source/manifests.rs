@@ -1,0 +1,590 @@
+//! YAML/JSON manifests as a source: files or directories of multi-document files holding
+//! v1 Service, v1 Endpoints, discovery.k8s.io/v1 EndpointSlice and v1 List objects.
+//!
+//! A bad file or object never takes the others down: it is reported (file, document, object,
+//! field) and skipped, and the last good version of it, if there was one, stays in force, as
+//! the API server keeps the stored object when an update is rejected.
+
+use std::{
+    collections::BTreeMap,
+    fmt, fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use super::convert::{self, FieldError};
+use crate::model::{EndpointSlice, ObjectKey, Service, Snapshot};
+
+/// Something wrong in the manifests, located as precisely as it can be.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based document number in a multi-document file, when the error is in one.
+    pub document: Option<usize>,
+    /// "Service shop/web", when the object could be named.
+    pub object: Option<String>,
+    /// Field path in the object, e.g. `spec.ports[0].port`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(doc) = self.document {
+            write!(f, " (document {doc})")?;
+        }
+        if let Some(object) = &self.object {
+            write!(f, ": {object}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The kinds lb reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Kind {
+    Service,
+    Endpoints,
+    EndpointSlice,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Service => "Service",
+            Self::Endpoints => "Endpoints",
+            Self::EndpointSlice => "EndpointSlice",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Object {
+    Service(Arc<Service>),
+    /// `None`: an FQDN slice, valid and ignored.
+    Slice(Option<Arc<EndpointSlice>>),
+    Endpoints(Vec<Arc<EndpointSlice>>),
+}
+
+/// The objects of one file, by identity.
+type FileObjects = BTreeMap<(Kind, ObjectKey), Object>;
+
+/// The manifest source: the configured paths and the last good objects of every file.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    paths: Vec<PathBuf>,
+    last_good: BTreeMap<PathBuf, FileObjects>,
+}
+
+impl Manifests {
+    pub fn new(paths: Vec<PathBuf>) -> Self {
+        Self {
+            paths,
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// Reads every file again and returns the resulting snapshot and what was wrong.
+    pub fn load(&mut self) -> (Snapshot, Vec<ManifestError>) {
+        let mut errors = Vec::new();
+        let mut files: BTreeMap<PathBuf, FileObjects> = BTreeMap::new();
+        let mut order: Vec<PathBuf> = Vec::new();
+        for path in &self.paths {
+            match list_files(path) {
+                Ok(found) => order.extend(found),
+                Err(e) => {
+                    errors.push(e);
+                    // The directory may be back next time; keep what it held meanwhile.
+                    for (file, objects) in &self.last_good {
+                        if file.starts_with(path) && !order.contains(file) {
+                            order.push(file.clone());
+                            files.insert(file.clone(), objects.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for file in &order {
+            if files.contains_key(file) {
+                continue;
+            }
+            let previous = self.last_good.get(file);
+            let objects = match fs::read_to_string(file) {
+                Ok(text) => parse_file(file, &text, previous, &mut errors),
+                Err(e) => {
+                    errors.push(file_error(file, format!("cannot read: {e}")));
+                    previous.cloned().unwrap_or_default()
+                }
+            };
+            files.insert(file.clone(), objects);
+        }
+        let snapshot = assemble(&order, &files, &mut errors);
+        self.last_good = files;
+        (snapshot, errors)
+    }
+}
+
+fn file_error(file: &Path, message: impl Into<String>) -> ManifestError {
+    ManifestError {
+        file: file.to_owned(),
+        document: None,
+        object: None,
+        field: None,
+        message: message.into(),
+    }
+}
+
+/// Whether a directory entry is a manifest: `.yaml`, `.yml` or `.json`, not hidden (which
+/// also skips the `..data` links of a mounted ConfigMap).
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let ext = path.extension().and_then(|e| e.to_str());
+    !hidden && matches!(ext, Some("yaml" | "yml" | "json"))
+}
+
+/// The files behind a `--manifests` path: the file itself, or a directory's manifests
+/// (not recursive, like `kubectl apply -f DIR`), sorted.
+pub fn list_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let meta = fs::metadata(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let entries =
+        fs::read_dir(path).map_err(|e| file_error(path, format!("cannot list: {e}")))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| file_error(path, format!("cannot list: {e}")))?;
+        let file = entry.path();
+        if is_manifest(&file) && file.is_file() {
+            files.push(file);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Where in a file an object sits.
+struct Location<'a> {
+    file: &'a Path,
+    document: usize,
+    /// Field prefix for a `v1 List` item, e.g. `items[3].`.
+    prefix: String,
+}
+
+impl Location<'_> {
+    fn error(&self, object: Option<String>, field: Option<String>, message: String) -> ManifestError {
+        let field = match (field, self.prefix.is_empty()) {
+            (Some(f), _) => Some(format!("{}{f}", self.prefix)),
+            (None, false) => Some(self.prefix.trim_end_matches('.').to_owned()),
+            (None, true) => None,
+        };
+        ManifestError {
+            file: self.file.to_owned(),
+            document: Some(self.document),
+            object,
+            field,
+            message,
+        }
+    }
+}
+
+/// Parses one file. On a YAML syntax error the file's previous objects stay (a half-written
+/// file must not remove Services); an invalid object keeps its previous version.
+fn parse_file(
+    file: &Path,
+    text: &str,
+    previous: Option<&FileObjects>,
+    errors: &mut Vec<ManifestError>,
+) -> FileObjects {
+    let mut documents = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        match <Value as serde::Deserialize>::deserialize(doc) {
+            Ok(value) => documents.push(value),
+            Err(e) => {
+                errors.push(ManifestError {
+                    file: file.to_owned(),
+                    document: Some(i + 1),
+                    object: None,
+                    field: None,
+                    message: format!("invalid YAML: {e}"),
+                });
+                return previous.cloned().unwrap_or_default();
+            }
+        }
+    }
+    let mut objects = FileObjects::new();
+    for (i, value) in documents.into_iter().enumerate() {
+        let at = Location {
+            file,
+            document: i + 1,
+            prefix: String::new(),
+        };
+        parse_value(&at, value, previous, &mut objects, errors);
+    }
+    objects
+}
+
+fn str_at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v str> {
+    path.iter()
+        .try_fold(value, |v, key| v.get(*key))
+        .and_then(Value::as_str)
+}
+
+fn parse_value(
+    at: &Location<'_>,
+    value: Value,
+    previous: Option<&FileObjects>,
+    objects: &mut FileObjects,
+    errors: &mut Vec<ManifestError>,
+) {
+    if value.is_null() {
+        return; // an empty document, e.g. after a trailing `---`
+    }
+    if !value.is_mapping() {
+        errors.push(at.error(None, None, "not an object (expected apiVersion, kind, metadata, ...)".into()));
+        return;
+    }
+    let api_version = str_at(&value, &["apiVersion"]).unwrap_or_default();
+    let kind_name = str_at(&value, &["kind"]).unwrap_or_default();
+    let kind = match (api_version, kind_name) {
+        ("v1", "Service") => Kind::Service,
+        ("v1", "Endpoints") => Kind::Endpoints,
+        ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
+        ("v1", "List") => {
+            parse_list(at, value, previous, objects, errors);
+            return;
+        }
+        ("", _) | (_, "") => {
+            errors.push(at.error(None, None, "missing apiVersion or kind".into()));
+            return;
+        }
+        (api_version, kind) => {
+            errors.push(at.error(
+                None,
+                Some("kind".into()),
+                format!(
+                    "unsupported kind {api_version} {kind}: lb reads v1 Service, v1 Endpoints, \
+                     discovery.k8s.io/v1 EndpointSlice and v1 List"
+                ),
+            ));
+            return;
+        }
+    };
+    let name = str_at(&value, &["metadata", "name"]).unwrap_or_default();
+    let namespace = str_at(&value, &["metadata", "namespace"]).filter(|n| !n.is_empty()).unwrap_or("default");
+    let identity = ObjectKey::new(namespace, name);
+    let object_name = if name.is_empty() {
+        format!("{kind} (unnamed)")
+    } else {
+        format!("{kind} {identity}")
+    };
+    let converted = match kind {
+        Kind::Service => typed(value).and_then(|s| convert::service(&s).map(|s| Object::Service(Arc::new(s)))),
+        Kind::Endpoints => typed(value).and_then(|e| {
+            convert::endpoints(&e).map(|slices| Object::Endpoints(slices.into_iter().map(Arc::new).collect()))
+        }),
+        Kind::EndpointSlice => typed(value).and_then(|e| {
+            convert::endpoint_slice(&e).map(|slice| Object::Slice(slice.map(Arc::new)))
+        }),
+    };
+    let key = (kind, identity);
+    match converted {
+        Ok(object) => {
+            if objects.insert(key, object).is_some() {
+                errors.push(at.error(Some(object_name), None, "defined twice in this file; the later one is used".into()));
+            }
+        }
+        Err(FieldError { field, message }) => {
+            let field = (!field.is_empty()).then_some(field);
+            let kept = previous.and_then(|p| p.get(&key));
+            let message = if kept.is_some() {
+                format!("{message} (keeping the last valid version)")
+            } else {
+                message
+            };
+            errors.push(at.error(Some(object_name), field, message));
+            if let Some(kept) = kept {
+                objects.insert(key, kept.clone());
+            }
+        }
+    }
+}
+
+fn parse_list(
+    at: &Location<'_>,
+    value: Value,
+    previous: Option<&FileObjects>,
+    objects: &mut FileObjects,
+    errors: &mut Vec<ManifestError>,
+) {
+    let Some(items) = value.get("items").and_then(Value::as_sequence) else {
+        errors.push(at.error(Some("List".into()), Some("items".into()), "missing or not a list".into()));
+        return;
+    };
+    for (i, item) in items.iter().enumerate() {
+        let item_at = Location {
+            file: at.file,
+            document: at.document,
+            prefix: format!("{}items[{i}].", at.prefix),
+        };
+        parse_value(&item_at, item.clone(), previous, objects, errors);
+    }
+}
+
+/// Deserializes a typed object, naming the field that does not fit.
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        FieldError {
+            field: if path == "." { String::new() } else { path },
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// Merges the files' objects into one snapshot: a Service or EndpointSlice defined in two
+/// files is an error (the first file wins); v1 Endpoints count only for Services without
+/// EndpointSlices, as the mirroring controller would not mirror them otherwise.
+fn assemble(order: &[PathBuf], files: &BTreeMap<PathBuf, FileObjects>, errors: &mut Vec<ManifestError>) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    let mut origin: BTreeMap<(Kind, ObjectKey), &Path> = BTreeMap::new();
+    let mut from_endpoints: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
+    for file in order {
+        let Some(objects) = files.get(file) else { continue };
+        for (key, object) in objects {
+            if let Some(first) = origin.get(key) {
+                if *first != file.as_path() {
+                    errors.push(ManifestError {
+                        file: file.clone(),
+                        document: None,
+                        object: Some(format!("{} {}", key.0, key.1)),
+                        field: None,
+                        message: format!("also defined in {}; that one is used", first.display()),
+                    });
+                }
+                continue;
+            }
+            origin.insert(key.clone(), file);
+            match object {
+                Object::Service(svc) => {
+                    snapshot.services.insert(key.1.clone(), svc.clone());
+                }
+                Object::Slice(Some(slice)) => {
+                    snapshot.slices.entry(slice.service.clone()).or_default().push(slice.clone());
+                }
+                Object::Slice(None) => {}
+                Object::Endpoints(slices) => {
+                    from_endpoints.insert(key.1.clone(), slices.clone());
+                }
+            }
+        }
+    }
+    for (service, slices) in from_endpoints {
+        snapshot.slices.entry(service).or_insert(slices);
+    }
+    for slices in snapshot.slices.values_mut() {
+        slices.sort_by(|a, b| a.key.cmp(&b.key));
+    }
+    snapshot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("lb-manifests-{name}-{}", std::process::id()));
+            let _ignored = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            fs::write(&path, text).unwrap();
+            path
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ignored = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const WEB: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.1.0.1]}]
+";
+
+    #[test]
+    fn multi_document_file() {
+        let dir = Dir::new("multi");
+        dir.write("web.yaml", WEB);
+        let (snap, errors) = Manifests::new(vec![dir.0.clone()]).load();
+        assert!(errors.is_empty(), "{errors:?}");
+        let key = ObjectKey::new("default", "web");
+        assert!(snap.services.contains_key(&key));
+        assert_eq!(snap.slices_of(&key).len(), 1);
+    }
+
+    #[test]
+    fn list_items_and_endpoints() {
+        let dir = Dir::new("list");
+        dir.write("list.yaml", "
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: ext}
+  spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
+- apiVersion: v1
+  kind: Endpoints
+  metadata: {name: ext}
+  subsets: [{addresses: [{ip: 192.0.2.1}], ports: [{port: 80}]}]
+");
+        let (snap, errors) = Manifests::new(vec![dir.0.clone()]).load();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snap.slices_of(&ObjectKey::new("default", "ext")).len(), 1);
+    }
+
+    #[test]
+    fn bad_object_is_reported_with_file_document_object_and_field() {
+        let dir = Dir::new("bad");
+        let file = dir.write("bad.yaml", "
+apiVersion: v1
+kind: Service
+metadata: {name: ok}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: shop}
+spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
+");
+        let (snap, errors) = Manifests::new(vec![file.clone()]).load();
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(errors.len(), 1);
+        let e = &errors[0];
+        assert_eq!(e.document, Some(2));
+        assert_eq!(e.object.as_deref(), Some("Service shop/broken"));
+        assert_eq!(e.field.as_deref(), Some("spec.ports[0].port"));
+        let text = e.to_string();
+        assert!(text.starts_with(&file.display().to_string()), "{text}");
+        assert!(text.contains("99999 is out of range"), "{text}");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let dir = Dir::new("types");
+        let file = dir.write("t.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: t}\nspec: {clusterIP: 10.0.0.1, ports: [{port: eighty}]}\n");
+        let (_, errors) = Manifests::new(vec![file]).load();
+        assert_eq!(errors[0].field.as_deref(), Some("spec.ports[0].port"), "{errors:?}");
+    }
+
+    #[test]
+    fn unknown_kind_is_an_error() {
+        let dir = Dir::new("kind");
+        dir.write("d.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+        let (_, errors) = Manifests::new(vec![dir.0.clone()]).load();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].message.contains("unsupported kind apps/v1 Deployment"), "{errors:?}");
+    }
+
+    #[test]
+    fn broken_yaml_keeps_the_last_good_file_and_others_load() {
+        let dir = Dir::new("yaml");
+        let web = dir.write("web.yaml", WEB);
+        dir.write("other.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: other}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 53, protocol: UDP}]}\n");
+        let mut manifests = Manifests::new(vec![dir.0.clone()]);
+        let (first, errors) = manifests.load();
+        assert!(errors.is_empty());
+        fs::write(&web, "apiVersion: v1\nkind: Service\nmetadata: {name: web\n  spec: [").unwrap();
+        let (second, errors) = manifests.load();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.starts_with("invalid YAML"));
+        assert_eq!(first, second);
+    }
+
+    #[test]
+    fn invalid_update_keeps_the_previous_object() {
+        let dir = Dir::new("update");
+        let file = dir.write("s.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n");
+        let mut manifests = Manifests::new(vec![file.clone()]);
+        let (first, _) = manifests.load();
+        fs::write(&file, "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 0}]}\n").unwrap();
+        let (second, errors) = manifests.load();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].message.contains("keeping the last valid version"));
+        assert_eq!(first, second);
+        // A deleted object goes away.
+        fs::write(&file, "").unwrap();
+        let (third, errors) = manifests.load();
+        assert!(errors.is_empty());
+        assert!(third.services.is_empty());
+    }
+
+    #[test]
+    fn duplicates_across_files_keep_the_first() {
+        let dir = Dir::new("dup");
+        dir.write("a.yaml", WEB);
+        dir.write("b.yaml", WEB);
+        let (snap, errors) = Manifests::new(vec![dir.0.clone()]).load();
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].message.contains("also defined in"));
+    }
+
+    #[test]
+    fn slices_win_over_endpoints() {
+        let dir = Dir::new("mirror");
+        dir.write("web.yaml", WEB);
+        dir.write("eps.yaml", "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets: [{addresses: [{ip: 10.9.9.9}], ports: [{port: 80}]}]\n");
+        let (snap, _) = Manifests::new(vec![dir.0.clone()]).load();
+        let slices = snap.slices_of(&ObjectKey::new("default", "web"));
+        assert_eq!(slices.len(), 1);
+        assert_eq!(slices[0].key.name, "web-a");
+    }
+
+    #[test]
+    fn hidden_and_foreign_files_are_skipped() {
+        let dir = Dir::new("skip");
+        dir.write(".hidden.yaml", "garbage: [");
+        dir.write("README.md", "# not a manifest");
+        dir.write("web.yml", WEB);
+        let (snap, errors) = Manifests::new(vec![dir.0.clone()]).load();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snap.services.len(), 1);
+    }
+
+    #[test]
+    fn missing_path_is_an_error() {
+        let (_, errors) = Manifests::new(vec![PathBuf::from("/nonexistent/lb.yaml")]).load();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().starts_with("/nonexistent/lb.yaml: cannot read"));
+    }
+}

@@ -1,0 +1,4 @@
+//! Where Services and endpoints come from.
+
+pub mod convert;
+pub mod manifests;
