@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     Affinity, AffinityKey, BPF_F_NO_PREALLOC, Backend, Frontend, FrontendKey, MAX_AFFINITY,
-    MAX_FRONTENDS, MAX_MEMBERS, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS, META_LEN, MemberKey,
-    RevNat, RevNatKey, SlotKey, UdpFlowKey,
+    MAX_FRONTENDS, MAX_MEMBERS, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS, META_LEN, MemberKey, RevNat,
+    RevNatKey, SlotKey, UdpFlowKey,
 };
 
 /// Service frontends; written by the agent.

@@ -9,16 +9,16 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    maps::{Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
-        SlotKey, UdpFlowKey},
+    maps::{
+        Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
+        SlotKey, UdpFlowKey,
+    },
     select::{affinity_fresh, slot_for},
     stats,
 };
 
 use crate::{
-    maps::{
-        LB_AFFINITY, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_UDP_FLOWS, count,
-    },
+    maps::{LB_AFFINITY, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_UDP_FLOWS, count},
     sock::{self, Family},
 };
 
@@ -70,7 +70,10 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> i32 {
 #[inline(always)]
 fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     let sa = ctx.sock_addr;
-    #[expect(clippy::cast_possible_truncation, reason = "IPPROTO_* values fit a byte")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "IPPROTO_* values fit a byte"
+    )]
     let proto = sock::protocol(sa) as u8;
     let key = FrontendKey {
         addr: F::addr(sa),

@@ -16,7 +16,10 @@ use lb_common::{
 };
 
 use crate::{
-    model::{Endpoint, EndpointSlice, Family, Node, ObjectKey, Service, ServicePort, Snapshot, TargetPort},
+    model::{
+        Endpoint, EndpointSlice, Family, Node, ObjectKey, Service, ServicePort, Snapshot,
+        TargetPort,
+    },
     topology::{self, Policy},
 };
 
@@ -159,7 +162,9 @@ fn backends_for(
 ) -> BTreeSet<Backend> {
     let mut unique: BTreeMap<(IpAddr, u16), &Endpoint> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.family == family) {
-        let Some(port) = endpoint_port(slice, sp) else { continue };
+        let Some(port) = endpoint_port(slice, sp) else {
+            continue;
+        };
         for ep in &slice.endpoints {
             match unique.entry((ep.addr, port)) {
                 Entry::Vacant(v) => {
@@ -183,7 +188,11 @@ fn backends_for(
         topology: service.topology,
     };
     let chosen = topology::categorize(&candidates, policy, node);
-    let chosen = if service.internal_local { chosen.local } else { chosen.cluster };
+    let chosen = if service.internal_local {
+        chosen.local
+    } else {
+        chosen.cluster
+    };
     chosen
         .into_iter()
         .map(|c| Backend::new(addr(&c.endpoint.addr), c.port.to_be()))
@@ -257,6 +266,10 @@ pub fn build(snapshot: &Snapshot, node: &Node, limits: Limits) -> (Desired, Vec<
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fixture that does not parse is a broken test"
+)]
 mod tests {
     use super::*;
     use crate::source::convert;
@@ -271,12 +284,20 @@ mod tests {
                     snap.services.insert(s.key.clone(), Arc::new(s));
                 }
                 "EndpointSlice" => {
-                    let s = convert::endpoint_slice(&serde_yaml::from_value(value).unwrap()).unwrap().unwrap();
-                    snap.slices.entry(s.service.clone()).or_default().push(Arc::new(s));
+                    let s = convert::endpoint_slice(&serde_yaml::from_value(value).unwrap())
+                        .unwrap()
+                        .unwrap();
+                    snap.slices
+                        .entry(s.service.clone())
+                        .or_default()
+                        .push(Arc::new(s));
                 }
                 "Endpoints" => {
                     for s in convert::endpoints(&serde_yaml::from_value(value).unwrap()).unwrap() {
-                        snap.slices.entry(s.service.clone()).or_default().push(Arc::new(s));
+                        snap.slices
+                            .entry(s.service.clone())
+                            .or_default()
+                            .push(Arc::new(s));
                     }
                 }
                 other => panic!("{other}"),
@@ -286,12 +307,19 @@ mod tests {
     }
 
     fn node() -> Node {
-        Node { name: "n1".into(), zone: None }
+        Node {
+            name: "n1".into(),
+            zone: None,
+        }
     }
 
     fn backends(d: &Desired, ip: &str, port: u16, proto: u8) -> Vec<String> {
         let key = frontend_key(&ip.parse().unwrap(), port, proto);
-        d.frontends[&key].backends.iter().map(|b| ShowAddrPort(&b.addr, b.port).to_string()).collect()
+        d.frontends[&key]
+            .backends
+            .iter()
+            .map(|b| ShowAddrPort(&b.addr, b.port).to_string())
+            .collect()
     }
 
     const TCP: u8 = lb_common::maps::IPPROTO_TCP;
@@ -300,7 +328,8 @@ mod tests {
     #[test]
     fn multi_port_with_named_target_ports_per_slice() {
         // Two slices with different numbers for the pods' "web" port: resolved per endpoint.
-        let snap = snapshot("
+        let snap = snapshot(
+            "
 kind: Service
 metadata: {name: crane}
 spec:
@@ -320,10 +349,14 @@ metadata: {name: b, labels: {kubernetes.io/service-name: crane}}
 addressType: IPv4
 ports: [{name: http, port: 9090}]
 endpoints: [{addresses: [10.1.0.2]}]
-");
+",
+        );
         let (d, errors) = build(&snap, &node(), Limits::default());
         assert!(errors.is_empty());
-        assert_eq!(backends(&d, "10.96.0.10", 80, TCP), ["10.1.0.1:8080", "10.1.0.2:9090"]);
+        assert_eq!(
+            backends(&d, "10.96.0.10", 80, TCP),
+            ["10.1.0.1:8080", "10.1.0.2:9090"]
+        );
         assert_eq!(backends(&d, "10.96.0.10", 443, TCP), ["10.1.0.1:8443"]);
     }
 
@@ -339,21 +372,27 @@ metadata: {name: ext}
 subsets: [{addresses: [{ip: 192.0.2.1}, {ip: 192.0.2.2}], notReadyAddresses: [{ip: 192.0.2.3}], ports: [{port: 5353, protocol: UDP}]}]
 ");
         let (d, _) = build(&snap, &node(), Limits::default());
-        assert_eq!(backends(&d, "10.96.0.11", 53, UDP), ["192.0.2.1:5353", "192.0.2.2:5353"]);
+        assert_eq!(
+            backends(&d, "10.96.0.11", 53, UDP),
+            ["192.0.2.1:5353", "192.0.2.2:5353"]
+        );
         let key = frontend_key(&"10.96.0.11".parse().unwrap(), 53, UDP);
         assert_eq!(d.frontends[&key].affinity_timeout_s, 10_800);
     }
 
     #[test]
     fn no_endpoints_gives_an_empty_frontend() {
-        let snap = snapshot("kind: Service\nmetadata: {name: lonely}\nspec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}");
+        let snap = snapshot(
+            "kind: Service\nmetadata: {name: lonely}\nspec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}",
+        );
         let (d, _) = build(&snap, &node(), Limits::default());
         assert!(backends(&d, "10.96.0.12", 80, TCP).is_empty());
     }
 
     #[test]
     fn dual_stack_uses_slices_of_each_family() {
-        let snap = snapshot("
+        let snap = snapshot(
+            "
 kind: Service
 metadata: {name: ds}
 spec: {clusterIPs: [10.96.0.13, 'fd00::13'], ports: [{port: 80}]}
@@ -369,7 +408,8 @@ metadata: {name: v6, labels: {kubernetes.io/service-name: ds}}
 addressType: IPv6
 ports: [{port: 8080}]
 endpoints: [{addresses: ['fd00:1::1']}]
-");
+",
+        );
         let (d, _) = build(&snap, &node(), Limits::default());
         assert_eq!(backends(&d, "10.96.0.13", 80, TCP), ["10.1.0.1:8080"]);
         assert_eq!(backends(&d, "fd00::13", 80, TCP), ["[fd00:1::1]:8080"]);
@@ -377,7 +417,8 @@ endpoints: [{addresses: ['fd00:1::1']}]
 
     #[test]
     fn internal_traffic_policy_local() {
-        let snap = snapshot("
+        let snap = snapshot(
+            "
 kind: Service
 metadata: {name: loc}
 spec: {clusterIP: 10.96.0.14, ports: [{port: 80}], internalTrafficPolicy: Local}
@@ -387,16 +428,25 @@ metadata: {name: a, labels: {kubernetes.io/service-name: loc}}
 addressType: IPv4
 ports: [{port: 80}]
 endpoints: [{addresses: [10.1.0.1], nodeName: n1}, {addresses: [10.1.0.2], nodeName: n2}]
-");
+",
+        );
         let (d, _) = build(&snap, &node(), Limits::default());
         assert_eq!(backends(&d, "10.96.0.14", 80, TCP), ["10.1.0.1:80"]);
-        let (d, _) = build(&snap, &Node { name: "n3".into(), zone: None }, Limits::default());
+        let (d, _) = build(
+            &snap,
+            &Node {
+                name: "n3".into(),
+                zone: None,
+            },
+            Limits::default(),
+        );
         assert!(backends(&d, "10.96.0.14", 80, TCP).is_empty());
     }
 
     #[test]
     fn duplicate_endpoint_across_slices_counts_once_preferring_ready() {
-        let snap = snapshot("
+        let snap = snapshot(
+            "
 kind: Service
 metadata: {name: dup}
 spec: {clusterIP: 10.96.0.15, ports: [{port: 80}]}
@@ -412,14 +462,16 @@ metadata: {name: b, labels: {kubernetes.io/service-name: dup}}
 addressType: IPv4
 ports: [{port: 80}]
 endpoints: [{addresses: [10.1.0.1]}]
-");
+",
+        );
         let (d, _) = build(&snap, &node(), Limits::default());
         assert_eq!(backends(&d, "10.96.0.15", 80, TCP), ["10.1.0.1:80"]);
     }
 
     #[test]
     fn unmatched_port_names_give_no_backends() {
-        let snap = snapshot("
+        let snap = snapshot(
+            "
 kind: Service
 metadata: {name: m}
 spec: {clusterIP: 10.96.0.16, ports: [{name: http, port: 80}]}
@@ -429,14 +481,16 @@ metadata: {name: a, labels: {kubernetes.io/service-name: m}}
 addressType: IPv4
 ports: [{name: metrics, port: 9090}]
 endpoints: [{addresses: [10.1.0.1]}]
-");
+",
+        );
         let (d, _) = build(&snap, &node(), Limits::default());
         assert!(backends(&d, "10.96.0.16", 80, TCP).is_empty());
     }
 
     #[test]
     fn headless_and_external_name_are_skipped() {
-        let snap = snapshot("
+        let snap = snapshot(
+            "
 kind: Service
 metadata: {name: h}
 spec: {clusterIP: None, ports: [{port: 80}]}
@@ -444,14 +498,16 @@ spec: {clusterIP: None, ports: [{port: 80}]}
 kind: Service
 metadata: {name: e}
 spec: {type: ExternalName, externalName: example.com}
-");
+",
+        );
         let (d, errors) = build(&snap, &node(), Limits::default());
         assert!(d.frontends.is_empty() && errors.is_empty());
     }
 
     #[test]
     fn conflicting_frontend_goes_to_the_first_service() {
-        let snap = snapshot("
+        let snap = snapshot(
+            "
 kind: Service
 metadata: {name: a}
 spec: {clusterIP: 10.96.0.17, ports: [{port: 80}]}
@@ -459,17 +515,23 @@ spec: {clusterIP: 10.96.0.17, ports: [{port: 80}]}
 kind: Service
 metadata: {name: b}
 spec: {clusterIP: 10.96.0.17, ports: [{port: 80}]}
-");
+",
+        );
         let (d, errors) = build(&snap, &node(), Limits::default());
         assert_eq!(d.frontends.len(), 1);
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].service.name, "b");
-        assert!(errors[0].to_string().contains("10.96.0.17:80/TCP is already Service default/a's"));
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("10.96.0.17:80/TCP is already Service default/a's")
+        );
     }
 
     #[test]
     fn capacity_limits_name_the_map() {
-        let snap = snapshot("
+        let snap = snapshot(
+            "
 kind: Service
 metadata: {name: a}
 spec: {clusterIP: 10.96.0.18, ports: [{port: 80}]}
@@ -483,12 +545,37 @@ metadata: {name: b, labels: {kubernetes.io/service-name: b}}
 addressType: IPv4
 ports: [{port: 80}]
 endpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.2]}]
-");
-        let (d, errors) = build(&snap, &node(), Limits { frontends: 1, slots: 10 });
+",
+        );
+        let (d, errors) = build(
+            &snap,
+            &node(),
+            Limits {
+                frontends: 1,
+                slots: 10,
+            },
+        );
         assert_eq!(d.frontends.len(), 1);
-        assert!(errors[0].to_string().contains("map LB_FRONTENDS is full (1 frontends)"), "{errors:?}");
-        let (d, errors) = build(&snap, &node(), Limits { frontends: 10, slots: 1 });
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("map LB_FRONTENDS is full (1 frontends)"),
+            "{errors:?}"
+        );
+        let (d, errors) = build(
+            &snap,
+            &node(),
+            Limits {
+                frontends: 10,
+                slots: 1,
+            },
+        );
         assert_eq!(d.frontends.len(), 1);
-        assert!(errors[0].to_string().contains("map LB_SLOTS is full (1 backend slots)"), "{errors:?}");
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("map LB_SLOTS is full (1 backend slots)"),
+            "{errors:?}"
+        );
     }
 }

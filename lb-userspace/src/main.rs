@@ -1,7 +1,70 @@
+//! `lb`: Kubernetes Service load balancing with eBPF, a kube-proxy replacement for one node.
+
+mod cli;
 mod desired;
+mod health;
+mod http;
+mod inspect;
+mod kernel;
+mod metrics;
 mod model;
 mod plan;
+mod run;
 mod source;
+mod sync;
 mod topology;
 
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::{cli::Command, kernel::PinLayout};
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run::run(args))),
+        Command::Cleanup(args) => cleanup(&args),
+        Command::Check(args) => match inspect::check(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Command::List(args) => inspect::list(&args),
+        Command::Stats(args) => inspect::stats(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cleanup(args: &cli::CleanupArgs) -> anyhow::Result<()> {
+    let cleaned = kernel::attach::cleanup(&PinLayout::new(&args.pin_path), args.cgroup.as_deref())?;
+    println!(
+        "removed {} links and {} pins under {}",
+        cleaned.links_detached,
+        cleaned.pins_removed,
+        args.pin_path.display()
+    );
+    Ok(())
+}

@@ -24,6 +24,10 @@ pub enum Op {
     DelMember(MemberKey),
 }
 
+/// The writes for one frontend, in order. If one fails, the rest of the batch must not be
+/// applied (a count could point past the slots written); other batches are independent.
+pub type Batch = Vec<Op>;
+
 /// What the agent-written maps hold, as read from the kernel and kept current by [`Op`]s
 /// that succeeded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,7 +79,11 @@ impl KernelState {
 
     /// Backends in slot order for frontend `id` (all slots present, including past the count).
     pub fn slots(&self, id: u32) -> impl Iterator<Item = (u32, &Backend)> {
-        self.slots.get(&id).into_iter().flatten().map(|(s, b)| (*s, b))
+        self.slots
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .map(|(s, b)| (*s, b))
     }
 
     pub fn slot_count(&self) -> usize {
@@ -137,10 +145,11 @@ impl KernelState {
         }
     }
 
-    /// The writes that turn this state into `desired`. Allocates ids for new frontends.
-    /// Idempotent: planning again after the writes were applied gives nothing.
-    pub fn plan(&mut self, desired: &Desired) -> Vec<Op> {
-        let mut ops = Vec::new();
+    /// The writes that turn this state into `desired`, one batch per frontend (removals
+    /// first). Allocates ids for new frontends. Idempotent: planning again after the writes
+    /// were applied gives nothing.
+    pub fn plan(&mut self, desired: &Desired) -> Vec<Batch> {
+        let mut batches = Vec::new();
         let mut gone: Vec<(&FrontendKey, &Frontend)> = self
             .frontends
             .iter()
@@ -148,8 +157,9 @@ impl KernelState {
             .collect();
         gone.sort_unstable_by_key(|(key, _)| **key);
         for (key, frontend) in gone {
-            ops.push(Op::DelFrontend(*key));
+            let mut ops = vec![Op::DelFrontend(*key)];
             self.remove_backends_of(frontend.id, &mut ops);
+            batches.push(ops);
         }
         let orphans: BTreeSet<u32> = self
             .slots
@@ -159,7 +169,9 @@ impl KernelState {
             .filter(|id| !self.ids.contains_key(id))
             .collect();
         for id in orphans {
+            let mut ops = Vec::new();
             self.remove_backends_of(id, &mut ops);
+            batches.push(ops);
         }
         for (key, want) in &desired.frontends {
             let current = self.frontends.get(key).copied();
@@ -167,9 +179,13 @@ impl KernelState {
                 Some(frontend) => frontend.id,
                 None => self.allocate_id(),
             };
+            let mut ops = Vec::new();
             self.plan_frontend(*key, id, current, want, &mut ops);
+            if !ops.is_empty() {
+                batches.push(ops);
+            }
         }
-        ops
+        batches
     }
 
     fn remove_backends_of(&self, id: u32, ops: &mut Vec<Op>) {
@@ -179,7 +195,10 @@ impl KernelState {
         let mut members: Vec<&Backend> = self.members.get(&id).into_iter().flatten().collect();
         members.sort_unstable();
         for backend in members {
-            ops.push(Op::DelMember(MemberKey { id, backend: *backend }));
+            ops.push(Op::DelMember(MemberKey {
+                id,
+                backend: *backend,
+            }));
         }
     }
 
@@ -196,11 +215,16 @@ impl KernelState {
         let slots = self.slots.get(&id).unwrap_or(&empty_slots);
         let members = self.members.get(&id).unwrap_or(&empty_members);
         let old_count = current.map_or(0, |f| f.count);
-        let in_use: Vec<Option<Backend>> = (0..old_count).map(|slot| slots.get(&slot).copied()).collect();
+        let in_use: Vec<Option<Backend>> = (0..old_count)
+            .map(|slot| slots.get(&slot).copied())
+            .collect();
         let assigned = assign_slots(&in_use, &want.backends);
         for backend in &want.backends {
             if !members.contains(backend) {
-                ops.push(Op::PutMember(MemberKey { id, backend: *backend }));
+                ops.push(Op::PutMember(MemberKey {
+                    id,
+                    backend: *backend,
+                }));
             }
         }
         for (slot, backend) in (0u32..).zip(&assigned) {
@@ -221,10 +245,16 @@ impl KernelState {
         for (&slot, _) in slots.range(count..) {
             ops.push(Op::DelSlot(SlotKey { id, slot }));
         }
-        let mut ended: Vec<&Backend> = members.iter().filter(|b| !want.backends.contains(b)).collect();
+        let mut ended: Vec<&Backend> = members
+            .iter()
+            .filter(|b| !want.backends.contains(b))
+            .collect();
         ended.sort_unstable();
         for backend in ended {
-            ops.push(Op::DelMember(MemberKey { id, backend: *backend }));
+            ops.push(Op::DelMember(MemberKey {
+                id,
+                backend: *backend,
+            }));
         }
     }
 }
@@ -236,10 +266,11 @@ fn assign_slots(in_use: &[Option<Backend>], want: &BTreeSet<Backend>) -> Vec<Bac
     let mut layout: Vec<Option<Backend>> = vec![None; n];
     let mut placed = HashSet::new();
     for (slot, backend) in layout.iter_mut().zip(in_use) {
-        if let Some(b) = backend {
-            if want.contains(b) && placed.insert(*b) {
-                *slot = Some(*b);
-            }
+        if let Some(b) = backend
+            && want.contains(b)
+            && placed.insert(*b)
+        {
+            *slot = Some(*b);
         }
     }
     let mut rest = want.iter().filter(|b| !placed.contains(*b));
@@ -257,7 +288,12 @@ mod tests {
     use crate::model::ObjectKey;
 
     fn fkey(n: u8) -> FrontendKey {
-        FrontendKey { addr: Addr::from_v4_octets([10, 96, 0, n]), port: 80u16.to_be(), proto: 6, _pad: 0 }
+        FrontendKey {
+            addr: Addr::from_v4_octets([10, 96, 0, n]),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        }
     }
 
     fn be(n: u8) -> Backend {
@@ -286,7 +322,7 @@ mod tests {
     }
 
     fn sync_from(state: &mut KernelState, d: &Desired, check_each_step: bool) -> Vec<Op> {
-        let ops = state.plan(d);
+        let ops: Vec<Op> = state.plan(d).into_iter().flatten().collect();
         for op in &ops {
             state.apply(op);
             if check_each_step {
@@ -305,7 +341,13 @@ mod tests {
             for slot in 0..f.count {
                 let backend = state.slots.get(&f.id).and_then(|s| s.get(&slot));
                 let backend = backend.unwrap_or_else(|| panic!("{key:?}: slot {slot} missing"));
-                assert!(state.members.get(&f.id).is_some_and(|m| m.contains(backend)), "slot {slot} not a member");
+                assert!(
+                    state
+                        .members
+                        .get(&f.id)
+                        .is_some_and(|m| m.contains(backend)),
+                    "slot {slot} not a member"
+                );
             }
         }
     }
@@ -314,15 +356,32 @@ mod tests {
         assert_eq!(state.frontends.len(), d.frontends.len());
         for (key, want) in &d.frontends {
             let f = state.frontends[key];
-            let got: BTreeSet<Backend> = state.slots(f.id).filter(|(s, _)| *s < f.count).map(|(_, b)| *b).collect();
+            let got: BTreeSet<Backend> = state
+                .slots(f.id)
+                .filter(|(s, _)| *s < f.count)
+                .map(|(_, b)| *b)
+                .collect();
             assert_eq!(got, want.backends);
             assert_eq!(f.count as usize, want.backends.len());
-            assert_eq!(state.slots(f.id).count(), want.backends.len(), "stray slots");
-            assert_eq!(state.members.get(&f.id).map_or(0, HashSet::len), want.backends.len());
+            assert_eq!(
+                state.slots(f.id).count(),
+                want.backends.len(),
+                "stray slots"
+            );
+            assert_eq!(
+                state.members.get(&f.id).map_or(0, HashSet::len),
+                want.backends.len()
+            );
         }
         let ids: HashSet<u32> = state.frontends.values().map(|f| f.id).collect();
-        assert!(state.slots.keys().all(|id| ids.contains(id)), "orphan slots");
-        assert!(state.members.keys().all(|id| ids.contains(id)), "orphan members");
+        assert!(
+            state.slots.keys().all(|id| ids.contains(id)),
+            "orphan slots"
+        );
+        assert!(
+            state.members.keys().all(|id| ids.contains(id)),
+            "orphan members"
+        );
     }
 
     #[test]
@@ -333,7 +392,17 @@ mod tests {
         assert!(matches!(ops[1], Op::PutMember(_)));
         assert!(matches!(ops[2], Op::PutSlot(..)));
         assert!(matches!(ops[3], Op::PutSlot(..)));
-        assert!(matches!(ops[4], Op::PutFrontend(_, Frontend { id: 1, count: 2, .. })));
+        assert!(matches!(
+            ops[4],
+            Op::PutFrontend(
+                _,
+                Frontend {
+                    id: 1,
+                    count: 2,
+                    ..
+                }
+            )
+        ));
         assert_eq!(ops.len(), 5);
     }
 
@@ -351,9 +420,18 @@ mod tests {
         sync(&mut state, &desired(&[(1, &[1, 2], 0)]));
         let ops = sync(&mut state, &desired(&[(1, &[1, 2, 3], 0)]));
         assert_eq!(ops.len(), 3, "{ops:?}");
-        assert_eq!(ops[0], Op::PutMember(MemberKey { id: 1, backend: be(3) }));
+        assert_eq!(
+            ops[0],
+            Op::PutMember(MemberKey {
+                id: 1,
+                backend: be(3)
+            })
+        );
         assert_eq!(ops[1], Op::PutSlot(SlotKey { id: 1, slot: 2 }, be(3)));
-        assert!(matches!(ops[2], Op::PutFrontend(_, Frontend { count: 3, .. })));
+        assert!(matches!(
+            ops[2],
+            Op::PutFrontend(_, Frontend { count: 3, .. })
+        ));
     }
 
     #[test]
@@ -366,9 +444,20 @@ mod tests {
             ops,
             vec![
                 Op::PutSlot(SlotKey { id: 1, slot: 0 }, be(3)),
-                Op::PutFrontend(fkey(1), Frontend { id: 1, count: 2, affinity_timeout_s: 0, flags: 0 }),
+                Op::PutFrontend(
+                    fkey(1),
+                    Frontend {
+                        id: 1,
+                        count: 2,
+                        affinity_timeout_s: 0,
+                        flags: 0
+                    }
+                ),
                 Op::DelSlot(SlotKey { id: 1, slot: 2 }),
-                Op::DelMember(MemberKey { id: 1, backend: be(1) }),
+                Op::DelMember(MemberKey {
+                    id: 1,
+                    backend: be(1)
+                }),
             ]
         );
     }
@@ -388,13 +477,27 @@ mod tests {
         sync(&mut state, &desired(&[(1, &[1, 2], 0)]));
         let ops = sync(&mut state, &desired(&[(1, &[1, 2], 60)]));
         assert_eq!(ops.len(), 1);
-        assert!(matches!(ops[0], Op::PutFrontend(_, Frontend { affinity_timeout_s: 60, .. })));
+        assert!(matches!(
+            ops[0],
+            Op::PutFrontend(
+                _,
+                Frontend {
+                    affinity_timeout_s: 60,
+                    ..
+                }
+            )
+        ));
     }
 
     #[test]
     fn adopted_state_with_leftovers_is_repaired() {
         // A previous agent died mid-write: slots past the count, an orphan id, a missing slot.
-        let f = Frontend { id: 5, count: 3, affinity_timeout_s: 0, flags: 0 };
+        let f = Frontend {
+            id: 5,
+            count: 3,
+            affinity_timeout_s: 0,
+            flags: 0,
+        };
         let mut state = KernelState::from_entries(
             [(fkey(1), f)],
             [
@@ -403,10 +506,23 @@ mod tests {
                 (SlotKey { id: 5, slot: 7 }, be(9)),
                 (SlotKey { id: 9, slot: 0 }, be(1)),
             ],
-            [MemberKey { id: 5, backend: be(1) }, MemberKey { id: 9, backend: be(1) }],
+            [
+                MemberKey {
+                    id: 5,
+                    backend: be(1),
+                },
+                MemberKey {
+                    id: 9,
+                    backend: be(1),
+                },
+            ],
         );
         // It starts inconsistent (slot 1 missing), so only the end state is checked.
-        sync_from(&mut state, &desired(&[(1, &[1, 2, 3], 0), (2, &[4], 0)]), false);
+        sync_from(
+            &mut state,
+            &desired(&[(1, &[1, 2, 3], 0), (2, &[4], 0)]),
+            false,
+        );
         // New ids continue past the highest seen.
         assert_eq!(state.frontends[&fkey(2)].id, 10);
     }
@@ -442,7 +558,10 @@ mod tests {
                 storage.push(backends);
                 frontends.push((f, storage.len() - 1, next(2) as u32 * 30));
             }
-            let spec: Vec<(u8, &[u8], u32)> = frontends.iter().map(|&(f, i, a)| (f, storage[i].as_slice(), a)).collect();
+            let spec: Vec<(u8, &[u8], u32)> = frontends
+                .iter()
+                .map(|&(f, i, a)| (f, storage[i].as_slice(), a))
+                .collect();
             sync(&mut state, &desired(&spec));
         }
     }

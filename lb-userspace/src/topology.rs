@@ -40,7 +40,11 @@ fn serving_terminating(ep: &Endpoint) -> bool {
 
 /// kube-proxy's canUseTopology: zone hints apply only if the node has a zone, every ready
 /// endpoint carries hints, and at least one is hinted for this zone.
-fn can_use_topology<E: AsRef<Endpoint>>(endpoints: &[E], topology: TopologyMode, node: &Node) -> bool {
+fn can_use_topology<E: AsRef<Endpoint>>(
+    endpoints: &[E],
+    topology: TopologyMode,
+    node: &Node,
+) -> bool {
     if topology != TopologyMode::ZoneHints {
         return false;
     }
@@ -58,9 +62,17 @@ fn can_use_topology<E: AsRef<Endpoint>>(endpoints: &[E], topology: TopologyMode,
 }
 
 /// Splits `endpoints` as kube-proxy does for one Service port on `node`.
-pub fn categorize<E: AsRef<Endpoint> + Copy>(endpoints: &[E], policy: Policy, node: &Node) -> Categorized<E> {
+pub fn categorize<E: AsRef<Endpoint> + Copy>(
+    endpoints: &[E],
+    policy: Policy,
+    node: &Node,
+) -> Categorized<E> {
     let select = |keep: &dyn Fn(&Endpoint) -> bool| -> Vec<E> {
-        endpoints.iter().copied().filter(|e| keep(e.as_ref())).collect()
+        endpoints
+            .iter()
+            .copied()
+            .filter(|e| keep(e.as_ref()))
+            .collect()
     };
     let mut out = Categorized {
         cluster: Vec::new(),
@@ -106,7 +118,12 @@ mod tests {
     use super::*;
 
     /// An endpoint `10.0.0.<n>` with conditions (ready, serving, terminating), node and hints.
-    fn ep(n: u8, (ready, serving, terminating): (bool, bool, bool), node: &str, hints: &[&str]) -> Endpoint {
+    fn ep(
+        n: u8,
+        (ready, serving, terminating): (bool, bool, bool),
+        node: &str,
+        hints: &[&str],
+    ) -> Endpoint {
         Endpoint {
             addr: IpAddr::from([10, 0, 0, n]),
             ready,
@@ -142,77 +159,159 @@ mod tests {
         has_any: bool,
     }
 
-    const CLUSTER: Policy = Policy { uses_cluster: true, uses_local: false, topology: TopologyMode::None };
-    const LOCAL: Policy = Policy { uses_cluster: false, uses_local: true, topology: TopologyMode::None };
-    const HINTS: Policy = Policy { uses_cluster: true, uses_local: false, topology: TopologyMode::ZoneHints };
+    const CLUSTER: Policy = Policy {
+        uses_cluster: true,
+        uses_local: false,
+        topology: TopologyMode::None,
+    };
+    const LOCAL: Policy = Policy {
+        uses_cluster: false,
+        uses_local: true,
+        topology: TopologyMode::None,
+    };
+    const HINTS: Policy = Policy {
+        uses_cluster: true,
+        uses_local: false,
+        topology: TopologyMode::ZoneHints,
+    };
 
     #[test]
     fn table() {
         let cases = vec![
             Case {
                 name: "cluster: ready endpoints only",
-                endpoints: vec![ep(1, READY, "n1", &[]), ep(2, NOT_READY, "n1", &[]), ep(3, TERMINATING, "n2", &[])],
-                policy: CLUSTER, node_zone: None, cluster: vec![1], local: vec![], has_any: true,
+                endpoints: vec![
+                    ep(1, READY, "n1", &[]),
+                    ep(2, NOT_READY, "n1", &[]),
+                    ep(3, TERMINATING, "n2", &[]),
+                ],
+                policy: CLUSTER,
+                node_zone: None,
+                cluster: vec![1],
+                local: vec![],
+                has_any: true,
             },
             Case {
                 name: "cluster: no ready, fall back to serving-terminating",
-                endpoints: vec![ep(1, NOT_READY, "n1", &[]), ep(2, TERMINATING, "n2", &[]), ep(3, NOT_SERVING, "n1", &[])],
-                policy: CLUSTER, node_zone: None, cluster: vec![2], local: vec![], has_any: true,
+                endpoints: vec![
+                    ep(1, NOT_READY, "n1", &[]),
+                    ep(2, TERMINATING, "n2", &[]),
+                    ep(3, NOT_SERVING, "n1", &[]),
+                ],
+                policy: CLUSTER,
+                node_zone: None,
+                cluster: vec![2],
+                local: vec![],
+                has_any: true,
             },
             Case {
                 name: "cluster: nothing usable",
                 endpoints: vec![ep(1, NOT_READY, "n1", &[]), ep(2, NOT_SERVING, "n1", &[])],
-                policy: CLUSTER, node_zone: None, cluster: vec![], local: vec![], has_any: false,
+                policy: CLUSTER,
+                node_zone: None,
+                cluster: vec![],
+                local: vec![],
+                has_any: false,
             },
             Case {
                 name: "local: only this node's ready endpoints",
-                endpoints: vec![ep(1, READY, "n1", &[]), ep(2, READY, "n2", &[]), ep(3, TERMINATING, "n1", &[])],
-                policy: LOCAL, node_zone: None, cluster: vec![], local: vec![1], has_any: true,
+                endpoints: vec![
+                    ep(1, READY, "n1", &[]),
+                    ep(2, READY, "n2", &[]),
+                    ep(3, TERMINATING, "n1", &[]),
+                ],
+                policy: LOCAL,
+                node_zone: None,
+                cluster: vec![],
+                local: vec![1],
+                has_any: true,
             },
             Case {
                 name: "local: no local ready, local serving-terminating",
                 endpoints: vec![ep(1, TERMINATING, "n1", &[]), ep(2, READY, "n2", &[])],
-                policy: LOCAL, node_zone: None, cluster: vec![], local: vec![1], has_any: true,
+                policy: LOCAL,
+                node_zone: None,
+                cluster: vec![],
+                local: vec![1],
+                has_any: true,
             },
             Case {
                 name: "local: none here, never a hop elsewhere",
                 endpoints: vec![ep(2, READY, "n2", &[]), ep(3, READY, "", &[])],
-                policy: LOCAL, node_zone: None, cluster: vec![], local: vec![], has_any: true,
+                policy: LOCAL,
+                node_zone: None,
+                cluster: vec![],
+                local: vec![],
+                has_any: true,
             },
             Case {
                 name: "both policies",
                 endpoints: vec![ep(1, READY, "n1", &[]), ep(2, READY, "n2", &[])],
-                policy: Policy { uses_cluster: true, uses_local: true, topology: TopologyMode::None },
-                node_zone: None, cluster: vec![1, 2], local: vec![1], has_any: true,
+                policy: Policy {
+                    uses_cluster: true,
+                    uses_local: true,
+                    topology: TopologyMode::None,
+                },
+                node_zone: None,
+                cluster: vec![1, 2],
+                local: vec![1],
+                has_any: true,
             },
             Case {
                 name: "hints: same zone preferred",
-                endpoints: vec![ep(1, READY, "n1", &["a"]), ep(2, READY, "n2", &["b"]), ep(3, READY, "n3", &["a"])],
-                policy: HINTS, node_zone: Some("a"), cluster: vec![1, 3], local: vec![], has_any: true,
+                endpoints: vec![
+                    ep(1, READY, "n1", &["a"]),
+                    ep(2, READY, "n2", &["b"]),
+                    ep(3, READY, "n3", &["a"]),
+                ],
+                policy: HINTS,
+                node_zone: Some("a"),
+                cluster: vec![1, 3],
+                local: vec![],
+                has_any: true,
             },
             Case {
                 name: "hints: one ready endpoint without hints disables them",
                 endpoints: vec![ep(1, READY, "n1", &["a"]), ep(2, READY, "n2", &[])],
-                policy: HINTS, node_zone: Some("a"), cluster: vec![1, 2], local: vec![], has_any: true,
+                policy: HINTS,
+                node_zone: Some("a"),
+                cluster: vec![1, 2],
+                local: vec![],
+                has_any: true,
             },
             Case {
                 name: "hints: none for this zone disables them",
                 endpoints: vec![ep(1, READY, "n1", &["b"]), ep(2, READY, "n2", &["c"])],
-                policy: HINTS, node_zone: Some("a"), cluster: vec![1, 2], local: vec![], has_any: true,
+                policy: HINTS,
+                node_zone: Some("a"),
+                cluster: vec![1, 2],
+                local: vec![],
+                has_any: true,
             },
             Case {
                 name: "hints: node without a zone ignores them",
                 endpoints: vec![ep(1, READY, "n1", &["a"]), ep(2, READY, "n2", &["b"])],
-                policy: HINTS, node_zone: None, cluster: vec![1, 2], local: vec![], has_any: true,
+                policy: HINTS,
+                node_zone: None,
+                cluster: vec![1, 2],
+                local: vec![],
+                has_any: true,
             },
             Case {
                 name: "hints: not opted in",
                 endpoints: vec![ep(1, READY, "n1", &["a"]), ep(2, READY, "n2", &["b"])],
-                policy: CLUSTER, node_zone: Some("a"), cluster: vec![1, 2], local: vec![], has_any: true,
+                policy: CLUSTER,
+                node_zone: Some("a"),
+                cluster: vec![1, 2],
+                local: vec![],
+                has_any: true,
             },
         ];
         for case in cases {
-            let node = Node { name: "n1".into(), zone: case.node_zone.map(str::to_owned) };
+            let node = Node {
+                name: "n1".into(),
+                zone: case.node_zone.map(str::to_owned),
+            };
             let refs: Vec<&Endpoint> = case.endpoints.iter().collect();
             let got = categorize(&refs, case.policy, &node);
             assert_eq!(ids(&got.cluster), case.cluster, "{}: cluster", case.name);

@@ -8,10 +8,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1 as core,
-        discovery::v1 as discovery,
-    },
+    api::{core::v1 as core, discovery::v1 as discovery},
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
@@ -125,10 +122,17 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
     out.cluster_ips = cluster_ips(spec)?;
     out.ports = service_ports(spec, !out.cluster_ips.is_empty())?;
     out.affinity_timeout_s = session_affinity(spec)?;
-    out.internal_local = traffic_policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
-    out.external_local = traffic_policy("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())?;
+    out.internal_local = traffic_policy(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    )?;
+    out.external_local = traffic_policy(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    )?;
     for (i, addr) in spec.external_ips.iter().flatten().enumerate() {
-        out.external_ips.push(ip(&format!("spec.externalIPs[{i}]"), addr)?);
+        out.external_ips
+            .push(ip(&format!("spec.externalIPs[{i}]"), addr)?);
     }
     let ingress = svc
         .status
@@ -173,13 +177,13 @@ fn cluster_ips(spec: &core::ServiceSpec) -> Result<Vec<IpAddr>, FieldError> {
             );
         }
     };
-    if let (Some(one), "spec.clusterIPs") = (single, field) {
-        if values.first() != Some(&one) {
-            return err(
-                "spec.clusterIPs[0]",
-                format!("{:?} differs from spec.clusterIP {one:?}", values[0]),
-            );
-        }
+    if let (Some(one), "spec.clusterIPs") = (single, field)
+        && values.first() != Some(&one)
+    {
+        return err(
+            "spec.clusterIPs[0]",
+            format!("{:?} differs from spec.clusterIP {one:?}", values[0]),
+        );
     }
     if values.len() > 2 {
         return err(field, "at most two addresses, one per IP family");
@@ -202,10 +206,16 @@ fn cluster_ips(spec: &core::ServiceSpec) -> Result<Vec<IpAddr>, FieldError> {
     Ok(out)
 }
 
-fn service_ports(spec: &core::ServiceSpec, has_cluster_ip: bool) -> Result<Vec<ServicePort>, FieldError> {
+fn service_ports(
+    spec: &core::ServiceSpec,
+    has_cluster_ip: bool,
+) -> Result<Vec<ServicePort>, FieldError> {
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() && has_cluster_ip {
-        return err("spec.ports", "a Service with a cluster IP needs at least one port");
+        return err(
+            "spec.ports",
+            "a Service with a cluster IP needs at least one port",
+        );
     }
     let mut out: Vec<ServicePort> = Vec::with_capacity(ports.len());
     let mut seen: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
@@ -221,13 +231,13 @@ fn service_ports(spec: &core::ServiceSpec, has_cluster_ip: bool) -> Result<Vec<S
                 "missing: every port of a multi-port Service needs a name",
             );
         }
-        if let Some(first) = names.insert(p.name.as_deref().unwrap_or_default(), i) {
-            if !name.is_empty() {
-                return err(
-                    format!("{field}.name"),
-                    format!("duplicate name {name:?} (also spec.ports[{first}])"),
-                );
-            }
+        if let Some(first) = names.insert(p.name.as_deref().unwrap_or_default(), i)
+            && !name.is_empty()
+        {
+            return err(
+                format!("{field}.name"),
+                format!("duplicate name {name:?} (also spec.ports[{first}])"),
+            );
         }
         if let Some(first) = seen.insert((port, protocol), i) {
             return err(
@@ -237,7 +247,9 @@ fn service_ports(spec: &core::ServiceSpec, has_cluster_ip: bool) -> Result<Vec<S
         }
         let target_port = match &p.target_port {
             None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
-            Some(IntOrString::Int(n)) => TargetPort::Number(port_number(&format!("{field}.targetPort"), *n)?),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(port_number(&format!("{field}.targetPort"), *n)?)
+            }
             Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
             Some(IntOrString::String(s)) => match s.parse::<i32>() {
                 // kubectl accepts "8080" as a string; the API server stores it as a name, but
@@ -315,7 +327,9 @@ fn topology_mode(meta: &ObjectMeta, spec: &core::ServiceSpec) -> TopologyMode {
 }
 
 /// A discovery.k8s.io/v1 EndpointSlice. `Ok(None)` for FQDN slices, which kube-proxy ignores.
-pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<EndpointSlice>, FieldError> {
+pub fn endpoint_slice(
+    slice: &discovery::EndpointSlice,
+) -> Result<Option<EndpointSlice>, FieldError> {
     let key = object_key(&slice.metadata)?;
     let service_name = slice
         .metadata
@@ -333,7 +347,12 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<Endpoin
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
         "FQDN" => return Ok(None),
-        other => return err("addressType", format!("unknown value {other:?} (IPv4, IPv6 or FQDN)")),
+        other => {
+            return err(
+                "addressType",
+                format!("unknown value {other:?} (IPv4, IPv6 or FQDN)"),
+            );
+        }
     };
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
@@ -400,26 +419,36 @@ pub fn endpoints(eps: &core::Endpoints) -> Result<Vec<EndpointSlice>, FieldError
             ports.push(EndpointPort {
                 name: p.name.clone().unwrap_or_default(),
                 port: port_number(&format!("{field}.ports[{j}].port"), p.port)?,
-                protocol: protocol(&format!("{field}.ports[{j}].protocol"), p.protocol.as_deref())?,
+                protocol: protocol(
+                    &format!("{field}.ports[{j}].protocol"),
+                    p.protocol.as_deref(),
+                )?,
             });
         }
         let mut by_family: BTreeMap<Family, Vec<Endpoint>> = BTreeMap::new();
         let lists = [
             ("addresses", subset.addresses.as_ref(), true),
-            ("notReadyAddresses", subset.not_ready_addresses.as_ref(), false),
+            (
+                "notReadyAddresses",
+                subset.not_ready_addresses.as_ref(),
+                false,
+            ),
         ];
         for (list, addresses, ready) in lists {
             for (j, a) in addresses.into_iter().flatten().enumerate() {
                 let addr = ip(&format!("{field}.{list}[{j}].ip"), &a.ip)?;
-                by_family.entry(Family::of(&addr)).or_default().push(Endpoint {
-                    addr,
-                    ready,
-                    serving: ready,
-                    terminating: false,
-                    node_name: a.node_name.clone().filter(|s| !s.is_empty()),
-                    zone: None,
-                    zone_hints: BTreeSet::new(),
-                });
+                by_family
+                    .entry(Family::of(&addr))
+                    .or_default()
+                    .push(Endpoint {
+                        addr,
+                        ready,
+                        serving: ready,
+                        terminating: false,
+                        node_name: a.node_name.clone().filter(|s| !s.is_empty()),
+                        zone: None,
+                        zone_hints: BTreeSet::new(),
+                    });
             }
         }
         for (family, endpoints) in by_family {
@@ -443,6 +472,10 @@ pub fn endpoints(eps: &core::Endpoints) -> Result<Vec<EndpointSlice>, FieldError
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fixture that does not parse is a broken test"
+)]
 mod tests {
     use super::*;
 
@@ -475,7 +508,10 @@ spec:
 
     #[test]
     fn namespace_defaults() {
-        let s = service(&svc("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}")).unwrap();
+        let s = service(&svc(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}",
+        ))
+        .unwrap();
         assert_eq!(s.key.namespace, "default");
     }
 
@@ -490,23 +526,91 @@ spec:
     #[test]
     fn rejections_name_the_field() {
         let cases = [
-            ("missing clusterIP", "metadata: {name: a}\nspec: {ports: [{port: 1}]}", "spec.clusterIP"),
-            ("bad clusterIP", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 1}]}", "spec.clusterIP"),
-            ("port too big", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 70000}]}", "spec.ports[0].port"),
-            ("port zero", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 0}]}", "spec.ports[0].port"),
-            ("target too big", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, targetPort: 65536}]}", "spec.ports[0].targetPort"),
-            ("duplicate port", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: b, port: 1}]}", "spec.ports[1]"),
-            ("duplicate name", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: a, port: 2}]}", "spec.ports[1].name"),
-            ("unnamed multi-port", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {port: 2}]}", "spec.ports[1].name"),
-            ("bad protocol", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, protocol: ICMP}]}", "spec.ports[0].protocol"),
-            ("no ports", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1}", "spec.ports"),
-            ("no name", "metadata: {}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}", "metadata.name"),
-            ("bad affinity", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: Cookie}", "spec.sessionAffinity"),
-            ("affinity timeout", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}", "spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
-            ("bad type", "metadata: {name: a}\nspec: {type: Magic, clusterIP: 10.0.0.1, ports: [{port: 1}]}", "spec.type"),
-            ("bad policy", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], internalTrafficPolicy: Nearby}", "spec.internalTrafficPolicy"),
-            ("same-family dual stack", "metadata: {name: a}\nspec: {clusterIPs: [10.0.0.1, 10.0.0.2], ports: [{port: 1}]}", "spec.clusterIPs"),
-            ("clusterIPs disagree", "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, clusterIPs: [10.0.0.2], ports: [{port: 1}]}", "spec.clusterIPs[0]"),
+            (
+                "missing clusterIP",
+                "metadata: {name: a}\nspec: {ports: [{port: 1}]}",
+                "spec.clusterIP",
+            ),
+            (
+                "bad clusterIP",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 1}]}",
+                "spec.clusterIP",
+            ),
+            (
+                "port too big",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 70000}]}",
+                "spec.ports[0].port",
+            ),
+            (
+                "port zero",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 0}]}",
+                "spec.ports[0].port",
+            ),
+            (
+                "target too big",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, targetPort: 65536}]}",
+                "spec.ports[0].targetPort",
+            ),
+            (
+                "duplicate port",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: b, port: 1}]}",
+                "spec.ports[1]",
+            ),
+            (
+                "duplicate name",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: a, port: 2}]}",
+                "spec.ports[1].name",
+            ),
+            (
+                "unnamed multi-port",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {port: 2}]}",
+                "spec.ports[1].name",
+            ),
+            (
+                "bad protocol",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, protocol: ICMP}]}",
+                "spec.ports[0].protocol",
+            ),
+            (
+                "no ports",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1}",
+                "spec.ports",
+            ),
+            (
+                "no name",
+                "metadata: {}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}",
+                "metadata.name",
+            ),
+            (
+                "bad affinity",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: Cookie}",
+                "spec.sessionAffinity",
+            ),
+            (
+                "affinity timeout",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            ),
+            (
+                "bad type",
+                "metadata: {name: a}\nspec: {type: Magic, clusterIP: 10.0.0.1, ports: [{port: 1}]}",
+                "spec.type",
+            ),
+            (
+                "bad policy",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], internalTrafficPolicy: Nearby}",
+                "spec.internalTrafficPolicy",
+            ),
+            (
+                "same-family dual stack",
+                "metadata: {name: a}\nspec: {clusterIPs: [10.0.0.1, 10.0.0.2], ports: [{port: 1}]}",
+                "spec.clusterIPs",
+            ),
+            (
+                "clusterIPs disagree",
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, clusterIPs: [10.0.0.2], ports: [{port: 1}]}",
+                "spec.clusterIPs[0]",
+            ),
             ("no spec", "metadata: {name: a}", "spec"),
         ];
         for (case, yaml, field) in cases {
@@ -516,9 +620,15 @@ spec:
 
     #[test]
     fn headless_and_external_name_are_not_load_balanced() {
-        let headless = service(&svc("metadata: {name: a}\nspec: {clusterIP: None, ports: [{port: 1}]}")).unwrap();
+        let headless = service(&svc(
+            "metadata: {name: a}\nspec: {clusterIP: None, ports: [{port: 1}]}",
+        ))
+        .unwrap();
         assert!(!headless.is_load_balanced());
-        let ext = service(&svc("metadata: {name: a}\nspec: {type: ExternalName, externalName: example.com}")).unwrap();
+        let ext = service(&svc(
+            "metadata: {name: a}\nspec: {type: ExternalName, externalName: example.com}",
+        ))
+        .unwrap();
         assert!(!ext.is_load_balanced());
     }
 
@@ -550,7 +660,8 @@ spec:
 
     #[test]
     fn slice_conditions_default_as_kube_proxy_reads_them() {
-        let s = slice("
+        let s = slice(
+            "
 metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
@@ -561,7 +672,10 @@ endpoints:
   nodeName: n1
   zone: z1
   hints: {forZones: [{name: z1}]}
-").unwrap().unwrap();
+",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(s.service, ObjectKey::new("default", "web"));
         assert!(s.endpoints[0].ready && s.endpoints[0].serving && !s.endpoints[0].terminating);
         let e = &s.endpoints[1];
@@ -573,7 +687,10 @@ endpoints:
     #[test]
     fn slice_rejections() {
         let no_label = slice("metadata: {name: x}\naddressType: IPv4\nendpoints: []").unwrap_err();
-        assert_eq!(no_label.field, "metadata.labels[kubernetes.io/service-name]");
+        assert_eq!(
+            no_label.field,
+            "metadata.labels[kubernetes.io/service-name]"
+        );
         let wrong_family = slice("metadata: {name: x, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]").unwrap_err();
         assert_eq!(wrong_family.field, "endpoints[0].addresses[0]");
         let bad_port = slice("metadata: {name: x, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{port: 99999}]\nendpoints: []").unwrap_err();
@@ -583,13 +700,16 @@ endpoints:
 
     #[test]
     fn endpoints_become_slices_per_subset_and_family() {
-        let eps: core::Endpoints = serde_yaml::from_str("
+        let eps: core::Endpoints = serde_yaml::from_str(
+            "
 metadata: {name: ext}
 subsets:
 - addresses: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]
   notReadyAddresses: [{ip: 10.0.0.2}]
   ports: [{port: 80}]
-").unwrap();
+",
+        )
+        .unwrap();
         let slices = endpoints(&eps).unwrap();
         assert_eq!(slices.len(), 2);
         let v4 = slices.iter().find(|s| s.family == Family::V4).unwrap();

@@ -163,8 +163,7 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     if !meta.is_dir() {
         return Ok(vec![path.to_owned()]);
     }
-    let entries =
-        fs::read_dir(path).map_err(|e| file_error(path, format!("cannot list: {e}")))?;
+    let entries = fs::read_dir(path).map_err(|e| file_error(path, format!("cannot list: {e}")))?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| file_error(path, format!("cannot list: {e}")))?;
@@ -186,7 +185,12 @@ struct Location<'a> {
 }
 
 impl Location<'_> {
-    fn error(&self, object: Option<String>, field: Option<String>, message: String) -> ManifestError {
+    fn error(
+        &self,
+        object: Option<String>,
+        field: Option<String>,
+        message: String,
+    ) -> ManifestError {
         let field = match (field, self.prefix.is_empty()) {
             (Some(f), _) => Some(format!("{}{f}", self.prefix)),
             (None, false) => Some(self.prefix.trim_end_matches('.').to_owned()),
@@ -255,7 +259,11 @@ fn parse_value(
         return; // an empty document, e.g. after a trailing `---`
     }
     if !value.is_mapping() {
-        errors.push(at.error(None, None, "not an object (expected apiVersion, kind, metadata, ...)".into()));
+        errors.push(at.error(
+            None,
+            None,
+            "not an object (expected apiVersion, kind, metadata, ...)".into(),
+        ));
         return;
     }
     let api_version = str_at(&value, &["apiVersion"]).unwrap_or_default();
@@ -285,7 +293,9 @@ fn parse_value(
         }
     };
     let name = str_at(&value, &["metadata", "name"]).unwrap_or_default();
-    let namespace = str_at(&value, &["metadata", "namespace"]).filter(|n| !n.is_empty()).unwrap_or("default");
+    let namespace = str_at(&value, &["metadata", "namespace"])
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
     let identity = ObjectKey::new(namespace, name);
     let object_name = if name.is_empty() {
         format!("{kind} (unnamed)")
@@ -293,9 +303,12 @@ fn parse_value(
         format!("{kind} {identity}")
     };
     let converted = match kind {
-        Kind::Service => typed(value).and_then(|s| convert::service(&s).map(|s| Object::Service(Arc::new(s)))),
+        Kind::Service => {
+            typed(value).and_then(|s| convert::service(&s).map(|s| Object::Service(Arc::new(s))))
+        }
         Kind::Endpoints => typed(value).and_then(|e| {
-            convert::endpoints(&e).map(|slices| Object::Endpoints(slices.into_iter().map(Arc::new).collect()))
+            convert::endpoints(&e)
+                .map(|slices| Object::Endpoints(slices.into_iter().map(Arc::new).collect()))
         }),
         Kind::EndpointSlice => typed(value).and_then(|e| {
             convert::endpoint_slice(&e).map(|slice| Object::Slice(slice.map(Arc::new)))
@@ -305,7 +318,11 @@ fn parse_value(
     match converted {
         Ok(object) => {
             if objects.insert(key, object).is_some() {
-                errors.push(at.error(Some(object_name), None, "defined twice in this file; the later one is used".into()));
+                errors.push(at.error(
+                    Some(object_name),
+                    None,
+                    "defined twice in this file; the later one is used".into(),
+                ));
             }
         }
         Err(FieldError { field, message }) => {
@@ -332,7 +349,11 @@ fn parse_list(
     errors: &mut Vec<ManifestError>,
 ) {
     let Some(items) = value.get("items").and_then(Value::as_sequence) else {
-        errors.push(at.error(Some("List".into()), Some("items".into()), "missing or not a list".into()));
+        errors.push(at.error(
+            Some("List".into()),
+            Some("items".into()),
+            "missing or not a list".into(),
+        ));
         return;
     };
     for (i, item) in items.iter().enumerate() {
@@ -359,12 +380,18 @@ fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
 /// Merges the files' objects into one snapshot: a Service or EndpointSlice defined in two
 /// files is an error (the first file wins); v1 Endpoints count only for Services without
 /// EndpointSlices, as the mirroring controller would not mirror them otherwise.
-fn assemble(order: &[PathBuf], files: &BTreeMap<PathBuf, FileObjects>, errors: &mut Vec<ManifestError>) -> Snapshot {
+fn assemble(
+    order: &[PathBuf],
+    files: &BTreeMap<PathBuf, FileObjects>,
+    errors: &mut Vec<ManifestError>,
+) -> Snapshot {
     let mut snapshot = Snapshot::default();
     let mut origin: BTreeMap<(Kind, ObjectKey), &Path> = BTreeMap::new();
     let mut from_endpoints: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
     for file in order {
-        let Some(objects) = files.get(file) else { continue };
+        let Some(objects) = files.get(file) else {
+            continue;
+        };
         for (key, object) in objects {
             if let Some(first) = origin.get(key) {
                 if *first != file.as_path() {
@@ -384,7 +411,11 @@ fn assemble(order: &[PathBuf], files: &BTreeMap<PathBuf, FileObjects>, errors: &
                     snapshot.services.insert(key.1.clone(), svc.clone());
                 }
                 Object::Slice(Some(slice)) => {
-                    snapshot.slices.entry(slice.service.clone()).or_default().push(slice.clone());
+                    snapshot
+                        .slices
+                        .entry(slice.service.clone())
+                        .or_default()
+                        .push(slice.clone());
                 }
                 Object::Slice(None) => {}
                 Object::Endpoints(slices) => {
@@ -403,13 +434,18 @@ fn assemble(order: &[PathBuf], files: &BTreeMap<PathBuf, FileObjects>, errors: &
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fixture that does not parse is a broken test"
+)]
 mod tests {
     use super::*;
 
     struct Dir(PathBuf);
     impl Dir {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("lb-manifests-{name}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("lb-manifests-{name}-{}", std::process::id()));
             let _ignored = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             Self(dir)
@@ -454,7 +490,9 @@ endpoints: [{addresses: [10.1.0.1]}]
     #[test]
     fn list_items_and_endpoints() {
         let dir = Dir::new("list");
-        dir.write("list.yaml", "
+        dir.write(
+            "list.yaml",
+            "
 apiVersion: v1
 kind: List
 items:
@@ -466,7 +504,8 @@ items:
   kind: Endpoints
   metadata: {name: ext}
   subsets: [{addresses: [{ip: 192.0.2.1}], ports: [{port: 80}]}]
-");
+",
+        );
         let (snap, errors) = Manifests::new(vec![dir.0.clone()]).load();
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snap.slices_of(&ObjectKey::new("default", "ext")).len(), 1);
@@ -475,7 +514,9 @@ items:
     #[test]
     fn bad_object_is_reported_with_file_document_object_and_field() {
         let dir = Dir::new("bad");
-        let file = dir.write("bad.yaml", "
+        let file = dir.write(
+            "bad.yaml",
+            "
 apiVersion: v1
 kind: Service
 metadata: {name: ok}
@@ -485,7 +526,8 @@ apiVersion: v1
 kind: Service
 metadata: {name: broken, namespace: shop}
 spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
-");
+",
+        );
         let (snap, errors) = Manifests::new(vec![file.clone()]).load();
         assert_eq!(snap.services.len(), 1);
         assert_eq!(errors.len(), 1);
@@ -503,16 +545,28 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
         let dir = Dir::new("types");
         let file = dir.write("t.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: t}\nspec: {clusterIP: 10.0.0.1, ports: [{port: eighty}]}\n");
         let (_, errors) = Manifests::new(vec![file]).load();
-        assert_eq!(errors[0].field.as_deref(), Some("spec.ports[0].port"), "{errors:?}");
+        assert_eq!(
+            errors[0].field.as_deref(),
+            Some("spec.ports[0].port"),
+            "{errors:?}"
+        );
     }
 
     #[test]
     fn unknown_kind_is_an_error() {
         let dir = Dir::new("kind");
-        dir.write("d.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+        dir.write(
+            "d.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+        );
         let (_, errors) = Manifests::new(vec![dir.0.clone()]).load();
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].message.contains("unsupported kind apps/v1 Deployment"), "{errors:?}");
+        assert!(
+            errors[0]
+                .message
+                .contains("unsupported kind apps/v1 Deployment"),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -523,7 +577,11 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
         let mut manifests = Manifests::new(vec![dir.0.clone()]);
         let (first, errors) = manifests.load();
         assert!(errors.is_empty());
-        fs::write(&web, "apiVersion: v1\nkind: Service\nmetadata: {name: web\n  spec: [").unwrap();
+        fs::write(
+            &web,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web\n  spec: [",
+        )
+        .unwrap();
         let (second, errors) = manifests.load();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].message.starts_with("invalid YAML"));
@@ -585,6 +643,10 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
     fn missing_path_is_an_error() {
         let (_, errors) = Manifests::new(vec![PathBuf::from("/nonexistent/lb.yaml")]).load();
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].to_string().starts_with("/nonexistent/lb.yaml: cannot read"));
+        assert!(
+            errors[0]
+                .to_string()
+                .starts_with("/nonexistent/lb.yaml: cannot read")
+        );
     }
 }

@@ -1,0 +1,95 @@
+//! The `lb` command line. Tests outside this repository drive lb through it: keep it stable
+//! and document changes in the README.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "Kubernetes Service load balancing with eBPF: a kube-proxy replacement"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: load and attach the programs, keep the maps in sync with the sources.
+    Run(RunArgs),
+    /// Detach and remove everything lb put in the kernel (like `kube-proxy --cleanup`).
+    Cleanup(CleanupArgs),
+    /// Validate manifests without touching the kernel.
+    Check(CheckArgs),
+    /// List the Service frontends and backends the kernel holds (read from the pinned maps).
+    List(InspectArgs),
+    /// Show the datapath counters and connection-table sizes (read from the pinned maps).
+    Stats(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A YAML/JSON file or a directory of them (repeatable); watched for changes.
+    #[arg(long = "manifests", value_name = "PATH")]
+    pub manifests: Vec<PathBuf>,
+    /// Watch the Kubernetes API with this kubeconfig.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// cgroup v2 directory the socket programs attach to [default: the cgroup2 mount's root].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+    /// Where maps and links are pinned (a bpffs directory; bpffs is mounted if needed).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// This node's name, for `internalTrafficPolicy: Local` [default: $NODE_NAME, else the hostname].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// An address of this node (repeatable): NodePort frontends listen on these.
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ips: Vec<IpAddr>,
+    /// An interface for the XDP/tc north-south datapath (repeatable).
+    #[arg(long = "xdp-iface", value_name = "IF")]
+    pub xdp_ifaces: Vec<String>,
+    /// Address of `/healthz`; empty disables it.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// Address of `/metrics`; empty disables it.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// `/healthz` fails when a change has waited this long (seconds) without reaching the kernel.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub healthz_stale_after: u64,
+    /// Re-read the maps and repair any drift this often (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub resync_period: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Also detach lb programs found on this cgroup without a pin.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A YAML/JSON file or a directory of them (repeatable).
+    #[arg(long = "manifests", value_name = "PATH", required = true)]
+    pub manifests: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,131 @@
+//! `/healthz` state, with kube-proxy's semantics: healthy once the first full sync is in the
+//! kernel, and unhealthy again when a change has waited longer than the stale time without
+//! reaching the kernel (the agent is stuck or its writes keep failing).
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
+};
+
+#[derive(Debug, Default)]
+struct State {
+    /// When the last complete sync finished.
+    last_synced: Option<(Instant, SystemTime)>,
+    /// When the oldest change not yet in the kernel arrived.
+    pending_since: Option<Instant>,
+}
+
+/// Shared by the syncer (writer) and the HTTP server (reader).
+#[derive(Debug)]
+pub struct Health {
+    state: Mutex<State>,
+    stale_after: Duration,
+}
+
+/// What `/healthz` answers.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    #[serde(skip)]
+    pub healthy: bool,
+    /// RFC 3339 time of the last complete sync, if any.
+    pub last_updated: Option<String>,
+    pub current_time: String,
+    /// Seconds the oldest unsynced change has waited.
+    pub pending_seconds: Option<f64>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+impl Health {
+    pub fn new(stale_after: Duration) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            stale_after,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state inconsistent (plain fields).
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A change arrived that is not in the kernel yet.
+    pub fn queued(&self) {
+        self.lock().pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Everything received so far is in the kernel.
+    pub fn synced(&self) {
+        let mut state = self.lock();
+        state.last_synced = Some((Instant::now(), SystemTime::now()));
+        state.pending_since = None;
+    }
+
+    pub fn report(&self) -> Report {
+        let state = self.lock();
+        let pending = state.pending_since.map(|t| t.elapsed());
+        let healthy = state.last_synced.is_some() && pending.is_none_or(|p| p < self.stale_after);
+        Report {
+            healthy,
+            last_updated: state.last_synced.map(|(_, wall)| rfc3339(wall)),
+            current_time: rfc3339(SystemTime::now()),
+            pending_seconds: pending.map(|p| p.as_secs_f64()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unhealthy_until_first_sync() {
+        let h = Health::new(Duration::from_secs(60));
+        assert!(!h.report().healthy);
+        h.queued();
+        assert!(!h.report().healthy);
+        h.synced();
+        assert!(h.report().healthy);
+    }
+
+    #[test]
+    fn stale_pending_change_is_unhealthy() {
+        let h = Health::new(Duration::from_millis(0));
+        h.synced();
+        assert!(h.report().healthy);
+        h.queued();
+        assert!(!h.report().healthy);
+        h.synced();
+        assert!(h.report().healthy);
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
+            "2026-11-18T11:06:40Z"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! `/metrics`: the agent's Prometheus metrics, plus the datapath counters read from the
+//! kernel (`LB_STATS`) at scrape time.
+
+use std::sync::Mutex;
+
+use aya::maps::{MapData, PerCpuArray};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+/// Result label of `lb_syncs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    pub result: &'static str,
+}
+
+/// Everything the agent reports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Load-balanced Services programmed.
+    pub services: Gauge,
+    /// Frontends (Service IP, port, protocol) in the kernel.
+    pub frontends: Gauge,
+    /// Backend slots in the kernel.
+    pub backends: Gauge,
+    pub syncs: Family<SyncLabels, Counter>,
+    pub sync_duration: Histogram,
+    pub map_writes: Counter,
+    /// Objects or Services currently rejected (bad manifests, conflicts, full maps).
+    pub config_errors: Gauge,
+    /// Unix time of the last complete sync.
+    pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lb");
+        let services = Gauge::default();
+        let frontends = Gauge::default();
+        let backends = Gauge::default();
+        let syncs = Family::<SyncLabels, Counter>::default();
+        // 100 µs .. ~13 s
+        let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let map_writes = Counter::default();
+        let config_errors = Gauge::default();
+        let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "services",
+            "Load-balanced Services programmed in the kernel",
+            services.clone(),
+        );
+        registry.register(
+            "frontends",
+            "Service frontends (IP, port, protocol) in the kernel",
+            frontends.clone(),
+        );
+        registry.register(
+            "backends",
+            "Backend slots in the kernel, over all frontends",
+            backends.clone(),
+        );
+        registry.register(
+            "syncs",
+            "Syncs of the desired state into the kernel, by result",
+            syncs.clone(),
+        );
+        registry.register(
+            "sync_duration_seconds",
+            "Time from a change to its writes being in the kernel",
+            sync_duration.clone(),
+        );
+        registry.register(
+            "map_writes",
+            "BPF map updates and deletes made by syncs",
+            map_writes.clone(),
+        );
+        registry.register(
+            "config_errors",
+            "Objects or Services currently rejected (see the log)",
+            config_errors.clone(),
+        );
+        registry.register(
+            "last_sync_timestamp_seconds",
+            "Unix time of the last complete sync",
+            last_sync.clone(),
+        );
+        Self {
+            registry,
+            services,
+            frontends,
+            backends,
+            syncs,
+            sync_duration,
+            map_writes,
+            config_errors,
+            last_sync,
+        }
+    }
+
+    /// Adds the datapath counters, read from `stats` at every scrape.
+    pub fn register_datapath(&mut self, stats: PerCpuArray<MapData, u64>) {
+        self.registry
+            .register_collector(Box::new(DatapathCollector {
+                stats: Mutex::new(stats),
+            }));
+    }
+}
+
+/// Reads `LB_STATS` at scrape time.
+struct DatapathCollector {
+    stats: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl std::fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatapathCollector")
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = self
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut family = encoder.encode_descriptor(
+            "datapath_events",
+            "What the socket programs did, by event (see lb-common/src/stats.rs)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (i, name) in (0u32..).zip(lb_common::stats::NAMES) {
+            // A failed read (map gone during cleanup) leaves the event out of this scrape.
+            let Ok(per_cpu) = stats.get(&i, 0) else {
+                continue;
+            };
+            let total: u64 = per_cpu.iter().sum();
+            let labels = [("event", name)];
+            ConstCounter::new(total).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(metrics: &Metrics) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &metrics.registry)?;
+    Ok(out)
+}

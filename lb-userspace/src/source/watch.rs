@@ -1,0 +1,151 @@
+//! Watching `--manifests` paths: inotify (through notify) for changes within a few hundred
+//! milliseconds, plus a periodic check of file sizes and times in case an event is missed
+//! (a directory replaced, a watch lost).
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant, SystemTime},
+};
+
+use notify::{RecursiveMode, Watcher as _};
+
+use super::manifests::{Manifests, list_files};
+use crate::{model::Snapshot, sync::Update};
+
+/// Quiet time after the last event before reloading (editors write in several steps).
+const SETTLE: Duration = Duration::from_millis(100);
+/// Reload at the latest this long after the first event, even if events keep coming.
+const MAX_DELAY: Duration = Duration::from_millis(400);
+/// How often to compare file sizes and times.
+const POLL: Duration = Duration::from_secs(2);
+
+type Fingerprint = Vec<(PathBuf, Option<(SystemTime, u64, u64)>)>;
+
+fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = Vec::new();
+    for path in paths {
+        let files = list_files(path).unwrap_or_else(|_| vec![path.clone()]);
+        for file in files {
+            let meta = std::fs::metadata(&file).ok();
+            let stamp = meta.and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())));
+            out.push((file, stamp));
+        }
+    }
+    out
+}
+
+/// The directories to watch: each directory path, and the parent of each file path (so an
+/// editor's write-and-rename is seen).
+fn watch_dirs(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
+    paths
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent()
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            }
+        })
+        .collect()
+}
+
+/// Logs what is wrong in the manifests, each problem once while it lasts.
+fn report(errors: &[super::manifests::ManifestError], known: &mut BTreeSet<String>) {
+    let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+    for e in now.difference(known) {
+        tracing::error!("{e}");
+    }
+    for e in known.difference(&now) {
+        tracing::info!("resolved: {e}");
+    }
+    *known = now;
+}
+
+/// Loads the manifests once (logging problems) and returns the snapshot and error count.
+pub fn initial_load(manifests: &mut Manifests, known: &mut BTreeSet<String>) -> (Snapshot, usize) {
+    let (snapshot, errors) = manifests.load();
+    report(&errors, known);
+    (snapshot, errors.len())
+}
+
+/// Watches in a thread of its own, sending a snapshot to `updates` whenever the manifests'
+/// content changes. Ends when the receiver is gone.
+pub fn spawn(
+    mut manifests: Manifests,
+    mut last: Arc<Snapshot>,
+    mut known: BTreeSet<String>,
+    updates: mpsc::Sender<Update>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("manifests".into()).spawn(move || {
+        let (events_tx, events) = mpsc::channel();
+        let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Only the fact that something changed matters; the reload looks at everything.
+            let _receiver_gone = events_tx.send(event.is_ok());
+        }) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch manifests; checking every {POLL:?} instead");
+                None
+            }
+        };
+        let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut stamp = fingerprint(manifests.paths());
+        let mut known_count = known.len();
+        loop {
+            // (Re)arm watches: a watched directory may have been removed and created again.
+            if let Some(w) = watcher.as_mut() {
+                for dir in watch_dirs(manifests.paths()) {
+                    if !watched.contains(&dir) && w.watch(&dir, RecursiveMode::NonRecursive).is_ok() {
+                        watched.insert(dir);
+                    }
+                }
+            }
+            let changed = match events.recv_timeout(POLL) {
+                Ok(_) => {
+                    let first = Instant::now();
+                    while first.elapsed() < MAX_DELAY {
+                        match events.recv_timeout(SETTLE) {
+                            Ok(_) => {}
+                            Err(mpsc::RecvTimeoutError::Timeout) => break,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                    true
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = fingerprint(manifests.paths());
+                    if now == stamp {
+                        // Watches may be gone with their directory: re-arm next round.
+                        watched.retain(|d| d.exists());
+                        false
+                    } else {
+                        true
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // No watcher: poll only.
+                    std::thread::sleep(POLL);
+                    fingerprint(manifests.paths()) != stamp
+                }
+            };
+            if !changed {
+                continue;
+            }
+            stamp = fingerprint(manifests.paths());
+            let (snapshot, errors) = manifests.load();
+            report(&errors, &mut known);
+            if *last != snapshot || errors.len() != known_count {
+                known_count = errors.len();
+                last = Arc::new(snapshot);
+                let update = Update::Snapshot { snapshot: last.clone(), source_errors: errors.len() };
+                if updates.send(update).is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}

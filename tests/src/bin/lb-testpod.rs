@@ -1,0 +1,372 @@
+//! A test "pod": answers TCP and UDP with its name; and a test client that connects from
+//! inside a given cgroup and network namespace and reports, as JSON, which backend answered,
+//! what getpeername/recvfrom showed, or which errno it got.
+//!
+//! Servers speak a line protocol: every line received is answered with the pod's name and a
+//! newline, so one connection can carry many requests (keep-alive). A first line starting
+//! with `GET ` gets an HTTP/1.1 response with the name as body, for curl.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser)]
+struct Cli {
+    /// Join this cgroup v2 directory first (the process moves; threads follow).
+    #[arg(long, global = true)]
+    cgroup: Option<PathBuf>,
+    /// Then enter this network namespace (a /run/netns path).
+    #[arg(long, global = true)]
+    netns: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve TCP and UDP on [::] (dual-stack) until killed.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "tcp")]
+        tcp: Vec<u16>,
+        #[arg(long = "udp")]
+        udp: Vec<u16>,
+    },
+    /// TCP: `count` connections with one request each, or one connection with `count`
+    /// requests (`--keepalive`).
+    Tcp {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long)]
+        keepalive: bool,
+        /// Connect with an AF_INET6 socket to the IPv4-mapped address.
+        #[arg(long)]
+        mapped: bool,
+        /// Pause between connections (milliseconds).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+    },
+    /// UDP: `count` request/response pairs; a new socket for each unless `--same-socket`.
+    Udp {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// connect() the socket and use send/recv instead of sendto/recvfrom.
+        #[arg(long)]
+        connected: bool,
+        #[arg(long)]
+        same_socket: bool,
+    },
+}
+
+/// One request's outcome.
+#[derive(Serialize, Default)]
+struct Outcome {
+    /// The name of the pod that answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<String>,
+    /// getpeername() (TCP, connected UDP) or recvfrom()'s source (unconnected UDP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
+    /// The errno, when the request failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errno: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl Outcome {
+    fn failed(e: &std::io::Error) -> Self {
+        Self {
+            errno: e.raw_os_error(),
+            error: Some(e.to_string()),
+            ..Self::default()
+        }
+    }
+}
+
+fn join(cgroup: Option<&PathBuf>, netns: Option<&PathBuf>) -> anyhow::Result<()> {
+    if let Some(cgroup) = cgroup {
+        std::fs::write(cgroup.join("cgroup.procs"), "0")
+            .with_context(|| format!("joining {}", cgroup.display()))?;
+    }
+    if let Some(netns) = netns {
+        let file =
+            std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        // SAFETY: setns on a namespace fd we own; affects only this (still single) thread,
+        // before any other thread exists.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "setns {}: {}",
+                netns.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn serve_tcp(listener: TcpListener, name: String) {
+    for stream in listener.incoming().flatten() {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let Ok(read) = stream.try_clone() else { return };
+            let mut write = stream;
+            let mut lines = BufReader::new(read).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if line.starts_with("GET ") {
+                    // Drain the request headers, answer, close.
+                    for header in lines.by_ref() {
+                        if header.map_or(true, |h| h.is_empty()) {
+                            break;
+                        }
+                    }
+                    let body = format!("{name}\n");
+                    let _closing = write.write_all(
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+                    );
+                    return;
+                }
+                if write.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn serve_udp(socket: UdpSocket, name: String) {
+    let mut buf = [0u8; 1500];
+    loop {
+        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _lost = socket.send_to(name.as_bytes(), from);
+        }
+    }
+}
+
+fn dual_stack(port: u16, udp: bool) -> anyhow::Result<i32> {
+    // std binds [::] with IPV6_V6ONLY as the sysctl says; set it off explicitly.
+    let ty = if udp {
+        libc::SOCK_DGRAM
+    } else {
+        libc::SOCK_STREAM
+    };
+    // SAFETY: plain socket calls on a descriptor we own; the sockaddr is a valid local value.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, ty | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let off: libc::c_int = 0;
+        let on: libc::c_int = 1;
+        let len = size_of::<libc::c_int>() as libc::socklen_t;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&raw const off).cast(),
+            len,
+        );
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const on).cast(),
+            len,
+        );
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_port = port.to_be();
+        if libc::bind(
+            fd,
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ) != 0
+        {
+            bail!("bind [::]:{port}: {}", std::io::Error::last_os_error());
+        }
+        if !udp && libc::listen(fd, 1024) != 0 {
+            bail!("listen: {}", std::io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
+
+fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
+    use std::os::fd::FromRawFd as _;
+    let mut threads = Vec::new();
+    for &port in tcp {
+        // SAFETY: a fresh descriptor from dual_stack, owned by the listener from here on.
+        let listener = unsafe { TcpListener::from_raw_fd(dual_stack(port, false)?) };
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || serve_tcp(listener, name)));
+    }
+    for &port in udp {
+        // SAFETY: as above.
+        let socket = unsafe { UdpSocket::from_raw_fd(dual_stack(port, true)?) };
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || serve_udp(socket, name)));
+    }
+    // Ready: the parent waits for this line.
+    println!("ready");
+    std::io::stdout().flush()?;
+    for t in threads {
+        let _ended = t.join();
+    }
+    Ok(())
+}
+
+fn mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    }
+}
+
+fn tcp_request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> Outcome {
+    if let Err(e) = stream.write_all(b"who\n") {
+        return Outcome::failed(&e);
+    }
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => Outcome {
+            error: Some("closed".into()),
+            ..Outcome::default()
+        },
+        Ok(_) => Outcome {
+            backend: Some(line.trim().to_owned()),
+            peer: stream.peer_addr().ok().map(|a| a.to_string()),
+            ..Outcome::default()
+        },
+        Err(e) => Outcome::failed(&e),
+    }
+}
+
+fn tcp_connect(addr: SocketAddr) -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let reader = BufReader::new(stream.try_clone()?);
+    Ok((stream, reader))
+}
+
+fn tcp(addr: SocketAddr, count: usize, keepalive: bool, pause: Duration) -> Vec<Outcome> {
+    let mut out = Vec::with_capacity(count);
+    if keepalive {
+        match tcp_connect(addr) {
+            Ok((mut stream, mut reader)) => {
+                for _ in 0..count {
+                    out.push(tcp_request(&mut stream, &mut reader));
+                }
+            }
+            Err(e) => out.push(Outcome::failed(&e)),
+        }
+        return out;
+    }
+    for i in 0..count {
+        if i > 0 {
+            std::thread::sleep(pause);
+        }
+        out.push(match tcp_connect(addr) {
+            Ok((mut stream, mut reader)) => tcp_request(&mut stream, &mut reader),
+            Err(e) => Outcome::failed(&e),
+        });
+    }
+    out
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap_or(addr)
+    } else {
+        "[::]:0".parse().unwrap_or(addr)
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(socket)
+}
+
+fn udp_request(socket: &UdpSocket, addr: SocketAddr, connected: bool) -> Outcome {
+    let mut buf = [0u8; 1500];
+    if connected {
+        if let Err(e) = socket.connect(addr).and_then(|()| socket.send(b"who")) {
+            return Outcome::failed(&e);
+        }
+        return match socket.recv(&mut buf) {
+            Ok(n) => Outcome {
+                backend: Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                peer: socket.peer_addr().ok().map(|a| a.to_string()),
+                ..Outcome::default()
+            },
+            Err(e) => Outcome::failed(&e),
+        };
+    }
+    if let Err(e) = socket.send_to(b"who", addr) {
+        return Outcome::failed(&e);
+    }
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => Outcome {
+            backend: Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            peer: Some(from.to_string()),
+            ..Outcome::default()
+        },
+        Err(e) => Outcome::failed(&e),
+    }
+}
+
+fn udp(addr: SocketAddr, count: usize, connected: bool, same_socket: bool) -> Vec<Outcome> {
+    let mut shared = None;
+    (0..count)
+        .map(|_| {
+            let fresh;
+            let socket = if same_socket {
+                shared.get_or_insert_with(|| udp_socket(addr))
+            } else {
+                fresh = udp_socket(addr);
+                &fresh
+            };
+            match socket {
+                Ok(s) => udp_request(s, addr, connected),
+                Err(e) => Outcome::failed(e),
+            }
+        })
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    join(cli.cgroup.as_ref(), cli.netns.as_ref())?;
+    let outcomes = match cli.command {
+        Command::Serve { name, tcp, udp } => return serve(&name, &tcp, &udp),
+        Command::Tcp {
+            addr,
+            count,
+            keepalive,
+            mapped: use_mapped,
+            pause_ms,
+        } => tcp(
+            if use_mapped { mapped(addr) } else { addr },
+            count,
+            keepalive,
+            Duration::from_millis(pause_ms),
+        ),
+        Command::Udp {
+            addr,
+            count,
+            connected,
+            same_socket,
+        } => udp(addr, count, connected, same_socket),
+    };
+    serde_json::to_writer(std::io::stdout().lock(), &outcomes)?;
+    println!();
+    Ok(())
+}
