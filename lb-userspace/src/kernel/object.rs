@@ -156,7 +156,7 @@ pub fn load(layout: &PinLayout) -> Result<Ebpf, LoadError> {
         .load(OBJECT)
         .map_err(|source| LoadError::Load {
             pin: layout.root().to_owned(),
-            source,
+            source: Box::new(source),
         })?;
     for spec in SPECS {
         if ebpf.map(spec.name).is_none() {
