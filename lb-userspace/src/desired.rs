@@ -266,10 +266,6 @@ pub fn build(snapshot: &Snapshot, node: &Node, limits: Limits) -> (Desired, Vec<
 }
 
 #[cfg(test)]
-#[expect(
-    clippy::unwrap_used,
-    reason = "a test fixture that does not parse is a broken test"
-)]
 mod tests {
     use super::*;
     use crate::source::convert;

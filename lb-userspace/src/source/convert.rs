@@ -472,10 +472,6 @@ pub fn endpoints(eps: &core::Endpoints) -> Result<Vec<EndpointSlice>, FieldError
 }
 
 #[cfg(test)]
-#[expect(
-    clippy::unwrap_used,
-    reason = "a test fixture that does not parse is a broken test"
-)]
 mod tests {
     use super::*;
 

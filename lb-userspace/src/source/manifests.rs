@@ -434,10 +434,6 @@ fn assemble(
 }
 
 #[cfg(test)]
-#[expect(
-    clippy::unwrap_used,
-    reason = "a test fixture that does not parse is a broken test"
-)]
 mod tests {
     use super::*;
 
