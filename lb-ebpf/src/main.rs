@@ -7,6 +7,10 @@
 //! the syscall's verdict.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference on purpose: the helpers take pointers"
+)]
 
 mod maps;
 mod sock;

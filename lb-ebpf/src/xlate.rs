@@ -122,13 +122,14 @@ fn remember_service(cookie: u64, backend: &Backend, key: &FrontendKey, id: u32, 
     };
     // An unconnected UDP socket sends many datagrams the same way: skip the write when the
     // entry is already there (the lookup also marks it used for the LRU).
-    if hook == Hook::SendMsg {
-        // SAFETY: the value is only compared.
-        if let Some(existing) = unsafe { LB_REVNAT.get(&rkey) } {
-            if existing.addr == rval.addr && existing.port == rval.port && existing.id == id {
-                return;
-            }
-        }
+    // SAFETY: the value is only compared.
+    if hook == Hook::SendMsg
+        && let Some(existing) = unsafe { LB_REVNAT.get(&rkey) }
+        && existing.addr == rval.addr
+        && existing.port == rval.port
+        && existing.id == id
+    {
+        return;
     }
     if LB_REVNAT.insert(&rkey, &rval, 0).is_err() {
         count(stats::ERR_REVNAT_UPDATE);
@@ -205,11 +206,11 @@ fn choose_for_udp_flow(
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(backend) = unsafe { LB_UDP_FLOWS.get(&fkey) }.copied() {
-        if is_member(frontend.id, &backend) {
-            count(stats::UDP_FLOW_HIT);
-            return Ok(backend);
-        }
+    if let Some(backend) = unsafe { LB_UDP_FLOWS.get(&fkey) }.copied()
+        && is_member(frontend.id, &backend)
+    {
+        count(stats::UDP_FLOW_HIT);
+        return Ok(backend);
     }
     let backend = pick(frontend)?;
     if LB_UDP_FLOWS.insert(&fkey, &backend, 0).is_err() {
@@ -255,11 +256,11 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, stat: u32) -> i32 {
         _pad: [0; 6],
     };
     // SAFETY: the value is copied out at once.
-    if let Some(service) = unsafe { LB_REVNAT.get(&key) }.copied() {
-        if F::set_addr(sa, service.addr).is_ok() {
-            sock::set_port(sa, service.port);
-            count(stat);
-        }
+    if let Some(service) = unsafe { LB_REVNAT.get(&key) }.copied()
+        && F::set_addr(sa, service.addr).is_ok()
+    {
+        sock::set_port(sa, service.port);
+        count(stat);
     }
     SYS_PROCEED
 }
