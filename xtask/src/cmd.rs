@@ -18,7 +18,9 @@ pub fn cargo_home() -> PathBuf {
 
 /// The workspace root (xtask's parent).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// PATH with `$CARGO_HOME/bin` in front, where `cargo install` put bpf-linker.
@@ -40,7 +42,9 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
 /// Runs `cmd`, failing with its description if it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("+ {}", describe(cmd));
-    let status = cmd.status().with_context(|| format!("starting {}", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
     if !status.success() {
         bail!("{} failed: {status}", describe(cmd));
     }
@@ -49,15 +53,26 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Runs `cmd` and returns its stdout, failing if it fails.
 pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("starting {}", describe(cmd)))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
     if !out.status.success() {
-        bail!("{} failed: {}\n{}", describe(cmd), out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{} failed: {}\n{}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Whether `program` is on the build's PATH.

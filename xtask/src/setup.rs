@@ -30,13 +30,22 @@ pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     packages()?;
-    eprintln!("setup: done (bpf-linker is in {}; cargo xtask puts it on PATH)", cargo_home().join("bin").display());
+    eprintln!(
+        "setup: done (bpf-linker is in {}; cargo xtask puts it on PATH)",
+        cargo_home().join("bin").display()
+    );
     Ok(())
 }
 
 fn rust_src() -> anyhow::Result<()> {
-    let installed = cmd::output(command("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .context("rustup is needed, with a nightly toolchain")?;
+    let installed = cmd::output(command("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("rustup is needed, with a nightly toolchain")?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -45,7 +54,8 @@ fn rust_src() -> anyhow::Result<()> {
 
 fn bpf_linker_ok() -> bool {
     have("bpf-linker")
-        && cmd::output(&mut command("bpf-linker").arg("--version")).is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
+        && cmd::output(&mut command("bpf-linker").arg("--version"))
+            .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
 }
 
 /// The nightly's LLVM shared library (`libLLVM.so.<ver>-rust-<ver>-nightly`) and its major version.
@@ -59,7 +69,10 @@ fn nightly_llvm() -> anyhow::Result<(PathBuf, String)> {
             return Ok((lib.join(&name), major));
         }
     }
-    bail!("no libLLVM.so.* in {}: is the nightly toolchain complete?", lib.display())
+    bail!(
+        "no libLLVM.so.* in {}: is the nightly toolchain complete?",
+        lib.display()
+    )
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -75,11 +88,19 @@ fn bpf_linker() -> anyhow::Result<()> {
     let soname = llvm.file_name().context("libLLVM file name")?;
     for link in [lib.join("libLLVM.so"), lib.join(soname)] {
         let _stale = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&llvm, &link).with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(&llvm, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
     }
     cmd::run(
         command("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix),
     )?;
@@ -90,7 +111,11 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, tool)| !have_system(tool)).map(|(pkg, _)| *pkg).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, tool)| !have_system(tool))
+        .map(|(pkg, _)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -99,7 +124,11 @@ fn packages() -> anyhow::Result<()> {
     }
     let install = |update: bool| -> anyhow::Result<()> {
         if update {
-            cmd::run(command("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+            cmd::run(
+                command("apt-get")
+                    .args(["update", "-q"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
         }
         cmd::run(
             command("apt-get")
@@ -114,5 +143,8 @@ fn packages() -> anyhow::Result<()> {
 
 /// Whether a system tool is installed (PATH plus the sbin directories root has).
 fn have_system(tool: &str) -> bool {
-    have(tool) || ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(tool).is_file())
+    have(tool)
+        || ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).is_file())
 }

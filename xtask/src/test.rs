@@ -22,15 +22,42 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     // which the release build below does once.
     cmd::run(
         command("cargo")
-            .args(["clippy", "--workspace", "--exclude", "lb-ebpf", "--all-targets", "--", "-D", "warnings"])
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
             .env("AYA_BUILD_SKIP", "1"),
     )?;
     cmd::run(command("cargo").args([
-        "+nightly", "clippy", "-p", "lb-ebpf", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings",
+        "+nightly",
+        "clippy",
+        "-p",
+        "lb-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
     ]))?;
     cmd::run(
         command("cargo")
-            .args(["test", "--workspace", "--exclude", "lb-ebpf", "--exclude", "lb-tests"])
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--exclude",
+                "lb-tests",
+            ])
             .env("AYA_BUILD_SKIP", "1"),
     )?;
     cmd::build_release()?;
@@ -41,7 +68,15 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
 fn integration(filter: Option<&str>) -> anyhow::Result<()> {
     let mut cargo = command("cargo");
     cargo
-        .args(["test", "--release", "-p", "lb-tests", "--", "--test-threads", "3"])
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "lb-tests",
+            "--",
+            "--test-threads",
+            "3",
+        ])
         .args(filter)
         .env("LB_BIN", cmd::lb_bin())
         .env("LB_TESTPOD", cmd::testpod_bin())
@@ -76,7 +111,11 @@ fn integration(filter: Option<&str>) -> anyhow::Result<()> {
 fn count(summary: &str, what: &str) -> u64 {
     summary
         .split(';')
-        .find_map(|part| part.trim().strip_suffix(what).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok()))
+        .find_map(|part| {
+            part.trim()
+                .strip_suffix(what)
+                .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -87,6 +126,9 @@ mod tests {
         let s = "ok. 16 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 6.96s";
         assert_eq!(super::count(s, "passed"), 16);
         assert_eq!(super::count(s, "ignored"), 2);
-        assert_eq!(super::count("FAILED. 1 passed; 3 failed; 0 ignored", "failed"), 3);
+        assert_eq!(
+            super::count("FAILED. 1 passed; 3 failed; 0 ignored", "failed"),
+            3
+        );
     }
 }
