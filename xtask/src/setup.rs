@@ -54,7 +54,7 @@ fn rust_src() -> anyhow::Result<()> {
 
 fn bpf_linker_ok() -> bool {
     have("bpf-linker")
-        && cmd::output(&mut command("bpf-linker").arg("--version"))
+        && cmd::output(command("bpf-linker").arg("--version"))
             .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
 }
 
