@@ -8,7 +8,7 @@ use std::{
 };
 
 use lb_tests::{
-    Agent, Cgroup, Node, TempDir, attached_programs, backends, lb_bin, run_client, unique,
+    Agent, Cgroup, Node, Outcome, TempDir, attached_programs, backends, lb_bin, run_client, unique,
 };
 
 /// A Service with an EndpointSlice of the given pods (by address) on `target` port.
@@ -61,8 +61,40 @@ fn node_with_pods(n: u8) -> Node {
     node
 }
 
+/// A node with pods and lb running on manifests; fields drop in order (lb first).
+struct Fixture {
+    agent: Agent,
+    _dir: TempDir,
+    node: Node,
+}
+
+/// `pods` pods (pod1..podN, TCP and UDP 8080), and lb on the files `manifests` makes from
+/// the pods' IPv4 addresses.
+fn start(pods: u8, manifests: impl FnOnce(&[String]) -> Vec<(&'static str, String)>) -> Fixture {
+    let node = node_with_pods(pods);
+    let dir = TempDir::new("m");
+    for (name, text) in manifests(&ip4s(&node)) {
+        dir.write(name, &text);
+    }
+    let agent = Agent::start(&node.cgroup.path, &dir.0);
+    Fixture { agent, _dir: dir, node }
+}
+
 fn ip4s(node: &Node) -> Vec<String> {
     node.pods.iter().map(|p| p.ip4.to_string()).collect()
+}
+
+/// How many distinct backends answered (panics on a failed request).
+fn distinct(out: &[Outcome]) -> usize {
+    backends(out).into_iter().collect::<BTreeSet<_>>().len()
+}
+
+/// Every request saw `peer` as its peer (getpeername or the reply's source).
+fn assert_peer(out: &[Outcome], peer: &str) {
+    assert!(
+        out.iter().all(|o| o.peer.as_deref() == Some(peer)),
+        "expected peer {peer}: {out:?}"
+    );
 }
 
 fn count(names: &[String]) -> BTreeMap<String, usize> {
@@ -75,14 +107,13 @@ fn count(names: &[String]) -> BTreeMap<String, usize> {
 
 #[test]
 fn tcp_reaches_every_backend_and_getpeername_shows_the_service() {
-    let node = node_with_pods(3);
-    let dir = TempDir::new("m");
-    dir.write(
-        "web.yaml",
-        &service("web", "10.96.0.10", 80, 8080, "TCP", &ip4s(&node)),
-    );
-    let _agent = Agent::start(&node.cgroup.path, &dir.0);
-    let out = node.client(&["tcp", "10.96.0.10:80", "--count", "90"]);
+    let f = start(3, |ips| {
+        vec![(
+            "web.yaml",
+            service("web", "10.96.0.10", 80, 8080, "TCP", ips),
+        )]
+    });
+    let out = f.node.client(&["tcp", "10.96.0.10:80", "--count", "90"]);
     let seen = count(&backends(&out));
     assert_eq!(
         seen.len(),
@@ -90,27 +121,25 @@ fn tcp_reaches_every_backend_and_getpeername_shows_the_service() {
         "every backend gets new connections: {seen:?}"
     );
     assert!(seen.values().all(|&n| n >= 10), "roughly uniform: {seen:?}");
-    assert!(
-        out.iter()
-            .all(|o| o.peer.as_deref() == Some("10.96.0.10:80")),
-        "getpeername: {out:?}"
-    );
+    assert_peer(&out, "10.96.0.10:80");
 }
 
 #[test]
 fn keepalive_connection_stays_on_its_backend() {
-    let node = node_with_pods(3);
-    let dir = TempDir::new("m");
-    dir.write(
-        "web.yaml",
-        &service("web", "10.96.0.10", 80, 8080, "TCP", &ip4s(&node)),
-    );
-    let _agent = Agent::start(&node.cgroup.path, &dir.0);
+    let f = start(3, |ips| {
+        vec![(
+            "web.yaml",
+            service("web", "10.96.0.10", 80, 8080, "TCP", ips),
+        )]
+    });
     for _ in 0..5 {
         let seen: BTreeSet<String> =
-            backends(&node.client(&["tcp", "10.96.0.10:80", "--count", "30", "--keepalive"]))
-                .into_iter()
-                .collect();
+            backends(
+                &f.node
+                    .client(&["tcp", "10.96.0.10:80", "--count", "30", "--keepalive"]),
+            )
+            .into_iter()
+            .collect();
         assert_eq!(seen.len(), 1, "one connection, one backend: {seen:?}");
     }
 }
@@ -263,32 +292,29 @@ fn no_endpoints_refuses_tcp_and_udp_at_once() {
 
 #[test]
 fn udp_replies_come_from_the_service_address() {
-    let node = node_with_pods(3);
-    let dir = TempDir::new("m");
-    dir.write(
-        "dns.yaml",
-        &service("dns", "10.96.0.53", 53, 8080, "UDP", &ip4s(&node)),
-    );
-    let _agent = Agent::start(&node.cgroup.path, &dir.0);
+    let f = start(3, |ips| {
+        vec![(
+            "dns.yaml",
+            service("dns", "10.96.0.53", 53, 8080, "UDP", ips),
+        )]
+    });
     // Unconnected, a new socket per request: spread over the backends, replies from the VIP.
-    let out = node.client(&["udp", "10.96.0.53:53", "--count", "60"]);
-    assert_eq!(count(&backends(&out)).len(), 3, "{out:?}");
-    assert!(
-        out.iter()
-            .all(|o| o.peer.as_deref() == Some("10.96.0.53:53")),
-        "recvfrom source: {out:?}"
-    );
+    let out = f.node.client(&["udp", "10.96.0.53:53", "--count", "60"]);
+    assert_eq!(distinct(&out), 3, "{out:?}");
+    assert_peer(&out, "10.96.0.53:53");
     // One unconnected socket keeps its backend, as a conntrack entry would keep it.
-    let same = backends(&node.client(&["udp", "10.96.0.53:53", "--count", "20", "--same-socket"]));
+    let same =
+        backends(
+            &f.node
+                .client(&["udp", "10.96.0.53:53", "--count", "20", "--same-socket"]),
+        );
     assert_eq!(same.iter().collect::<BTreeSet<_>>().len(), 1, "{same:?}");
     // Connected: getpeername and recv show the Service address.
-    let out = node.client(&["udp", "10.96.0.53:53", "--count", "30", "--connected"]);
+    let out = f
+        .node
+        .client(&["udp", "10.96.0.53:53", "--count", "30", "--connected"]);
     assert!(count(&backends(&out)).len() > 1, "{out:?}");
-    assert!(
-        out.iter()
-            .all(|o| o.peer.as_deref() == Some("10.96.0.53:53")),
-        "{out:?}"
-    );
+    assert_peer(&out, "10.96.0.53:53");
 }
 
 #[test]
@@ -310,27 +336,15 @@ fn ipv6_services_and_v4_mapped_sockets() {
     );
     let _agent = Agent::start(&node.cgroup.path, &dir.0);
     let out = node.client(&["tcp", "[fd00:96::10]:80", "--count", "30"]);
-    assert_eq!(count(&backends(&out)).len(), 2);
-    assert!(
-        out.iter()
-            .all(|o| o.peer.as_deref() == Some("[fd00:96::10]:80")),
-        "{out:?}"
-    );
+    assert_eq!(distinct(&out), 2);
+    assert_peer(&out, "[fd00:96::10]:80");
     let out = node.client(&["udp", "[fd00:96::53]:53", "--count", "30"]);
-    assert_eq!(count(&backends(&out)).len(), 2);
-    assert!(
-        out.iter()
-            .all(|o| o.peer.as_deref() == Some("[fd00:96::53]:53")),
-        "{out:?}"
-    );
+    assert_eq!(distinct(&out), 2);
+    assert_peer(&out, "[fd00:96::53]:53");
     // An AF_INET6 socket connecting to ::ffff:10.96.0.60 reaches the v4 Service.
     let out = node.client(&["tcp", "10.96.0.60:80", "--count", "30", "--mapped"]);
-    assert_eq!(count(&backends(&out)).len(), 2);
-    assert!(
-        out.iter()
-            .all(|o| o.peer.as_deref() == Some("[::ffff:10.96.0.60]:80")),
-        "{out:?}"
-    );
+    assert_eq!(distinct(&out), 2);
+    assert_peer(&out, "[::ffff:10.96.0.60]:80");
 }
 
 #[test]
@@ -430,19 +444,21 @@ fn bad_files_and_objects_are_isolated() {
 
 #[test]
 fn processes_outside_the_cgroup_are_not_translated() {
-    let node = node_with_pods(1);
-    let dir = TempDir::new("m");
-    dir.write(
-        "web.yaml",
-        &service("web", "10.96.0.90", 80, 8080, "TCP", &ip4s(&node)),
+    let f = start(1, |ips| {
+        vec![(
+            "web.yaml",
+            service("web", "10.96.0.90", 80, 8080, "TCP", ips),
+        )]
+    });
+    assert_eq!(
+        backends(&f.node.client(&["tcp", "10.96.0.90:80"])),
+        ["pod1"]
     );
-    let _agent = Agent::start(&node.cgroup.path, &dir.0);
-    assert_eq!(backends(&node.client(&["tcp", "10.96.0.90:80"])), ["pod1"]);
     // Same network namespace, another cgroup: the Service address is just an address.
     let other = Cgroup::new(&unique("lto"));
     let out = run_client(
         Some(&other.path),
-        &node.client.path(),
+        &f.node.client.path(),
         &["tcp", "10.96.0.90:80"],
     );
     assert_eq!(out[0].errno, Some(libc::ENETUNREACH), "{out:?}");
@@ -526,20 +542,19 @@ fn restart_keeps_serving_and_adopts_without_a_second_attachment() {
 
 #[test]
 fn cleanup_leaves_nothing_attached_or_pinned() {
-    let node = node_with_pods(1);
-    let dir = TempDir::new("m");
-    dir.write(
-        "web.yaml",
-        &service("web", "10.96.0.110", 80, 8080, "TCP", &ip4s(&node)),
-    );
-    let mut agent = Agent::start(&node.cgroup.path, &dir.0);
-    assert_eq!(agent.stop(), Some(0));
+    let mut f = start(1, |ips| {
+        vec![(
+            "web.yaml",
+            service("web", "10.96.0.110", 80, 8080, "TCP", ips),
+        )]
+    });
+    assert_eq!(f.agent.stop(), Some(0));
     let out = Command::new(lb_bin())
         .arg("cleanup")
         .arg("--pin-path")
-        .arg(&agent.pin_path)
+        .arg(&f.agent.pin_path)
         .arg("--cgroup")
-        .arg(&node.cgroup.path)
+        .arg(&f.node.cgroup.path)
         .output()
         .expect("lb cleanup");
     assert!(
@@ -547,21 +562,21 @@ fn cleanup_leaves_nothing_attached_or_pinned() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(attached_programs(&node.cgroup.path).is_empty());
+    assert!(attached_programs(&f.node.cgroup.path).is_empty());
     assert!(
-        !agent.pin_path.exists(),
+        !f.agent.pin_path.exists(),
         "pins left under {}",
-        agent.pin_path.display()
+        f.agent.pin_path.display()
     );
     assert_eq!(
-        node.client(&["tcp", "10.96.0.110:80"])[0].errno,
+        f.node.client(&["tcp", "10.96.0.110:80"])[0].errno,
         Some(libc::ENETUNREACH)
     );
     // Idempotent.
     let again = Command::new(lb_bin())
         .arg("cleanup")
         .arg("--pin-path")
-        .arg(&agent.pin_path)
+        .arg(&f.agent.pin_path)
         .output()
         .expect("lb cleanup");
     assert!(again.status.success());
