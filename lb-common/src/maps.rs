@@ -10,15 +10,17 @@
 //! make-before-break order: members, then slots, then the frontend with its count, then the
 //! tail slots and members it no longer needs. The programs only read them.
 //!
-//! The programs write the per-connection state: [`REVNAT`] (to show the Service address to
-//! the client), [`AFFINITY`] (ClientIP session affinity) and [`UDP_FLOWS`] (unconnected UDP
-//! sockets keep their backend). They are LRU maps; the agent never writes them.
+//! The programs write the per-connection state: [`SOCKS`] (socket storage: what a connected
+//! socket was sent to, to show the Service address back; it lives and dies with the socket),
+//! [`REVNAT`] (the same for unconnected UDP sockets, which can send to many Services),
+//! [`AFFINITY`] (ClientIP session affinity) and [`UDP_FLOWS`] (unconnected UDP sockets keep
+//! their backend). The agent never writes them.
 
 use crate::Addr;
 
 /// Bumped whenever a key, value or the meaning of a field changes. The agent stores it in
 /// [`META`] when it creates the maps and refuses to adopt pinned maps with another value.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
 pub const IPPROTO_TCP: u8 = 6;
@@ -34,6 +36,7 @@ pub const FRONTENDS: &str = "LB_FRONTENDS";
 pub const SLOTS: &str = "LB_SLOTS";
 pub const MEMBERS: &str = "LB_MEMBERS";
 pub const AFFINITY: &str = "LB_AFFINITY";
+pub const SOCKS: &str = "LB_SOCKS";
 pub const REVNAT: &str = "LB_REVNAT";
 pub const UDP_FLOWS: &str = "LB_UDP_FLOWS";
 pub const STATS: &str = "LB_STATS";
@@ -47,8 +50,8 @@ pub const MAX_SLOTS: u32 = 1 << 21;
 pub const MAX_MEMBERS: u32 = MAX_SLOTS;
 /// ClientIP affinity entries (client x Service port); LRU.
 pub const MAX_AFFINITY: u32 = 1 << 16;
-/// Translated sockets remembered for getpeername/recvmsg; LRU.
-pub const MAX_REVNAT: u32 = 1 << 18;
+/// Unconnected UDP (socket, backend) pairs remembered for recvmsg; LRU.
+pub const MAX_REVNAT: u32 = 1 << 16;
 /// Unconnected UDP (socket, frontend) pairs; LRU.
 pub const MAX_UDP_FLOWS: u32 = 1 << 16;
 /// Entries of [`META`].
@@ -195,6 +198,18 @@ pub struct RevNat {
 }
 const _: () = assert!(size_of::<RevNat>() == 24);
 
+/// Value of [`SOCKS`] (socket storage, keyed by the socket itself): where a connect()ed socket
+/// was sent, for getpeername and recvmsg.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockXlate {
+    /// The backend the socket is connected to.
+    pub backend: Backend,
+    /// The Service address and port it asked for, and the frontend id.
+    pub service: RevNat,
+}
+const _: () = assert!(size_of::<SockXlate>() == 44);
+
 /// Key of [`UDP_FLOWS`]: an unconnected UDP socket sending to a frontend. Like a conntrack
 /// entry for kube-proxy, it keeps the socket's datagrams on one backend.
 #[repr(C)]
@@ -215,6 +230,8 @@ pub enum MapKind {
     LruHash,
     Array,
     PerCpuArray,
+    /// Socket local storage (key: a socket; capacity 0: one value per socket).
+    SkStorage,
 }
 
 /// What a map must look like; the agent compares pinned maps against it before adopting them.
@@ -278,6 +295,15 @@ pub const SPECS: &[MapSpec] = &[
         agent_writes: false,
     },
     MapSpec {
+        name: SOCKS,
+        kind: MapKind::SkStorage,
+        key_size: size::<u32>(),
+        value_size: size::<SockXlate>(),
+        max_entries: 0,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: false,
+    },
+    MapSpec {
         name: REVNAT,
         kind: MapKind::LruHash,
         key_size: size::<RevNatKey>(),
@@ -319,7 +345,7 @@ pub const SPECS: &[MapSpec] = &[
 mod pod {
     use super::{
         Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
-        SlotKey, UdpFlowKey,
+        SlotKey, SockXlate, UdpFlowKey,
     };
 
     // SAFETY: all of these are #[repr(C)], made of integers only, with every padding byte an
@@ -343,6 +369,8 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     // SAFETY: as above.
     unsafe impl aya::Pod for UdpFlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockXlate {}
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ pub const ERR_SLOT_MISSING: u32 = 8;
 /// Refused: the backend's family cannot be reached from this socket (a v6 backend for a
 /// v4 socket).
 pub const ERR_FAMILY: u32 = 9;
-/// Translated, but the reverse entry could not be stored (getpeername/recvmsg will show the
-/// backend address).
+/// Translated, but the reverse entry (socket storage or LRU) could not be stored
+/// (getpeername/recvmsg will show the backend address).
 pub const ERR_REVNAT_UPDATE: u32 = 10;
 /// Translated, but the affinity or UDP flow entry could not be stored.
 pub const ERR_STICKY_UPDATE: u32 = 11;

@@ -3,13 +3,16 @@
 //! which the agent checks when it loads this object.
 
 use aya_ebpf::{
-    macros::map,
+    bindings::{BPF_F_NO_PREALLOC as NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
+    helpers::generated::bpf_sk_storage_get,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::SockAddrContext,
 };
 use lb_common::maps::{
     Affinity, AffinityKey, BPF_F_NO_PREALLOC, Backend, Frontend, FrontendKey, MAX_AFFINITY,
     MAX_FRONTENDS, MAX_MEMBERS, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS, META_LEN, MemberKey, RevNat,
-    RevNatKey, SlotKey, UdpFlowKey,
+    RevNatKey, SlotKey, SockXlate, UdpFlowKey,
 };
 
 /// Service frontends; written by the agent.
@@ -29,7 +32,64 @@ pub static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(MAX_MEMBERS, BP
 #[map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
-/// Socket -> Service address for getpeername/recvmsg; written here, on connect/sendmsg.
+/// `LIBBPF_PIN_BY_NAME`.
+const PIN_BY_NAME: usize = 1;
+
+/// A socket storage map pinned by name. aya-ebpf's `SkStorage` has no pinning field, and
+/// socket storage must survive an agent restart like every other map (sockets connected
+/// through the old programs keep showing the Service address), so this is its BTF definition
+/// with one: the loader reads the field types, the pointers are never dereferenced.
+#[repr(C)]
+pub struct PinnedSkStorage<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; NO_PREALLOC as usize],
+    pinning: *const [i32; PIN_BY_NAME],
+}
+
+// SAFETY: the fields are placeholders the loader reads through BTF; nothing is shared.
+unsafe impl<T> Sync for PinnedSkStorage<T> {}
+
+impl<T> PinnedSkStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    /// The value of the socket behind `ctx` (created zeroed if `create` and absent): a
+    /// pointer to this socket's own value, valid while the program runs.
+    #[inline(always)]
+    pub fn get_ptr(&self, ctx: &SockAddrContext, create: bool) -> Option<*mut T> {
+        let flags = if create {
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        // SAFETY: the context's socket pointer is valid for the program's run; the helper
+        // returns null or a pointer to a value of the map's value size.
+        let value = unsafe {
+            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+            let map = core::ptr::from_ref(self).cast_mut().cast();
+            bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags).cast::<T>()
+        };
+        (!value.is_null()).then_some(value)
+    }
+}
+
+/// Connected socket -> backend and Service, for getpeername/recvmsg; written here, on
+/// connect. Freed by the kernel with the socket.
+#[btf_map]
+pub static LB_SOCKS: PinnedSkStorage<SockXlate> = PinnedSkStorage::new();
+
+/// Unconnected UDP socket and backend -> Service, for recvmsg; written here, on sendmsg.
 #[map]
 pub static LB_REVNAT: LruHashMap<RevNatKey, RevNat> = LruHashMap::pinned(MAX_REVNAT, 0);
 

@@ -11,14 +11,16 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
-        SlotKey, UdpFlowKey,
+        SlotKey, SockXlate, UdpFlowKey,
     },
     select::{affinity_fresh, slot_for},
     stats,
 };
 
 use crate::{
-    maps::{LB_AFFINITY, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_UDP_FLOWS, count},
+    maps::{
+        LB_AFFINITY, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_SOCKS, LB_UDP_FLOWS, count,
+    },
     sock::{self, Family},
 };
 
@@ -88,8 +90,13 @@ fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     if frontend.count == 0 {
         return Verdict::Refuse(stats::REFUSED_NO_BACKEND);
     }
-    // SAFETY: helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Only unconnected UDP needs the socket's cookie (connected sockets keep their state in
+    // socket storage).
+    let cookie = match hook {
+        // SAFETY: helper call on the program's own context.
+        Hook::SendMsg => unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        Hook::Connect => 0,
+    };
     let backend = match choose(ctx, &key, &frontend, cookie, hook) {
         Ok(backend) => backend,
         Err(stat) => return Verdict::Refuse(stat),
@@ -98,40 +105,50 @@ fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
         return Verdict::Refuse(stats::ERR_FAMILY);
     }
     sock::set_port(sa, backend.port);
-    remember_service(cookie, &backend, &key, frontend.id, hook);
+    let service = RevNat {
+        addr: key.addr,
+        port: key.port,
+        _pad: [0; 2],
+        id: frontend.id,
+    };
+    match hook {
+        Hook::Connect => remember_socket(ctx, backend, service),
+        Hook::SendMsg => remember_datagram(cookie, &backend, &service),
+    }
     Verdict::Translated(match hook {
         Hook::Connect => stats::CONNECT_XLATED,
         Hook::SendMsg => stats::SENDMSG_XLATED,
     })
 }
 
-/// Stores socket+backend -> Service address, for getpeername and recvmsg.
+/// A connected socket: its backend and Service go in its own storage.
 #[inline(always)]
-fn remember_service(cookie: u64, backend: &Backend, key: &FrontendKey, id: u32, hook: Hook) {
+fn remember_socket(ctx: &SockAddrContext, backend: Backend, service: RevNat) {
+    match LB_SOCKS.get_ptr(ctx, true) {
+        // SAFETY: this socket's own storage; only this socket's syscalls touch it.
+        Some(state) => unsafe { *state = SockXlate { backend, service } },
+        None => count(stats::ERR_REVNAT_UPDATE),
+    }
+}
+
+/// An unconnected UDP socket can send to many Services: (socket, backend) -> Service goes in
+/// the LRU map, skipping the write when the entry is already there (the lookup also marks it
+/// used for the LRU).
+#[inline(always)]
+fn remember_datagram(cookie: u64, backend: &Backend, service: &RevNat) {
     let rkey = RevNatKey {
         cookie,
         addr: backend.addr,
         port: backend.port,
         _pad: [0; 6],
     };
-    let rval = RevNat {
-        addr: key.addr,
-        port: key.port,
-        _pad: [0; 2],
-        id,
-    };
-    // An unconnected UDP socket sends many datagrams the same way: skip the write when the
-    // entry is already there (the lookup also marks it used for the LRU).
     // SAFETY: the value is only compared.
-    if hook == Hook::SendMsg
-        && let Some(existing) = unsafe { LB_REVNAT.get(&rkey) }
-        && existing.addr == rval.addr
-        && existing.port == rval.port
-        && existing.id == id
+    if let Some(existing) = unsafe { LB_REVNAT.get(&rkey) }
+        && existing == service
     {
         return;
     }
-    if LB_REVNAT.insert(&rkey, &rval, 0).is_err() {
+    if LB_REVNAT.insert(&rkey, service, 0).is_err() {
         count(stats::ERR_REVNAT_UPDATE);
     }
 }
@@ -244,19 +261,32 @@ fn is_member(id: u32, backend: &Backend) -> bool {
 }
 
 /// recvmsg/getpeername: a backend address the client sees becomes the Service address it
-/// asked for. Always lets the syscall proceed (these hooks cannot refuse).
+/// asked for: from the socket's storage when it was connect()ed to that backend, else (an
+/// unconnected UDP socket) from the LRU map. Always lets the syscall proceed (these hooks
+/// cannot refuse).
 #[inline(always)]
 pub fn reverse<F: Family>(ctx: &SockAddrContext, stat: u32) -> i32 {
     let sa = ctx.sock_addr;
-    let key = RevNatKey {
-        // SAFETY: helper call on the program's own context.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr: F::addr(sa),
-        port: sock::port(sa),
-        _pad: [0; 6],
-    };
-    // SAFETY: the value is copied out at once.
-    if let Some(service) = unsafe { LB_REVNAT.get(&key) }.copied()
+    let addr = F::addr(sa);
+    let port = sock::port(sa);
+    let connected = LB_SOCKS
+        .get_ptr(ctx, false)
+        // SAFETY: this socket's own storage, copied out at once.
+        .map(|state| unsafe { *state })
+        .filter(|state| state.backend.addr == addr && state.backend.port == port)
+        .map(|state| state.service);
+    let service = connected.or_else(|| {
+        let key = RevNatKey {
+            // SAFETY: helper call on the program's own context.
+            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            addr,
+            port,
+            _pad: [0; 6],
+        };
+        // SAFETY: the value is copied out at once.
+        unsafe { LB_REVNAT.get(&key) }.copied()
+    });
+    if let Some(service) = service
         && F::set_addr(sa, service.addr).is_ok()
     {
         sock::set_port(sa, service.port);

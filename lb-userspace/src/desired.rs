@@ -199,70 +199,103 @@ fn backends_for(
         .collect()
 }
 
+/// The frontends one Service asks for, before conflicts and capacity are considered.
+/// Empty for Services lb does not load balance (headless, ExternalName).
+pub fn service_frontends(
+    key: &ObjectKey,
+    service: &Service,
+    slices: &[Arc<EndpointSlice>],
+    node: &Node,
+) -> Vec<(FrontendKey, DesiredFrontend)> {
+    if !service.is_load_balanced() {
+        return Vec::new();
+    }
+    let mut frontends = Vec::with_capacity(service.cluster_ips.len() * service.ports.len());
+    for ip in &service.cluster_ips {
+        for sp in &service.ports {
+            frontends.push((
+                frontend_key(ip, sp.port, sp.protocol.ip_proto()),
+                DesiredFrontend {
+                    service: key.clone(),
+                    port_name: sp.name.clone(),
+                    affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
+                    backends: backends_for(service, sp, Family::of(ip), slices, node),
+                },
+            ));
+        }
+    }
+    frontends
+}
+
+/// The desired state under construction, with its backend slot count.
+#[derive(Debug, Default)]
+struct Merge {
+    desired: Desired,
+    slots: usize,
+    errors: Vec<DesiredError>,
+}
+
+impl Merge {
+    /// Adds one Service's frontends: a frontend another Service already holds is refused,
+    /// and a Service that would not fit the maps is refused whole.
+    fn add(
+        &mut self,
+        key: &ObjectKey,
+        frontends: Vec<(FrontendKey, DesiredFrontend)>,
+        limits: Limits,
+    ) {
+        let mut kept = Vec::with_capacity(frontends.len());
+        for (fkey, frontend) in frontends {
+            if let Some(owner) = self.desired.frontends.get(&fkey) {
+                self.errors.push(DesiredError {
+                    service: key.clone(),
+                    message: format!(
+                        "{} is already Service {}'s; this port is not programmed",
+                        ShowFrontend(&fkey),
+                        owner.service
+                    ),
+                });
+                continue;
+            }
+            kept.push((fkey, frontend));
+        }
+        let new_slots: usize = kept.iter().map(|(_, f)| f.backends.len()).sum();
+        let full = if self.desired.frontends.len() + kept.len() > limits.frontends {
+            Some(format!(
+                "map {} is full ({} frontends)",
+                lb_common::maps::FRONTENDS,
+                limits.frontends
+            ))
+        } else if self.slots + new_slots > limits.slots {
+            Some(format!(
+                "map {} is full ({} backend slots)",
+                lb_common::maps::SLOTS,
+                limits.slots
+            ))
+        } else {
+            None
+        };
+        if let Some(full) = full {
+            self.errors.push(DesiredError {
+                service: key.clone(),
+                message: format!("not programmed: {full}"),
+            });
+            return;
+        }
+        self.slots += new_slots;
+        self.desired.frontends.extend(kept);
+    }
+}
+
 /// Computes the desired state of a snapshot for `node`. Services are taken in key order, so
 /// conflicts and capacity limits always hit the same Services.
 pub fn build(snapshot: &Snapshot, node: &Node, limits: Limits) -> (Desired, Vec<DesiredError>) {
-    let mut desired = Desired::default();
-    let mut errors = Vec::new();
-    let mut slots = 0usize;
+    let mut merge = Merge::default();
     for (key, service) in &snapshot.services {
-        if !service.is_load_balanced() {
-            continue;
-        }
-        let slices = snapshot.slices_of(key);
-        let mut frontends: Vec<(FrontendKey, DesiredFrontend)> = Vec::new();
-        for ip in &service.cluster_ips {
-            for sp in &service.ports {
-                let fkey = frontend_key(ip, sp.port, sp.protocol.ip_proto());
-                if let Some(owner) = desired.frontends.get(&fkey) {
-                    errors.push(DesiredError {
-                        service: key.clone(),
-                        message: format!(
-                            "{} is already Service {}'s; this port is not programmed",
-                            ShowFrontend(&fkey),
-                            owner.service
-                        ),
-                    });
-                    continue;
-                }
-                frontends.push((
-                    fkey,
-                    DesiredFrontend {
-                        service: key.clone(),
-                        port_name: sp.name.clone(),
-                        affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
-                        backends: backends_for(service, sp, Family::of(ip), slices, node),
-                    },
-                ));
-            }
-        }
-        let new_slots: usize = frontends.iter().map(|(_, f)| f.backends.len()).sum();
-        if desired.frontends.len() + frontends.len() > limits.frontends {
-            errors.push(DesiredError {
-                service: key.clone(),
-                message: format!(
-                    "not programmed: map {} is full ({} frontends)",
-                    lb_common::maps::FRONTENDS,
-                    limits.frontends
-                ),
-            });
-            continue;
-        }
-        if slots + new_slots > limits.slots {
-            errors.push(DesiredError {
-                service: key.clone(),
-                message: format!(
-                    "not programmed: map {} is full ({} backend slots)",
-                    lb_common::maps::SLOTS,
-                    limits.slots
-                ),
-            });
-            continue;
-        }
-        slots += new_slots;
-        desired.frontends.extend(frontends);
+        let frontends = service_frontends(key, service, snapshot.slices_of(key), node);
+        merge.add(key, frontends, limits);
     }
-    (desired, errors)
+    (merge.desired, merge.errors)
 }
 
 #[cfg(test)]

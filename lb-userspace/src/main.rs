@@ -13,6 +13,7 @@ mod run;
 mod source;
 mod sync;
 mod topology;
+mod tracker;
 
 use std::process::ExitCode;
 

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub config_errors: Gauge,
     /// Unix time of the last complete sync.
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Seconds the last read of the manifests took (all files, parsed and validated).
+    pub manifest_load: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -53,6 +55,7 @@ impl Metrics {
         let map_writes = Counter::default();
         let config_errors = Gauge::default();
         let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let manifest_load = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "services",
             "Load-balanced Services programmed in the kernel",
@@ -93,6 +96,11 @@ impl Metrics {
             "Unix time of the last complete sync",
             last_sync.clone(),
         );
+        registry.register(
+            "manifest_load_seconds",
+            "Seconds the last read of the manifests took",
+            manifest_load.clone(),
+        );
         Self {
             registry,
             services,
@@ -103,6 +111,7 @@ impl Metrics {
             map_writes,
             config_errors,
             last_sync,
+            manifest_load,
         }
     }
 

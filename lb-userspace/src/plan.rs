@@ -73,6 +73,17 @@ impl KernelState {
         state
     }
 
+    /// Takes the entries of `fresh` (just read from the maps), keeping the id counter so ids
+    /// stay unused; returns whether the entries differed.
+    pub fn replace_entries(&mut self, fresh: Self) -> bool {
+        let next_id = self.next_id.max(fresh.next_id);
+        let differed = self.frontends != fresh.frontends
+            || self.slots != fresh.slots
+            || self.members != fresh.members;
+        *self = Self { next_id, ..fresh };
+        differed
+    }
+
     pub fn frontends(&self) -> &HashMap<FrontendKey, Frontend> {
         &self.frontends
     }
@@ -186,6 +197,40 @@ impl KernelState {
             }
         }
         batches
+    }
+
+    /// The writes that bring only `keys` to `desired` (the frontends a change touched): the
+    /// same batches [`KernelState::plan`] would make for them, removals first.
+    pub fn plan_frontends<'k>(
+        &mut self,
+        desired: &Desired,
+        keys: impl IntoIterator<Item = &'k FrontendKey>,
+    ) -> Vec<Batch> {
+        let mut removals = Vec::new();
+        let mut updates = Vec::new();
+        for key in keys {
+            match (desired.frontends.get(key), self.frontends.get(key).copied()) {
+                (None, Some(frontend)) => {
+                    let mut ops = vec![Op::DelFrontend(*key)];
+                    self.remove_backends_of(frontend.id, &mut ops);
+                    removals.push(ops);
+                }
+                (Some(want), current) => {
+                    let id = match current {
+                        Some(frontend) => frontend.id,
+                        None => self.allocate_id(),
+                    };
+                    let mut ops = Vec::new();
+                    self.plan_frontend(*key, id, current, want, &mut ops);
+                    if !ops.is_empty() {
+                        updates.push(ops);
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        removals.extend(updates);
+        removals
     }
 
     fn remove_backends_of(&self, id: u32, ops: &mut Vec<Op>) {
@@ -537,6 +582,29 @@ mod tests {
             let now = state.slots(1).find(|(_, x)| **x == b).map(|(s, _)| s);
             assert_eq!(now, Some(before[&b]), "{b:?} moved");
         }
+    }
+
+    #[test]
+    fn planning_only_dirty_frontends_matches_a_full_plan() {
+        let mut full = KernelState::from_entries([], [], []);
+        let mut partial = KernelState::from_entries([], [], []);
+        let before = desired(&[(1, &[1, 2], 0), (2, &[3], 0), (3, &[4, 5], 0)]);
+        sync(&mut full, &before);
+        sync(&mut partial, &before);
+        let after = desired(&[(1, &[1, 2], 0), (2, &[3, 6], 0), (4, &[7], 0)]);
+        let dirty = [fkey(2), fkey(3), fkey(4)];
+        let ops: Vec<Op> = partial
+            .plan_frontends(&after, &dirty)
+            .into_iter()
+            .flatten()
+            .collect();
+        for op in &ops {
+            partial.apply(op);
+            assert_consistent(&partial);
+        }
+        sync(&mut full, &after);
+        assert_eq!(partial, full);
+        assert!(partial.plan(&after).is_empty());
     }
 
     #[test]

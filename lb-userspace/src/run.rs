@@ -118,7 +118,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (updates_tx, updates) = mpsc::channel();
     let mut manifests = Manifests::new(args.manifests.clone());
     let mut known = BTreeSet::new();
-    let (snapshot, source_errors) = watch::initial_load(&mut manifests, &mut known);
+    let (snapshot, source_errors) =
+        watch::initial_load(&mut manifests, &mut known, &metrics.manifest_load);
     let snapshot = Arc::new(snapshot);
     updates_tx
         .send(Update::Snapshot {
@@ -126,8 +127,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             source_errors,
         })
         .context("starting the syncer")?;
-    watch::spawn(manifests, snapshot, known, updates_tx.clone())
-        .context("starting the manifest watcher")?;
+    watch::spawn(
+        manifests,
+        snapshot,
+        known,
+        updates_tx.clone(),
+        metrics.manifest_load.clone(),
+    )
+    .context("starting the manifest watcher")?;
     let syncer = Syncer::new(
         maps,
         state,

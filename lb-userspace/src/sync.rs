@@ -1,10 +1,10 @@
 //! The sync loop: the one place that writes the agent's maps.
 //!
-//! Sources send complete snapshots; the loop keeps the newest, turns it into the desired
-//! state, plans the writes against its mirror of the maps and applies them, as kube-proxy's
-//! `syncProxyRules` does a pass per change: gated on the first snapshot, a retry with backoff
-//! when writes fail, a periodic resync that re-reads the maps to repair drift, and the
-//! elapsed time in metrics.
+//! Sources send complete snapshots; the loop keeps the newest, brings the desired state up to
+//! it (recomputing only the Services that changed), plans the writes for the frontends that
+//! changed against its mirror of the maps, and applies them, as kube-proxy's `syncProxyRules`
+//! does a pass per change: gated on the first snapshot, a retry with backoff when writes fail,
+//! a periodic resync that re-reads the maps to repair drift, and the elapsed time in metrics.
 
 use std::{
     collections::BTreeSet,
@@ -13,12 +13,13 @@ use std::{
 };
 
 use crate::{
-    desired::{self, Limits},
+    desired::Limits,
     health::Health,
     kernel::maps::Maps,
     metrics::{Metrics, SyncLabels},
     model::{Node, Snapshot},
     plan::KernelState,
+    tracker::{Change, Tracker},
 };
 
 /// What sources tell the syncer.
@@ -40,13 +41,21 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 pub struct Syncer {
     maps: Maps,
     state: KernelState,
-    node: Node,
-    limits: Limits,
+    tracker: Tracker,
+    /// Plan every frontend next time, not only the changed ones: after a failed write
+    /// (what failed is not a change of the inputs) and after re-reading the maps.
+    plan_all: bool,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     resync_period: Duration,
     /// Desired-state problems last logged, so each is logged once.
     known_problems: BTreeSet<String>,
+}
+
+/// How one pass went.
+struct Pass {
+    writes: u64,
+    failed_frontends: usize,
 }
 
 impl Syncer {
@@ -61,8 +70,8 @@ impl Syncer {
         Self {
             maps,
             state,
-            node,
-            limits: Limits::default(),
+            tracker: Tracker::new(node, Limits::default()),
+            plan_all: true,
             health,
             metrics,
             resync_period,
@@ -77,7 +86,6 @@ impl Syncer {
         let mut next_resync = Instant::now() + self.resync_period;
         loop {
             let wake = retry.map_or(next_resync, |(at, _)| at.min(next_resync));
-            let mut resync = false;
             match updates.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(Update::Snapshot {
                     snapshot,
@@ -91,7 +99,9 @@ impl Syncer {
                             Ok(Update::Snapshot {
                                 snapshot,
                                 source_errors,
-                            }) => latest = Some((snapshot, source_errors)),
+                            }) => {
+                                latest = Some((snapshot, source_errors));
+                            }
                             Ok(Update::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return,
                             Err(mpsc::TryRecvError::Empty) => break,
                         }
@@ -100,32 +110,17 @@ impl Syncer {
                 Ok(Update::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let due_retry = retry.is_some_and(|(at, _)| at <= Instant::now());
-                    resync = !due_retry && next_resync <= Instant::now();
-                    if !due_retry && !resync {
+                    if !due_retry && next_resync <= Instant::now() {
+                        next_resync = Instant::now() + self.resync_period;
+                        self.reread_maps();
+                    } else if !due_retry {
                         continue;
                     }
                 }
             }
             let Some((snapshot, source_errors)) = latest.clone() else {
-                next_resync = Instant::now() + self.resync_period;
                 continue; // nothing to sync before the first snapshot
             };
-            if resync {
-                next_resync = Instant::now() + self.resync_period;
-                match self.maps.read_state() {
-                    Ok(state) => {
-                        if state != self.state {
-                            tracing::warn!(
-                                "the maps differ from what lb wrote (changed by someone else?); repairing"
-                            );
-                        }
-                        self.state = state;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %anyhow::Error::from(e), "resync: reading the maps failed")
-                    }
-                }
-            }
             if self.sync(&snapshot, source_errors) {
                 retry = None;
             } else {
@@ -136,45 +131,93 @@ impl Syncer {
         }
     }
 
+    /// Replaces the mirror with what the maps hold (someone else may have changed them).
+    fn reread_maps(&mut self) {
+        match self.maps.read_state() {
+            Ok(state) => {
+                if self.state.replace_entries(state) {
+                    tracing::warn!(
+                        "the maps differ from what lb wrote (changed by someone else?); repairing"
+                    );
+                }
+                self.plan_all = true;
+            }
+            Err(e) => {
+                tracing::error!(error = %anyhow::Error::from(e), "resync: reading the maps failed")
+            }
+        }
+    }
+
     /// One pass: desired state, plan, writes. Returns whether every write succeeded.
     pub fn sync(&mut self, snapshot: &Snapshot, source_errors: usize) -> bool {
         let started = Instant::now();
-        let (desired, problems) = desired::build(snapshot, &self.node, self.limits);
-        self.log_problems(&problems);
-        let batches = self.state.plan(&desired);
-        let mut writes = 0u64;
-        let mut failures = 0usize;
-        for batch in &batches {
+        let change = self.tracker.update(snapshot);
+        self.log_problems();
+        let computed = started.elapsed();
+        let batches = match change {
+            Change::Frontends(keys) if !self.plan_all => {
+                self.state.plan_frontends(self.tracker.desired(), &keys)
+            }
+            Change::Frontends(_) | Change::Full => self.state.plan(self.tracker.desired()),
+        };
+        let planned = started.elapsed();
+        let pass = self.apply(&batches);
+        let elapsed = started.elapsed();
+        self.plan_all = pass.failed_frontends > 0;
+        self.report(&pass, elapsed, source_errors);
+        if pass.writes > 0 || pass.failed_frontends > 0 {
+            tracing::info!(
+                services = self.tracker.services(),
+                frontends = self.state.frontends().len(),
+                backends = self.state.slot_count(),
+                writes = pass.writes,
+                failed_frontends = pass.failed_frontends,
+                desired_ms = computed.as_secs_f64() * 1e3,
+                plan_ms = (planned - computed).as_secs_f64() * 1e3,
+                write_ms = (elapsed - planned).as_secs_f64() * 1e3,
+                "synced"
+            );
+        }
+        pass.failed_frontends == 0
+    }
+
+    /// Applies the batches in order; a failed write abandons the rest of its batch only.
+    fn apply(&mut self, batches: &[crate::plan::Batch]) -> Pass {
+        let mut pass = Pass {
+            writes: 0,
+            failed_frontends: 0,
+        };
+        for batch in batches {
             for op in batch {
                 match self.maps.apply(op) {
                     Ok(()) => {
                         self.state.apply(op);
-                        writes += 1;
+                        pass.writes += 1;
                     }
                     Err(e) => {
                         // The rest of this frontend's batch would break its ordering; the next
                         // pass plans it again from what did get written.
                         tracing::error!(error = %anyhow::Error::from(e), "map write failed");
-                        failures += 1;
+                        pass.failed_frontends += 1;
                         break;
                     }
                 }
             }
         }
-        let elapsed = started.elapsed();
-        let services: BTreeSet<_> = desired.frontends.values().map(|f| &f.service).collect();
+        pass
+    }
+
+    fn report(&self, pass: &Pass, elapsed: Duration, source_errors: usize) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         let m = &self.metrics;
-        m.services
-            .set(i64::try_from(services.len()).unwrap_or(i64::MAX));
-        m.frontends
-            .set(i64::try_from(self.state.frontends().len()).unwrap_or(i64::MAX));
-        m.backends
-            .set(i64::try_from(self.state.slot_count()).unwrap_or(i64::MAX));
-        m.map_writes.inc_by(writes);
+        m.services.set(gauge(self.tracker.services()));
+        m.frontends.set(gauge(self.state.frontends().len()));
+        m.backends.set(gauge(self.state.slot_count()));
+        m.map_writes.inc_by(pass.writes);
         m.sync_duration.observe(elapsed.as_secs_f64());
         m.config_errors
-            .set(i64::try_from(source_errors + problems.len()).unwrap_or(i64::MAX));
-        let ok = failures == 0;
+            .set(gauge(source_errors + self.tracker.problems().len()));
+        let ok = pass.failed_frontends == 0;
         m.syncs
             .get_or_create(&SyncLabels {
                 result: if ok { "ok" } else { "error" },
@@ -187,22 +230,15 @@ impl Syncer {
                 .unwrap_or_default();
             m.last_sync.set(now.as_secs_f64());
         }
-        if writes > 0 || failures > 0 {
-            tracing::info!(
-                services = services.len(),
-                frontends = self.state.frontends().len(),
-                backends = self.state.slot_count(),
-                writes,
-                failed_frontends = failures,
-                elapsed_ms = elapsed.as_secs_f64() * 1e3,
-                "synced"
-            );
-        }
-        ok
     }
 
-    fn log_problems(&mut self, problems: &[desired::DesiredError]) {
-        let now: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+    fn log_problems(&mut self) {
+        let now: BTreeSet<String> = self
+            .tracker
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         for p in now.difference(&self.known_problems) {
             tracing::error!("{p}");
         }

@@ -31,6 +31,83 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// The part of [`unique`] names that identifies this process.
+fn process_tag() -> String {
+    format!("{}x", std::process::id() % 100_000)
+}
+
+/// Makes `cmd`'s process die with this one (`PR_SET_PDEATHSIG`), so an interrupted test or
+/// benchmark leaves no agent or server running.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+/// Removes what this process created (network namespaces, cgroups, lb pins) by name, for an
+/// interrupted run whose guards cannot run. Everything matched carries this process's tag.
+pub fn remove_leftovers() {
+    let tag = process_tag();
+    let ours = |name: &str| {
+        name.trim_start_matches(|c: char| c.is_ascii_lowercase())
+            .starts_with(&tag)
+    };
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if ours(&name) {
+                drop(Netns { name });
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.flatten() {
+            if ours(&entry.file_name().to_string_lossy()) {
+                let _cleaned = Command::new(lb_bin())
+                    .arg("cleanup")
+                    .arg("--pin-path")
+                    .arg(entry.path())
+                    .output();
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(cgroup2_root()) {
+        for entry in entries.flatten() {
+            if entry.path().is_dir() && ours(&entry.file_name().to_string_lossy()) {
+                drop(Cgroup { path: entry.path() });
+            }
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: [`remove_leftovers`], then exit 130. Call it before any
+/// other thread starts, so they all inherit the blocked signals.
+pub fn cleanup_on_signal() {
+    // SAFETY: plain signal-mask calls on a local, initialised set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&raw mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waits on the set blocked above.
+        unsafe { libc::sigwait(&raw const set, &raw mut sig) };
+        eprintln!("interrupted (signal {sig}): removing namespaces, cgroups and pins");
+        remove_leftovers();
+        std::process::exit(130);
+    });
+}
+
 /// Runs a command and panics with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -307,7 +384,8 @@ impl Default for Node {
 /// Starts `lb-testpod serve` in `netns` and waits until it listens.
 fn serve(netns: &Netns, name: &str, tcp: &[u16], udp: &[u16]) -> Proc {
     let mut cmd = Command::new(testpod_bin());
-    cmd.arg("--netns")
+    die_with_parent(&mut cmd)
+        .arg("--netns")
         .arg(netns.path())
         .args(["serve", "--name", name]);
     for p in tcp {
@@ -419,11 +497,17 @@ pub struct Agent {
     pub metrics: SocketAddr,
     pub log: PathBuf,
     child: Option<Child>,
+    startup_timeout: Duration,
 }
 
 impl Agent {
-    /// Starts lb on `manifests` for `cgroup` and waits for a healthy first sync.
+    /// Starts lb on `manifests` for `cgroup` and waits (up to 20 s) for a healthy first sync.
     pub fn start(cgroup: &Path, manifests: &Path) -> Self {
+        Self::start_within(cgroup, manifests, Duration::from_secs(20))
+    }
+
+    /// [`Agent::start`], waiting up to `within` (large benchmark sets load for a while).
+    pub fn start_within(cgroup: &Path, manifests: &Path, within: Duration) -> Self {
         let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
         let mut agent = Self {
             pin_path,
@@ -433,9 +517,15 @@ impl Agent {
             metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
             log: std::env::temp_dir().join(format!("{}.log", unique("lb-agent"))),
             child: None,
+            startup_timeout: within,
         };
         agent.restart();
         agent
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts the agent process (again), with the same pins, and waits until healthy.
@@ -446,7 +536,7 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("open agent log");
-        let child = Command::new(lb_bin())
+        let child = die_with_parent(&mut Command::new(lb_bin()))
             .arg("run")
             .arg("--manifests")
             .arg(&self.manifests)
@@ -474,7 +564,7 @@ impl Agent {
     }
 
     fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + self.startup_timeout;
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
@@ -489,7 +579,8 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "lb run not healthy after 20 s:\n{}",
+                "lb run not healthy after {:?}:\n{}",
+                self.startup_timeout,
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));

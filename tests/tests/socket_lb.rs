@@ -77,7 +77,11 @@ fn start(pods: u8, manifests: impl FnOnce(&[String]) -> Vec<(&'static str, Strin
         dir.write(name, &text);
     }
     let agent = Agent::start(&node.cgroup.path, &dir.0);
-    Fixture { agent, _dir: dir, node }
+    Fixture {
+        agent,
+        _dir: dir,
+        node,
+    }
 }
 
 fn ip4s(node: &Node) -> Vec<String> {

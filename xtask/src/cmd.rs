@@ -94,3 +94,52 @@ pub fn lb_bin() -> PathBuf {
 pub fn testpod_bin() -> PathBuf {
     root().join("target/release/lb-testpod")
 }
+
+/// Runs `cmd` without echoing it, failing with its stderr if it fails.
+pub fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    output(cmd).map(drop)
+}
+
+/// Runs `cmd` with `input` on stdin; returns its run time, or `None` if it was still running
+/// after `budget` (it is killed then). Fails if it fails.
+pub fn timed_with_input(
+    cmd: &mut Command,
+    input: &str,
+    budget: std::time::Duration,
+) -> anyhow::Result<Option<std::time::Duration>> {
+    use std::{io::Write as _, process::Stdio, time::Instant};
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let elapsed = started.elapsed();
+            let _written = writer.join();
+            if !status.success() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _read = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                bail!(
+                    "{} failed: {status}: {}",
+                    describe(cmd),
+                    err.lines().take(5).collect::<Vec<_>>().join("\n")
+                );
+            }
+            return Ok(Some(elapsed));
+        }
+        if started.elapsed() > budget {
+            let _killed = child.kill();
+            let _reaped = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

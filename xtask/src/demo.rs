@@ -44,6 +44,7 @@ pub fn run() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads BPF programs: run as root");
     }
+    lb_tests::cleanup_on_signal();
     setup::run()?;
     cmd::build_release()?;
     // SAFETY: called before any other thread exists; the harness reads it.

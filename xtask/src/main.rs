@@ -1,5 +1,14 @@
 //! `cargo xtask`: everything a fresh machine needs to build, test, demo and benchmark lb.
 
+/// `writeln!` into a `String`, which cannot fail.
+macro_rules! push_line {
+    ($dst:expr, $($arg:tt)*) => {{
+        $dst.push_str(&format!($($arg)*));
+        $dst.push('\n');
+    }};
+}
+
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -28,6 +37,28 @@ enum Task {
     },
     /// Set up, build, and show lb on the seed's Services with network-namespace "pods".
     Demo,
+    /// Measure lb against direct pod access and kube-proxy-style iptables/nftables rules;
+    /// writes bench/results/<name>.{json,md} and PNG plots.
+    Bench {
+        /// A smoke run (under 3 minutes): fewer Services, fewer transactions.
+        #[arg(long)]
+        quick: bool,
+        /// Name of the result files [default: the UTC start time].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Write the bench's Service set as lb manifests (for profiling lb by hand).
+    GenServices {
+        /// How many Services.
+        #[arg(long)]
+        services: usize,
+        /// Endpoints per Service (10.201.0.10 onwards).
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        /// Directory to write into.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +70,11 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Demo => demo::run(),
+        Task::Bench { quick, name } => bench::run(quick, name),
+        Task::GenServices {
+            services,
+            endpoints,
+            out,
+        } => bench::generate(services, endpoints, &out),
     }
 }

@@ -26,6 +26,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
 ];
 
+/// Debian packages that provide a file rather than a command.
+const FILES: &[(&str, &str)] = &[(
+    "fonts-dejavu-core",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+)];
+
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
@@ -111,11 +117,17 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(_, tool)| !have_system(tool))
         .map(|(pkg, _)| *pkg)
         .collect();
+    missing.extend(
+        FILES
+            .iter()
+            .filter(|(_, file)| !Path::new(file).is_file())
+            .map(|(pkg, _)| *pkg),
+    );
     if missing.is_empty() {
         return Ok(());
     }

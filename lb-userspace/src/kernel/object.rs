@@ -68,6 +68,7 @@ fn map_type(kind: MapKind) -> MapType {
         MapKind::LruHash => MapType::LruHash,
         MapKind::Array => MapType::Array,
         MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::SkStorage => MapType::SkStorage,
     }
 }
 

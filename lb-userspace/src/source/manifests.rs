@@ -76,18 +76,49 @@ enum Object {
 /// The objects of one file, by identity.
 type FileObjects = BTreeMap<(Kind, ObjectKey), Object>;
 
-/// The manifest source: the configured paths and the last good objects of every file.
+/// What identifies a version of a file without reading it: a rewrite in place changes the
+/// times or size, an editor's or ConfigMap's replace-by-rename changes the inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+fn stamp(file: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = fs::metadata(file).ok()?;
+    Some(Stamp {
+        inode: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+/// A file as last read: its stamp, its (last good) objects and what was wrong in it.
+#[derive(Clone, Debug)]
+struct Cached {
+    stamp: Option<Stamp>,
+    objects: FileObjects,
+    errors: Vec<ManifestError>,
+}
+
+/// The manifest source: the configured paths and, per file, the last good objects. A file
+/// whose stamp did not change is not read again, so its objects keep their identity (the
+/// syncer then knows they did not change without comparing them).
 #[derive(Debug, Default)]
 pub struct Manifests {
     paths: Vec<PathBuf>,
-    last_good: BTreeMap<PathBuf, FileObjects>,
+    files: BTreeMap<PathBuf, Cached>,
 }
 
 impl Manifests {
     pub fn new(paths: Vec<PathBuf>) -> Self {
         Self {
             paths,
-            last_good: BTreeMap::new(),
+            files: BTreeMap::new(),
         }
     }
 
@@ -95,10 +126,10 @@ impl Manifests {
         &self.paths
     }
 
-    /// Reads every file again and returns the resulting snapshot and what was wrong.
+    /// Reads every changed file again and returns the resulting snapshot and what is wrong.
     pub fn load(&mut self) -> (Snapshot, Vec<ManifestError>) {
         let mut errors = Vec::new();
-        let mut files: BTreeMap<PathBuf, FileObjects> = BTreeMap::new();
+        let mut files: BTreeMap<PathBuf, Cached> = BTreeMap::new();
         let mut order: Vec<PathBuf> = Vec::new();
         for path in &self.paths {
             match list_files(path) {
@@ -106,10 +137,10 @@ impl Manifests {
                 Err(e) => {
                     errors.push(e);
                     // The directory may be back next time; keep what it held meanwhile.
-                    for (file, objects) in &self.last_good {
+                    for (file, cached) in &self.files {
                         if file.starts_with(path) && !order.contains(file) {
                             order.push(file.clone());
-                            files.insert(file.clone(), objects.clone());
+                            files.insert(file.clone(), cached.clone());
                         }
                     }
                 }
@@ -119,18 +150,34 @@ impl Manifests {
             if files.contains_key(file) {
                 continue;
             }
-            let previous = self.last_good.get(file);
-            let objects = match fs::read_to_string(file) {
-                Ok(text) => parse_file(file, &text, previous, &mut errors),
-                Err(e) => {
-                    errors.push(file_error(file, format!("cannot read: {e}")));
-                    previous.cloned().unwrap_or_default()
+            let previous = self.files.remove(file);
+            let now = stamp(file);
+            let cached = match previous {
+                Some(cached) if now.is_some() && cached.stamp == now => cached,
+                previous => {
+                    let previous = previous.map(|c| c.objects);
+                    let mut file_errors = Vec::new();
+                    let objects = match fs::read_to_string(file) {
+                        Ok(text) => parse_file(file, &text, previous.as_ref(), &mut file_errors),
+                        Err(e) => {
+                            file_errors.push(file_error(file, format!("cannot read: {e}")));
+                            previous.unwrap_or_default()
+                        }
+                    };
+                    Cached {
+                        stamp: now,
+                        objects,
+                        errors: file_errors,
+                    }
                 }
             };
-            files.insert(file.clone(), objects);
+            errors.extend(cached.errors.iter().cloned());
+            files.insert(file.clone(), cached);
         }
-        let snapshot = assemble(&order, &files, &mut errors);
-        self.last_good = files;
+        let objects: BTreeMap<&PathBuf, &FileObjects> =
+            files.iter().map(|(f, c)| (f, &c.objects)).collect();
+        let snapshot = assemble(&order, &objects, &mut errors);
+        self.files = files;
         (snapshot, errors)
     }
 }
@@ -206,74 +253,214 @@ impl Location<'_> {
     }
 }
 
-/// Parses one file. On a YAML syntax error the file's previous objects stay (a half-written
-/// file must not remove Services); an invalid object keeps its previous version.
+fn syntax_error(file: &Path, document: usize, message: String) -> ManifestError {
+    ManifestError {
+        file: file.to_owned(),
+        document: Some(document),
+        object: None,
+        field: None,
+        message,
+    }
+}
+
+/// The YAML documents of a file.
+fn yaml_documents(file: &Path, text: &str) -> Result<Vec<Value>, ManifestError> {
+    serde_yaml::Deserializer::from_str(text)
+        .enumerate()
+        .map(|(i, doc)| {
+            <Value as serde::Deserialize>::deserialize(doc)
+                .map_err(|e| syntax_error(file, i + 1, format!("invalid YAML: {e}")))
+        })
+        .collect()
+}
+
+/// The JSON values of a file (one, or several one after the other), kept as text.
+fn json_documents<'t>(
+    file: &Path,
+    text: &'t str,
+) -> Result<Vec<&'t serde_json::value::RawValue>, ManifestError> {
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<&serde_json::value::RawValue>()
+        .enumerate()
+        .map(|(i, v)| v.map_err(|e| syntax_error(file, i + 1, format!("invalid JSON: {e}"))))
+        .collect()
+}
+
+/// Parses one file: `.json` files as JSON, everything else as multi-document YAML. On a
+/// syntax error the file's previous objects stay (a half-written file must not remove
+/// Services); an invalid object keeps its previous version.
 fn parse_file(
     file: &Path,
     text: &str,
     previous: Option<&FileObjects>,
     errors: &mut Vec<ManifestError>,
 ) -> FileObjects {
-    let mut documents = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        match <Value as serde::Deserialize>::deserialize(doc) {
-            Ok(value) => documents.push(value),
-            Err(e) => {
-                errors.push(ManifestError {
-                    file: file.to_owned(),
-                    document: Some(i + 1),
-                    object: None,
-                    field: None,
-                    message: format!("invalid YAML: {e}"),
-                });
-                return previous.cloned().unwrap_or_default();
-            }
+    fn each<D: Document>(
+        file: &Path,
+        documents: Vec<D>,
+        previous: Option<&FileObjects>,
+        errors: &mut Vec<ManifestError>,
+    ) -> FileObjects {
+        let mut objects = FileObjects::new();
+        for (i, doc) in documents.into_iter().enumerate() {
+            let at = Location {
+                file,
+                document: i + 1,
+                prefix: String::new(),
+            };
+            parse_value(&at, doc, previous, &mut objects, errors);
+        }
+        objects
+    }
+    let parsed = if file.extension().is_some_and(|e| e == "json") {
+        json_documents(file, text).map(|docs| each(file, docs, previous, errors))
+    } else {
+        yaml_documents(file, text).map(|docs| each(file, docs, previous, errors))
+    };
+    parsed.unwrap_or_else(|e| {
+        errors.push(e);
+        previous.cloned().unwrap_or_default()
+    })
+}
+
+/// What the dispatch needs to know of a document before deserializing it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Head {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: HeadMeta,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct HeadMeta {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+}
+
+/// One document or List item, however it was parsed: YAML as a generic value, JSON as raw
+/// text that typed objects are deserialized from directly (several times faster than building
+/// a value tree first, which matters for big generated Lists).
+trait Document: Sized {
+    /// `None`: an empty document. `Err`: not an object.
+    fn head(&self) -> Result<Option<Head>, ()>;
+    /// Deserializes a typed object, naming the field that does not fit.
+    fn typed<T: DeserializeOwned>(self) -> Result<T, FieldError>;
+    /// The `items` of a `v1 List`.
+    fn items(self) -> Option<Vec<Self>>;
+}
+
+fn field_error(path: &serde_path_to_error::Path, message: String) -> FieldError {
+    let path = path.to_string();
+    FieldError {
+        field: if path == "." { String::new() } else { path },
+        message,
+    }
+}
+
+impl Document for Value {
+    fn head(&self) -> Result<Option<Head>, ()> {
+        if self.is_null() {
+            return Ok(None);
+        }
+        if !self.is_mapping() {
+            return Err(());
+        }
+        let text = |path: &[&str]| {
+            path.iter()
+                .try_fold(self, |v, key| v.get(*key))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Ok(Some(Head {
+            api_version: text(&["apiVersion"]),
+            kind: text(&["kind"]),
+            metadata: HeadMeta {
+                name: text(&["metadata", "name"]),
+                namespace: text(&["metadata", "namespace"]),
+            },
+        }))
+    }
+
+    fn typed<T: DeserializeOwned>(self) -> Result<T, FieldError> {
+        serde_path_to_error::deserialize(self).map_err(|e| {
+            let message = e.inner().to_string();
+            field_error(e.path(), message)
+        })
+    }
+
+    fn items(mut self) -> Option<Vec<Self>> {
+        match self.get_mut("items").map(std::mem::take) {
+            Some(Value::Sequence(items)) => Some(items),
+            _ => None,
         }
     }
-    let mut objects = FileObjects::new();
-    for (i, value) in documents.into_iter().enumerate() {
-        let at = Location {
-            file,
-            document: i + 1,
-            prefix: String::new(),
-        };
-        parse_value(&at, value, previous, &mut objects, errors);
+}
+
+impl Document for &serde_json::value::RawValue {
+    fn head(&self) -> Result<Option<Head>, ()> {
+        let text = self.get().trim_start();
+        if text.starts_with("null") {
+            return Ok(None);
+        }
+        if !text.starts_with('{') {
+            return Err(());
+        }
+        // Fields of the wrong type leave the head empty; the typed pass names them.
+        Ok(Some(serde_json::from_str(self.get()).unwrap_or_default()))
     }
-    objects
+
+    fn typed<T: DeserializeOwned>(self) -> Result<T, FieldError> {
+        let mut de = serde_json::Deserializer::from_str(self.get());
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let message = e.inner().to_string();
+            field_error(e.path(), message)
+        })
+    }
+
+    fn items(self) -> Option<Vec<Self>> {
+        #[derive(serde::Deserialize)]
+        struct List<'a> {
+            #[serde(borrow)]
+            items: Vec<&'a serde_json::value::RawValue>,
+        }
+        serde_json::from_str::<List<'_>>(self.get())
+            .ok()
+            .map(|l| l.items)
+    }
 }
 
-fn str_at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v str> {
-    path.iter()
-        .try_fold(value, |v, key| v.get(*key))
-        .and_then(Value::as_str)
-}
-
-fn parse_value(
+fn parse_value<D: Document>(
     at: &Location<'_>,
-    value: Value,
+    doc: D,
     previous: Option<&FileObjects>,
     objects: &mut FileObjects,
     errors: &mut Vec<ManifestError>,
 ) {
-    if value.is_null() {
-        return; // an empty document, e.g. after a trailing `---`
-    }
-    if !value.is_mapping() {
-        errors.push(at.error(
-            None,
-            None,
-            "not an object (expected apiVersion, kind, metadata, ...)".into(),
-        ));
-        return;
-    }
-    let api_version = str_at(&value, &["apiVersion"]).unwrap_or_default();
-    let kind_name = str_at(&value, &["kind"]).unwrap_or_default();
-    let kind = match (api_version, kind_name) {
+    let head = match doc.head() {
+        Ok(Some(head)) => head,
+        Ok(None) => return, // an empty document, e.g. after a trailing `---`
+        Err(()) => {
+            errors.push(at.error(
+                None,
+                None,
+                "not an object (expected apiVersion, kind, metadata, ...)".into(),
+            ));
+            return;
+        }
+    };
+    let kind = match (head.api_version.as_str(), head.kind.as_str()) {
         ("v1", "Service") => Kind::Service,
         ("v1", "Endpoints") => Kind::Endpoints,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         ("v1", "List") => {
-            parse_list(at, value, previous, objects, errors);
+            parse_list(at, doc, previous, objects, errors);
             return;
         }
         ("", _) | (_, "") => {
@@ -292,8 +479,8 @@ fn parse_value(
             return;
         }
     };
-    let name = str_at(&value, &["metadata", "name"]).unwrap_or_default();
-    let namespace = str_at(&value, &["metadata", "namespace"])
+    let name = head.metadata.name.as_str();
+    let namespace = Some(head.metadata.namespace.as_str())
         .filter(|n| !n.is_empty())
         .unwrap_or("default");
     let identity = ObjectKey::new(namespace, name);
@@ -303,20 +490,25 @@ fn parse_value(
         format!("{kind} {identity}")
     };
     let converted = match kind {
-        Kind::Service => {
-            typed(value).and_then(|s| convert::service(&s).map(|s| Object::Service(Arc::new(s))))
-        }
-        Kind::Endpoints => typed(value).and_then(|e| {
+        Kind::Service => doc
+            .typed()
+            .and_then(|s| convert::service(&s).map(|s| Object::Service(Arc::new(s)))),
+        Kind::Endpoints => doc.typed().and_then(|e| {
             convert::endpoints(&e)
                 .map(|slices| Object::Endpoints(slices.into_iter().map(Arc::new).collect()))
         }),
-        Kind::EndpointSlice => typed(value).and_then(|e| {
+        Kind::EndpointSlice => doc.typed().and_then(|e| {
             convert::endpoint_slice(&e).map(|slice| Object::Slice(slice.map(Arc::new)))
         }),
     };
     let key = (kind, identity);
     match converted {
         Ok(object) => {
+            // An unchanged object keeps its identity, so the syncer skips it without a look.
+            let object = match previous.and_then(|p| p.get(&key)) {
+                Some(prev) if *prev == object => prev.clone(),
+                _ => object,
+            };
             if objects.insert(key, object).is_some() {
                 errors.push(at.error(
                     Some(object_name),
@@ -341,14 +533,14 @@ fn parse_value(
     }
 }
 
-fn parse_list(
+fn parse_list<D: Document>(
     at: &Location<'_>,
-    value: Value,
+    doc: D,
     previous: Option<&FileObjects>,
     objects: &mut FileObjects,
     errors: &mut Vec<ManifestError>,
 ) {
-    let Some(items) = value.get("items").and_then(Value::as_sequence) else {
+    let Some(items) = doc.items() else {
         errors.push(at.error(
             Some("List".into()),
             Some("items".into()),
@@ -356,25 +548,14 @@ fn parse_list(
         ));
         return;
     };
-    for (i, item) in items.iter().enumerate() {
+    for (i, item) in items.into_iter().enumerate() {
         let item_at = Location {
             file: at.file,
             document: at.document,
             prefix: format!("{}items[{i}].", at.prefix),
         };
-        parse_value(&item_at, item.clone(), previous, objects, errors);
+        parse_value(&item_at, item, previous, objects, errors);
     }
-}
-
-/// Deserializes a typed object, naming the field that does not fit.
-fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        FieldError {
-            field: if path == "." { String::new() } else { path },
-            message: e.into_inner().to_string(),
-        }
-    })
 }
 
 /// Merges the files' objects into one snapshot: a Service or EndpointSlice defined in two
@@ -382,7 +563,7 @@ fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
 /// EndpointSlices, as the mirroring controller would not mirror them otherwise.
 fn assemble(
     order: &[PathBuf],
-    files: &BTreeMap<PathBuf, FileObjects>,
+    files: &BTreeMap<&PathBuf, &FileObjects>,
     errors: &mut Vec<ManifestError>,
 ) -> Snapshot {
     let mut snapshot = Snapshot::default();
@@ -392,7 +573,7 @@ fn assemble(
         let Some(objects) = files.get(file) else {
             continue;
         };
-        for (key, object) in objects {
+        for (key, object) in *objects {
             if let Some(first) = origin.get(key) {
                 if *first != file.as_path() {
                     errors.push(ManifestError {
@@ -633,6 +814,59 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
         let (snap, errors) = Manifests::new(vec![dir.0.clone()]).load();
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snap.services.len(), 1);
+    }
+
+    #[test]
+    fn unchanged_files_keep_their_objects() {
+        let dir = Dir::new("cache");
+        dir.write("a.yaml", WEB);
+        dir.write(
+            "b.yaml",
+            &WEB.replace("web", "api").replace("10.96.0.1", "10.96.0.2"),
+        );
+        let mut manifests = Manifests::new(vec![dir.0.clone()]);
+        let (first, _) = manifests.load();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        dir.write(
+            "b.yaml",
+            &WEB.replace("web", "api").replace("10.96.0.1", "10.96.0.3"),
+        );
+        let (second, _) = manifests.load();
+        let web = ObjectKey::new("default", "web");
+        let api = ObjectKey::new("default", "api");
+        assert!(
+            Arc::ptr_eq(&first.services[&web], &second.services[&web]),
+            "a.yaml was read again"
+        );
+        assert!(!Arc::ptr_eq(&first.services[&api], &second.services[&api]));
+        assert_ne!(first.services[&api], second.services[&api]);
+    }
+
+    #[test]
+    fn json_files_and_json_errors() {
+        let dir = Dir::new("json");
+        dir.write(
+            "list.json",
+            r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "j"},
+             "spec": {"clusterIP": "10.96.0.7", "ports": [{"port": 80}]}}]}"#,
+        );
+        dir.write("bad.json", r#"{"apiVersion": "v1", "kind": "Service", "#);
+        dir.write(
+            "typo.json",
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "t"},
+            "spec": {"clusterIP": "10.96.0.8", "ports": [{"port": "eighty"}]}}"#,
+        );
+        let (snap, errors) = Manifests::new(vec![dir.0.clone()]).load();
+        assert!(snap.services.contains_key(&ObjectKey::new("default", "j")));
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].message.starts_with("invalid JSON"), "{errors:?}");
+        assert_eq!(errors[1].object.as_deref(), Some("Service default/t"));
+        assert_eq!(
+            errors[1].field.as_deref(),
+            Some("spec.ports[0].port"),
+            "{errors:?}"
+        );
     }
 
     #[test]

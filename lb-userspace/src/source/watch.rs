@@ -66,8 +66,26 @@ fn report(errors: &[super::manifests::ManifestError], known: &mut BTreeSet<Strin
 }
 
 /// Loads the manifests once (logging problems) and returns the snapshot and error count.
-pub fn initial_load(manifests: &mut Manifests, known: &mut BTreeSet<String>) -> (Snapshot, usize) {
-    let (snapshot, errors) = manifests.load();
+/// The gauge that records how long a read of the manifests took.
+pub type LoadGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Reads every manifest, recording the time it took.
+fn load(
+    manifests: &mut Manifests,
+    gauge: &LoadGauge,
+) -> (Snapshot, Vec<super::manifests::ManifestError>) {
+    let started = Instant::now();
+    let loaded = manifests.load();
+    gauge.set(started.elapsed().as_secs_f64());
+    loaded
+}
+
+pub fn initial_load(
+    manifests: &mut Manifests,
+    known: &mut BTreeSet<String>,
+    gauge: &LoadGauge,
+) -> (Snapshot, usize) {
+    let (snapshot, errors) = load(manifests, gauge);
     report(&errors, known);
     (snapshot, errors.len())
 }
@@ -79,6 +97,7 @@ pub fn spawn(
     mut last: Arc<Snapshot>,
     mut known: BTreeSet<String>,
     updates: mpsc::Sender<Update>,
+    gauge: LoadGauge,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("manifests".into()).spawn(move || {
         let (events_tx, events) = mpsc::channel();
@@ -136,7 +155,7 @@ pub fn spawn(
                 continue;
             }
             stamp = fingerprint(manifests.paths());
-            let (snapshot, errors) = manifests.load();
+            let (snapshot, errors) = load(&mut manifests, &gauge);
             report(&errors, &mut known);
             if *last != snapshot || errors.len() != known_count {
                 known_count = errors.len();

@@ -40,6 +40,28 @@ enum Command {
         tcp: Vec<u16>,
         #[arg(long = "udp")]
         udp: Vec<u16>,
+        /// Benchmark server: echo single bytes, one TCP connection at a time (no thread per
+        /// connection to blur the client's timings).
+        #[arg(long)]
+        bench: bool,
+        /// Bind UDP to each of these addresses instead of [::], so replies leave from the
+        /// address the request went to (a wildcard socket answers from the route's source
+        /// address, which NAT on the way back would not recognise).
+        #[arg(long = "udp-addr")]
+        udp_addrs: Vec<std::net::IpAddr>,
+    },
+    /// Benchmark: `count` TCP transactions (connect, 1-byte request/response, close), one at
+    /// a time; prints latency percentiles as JSON.
+    RrTcp {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
+    /// Benchmark: `count` UDP 1-byte request/responses, each from a new socket.
+    RrUdp {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
     },
     /// TCP: `count` connections with one request each, or one connection with `count`
     /// requests (`--keepalive`).
@@ -145,6 +167,30 @@ fn serve_tcp(listener: TcpListener, name: String) {
     }
 }
 
+/// The benchmark server: one connection at a time, each byte echoed.
+fn serve_tcp_echo(listener: TcpListener) {
+    use std::io::Read as _;
+    for stream in listener.incoming().flatten() {
+        let mut stream = stream;
+        let _nodelay = stream.set_nodelay(true);
+        let mut byte = [0u8; 1];
+        while let Ok(1) = stream.read(&mut byte) {
+            if stream.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn serve_udp_echo(socket: UdpSocket) {
+    let mut buf = [0u8; 64];
+    loop {
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _lost = socket.send_to(&buf[..n], from);
+        }
+    }
+}
+
 fn serve_udp(socket: UdpSocket, name: String) {
     let mut buf = [0u8; 1500];
     loop {
@@ -202,20 +248,47 @@ fn dual_stack(port: u16, udp: bool) -> anyhow::Result<i32> {
     }
 }
 
-fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
+fn serve(
+    name: &str,
+    tcp: &[u16],
+    udp: &[u16],
+    bench: bool,
+    udp_addrs: &[std::net::IpAddr],
+) -> anyhow::Result<()> {
     use std::os::fd::FromRawFd as _;
     let mut threads = Vec::new();
     for &port in tcp {
         // SAFETY: a fresh descriptor from dual_stack, owned by the listener from here on.
         let listener = unsafe { TcpListener::from_raw_fd(dual_stack(port, false)?) };
         let name = name.to_owned();
-        threads.push(std::thread::spawn(move || serve_tcp(listener, name)));
+        threads.push(std::thread::spawn(move || {
+            if bench {
+                serve_tcp_echo(listener);
+            } else {
+                serve_tcp(listener, name);
+            }
+        }));
     }
     for &port in udp {
-        // SAFETY: as above.
-        let socket = unsafe { UdpSocket::from_raw_fd(dual_stack(port, true)?) };
-        let name = name.to_owned();
-        threads.push(std::thread::spawn(move || serve_udp(socket, name)));
+        let sockets: Vec<UdpSocket> = if udp_addrs.is_empty() {
+            // SAFETY: as above.
+            vec![unsafe { UdpSocket::from_raw_fd(dual_stack(port, true)?) }]
+        } else {
+            udp_addrs
+                .iter()
+                .map(|ip| UdpSocket::bind((*ip, port)))
+                .collect::<Result<_, _>>()?
+        };
+        for socket in sockets {
+            let name = name.to_owned();
+            threads.push(std::thread::spawn(move || {
+                if bench {
+                    serve_udp_echo(socket);
+                } else {
+                    serve_udp(socket, name);
+                }
+            }));
+        }
     }
     // Ready: the parent waits for this line.
     println!("ready");
@@ -342,11 +415,152 @@ fn udp(addr: SocketAddr, count: usize, connected: bool, same_socket: bool) -> Ve
         .collect()
 }
 
+/// Latency summary of a benchmark run, in nanoseconds.
+#[derive(Serialize)]
+struct Latency {
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    mean: u64,
+}
+
+impl Latency {
+    fn of(samples: &mut [u64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss,
+                reason = "an index into a non-empty slice"
+            )]
+            let i = ((samples.len() - 1) as f64 * q).round() as usize;
+            samples[i]
+        };
+        let sum: u128 = samples.iter().map(|&s| u128::from(s)).sum();
+        Some(Self {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            mean: u64::try_from(sum / samples.len() as u128).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+/// What a benchmark client reports.
+#[derive(Serialize)]
+struct RrReport {
+    /// connect() alone (TCP only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect_ns: Option<Latency>,
+    /// The whole transaction: connect (or new socket), request, response, close.
+    transaction_ns: Option<Latency>,
+    /// Completed transactions per second over the whole run.
+    per_second: f64,
+    completed: usize,
+    errors: usize,
+    /// The first error seen, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_error: Option<String>,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn rr_tcp(addr: SocketAddr, count: usize) -> RrReport {
+    use std::io::Read as _;
+    let mut connects = Vec::with_capacity(count);
+    let mut transactions = Vec::with_capacity(count);
+    let mut first_error = None;
+    let started = std::time::Instant::now();
+    for _ in 0..count {
+        let t0 = std::time::Instant::now();
+        let result = TcpStream::connect(addr).and_then(|mut s| {
+            let connected = t0.elapsed();
+            s.set_nodelay(true)?;
+            s.write_all(b"x")?;
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte)?;
+            Ok(connected)
+        });
+        match result {
+            Ok(connected) => {
+                transactions.push(nanos(t0.elapsed()));
+                connects.push(nanos(connected));
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    report(
+        Some(&mut connects),
+        &mut transactions,
+        count,
+        elapsed,
+        first_error,
+    )
+}
+
+fn rr_udp(addr: SocketAddr, count: usize) -> RrReport {
+    let mut transactions = Vec::with_capacity(count);
+    let mut first_error = None;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    for _ in 0..count {
+        let t0 = std::time::Instant::now();
+        let result = udp_socket(addr).and_then(|s| {
+            s.send_to(b"x", addr)?;
+            s.recv_from(&mut buf)
+        });
+        match result {
+            Ok(_) => transactions.push(nanos(t0.elapsed())),
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    report(None, &mut transactions, count, elapsed, first_error)
+}
+
+fn report(
+    connects: Option<&mut Vec<u64>>,
+    transactions: &mut [u64],
+    count: usize,
+    elapsed: f64,
+    first_error: Option<String>,
+) -> RrReport {
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let per_second = transactions.len() as f64 / elapsed.max(1e-9);
+    RrReport {
+        connect_ns: connects.and_then(|c| Latency::of(c)),
+        completed: transactions.len(),
+        errors: count - transactions.len(),
+        transaction_ns: Latency::of(transactions),
+        per_second,
+        first_error,
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     join(cli.cgroup.as_ref(), cli.netns.as_ref())?;
     let outcomes = match cli.command {
-        Command::Serve { name, tcp, udp } => return serve(&name, &tcp, &udp),
+        Command::Serve {
+            name,
+            tcp,
+            udp,
+            bench,
+            udp_addrs,
+        } => return serve(&name, &tcp, &udp, bench, &udp_addrs),
+        Command::RrTcp { addr, count } => return print_json(&rr_tcp(addr, count)),
+        Command::RrUdp { addr, count } => return print_json(&rr_udp(addr, count)),
         Command::Tcp {
             addr,
             count,
@@ -366,7 +580,11 @@ fn main() -> anyhow::Result<()> {
             same_socket,
         } => udp(addr, count, connected, same_socket),
     };
-    serde_json::to_writer(std::io::stdout().lock(), &outcomes)?;
+    print_json(&outcomes)
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer(std::io::stdout().lock(), value)?;
     println!();
     Ok(())
 }

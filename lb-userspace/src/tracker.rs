@@ -1,0 +1,364 @@
+//! The desired state kept across snapshots, so that a change costs in proportion to what
+//! changed, not to the number of Services.
+//!
+//! Sources keep an object's `Arc` while the object is unchanged; a Service is recomputed only
+//! when its own `Arc` or one of its EndpointSlices' `Arc`s differs from last time. The frontends
+//! it touched are returned as the dirty set the planner diffs. Whenever the incremental path
+//! could differ from [`desired::build`] (a frontend claimed by two Services, a full map, or a
+//! large share of Services changed), the whole state is rebuilt instead: the result is always
+//! exactly what `build` would give.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use lb_common::maps::FrontendKey;
+
+use crate::{
+    desired::{self, Desired, DesiredError, DesiredFrontend, Limits},
+    model::{EndpointSlice, Node, ObjectKey, Service, Snapshot},
+};
+
+/// One Service's inputs (by identity) and the frontends they gave.
+#[derive(Debug)]
+struct Entry {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    frontends: Vec<(FrontendKey, DesiredFrontend)>,
+}
+
+impl Entry {
+    fn same_inputs(&self, service: &Arc<Service>, slices: &[Arc<EndpointSlice>]) -> bool {
+        Arc::ptr_eq(&self.service, service)
+            && self.slices.len() == slices.len()
+            && self
+                .slices
+                .iter()
+                .zip(slices)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
+    fn slots(&self) -> usize {
+        self.frontends.iter().map(|(_, f)| f.backends.len()).sum()
+    }
+}
+
+/// What an update changed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Everything was recomputed: plan the whole state.
+    Full,
+    /// Only these frontends may differ: plan them.
+    Frontends(BTreeSet<FrontendKey>),
+}
+
+/// The desired state and how it was made.
+#[derive(Debug)]
+pub struct Tracker {
+    node: Node,
+    limits: Limits,
+    entries: HashMap<ObjectKey, Entry>,
+    desired: Desired,
+    problems: Vec<DesiredError>,
+    slots: usize,
+}
+
+/// Above this share of changed Services, recomputing everything is as cheap and simpler.
+const FULL_REBUILD_SHARE: usize = 4;
+
+impl Tracker {
+    pub fn new(node: Node, limits: Limits) -> Self {
+        Self {
+            node,
+            limits,
+            entries: HashMap::new(),
+            desired: Desired::default(),
+            problems: Vec::new(),
+            slots: 0,
+        }
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Services (or ports) that could not be programmed as asked.
+    pub fn problems(&self) -> &[DesiredError] {
+        &self.problems
+    }
+
+    /// Load-balanced Services in the desired state.
+    pub fn services(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|e| !e.frontends.is_empty())
+            .count()
+    }
+
+    /// Brings the desired state up to `snapshot`.
+    pub fn update(&mut self, snapshot: &Snapshot) -> Change {
+        let mut changed: Vec<&ObjectKey> = Vec::new();
+        for (key, service) in &snapshot.services {
+            let unchanged = self
+                .entries
+                .get(key)
+                .is_some_and(|e| e.same_inputs(service, snapshot.slices_of(key)));
+            if !unchanged {
+                changed.push(key);
+            }
+        }
+        let removed: Vec<ObjectKey> = self
+            .entries
+            .keys()
+            .filter(|k| !snapshot.services.contains_key(*k))
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() {
+            return Change::Frontends(BTreeSet::new());
+        }
+        let total = snapshot.services.len().max(self.entries.len());
+        if !self.problems.is_empty() || (changed.len() + removed.len()) * FULL_REBUILD_SHARE > total
+        {
+            self.rebuild(snapshot);
+            return Change::Full;
+        }
+        let mut dirty = BTreeSet::new();
+        for key in &removed {
+            self.remove(key, &mut dirty);
+        }
+        for key in changed {
+            self.remove(key, &mut dirty);
+            let service = &snapshot.services[key];
+            let slices = snapshot.slices_of(key);
+            let frontends = desired::service_frontends(key, service, slices, &self.node);
+            let conflict = frontends
+                .iter()
+                .any(|(fkey, _)| self.desired.frontends.contains_key(fkey));
+            let entry = Entry {
+                service: service.clone(),
+                slices: slices.to_vec(),
+                frontends,
+            };
+            let fits = self.desired.frontends.len() + entry.frontends.len()
+                <= self.limits.frontends
+                && self.slots + entry.slots() <= self.limits.slots;
+            if conflict || !fits {
+                // Who wins depends on the order of all Services: let the full build decide.
+                self.rebuild(snapshot);
+                return Change::Full;
+            }
+            self.slots += entry.slots();
+            for (fkey, frontend) in &entry.frontends {
+                dirty.insert(*fkey);
+                self.desired.frontends.insert(*fkey, frontend.clone());
+            }
+            self.entries.insert(key.clone(), entry);
+        }
+        Change::Frontends(dirty)
+    }
+
+    fn remove(&mut self, key: &ObjectKey, dirty: &mut BTreeSet<FrontendKey>) {
+        if let Some(old) = self.entries.remove(key) {
+            self.slots -= old.slots();
+            for (fkey, _) in old.frontends {
+                self.desired.frontends.remove(&fkey);
+                dirty.insert(fkey);
+            }
+        }
+    }
+
+    /// Recomputes everything, as [`desired::build`] does, keeping each Service's inputs.
+    fn rebuild(&mut self, snapshot: &Snapshot) {
+        let (desired, problems) = desired::build(snapshot, &self.node, self.limits);
+        self.entries.clear();
+        for (key, service) in &snapshot.services {
+            let slices = snapshot.slices_of(key);
+            // The Service's frontends as programmed (a refused port or Service has none).
+            let frontends = desired::service_frontends(key, service, slices, &self.node)
+                .into_iter()
+                .filter(|(fkey, _)| {
+                    desired
+                        .frontends
+                        .get(fkey)
+                        .is_some_and(|f| f.service == *key)
+                })
+                .collect();
+            self.entries.insert(
+                key.clone(),
+                Entry {
+                    service: service.clone(),
+                    slices: slices.to_vec(),
+                    frontends,
+                },
+            );
+        }
+        self.slots = desired.backend_count();
+        self.desired = desired;
+        self.problems = problems;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::model::{
+        Endpoint, EndpointPort, Family, Protocol, ServicePort, ServiceType, TargetPort,
+        TopologyMode,
+    };
+
+    fn service(name: &str, vip: u8, port: u16) -> Arc<Service> {
+        Arc::new(Service {
+            key: ObjectKey::new("default", name),
+            service_type: ServiceType::ClusterIp,
+            cluster_ips: vec![IpAddr::from([10, 96, 0, vip])],
+            ports: vec![ServicePort {
+                name: String::new(),
+                port,
+                protocol: Protocol::Tcp,
+                target_port: TargetPort::Number(80),
+                node_port: None,
+            }],
+            affinity_timeout_s: None,
+            internal_local: false,
+            external_local: false,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            health_check_node_port: None,
+            topology: TopologyMode::None,
+        })
+    }
+
+    fn slice(service: &str, backends: &[u8]) -> Arc<EndpointSlice> {
+        Arc::new(EndpointSlice {
+            key: ObjectKey::new("default", format!("{service}-x")),
+            service: ObjectKey::new("default", service),
+            family: Family::V4,
+            ports: vec![EndpointPort {
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: backends
+                .iter()
+                .map(|&b| Endpoint {
+                    addr: IpAddr::from([10, 1, 0, b]),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: None,
+                    zone: None,
+                    zone_hints: BTreeSet::new(),
+                })
+                .collect(),
+        })
+    }
+
+    fn check(tracker: &Tracker, snapshot: &Snapshot) {
+        let (want, problems) = desired::build(snapshot, &Node::default(), Limits::default());
+        assert_eq!(tracker.desired(), &want);
+        assert_eq!(tracker.problems(), problems.as_slice());
+    }
+
+    #[test]
+    fn one_changed_service_dirties_only_its_frontends() {
+        let mut snap = Snapshot::default();
+        for i in 0..20u8 {
+            let name = format!("s{i}");
+            snap.services
+                .insert(ObjectKey::new("default", &name), service(&name, i, 80));
+            snap.slices.insert(
+                ObjectKey::new("default", &name),
+                vec![slice(&name, &[1, 2])],
+            );
+        }
+        let mut tracker = Tracker::new(Node::default(), Limits::default());
+        assert_eq!(tracker.update(&snap), Change::Full);
+        check(&tracker, &snap);
+        assert_eq!(
+            tracker.update(&snap),
+            Change::Frontends(BTreeSet::new()),
+            "nothing changed"
+        );
+        snap.slices.insert(
+            ObjectKey::new("default", "s3"),
+            vec![slice("s3", &[1, 2, 3])],
+        );
+        let Change::Frontends(dirty) = tracker.update(&snap) else {
+            panic!("not incremental")
+        };
+        assert_eq!(dirty.len(), 1);
+        check(&tracker, &snap);
+    }
+
+    #[test]
+    fn conflicts_fall_back_to_the_full_build() {
+        let mut snap = Snapshot::default();
+        for i in 0..10u8 {
+            let name = format!("s{i}");
+            snap.services
+                .insert(ObjectKey::new("default", &name), service(&name, i, 80));
+        }
+        let mut tracker = Tracker::new(Node::default(), Limits::default());
+        tracker.update(&snap);
+        // s9 takes s1's address and port: s1 keeps it (key order), s9 is refused.
+        snap.services
+            .insert(ObjectKey::new("default", "s9"), service("s9", 1, 80));
+        assert_eq!(tracker.update(&snap), Change::Full);
+        check(&tracker, &snap);
+        assert_eq!(tracker.problems().len(), 1);
+        // Resolved again.
+        snap.services
+            .insert(ObjectKey::new("default", "s9"), service("s9", 9, 80));
+        tracker.update(&snap);
+        check(&tracker, &snap);
+        assert!(tracker.problems().is_empty());
+    }
+
+    #[test]
+    fn random_evolution_matches_the_full_build() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut snap = Snapshot::default();
+        let limits = Limits {
+            frontends: 30,
+            slots: 120,
+        };
+        let mut tracker = Tracker::new(Node::default(), limits);
+        for _ in 0..500 {
+            for _ in 0..=next(3) {
+                let i = next(40);
+                let name = format!("s{i}");
+                let key = ObjectKey::new("default", &name);
+                match next(4) {
+                    0 => {
+                        snap.services.remove(&key);
+                        snap.slices.remove(&key);
+                    }
+                    1 => {
+                        // Same address as another Service now and then: conflicts.
+                        let vip = u8::try_from(next(45)).unwrap();
+                        snap.services.insert(key, service(&name, vip, 80));
+                    }
+                    _ => {
+                        let backends: Vec<u8> = (0..next(7))
+                            .map(|_| u8::try_from(next(9)).unwrap())
+                            .collect();
+                        snap.slices.insert(key, vec![slice(&name, &backends)]);
+                    }
+                }
+            }
+            tracker.update(&snap);
+            let (want, problems) = desired::build(&snap, &Node::default(), limits);
+            assert_eq!(tracker.desired(), &want);
+            assert_eq!(tracker.problems(), problems.as_slice());
+        }
+    }
+}

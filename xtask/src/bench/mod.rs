@@ -1,0 +1,469 @@
+//! `cargo xtask bench`: lb against direct pod access and kube-proxy-style iptables and
+//! nftables rules, measured in one run on this machine, written to `bench/results/<name>.json`,
+//! `.md` and `.png`. Every comparison is a ratio within the run; each figure is the median of
+//! repeated runs with their spread.
+
+mod measure;
+mod plot;
+mod report;
+mod services;
+mod topology;
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use lb_tests::{Agent, TempDir};
+
+use self::{
+    measure::{Spread, metrics, rr},
+    report::{ChangeRow, LatencyRow, Machine, MemoryRow, Params, Results, SyncRow, ThroughputRow},
+    services::{Proto, ServiceSet},
+    topology::{Servers, Topology},
+};
+use crate::cmd;
+
+/// Endpoints per Service.
+const ENDPOINTS: usize = 10;
+/// Services per manifest file given to lb.
+const PER_FILE: usize = 1000;
+/// An endpoint address added and removed again to measure one change.
+const EXTRA_ENDPOINT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 201, 0, 250);
+
+/// How big and how long.
+struct Plan {
+    services: Vec<usize>,
+    transactions: usize,
+    repeats: usize,
+    iperf_seconds: u64,
+    iperf_repeats: usize,
+    change_services: usize,
+    change_repeats: usize,
+    /// Longest a peer may take to load its rules before that point is skipped.
+    load_budget: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                services: vec![1, 1000],
+                transactions: 400,
+                repeats: 2,
+                iperf_seconds: 1,
+                iperf_repeats: 1,
+                change_services: 1000,
+                change_repeats: 2,
+                load_budget: Duration::from_secs(30),
+            }
+        } else {
+            Self {
+                services: vec![1, 1000, 10_000, 100_000],
+                transactions: 3000,
+                repeats: 5,
+                iperf_seconds: 4,
+                iperf_repeats: 3,
+                change_services: 10_000,
+                change_repeats: 5,
+                load_budget: Duration::from_secs(240),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Lb,
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    const ALL: [Self; 4] = [Self::Direct, Self::Lb, Self::Iptables, Self::Nftables];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Lb => "lb",
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+        }
+    }
+}
+
+/// A mode made ready on a topology: what must stay alive while measuring.
+struct Programmed {
+    agent: Option<Agent>,
+    _manifests: Option<TempDir>,
+}
+
+/// The iptables-restore binary: the legacy backend (kube-proxy's classic iptables mode,
+/// linear chains) when the kernel has it, else the nft backend.
+fn iptables_restore() -> &'static str {
+    static CHOICE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    CHOICE.get_or_init(|| {
+        let legacy_works = std::process::Command::new("iptables-legacy")
+            .args(["-t", "nat", "-L", "-n"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if legacy_works {
+            "iptables-legacy-restore"
+        } else {
+            "iptables-nft-restore"
+        }
+    })
+}
+
+pub struct Bench {
+    plan: Plan,
+    results: Results,
+}
+
+pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("the bench creates network namespaces and loads BPF programs: run as root");
+    }
+    lb_tests::cleanup_on_signal();
+    crate::setup::run()?;
+    cmd::build_release()?;
+    // SAFETY: set before any thread is started; the harness reads them.
+    unsafe {
+        std::env::set_var("LB_BIN", cmd::lb_bin());
+        std::env::set_var("LB_TESTPOD", cmd::testpod_bin());
+    }
+    let date = cmd::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))?
+        .trim()
+        .to_owned();
+    let name = name.unwrap_or_else(|| {
+        format!(
+            "{}{}",
+            date.replace([':', '-'], "")
+                .trim_end_matches('Z')
+                .replace('T', "-"),
+            if quick { "-quick" } else { "" }
+        )
+    });
+    let plan = Plan::new(quick);
+    let machine = Machine {
+        kernel: cmd::output(std::process::Command::new("uname").arg("-r"))?
+            .trim()
+            .to_owned(),
+        cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        commit: cmd::output(cmd::command("git").args(["rev-parse", "--short", "HEAD"]))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+    };
+    let results = Results {
+        name: name.clone(),
+        date,
+        machine,
+        quick,
+        params: Params {
+            endpoints: ENDPOINTS,
+            services: plan.services.clone(),
+            transactions: plan.transactions,
+            repeats: plan.repeats,
+            iperf_seconds: plan.iperf_seconds,
+            iptables: iptables_restore().to_owned(),
+            change_services: plan.change_services,
+        },
+        latency: Vec::new(),
+        throughput: Vec::new(),
+        full_sync: Vec::new(),
+        endpoint_change: Vec::new(),
+        memory: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let mut bench = Bench { plan, results };
+    let started = Instant::now();
+    for n in bench.plan.services.clone() {
+        for mode in Mode::ALL {
+            eprintln!(
+                "bench: {} with {n} Services ({:.0} s so far)",
+                mode.name(),
+                started.elapsed().as_secs_f64()
+            );
+            bench.scale_point(mode, n)?;
+        }
+    }
+    for mode in Mode::ALL {
+        eprintln!("bench: {} throughput", mode.name());
+        bench.throughput(mode)?;
+    }
+    let dir = cmd::root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let json = dir.join(format!("{name}.json"));
+    std::fs::write(&json, serde_json::to_string_pretty(&bench.results)?)?;
+    let md = dir.join(format!("{name}.md"));
+    std::fs::write(&md, bench.results.markdown())?;
+    plot::write(&bench.results, &dir)?;
+    println!("{}", bench.results.markdown());
+    eprintln!(
+        "bench: wrote {}, {} and plots in {:.0} s",
+        json.display(),
+        md.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `cargo xtask gen-services`: the bench's Service set as manifests in `out`.
+pub fn generate(n: usize, endpoints: usize, out: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let backends = (0..endpoints).map(services::backend_ip).collect();
+    for (file, text) in ServiceSet::new(n, backends).manifests(PER_FILE, &[]) {
+        std::fs::write(out.join(file), text)?;
+    }
+    Ok(())
+}
+
+impl Bench {
+    fn skip(&mut self, what: String) {
+        eprintln!("bench: skipped: {what}");
+        self.results.skipped.push(what);
+    }
+
+    /// Programs `mode` with `set` on `topo`. `None`: the mode could not take it (recorded).
+    fn program(
+        &mut self,
+        mode: Mode,
+        topo: &Topology,
+        set: &ServiceSet,
+        timing: bool,
+    ) -> anyhow::Result<Option<Programmed>> {
+        let n = set.n;
+        let mut programmed = Programmed {
+            agent: None,
+            _manifests: None,
+        };
+        match mode {
+            Mode::Direct => {}
+            Mode::Lb => {
+                let dir = TempDir::new("lb-bench");
+                for (file, text) in set.manifests(PER_FILE, &[]) {
+                    std::fs::write(dir.0.join(file), text)?;
+                }
+                let t0 = Instant::now();
+                let agent = Agent::start_within(
+                    &topo.cgroup.path,
+                    &dir.0,
+                    self.plan.load_budget + Duration::from_secs(60),
+                );
+                let end_to_end = t0.elapsed().as_secs_f64();
+                if timing {
+                    let m = metrics(&agent.metrics_text());
+                    self.results.full_sync.push(SyncRow {
+                        mode: "lb".into(),
+                        services: n,
+                        seconds: m.get(measure::SYNC_SECONDS_SUM).copied(),
+                        end_to_end_seconds: Some(end_to_end),
+                        manifest_load_seconds: m.get(measure::LOAD_SECONDS).copied(),
+                    });
+                    let pid = agent.pid().context("agent pid")?;
+                    self.results.memory.push(MemoryRow {
+                        services: n,
+                        agent_rss_mib: measure::rss_mib(pid),
+                        bpf_map_mib: measure::bpf_map_mib(pid),
+                    });
+                }
+                programmed.agent = Some(agent);
+                programmed._manifests = Some(dir);
+            }
+            Mode::Iptables | Mode::Nftables => {
+                let (args, text): (&[&str], String) = if mode == Mode::Iptables {
+                    (&[iptables_restore()], set.iptables())
+                } else {
+                    (&["nft", "-f", "-"], set.nft())
+                };
+                match topo.in_node_timed(args, &text, self.plan.load_budget)? {
+                    Some(took) => {
+                        if timing {
+                            self.results.full_sync.push(SyncRow {
+                                mode: mode.name().into(),
+                                services: n,
+                                seconds: Some(took.as_secs_f64()),
+                                end_to_end_seconds: None,
+                                manifest_load_seconds: None,
+                            });
+                        }
+                    }
+                    None => {
+                        self.skip(format!(
+                            "{} with {n} Services: loading the rules took longer than {:?}",
+                            mode.name(),
+                            self.plan.load_budget
+                        ));
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        Ok(Some(programmed))
+    }
+
+    /// Latency at one scale for one mode (and the endpoint-change times at the change scale).
+    fn scale_point(&mut self, mode: Mode, n: usize) -> anyhow::Result<()> {
+        let topo = Topology::new(ENDPOINTS, &Servers::Echo)?;
+        let set = ServiceSet::new(n, topo.backends.clone());
+        let Some(programmed) = self.program(mode, &topo, &set, n > 1)? else {
+            return Ok(());
+        };
+        for proto in Proto::BOTH {
+            let (port, target_port) = proto.ports();
+            let targets: Vec<(&str, SocketAddr)> = if mode == Mode::Direct {
+                vec![(
+                    "pod",
+                    SocketAddrV4::new(topo.backends[0], target_port).into(),
+                )]
+            } else {
+                vec![
+                    ("first", SocketAddrV4::new(ServiceSet::vip(0), port).into()),
+                    (
+                        "last",
+                        SocketAddrV4::new(ServiceSet::vip(n - 1), port).into(),
+                    ),
+                ]
+            };
+            for (target, addr) in targets {
+                // Warm up: neighbour tables, caches, conntrack.
+                rr(&topo, proto, addr, 50)?;
+                let mut runs = Vec::new();
+                for _ in 0..self.plan.repeats {
+                    runs.push(rr(&topo, proto, addr, self.plan.transactions)?);
+                }
+                let us = |f: &dyn Fn(&measure::Rr) -> Option<f64>| {
+                    Spread::of(runs.iter().filter_map(f).collect())
+                };
+                #[expect(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]
+                let to_us = |ns: u64| ns as f64 / 1e3;
+                self.results.latency.push(LatencyRow {
+                    mode: mode.name().into(),
+                    services: n,
+                    proto: proto.lower().into(),
+                    target: target.into(),
+                    connect_p50_us: us(&|r| r.connect_ns.map(|l| to_us(l.p50))),
+                    connect_p99_us: us(&|r| r.connect_ns.map(|l| to_us(l.p99))),
+                    transaction_p50_us: us(&|r| r.transaction_ns.map(|l| to_us(l.p50)))
+                        .unwrap_or_default(),
+                    transaction_p99_us: us(&|r| r.transaction_ns.map(|l| to_us(l.p99)))
+                        .unwrap_or_default(),
+                    per_second: us(&|r| Some(r.per_second)).unwrap_or_default(),
+                    lost: runs.iter().map(|r| r.errors).sum(),
+                });
+            }
+        }
+        if n == self.plan.change_services && mode != Mode::Direct {
+            self.endpoint_change(mode, &topo, &set, programmed.agent.as_ref())?;
+        }
+        drop(programmed);
+        Ok(())
+    }
+
+    /// One endpoint added to Service 0 and removed again, `change_repeats` times.
+    fn endpoint_change(
+        &mut self,
+        mode: Mode,
+        topo: &Topology,
+        set: &ServiceSet,
+        agent: Option<&Agent>,
+    ) -> anyhow::Result<()> {
+        let base = set.backends.clone();
+        let mut more = base.clone();
+        more.push(EXTRA_ENDPOINT);
+        let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut e2e: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..self.plan.change_repeats {
+            for (k, (before, after)) in [(&base, &more), (&more, &base)].into_iter().enumerate() {
+                match mode {
+                    Mode::Lb => {
+                        let agent = agent.context("lb mode without an agent")?;
+                        let m0 = metrics(&agent.metrics_text());
+                        let file = ServiceSet::file_of(0, PER_FILE);
+                        let extra: &[std::net::Ipv4Addr] = if after.len() > base.len() {
+                            &[EXTRA_ENDPOINT]
+                        } else {
+                            &[]
+                        };
+                        let text = set.manifest_file(0..PER_FILE.min(set.n), extra);
+                        let t0 = Instant::now();
+                        measure::write_atomic(&agent.manifests, &file, &text)?;
+                        let (m1, _) = measure::wait_for_sync(
+                            agent,
+                            m0.get(measure::SYNCS_OK).copied().unwrap_or(0.0),
+                            Duration::from_secs(30),
+                        )?;
+                        let waited = t0.elapsed();
+                        let delta = |key: &str| {
+                            m1.get(key).copied().unwrap_or(0.0)
+                                - m0.get(key).copied().unwrap_or(0.0)
+                        };
+                        let syncs = delta(measure::SYNC_SECONDS_COUNT).max(1.0);
+                        times[k].push(delta(measure::SYNC_SECONDS_SUM) / syncs * 1e3);
+                        e2e[k].push(waited.as_secs_f64() * 1e3);
+                    }
+                    Mode::Iptables => {
+                        let text = set.iptables_change(0, before, after);
+                        let took = topo
+                            .in_node_timed(
+                                &[iptables_restore(), "--noflush"],
+                                &text,
+                                Duration::from_secs(60),
+                            )?
+                            .context("iptables-restore hung")?;
+                        times[k].push(took.as_secs_f64() * 1e3);
+                    }
+                    Mode::Nftables => {
+                        let text = set.nft_change(0, before, after);
+                        let took = topo
+                            .in_node_timed(&["nft", "-f", "-"], &text, Duration::from_secs(60))?
+                            .context("nft hung")?;
+                        times[k].push(took.as_secs_f64() * 1e3);
+                    }
+                    Mode::Direct => {}
+                }
+            }
+        }
+        for (k, op) in ["add", "remove"].into_iter().enumerate() {
+            if let Some(ms) = Spread::of(std::mem::take(&mut times[k])) {
+                self.results.endpoint_change.push(ChangeRow {
+                    mode: mode.name().into(),
+                    services: set.n,
+                    op: op.into(),
+                    ms,
+                    end_to_end_ms: Spread::of(std::mem::take(&mut e2e[k])),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bulk TCP through one mode: a one-endpoint Service in front of iperf3.
+    fn throughput(&mut self, mode: Mode) -> anyhow::Result<()> {
+        let topo = Topology::new(1, &Servers::Iperf)?;
+        let set = ServiceSet::new(1, topo.backends.clone());
+        let Some(programmed) = self.program(mode, &topo, &set, false)? else {
+            return Ok(());
+        };
+        let addr: SocketAddr = if mode == Mode::Direct {
+            SocketAddrV4::new(topo.backends[0], services::TCP_TARGET).into()
+        } else {
+            SocketAddrV4::new(ServiceSet::vip(0), services::TCP_PORT).into()
+        };
+        let mut runs = Vec::new();
+        for _ in 0..self.plan.iperf_repeats {
+            runs.push(measure::iperf(&topo, addr, self.plan.iperf_seconds)?);
+        }
+        if let Some(gbps) = Spread::of(runs) {
+            self.results.throughput.push(ThroughputRow {
+                mode: mode.name().into(),
+                gbps,
+            });
+        }
+        drop(programmed);
+        Ok(())
+    }
+}

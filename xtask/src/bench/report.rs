@@ -1,0 +1,331 @@
+//! Bench results: the JSON record and the Markdown summary written from it.
+
+use serde::{Deserialize, Serialize};
+
+use super::measure::Spread;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub name: String,
+    pub date: String,
+    pub machine: Machine,
+    pub quick: bool,
+    pub params: Params,
+    pub latency: Vec<LatencyRow>,
+    pub throughput: Vec<ThroughputRow>,
+    pub full_sync: Vec<SyncRow>,
+    pub endpoint_change: Vec<ChangeRow>,
+    pub memory: Vec<MemoryRow>,
+    /// What could not be measured, and why.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub commit: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Params {
+    pub endpoints: usize,
+    pub services: Vec<usize>,
+    pub transactions: usize,
+    pub repeats: usize,
+    pub iperf_seconds: u64,
+    pub iptables: String,
+    pub change_services: usize,
+}
+
+/// Request/response latency of one mode at one scale. Microseconds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LatencyRow {
+    pub mode: String,
+    pub services: usize,
+    pub proto: String,
+    /// "first"/"last" Service in the peers' chain order, or "pod" for direct.
+    pub target: String,
+    /// TCP: connect() alone.
+    pub connect_p50_us: Option<Spread>,
+    pub connect_p99_us: Option<Spread>,
+    /// Connect (or new socket) + 1-byte request/response + close.
+    pub transaction_p50_us: Spread,
+    pub transaction_p99_us: Spread,
+    pub per_second: Spread,
+    /// Requests without a response (UDP) over all runs.
+    pub lost: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ThroughputRow {
+    pub mode: String,
+    pub gbps: Spread,
+}
+
+/// Programming N Services x E endpoints from nothing.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SyncRow {
+    pub mode: String,
+    pub services: usize,
+    /// lb: its sync (desired state, plan, map writes); peers: iptables-restore / nft -f.
+    pub seconds: Option<f64>,
+    /// lb: from `lb run` to /healthz 200 (load programs, read manifests, sync).
+    pub end_to_end_seconds: Option<f64>,
+    /// lb: reading and validating the manifests.
+    pub manifest_load_seconds: Option<f64>,
+}
+
+/// One endpoint added to or removed from one Service, with N Services programmed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangeRow {
+    pub mode: String,
+    pub services: usize,
+    pub op: String,
+    /// lb: its sync of the change (noticed -> in the kernel); peers: the restore command.
+    pub ms: Spread,
+    /// lb: from the manifest file's rename to the sync being reported (watch debounce and
+    /// manifest re-read included).
+    pub end_to_end_ms: Option<Spread>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MemoryRow {
+    pub services: usize,
+    pub agent_rss_mib: Option<f64>,
+    pub bpf_map_mib: Option<f64>,
+}
+
+impl Results {
+    fn latency(&self, mode: &str, n: usize, proto: &str, target: &str) -> Option<&LatencyRow> {
+        self.latency
+            .iter()
+            .find(|r| r.mode == mode && r.services == n && r.proto == proto && r.target == target)
+    }
+
+    /// The headline p50 of a row: connect() for TCP, the transaction for UDP.
+    pub fn p50(row: &LatencyRow) -> f64 {
+        row.connect_p50_us
+            .map_or(row.transaction_p50_us.median, |s| s.median)
+    }
+
+    /// The issue's targets, as (what, measured, met).
+    pub fn targets(&self) -> Vec<(String, String, Option<bool>)> {
+        let mut out = Vec::new();
+        for &n in &self.params.services {
+            let (Some(direct), Some(lb)) = (
+                self.latency("direct", n, "tcp", "pod"),
+                self.latency("lb", n, "tcp", "last"),
+            ) else {
+                continue;
+            };
+            let ratio = Self::p50(lb) / Self::p50(direct);
+            out.push((
+                format!("lb TCP connect p50 within 5% of direct, N={n}"),
+                format!(
+                    "{:.1} µs vs {:.1} µs ({:+.1}%)",
+                    Self::p50(lb),
+                    Self::p50(direct),
+                    (ratio - 1.0) * 100.0
+                ),
+                Some(ratio <= 1.05),
+            ));
+        }
+        let tput = |m: &str| {
+            self.throughput
+                .iter()
+                .find(|r| r.mode == m)
+                .map(|r| r.gbps.median)
+        };
+        if let (Some(direct), Some(lb)) = (tput("direct"), tput("lb")) {
+            let ratio = lb / direct;
+            out.push((
+                "lb bulk TCP throughput within 2% of direct".into(),
+                format!(
+                    "{lb:.2} vs {direct:.2} Gbit/s ({:+.1}%)",
+                    (ratio - 1.0) * 100.0
+                ),
+                Some(ratio >= 0.98),
+            ));
+        }
+        if let Some(row) = self
+            .full_sync
+            .iter()
+            .find(|r| r.mode == "lb" && r.services == 10_000)
+            && let Some(s) = row.seconds
+        {
+            out.push((
+                "lb full sync of 10 000 Services x 10 endpoints under 1 s".into(),
+                format!("{s:.3} s"),
+                Some(s < 1.0),
+            ));
+        }
+        for row in self
+            .endpoint_change
+            .iter()
+            .filter(|r| r.mode == "lb" && r.services == 10_000)
+        {
+            out.push((
+                format!(
+                    "lb one endpoint {} with 10 000 Services under 10 ms (noticed -> kernel)",
+                    row.op
+                ),
+                format!("{:.2} ms", row.ms.median),
+                Some(row.ms.median < 10.0),
+            ));
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        push_line!(md, "# lb benchmark: {}\n", self.name);
+        push_line!(
+            md,
+            "{} · kernel {} · {} CPUs · commit {} · {}\n",
+            self.date,
+            self.machine.kernel,
+            self.machine.cpus,
+            self.machine.commit,
+            if self.quick { "quick run" } else { "full run" }
+        );
+        let p = &self.params;
+        push_line!(
+            md,
+            "Every Service has {} endpoints, a TCP port (80 -> 8080) and a UDP port (53 -> 8053). Latency: {} transactions per run, \
+             {} runs, median of the runs' percentiles (min-max in brackets). Peers: kube-proxy-style `{}` rules and `nft` rules in \
+             the node namespace the client pod's packets cross; lb translates at connect() in the client.\n",
+            p.endpoints,
+            p.transactions,
+            p.repeats,
+            p.iptables
+        );
+        push_line!(
+            md,
+            "## Targets\n\n| target | measured | met |\n|---|---|---|"
+        );
+        for (what, measured, met) in self.targets() {
+            let met = match met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "-",
+            };
+            push_line!(md, "| {what} | {measured} | {met} |");
+        }
+        for (proto, title) in [
+            ("tcp", "TCP: connect() p50/p99 (µs) and transactions/s"),
+            (
+                "udp",
+                "UDP: request/response p50/p99 (µs) and transactions/s",
+            ),
+        ] {
+            push_line!(
+                md,
+                "\n## {title}\n\n| Services | mode | target | p50 | p99 | /s | p50 vs direct | lost |\n|---:|---|---|---:|---:|---:|---:|---:|"
+            );
+            for &n in &p.services {
+                let direct = self.latency("direct", n, proto, "pod").map(Self::p50);
+                for row in self
+                    .latency
+                    .iter()
+                    .filter(|r| r.services == n && r.proto == proto)
+                {
+                    let (p50, p99) = match (row.connect_p50_us, row.connect_p99_us) {
+                        (Some(a), Some(b)) => (a, b),
+                        _ => (row.transaction_p50_us, row.transaction_p99_us),
+                    };
+                    let vs = direct.map_or_else(
+                        || "-".to_owned(),
+                        |d| format!("{:+.1}%", (p50.median / d - 1.0) * 100.0),
+                    );
+                    push_line!(
+                        md,
+                        "| {n} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} | {:.0} | {vs} | {} |",
+                        row.mode,
+                        row.target,
+                        p50.median,
+                        p50.min,
+                        p50.max,
+                        p99.median,
+                        row.per_second.median,
+                        row.lost
+                    );
+                }
+            }
+        }
+        push_line!(
+            md,
+            "\n## Bulk TCP throughput (iperf3, one connection)\n\n| mode | Gbit/s |\n|---|---:|"
+        );
+        for row in &self.throughput {
+            push_line!(
+                md,
+                "| {} | {:.2} [{:.2}-{:.2}] |",
+                row.mode,
+                row.gbps.median,
+                row.gbps.min,
+                row.gbps.max
+            );
+        }
+        push_line!(
+            md,
+            "\n## Programming N Services from nothing (seconds)\n\n| Services | mode | sync | end to end | manifest load |\n|---:|---|---:|---:|---:|"
+        );
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+        for row in &self.full_sync {
+            push_line!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                row.services,
+                row.mode,
+                opt(row.seconds),
+                opt(row.end_to_end_seconds),
+                opt(row.manifest_load_seconds)
+            );
+        }
+        push_line!(
+            md,
+            "\n## One endpoint changed (ms)\n\n| Services | mode | change | in the kernel | end to end |\n|---:|---|---|---:|---:|"
+        );
+        for row in &self.endpoint_change {
+            let e2e = row
+                .end_to_end_ms
+                .map_or_else(|| "-".to_owned(), |s| format!("{:.1}", s.median));
+            push_line!(
+                md,
+                "| {} | {} | {} | {:.2} [{:.2}-{:.2}] | {e2e} |",
+                row.services,
+                row.mode,
+                row.op,
+                row.ms.median,
+                row.ms.min,
+                row.ms.max
+            );
+        }
+        push_line!(
+            md,
+            "\n## lb memory\n\n| Services | agent RSS (MiB) | BPF maps (MiB) |\n|---:|---:|---:|"
+        );
+        for row in &self.memory {
+            push_line!(
+                md,
+                "| {} | {} | {} |",
+                row.services,
+                opt(row.agent_rss_mib),
+                opt(row.bpf_map_mib)
+            );
+        }
+        if !self.skipped.is_empty() {
+            push_line!(md, "\n## Not measured\n");
+            for s in &self.skipped {
+                push_line!(md, "- {s}");
+            }
+        }
+        push_line!(
+            md,
+            "\nPlots: `{0}-latency.png` (p50 vs N), `{0}-sync.png` (full sync vs N).",
+            self.name
+        );
+        md
+    }
+}
