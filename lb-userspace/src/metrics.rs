@@ -39,8 +39,23 @@ pub struct Metrics {
     pub config_errors: Gauge,
     /// Unix time of the last complete sync.
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
-    /// Seconds the last read of the manifests took (all files, parsed and validated).
-    pub manifest_load: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Reads of the manifests.
+    pub manifest_loads: ManifestLoads,
+}
+
+/// How often and how long the manifests were read (shared with the watcher thread).
+#[derive(Clone, Debug, Default)]
+pub struct ManifestLoads {
+    /// Seconds the last read took (changed files parsed and validated, the rest stat'ed).
+    pub seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub total: Counter,
+}
+
+impl ManifestLoads {
+    pub fn record(&self, took: std::time::Duration) {
+        self.seconds.set(took.as_secs_f64());
+        self.total.inc();
+    }
 }
 
 impl Metrics {
@@ -55,7 +70,7 @@ impl Metrics {
         let map_writes = Counter::default();
         let config_errors = Gauge::default();
         let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        let manifest_load = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let manifest_loads = ManifestLoads::default();
         registry.register(
             "services",
             "Load-balanced Services programmed in the kernel",
@@ -99,7 +114,12 @@ impl Metrics {
         registry.register(
             "manifest_load_seconds",
             "Seconds the last read of the manifests took",
-            manifest_load.clone(),
+            manifest_loads.seconds.clone(),
+        );
+        registry.register(
+            "manifest_loads",
+            "Reads of the manifests (at start and after each change)",
+            manifest_loads.total.clone(),
         );
         Self {
             registry,
@@ -111,7 +131,7 @@ impl Metrics {
             map_writes,
             config_errors,
             last_sync,
-            manifest_load,
+            manifest_loads,
         }
     }
 

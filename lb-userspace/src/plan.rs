@@ -19,9 +19,58 @@ pub enum Op {
     PutMember(MemberKey),
     PutSlot(SlotKey, Backend),
     PutFrontend(FrontendKey, Frontend),
-    DelFrontend(FrontendKey),
+    /// A frontend that goes away, with its id.
+    DelFrontend(FrontendKey, u32),
     DelSlot(SlotKey),
     DelMember(MemberKey),
+}
+
+impl Op {
+    /// The frontend id the write belongs to.
+    pub const fn id(&self) -> u32 {
+        match self {
+            Self::PutMember(k) | Self::DelMember(k) => k.id,
+            Self::PutSlot(k, _) | Self::DelSlot(k) => k.id,
+            Self::PutFrontend(_, f) => f.id,
+            Self::DelFrontend(_, id) => *id,
+        }
+    }
+}
+
+/// Where an op goes when the batches of many frontends are written together, phase by
+/// phase (so each phase can be one batched syscall per map). Within every batch the ops
+/// already come in this order, so a stable sort by phase keeps each frontend's
+/// make-before-break order: removed frontends go first (frontend, slots, members), then
+/// memberships, slots, frontends, tail slots and ended memberships.
+fn phase(op: &Op, removing: bool) -> u8 {
+    match op {
+        Op::DelFrontend(..) => 0,
+        Op::DelSlot(_) if removing => 1,
+        Op::DelMember(_) if removing => 2,
+        Op::PutMember(_) => 3,
+        Op::PutSlot(..) => 4,
+        Op::PutFrontend(..) => 5,
+        Op::DelSlot(_) => 6,
+        Op::DelMember(_) => 7,
+    }
+}
+
+/// All ops of `batches`, ordered by phase (each frontend's own order kept).
+pub fn by_phase(batches: &[Batch]) -> Vec<Op> {
+    let mut ops: Vec<(u8, Op)> = batches
+        .iter()
+        .flat_map(|batch| {
+            // A batch that deletes a frontend or only cleans up an orphan id removes
+            // everything it touches.
+            let removing = batch
+                .iter()
+                .all(|op| matches!(op, Op::DelFrontend(..) | Op::DelSlot(_) | Op::DelMember(_)))
+                && !batch.iter().any(|op| matches!(op, Op::PutFrontend(..)));
+            batch.iter().map(move |op| (phase(op, removing), *op))
+        })
+        .collect();
+    ops.sort_by_key(|(phase, _)| *phase);
+    ops.into_iter().map(|(_, op)| op).collect()
 }
 
 /// The writes for one frontend, in order. If one fails, the rest of the batch must not be
@@ -116,7 +165,7 @@ impl KernelState {
                 }
                 self.ids.insert(value.id, key);
             }
-            Op::DelFrontend(key) => {
+            Op::DelFrontend(key, _) => {
                 if let Some(old) = self.frontends.remove(&key) {
                     self.ids.remove(&old.id);
                 }
@@ -168,7 +217,7 @@ impl KernelState {
             .collect();
         gone.sort_unstable_by_key(|(key, _)| **key);
         for (key, frontend) in gone {
-            let mut ops = vec![Op::DelFrontend(*key)];
+            let mut ops = vec![Op::DelFrontend(*key, frontend.id)];
             self.remove_backends_of(frontend.id, &mut ops);
             batches.push(ops);
         }
@@ -211,7 +260,7 @@ impl KernelState {
         for key in keys {
             match (desired.frontends.get(key), self.frontends.get(key).copied()) {
                 (None, Some(frontend)) => {
-                    let mut ops = vec![Op::DelFrontend(*key)];
+                    let mut ops = vec![Op::DelFrontend(*key, frontend.id)];
                     self.remove_backends_of(frontend.id, &mut ops);
                     removals.push(ops);
                 }
@@ -368,6 +417,21 @@ mod tests {
 
     fn sync_from(state: &mut KernelState, d: &Desired, check_each_step: bool) -> Vec<Op> {
         let ops: Vec<Op> = state.plan(d).into_iter().flatten().collect();
+        apply_checked(state, d, ops, check_each_step)
+    }
+
+    /// Like `sync`, writing phase by phase as the agent does.
+    fn sync_by_phase(state: &mut KernelState, d: &Desired) -> Vec<Op> {
+        let ops = by_phase(&state.plan(d));
+        apply_checked(state, d, ops, true)
+    }
+
+    fn apply_checked(
+        state: &mut KernelState,
+        d: &Desired,
+        ops: Vec<Op>,
+        check_each_step: bool,
+    ) -> Vec<Op> {
         for op in &ops {
             state.apply(op);
             if check_each_step {
@@ -512,7 +576,7 @@ mod tests {
         let mut state = KernelState::from_entries([], [], []);
         sync(&mut state, &desired(&[(1, &[1], 0)]));
         let ops = sync(&mut state, &desired(&[(2, &[1], 0)]));
-        assert_eq!(ops[0], Op::DelFrontend(fkey(1)));
+        assert_eq!(ops[0], Op::DelFrontend(fkey(1), 1));
         assert_eq!(state.frontends[&fkey(2)].id, 2);
     }
 
@@ -618,7 +682,7 @@ mod tests {
             seed % n
         };
         let mut state = KernelState::from_entries([], [], []);
-        for _ in 0..300 {
+        for round in 0..600 {
             let mut frontends = Vec::new();
             let mut storage: Vec<Vec<u8>> = Vec::new();
             for f in 0..(next(6) as u8) {
@@ -630,7 +694,12 @@ mod tests {
                 .iter()
                 .map(|&(f, i, a)| (f, storage[i].as_slice(), a))
                 .collect();
-            sync(&mut state, &desired(&spec));
+            // Half of the rounds written frontend by frontend, half phase by phase.
+            if round % 2 == 0 {
+                sync(&mut state, &desired(&spec));
+            } else {
+                sync_by_phase(&mut state, &desired(&spec));
+            }
         }
     }
 }

@@ -119,7 +119,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut manifests = Manifests::new(args.manifests.clone());
     let mut known = BTreeSet::new();
     let (snapshot, source_errors) =
-        watch::initial_load(&mut manifests, &mut known, &metrics.manifest_load);
+        watch::initial_load(&mut manifests, &mut known, &metrics.manifest_loads);
     let snapshot = Arc::new(snapshot);
     updates_tx
         .send(Update::Snapshot {
@@ -132,7 +132,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         snapshot,
         known,
         updates_tx.clone(),
-        metrics.manifest_load.clone(),
+        metrics.manifest_loads.clone(),
     )
     .context("starting the manifest watcher")?;
     let syncer = Syncer::new(

@@ -7,7 +7,7 @@
 //! a periodic resync that re-reads the maps to repair drift, and the elapsed time in metrics.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashSet},
     sync::{Arc, mpsc},
     time::{Duration, Instant, SystemTime},
 };
@@ -18,7 +18,7 @@ use crate::{
     kernel::maps::Maps,
     metrics::{Metrics, SyncLabels},
     model::{Node, Snapshot},
-    plan::KernelState,
+    plan::{self, KernelState, Op},
     tracker::{Change, Tracker},
 };
 
@@ -181,27 +181,42 @@ impl Syncer {
         pass.failed_frontends == 0
     }
 
-    /// Applies the batches in order; a failed write abandons the rest of its batch only.
-    fn apply(&mut self, batches: &[crate::plan::Batch]) -> Pass {
+    /// Applies the batches phase by phase ([`plan::by_phase`]), each run of same-kind writes
+    /// as batched syscalls. A failed write abandons the rest of its frontend's writes only
+    /// (they would break its make-before-break order); the next pass plans them again from
+    /// what did get written.
+    fn apply(&mut self, batches: &[plan::Batch]) -> Pass {
         let mut pass = Pass {
             writes: 0,
             failed_frontends: 0,
         };
-        for batch in batches {
-            for op in batch {
-                match self.maps.apply(op) {
-                    Ok(()) => {
-                        self.state.apply(op);
-                        pass.writes += 1;
-                    }
-                    Err(e) => {
-                        // The rest of this frontend's batch would break its ordering; the next
-                        // pass plans it again from what did get written.
-                        tracing::error!(error = %anyhow::Error::from(e), "map write failed");
-                        pass.failed_frontends += 1;
-                        break;
-                    }
+        let mut failed: HashSet<u32> = HashSet::new();
+        let ops = plan::by_phase(batches);
+        for group in ops.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b)) {
+            let mut todo: Vec<Op> = group
+                .iter()
+                .filter(|op| !failed.contains(&op.id()))
+                .copied()
+                .collect();
+            while !todo.is_empty() {
+                let (done, error) = match self.maps.apply_group(&todo) {
+                    Ok(()) => (todo.len(), None),
+                    Err((done, error)) => (done, Some(error)),
+                };
+                for op in &todo[..done] {
+                    self.state.apply(op);
                 }
+                pass.writes += done as u64;
+                let Some(error) = error else { break };
+                let bad = todo[done].id();
+                tracing::error!(error = %anyhow::Error::from(error), frontend_id = bad, "map write failed");
+                failed.insert(bad);
+                pass.failed_frontends += 1;
+                todo = todo[done + 1..]
+                    .iter()
+                    .filter(|op| op.id() != bad)
+                    .copied()
+                    .collect();
             }
         }
         pass

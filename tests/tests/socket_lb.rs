@@ -612,6 +612,16 @@ fn metrics_count_datapath_events() {
     );
     assert!(text.contains("lb_services 2"), "{text}");
     assert!(text.contains("lb_backends 1"), "{text}");
+    // Idle, the agent does not read its manifests again (its own reads are no changes).
+    let loads = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("lb_manifest_loads_total"))
+            .map(str::to_owned)
+    };
+    let before = loads(&text);
+    assert!(before.is_some(), "{text}");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(loads(&agent.metrics_text()), before);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The agent's handles on the pinned maps: reading what the kernel holds, applying
 //! [`Op`]s, and reading the counters.
 
-use std::path::Path;
+use std::{os::fd::AsFd as _, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::maps::{
@@ -10,7 +10,13 @@ use lb_common::maps::{
     MemberKey, REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
 };
 
-use super::PinLayout;
+use aya::maps::IterableMap as _;
+
+use super::{PinLayout, sys};
+
+/// Elements per batched syscall: big enough to amortise the syscall, small enough to keep
+/// each one short.
+const BATCH: usize = 4096;
 use crate::plan::{KernelState, Op};
 
 /// A map that could not be opened, read or written.
@@ -30,6 +36,12 @@ pub enum MapsError {
     },
     #[error("map {map} is full (capacity {capacity})")]
     Full { map: &'static str, capacity: u32 },
+    #[error("writing map {map}")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing map {map}")]
     Write {
         map: &'static str,
@@ -63,13 +75,6 @@ pub fn read_layout_version(path: &Path) -> Result<u32, MapError> {
     let data = MapData::from_pin(path)?;
     let meta: Array<MapData, u32> = Array::try_from(Map::from_map_data(data)?)?;
     meta.get(&META_LAYOUT_VERSION, 0)
-}
-
-fn errno(e: &MapError) -> Option<i32> {
-    match e {
-        MapError::SyscallError(s) => s.io_error.raw_os_error(),
-        _ => None,
-    }
 }
 
 /// Handles on every pinned map.
@@ -140,37 +145,135 @@ impl Maps {
         Ok(KernelState::from_entries(frontends, slots, members))
     }
 
-    /// Applies one write. Deleting what is already gone is not an error.
-    pub fn apply(&mut self, op: &Op) -> Result<(), MapsError> {
-        let (map, capacity, result) = match op {
-            Op::PutMember(key) => (
-                MEMBERS,
-                MAX_MEMBERS,
-                self.members.insert(key, MEMBER_PRESENT, 0),
-            ),
-            Op::PutSlot(key, backend) => (SLOTS, MAX_SLOTS, self.slots.insert(key, backend, 0)),
-            Op::PutFrontend(key, value) => (
-                FRONTENDS,
-                MAX_FRONTENDS,
-                self.frontends.insert(key, value, 0),
-            ),
-            Op::DelFrontend(key) => (FRONTENDS, MAX_FRONTENDS, self.frontends.remove(key)),
-            Op::DelSlot(key) => (SLOTS, MAX_SLOTS, self.slots.remove(key)),
-            Op::DelMember(key) => (MEMBERS, MAX_MEMBERS, self.members.remove(key)),
+    /// Applies writes that are all of the same kind (as [`crate::plan::by_phase`] groups
+    /// them), in order, with batched syscalls. Deleting what is already gone is not an
+    /// error. On failure: how many went through, and the error of the next one.
+    pub fn apply_group(&mut self, ops: &[Op]) -> Result<(), (usize, MapsError)> {
+        let Some(first) = ops.first() else {
+            return Ok(());
         };
-        match result {
-            Ok(()) => Ok(()),
-            Err(e)
-                if matches!(op, Op::DelFrontend(_) | Op::DelSlot(_) | Op::DelMember(_))
-                    && (errno(&e) == Some(libc::ENOENT) || matches!(e, MapError::KeyNotFound)) =>
-            {
-                Ok(())
+        let (name, capacity, fd) = match first {
+            Op::PutMember(_) | Op::DelMember(_) => {
+                (MEMBERS, MAX_MEMBERS, self.members.map().fd().as_fd())
             }
-            Err(e) if matches!(errno(&e), Some(libc::E2BIG | libc::ENOSPC)) => {
-                Err(MapsError::Full { map, capacity })
+            Op::PutSlot(..) | Op::DelSlot(_) => (SLOTS, MAX_SLOTS, self.slots.map().fd().as_fd()),
+            Op::PutFrontend(..) | Op::DelFrontend(..) => {
+                (FRONTENDS, MAX_FRONTENDS, self.frontends.map().fd().as_fd())
             }
-            Err(source) => Err(MapsError::Write { map, source }),
+        };
+        let deleting = matches!(
+            first,
+            Op::DelMember(_) | Op::DelSlot(_) | Op::DelFrontend(..)
+        );
+        let mut done = 0;
+        for chunk in ops.chunks(BATCH) {
+            let mut offset = 0;
+            while offset < chunk.len() {
+                let rest = &chunk[offset..];
+                let result = match first {
+                    Op::PutMember(_) => {
+                        let keys: Vec<MemberKey> = rest
+                            .iter()
+                            .filter_map(|op| {
+                                if let Op::PutMember(k) = op {
+                                    Some(*k)
+                                } else {
+                                    None
+                                }
+                            })
+                            .collect();
+                        sys::map_update_batch(fd, &keys, &vec![MEMBER_PRESENT; keys.len()])
+                    }
+                    Op::PutSlot(..) => {
+                        let (keys, values): (Vec<SlotKey>, Vec<Backend>) = rest
+                            .iter()
+                            .filter_map(|op| {
+                                if let Op::PutSlot(k, v) = op {
+                                    Some((*k, *v))
+                                } else {
+                                    None
+                                }
+                            })
+                            .unzip();
+                        sys::map_update_batch(fd, &keys, &values)
+                    }
+                    Op::PutFrontend(..) => {
+                        let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) = rest
+                            .iter()
+                            .filter_map(|op| {
+                                if let Op::PutFrontend(k, v) = op {
+                                    Some((*k, *v))
+                                } else {
+                                    None
+                                }
+                            })
+                            .unzip();
+                        sys::map_update_batch(fd, &keys, &values)
+                    }
+                    Op::DelMember(_) => {
+                        let keys: Vec<MemberKey> = rest
+                            .iter()
+                            .filter_map(|op| {
+                                if let Op::DelMember(k) = op {
+                                    Some(*k)
+                                } else {
+                                    None
+                                }
+                            })
+                            .collect();
+                        sys::map_delete_batch(fd, &keys)
+                    }
+                    Op::DelSlot(_) => {
+                        let keys: Vec<SlotKey> = rest
+                            .iter()
+                            .filter_map(|op| {
+                                if let Op::DelSlot(k) = op {
+                                    Some(*k)
+                                } else {
+                                    None
+                                }
+                            })
+                            .collect();
+                        sys::map_delete_batch(fd, &keys)
+                    }
+                    Op::DelFrontend(..) => {
+                        let keys: Vec<FrontendKey> = rest
+                            .iter()
+                            .filter_map(|op| {
+                                if let Op::DelFrontend(k, _) = op {
+                                    Some(*k)
+                                } else {
+                                    None
+                                }
+                            })
+                            .collect();
+                        sys::map_delete_batch(fd, &keys)
+                    }
+                };
+                match result {
+                    Ok(()) => offset = chunk.len(),
+                    // Already gone: as good as deleted; go on after it.
+                    Err(e) if deleting && e.error.raw_os_error() == Some(libc::ENOENT) => {
+                        offset += e.done + 1
+                    }
+                    Err(e) => {
+                        let err = match e.error.raw_os_error() {
+                            Some(libc::E2BIG | libc::ENOSPC) => MapsError::Full {
+                                map: name,
+                                capacity,
+                            },
+                            _ => MapsError::Batch {
+                                map: name,
+                                source: e.error,
+                            },
+                        };
+                        return Err((done + offset + e.done, err));
+                    }
+                }
+            }
+            done += chunk.len();
         }
+        Ok(())
     }
 
     /// The datapath counters, summed over CPUs, indexed as `lb_common::stats`.

@@ -188,3 +188,86 @@ pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
     Ok(std::fs::metadata(dir)?.ino())
 }
+
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// A batch that stopped early: how many elements went through, and why it stopped.
+#[derive(Debug)]
+pub struct BatchError {
+    pub done: usize,
+    pub error: io::Error,
+}
+
+fn batch(
+    cmd: bpf_cmd,
+    map: BorrowedFd<'_>,
+    keys: *const u8,
+    values: *const u8,
+    count: usize,
+) -> Result<(), BatchError> {
+    let count32 = u32::try_from(count).map_err(|_| BatchError {
+        done: 0,
+        error: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys as u64,
+        values: values as u64,
+        count: count32,
+        map_fd: raw(map),
+        elem_flags: 0,
+        flags: 0,
+    };
+    match bpf(cmd, &mut attr) {
+        Ok(_) => Ok(()),
+        // The kernel reports in `count` how many elements it processed before the error.
+        Err(error) => Err(BatchError {
+            done: usize::try_from(attr.count).unwrap_or(0).min(count),
+            error,
+        }),
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: `keys[i] -> values[i]`, in order, in one syscall.
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), BatchError> {
+    if keys.len() != values.len() {
+        return Err(BatchError {
+            done: 0,
+            error: io::Error::from(io::ErrorKind::InvalidInput),
+        });
+    }
+    batch(
+        bpf_cmd::BPF_MAP_UPDATE_BATCH,
+        map,
+        keys.as_ptr().cast(),
+        values.as_ptr().cast(),
+        keys.len(),
+    )
+}
+
+/// `BPF_MAP_DELETE_BATCH`: deletes `keys`, in order, in one syscall (a missing key stops it
+/// with ENOENT).
+pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), BatchError> {
+    batch(
+        bpf_cmd::BPF_MAP_DELETE_BATCH,
+        map,
+        keys.as_ptr().cast(),
+        std::ptr::null(),
+        keys.len(),
+    )
+}

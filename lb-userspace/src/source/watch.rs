@@ -12,7 +12,7 @@ use std::{
 use notify::{RecursiveMode, Watcher as _};
 
 use super::manifests::{Manifests, list_files};
-use crate::{model::Snapshot, sync::Update};
+use crate::{metrics::ManifestLoads, model::Snapshot, sync::Update};
 
 /// Quiet time after the last event before reloading (editors write in several steps).
 const SETTLE: Duration = Duration::from_millis(100);
@@ -66,24 +66,21 @@ fn report(errors: &[super::manifests::ManifestError], known: &mut BTreeSet<Strin
 }
 
 /// Loads the manifests once (logging problems) and returns the snapshot and error count.
-/// The gauge that records how long a read of the manifests took.
-pub type LoadGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
-
 /// Reads every manifest, recording the time it took.
 fn load(
     manifests: &mut Manifests,
-    gauge: &LoadGauge,
+    gauge: &ManifestLoads,
 ) -> (Snapshot, Vec<super::manifests::ManifestError>) {
     let started = Instant::now();
     let loaded = manifests.load();
-    gauge.set(started.elapsed().as_secs_f64());
+    gauge.record(started.elapsed());
     loaded
 }
 
 pub fn initial_load(
     manifests: &mut Manifests,
     known: &mut BTreeSet<String>,
-    gauge: &LoadGauge,
+    gauge: &ManifestLoads,
 ) -> (Snapshot, usize) {
     let (snapshot, errors) = load(manifests, gauge);
     report(&errors, known);
@@ -97,13 +94,20 @@ pub fn spawn(
     mut last: Arc<Snapshot>,
     mut known: BTreeSet<String>,
     updates: mpsc::Sender<Update>,
-    gauge: LoadGauge,
+    gauge: ManifestLoads,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("manifests".into()).spawn(move || {
         let (events_tx, events) = mpsc::channel();
         let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // Only the fact that something changed matters; the reload looks at everything.
-            let _receiver_gone = events_tx.send(event.is_ok());
+            // Reads (our own included) are not changes.
+            let changed = match event {
+                Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
+                Err(_) => true,
+            };
+            if changed {
+                let _receiver_gone = events_tx.send(());
+            }
         }) {
             Ok(w) => Some(w),
             Err(e) => {

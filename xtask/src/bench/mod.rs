@@ -50,10 +50,10 @@ impl Plan {
         if quick {
             Self {
                 services: vec![1, 1000],
-                transactions: 400,
-                repeats: 2,
+                transactions: 300,
+                repeats: 5,
                 iperf_seconds: 1,
-                iperf_repeats: 1,
+                iperf_repeats: 2,
                 change_services: 1000,
                 change_repeats: 2,
                 load_budget: Duration::from_secs(30),
@@ -61,10 +61,10 @@ impl Plan {
         } else {
             Self {
                 services: vec![1, 1000, 10_000, 100_000],
-                transactions: 3000,
-                repeats: 5,
-                iperf_seconds: 4,
-                iperf_repeats: 3,
+                transactions: 1500,
+                repeats: 15,
+                iperf_seconds: 3,
+                iperf_repeats: 5,
                 change_services: 10_000,
                 change_repeats: 5,
                 load_budget: Duration::from_secs(240),
@@ -92,6 +92,15 @@ impl Mode {
             Self::Nftables => "nftables",
         }
     }
+}
+
+/// A mode set up on its own topology.
+struct Setup {
+    mode: Mode,
+    set: ServiceSet,
+    /// Dropped before the topology (field order): the agent goes before its cgroup.
+    programmed: Programmed,
+    topo: Topology,
 }
 
 /// A mode made ready on a topology: what must stay alive while measuring.
@@ -181,19 +190,13 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
     let mut bench = Bench { plan, results };
     let started = Instant::now();
     for n in bench.plan.services.clone() {
-        for mode in Mode::ALL {
-            eprintln!(
-                "bench: {} with {n} Services ({:.0} s so far)",
-                mode.name(),
-                started.elapsed().as_secs_f64()
-            );
-            bench.scale_point(mode, n)?;
-        }
+        eprintln!(
+            "bench: {n} Services ({:.0} s so far)",
+            started.elapsed().as_secs_f64()
+        );
+        bench.scale_point(n)?;
     }
-    for mode in Mode::ALL {
-        eprintln!("bench: {} throughput", mode.name());
-        bench.throughput(mode)?;
-    }
+    bench.throughput()?;
     let dir = cmd::root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
     let json = dir.join(format!("{name}.json"));
@@ -211,6 +214,15 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn to_f64(n: usize) -> f64 {
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "Service counts are far below 2^52"
+    )]
+    let n = n as f64;
+    n
+}
+
 /// `cargo xtask gen-services`: the bench's Service set as manifests in `out`.
 pub fn generate(n: usize, endpoints: usize, out: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
@@ -222,6 +234,18 @@ pub fn generate(n: usize, endpoints: usize, out: &std::path::Path) -> anyhow::Re
 }
 
 impl Bench {
+    /// Whether loading `n` Services into a peer would exceed the budget, extrapolating
+    /// linearly (at best) from its largest measured load.
+    fn too_slow(&self, mode: Mode, n: usize) -> bool {
+        self.results
+            .full_sync
+            .iter()
+            .filter(|r| r.mode == mode.name() && r.services < n)
+            .max_by_key(|r| r.services)
+            .and_then(|r| Some(r.seconds? * to_f64(n) / to_f64(r.services)))
+            .is_some_and(|predicted| predicted > self.plan.load_budget.as_secs_f64())
+    }
+
     fn skip(&mut self, what: String) {
         eprintln!("bench: skipped: {what}");
         self.results.skipped.push(what);
@@ -273,6 +297,15 @@ impl Bench {
                 programmed.agent = Some(agent);
                 programmed._manifests = Some(dir);
             }
+            Mode::Iptables | Mode::Nftables if self.too_slow(mode, n) => {
+                self.skip(format!(
+                    "{} with {n} Services: loading {} would take longer than {:?} (extrapolated from the smaller sets)",
+                    mode.name(),
+                    if mode == Mode::Iptables { "the rules" } else { "the ruleset" },
+                    self.plan.load_budget
+                ));
+                return Ok(None);
+            }
             Mode::Iptables | Mode::Nftables => {
                 let (args, text): (&[&str], String) = if mode == Mode::Iptables {
                     (&[iptables_restore()], set.iptables())
@@ -305,61 +338,131 @@ impl Bench {
         Ok(Some(programmed))
     }
 
-    /// Latency at one scale for one mode (and the endpoint-change times at the change scale).
-    fn scale_point(&mut self, mode: Mode, n: usize) -> anyhow::Result<()> {
-        let topo = Topology::new(ENDPOINTS, &Servers::Echo)?;
-        let set = ServiceSet::new(n, topo.backends.clone());
-        let Some(programmed) = self.program(mode, &topo, &set, n > 1)? else {
-            return Ok(());
-        };
-        for proto in Proto::BOTH {
-            let (port, target_port) = proto.ports();
-            let targets: Vec<(&str, SocketAddr)> = if mode == Mode::Direct {
-                vec![(
-                    "pod",
-                    SocketAddrV4::new(topo.backends[0], target_port).into(),
-                )]
-            } else {
-                vec![
-                    ("first", SocketAddrV4::new(ServiceSet::vip(0), port).into()),
-                    (
-                        "last",
-                        SocketAddrV4::new(ServiceSet::vip(n - 1), port).into(),
-                    ),
-                ]
-            };
-            for (target, addr) in targets {
-                // Warm up: neighbour tables, caches, conntrack.
-                rr(&topo, proto, addr, 50)?;
-                let mut runs = Vec::new();
-                for _ in 0..self.plan.repeats {
-                    runs.push(rr(&topo, proto, addr, self.plan.transactions)?);
-                }
-                let us = |f: &dyn Fn(&measure::Rr) -> Option<f64>| {
-                    Spread::of(runs.iter().filter_map(f).collect())
-                };
-                #[expect(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]
-                let to_us = |ns: u64| ns as f64 / 1e3;
-                self.results.latency.push(LatencyRow {
-                    mode: mode.name().into(),
-                    services: n,
-                    proto: proto.lower().into(),
-                    target: target.into(),
-                    connect_p50_us: us(&|r| r.connect_ns.map(|l| to_us(l.p50))),
-                    connect_p99_us: us(&|r| r.connect_ns.map(|l| to_us(l.p99))),
-                    transaction_p50_us: us(&|r| r.transaction_ns.map(|l| to_us(l.p50)))
-                        .unwrap_or_default(),
-                    transaction_p99_us: us(&|r| r.transaction_ns.map(|l| to_us(l.p99)))
-                        .unwrap_or_default(),
-                    per_second: us(&|r| Some(r.per_second)).unwrap_or_default(),
-                    lost: runs.iter().map(|r| r.errors).sum(),
+    /// Sets up every mode for `n` Services (one topology each), then measures them in
+    /// interleaved rounds, so drift of the machine hits all modes alike.
+    fn scale_point(&mut self, n: usize) -> anyhow::Result<()> {
+        let mut setups: Vec<Setup> = Vec::new();
+        for mode in Mode::ALL {
+            eprintln!("bench: programming {} with {n} Services", mode.name());
+            let topo = Topology::new(ENDPOINTS, &Servers::Echo)?;
+            let set = ServiceSet::new(n, topo.backends.clone());
+            if let Some(programmed) = self.program(mode, &topo, &set, n > 1)? {
+                setups.push(Setup {
+                    mode,
+                    topo,
+                    set,
+                    programmed,
                 });
             }
         }
-        if n == self.plan.change_services && mode != Mode::Direct {
-            self.endpoint_change(mode, &topo, &set, programmed.agent.as_ref())?;
+        // Every (mode, proto, target) measured once per round.
+        let mut points: Vec<(usize, Proto, &'static str, SocketAddr)> = Vec::new();
+        for (i, setup) in setups.iter().enumerate() {
+            for proto in Proto::BOTH {
+                let (port, target_port) = proto.ports();
+                if setup.mode == Mode::Lb {
+                    // The pod directly, with lb's programs attached: what lb costs a connect()
+                    // that is not to a Service.
+                    points.push((
+                        i,
+                        proto,
+                        "pod",
+                        SocketAddrV4::new(setup.topo.backends[0], target_port).into(),
+                    ));
+                }
+                if setup.mode == Mode::Direct {
+                    points.push((
+                        i,
+                        proto,
+                        "pod",
+                        SocketAddrV4::new(setup.topo.backends[0], target_port).into(),
+                    ));
+                } else {
+                    points.push((
+                        i,
+                        proto,
+                        "first",
+                        SocketAddrV4::new(ServiceSet::vip(0), port).into(),
+                    ));
+                    points.push((
+                        i,
+                        proto,
+                        "last",
+                        SocketAddrV4::new(ServiceSet::vip(n - 1), port).into(),
+                    ));
+                }
+            }
         }
-        drop(programmed);
+        for &(i, proto, _, addr) in &points {
+            // Warm up: neighbour tables, caches, conntrack.
+            rr(&setups[i].topo, proto, addr, 50)?;
+        }
+        let mut runs: Vec<Vec<measure::Rr>> = vec![Vec::new(); points.len()];
+        for round in 0..self.plan.repeats {
+            eprintln!(
+                "bench: {n} Services, round {}/{}",
+                round + 1,
+                self.plan.repeats
+            );
+            for (k, &(i, proto, _, addr)) in points.iter().enumerate() {
+                runs[k].push(rr(&setups[i].topo, proto, addr, self.plan.transactions)?);
+            }
+        }
+        #[expect(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]
+        let to_us = |ns: u64| ns as f64 / 1e3;
+        // The headline p50 of a run: connect() for TCP, the transaction for UDP.
+        let p50 = |r: &measure::Rr| r.connect_ns.or(r.transaction_ns).map(|l| to_us(l.p50));
+        for (k, &(i, proto, target, _)) in points.iter().enumerate() {
+            let direct = points
+                .iter()
+                .position(|&(j, p, _, _)| setups[j].mode == Mode::Direct && p == proto);
+            let p50_vs_direct = direct
+                .filter(|_| setups[i].mode != Mode::Direct)
+                .and_then(|d| {
+                    Spread::of(
+                        runs[k]
+                            .iter()
+                            .zip(&runs[d])
+                            .filter_map(|(mine, direct)| Some(p50(mine)? / p50(direct)?))
+                            .collect(),
+                    )
+                });
+            let runs = &runs[k];
+            let spread = |f: &dyn Fn(&measure::Rr) -> Option<f64>| {
+                Spread::of(runs.iter().filter_map(f).collect())
+            };
+            self.results.latency.push(LatencyRow {
+                mode: setups[i].mode.name().into(),
+                services: n,
+                proto: proto.lower().into(),
+                target: target.into(),
+                connect_p50_us: spread(&|r| r.connect_ns.map(|l| to_us(l.p50))),
+                connect_p99_us: spread(&|r| r.connect_ns.map(|l| to_us(l.p99))),
+                transaction_p50_us: spread(&|r| r.transaction_ns.map(|l| to_us(l.p50)))
+                    .unwrap_or_default(),
+                transaction_p99_us: spread(&|r| r.transaction_ns.map(|l| to_us(l.p99)))
+                    .unwrap_or_default(),
+                per_second: spread(&|r| Some(r.per_second)).unwrap_or_default(),
+                p50_vs_direct,
+                lost: runs.iter().map(|r| r.errors).sum(),
+            });
+        }
+        if n == self.plan.change_services {
+            for setup in &setups {
+                if setup.mode != Mode::Direct {
+                    eprintln!(
+                        "bench: {} endpoint changes with {n} Services",
+                        setup.mode.name()
+                    );
+                    self.endpoint_change(
+                        setup.mode,
+                        &setup.topo,
+                        &setup.set,
+                        setup.programmed.agent.as_ref(),
+                    )?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -441,29 +544,61 @@ impl Bench {
         Ok(())
     }
 
-    /// Bulk TCP through one mode: a one-endpoint Service in front of iperf3.
-    fn throughput(&mut self, mode: Mode) -> anyhow::Result<()> {
-        let topo = Topology::new(1, &Servers::Iperf)?;
-        let set = ServiceSet::new(1, topo.backends.clone());
-        let Some(programmed) = self.program(mode, &topo, &set, false)? else {
-            return Ok(());
-        };
-        let addr: SocketAddr = if mode == Mode::Direct {
-            SocketAddrV4::new(topo.backends[0], services::TCP_TARGET).into()
-        } else {
-            SocketAddrV4::new(ServiceSet::vip(0), services::TCP_PORT).into()
-        };
-        let mut runs = Vec::new();
-        for _ in 0..self.plan.iperf_repeats {
-            runs.push(measure::iperf(&topo, addr, self.plan.iperf_seconds)?);
+    /// Bulk TCP through every mode, interleaved: a one-endpoint Service in front of iperf3.
+    fn throughput(&mut self) -> anyhow::Result<()> {
+        let mut setups: Vec<(Setup, SocketAddr)> = Vec::new();
+        for mode in Mode::ALL {
+            let topo = Topology::new(1, &Servers::Iperf)?;
+            let set = ServiceSet::new(1, topo.backends.clone());
+            let Some(programmed) = self.program(mode, &topo, &set, false)? else {
+                continue;
+            };
+            let addr: SocketAddr = if mode == Mode::Direct {
+                SocketAddrV4::new(topo.backends[0], services::TCP_TARGET).into()
+            } else {
+                SocketAddrV4::new(ServiceSet::vip(0), services::TCP_PORT).into()
+            };
+            setups.push((
+                Setup {
+                    mode,
+                    set,
+                    programmed,
+                    topo,
+                },
+                addr,
+            ));
         }
-        if let Some(gbps) = Spread::of(runs) {
-            self.results.throughput.push(ThroughputRow {
-                mode: mode.name().into(),
-                gbps,
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+        for round in 0..self.plan.iperf_repeats {
+            eprintln!(
+                "bench: throughput, round {}/{}",
+                round + 1,
+                self.plan.iperf_repeats
+            );
+            for (k, (setup, addr)) in setups.iter().enumerate() {
+                runs[k].push(measure::iperf(&setup.topo, *addr, self.plan.iperf_seconds)?);
+            }
+        }
+        let direct = setups.iter().position(|(s, _)| s.mode == Mode::Direct);
+        for (k, (setup, _)) in setups.iter().enumerate() {
+            // Paired with direct's run of the same round, so the machine's drift cancels.
+            let vs_direct = direct.filter(|_| setup.mode != Mode::Direct).and_then(|d| {
+                Spread::of(
+                    runs[k]
+                        .iter()
+                        .zip(&runs[d])
+                        .map(|(mine, direct)| mine / direct)
+                        .collect(),
+                )
             });
+            if let Some(gbps) = Spread::of(runs[k].clone()) {
+                self.results.throughput.push(ThroughputRow {
+                    mode: setup.mode.name().into(),
+                    gbps,
+                    vs_direct,
+                });
+            }
         }
-        drop(programmed);
         Ok(())
     }
 }

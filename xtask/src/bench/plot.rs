@@ -47,6 +47,7 @@ fn chart(
             chart
                 .configure_mesh()
                 .x_desc("Services programmed (N)")
+                .x_label_formatter(&|x| format!("{x:.0}"))
                 .y_desc(y_label)
                 .label_style(("sans-serif", 15))
                 .draw()
