@@ -62,6 +62,9 @@ enum Command {
         addr: SocketAddr,
         #[arg(long, default_value_t = 1000)]
         count: usize,
+        /// How long to wait for each response before counting it lost (milliseconds).
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
     },
     /// TCP: `count` connections with one request each, or one connection with `count`
     /// requests (`--keepalive`).
@@ -507,7 +510,7 @@ fn rr_tcp(addr: SocketAddr, count: usize) -> RrReport {
     )
 }
 
-fn rr_udp(addr: SocketAddr, count: usize) -> RrReport {
+fn rr_udp(addr: SocketAddr, count: usize, timeout: Duration) -> RrReport {
     let mut transactions = Vec::with_capacity(count);
     let mut first_error = None;
     let started = std::time::Instant::now();
@@ -515,6 +518,7 @@ fn rr_udp(addr: SocketAddr, count: usize) -> RrReport {
     for _ in 0..count {
         let t0 = std::time::Instant::now();
         let result = udp_socket(addr).and_then(|s| {
+            s.set_read_timeout(Some(timeout))?;
             s.send_to(b"x", addr)?;
             s.recv_from(&mut buf)
         });
@@ -560,7 +564,13 @@ fn main() -> anyhow::Result<()> {
             udp_addrs,
         } => return serve(&name, &tcp, &udp, bench, &udp_addrs),
         Command::RrTcp { addr, count } => return print_json(&rr_tcp(addr, count)),
-        Command::RrUdp { addr, count } => return print_json(&rr_udp(addr, count)),
+        Command::RrUdp {
+            addr,
+            count,
+            timeout_ms,
+        } => {
+            return print_json(&rr_udp(addr, count, Duration::from_millis(timeout_ms)));
+        }
         Command::Tcp {
             addr,
             count,

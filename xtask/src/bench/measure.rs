@@ -32,10 +32,18 @@ pub fn rr(topo: &Topology, proto: Proto, addr: SocketAddr, count: usize) -> anyh
         Proto::Udp => "rr-udp",
     };
     let bin = crate::cmd::testpod_bin();
-    let out = topo.in_client(
-        bin.to_str().context("utf-8 path")?,
-        &[sub, &addr.to_string(), "--count", &count.to_string()],
-    )?;
+    let mut args = vec![
+        sub.to_owned(),
+        addr.to_string(),
+        "--count".into(),
+        count.to_string(),
+    ];
+    if proto == Proto::Udp {
+        // A lost datagram costs this much of the run's wall time.
+        args.extend(["--timeout-ms".into(), "200".into()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = topo.in_client(bin.to_str().context("utf-8 path")?, &args)?;
     let report: Rr =
         serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))?;
     // A lost datagram now and then is a fact of UDP (it is counted and reported); more than
