@@ -37,7 +37,8 @@ pub struct RunArgs {
     /// A YAML/JSON file or a directory of them (repeatable); watched for changes.
     #[arg(long = "manifests", value_name = "PATH")]
     pub manifests: Vec<PathBuf>,
-    /// Watch the Kubernetes API with this kubeconfig.
+    /// Watch the Kubernetes API with this kubeconfig (without it and without --manifests:
+    /// the in-cluster service account).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// cgroup v2 directory the socket programs attach to [default: the cgroup2 mount's root].
@@ -64,6 +65,10 @@ pub struct RunArgs {
     /// `/healthz` fails when a change has waited this long (seconds) without reaching the kernel.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub healthz_stale_after: u64,
+    /// `/healthz` fails when the Kubernetes API has been failing this long (seconds); the
+    /// datapath keeps serving the last known state meanwhile.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub api_stale_after: u64,
     /// Re-read the maps and repair any drift this often (seconds).
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub resync_period: u64,

@@ -1,11 +1,16 @@
-//! `/healthz` state, with kube-proxy's semantics: healthy once the first full sync is in the
-//! kernel, and unhealthy again when a change has waited longer than the stale time without
-//! reaching the kernel (the agent is stuck or its writes keep failing).
+//! `/healthz` and `/livez` state, with kube-proxy's semantics: healthy once the first full
+//! sync is in the kernel, and unhealthy again when a change has waited longer than the stale
+//! time without reaching the kernel (the agent is stuck or its writes keep failing).
+//! `/healthz` also fails while the Kubernetes API has been unreachable for longer than its
+//! own stale time (the datapath still serves the last known state); `/livez`, for liveness
+//! probes, does not, since restarting the agent cannot fix the API.
 
 use std::{
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
+
+use crate::source::kube::SourceHealth;
 
 #[derive(Debug, Default)]
 struct State {
@@ -20,6 +25,8 @@ struct State {
 pub struct Health {
     state: Mutex<State>,
     stale_after: Duration,
+    /// The API source's health and how long it may fail before `/healthz` says so.
+    source: Option<(Arc<SourceHealth>, Duration)>,
 }
 
 /// What `/healthz` answers.
@@ -33,6 +40,8 @@ pub struct Report {
     pub current_time: String,
     /// Seconds the oldest unsynced change has waited.
     pub pending_seconds: Option<f64>,
+    /// Seconds the Kubernetes API has been failing, if it is.
+    pub source_failing_seconds: Option<f64>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -60,7 +69,14 @@ impl Health {
         Self {
             state: Mutex::new(State::default()),
             stale_after,
+            source: None,
         }
+    }
+
+    /// Makes `/healthz` fail when the API source has been failing for `stale_after`.
+    pub fn with_source(mut self, source: Arc<SourceHealth>, stale_after: Duration) -> Self {
+        self.source = Some((source, stale_after));
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -82,16 +98,31 @@ impl Health {
         state.pending_since = None;
     }
 
+    /// `/healthz`: synced, nothing stuck, and the API source (if any) not failing for long.
     pub fn report(&self) -> Report {
         let state = self.lock();
         let pending = state.pending_since.map(|t| t.elapsed());
-        let healthy = state.last_synced.is_some() && pending.is_none_or(|p| p < self.stale_after);
+        let failing = self
+            .source
+            .as_ref()
+            .and_then(|(source, limit)| Some((source.failing_for()?, *limit)));
+        let healthy = state.last_synced.is_some()
+            && pending.is_none_or(|p| p < self.stale_after)
+            && failing.is_none_or(|(for_, limit)| for_ < limit);
         Report {
             healthy,
             last_updated: state.last_synced.map(|(_, wall)| rfc3339(wall)),
             current_time: rfc3339(SystemTime::now()),
             pending_seconds: pending.map(|p| p.as_secs_f64()),
+            source_failing_seconds: failing.map(|(for_, _)| for_.as_secs_f64()),
         }
+    }
+
+    /// `/livez`: the sync loop is not stuck (a change has not waited for the stale time).
+    pub fn live(&self) -> bool {
+        self.lock()
+            .pending_since
+            .is_none_or(|p| p.elapsed() < self.stale_after)
     }
 }
 

@@ -19,6 +19,17 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (status, [("content-type", "application/json")], body)
 }
 
+async fn livez(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    if health.live() {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stuck: a change has not reached the kernel in time",
+        )
+    }
+}
+
 async fn metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     match crate::metrics::render(&metrics) {
         Ok(text) => (
@@ -62,7 +73,7 @@ pub async fn start(
     if let Some(addr) = healthz_addr {
         let router = Router::new()
             .route("/healthz", get(healthz))
-            .route("/livez", get(|| async { "ok" }))
+            .route("/livez", get(livez))
             .with_state(health);
         serve("healthz", addr, router).await?;
     }

@@ -16,6 +16,21 @@ use prometheus_client::{
     registry::Registry,
 };
 
+/// Resource label of the API source's metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: &'static str,
+}
+
+/// The Kubernetes API source (shared with its task).
+#[derive(Clone, Debug, Default)]
+pub struct SourceMetrics {
+    /// 1 while the API answers.
+    pub up: Gauge,
+    pub events: Family<ResourceLabels, Counter>,
+    pub errors: Family<ResourceLabels, Counter>,
+}
+
 /// Result label of `lb_syncs_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncLabels {
@@ -41,6 +56,7 @@ pub struct Metrics {
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Reads of the manifests.
     pub manifest_loads: ManifestLoads,
+    pub source: SourceMetrics,
 }
 
 /// How often and how long the manifests were read (shared with the watcher thread).
@@ -71,6 +87,7 @@ impl Metrics {
         let config_errors = Gauge::default();
         let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let manifest_loads = ManifestLoads::default();
+        let source = SourceMetrics::default();
         registry.register(
             "services",
             "Load-balanced Services programmed in the kernel",
@@ -121,6 +138,21 @@ impl Metrics {
             "Reads of the manifests (at start and after each change)",
             manifest_loads.total.clone(),
         );
+        registry.register(
+            "source_up",
+            "1 while the Kubernetes API answers (API source only)",
+            source.up.clone(),
+        );
+        registry.register(
+            "source_events",
+            "Watch events received from the Kubernetes API, by resource",
+            source.events.clone(),
+        );
+        registry.register(
+            "source_errors",
+            "Errors watching the Kubernetes API, by resource (each retried)",
+            source.errors.clone(),
+        );
         Self {
             registry,
             services,
@@ -132,6 +164,7 @@ impl Metrics {
             config_errors,
             last_sync,
             manifest_loads,
+            source,
         }
     }
 

@@ -195,6 +195,8 @@ pub struct Snapshot {
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     /// EndpointSlices by owning Service, each list sorted by slice key.
     pub slices: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), when the source knows it.
+    pub zone: Option<String>,
 }
 
 impl Snapshot {

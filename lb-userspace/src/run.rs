@@ -23,7 +23,11 @@ use crate::{
     },
     metrics::Metrics,
     model::Node,
-    source::{manifests::Manifests, watch},
+    source::{
+        kube::{self, SourceHealth},
+        manifests::Manifests,
+        watch,
+    },
     sync::{Syncer, Update},
 };
 
@@ -56,15 +60,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !args.xdp_ifaces.is_empty() {
         bail!("--xdp-iface: the XDP/tc NodePort datapath is not implemented in this version of lb");
     }
-    if args.manifests.is_empty() {
-        bail!(
-            "lb run needs --manifests PATH: watching the Kubernetes API (--kubeconfig or in-cluster) is not implemented in this version of lb"
-        );
-    }
-    if args.kubeconfig.is_some() {
-        bail!(
-            "--kubeconfig: watching the Kubernetes API is not implemented in this version of lb; use --manifests"
-        );
+    if !args.manifests.is_empty() && args.kubeconfig.is_some() {
+        bail!("--manifests and --kubeconfig: lb reads one source; pass one of them");
     }
     let healthz_addr = bind_address("healthz-bind-address", &args.healthz_bind_address)?;
     let metrics_addr = bind_address("metrics-bind-address", &args.metrics_bind_address)?;
@@ -73,6 +70,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             bail!("--manifests {}: no such file or directory", path.display());
         }
     }
+    // The API client's configuration is checked before anything touches the kernel.
+    let kube_client = if args.manifests.is_empty() {
+        Some(kube_client(args.kubeconfig.as_deref()).await?)
+    } else {
+        None
+    };
     let node = Node {
         name: node_name(args.node_name.as_deref()),
         zone: None,
@@ -107,7 +110,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "datapath ready"
     );
 
-    let health = Arc::new(Health::new(Duration::from_secs(args.healthz_stale_after)));
+    let source_health = Arc::new(SourceHealth::default());
+    let mut health = Health::new(Duration::from_secs(args.healthz_stale_after));
+    if kube_client.is_some() {
+        health = health.with_source(
+            source_health.clone(),
+            Duration::from_secs(args.api_stale_after),
+        );
+    }
+    let health = Arc::new(health);
     let mut metrics = Metrics::new();
     let stats = Maps::open_stats(&layout)?;
     metrics.register_datapath(stats);
@@ -116,25 +127,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Sources and the syncer.
     let (updates_tx, updates) = mpsc::channel();
-    let mut manifests = Manifests::new(args.manifests.clone());
-    let mut known = BTreeSet::new();
-    let (snapshot, source_errors) =
-        watch::initial_load(&mut manifests, &mut known, &metrics.manifest_loads);
-    let snapshot = Arc::new(snapshot);
-    updates_tx
-        .send(Update::Snapshot {
-            snapshot: snapshot.clone(),
-            source_errors,
-        })
-        .context("starting the syncer")?;
-    watch::spawn(
-        manifests,
-        snapshot,
-        known,
-        updates_tx.clone(),
-        metrics.manifest_loads.clone(),
-    )
-    .context("starting the manifest watcher")?;
+    if let Some(client) = kube_client {
+        tracing::info!(node = %node.name, selector = kube::LABEL_SELECTOR, "watching Services and EndpointSlices");
+        tokio::spawn(kube::run(
+            client,
+            node.name.clone(),
+            updates_tx.clone(),
+            metrics.source.clone(),
+            source_health,
+        ));
+    } else {
+        start_manifests(&args.manifests, &updates_tx, &metrics)?;
+    }
     let syncer = Syncer::new(
         maps,
         state,
@@ -157,6 +161,55 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("joining the syncer")?
         .map_err(|_| anyhow::anyhow!("the syncer panicked"))?;
     drop(ebpf);
+    Ok(())
+}
+
+/// The API client: from `--kubeconfig`, else the in-cluster service account.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<::kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = ::kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            ::kube::Config::from_custom_kubeconfig(file, &::kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => ::kube::Config::incluster().context(
+            "no --manifests or --kubeconfig, and not in a pod: the in-cluster API configuration is missing",
+        )?,
+    };
+    // kube's own retry of 503/429 answers hides an outage for minutes (15 tries, backing off
+    // up to 1000 s); the watchers retry with their own backoff, and each failure shows.
+    let mut config = config;
+    config.default_retry = false;
+    ::kube::Client::try_from(config).context("creating the Kubernetes API client")
+}
+
+/// Reads the manifests once, hands the snapshot to the syncer and starts watching them.
+fn start_manifests(
+    paths: &[PathBuf],
+    updates: &mpsc::Sender<Update>,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let mut manifests = Manifests::new(paths.to_vec());
+    let mut known = BTreeSet::new();
+    let (snapshot, source_errors) =
+        watch::initial_load(&mut manifests, &mut known, &metrics.manifest_loads);
+    let snapshot = Arc::new(snapshot);
+    updates
+        .send(Update::Snapshot {
+            snapshot: snapshot.clone(),
+            source_errors,
+        })
+        .context("starting the syncer")?;
+    watch::spawn(
+        manifests,
+        snapshot,
+        known,
+        updates.clone(),
+        metrics.manifest_loads.clone(),
+    )
+    .context("starting the manifest watcher")?;
     Ok(())
 }
 

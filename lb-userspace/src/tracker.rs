@@ -98,6 +98,12 @@ impl Tracker {
 
     /// Brings the desired state up to `snapshot`.
     pub fn update(&mut self, snapshot: &Snapshot) -> Change {
+        if snapshot.zone != self.node.zone {
+            // Topology hints of every Service depend on the zone.
+            self.node.zone.clone_from(&snapshot.zone);
+            self.rebuild(snapshot);
+            return Change::Full;
+        }
         let mut changed: Vec<&ObjectKey> = Vec::new();
         for (key, service) in &snapshot.services {
             let unchanged = self

@@ -20,6 +20,8 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod fake_api;
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A short name unique to this test process and call: `lt<pid%100000>x<n>`.
@@ -492,7 +494,10 @@ impl Drop for TempDir {
 pub struct Agent {
     pub pin_path: PathBuf,
     pub cgroup: PathBuf,
+    /// The manifests directory (manifest agents; empty for API agents).
     pub manifests: PathBuf,
+    /// `--manifests DIR` or `--kubeconfig FILE`, and any further flags.
+    args: Vec<std::ffi::OsString>,
     pub healthz: SocketAddr,
     pub metrics: SocketAddr,
     pub log: PathBuf,
@@ -508,11 +513,33 @@ impl Agent {
 
     /// [`Agent::start`], waiting up to `within` (large benchmark sets load for a while).
     pub fn start_within(cgroup: &Path, manifests: &Path, within: Duration) -> Self {
+        Self::start_with_args(
+            cgroup,
+            manifests.to_owned(),
+            vec!["--manifests".into(), manifests.into()],
+            within,
+        )
+    }
+
+    /// Starts lb on the Kubernetes API described by `kubeconfig`, with `extra` flags.
+    pub fn start_kube(cgroup: &Path, kubeconfig: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<std::ffi::OsString> = vec!["--kubeconfig".into(), kubeconfig.into()];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        Self::start_with_args(cgroup, PathBuf::new(), args, Duration::from_secs(20))
+    }
+
+    fn start_with_args(
+        cgroup: &Path,
+        manifests: PathBuf,
+        args: Vec<std::ffi::OsString>,
+        within: Duration,
+    ) -> Self {
         let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
         let mut agent = Self {
             pin_path,
             cgroup: cgroup.to_owned(),
-            manifests: manifests.to_owned(),
+            manifests,
+            args,
             healthz: SocketAddr::from(([127, 0, 0, 1], free_port())),
             metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
             log: std::env::temp_dir().join(format!("{}.log", unique("lb-agent"))),
@@ -538,8 +565,7 @@ impl Agent {
             .expect("open agent log");
         let child = die_with_parent(&mut Command::new(lb_bin()))
             .arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .args(&self.args)
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--pin-path")
@@ -549,7 +575,10 @@ impl Agent {
             .arg(self.healthz.to_string())
             .arg("--metrics-bind-address")
             .arg(self.metrics.to_string())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()

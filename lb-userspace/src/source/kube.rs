@@ -1,0 +1,610 @@
+//! The Kubernetes API as a source: Services and EndpointSlices watched like kube-proxy's
+//! informers (same label selector: not another proxy's, not headless), and this node's Node
+//! for its zone.
+//!
+//! Each resource is a kube-rs watcher. A (re)list — at start, after a 410 Gone, after the
+//! watcher restarts — arrives as `Init`, `InitApply`..., `InitDone` and is applied as one
+//! atomic replacement of that resource's objects; nothing is sent before every resource has
+//! been listed once, so a restart never programs a half-seen world. Unchanged objects keep
+//! their `Arc` through a relist, so the syncer sees no change and writes nothing for them.
+//! API errors never stop the agent: the last good state keeps serving, the watchers retry
+//! with backoff, and the outage shows in the log, in `/healthz` and in the metrics.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use futures::{FutureExt as _, StreamExt as _};
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{WatchStreamExt as _, watcher},
+};
+
+use super::convert::{self, FieldError};
+use crate::{
+    metrics::SourceMetrics,
+    model::{EndpointSlice, ObjectKey, Service, Snapshot},
+    sync::Update,
+};
+
+/// kube-proxy's selector for Services and EndpointSlices: not handled by another proxy
+/// (`service.kubernetes.io/service-proxy-name`), not headless.
+pub const LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// The Node label carrying its zone, for topology hints.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Objects by key, and why others were rejected.
+type Objects<T> = BTreeMap<ObjectKey, Arc<T>>;
+type Rejections = BTreeMap<ObjectKey, String>;
+
+/// One watched resource's objects, as lb's model, with the relist in progress.
+#[derive(Debug)]
+struct Cache<T> {
+    objects: Objects<T>,
+    /// Objects (and rejections) seen since `Init`, replacing `objects` (and `rejected`) at
+    /// `InitDone`.
+    relist: Option<(Objects<T>, Rejections)>,
+    /// An `InitDone` was seen: the resource has been listed completely once.
+    synced: bool,
+    /// Objects lb cannot use, with why (kept out, or kept at their last good version).
+    rejected: Rejections,
+}
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relist: None,
+            synced: false,
+            rejected: BTreeMap::new(),
+        }
+    }
+}
+
+/// What converting an API object gave.
+enum Converted<T> {
+    /// The object in lb's model.
+    Object(ObjectKey, T),
+    /// Valid, but nothing for lb (an FQDN EndpointSlice).
+    Ignored(ObjectKey),
+    /// Not usable: the field and why.
+    Invalid(ObjectKey, FieldError),
+}
+
+impl<T: PartialEq> Cache<T> {
+    /// Applies one watch event; returns whether `objects` changed.
+    fn on_event<K>(
+        &mut self,
+        event: watcher::Event<K>,
+        convert: impl Fn(&K) -> Converted<T>,
+    ) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some((BTreeMap::new(), BTreeMap::new()));
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                let converted = convert(&object);
+                let previous = match &converted {
+                    Converted::Object(key, _)
+                    | Converted::Ignored(key)
+                    | Converted::Invalid(key, _) => self.objects.get(key).cloned(),
+                };
+                let (relist, rejected) = self.relist.get_or_insert_with(Default::default);
+                match converted {
+                    Converted::Object(key, value) => {
+                        // Unchanged objects keep their identity through the relist.
+                        let value = previous
+                            .filter(|p| **p == value)
+                            .unwrap_or_else(|| Arc::new(value));
+                        relist.insert(key, value);
+                    }
+                    Converted::Ignored(_) => {}
+                    Converted::Invalid(key, error) => {
+                        rejected.insert(key.clone(), error.to_string());
+                        if let Some(previous) = previous {
+                            relist.insert(key, previous);
+                        }
+                    }
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                self.synced = true;
+                let Some((relist, rejected)) = self.relist.take() else {
+                    return false;
+                };
+                self.rejected = rejected;
+                let changed = relist.len() != self.objects.len()
+                    || relist
+                        .iter()
+                        .zip(&self.objects)
+                        .any(|((ka, a), (kb, b))| ka != kb || !Arc::ptr_eq(a, b));
+                self.objects = relist;
+                changed
+            }
+            watcher::Event::Apply(object) => match convert(&object) {
+                Converted::Object(key, value) => {
+                    self.rejected.remove(&key);
+                    if self.objects.get(&key).is_some_and(|p| **p == value) {
+                        return false;
+                    }
+                    self.objects.insert(key, Arc::new(value));
+                    true
+                }
+                Converted::Ignored(key) => {
+                    self.rejected.remove(&key);
+                    self.objects.remove(&key).is_some()
+                }
+                Converted::Invalid(key, error) => {
+                    // The last good version, if any, stays in force.
+                    self.rejected.insert(key, error.to_string());
+                    false
+                }
+            },
+            watcher::Event::Delete(object) => {
+                let key = match convert(&object) {
+                    Converted::Object(key, _)
+                    | Converted::Ignored(key)
+                    | Converted::Invalid(key, _) => key,
+                };
+                self.rejected.remove(&key);
+                self.objects.remove(&key).is_some()
+            }
+        }
+    }
+}
+
+fn meta_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    ObjectKey::new(
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn convert_service(svc: &core::Service) -> Converted<Service> {
+    match convert::service(svc) {
+        Ok(service) => Converted::Object(service.key.clone(), service),
+        Err(error) => Converted::Invalid(meta_key(&svc.metadata), error),
+    }
+}
+
+fn convert_slice(slice: &discovery::EndpointSlice) -> Converted<EndpointSlice> {
+    match convert::endpoint_slice(slice) {
+        Ok(Some(converted)) => Converted::Object(converted.key.clone(), converted),
+        Ok(None) => Converted::Ignored(meta_key(&slice.metadata)),
+        Err(error) => Converted::Invalid(meta_key(&slice.metadata), error),
+    }
+}
+
+/// Everything the API told lb, as the syncer's snapshot.
+#[derive(Debug, Default)]
+pub struct ApiStore {
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
+    /// The Node's zone; `zone_synced` once the Node watch listed (or was given up).
+    zone: Option<String>,
+    zone_synced: bool,
+    /// Objects rejected, as last logged (so each problem is logged once).
+    logged: BTreeSet<String>,
+}
+
+impl ApiStore {
+    /// Applies a Service event; whether the snapshot changed.
+    pub fn on_service(&mut self, event: watcher::Event<core::Service>) -> bool {
+        self.services.on_event(event, convert_service)
+    }
+
+    /// Applies an EndpointSlice event; whether the snapshot changed.
+    pub fn on_slice(&mut self, event: watcher::Event<discovery::EndpointSlice>) -> bool {
+        self.slices.on_event(event, convert_slice)
+    }
+
+    /// Applies a Node event (only this node is watched); whether the zone changed.
+    pub fn on_node(&mut self, event: watcher::Event<core::Node>) -> bool {
+        let zone_of = |node: &core::Node| {
+            node.labels()
+                .get(ZONE_LABEL)
+                .cloned()
+                .filter(|z| !z.is_empty())
+        };
+        let before = self.zone.clone();
+        match event {
+            watcher::Event::Init => return false,
+            watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
+                self.zone = zone_of(&node)
+            }
+            watcher::Event::InitDone => self.zone_synced = true,
+            watcher::Event::Delete(_) => self.zone = None,
+        }
+        self.zone != before
+    }
+
+    /// Gives up on the Node watch (no permission): topology hints without a zone are off.
+    pub fn without_node(&mut self) {
+        self.zone_synced = true;
+    }
+
+    /// Every resource has been listed completely once: the snapshot is the world.
+    pub fn ready(&self) -> bool {
+        self.services.synced && self.slices.synced && self.zone_synced
+    }
+
+    /// Objects lb currently cannot use.
+    pub fn rejected(&self) -> usize {
+        self.services.rejected.len() + self.slices.rejected.len()
+    }
+
+    /// Logs rejected objects, each once while it lasts.
+    pub fn log_rejected(&mut self) {
+        let now: BTreeSet<String> = self
+            .services
+            .rejected
+            .iter()
+            .map(|(k, e)| format!("Service {k}: {e}"))
+            .chain(
+                self.slices
+                    .rejected
+                    .iter()
+                    .map(|(k, e)| format!("EndpointSlice {k}: {e}")),
+            )
+            .collect();
+        for problem in now.difference(&self.logged) {
+            tracing::error!("{problem} (from the API; the last valid version, if any, stays)");
+        }
+        for problem in self.logged.difference(&now) {
+            tracing::info!("resolved: {problem}");
+        }
+        self.logged = now;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut slices: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
+        for slice in self.slices.objects.values() {
+            slices
+                .entry(slice.service.clone())
+                .or_default()
+                .push(slice.clone());
+        }
+        Snapshot {
+            services: self.services.objects.clone(),
+            slices,
+            zone: self.zone.clone(),
+        }
+    }
+}
+
+/// Whether the API source works, for `/healthz` and metrics.
+#[derive(Debug, Default)]
+pub struct SourceHealth {
+    /// When the current run of failures started; `None` while the API answers.
+    failing_since: Mutex<Option<Instant>>,
+}
+
+impl SourceHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.failing_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long the API has been failing, if it is.
+    pub fn failing_for(&self) -> Option<Duration> {
+        self.lock().map(|since| since.elapsed())
+    }
+
+    fn failed(&self) -> bool {
+        let mut since = self.lock();
+        let first = since.is_none();
+        since.get_or_insert_with(Instant::now);
+        first
+    }
+
+    fn answered(&self) -> Option<Duration> {
+        self.lock().take().map(|since| since.elapsed())
+    }
+}
+
+/// An event of one of the watches (boxed: API objects are large).
+enum Message {
+    Service(Box<Result<watcher::Event<core::Service>, watcher::Error>>),
+    Slice(Box<Result<watcher::Event<discovery::EndpointSlice>, watcher::Error>>),
+    Node(Box<Result<watcher::Event<core::Node>, watcher::Error>>),
+}
+
+/// How often to ask the API server something cheap, to tell when an outage is over (a
+/// resumed watch says nothing until an object changes).
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs the source until the syncer goes away.
+pub async fn run(
+    client: Client,
+    node_name: String,
+    updates: mpsc::Sender<Update>,
+    metrics: SourceMetrics,
+    health: Arc<SourceHealth>,
+) {
+    let config = watcher::Config::default().labels(LABEL_SELECTOR);
+    let services = watcher(Api::<core::Service>::all(client.clone()), config.clone())
+        .default_backoff()
+        .map(|r| Message::Service(Box::new(r)))
+        .boxed();
+    let slices = watcher(Api::<discovery::EndpointSlice>::all(client.clone()), config)
+        .default_backoff()
+        .map(|r| Message::Slice(Box::new(r)))
+        .boxed();
+    let mut store = ApiStore::default();
+    let mut streams = vec![services, slices];
+    if node_name.is_empty() {
+        store.without_node();
+    } else {
+        let node_config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        streams.push(
+            watcher(Api::<core::Node>::all(client.clone()), node_config)
+                .default_backoff()
+                .map(|r| Message::Node(Box::new(r)))
+                .boxed(),
+        );
+    }
+    let mut events = futures::stream::select_all(streams);
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    let mut node_forbidden = false;
+    // The first complete list is sent even when empty: the syncer waits for it.
+    let mut changed = true;
+    loop {
+        let message = tokio::select! {
+            message = events.next() => message,
+            _ = probe.tick() => {
+                if client.apiserver_version().await.is_ok() {
+                    recovered(&health, &metrics);
+                }
+                continue;
+            }
+        };
+        let Some(message) = message else { return };
+        let mut handle = |message: Message, store: &mut ApiStore| -> bool {
+            let (resource, result) = match message {
+                Message::Service(r) => ("services", applied(*r, |e| store.on_service(e))),
+                Message::Slice(r) => ("endpointslices", applied(*r, |e| store.on_slice(e))),
+                Message::Node(r) => ("nodes", applied(*r, |e| store.on_node(e))),
+            };
+            match result {
+                Ok((changed, answered)) => {
+                    metrics
+                        .events
+                        .get_or_create(&resource_labels(resource))
+                        .inc();
+                    if answered {
+                        recovered(&health, &metrics);
+                    }
+                    changed
+                }
+                Err(error) => {
+                    metrics
+                        .errors
+                        .get_or_create(&resource_labels(resource))
+                        .inc();
+                    metrics.up.set(0);
+                    if resource == "nodes" && is_forbidden(&error) {
+                        // Without permission to read the Node there is no zone; say it once.
+                        if !node_forbidden {
+                            tracing::warn!(
+                                "cannot read Node {node_name} ({error}); topology hints need its zone and are off"
+                            );
+                            node_forbidden = true;
+                            store.without_node();
+                        }
+                        return true;
+                    }
+                    if health.failed() {
+                        tracing::warn!(resource, %error, "watching the Kubernetes API failed; serving the last known state and retrying");
+                    } else {
+                        tracing::debug!(resource, %error, "watch retry failed");
+                    }
+                    false
+                }
+            }
+        };
+        changed |= handle(message, &mut store);
+        // Drain what is already there, so a burst becomes one snapshot.
+        while let Some(Some(message)) = events.next().now_or_never() {
+            changed |= handle(message, &mut store);
+        }
+        if changed && store.ready() {
+            changed = false;
+            store.log_rejected();
+            let update = Update::Snapshot {
+                snapshot: Arc::new(store.snapshot()),
+                source_errors: store.rejected(),
+            };
+            if updates.send(update).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Applies a watcher result; `(changed, answered)`: whether the store changed, and whether
+/// the event proves the API answered (`Init` comes before any request is made).
+fn applied<K>(
+    result: Result<watcher::Event<K>, watcher::Error>,
+    apply: impl FnOnce(watcher::Event<K>) -> bool,
+) -> Result<(bool, bool), watcher::Error> {
+    result.map(|event| {
+        let answered = !matches!(event, watcher::Event::Init);
+        (apply(event), answered)
+    })
+}
+
+fn resource_labels(resource: &'static str) -> crate::metrics::ResourceLabels {
+    crate::metrics::ResourceLabels { resource }
+}
+
+fn is_forbidden(error: &watcher::Error) -> bool {
+    let client_error = match error {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => e,
+        _ => return false,
+    };
+    matches!(client_error, kube::Error::Api(status) if status.is_forbidden())
+}
+
+fn recovered(health: &SourceHealth, metrics: &SourceMetrics) {
+    metrics.up.set(1);
+    if let Some(after) = health.answered() {
+        tracing::info!(after = ?after, "the Kubernetes API answers again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, ip: &str) -> core::Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    fn slice(name: &str, service: &str, ips: &[&str]) -> discovery::EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": ips.iter().map(|ip| serde_json::json!({"addresses": [ip]})).collect::<Vec<_>>()
+        }))
+        .unwrap()
+    }
+
+    fn listed(
+        store: &mut ApiStore,
+        services: Vec<core::Service>,
+        slices: Vec<discovery::EndpointSlice>,
+    ) -> bool {
+        let mut changed = store.on_service(watcher::Event::Init);
+        for s in services {
+            changed |= store.on_service(watcher::Event::InitApply(s));
+        }
+        changed |= store.on_service(watcher::Event::InitDone);
+        changed |= store.on_slice(watcher::Event::Init);
+        for s in slices {
+            changed |= store.on_slice(watcher::Event::InitApply(s));
+        }
+        changed |= store.on_slice(watcher::Event::InitDone);
+        changed
+    }
+
+    #[test]
+    fn not_ready_until_every_resource_listed() {
+        let mut store = ApiStore::default();
+        store.without_node();
+        assert!(!store.ready());
+        store.on_service(watcher::Event::Init);
+        store.on_service(watcher::Event::InitApply(service("a", "10.96.0.1")));
+        store.on_service(watcher::Event::InitDone);
+        assert!(!store.ready(), "slices not listed yet");
+        listed(&mut store, vec![service("a", "10.96.0.1")], vec![]);
+        assert!(store.ready());
+    }
+
+    #[test]
+    fn relist_is_atomic_and_keeps_unchanged_objects() {
+        let mut store = ApiStore::default();
+        store.without_node();
+        assert!(listed(
+            &mut store,
+            vec![service("a", "10.96.0.1"), service("b", "10.96.0.2")],
+            vec![slice("a-1", "a", &["10.1.0.1"])]
+        ));
+        let before = store.snapshot();
+        // The same world listed again: nothing changes, identities are kept.
+        assert!(!listed(
+            &mut store,
+            vec![service("a", "10.96.0.1"), service("b", "10.96.0.2")],
+            vec![slice("a-1", "a", &["10.1.0.1"])]
+        ));
+        let after = store.snapshot();
+        let a = ObjectKey::new("default", "a");
+        assert!(Arc::ptr_eq(&before.services[&a], &after.services[&a]));
+        assert!(Arc::ptr_eq(&before.slices[&a][0], &after.slices[&a][0]));
+        // During a relist the old world stays whole; at InitDone "b", missed while the watch
+        // was down, is gone.
+        store.on_service(watcher::Event::Init);
+        store.on_service(watcher::Event::InitApply(service("a", "10.96.0.1")));
+        assert_eq!(
+            store.snapshot().services.len(),
+            2,
+            "not replaced before InitDone"
+        );
+        assert!(store.on_service(watcher::Event::InitDone));
+        assert_eq!(store.snapshot().services.len(), 1);
+    }
+
+    #[test]
+    fn incremental_events() {
+        let mut store = ApiStore::default();
+        store.without_node();
+        listed(
+            &mut store,
+            vec![service("a", "10.96.0.1")],
+            vec![slice("a-1", "a", &["10.1.0.1"])],
+        );
+        assert!(store.on_slice(watcher::Event::Apply(slice(
+            "a-1",
+            "a",
+            &["10.1.0.1", "10.1.0.2"]
+        ))));
+        assert!(
+            !store.on_slice(watcher::Event::Apply(slice(
+                "a-1",
+                "a",
+                &["10.1.0.1", "10.1.0.2"]
+            ))),
+            "no-op update"
+        );
+        assert_eq!(
+            store.snapshot().slices[&ObjectKey::new("default", "a")][0]
+                .endpoints
+                .len(),
+            2
+        );
+        assert!(store.on_service(watcher::Event::Delete(service("a", "10.96.0.1"))));
+        assert!(store.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn invalid_update_keeps_the_last_good_version() {
+        let mut store = ApiStore::default();
+        store.without_node();
+        listed(&mut store, vec![service("a", "10.96.0.1")], vec![]);
+        let mut bad = service("a", "10.96.0.1");
+        bad.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 0;
+        assert!(!store.on_service(watcher::Event::Apply(bad)));
+        assert_eq!(store.rejected(), 1);
+        assert_eq!(store.snapshot().services.len(), 1);
+        assert!(!store.on_service(watcher::Event::Apply(service("a", "10.96.0.1"))));
+        assert_eq!(store.rejected(), 0);
+    }
+
+    #[test]
+    fn node_zone() {
+        let mut store = ApiStore::default();
+        let node: core::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"}}
+        }))
+        .unwrap();
+        store.on_node(watcher::Event::Init);
+        store.on_node(watcher::Event::InitApply(node));
+        store.on_node(watcher::Event::InitDone);
+        listed(&mut store, vec![], vec![]);
+        assert!(store.ready());
+        assert_eq!(store.snapshot().zone.as_deref(), Some("z1"));
+    }
+}
