@@ -42,11 +42,14 @@ pub const UDP_FLOWS: &str = "LB_UDP_FLOWS";
 pub const STATS: &str = "LB_STATS";
 pub const META: &str = "LB_META";
 
-/// Frontends: one per (Service IP, port, protocol). 100 000 Services with two ports fit.
-pub const MAX_FRONTENDS: u32 = 1 << 18;
-/// Backend slots over all frontends (frontends x endpoints).
-pub const MAX_SLOTS: u32 = 1 << 21;
-/// Frontend/backend memberships: one per slot.
+/// Frontends: one per (Service IP, port, protocol). The default capacity, as Cilium's
+/// (`bpf-lb-map-max`); `lb run --max-frontends` sets another when the maps are created. A
+/// hash map's bucket array is sized by its capacity, so the default stays moderate.
+pub const MAX_FRONTENDS: u32 = 1 << 16;
+/// Backend slots over all frontends (frontends x endpoints), default capacity
+/// (`lb run --max-backends`).
+pub const MAX_SLOTS: u32 = 1 << 19;
+/// Frontend/backend memberships: one per slot (same capacity as [`SLOTS`]).
 pub const MAX_MEMBERS: u32 = MAX_SLOTS;
 /// ClientIP affinity entries (client x Service port); LRU.
 pub const MAX_AFFINITY: u32 = 1 << 16;
@@ -245,6 +248,8 @@ pub struct MapSpec {
     pub flags: u32,
     /// Written by the agent (true) or by the programs (false).
     pub agent_writes: bool,
+    /// The capacity is the agent's choice (`max_entries` above is the default).
+    pub sized_by_agent: bool,
 }
 
 const fn size<T>() -> u32 {
@@ -266,6 +271,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: MAX_FRONTENDS,
         flags: BPF_F_NO_PREALLOC,
         agent_writes: true,
+        sized_by_agent: true,
     },
     MapSpec {
         name: SLOTS,
@@ -275,6 +281,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: MAX_SLOTS,
         flags: BPF_F_NO_PREALLOC,
         agent_writes: true,
+        sized_by_agent: true,
     },
     MapSpec {
         name: MEMBERS,
@@ -284,6 +291,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: MAX_MEMBERS,
         flags: BPF_F_NO_PREALLOC,
         agent_writes: true,
+        sized_by_agent: true,
     },
     MapSpec {
         name: AFFINITY,
@@ -293,6 +301,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: MAX_AFFINITY,
         flags: 0,
         agent_writes: false,
+        sized_by_agent: false,
     },
     MapSpec {
         name: SOCKS,
@@ -302,6 +311,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: 0,
         flags: BPF_F_NO_PREALLOC,
         agent_writes: false,
+        sized_by_agent: false,
     },
     MapSpec {
         name: REVNAT,
@@ -311,6 +321,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: MAX_REVNAT,
         flags: 0,
         agent_writes: false,
+        sized_by_agent: false,
     },
     MapSpec {
         name: UDP_FLOWS,
@@ -320,6 +331,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: MAX_UDP_FLOWS,
         flags: 0,
         agent_writes: false,
+        sized_by_agent: false,
     },
     MapSpec {
         name: STATS,
@@ -329,6 +341,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: crate::stats::COUNT,
         flags: 0,
         agent_writes: false,
+        sized_by_agent: false,
     },
     MapSpec {
         name: META,
@@ -338,6 +351,7 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: META_LEN,
         flags: 0,
         agent_writes: true,
+        sized_by_agent: false,
     },
 ];
 

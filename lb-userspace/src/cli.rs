@@ -69,6 +69,13 @@ pub struct RunArgs {
     /// datapath keeps serving the last known state meanwhile.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub api_stale_after: u64,
+    /// Capacity of the frontend map (Service IP x port x protocol), fixed when the maps are
+    /// created; a Service that does not fit is refused with an error.
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_FRONTENDS)]
+    pub max_frontends: u32,
+    /// Capacity of the backend maps (endpoints summed over all frontends).
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_SLOTS)]
+    pub max_backends: u32,
     /// Re-read the maps and repair any drift this often (seconds).
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub resync_period: u64,

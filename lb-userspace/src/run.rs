@@ -15,7 +15,7 @@ use crate::{
     health::Health,
     http,
     kernel::{
-        PinLayout,
+        Capacities, PinLayout,
         attach::{self, Attachment},
         fs,
         maps::Maps,
@@ -89,8 +89,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     fs::ensure_bpffs(layout.root())?;
 
     // Kernel: check what a previous agent left, load, attach or adopt.
-    let adopted_maps = object::check_pinned(&layout)?;
-    let mut ebpf = object::load(&layout)?;
+    let capacities = Capacities {
+        frontends: args.max_frontends,
+        backends: args.max_backends,
+    };
+    let adopted_maps = object::check_pinned(&layout, capacities)?;
+    let mut ebpf = object::load(&layout, capacities)?;
     let attachments = attach::attach_or_adopt(&mut ebpf, &layout, &cgroup)?;
     let adopted = attachments
         .iter()
@@ -143,6 +147,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         maps,
         state,
         node,
+        capacities.limits(),
         health,
         metrics,
         Duration::from_secs(args.resync_period.max(1)),

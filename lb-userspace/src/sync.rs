@@ -63,6 +63,7 @@ impl Syncer {
         maps: Maps,
         state: KernelState,
         node: Node,
+        limits: Limits,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
         resync_period: Duration,
@@ -70,7 +71,7 @@ impl Syncer {
         Self {
             maps,
             state,
-            tracker: Tracker::new(node, Limits::default()),
+            tracker: Tracker::new(node, limits),
             plan_all: true,
             health,
             metrics,

@@ -513,19 +513,36 @@ impl Agent {
 
     /// [`Agent::start`], waiting up to `within` (large benchmark sets load for a while).
     pub fn start_within(cgroup: &Path, manifests: &Path, within: Duration) -> Self {
-        Self::start_with_args(
-            cgroup,
-            manifests.to_owned(),
-            vec!["--manifests".into(), manifests.into()],
-            within,
-        )
+        Self::start_manifests_with(cgroup, manifests, &[], within)
+    }
+
+    /// [`Agent::start`] with `extra` flags, waiting up to `within`.
+    pub fn start_manifests_with(
+        cgroup: &Path,
+        manifests: &Path,
+        extra: &[&str],
+        within: Duration,
+    ) -> Self {
+        let mut args: Vec<std::ffi::OsString> = vec!["--manifests".into(), manifests.into()];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        Self::start_with_args(cgroup, manifests.to_owned(), args, within)
     }
 
     /// Starts lb on the Kubernetes API described by `kubeconfig`, with `extra` flags.
     pub fn start_kube(cgroup: &Path, kubeconfig: &Path, extra: &[&str]) -> Self {
+        Self::start_kube_within(cgroup, kubeconfig, extra, Duration::from_secs(20))
+    }
+
+    /// [`Agent::start_kube`], waiting up to `within` for the first sync.
+    pub fn start_kube_within(
+        cgroup: &Path,
+        kubeconfig: &Path,
+        extra: &[&str],
+        within: Duration,
+    ) -> Self {
         let mut args: Vec<std::ffi::OsString> = vec!["--kubeconfig".into(), kubeconfig.into()];
         args.extend(extra.iter().map(std::ffi::OsString::from));
-        Self::start_with_args(cgroup, PathBuf::new(), args, Duration::from_secs(20))
+        Self::start_with_args(cgroup, PathBuf::new(), args, within)
     }
 
     fn start_with_args(

@@ -463,3 +463,46 @@ fn the_agent_waits_for_complete_lists_before_programming() {
         f.agent.log_text()
     );
 }
+
+#[test]
+fn topology_hints_prefer_this_nodes_zone() {
+    let f = start_with(3, &[], |api| {
+        api.apply(json!({"apiVersion": "v1", "kind": "Node",
+                         "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-1"}}}));
+    });
+    f.api.apply(service(
+        "near",
+        "10.96.1.90",
+        json!({"spec": {"trafficDistribution": "PreferClose"}}),
+    ));
+    let hinted = |ip: &str, zone: &str| json!({"addresses": [ip], "conditions": {"ready": true}, "zone": zone, "hints": {"forZones": [{"name": zone}]}});
+    let mut near = slice("near-a", "near", &[]);
+    near["endpoints"] = json!([
+        hinted(&f.ip(1), "zone-1"),
+        hinted(&f.ip(2), "zone-2"),
+        hinted(&f.ip(3), "zone-1")
+    ]);
+    f.api.apply(near.clone());
+    f.agent.wait_for(
+        "10.96.1.90:80/TCP",
+        Some(&[&f.backend(1), &f.backend(3)]),
+        WITHIN,
+    );
+    assert_eq!(f.seen("10.96.1.90:80", "30"), names(&["pod1", "pod3"]));
+    // One ready endpoint without hints: kube-proxy ignores hints altogether.
+    near["endpoints"][1] = json!({"addresses": [f.ip(2)], "conditions": {"ready": true}});
+    f.api.apply(near);
+    f.agent.wait_for(
+        "10.96.1.90:80/TCP",
+        Some(&[&f.backend(1), &f.backend(2), &f.backend(3)]),
+        WITHIN,
+    );
+    // The node moves to zone-2 (relabelled): everything is recomputed for the new zone.
+    f.api.apply(json!({"apiVersion": "v1", "kind": "Node",
+                       "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-2"}}}));
+    let mut near = slice("near-a", "near", &[]);
+    near["endpoints"] = json!([hinted(&f.ip(1), "zone-1"), hinted(&f.ip(2), "zone-2")]);
+    f.api.apply(near);
+    f.agent
+        .wait_for("10.96.1.90:80/TCP", Some(&[&f.backend(2)]), WITHIN);
+}

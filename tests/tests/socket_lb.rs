@@ -714,3 +714,57 @@ fn check_names_file_object_and_field() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 1 Services"));
 }
+
+#[test]
+fn map_capacities_are_set_by_flags_and_kept_across_restarts() {
+    let node = node_with_pods(1);
+    let dir = TempDir::new("m");
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        dir.write(
+            &format!("{name}.yaml"),
+            &service(
+                name,
+                &format!("10.96.0.{}", 150 + i),
+                80,
+                8080,
+                "TCP",
+                &ip4s(&node),
+            ),
+        );
+    }
+    let mut agent = Agent::start_manifests_with(
+        &node.cgroup.path,
+        &dir.0,
+        &["--max-frontends", "2"],
+        Duration::from_secs(20),
+    );
+    // Two fit; the third is refused, with the map and its capacity named.
+    assert_eq!(agent.list().len(), 2);
+    let log = agent.log_text();
+    assert!(
+        log.contains("Service default/c: not programmed: map LB_FRONTENDS is full (2 frontends)"),
+        "{log}"
+    );
+    assert!(agent.metrics_text().contains("lb_config_errors 1"));
+    assert_eq!(agent.stop(), Some(0));
+    // Another capacity on the same pins is refused with what to do, not misread.
+    let out = Command::new(lb_bin())
+        .arg("run")
+        .arg("--manifests")
+        .arg(&dir.0)
+        .arg("--cgroup")
+        .arg(&node.cgroup.path)
+        .arg("--pin-path")
+        .arg(&agent.pin_path)
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .output()
+        .expect("lb run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("holds 2 entries at most, and lb was asked for --max-frontends 65536"),
+        "{err}"
+    );
+    // The datapath kept serving meanwhile.
+    assert_eq!(backends(&node.client(&["tcp", "10.96.0.150:80"])), ["pod1"]);
+}

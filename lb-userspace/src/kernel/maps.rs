@@ -6,8 +6,8 @@ use std::{os::fd::AsFd as _, path::Path};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::maps::{
     AFFINITY, Affinity, AffinityKey, Backend, FRONTENDS, Frontend, FrontendKey, LAYOUT_VERSION,
-    MAX_FRONTENDS, MAX_MEMBERS, MAX_SLOTS, MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION,
-    MemberKey, REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
+    MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, MemberKey, REVNAT, RevNat, RevNatKey,
+    SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
 };
 
 use aya::maps::IterableMap as _;
@@ -79,6 +79,8 @@ pub fn read_layout_version(path: &Path) -> Result<u32, MapError> {
 
 /// Handles on every pinned map.
 pub struct Maps {
+    /// Capacities of the agent-written maps, for "map full" errors.
+    capacities: super::Capacities,
     frontends: HashMap<MapData, FrontendKey, Frontend>,
     slots: HashMap<MapData, SlotKey, Backend>,
     members: HashMap<MapData, MemberKey, u32>,
@@ -100,9 +102,16 @@ pub struct ConnTableSizes {
 impl Maps {
     /// Opens the maps pinned under `layout`.
     pub fn open(layout: &PinLayout) -> Result<Self, MapsError> {
+        let frontends: HashMap<MapData, FrontendKey, Frontend> = typed(layout, FRONTENDS)?;
+        let slots: HashMap<MapData, SlotKey, Backend> = typed(layout, SLOTS)?;
+        let capacity = |map: &MapData| map.info().map(|i| i.max_entries()).unwrap_or(0);
         Ok(Self {
-            frontends: typed(layout, FRONTENDS)?,
-            slots: typed(layout, SLOTS)?,
+            capacities: super::Capacities {
+                frontends: capacity(frontends.map()),
+                backends: capacity(slots.map()),
+            },
+            frontends,
+            slots,
             members: typed(layout, MEMBERS)?,
             revnat: typed(layout, REVNAT)?,
             affinity: typed(layout, AFFINITY)?,
@@ -153,13 +162,21 @@ impl Maps {
             return Ok(());
         };
         let (name, capacity, fd) = match first {
-            Op::PutMember(_) | Op::DelMember(_) => {
-                (MEMBERS, MAX_MEMBERS, self.members.map().fd().as_fd())
-            }
-            Op::PutSlot(..) | Op::DelSlot(_) => (SLOTS, MAX_SLOTS, self.slots.map().fd().as_fd()),
-            Op::PutFrontend(..) | Op::DelFrontend(..) => {
-                (FRONTENDS, MAX_FRONTENDS, self.frontends.map().fd().as_fd())
-            }
+            Op::PutMember(_) | Op::DelMember(_) => (
+                MEMBERS,
+                self.capacities.backends,
+                self.members.map().fd().as_fd(),
+            ),
+            Op::PutSlot(..) | Op::DelSlot(_) => (
+                SLOTS,
+                self.capacities.backends,
+                self.slots.map().fd().as_fd(),
+            ),
+            Op::PutFrontend(..) | Op::DelFrontend(..) => (
+                FRONTENDS,
+                self.capacities.frontends,
+                self.frontends.map().fd().as_fd(),
+            ),
         };
         let deleting = matches!(
             first,

@@ -19,6 +19,42 @@ pub mod sys;
 
 use std::path::{Path, PathBuf};
 
+/// The capacities of the agent-sized maps (`lb run --max-frontends`, `--max-backends`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub frontends: u32,
+    /// Backend slots over all frontends (and memberships, one each).
+    pub backends: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            frontends: lb_common::maps::MAX_FRONTENDS,
+            backends: lb_common::maps::MAX_SLOTS,
+        }
+    }
+}
+
+impl Capacities {
+    /// The capacity of map `spec` under these settings.
+    pub fn of(&self, spec: &lb_common::maps::MapSpec) -> u32 {
+        match spec.name {
+            lb_common::maps::FRONTENDS => self.frontends,
+            lb_common::maps::SLOTS | lb_common::maps::MEMBERS => self.backends,
+            _ => spec.max_entries,
+        }
+    }
+
+    /// The desired-state limits these capacities allow.
+    pub fn limits(&self) -> crate::desired::Limits {
+        crate::desired::Limits {
+            frontends: self.frontends as usize,
+            slots: self.backends as usize,
+        }
+    }
+}
+
 /// Where lb's pins live.
 #[derive(Clone, Debug)]
 pub struct PinLayout {

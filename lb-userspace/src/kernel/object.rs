@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::maps::{LAYOUT_VERSION, MapKind, MapSpec, SPECS};
 
-use super::PinLayout;
+use super::{Capacities, PinLayout};
 
 /// The object lb-userspace's build.rs compiled from lb-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bpf"));
@@ -20,6 +20,18 @@ pub enum LoadError {
         "this lb was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it with `cargo build --release`"
     )]
     NoObject,
+    #[error(
+        "pinned map {path} holds {found} entries at most, and lb was asked for {flag} {asked}: \
+         start lb with {flag} {found} to keep serving from it, or run `lb cleanup --pin-path {pin}` \
+         (Service traffic stops until lb runs again) to recreate it with the new size"
+    )]
+    Capacity {
+        path: PathBuf,
+        pin: PathBuf,
+        found: u32,
+        asked: u32,
+        flag: &'static str,
+    },
     #[error(
         "pinned map {path} was made by another version of lb: its {what} is {found}, this lb needs {expected}. \
          Run `lb cleanup --pin-path {pin}` (Service traffic stops until lb runs again) and start lb again"
@@ -73,7 +85,12 @@ fn map_type(kind: MapKind) -> MapType {
 }
 
 /// Compares one pinned map with its spec.
-fn check_shape(layout: &PinLayout, spec: &MapSpec, info: &MapInfo) -> Result<(), LoadError> {
+fn check_shape(
+    layout: &PinLayout,
+    spec: &MapSpec,
+    info: &MapInfo,
+    capacities: Capacities,
+) -> Result<(), LoadError> {
     let shape_error = |what, found: String, expected: String| LoadError::Shape {
         path: layout.map(spec.name),
         pin: layout.root().to_owned(),
@@ -95,7 +112,16 @@ fn check_shape(layout: &PinLayout, spec: &MapSpec, info: &MapInfo) -> Result<(),
     let sizes = [
         ("key size", info.key_size(), spec.key_size),
         ("value size", info.value_size(), spec.value_size),
-        ("capacity", info.max_entries(), spec.max_entries),
+        // The agent-sized maps' capacity is checked below, with its own advice.
+        (
+            "capacity",
+            if spec.sized_by_agent {
+                spec.max_entries
+            } else {
+                info.max_entries()
+            },
+            spec.max_entries,
+        ),
         ("flags", info.map_flags(), spec.flags),
     ];
     for (what, found, expected) in sizes {
@@ -103,12 +129,25 @@ fn check_shape(layout: &PinLayout, spec: &MapSpec, info: &MapInfo) -> Result<(),
             return Err(shape_error(what, found.to_string(), expected.to_string()));
         }
     }
+    if spec.sized_by_agent && info.max_entries() != capacities.of(spec) {
+        return Err(LoadError::Capacity {
+            path: layout.map(spec.name),
+            pin: layout.root().to_owned(),
+            found: info.max_entries(),
+            asked: capacities.of(spec),
+            flag: if spec.name == lb_common::maps::FRONTENDS {
+                "--max-frontends"
+            } else {
+                "--max-backends"
+            },
+        });
+    }
     Ok(())
 }
 
 /// Checks every pinned map that exists against this build's specs and the stored layout
 /// version. Returns how many were found (0: a fresh start).
-pub fn check_pinned(layout: &PinLayout) -> Result<usize, LoadError> {
+pub fn check_pinned(layout: &PinLayout, capacities: Capacities) -> Result<usize, LoadError> {
     let mut found = 0;
     for spec in SPECS {
         let path = layout.map(spec.name);
@@ -119,7 +158,7 @@ pub fn check_pinned(layout: &PinLayout) -> Result<usize, LoadError> {
             path: path.clone(),
             source,
         })?;
-        check_shape(layout, spec, &info)?;
+        check_shape(layout, spec, &info, capacities)?;
         found += 1;
     }
     let meta = layout.map(lb_common::maps::META);
@@ -143,7 +182,7 @@ pub fn check_pinned(layout: &PinLayout) -> Result<usize, LoadError> {
 
 /// Loads the programs (not attached yet) with their maps pinned under `layout`: existing pins
 /// are reused, missing ones created and pinned.
-pub fn load(layout: &PinLayout) -> Result<Ebpf, LoadError> {
+pub fn load(layout: &PinLayout, capacities: Capacities) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -152,7 +191,11 @@ pub fn load(layout: &PinLayout) -> Result<Ebpf, LoadError> {
         path: maps_dir.clone(),
         source,
     })?;
-    let ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    for spec in SPECS.iter().filter(|s| s.sized_by_agent) {
+        loader.map_max_entries(spec.name, capacities.of(spec));
+    }
+    let ebpf = loader
         .default_map_pin_directory(&maps_dir)
         .load(OBJECT)
         .map_err(|source| LoadError::Load {

@@ -43,6 +43,8 @@ struct Plan {
     change_repeats: usize,
     /// Longest a peer may take to load its rules before that point is skipped.
     load_budget: Duration,
+    /// Scales at which lb is also fed by the (stand-in) Kubernetes API.
+    api_services: Vec<usize>,
 }
 
 impl Plan {
@@ -57,6 +59,7 @@ impl Plan {
                 change_services: 1000,
                 change_repeats: 2,
                 load_budget: Duration::from_secs(30),
+                api_services: vec![1000],
             }
         } else {
             Self {
@@ -68,6 +71,7 @@ impl Plan {
                 change_services: 10_000,
                 change_repeats: 5,
                 load_budget: Duration::from_secs(240),
+                api_services: vec![1000, 10_000],
             }
         }
     }
@@ -185,6 +189,7 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         full_sync: Vec::new(),
         endpoint_change: Vec::new(),
         memory: Vec::new(),
+        api: Vec::new(),
         skipped: Vec::new(),
     };
     let mut bench = Bench { plan, results };
@@ -197,6 +202,10 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         bench.scale_point(n)?;
     }
     bench.throughput()?;
+    for n in bench.plan.api_services.clone() {
+        eprintln!("bench: lb on the API with {n} Services");
+        bench.api_source(n)?;
+    }
     let dir = cmd::root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
     let json = dir.join(format!("{name}.json"));
@@ -212,6 +221,11 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `0..len`, starting at `round % len`: the order a round measures its points in.
+fn rotated(len: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..len).map(move |k| (k + round) % len.max(1))
 }
 
 fn to_f64(n: usize) -> f64 {
@@ -272,9 +286,16 @@ impl Bench {
                     std::fs::write(dir.0.join(file), text)?;
                 }
                 let t0 = Instant::now();
-                let agent = Agent::start_within(
+                // Maps big enough for the largest set (2 frontends and 2 x E slots a Service).
+                let frontends = (2 * n).max(1 << 16).next_power_of_two().to_string();
+                let backends = (2 * n * set.backends.len())
+                    .max(1 << 19)
+                    .next_power_of_two()
+                    .to_string();
+                let agent = Agent::start_manifests_with(
                     &topo.cgroup.path,
                     &dir.0,
+                    &["--max-frontends", &frontends, "--max-backends", &backends],
                     self.plan.load_budget + Duration::from_secs(60),
                 );
                 let end_to_end = t0.elapsed().as_secs_f64();
@@ -404,7 +425,9 @@ impl Bench {
                 round + 1,
                 self.plan.repeats
             );
-            for (k, &(i, proto, _, addr)) in points.iter().enumerate() {
+            // Each round starts at another point, so no mode is always measured first.
+            for k in rotated(points.len(), round) {
+                let (i, proto, _, addr) = points[k];
                 runs[k].push(rr(&setups[i].topo, proto, addr, self.plan.transactions)?);
             }
         }
@@ -544,6 +567,85 @@ impl Bench {
         Ok(())
     }
 
+    /// lb on the Kubernetes API: the stand-in server holds `n` Services and their slices;
+    /// time from `lb run` to healthy, the sync, memory, and one endpoint changed through the
+    /// API (noticed to kernel, and API write to sync reported).
+    fn api_source(&mut self, n: usize) -> anyhow::Result<()> {
+        let topo = Topology::new(ENDPOINTS, &Servers::Echo)?;
+        let set = ServiceSet::new(n, topo.backends.clone());
+        let api = lb_tests::fake_api::FakeApi::start();
+        let objects = |extra: &[std::net::Ipv4Addr]| -> anyhow::Result<Vec<serde_json::Value>> {
+            let list: serde_json::Value = serde_json::from_str(&set.manifest_file(0..n, extra))?;
+            Ok(list["items"].as_array().cloned().unwrap_or_default())
+        };
+        for object in objects(&[])? {
+            api.apply(object);
+        }
+        let dir = TempDir::new("lb-bench-api");
+        let kubeconfig = dir.0.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let t0 = Instant::now();
+        let agent =
+            Agent::start_kube_within(&topo.cgroup.path, &kubeconfig, &[], self.plan.load_budget);
+        let end_to_end = t0.elapsed().as_secs_f64();
+        let m = metrics(&agent.metrics_text());
+        let pid = agent.pid().context("agent pid")?;
+        self.results.api.push(report::ApiRow {
+            services: n,
+            end_to_end_seconds: end_to_end,
+            sync_seconds: m.get(measure::SYNC_SECONDS_SUM).copied(),
+            agent_rss_mib: measure::rss_mib(pid),
+            bpf_map_mib: measure::bpf_map_mib(pid),
+        });
+        // The EndpointSlice of Service 0, with and without the extra endpoint.
+        let slice_of_service_0 =
+            |extra: &[std::net::Ipv4Addr]| -> anyhow::Result<serde_json::Value> {
+                objects(extra)?
+                    .into_iter()
+                    .nth(1)
+                    .context("the first EndpointSlice")
+            };
+        let (with_extra, without) = (
+            slice_of_service_0(&[EXTRA_ENDPOINT])?,
+            slice_of_service_0(&[])?,
+        );
+        let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut e2e: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..self.plan.change_repeats {
+            for (k, slice) in [&with_extra, &without].into_iter().enumerate() {
+                let m0 = metrics(&agent.metrics_text());
+                let t0 = Instant::now();
+                api.apply(slice.clone());
+                let (m1, _) = measure::wait_for_sync(
+                    &agent,
+                    m0.get(measure::SYNCS_OK).copied().unwrap_or(0.0),
+                    Duration::from_secs(30),
+                )?;
+                e2e[k].push(t0.elapsed().as_secs_f64() * 1e3);
+                let delta = |key: &str| {
+                    m1.get(key).copied().unwrap_or(0.0) - m0.get(key).copied().unwrap_or(0.0)
+                };
+                times[k].push(
+                    delta(measure::SYNC_SECONDS_SUM) / delta(measure::SYNC_SECONDS_COUNT).max(1.0)
+                        * 1e3,
+                );
+            }
+        }
+        for (k, op) in ["add", "remove"].into_iter().enumerate() {
+            if let Some(ms) = Spread::of(std::mem::take(&mut times[k])) {
+                self.results.endpoint_change.push(ChangeRow {
+                    mode: "lb-api".into(),
+                    services: n,
+                    op: op.into(),
+                    ms,
+                    end_to_end_ms: Spread::of(std::mem::take(&mut e2e[k])),
+                });
+            }
+        }
+        drop(agent);
+        Ok(())
+    }
+
     /// Bulk TCP through every mode, interleaved: a one-endpoint Service in front of iperf3.
     fn throughput(&mut self) -> anyhow::Result<()> {
         let mut setups: Vec<(Setup, SocketAddr)> = Vec::new();
@@ -575,7 +677,8 @@ impl Bench {
                 round + 1,
                 self.plan.iperf_repeats
             );
-            for (k, (setup, addr)) in setups.iter().enumerate() {
+            for k in rotated(setups.len(), round) {
+                let (setup, addr) = &setups[k];
                 runs[k].push(measure::iperf(&setup.topo, *addr, self.plan.iperf_seconds)?);
             }
         }

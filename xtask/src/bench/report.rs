@@ -16,6 +16,9 @@ pub struct Results {
     pub full_sync: Vec<SyncRow>,
     pub endpoint_change: Vec<ChangeRow>,
     pub memory: Vec<MemoryRow>,
+    /// lb fed by the Kubernetes API (the test stand-in) instead of manifests.
+    #[serde(default)]
+    pub api: Vec<ApiRow>,
     /// What could not be measured, and why.
     pub skipped: Vec<String>,
 }
@@ -92,6 +95,18 @@ pub struct ChangeRow {
     /// lb: from the manifest file's rename to the sync being reported (watch debounce and
     /// manifest re-read included).
     pub end_to_end_ms: Option<Spread>,
+}
+
+/// lb on the Kubernetes API: N Services x E endpoints listed at start.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiRow {
+    pub services: usize,
+    /// From `lb run` to /healthz 200: list both resources, convert, sync.
+    pub end_to_end_seconds: f64,
+    /// The sync into the maps.
+    pub sync_seconds: Option<f64>,
+    pub agent_rss_mib: Option<f64>,
+    pub bpf_map_mib: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -173,12 +188,12 @@ impl Results {
         for row in self
             .endpoint_change
             .iter()
-            .filter(|r| r.mode == "lb" && r.services == 10_000)
+            .filter(|r| r.mode.starts_with("lb") && r.services == 10_000)
         {
             out.push((
                 format!(
-                    "lb one endpoint {} with 10 000 Services under 10 ms (noticed -> kernel)",
-                    row.op
+                    "{} one endpoint {} with 10 000 Services under 10 ms (noticed -> kernel)",
+                    row.mode, row.op
                 ),
                 format!("{:.2} ms", row.ms.median),
                 Some(row.ms.median < 10.0),
@@ -342,6 +357,25 @@ impl Results {
                 opt(row.bpf_map_mib)
             );
         }
+        if !self.api.is_empty() {
+            push_line!(
+                md,
+                "\n## lb on the Kubernetes API (test stand-in), N Services x {} endpoints listed at start\n\n\
+                 | Services | lb run to healthy (s) | sync (s) | agent RSS (MiB) | BPF maps (MiB) |\n|---:|---:|---:|---:|---:|",
+                self.params.endpoints
+            );
+            for row in &self.api {
+                push_line!(
+                    md,
+                    "| {} | {:.3} | {} | {} | {} |",
+                    row.services,
+                    row.end_to_end_seconds,
+                    opt(row.sync_seconds),
+                    opt(row.agent_rss_mib),
+                    opt(row.bpf_map_mib)
+                );
+            }
+        }
         if !self.skipped.is_empty() {
             push_line!(md, "\n## Not measured\n");
             for s in &self.skipped {
@@ -350,7 +384,7 @@ impl Results {
         }
         push_line!(
             md,
-            "\nPlots: `{0}-latency.png` (p50 vs N), `{0}-sync.png` (full sync vs N).",
+            "\nPlots: `{0}-latency-tcp.png` and `{0}-latency-udp.png` (p50 vs N), `{0}-sync.png` (full sync vs N).",
             self.name
         );
         md
