@@ -217,9 +217,7 @@ impl KernelState {
             .collect();
         gone.sort_unstable_by_key(|(key, _)| **key);
         for (key, frontend) in gone {
-            let mut ops = vec![Op::DelFrontend(*key, frontend.id)];
-            self.remove_backends_of(frontend.id, &mut ops);
-            batches.push(ops);
+            batches.push(self.removal(*key, frontend.id));
         }
         let orphans: BTreeSet<u32> = self
             .slots
@@ -234,16 +232,7 @@ impl KernelState {
             batches.push(ops);
         }
         for (key, want) in &desired.frontends {
-            let current = self.frontends.get(key).copied();
-            let id = match current {
-                Some(frontend) => frontend.id,
-                None => self.allocate_id(),
-            };
-            let mut ops = Vec::new();
-            self.plan_frontend(*key, id, current, want, &mut ops);
-            if !ops.is_empty() {
-                batches.push(ops);
-            }
+            batches.extend(self.update(*key, want));
         }
         batches
     }
@@ -258,28 +247,38 @@ impl KernelState {
         let mut removals = Vec::new();
         let mut updates = Vec::new();
         for key in keys {
-            match (desired.frontends.get(key), self.frontends.get(key).copied()) {
-                (None, Some(frontend)) => {
-                    let mut ops = vec![Op::DelFrontend(*key, frontend.id)];
-                    self.remove_backends_of(frontend.id, &mut ops);
-                    removals.push(ops);
-                }
-                (Some(want), current) => {
-                    let id = match current {
-                        Some(frontend) => frontend.id,
-                        None => self.allocate_id(),
-                    };
-                    let mut ops = Vec::new();
-                    self.plan_frontend(*key, id, current, want, &mut ops);
-                    if !ops.is_empty() {
-                        updates.push(ops);
-                    }
-                }
+            match (
+                desired.frontends.get(key),
+                self.frontends.get(key).map(|f| f.id),
+            ) {
+                (None, Some(id)) => removals.push(self.removal(*key, id)),
+                (Some(want), _) => updates.extend(self.update(*key, want)),
                 (None, None) => {}
             }
         }
         removals.extend(updates);
         removals
+    }
+
+    /// The batch that removes a frontend: the frontend first (clients stop using it), then
+    /// its slots and memberships.
+    fn removal(&self, key: FrontendKey, id: u32) -> Batch {
+        let mut ops = vec![Op::DelFrontend(key, id)];
+        self.remove_backends_of(id, &mut ops);
+        ops
+    }
+
+    /// The batch that brings one frontend to `want` (allocating its id if it is new), or
+    /// `None` if it is already there.
+    fn update(&mut self, key: FrontendKey, want: &DesiredFrontend) -> Option<Batch> {
+        let current = self.frontends.get(&key).copied();
+        let id = match current {
+            Some(frontend) => frontend.id,
+            None => self.allocate_id(),
+        };
+        let mut ops = Vec::new();
+        self.plan_frontend(key, id, current, want, &mut ops);
+        (!ops.is_empty()).then_some(ops)
     }
 
     fn remove_backends_of(&self, id: u32, ops: &mut Vec<Op>) {

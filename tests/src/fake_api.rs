@@ -381,16 +381,15 @@ fn serve(stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>, stop: &AtomicB
             .query
             .get("allowWatchBookmarks")
             .is_some_and(|v| v == "true");
-        watch(
-            &mut stream,
-            state,
+        let request = WatchRequest {
             resource,
             from,
             labels,
             fields,
-            Duration::from_secs(timeout),
+            timeout: Duration::from_secs(timeout),
             bookmarks,
-        );
+        };
+        watch(&mut stream, state, &request);
         return;
     }
     let mut guard = lock(state);
@@ -408,6 +407,17 @@ fn serve(stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>, stop: &AtomicB
     respond(&mut stream, "200 OK", &body);
 }
 
+/// What a watch request asks for.
+struct WatchRequest<'a> {
+    resource: Resource,
+    /// Events after this resourceVersion.
+    from: u64,
+    labels: Option<&'a String>,
+    fields: Option<&'a String>,
+    timeout: Duration,
+    bookmarks: bool,
+}
+
 fn chunk(stream: &mut TcpStream, event: &Value) -> bool {
     let line = format!("{event}\n");
     write!(stream, "{:x}\r\n{line}\r\n", line.len())
@@ -415,20 +425,7 @@ fn chunk(stream: &mut TcpStream, event: &Value) -> bool {
         .is_ok()
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parsed parts of one watch request"
-)]
-fn watch(
-    stream: &mut TcpStream,
-    state: &Arc<(Mutex<State>, Condvar)>,
-    resource: Resource,
-    from: u64,
-    labels: Option<&String>,
-    fields: Option<&String>,
-    timeout: Duration,
-    bookmarks: bool,
-) {
+fn watch(stream: &mut TcpStream, state: &Arc<(Mutex<State>, Condvar)>, request: &WatchRequest<'_>) {
     if write!(
         stream,
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -437,9 +434,8 @@ fn watch(
     {
         return;
     }
-    let started = Instant::now();
     let mut guard = lock(state);
-    *guard.watches.entry(resource).or_default() += 1;
+    *guard.watches.entry(request.resource).or_default() += 1;
     if guard.down {
         // Went down while this request was read: it never streams.
         drop(guard);
@@ -448,30 +444,27 @@ fn watch(
     }
     guard.active_watches += 1;
     drop(guard);
-    stream_events(
-        stream, state, resource, from, labels, fields, timeout, bookmarks, started,
-    );
+    stream_events(stream, state, request);
     lock(state).active_watches -= 1;
     state.1.notify_all();
 }
 
 /// The body of a watch: events after `from`, bookmarks, until the timeout, a drop or an
 /// outage.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parsed parts of one watch request"
-)]
 fn stream_events(
     stream: &mut TcpStream,
     state: &Arc<(Mutex<State>, Condvar)>,
-    resource: Resource,
-    from: u64,
-    labels: Option<&String>,
-    fields: Option<&String>,
-    timeout: Duration,
-    bookmarks: bool,
-    started: Instant,
+    request: &WatchRequest<'_>,
 ) {
+    let WatchRequest {
+        resource,
+        from,
+        labels,
+        fields,
+        timeout,
+        bookmarks,
+    } = *request;
+    let started = Instant::now();
     let mut guard = lock(state);
     let generation = guard.generation;
     if from < guard.compacted {

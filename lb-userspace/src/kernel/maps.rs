@@ -187,85 +187,40 @@ impl Maps {
             let mut offset = 0;
             while offset < chunk.len() {
                 let rest = &chunk[offset..];
+                // The keys (and values) of this run's ops, all of `first`'s kind.
+                macro_rules! of {
+                    ($pat:pat => $out:expr) => {
+                        rest.iter().filter_map(|op| match op {
+                            $pat => Some($out),
+                            _ => None,
+                        })
+                    };
+                }
                 let result = match first {
                     Op::PutMember(_) => {
-                        let keys: Vec<MemberKey> = rest
-                            .iter()
-                            .filter_map(|op| {
-                                if let Op::PutMember(k) = op {
-                                    Some(*k)
-                                } else {
-                                    None
-                                }
-                            })
-                            .collect();
+                        let keys: Vec<MemberKey> = of!(Op::PutMember(k) => *k).collect();
                         sys::map_update_batch(fd, &keys, &vec![MEMBER_PRESENT; keys.len()])
                     }
                     Op::PutSlot(..) => {
-                        let (keys, values): (Vec<SlotKey>, Vec<Backend>) = rest
-                            .iter()
-                            .filter_map(|op| {
-                                if let Op::PutSlot(k, v) = op {
-                                    Some((*k, *v))
-                                } else {
-                                    None
-                                }
-                            })
-                            .unzip();
+                        let (keys, values): (Vec<SlotKey>, Vec<Backend>) =
+                            of!(Op::PutSlot(k, v) => (*k, *v)).unzip();
                         sys::map_update_batch(fd, &keys, &values)
                     }
                     Op::PutFrontend(..) => {
-                        let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) = rest
-                            .iter()
-                            .filter_map(|op| {
-                                if let Op::PutFrontend(k, v) = op {
-                                    Some((*k, *v))
-                                } else {
-                                    None
-                                }
-                            })
-                            .unzip();
+                        let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) =
+                            of!(Op::PutFrontend(k, v) => (*k, *v)).unzip();
                         sys::map_update_batch(fd, &keys, &values)
                     }
                     Op::DelMember(_) => {
-                        let keys: Vec<MemberKey> = rest
-                            .iter()
-                            .filter_map(|op| {
-                                if let Op::DelMember(k) = op {
-                                    Some(*k)
-                                } else {
-                                    None
-                                }
-                            })
-                            .collect();
-                        sys::map_delete_batch(fd, &keys)
+                        sys::map_delete_batch(fd, &of!(Op::DelMember(k) => *k).collect::<Vec<_>>())
                     }
                     Op::DelSlot(_) => {
-                        let keys: Vec<SlotKey> = rest
-                            .iter()
-                            .filter_map(|op| {
-                                if let Op::DelSlot(k) = op {
-                                    Some(*k)
-                                } else {
-                                    None
-                                }
-                            })
-                            .collect();
-                        sys::map_delete_batch(fd, &keys)
+                        sys::map_delete_batch(fd, &of!(Op::DelSlot(k) => *k).collect::<Vec<_>>())
                     }
-                    Op::DelFrontend(..) => {
-                        let keys: Vec<FrontendKey> = rest
-                            .iter()
-                            .filter_map(|op| {
-                                if let Op::DelFrontend(k, _) = op {
-                                    Some(*k)
-                                } else {
-                                    None
-                                }
-                            })
-                            .collect();
-                        sys::map_delete_batch(fd, &keys)
-                    }
+                    Op::DelFrontend(..) => sys::map_delete_batch(
+                        fd,
+                        &of!(Op::DelFrontend(k, _) => *k).collect::<Vec<_>>(),
+                    ),
                 };
                 match result {
                     Ok(()) => offset = chunk.len(),

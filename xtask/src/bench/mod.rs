@@ -133,6 +133,8 @@ fn iptables_restore() -> &'static str {
 pub struct Bench {
     plan: Plan,
     results: Results,
+    /// Peers and scales whose rules could not be loaded.
+    gave_up: Vec<(Mode, usize)>,
 }
 
 pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
@@ -192,7 +194,11 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         api: Vec::new(),
         skipped: Vec::new(),
     };
-    let mut bench = Bench { plan, results };
+    let mut bench = Bench {
+        plan,
+        results,
+        gave_up: Vec::new(),
+    };
     let started = Instant::now();
     for n in bench.plan.services.clone() {
         eprintln!(
@@ -251,6 +257,14 @@ impl Bench {
     /// Whether loading `n` Services into a peer would exceed the budget, extrapolating
     /// linearly (at best) from its largest measured load.
     fn too_slow(&self, mode: Mode, n: usize) -> bool {
+        // A smaller set already could not be loaded: a bigger one cannot either.
+        if self
+            .gave_up
+            .iter()
+            .any(|&(m, smaller)| m == mode && smaller < n)
+        {
+            return true;
+        }
         self.results
             .full_sync
             .iter()
@@ -333,7 +347,19 @@ impl Bench {
                 } else {
                     (&["nft", "-f", "-"], set.nft())
                 };
-                match topo.in_node_timed(args, &text, self.plan.load_budget)? {
+                let loaded = match topo.in_node_timed(args, &text, self.plan.load_budget) {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        // e.g. killed by the OOM killer: the peer cannot take this many.
+                        self.gave_up.push((mode, n));
+                        self.skip(format!(
+                            "{} with {n} Services: loading the rules failed: {e:#}",
+                            mode.name()
+                        ));
+                        return Ok(None);
+                    }
+                };
+                match loaded {
                     Some(took) => {
                         if timing {
                             self.results.full_sync.push(SyncRow {
@@ -346,6 +372,7 @@ impl Bench {
                         }
                     }
                     None => {
+                        self.gave_up.push((mode, n));
                         self.skip(format!(
                             "{} with {n} Services: loading the rules took longer than {:?}",
                             mode.name(),
