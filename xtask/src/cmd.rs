@@ -143,3 +143,27 @@ pub fn timed_with_input(
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Fails unless this is root: `what` needs it.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} creates network namespaces and loads BPF programs: run as root");
+    }
+    Ok(())
+}
+
+/// The start of the privileged tasks that drive lb themselves (demo, bench): root, the test
+/// harness pointed at this build's binaries, interrupts cleaned up after, set up, built.
+pub fn prepare_privileged(what: &str) -> anyhow::Result<()> {
+    require_root(what)?;
+    // SAFETY: no other thread exists yet (the signal thread starts below); the harness reads
+    // these to find the binaries.
+    unsafe {
+        std::env::set_var("LB_BIN", lb_bin());
+        std::env::set_var("LB_TESTPOD", testpod_bin());
+    }
+    lb_tests::cleanup_on_signal();
+    crate::setup::run()?;
+    build_release()
+}

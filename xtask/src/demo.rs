@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 use lb_tests::{Agent, Node, TempDir};
 
-use crate::{cmd, setup};
+use crate::cmd;
 
 const MANIFESTS: &str = include_str!("../demo/seed-services.yaml");
 
@@ -40,18 +40,7 @@ fn show(node: &Node, title: &str, url: &str, times: usize) -> anyhow::Result<()>
 }
 
 pub fn run() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the demo creates network namespaces and loads BPF programs: run as root");
-    }
-    lb_tests::cleanup_on_signal();
-    setup::run()?;
-    cmd::build_release()?;
-    // SAFETY: called before any other thread exists; the harness reads it.
-    unsafe {
-        std::env::set_var("LB_BIN", cmd::lb_bin());
-        std::env::set_var("LB_TESTPOD", cmd::testpod_bin());
-    }
+    cmd::prepare_privileged("the demo")?;
 
     let mut node = Node::new();
     for (n, name) in [(1, "crane-1"), (2, "crane-2"), (3, "crane-3")] {

@@ -12,10 +12,7 @@ use crate::{
 };
 
 pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the integration tests load BPF programs and create network namespaces: run as root");
-    }
+    cmd::require_root("the integration tests")?;
     setup::run()?;
     cmd::run(command("cargo").args(["fmt", "--all", "--check"]))?;
     // Host crates; AYA_BUILD_SKIP keeps `clippy`/unit tests from building the BPF object,

@@ -138,18 +138,7 @@ pub struct Bench {
 }
 
 pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        anyhow::bail!("the bench creates network namespaces and loads BPF programs: run as root");
-    }
-    lb_tests::cleanup_on_signal();
-    crate::setup::run()?;
-    cmd::build_release()?;
-    // SAFETY: set before any thread is started; the harness reads them.
-    unsafe {
-        std::env::set_var("LB_BIN", cmd::lb_bin());
-        std::env::set_var("LB_TESTPOD", cmd::testpod_bin());
-    }
+    cmd::prepare_privileged("the bench")?;
     let date = cmd::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))?
         .trim()
         .to_owned();
