@@ -1,12 +1,9 @@
 //! The world as lb needs it: Services and their endpoints, already validated, independent of
 //! where they came from (manifests or the Kubernetes API) and of the kernel.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt,
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeSet, fmt, net::IpAddr, sync::Arc};
+
+use imbl::{OrdMap, ordmap::DiffItem};
 
 /// A Service's (or any namespaced object's) identity.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -190,11 +187,16 @@ pub struct EndpointSlice {
 
 /// Everything a source knows at one moment. Sources hand complete snapshots to the syncer,
 /// so a relist or a reload is applied as one atomic change.
+///
+/// The maps are persistent (structure-sharing) maps: a clone costs nothing, and a snapshot
+/// made from the previous one by a few inserts shares all the rest with it, so
+/// [`Snapshot::touched_since`] finds what changed by skipping the shared parts. Sources keep
+/// that sharing (see [`Snapshot::rebased_on`]), which keeps a one-object change O(log N).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub services: OrdMap<ObjectKey, Arc<Service>>,
     /// EndpointSlices by owning Service, each list sorted by slice key.
-    pub slices: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
+    pub slices: OrdMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
     /// This node's zone (its `topology.kubernetes.io/zone` label), when the source knows it.
     pub zone: Option<String>,
 }
@@ -203,6 +205,58 @@ impl Snapshot {
     pub fn slices_of(&self, service: &ObjectKey) -> &[Arc<EndpointSlice>] {
         self.slices.get(service).map_or(&[], Vec::as_slice)
     }
+
+    /// The Services whose inputs (the Service or its EndpointSlices) differ from `before`.
+    /// Costs in proportion to the difference when the two share structure.
+    pub fn touched_since(&self, before: &Snapshot) -> BTreeSet<ObjectKey> {
+        fn keys<'a, V: PartialEq>(
+            before: &'a OrdMap<ObjectKey, V>,
+            after: &'a OrdMap<ObjectKey, V>,
+        ) -> impl Iterator<Item = &'a ObjectKey> {
+            before.diff(after).map(|item| match item {
+                DiffItem::Add(key, _) | DiffItem::Remove(key, _) => key,
+                DiffItem::Update { new: (key, _), .. } => key,
+            })
+        }
+        keys(&before.services, &self.services)
+            .chain(keys(&before.slices, &self.slices))
+            .cloned()
+            .collect()
+    }
+
+    /// This snapshot's content, built as `base` plus the differences, so that it shares
+    /// structure with `base` (for a source that builds each snapshot from scratch).
+    #[must_use]
+    pub fn rebased_on(self, base: &Snapshot) -> Snapshot {
+        Snapshot {
+            services: rebased(&base.services, &self.services),
+            slices: rebased(&base.slices, &self.slices),
+            zone: self.zone,
+        }
+    }
+}
+
+/// `target`'s content, made as `base` with the differences applied so that it shares
+/// structure with `base`.
+pub fn rebased<V: Clone + PartialEq>(
+    base: &OrdMap<ObjectKey, V>,
+    target: &OrdMap<ObjectKey, V>,
+) -> OrdMap<ObjectKey, V> {
+    let mut out = base.clone();
+    for item in base.diff(target) {
+        match item {
+            DiffItem::Add(key, value)
+            | DiffItem::Update {
+                new: (key, value), ..
+            } => {
+                out.insert(key.clone(), value.clone());
+            }
+            DiffItem::Remove(key, _) => {
+                out.remove(key);
+            }
+        }
+    }
+    out
 }
 
 /// What lb knows about the node it runs on.
@@ -211,4 +265,66 @@ pub struct Node {
     pub name: String,
     /// `topology.kubernetes.io/zone` of the Node, when known.
     pub zone: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str) -> Arc<Service> {
+        Arc::new(Service {
+            key: ObjectKey::new("default", name),
+            service_type: ServiceType::ClusterIp,
+            cluster_ips: vec![IpAddr::from([10, 96, 0, 1])],
+            ports: Vec::new(),
+            affinity_timeout_s: None,
+            internal_local: false,
+            external_local: false,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            health_check_node_port: None,
+            topology: TopologyMode::None,
+        })
+    }
+
+    #[test]
+    fn rebased_snapshot_shares_what_did_not_change() {
+        let names: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
+        let base = Snapshot {
+            services: names
+                .iter()
+                .map(|n| (ObjectKey::new("default", n), service(n)))
+                .collect(),
+            ..Snapshot::default()
+        };
+        // The same content built from scratch, except one Service changed and one gone.
+        let mut fresh = Snapshot {
+            services: base
+                .services
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..Snapshot::default()
+        };
+        fresh
+            .services
+            .insert(ObjectKey::new("default", "s7"), service("s7-changed"));
+        fresh.services.remove(&ObjectKey::new("default", "s9"));
+        let rebased = fresh.clone().rebased_on(&base);
+        assert_eq!(rebased, fresh);
+        assert_eq!(
+            rebased.touched_since(&base),
+            BTreeSet::from([
+                ObjectKey::new("default", "s7"),
+                ObjectKey::new("default", "s9")
+            ])
+        );
+        assert!(
+            base.clone()
+                .rebased_on(&base)
+                .services
+                .ptr_eq(&base.services),
+            "no change, same map"
+        );
+    }
 }

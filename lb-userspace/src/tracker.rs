@@ -1,9 +1,11 @@
 //! The desired state kept across snapshots, so that a change costs in proportion to what
 //! changed, not to the number of Services.
 //!
-//! Sources keep an object's `Arc` while the object is unchanged; a Service is recomputed only
-//! when its own `Arc` or one of its EndpointSlices' `Arc`s differs from last time. The frontends
-//! it touched are returned as the dirty set the planner diffs. Whenever the incremental path
+//! The Services to look at are those [`Snapshot::touched_since`] the previous snapshot, found
+//! without visiting the structure the two share. Sources keep an object's `Arc` while the
+//! object is unchanged; a touched Service is recomputed only when its own `Arc` or one of its
+//! EndpointSlices' `Arc`s differs from last time. The frontends it touched are returned as the
+//! dirty set the planner diffs. Whenever the incremental path
 //! could differ from [`desired::build`] (a frontend claimed by two Services, a full map, or a
 //! large share of Services changed), the whole state is rebuilt instead: the result is always
 //! exactly what `build` would give.
@@ -59,6 +61,8 @@ pub struct Tracker {
     node: Node,
     limits: Limits,
     entries: HashMap<ObjectKey, Entry>,
+    /// The snapshot `entries` and `desired` were made from.
+    seen: Snapshot,
     desired: Desired,
     problems: Vec<DesiredError>,
     slots: usize,
@@ -73,6 +77,7 @@ impl Tracker {
             node,
             limits,
             entries: HashMap::new(),
+            seen: Snapshot::default(),
             desired: Desired::default(),
             problems: Vec::new(),
             slots: 0,
@@ -98,6 +103,12 @@ impl Tracker {
 
     /// Brings the desired state up to `snapshot`.
     pub fn update(&mut self, snapshot: &Snapshot) -> Change {
+        let change = self.apply(snapshot);
+        self.seen = snapshot.clone();
+        change
+    }
+
+    fn apply(&mut self, snapshot: &Snapshot) -> Change {
         if snapshot.zone != self.node.zone {
             // Topology hints of every Service depend on the zone.
             self.node.zone.clone_from(&snapshot.zone);
@@ -105,21 +116,22 @@ impl Tracker {
             return Change::Full;
         }
         let mut changed: Vec<&ObjectKey> = Vec::new();
-        for (key, service) in &snapshot.services {
-            let unchanged = self
-                .entries
-                .get(key)
-                .is_some_and(|e| e.same_inputs(service, snapshot.slices_of(key)));
-            if !unchanged {
-                changed.push(key);
+        let mut removed: Vec<ObjectKey> = Vec::new();
+        for key in snapshot.touched_since(&self.seen) {
+            match snapshot.services.get_key_value(&key) {
+                Some((key, service)) => {
+                    let unchanged = self
+                        .entries
+                        .get(key)
+                        .is_some_and(|e| e.same_inputs(service, snapshot.slices_of(key)));
+                    if !unchanged {
+                        changed.push(key);
+                    }
+                }
+                None if self.entries.contains_key(&key) => removed.push(key),
+                None => {} // EndpointSlices without their Service
             }
         }
-        let removed: Vec<ObjectKey> = self
-            .entries
-            .keys()
-            .filter(|k| !snapshot.services.contains_key(*k))
-            .cloned()
-            .collect();
         if changed.is_empty() && removed.is_empty() {
             return Change::Frontends(BTreeSet::new());
         }
@@ -343,10 +355,14 @@ mod tests {
                 let i = next(40);
                 let name = format!("s{i}");
                 let key = ObjectKey::new("default", &name);
-                match next(4) {
+                match next(5) {
                     0 => {
                         snap.services.remove(&key);
                         snap.slices.remove(&key);
+                    }
+                    4 => {
+                        // The Service goes, its slices stay (or come before it).
+                        snap.services.remove(&key);
                     }
                     1 => {
                         // Same address as another Service now and then: conflicts.
@@ -360,6 +376,22 @@ mod tests {
                         snap.slices.insert(key, vec![slice(&name, &backends)]);
                     }
                 }
+            }
+            if next(5) == 0 {
+                // Now and then a snapshot that shares no structure with the last one.
+                snap = Snapshot {
+                    services: snap
+                        .services
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    slices: snap
+                        .slices
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    zone: None,
+                };
             }
             tracker.update(&snap);
             let (want, problems) = desired::build(&snap, &Node::default(), limits);

@@ -7,6 +7,8 @@
 //! atomic replacement of that resource's objects; nothing is sent before every resource has
 //! been listed once, so a restart never programs a half-seen world. Unchanged objects keep
 //! their `Arc` through a relist, so the syncer sees no change and writes nothing for them.
+//! Objects live in persistent maps updated in place, so a snapshot costs nothing to take and
+//! the syncer finds a one-object change without walking every Service.
 //! API errors never stop the agent: the last good state keeps serving, the watchers retry
 //! with backoff, and the outage shows in the log, in `/healthz` and in the metrics.
 
@@ -17,6 +19,7 @@ use std::{
 };
 
 use futures::{FutureExt as _, StreamExt as _};
+use imbl::{OrdMap, ordmap::DiffItem};
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use kube::{
     Api, Client, ResourceExt as _,
@@ -26,7 +29,7 @@ use kube::{
 use super::convert::{self, FieldError};
 use crate::{
     metrics::SourceMetrics,
-    model::{EndpointSlice, ObjectKey, Service, Snapshot},
+    model::{self, EndpointSlice, ObjectKey, Service, Snapshot},
     sync::Update,
 };
 
@@ -38,7 +41,7 @@ pub const LABEL_SELECTOR: &str =
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Objects by key, and why others were rejected.
-type Objects<T> = BTreeMap<ObjectKey, Arc<T>>;
+type Objects<T> = OrdMap<ObjectKey, Arc<T>>;
 type Rejections = BTreeMap<ObjectKey, String>;
 
 /// One watched resource's objects, as lb's model, with the relist in progress.
@@ -47,7 +50,7 @@ struct Cache<T> {
     objects: Objects<T>,
     /// Objects (and rejections) seen since `Init`, replacing `objects` (and `rejected`) at
     /// `InitDone`.
-    relist: Option<(Objects<T>, Rejections)>,
+    relist: Option<(BTreeMap<ObjectKey, Arc<T>>, Rejections)>,
     /// An `InitDone` was seen: the resource has been listed completely once.
     synced: bool,
     /// Objects lb cannot use, with why (kept out, or kept at their last good version).
@@ -57,7 +60,7 @@ struct Cache<T> {
 impl<T> Default for Cache<T> {
     fn default() -> Self {
         Self {
-            objects: BTreeMap::new(),
+            objects: OrdMap::new(),
             relist: None,
             synced: false,
             rejected: BTreeMap::new(),
@@ -119,12 +122,10 @@ impl<T: PartialEq> Cache<T> {
                     return false;
                 };
                 self.rejected = rejected;
-                let changed = relist.len() != self.objects.len()
-                    || relist
-                        .iter()
-                        .zip(&self.objects)
-                        .any(|((ka, a), (kb, b))| ka != kb || !Arc::ptr_eq(a, b));
-                self.objects = relist;
+                // Built on the current map, so what the relist did not change stays shared.
+                let relisted = model::rebased(&self.objects, &OrdMap::from(relist));
+                let changed = !relisted.ptr_eq(&self.objects);
+                self.objects = relisted;
                 changed
             }
             watcher::Event::Apply(object) => match convert(&object) {
@@ -191,6 +192,9 @@ pub struct ApiStore {
     zone_synced: bool,
     /// Objects rejected, as last logged (so each problem is logged once).
     logged: BTreeSet<String>,
+    /// The EndpointSlices by Service, as of `indexed` (brought up to date per snapshot).
+    by_service: OrdMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
+    indexed: Objects<EndpointSlice>,
 }
 
 impl ApiStore {
@@ -262,19 +266,57 @@ impl ApiStore {
         self.logged = now;
     }
 
-    pub fn snapshot(&self) -> Snapshot {
-        let mut slices: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
-        for slice in self.slices.objects.values() {
-            slices
-                .entry(slice.service.clone())
-                .or_default()
-                .push(slice.clone());
-        }
+    /// The snapshot to send: O(what changed since the last one).
+    pub fn snapshot(&mut self) -> Snapshot {
+        self.index_slices();
         Snapshot {
             services: self.services.objects.clone(),
-            slices,
+            slices: self.by_service.clone(),
             zone: self.zone.clone(),
         }
+    }
+
+    /// Brings the by-Service index up to the current slices, visiting only what changed.
+    fn index_slices(&mut self) {
+        let current = self.slices.objects.clone();
+        let by_service = &mut self.by_service;
+        for item in self.indexed.diff(&current) {
+            match item {
+                DiffItem::Add(_, new) => index(by_service, new),
+                DiffItem::Remove(_, old) => unindex(by_service, old),
+                DiffItem::Update {
+                    old: (_, old),
+                    new: (_, new),
+                } => {
+                    unindex(by_service, old);
+                    index(by_service, new);
+                }
+            }
+        }
+        self.indexed = current;
+    }
+}
+
+/// Adds `slice` to its Service's list, kept sorted by slice key.
+fn index(by_service: &mut OrdMap<ObjectKey, Vec<Arc<EndpointSlice>>>, slice: &Arc<EndpointSlice>) {
+    let list = by_service.entry(slice.service.clone()).or_default();
+    match list.binary_search_by(|s| s.key.cmp(&slice.key)) {
+        Ok(at) => list[at] = slice.clone(),
+        Err(at) => list.insert(at, slice.clone()),
+    }
+}
+
+/// Takes `slice` off its Service's list, and the list off the map when it is empty.
+fn unindex(
+    by_service: &mut OrdMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
+    slice: &Arc<EndpointSlice>,
+) {
+    let Some(list) = by_service.get_mut(&slice.service) else {
+        return;
+    };
+    list.retain(|s| s.key != slice.key);
+    if list.is_empty() {
+        by_service.remove(&slice.service);
     }
 }
 
@@ -577,6 +619,49 @@ mod tests {
         );
         assert!(store.on_service(watcher::Event::Delete(service("a", "10.96.0.1"))));
         assert!(store.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn slices_by_service_follow_moves_and_deletes() {
+        let mut store = ApiStore::default();
+        store.without_node();
+        listed(
+            &mut store,
+            vec![service("a", "10.96.0.1"), service("b", "10.96.0.2")],
+            vec![
+                slice("a-2", "a", &["10.1.0.2"]),
+                slice("a-1", "a", &["10.1.0.1"]),
+            ],
+        );
+        let (a, b) = (
+            ObjectKey::new("default", "a"),
+            ObjectKey::new("default", "b"),
+        );
+        let names = |snap: &Snapshot, service: &ObjectKey| -> Vec<String> {
+            snap.slices_of(service)
+                .iter()
+                .map(|s| s.key.name.clone())
+                .collect()
+        };
+        let first = store.snapshot();
+        assert_eq!(names(&first, &a), ["a-1", "a-2"], "sorted by slice key");
+        // A slice relabelled to another Service moves; a deleted one goes.
+        store.on_slice(watcher::Event::Apply(slice("a-2", "b", &["10.1.0.2"])));
+        let second = store.snapshot();
+        assert_eq!(names(&second, &a), ["a-1"]);
+        assert_eq!(names(&second, &b), ["a-2"]);
+        assert_eq!(
+            second.touched_since(&first),
+            BTreeSet::from([a.clone(), b.clone()])
+        );
+        store.on_slice(watcher::Event::Delete(slice("a-1", "a", &[])));
+        let third = store.snapshot();
+        assert!(!third.slices.contains_key(&a));
+        assert_eq!(third.touched_since(&second), BTreeSet::from([a]));
+        assert!(
+            third.services.ptr_eq(&second.services),
+            "unchanged Services are shared, not copied"
+        );
     }
 
     #[test]

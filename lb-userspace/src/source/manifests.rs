@@ -12,6 +12,7 @@ use std::{
     sync::Arc,
 };
 
+use imbl::OrdMap;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
@@ -112,6 +113,8 @@ struct Cached {
 pub struct Manifests {
     paths: Vec<PathBuf>,
     files: BTreeMap<PathBuf, Cached>,
+    /// The last snapshot loaded; the next is built on it, sharing what did not change.
+    last: Snapshot,
 }
 
 impl Manifests {
@@ -119,6 +122,7 @@ impl Manifests {
         Self {
             paths,
             files: BTreeMap::new(),
+            last: Snapshot::default(),
         }
     }
 
@@ -126,7 +130,8 @@ impl Manifests {
         &self.paths
     }
 
-    /// Reads every changed file again and returns the resulting snapshot and what is wrong.
+    /// Reads every changed file again and returns the resulting snapshot (sharing structure
+    /// with the previous one) and what is wrong.
     pub fn load(&mut self) -> (Snapshot, Vec<ManifestError>) {
         let mut errors = Vec::new();
         let mut files: BTreeMap<PathBuf, Cached> = BTreeMap::new();
@@ -176,8 +181,9 @@ impl Manifests {
         }
         let objects: BTreeMap<&PathBuf, &FileObjects> =
             files.iter().map(|(f, c)| (f, &c.objects)).collect();
-        let snapshot = assemble(&order, &objects, &mut errors);
+        let snapshot = assemble(&order, &objects, &mut errors).rebased_on(&self.last);
         self.files = files;
+        self.last = snapshot.clone();
         (snapshot, errors)
     }
 }
@@ -567,6 +573,7 @@ fn assemble(
     errors: &mut Vec<ManifestError>,
 ) -> Snapshot {
     let mut snapshot = Snapshot::default();
+    let mut slices: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
     let mut origin: BTreeMap<(Kind, ObjectKey), &Path> = BTreeMap::new();
     let mut from_endpoints: BTreeMap<ObjectKey, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
     for file in order {
@@ -592,8 +599,7 @@ fn assemble(
                     snapshot.services.insert(key.1.clone(), svc.clone());
                 }
                 Object::Slice(Some(slice)) => {
-                    snapshot
-                        .slices
+                    slices
                         .entry(slice.service.clone())
                         .or_default()
                         .push(slice.clone());
@@ -605,12 +611,13 @@ fn assemble(
             }
         }
     }
-    for (service, slices) in from_endpoints {
-        snapshot.slices.entry(service).or_insert(slices);
+    for (service, from_endpoints) in from_endpoints {
+        slices.entry(service).or_insert(from_endpoints);
     }
-    for slices in snapshot.slices.values_mut() {
-        slices.sort_by(|a, b| a.key.cmp(&b.key));
+    for list in slices.values_mut() {
+        list.sort_by(|a, b| a.key.cmp(&b.key));
     }
+    snapshot.slices = OrdMap::from(slices);
     snapshot
 }
 
