@@ -34,6 +34,9 @@ pub enum Update {
     Shutdown,
 }
 
+/// A pass with at least this many writes hands freed memory back to the system afterwards.
+const LARGE_PASS_WRITES: u64 = 10_000;
+
 /// Retry delays after failed writes: 0.5 s doubling to 30 s.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -165,6 +168,10 @@ impl Syncer {
         let pass = self.apply(&batches);
         let elapsed = started.elapsed();
         self.plan_all = pass.failed_frontends > 0;
+        drop(batches);
+        if pass.writes >= LARGE_PASS_WRITES {
+            release_free_memory();
+        }
         self.report(&pass, elapsed, source_errors);
         if pass.writes > 0 || pass.failed_frontends > 0 {
             tracing::info!(
@@ -262,5 +269,17 @@ impl Syncer {
             tracing::info!("resolved: {p}");
         }
         self.known_problems = now;
+    }
+}
+
+/// Hands memory freed after a large pass (the write batches, the replaced desired state) back
+/// to the system. glibc keeps freed memory in its arenas, so without this the agent's RSS stays
+/// at the peak of its largest sync (measured: 110 MiB instead of 70 MiB after a first sync of
+/// 10 000 Services).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

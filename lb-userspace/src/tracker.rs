@@ -18,16 +18,18 @@ use std::{
 use lb_common::maps::FrontendKey;
 
 use crate::{
-    desired::{self, Desired, DesiredError, DesiredFrontend, Limits},
+    desired::{self, Desired, DesiredError, Limits},
     model::{EndpointSlice, Node, ObjectKey, Service, Snapshot},
 };
 
-/// One Service's inputs (by identity) and the frontends they gave.
+/// One Service's inputs (by identity) and the frontends they gave (held in the desired
+/// state; here only their keys and backend count).
 #[derive(Debug)]
 struct Entry {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
-    frontends: Vec<(FrontendKey, DesiredFrontend)>,
+    frontends: Vec<FrontendKey>,
+    slots: usize,
 }
 
 impl Entry {
@@ -39,10 +41,6 @@ impl Entry {
                 .iter()
                 .zip(slices)
                 .all(|(a, b)| Arc::ptr_eq(a, b))
-    }
-
-    fn slots(&self) -> usize {
-        self.frontends.iter().map(|(_, f)| f.backends.len()).sum()
     }
 }
 
@@ -153,24 +151,27 @@ impl Tracker {
             let conflict = frontends
                 .iter()
                 .any(|(fkey, _)| self.desired.frontends.contains_key(fkey));
-            let entry = Entry {
-                service: service.clone(),
-                slices: slices.to_vec(),
-                frontends,
-            };
-            let fits = self.desired.frontends.len() + entry.frontends.len()
-                <= self.limits.frontends
-                && self.slots + entry.slots() <= self.limits.slots;
+            let slots: usize = frontends.iter().map(|(_, f)| f.backends.len()).sum();
+            let fits = self.desired.frontends.len() + frontends.len() <= self.limits.frontends
+                && self.slots + slots <= self.limits.slots;
             if conflict || !fits {
                 // Who wins depends on the order of all Services: let the full build decide.
                 self.rebuild(snapshot);
                 return Change::Full;
             }
-            self.slots += entry.slots();
-            for (fkey, frontend) in &entry.frontends {
-                dirty.insert(*fkey);
-                self.desired.frontends.insert(*fkey, frontend.clone());
+            self.slots += slots;
+            let mut keys = Vec::with_capacity(frontends.len());
+            for (fkey, frontend) in frontends {
+                dirty.insert(fkey);
+                keys.push(fkey);
+                self.desired.frontends.insert(fkey, frontend);
             }
+            let entry = Entry {
+                service: service.clone(),
+                slices: slices.to_vec(),
+                frontends: keys,
+                slots,
+            };
             self.entries.insert(key.clone(), entry);
         }
         Change::Frontends(dirty)
@@ -178,8 +179,8 @@ impl Tracker {
 
     fn remove(&mut self, key: &ObjectKey, dirty: &mut BTreeSet<FrontendKey>) {
         if let Some(old) = self.entries.remove(key) {
-            self.slots -= old.slots();
-            for (fkey, _) in old.frontends {
+            self.slots -= old.slots;
+            for fkey in old.frontends {
                 self.desired.frontends.remove(&fkey);
                 dirty.insert(fkey);
             }
@@ -189,25 +190,23 @@ impl Tracker {
     /// Recomputes everything, as [`desired::build`] does, keeping each Service's inputs.
     fn rebuild(&mut self, snapshot: &Snapshot) {
         let (desired, problems) = desired::build(snapshot, &self.node, self.limits);
+        // Each Service's frontends as programmed (a refused port or Service has none).
+        let mut programmed: HashMap<&ObjectKey, (Vec<FrontendKey>, usize)> = HashMap::new();
+        for (fkey, frontend) in &desired.frontends {
+            let (keys, slots) = programmed.entry(&frontend.service).or_default();
+            keys.push(*fkey);
+            *slots += frontend.backends.len();
+        }
         self.entries.clear();
         for (key, service) in &snapshot.services {
-            let slices = snapshot.slices_of(key);
-            // The Service's frontends as programmed (a refused port or Service has none).
-            let frontends = desired::service_frontends(key, service, slices, &self.node)
-                .into_iter()
-                .filter(|(fkey, _)| {
-                    desired
-                        .frontends
-                        .get(fkey)
-                        .is_some_and(|f| f.service == *key)
-                })
-                .collect();
+            let (frontends, slots) = programmed.remove(key).unwrap_or_default();
             self.entries.insert(
                 key.clone(),
                 Entry {
                     service: service.clone(),
-                    slices: slices.to_vec(),
+                    slices: snapshot.slices_of(key).to_vec(),
                     frontends,
+                    slots,
                 },
             );
         }
