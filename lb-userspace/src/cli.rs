@@ -69,13 +69,8 @@ pub struct RunArgs {
     /// datapath keeps serving the last known state meanwhile.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub api_stale_after: u64,
-    /// Capacity of the frontend map (Service IP x port x protocol), fixed when the maps are
-    /// created; a Service that does not fit is refused with an error.
-    #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_FRONTENDS)]
-    pub max_frontends: u32,
-    /// Capacity of the backend maps (endpoints summed over all frontends).
-    #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_SLOTS)]
-    pub max_backends: u32,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
     /// Re-read the maps and repair any drift this often (seconds).
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub resync_period: u64,
@@ -95,6 +90,30 @@ pub struct CheckArgs {
     /// A YAML/JSON file or a directory of them (repeatable).
     #[arg(long = "manifests", value_name = "PATH", required = true)]
     pub manifests: Vec<PathBuf>,
+    /// The capacities `lb run` will use: a set that would not fit them is reported.
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+}
+
+/// The map capacities (`lb run` and `lb check`).
+#[derive(Debug, Args)]
+pub struct CapacityArgs {
+    /// Capacity of the frontend map (Service IP x port x protocol), fixed when the maps are
+    /// created; a Service that does not fit is refused with an error.
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_FRONTENDS)]
+    pub max_frontends: u32,
+    /// Capacity of the backend maps (endpoints summed over all frontends).
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_SLOTS)]
+    pub max_backends: u32,
+}
+
+impl CapacityArgs {
+    pub fn capacities(&self) -> crate::kernel::Capacities {
+        crate::kernel::Capacities {
+            frontends: self.max_frontends,
+            backends: self.max_backends,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

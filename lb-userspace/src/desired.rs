@@ -262,13 +262,13 @@ impl Merge {
         let new_slots: usize = kept.iter().map(|(_, f)| f.backends.len()).sum();
         let full = if self.desired.frontends.len() + kept.len() > limits.frontends {
             Some(format!(
-                "map {} is full ({} frontends)",
+                "map {} is full ({} frontends; see --max-frontends)",
                 lb_common::maps::FRONTENDS,
                 limits.frontends
             ))
         } else if self.slots + new_slots > limits.slots {
             Some(format!(
-                "map {} is full ({} backend slots)",
+                "map {} is full ({} backend slots; see --max-backends)",
                 lb_common::maps::SLOTS,
                 limits.slots
             ))
@@ -588,7 +588,7 @@ endpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.2]}]
         assert!(
             errors[0]
                 .to_string()
-                .contains("map LB_FRONTENDS is full (1 frontends)"),
+                .contains("map LB_FRONTENDS is full (1 frontends; see --max-frontends)"),
             "{errors:?}"
         );
         let (d, errors) = build(
@@ -603,7 +603,7 @@ endpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.2]}]
         assert!(
             errors[0]
                 .to_string()
-                .contains("map LB_SLOTS is full (1 backend slots)"),
+                .contains("map LB_SLOTS is full (1 backend slots; see --max-backends)"),
             "{errors:?}"
         );
     }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 
 use crate::{
     cli::{CheckArgs, InspectArgs},
-    desired::{self, Limits, ShowAddrPort, ShowFrontend},
+    desired::{self, ShowAddrPort, ShowFrontend},
     kernel::{PinLayout, maps::Maps},
     model::Node,
     source::manifests::Manifests,
@@ -113,7 +113,11 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
 pub fn check(args: &CheckArgs) -> anyhow::Result<bool> {
     let mut manifests = Manifests::new(args.manifests.clone());
     let (snapshot, errors) = manifests.load();
-    let (desired, problems) = desired::build(&snapshot, &Node::default(), Limits::default());
+    let (desired, problems) = desired::build(
+        &snapshot,
+        &Node::default(),
+        args.capacity.capacities().limits(),
+    );
     let mut err = std::io::stderr().lock();
     for e in &errors {
         writeln!(err, "error: {e}")?;

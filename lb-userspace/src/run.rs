@@ -15,7 +15,7 @@ use crate::{
     health::Health,
     http,
     kernel::{
-        Capacities, PinLayout,
+        PinLayout,
         attach::{self, Attachment},
         fs,
         maps::Maps,
@@ -89,10 +89,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     fs::ensure_bpffs(layout.root())?;
 
     // Kernel: check what a previous agent left, load, attach or adopt.
-    let capacities = Capacities {
-        frontends: args.max_frontends,
-        backends: args.max_backends,
-    };
+    let capacities = args.capacity.capacities();
     let adopted_maps = object::check_pinned(&layout, capacities)?;
     let mut ebpf = object::load(&layout, capacities)?;
     let attachments = attach::attach_or_adopt(&mut ebpf, &layout, &cgroup)?;

@@ -713,6 +713,20 @@ fn check_names_file_object_and_field() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 1 Services"));
+    let out = Command::new(lb_bin())
+        .arg("check")
+        .arg("--manifests")
+        .arg(&dir.0)
+        .args(["--max-frontends", "0"])
+        .output()
+        .expect("lb check");
+    assert!(!out.status.success(), "a set over the capacity is invalid");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Service default/ok")
+            && err.contains("map LB_FRONTENDS is full (0 frontends; see --max-frontends)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -742,7 +756,7 @@ fn map_capacities_are_set_by_flags_and_kept_across_restarts() {
     assert_eq!(agent.list().len(), 2);
     let log = agent.log_text();
     assert!(
-        log.contains("Service default/c: not programmed: map LB_FRONTENDS is full (2 frontends)"),
+        log.contains("Service default/c: not programmed: map LB_FRONTENDS is full (2 frontends; see --max-frontends)"),
         "{log}"
     );
     assert!(agent.metrics_text().contains("lb_config_errors 1"));
