@@ -140,6 +140,24 @@ pub struct Service {
 }
 
 impl Service {
+    /// A Service of this type with the API's defaults: no addresses, no ports, no affinity,
+    /// traffic policies Cluster, no topology.
+    pub fn new(key: ObjectKey, service_type: ServiceType) -> Self {
+        Self {
+            key,
+            service_type,
+            cluster_ips: Vec::new(),
+            ports: Vec::new(),
+            affinity_timeout_s: None,
+            internal_local: false,
+            external_local: false,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            health_check_node_port: None,
+            topology: TopologyMode::None,
+        }
+    }
+
     /// Whether lb programs anything for it: not ExternalName, not headless.
     pub fn is_load_balanced(&self) -> bool {
         self.service_type != ServiceType::ExternalName && !self.cluster_ips.is_empty()
@@ -273,17 +291,8 @@ mod tests {
 
     fn service(name: &str) -> Arc<Service> {
         Arc::new(Service {
-            key: ObjectKey::new("default", name),
-            service_type: ServiceType::ClusterIp,
             cluster_ips: vec![IpAddr::from([10, 96, 0, 1])],
-            ports: Vec::new(),
-            affinity_timeout_s: None,
-            internal_local: false,
-            external_local: false,
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            health_check_node_port: None,
-            topology: TopologyMode::None,
+            ..Service::new(ObjectKey::new("default", name), ServiceType::ClusterIp)
         })
     }
 

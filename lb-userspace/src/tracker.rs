@@ -223,13 +223,10 @@ mod tests {
     use super::*;
     use crate::model::{
         Endpoint, EndpointPort, Family, Protocol, ServicePort, ServiceType, TargetPort,
-        TopologyMode,
     };
 
     fn service(name: &str, vip: u8, port: u16) -> Arc<Service> {
         Arc::new(Service {
-            key: ObjectKey::new("default", name),
-            service_type: ServiceType::ClusterIp,
             cluster_ips: vec![IpAddr::from([10, 96, 0, vip])],
             ports: vec![ServicePort {
                 name: String::new(),
@@ -238,13 +235,7 @@ mod tests {
                 target_port: TargetPort::Number(80),
                 node_port: None,
             }],
-            affinity_timeout_s: None,
-            internal_local: false,
-            external_local: false,
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            health_check_node_port: None,
-            topology: TopologyMode::None,
+            ..Service::new(ObjectKey::new("default", name), ServiceType::ClusterIp)
         })
     }
 

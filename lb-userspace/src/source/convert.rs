@@ -102,19 +102,7 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
             );
         }
     };
-    let mut out = Service {
-        key,
-        service_type,
-        cluster_ips: Vec::new(),
-        ports: Vec::new(),
-        affinity_timeout_s: None,
-        internal_local: false,
-        external_local: false,
-        external_ips: Vec::new(),
-        load_balancer_ips: Vec::new(),
-        health_check_node_port: None,
-        topology: TopologyMode::None,
-    };
+    let mut out = Service::new(key, service_type);
     if service_type == ServiceType::ExternalName {
         // A DNS alias: nothing to load balance, whatever else the spec holds.
         return Ok(out);

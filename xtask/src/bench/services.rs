@@ -271,6 +271,23 @@ impl ServiceSet {
         )
     }
 
+    /// One endpoint chain (hairpin masquerade mark, DNAT), as kube-proxy's nftables mode
+    /// writes it.
+    fn nft_endpoint(out: &mut String, i: usize, proto: Proto, ip: Ipv4Addr) {
+        let ep = Self::nft_ep_chain(i, proto, ip);
+        let (_, target) = proto.ports();
+        push_line!(out, "add chain ip kube-proxy {ep}");
+        push_line!(
+            out,
+            "add rule ip kube-proxy {ep} ip saddr {ip} jump mark-for-masquerade"
+        );
+        push_line!(
+            out,
+            "add rule ip kube-proxy {ep} meta l4proto {} dnat to {ip}:{target}",
+            proto.lower()
+        );
+    }
+
     /// The service chain's dispatch rule and the endpoint chains, as kube-proxy's nftables
     /// mode writes them.
     fn nft_service(
@@ -281,7 +298,7 @@ impl ServiceSet {
         define_endpoints: bool,
     ) {
         let svc = Self::nft_svc_chain(i, proto);
-        let (port, target) = proto.ports();
+        let (port, _) = proto.ports();
         let p = proto.lower();
         push_line!(out, "add chain ip kube-proxy {svc}");
         push_line!(
@@ -296,16 +313,7 @@ impl ServiceSet {
             .collect();
         if define_endpoints {
             for ip in endpoints {
-                let ep = Self::nft_ep_chain(i, proto, *ip);
-                push_line!(out, "add chain ip kube-proxy {ep}");
-                push_line!(
-                    out,
-                    "add rule ip kube-proxy {ep} ip saddr {ip} jump mark-for-masquerade"
-                );
-                push_line!(
-                    out,
-                    "add rule ip kube-proxy {ep} meta l4proto {p} dnat to {ip}:{target}"
-                );
+                Self::nft_endpoint(out, i, proto, *ip);
             }
         }
         push_line!(
@@ -358,16 +366,7 @@ impl ServiceSet {
     pub fn nft_change(&self, i: usize, before: &[Ipv4Addr], endpoints: &[Ipv4Addr]) -> String {
         let mut out = String::new();
         for ip in endpoints.iter().filter(|ip| !before.contains(ip)) {
-            let ep = Self::nft_ep_chain(i, Proto::Tcp, *ip);
-            push_line!(out, "add chain ip kube-proxy {ep}");
-            push_line!(
-                out,
-                "add rule ip kube-proxy {ep} ip saddr {ip} jump mark-for-masquerade"
-            );
-            push_line!(
-                out,
-                "add rule ip kube-proxy {ep} meta l4proto tcp dnat to {ip}:{TCP_TARGET}"
-            );
+            Self::nft_endpoint(&mut out, i, Proto::Tcp, *ip);
         }
         push_line!(
             out,
