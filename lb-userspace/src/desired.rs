@@ -51,6 +51,9 @@ impl Desired {
 #[error("Service {service}: {message}")]
 pub struct DesiredError {
     pub service: ObjectKey,
+    /// The frontend another Service holds, for a conflict; `None` when the Service did not
+    /// fit the maps.
+    pub contested: Option<FrontendKey>,
     pub message: String,
 }
 
@@ -249,6 +252,7 @@ impl Merge {
             if let Some(owner) = self.desired.frontends.get(&fkey) {
                 self.errors.push(DesiredError {
                     service: key.clone(),
+                    contested: Some(fkey),
                     message: format!(
                         "{} is already Service {}'s; this port is not programmed",
                         ShowFrontend(&fkey),
@@ -278,6 +282,7 @@ impl Merge {
         if let Some(full) = full {
             self.errors.push(DesiredError {
                 service: key.clone(),
+                contested: None,
                 message: format!("not programmed: {full}"),
             });
             return;
