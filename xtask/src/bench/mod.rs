@@ -5,11 +5,13 @@
 
 mod measure;
 mod plot;
+mod prog_cost;
 mod report;
 mod services;
 mod topology;
 
 use std::{
+    collections::BTreeMap,
     net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
@@ -19,7 +21,10 @@ use lb_tests::{Agent, TempDir};
 
 use self::{
     measure::{Spread, metrics, rr},
-    report::{ChangeRow, LatencyRow, Machine, MemoryRow, Params, Results, SyncRow, ThroughputRow},
+    report::{
+        ChangeRow, LatencyRow, Machine, MemoryRow, Params, ProgCostRow, Results, SyncRow,
+        ThroughputRow,
+    },
     services::{Proto, ServiceSet},
     topology::{Servers, Topology},
 };
@@ -181,6 +186,7 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         endpoint_change: Vec::new(),
         memory: Vec::new(),
         api: Vec::new(),
+        prog_cost: Vec::new(),
         skipped: Vec::new(),
     };
     let mut bench = Bench {
@@ -486,6 +492,12 @@ impl Bench {
                 lost: runs.iter().map(|r| r.errors).sum(),
             });
         }
+        let lb_points: Vec<_> = points
+            .iter()
+            .filter(|p| setups[p.0].mode == Mode::Lb)
+            .map(|&(i, proto, target, addr)| (&setups[i].topo, proto, target, addr))
+            .collect();
+        self.prog_cost(n, &lb_points)?;
         if n == self.plan.change_services {
             for setup in &setups {
                 if setup.mode != Mode::Direct {
@@ -499,6 +511,41 @@ impl Bench {
                         &setup.set,
                         setup.programmed.agent.as_ref(),
                     )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// lb's programs' run time per call at each of lb's points, over `repeats` runs.
+    fn prog_cost(
+        &mut self,
+        n: usize,
+        points: &[(&Topology, Proto, &'static str, SocketAddr)],
+    ) -> anyhow::Result<()> {
+        let _enabled = prog_cost::Enabled::new()?;
+        for &(topo, proto, target, addr) in points {
+            let mut per_call: BTreeMap<String, (Vec<f64>, u64)> = BTreeMap::new();
+            for _ in 0..self.plan.repeats {
+                let before = prog_cost::read()?;
+                rr(topo, proto, addr, self.plan.transactions)?;
+                for (program, ns, calls) in prog_cost::delta(&before, &prog_cost::read()?) {
+                    let (runs, total) = per_call.entry(program).or_default();
+                    runs.push(ns);
+                    *total += calls;
+                }
+            }
+            for (program, (runs, calls)) in per_call {
+                if let Some(ns_per_call) = Spread::of(runs) {
+                    self.results.prog_cost.push(ProgCostRow {
+                        services: n,
+                        proto: proto.lower().into(),
+                        target: target.into(),
+                        program,
+                        ns_per_call,
+                        calls_per_transaction: to_f64(usize::try_from(calls)?)
+                            / to_f64(self.plan.transactions * self.plan.repeats),
+                    });
                 }
             }
         }

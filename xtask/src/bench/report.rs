@@ -19,6 +19,9 @@ pub struct Results {
     /// lb fed by the Kubernetes API (the test stand-in) instead of manifests.
     #[serde(default)]
     pub api: Vec<ApiRow>,
+    /// Run time of lb's programs per call, from the kernel's BPF statistics.
+    #[serde(default)]
+    pub prog_cost: Vec<ProgCostRow>,
     /// What could not be measured, and why.
     pub skipped: Vec<String>,
 }
@@ -107,6 +110,19 @@ pub struct ApiRow {
     pub sync_seconds: Option<f64>,
     pub agent_rss_mib: Option<f64>,
     pub bpf_map_mib: Option<f64>,
+}
+
+/// One of lb's programs while the client ran transactions to one target.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProgCostRow {
+    pub services: usize,
+    pub proto: String,
+    /// As in [`LatencyRow`]: "pod" (not a Service: the miss path), "first", "last".
+    pub target: String,
+    pub program: String,
+    /// Nanoseconds per run: median and spread over the runs.
+    pub ns_per_call: Spread,
+    pub calls_per_transaction: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -373,6 +389,44 @@ impl Results {
                     opt(row.sync_seconds),
                     opt(row.agent_rss_mib),
                     opt(row.bpf_map_mib)
+                );
+            }
+        }
+        if !self.prog_cost.is_empty() {
+            push_line!(
+                md,
+                "\n## lb's programs: run time per call (kernel BPF statistics)\n\n\
+                 Measured in a pass of its own after the latency rounds (the statistics cost two clock reads per run). \
+                 \"of direct p50\": run time per transaction over direct's p50 in this run (TCP: connect() alone, \
+                 which runs only `lb_connect4`).\n\n\
+                 | Services | proto | target | program | ns per call | calls per transaction | of direct p50 |\n|---:|---|---|---|---:|---:|---:|"
+            );
+            for row in &self.prog_cost {
+                let share = self
+                    .latency("direct", row.services, &row.proto, "pod")
+                    .map(Self::p50)
+                    .filter(|p50| *p50 > 0.0)
+                    .map_or_else(
+                        || "-".to_owned(),
+                        |p50| {
+                            format!(
+                                "{:.1}%",
+                                row.ns_per_call.median * row.calls_per_transaction / (p50 * 1e3)
+                                    * 100.0
+                            )
+                        },
+                    );
+                push_line!(
+                    md,
+                    "| {} | {} | {} | {} | {:.0} [{:.0}-{:.0}] | {:.2} | {share} |",
+                    row.services,
+                    row.proto,
+                    row.target,
+                    row.program,
+                    row.ns_per_call.median,
+                    row.ns_per_call.min,
+                    row.ns_per_call.max,
+                    row.calls_per_transaction
                 );
             }
         }
