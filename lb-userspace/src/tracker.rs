@@ -13,7 +13,7 @@
 //! Services changed. A conflict elsewhere does not stop the incremental path.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -65,11 +65,6 @@ pub struct Tracker {
     seen: Snapshot,
     desired: Desired,
     problems: Vec<DesiredError>,
-    /// Services in a conflict (refused a frontend, or holding one another Service wants):
-    /// a change to one of them is decided by the full build.
-    contenders: HashSet<ObjectKey>,
-    /// Some Service was refused because the maps were full.
-    refused_for_capacity: bool,
     slots: usize,
 }
 
@@ -85,8 +80,6 @@ impl Tracker {
             seen: Snapshot::default(),
             desired: Desired::default(),
             problems: Vec::new(),
-            contenders: HashSet::new(),
-            refused_for_capacity: false,
             slots: 0,
         }
     }
@@ -147,9 +140,9 @@ impl Tracker {
             .iter()
             .copied()
             .chain(&removed)
-            .any(|key| self.contenders.contains(key));
+            .any(|key| self.in_conflict(key));
         if contended
-            || self.refused_for_capacity
+            || self.refused_for_capacity()
             || (changed.len() + removed.len()) * FULL_REBUILD_SHARE > total
         {
             self.rebuild(snapshot);
@@ -227,21 +220,30 @@ impl Tracker {
             );
         }
         self.slots = desired.backend_count();
-        self.contenders.clear();
-        self.refused_for_capacity = false;
-        for problem in &problems {
-            self.contenders.insert(problem.service.clone());
-            // A conflict's holder is always programmed; were it not, the safe side is to
-            // rebuild on every change, as for a full map.
-            match problem.contested.and_then(|f| desired.frontends.get(&f)) {
-                Some(holder) => {
-                    self.contenders.insert(holder.service.clone());
-                }
-                None => self.refused_for_capacity = true,
-            }
-        }
         self.desired = desired;
         self.problems = problems;
+    }
+
+    /// The Service holding the frontend a conflict is about (`None` for a full map).
+    fn holder(&self, problem: &DesiredError) -> Option<&ObjectKey> {
+        let frontend = self.desired.frontends.get(&problem.contested?)?;
+        Some(&frontend.service)
+    }
+
+    /// Whether `key` is in a conflict (refused a frontend, or holds one another Service was
+    /// refused): a change to it is decided by the full build. Holders are not changed
+    /// incrementally, so the desired state still names them.
+    fn in_conflict(&self, key: &ObjectKey) -> bool {
+        self.problems
+            .iter()
+            .any(|p| p.service == *key || self.holder(p) == Some(key))
+    }
+
+    /// Some Service was refused because the maps were full. (A conflict's holder is always
+    /// programmed; were it not, the safe side is to count it here and rebuild on every
+    /// change.)
+    fn refused_for_capacity(&self) -> bool {
+        self.problems.iter().any(|p| self.holder(p).is_none())
     }
 }
 
