@@ -1,38 +1,58 @@
-//! What lb's programs cost per call, from the kernel's own BPF statistics
-//! (`kernel.bpf_stats_enabled`: run time and run count per program). Unlike end-to-end
-//! latency this hardly moves with the machine's noise, so it says how much of lb's overhead
-//! is the programs themselves. Measured in a pass of its own: the statistics add two clock
-//! reads to every program run, which the latency rounds must not pay.
+//! What lb's programs cost per call, from the kernel's own BPF statistics (run time and run
+//! count per program). Unlike end-to-end latency this hardly moves with the machine's noise,
+//! so it says how much of lb's overhead is the programs themselves. Measured in a pass of its
+//! own: the statistics add two clock reads to every program run, which the latency rounds
+//! must not pay.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    os::fd::{FromRawFd as _, OwnedFd},
+};
 
 use anyhow::Context as _;
 
 use crate::cmd;
 
-const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+/// `enum bpf_cmd`'s `BPF_ENABLE_STATS`.
+const BPF_ENABLE_STATS: libc::c_long = 32;
+/// `enum bpf_stats_type`'s `BPF_STATS_RUN_TIME`.
+const BPF_STATS_RUN_TIME: u32 = 0;
 
-/// Turns the statistics on while it lives, then back to what they were.
+/// The statistics, on while this lives. `BPF_ENABLE_STATS` keeps them on until its file
+/// descriptor is closed, so they go off with the bench however it ends, and the
+/// `kernel.bpf_stats_enabled` sysctl is left alone.
 pub struct Enabled {
-    previous: String,
+    _fd: OwnedFd,
 }
 
 impl Enabled {
     pub fn new() -> anyhow::Result<Self> {
-        let previous =
-            std::fs::read_to_string(SYSCTL).with_context(|| format!("reading {SYSCTL}"))?;
-        std::fs::write(SYSCTL, "1").with_context(|| format!("writing 1 to {SYSCTL}"))?;
-        Ok(Self {
-            previous: previous.trim().to_owned(),
-        })
-    }
-}
-
-impl Drop for Enabled {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(SYSCTL, &self.previous) {
-            eprintln!("bench: restoring {SYSCTL} to {}: {e}", self.previous);
+        /// `union bpf_attr`'s `enable_stats` member.
+        #[repr(C)]
+        struct EnableStats {
+            kind: u32,
         }
+        let attr = EnableStats {
+            kind: BPF_STATS_RUN_TIME,
+        };
+        // SAFETY: the attribute is a valid `enable_stats` of the size passed; the kernel
+        // reads it and returns a new file descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                &raw const attr,
+                size_of::<EnableStats>(),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("bpf(BPF_ENABLE_STATS)");
+        }
+        let fd = i32::try_from(fd).context("bpf(BPF_ENABLE_STATS) returned no descriptor")?;
+        // SAFETY: a descriptor the kernel just returned to us, owned by nothing else.
+        Ok(Self {
+            _fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 }
 
