@@ -311,14 +311,14 @@ mod tests {
     fn snapshot(yaml: &str) -> Snapshot {
         let mut snap = Snapshot::default();
         for doc in yaml.split("\n---\n") {
-            let value: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+            let value: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
             match value["kind"].as_str().unwrap() {
                 "Service" => {
-                    let s = convert::service(&serde_yaml::from_value(value).unwrap()).unwrap();
+                    let s = convert::service(&serde_json::from_value(value).unwrap()).unwrap();
                     snap.services.insert(s.key.clone(), Arc::new(s));
                 }
                 "EndpointSlice" => {
-                    let s = convert::endpoint_slice(&serde_yaml::from_value(value).unwrap())
+                    let s = convert::endpoint_slice(&serde_json::from_value(value).unwrap())
                         .unwrap()
                         .unwrap();
                     snap.slices
@@ -327,7 +327,7 @@ mod tests {
                         .push(Arc::new(s));
                 }
                 "Endpoints" => {
-                    for s in convert::endpoints(&serde_yaml::from_value(value).unwrap()).unwrap() {
+                    for s in convert::endpoints(&serde_json::from_value(value).unwrap()).unwrap() {
                         snap.slices
                             .entry(s.service.clone())
                             .or_default()

@@ -464,7 +464,7 @@ mod tests {
     use super::*;
 
     fn svc(yaml: &str) -> core::Service {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     fn field_of(yaml: &str) -> String {
@@ -639,7 +639,7 @@ spec:
     }
 
     fn slice(yaml: &str) -> Result<Option<EndpointSlice>, FieldError> {
-        endpoint_slice(&serde_yaml::from_str(yaml).unwrap())
+        endpoint_slice(&serde_saphyr::from_str(yaml).unwrap())
     }
 
     #[test]
@@ -684,7 +684,7 @@ endpoints:
 
     #[test]
     fn endpoints_become_slices_per_subset_and_family() {
-        let eps: core::Endpoints = serde_yaml::from_str(
+        let eps: core::Endpoints = serde_saphyr::from_str(
             "
 metadata: {name: ext}
 subsets:

@@ -14,9 +14,12 @@ use std::{
 
 use imbl::OrdMap;
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_json::Value;
 
-use super::convert::{self, FieldError};
+use super::{
+    convert::{self, FieldError},
+    documents::{self, BOUNDS, DocumentsError},
+};
 use crate::model::{EndpointSlice, ObjectKey, Service, Snapshot};
 
 /// Something wrong in the manifests, located as precisely as it can be.
@@ -162,10 +165,10 @@ impl Manifests {
                 previous => {
                     let previous = previous.map(|c| c.objects);
                     let mut file_errors = Vec::new();
-                    let objects = match fs::read_to_string(file) {
+                    let objects = match documents::read_text(file, &BOUNDS) {
                         Ok(text) => parse_file(file, &text, previous.as_ref(), &mut file_errors),
                         Err(e) => {
-                            file_errors.push(file_error(file, format!("cannot read: {e}")));
+                            file_errors.push(documents_error(file, e, previous.is_some()));
                             previous.unwrap_or_default()
                         }
                     };
@@ -259,37 +262,21 @@ impl Location<'_> {
     }
 }
 
-fn syntax_error(file: &Path, document: usize, message: String) -> ManifestError {
+/// A file-level problem (unreadable, over a bound, not YAML/JSON); `kept` says whether the
+/// file's last good objects stay in force.
+fn documents_error(file: &Path, e: DocumentsError, kept: bool) -> ManifestError {
+    let document = e.document();
+    let mut message = e.to_string();
+    if kept {
+        message.push_str(" (keeping the file's last good objects)");
+    }
     ManifestError {
         file: file.to_owned(),
-        document: Some(document),
+        document,
         object: None,
         field: None,
         message,
     }
-}
-
-/// The YAML documents of a file.
-fn yaml_documents(file: &Path, text: &str) -> Result<Vec<Value>, ManifestError> {
-    serde_yaml::Deserializer::from_str(text)
-        .enumerate()
-        .map(|(i, doc)| {
-            <Value as serde::Deserialize>::deserialize(doc)
-                .map_err(|e| syntax_error(file, i + 1, format!("invalid YAML: {e}")))
-        })
-        .collect()
-}
-
-/// The JSON values of a file (one, or several one after the other), kept as text.
-fn json_documents<'t>(
-    file: &Path,
-    text: &'t str,
-) -> Result<Vec<&'t serde_json::value::RawValue>, ManifestError> {
-    serde_json::Deserializer::from_str(text)
-        .into_iter::<&serde_json::value::RawValue>()
-        .enumerate()
-        .map(|(i, v)| v.map_err(|e| syntax_error(file, i + 1, format!("invalid JSON: {e}"))))
-        .collect()
 }
 
 /// Parses one file: `.json` files as JSON, everything else as multi-document YAML. On a
@@ -319,12 +306,12 @@ fn parse_file(
         objects
     }
     let parsed = if file.extension().is_some_and(|e| e == "json") {
-        json_documents(file, text).map(|docs| each(file, docs, previous, errors))
+        documents::json_documents(text, &BOUNDS).map(|docs| each(file, docs, previous, errors))
     } else {
-        yaml_documents(file, text).map(|docs| each(file, docs, previous, errors))
+        documents::yaml_documents(text, &BOUNDS).map(|docs| each(file, docs, previous, errors))
     };
     parsed.unwrap_or_else(|e| {
-        errors.push(e);
+        errors.push(documents_error(file, e, previous.is_some()));
         previous.cloned().unwrap_or_default()
     })
 }
@@ -349,7 +336,7 @@ struct HeadMeta {
     namespace: String,
 }
 
-/// One document or List item, however it was parsed: YAML as a generic value, JSON as raw
+/// One document or List item, however it was parsed: YAML as a JSON-shaped value, JSON as raw
 /// text that typed objects are deserialized from directly (several times faster than building
 /// a value tree first, which matters for big generated Lists).
 trait Document: Sized {
@@ -374,7 +361,7 @@ impl Document for Value {
         if self.is_null() {
             return Ok(None);
         }
-        if !self.is_mapping() {
+        if !self.is_object() {
             return Err(());
         }
         let text = |path: &[&str]| {
@@ -402,8 +389,8 @@ impl Document for Value {
     }
 
     fn items(mut self) -> Option<Vec<Self>> {
-        match self.get_mut("items").map(std::mem::take) {
-            Some(Value::Sequence(items)) => Some(items),
+        match self.get_mut("items").map(Value::take) {
+            Some(Value::Array(items)) => Some(items),
             _ => None,
         }
     }
@@ -874,6 +861,55 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
             Some("spec.ports[0].port"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_file_over_a_bound_is_one_error_and_the_others_load() {
+        let dir = Dir::new("hostile");
+        dir.write("web.yaml", WEB);
+        let deep = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: deep}}\nspec: {}1{}\n",
+            "{a: ".repeat(100_000),
+            "}".repeat(100_000)
+        );
+        let hostile = dir.write("deep.yaml", &deep);
+        dir.write(
+            "deep.json",
+            &format!("{}1{}", "{\"a\": ".repeat(100_000), "}".repeat(100_000)),
+        );
+        let mut manifests = Manifests::new(vec![dir.0.clone()]);
+        let (snap, errors) = manifests.load();
+        assert_eq!(snap.services.len(), 1, "web.yaml is applied");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        for e in &errors {
+            let text = e.to_string();
+            assert!(
+                text.contains("nesting deeper than lb's bound of 64 levels"),
+                "{text}"
+            );
+        }
+        assert_eq!(errors[1].file, hostile);
+        // A later change to another file is applied while the hostile files stay.
+        dir.write(
+            "api.yaml",
+            &WEB.replace("web", "api").replace("10.96.0.1", "10.96.0.2"),
+        );
+        let (snap, errors) = manifests.load();
+        assert_eq!(snap.services.len(), 2);
+        assert_eq!(errors.len(), 2);
+    }
+
+    #[test]
+    fn a_fifo_is_an_error_not_a_hang() {
+        let dir = Dir::new("fifo");
+        let fifo = dir.0.join("pipe.yaml");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates a directory entry.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Named directly (a directory's FIFOs are not manifests: not regular files).
+        let (_, errors) = Manifests::new(vec![fifo.clone(), dir.0.clone()]).load();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("a FIFO"), "{errors:?}");
     }
 
     #[test]
