@@ -119,21 +119,18 @@ impl fmt::Display for ShowAddrPort<'_> {
     }
 }
 
-/// The port an endpoint of `slice` serves `sp` on: the slice port named like the Service port
-/// (what the EndpointSlice controller writes), else, for a named `targetPort`, the slice port
-/// with that name (hand-written slices and Endpoints that name the pods' ports).
+/// The port an endpoint of `slice` serves `sp` on: the slice port with the Service port's
+/// name and protocol, as kube-proxy matches them (pkg/proxy/endpointslicecache.go keys
+/// endpoints by the slice port's name, and a Service port finds its endpoints under its own
+/// name). A named `targetPort` is resolved by whoever writes the slice (the EndpointSlice
+/// controller writes the pod's number under the Service port's name); a slice port named
+/// after the `targetPort` instead matches nothing, and kube-proxy then rejects connections.
 fn endpoint_port(slice: &EndpointSlice, sp: &ServicePort) -> Option<u16> {
-    let by_name = |name: &str| {
-        slice
-            .ports
-            .iter()
-            .find(|p| p.protocol == sp.protocol && p.name == name)
-            .map(|p| p.port)
-    };
-    by_name(&sp.name).or_else(|| match &sp.target_port {
-        TargetPort::Name(name) => by_name(name),
-        TargetPort::Number(_) => None,
-    })
+    slice
+        .ports
+        .iter()
+        .find(|p| p.protocol == sp.protocol && p.name == sp.name)
+        .map(|p| p.port)
 }
 
 /// Rank of an endpoint's conditions, to pick one when the same address and port appears in
@@ -375,7 +372,7 @@ spec:
 kind: EndpointSlice
 metadata: {name: a, labels: {kubernetes.io/service-name: crane}}
 addressType: IPv4
-ports: [{name: web, port: 8080}, {name: https, port: 8443}]
+ports: [{name: http, port: 8080}, {name: https, port: 8443}]
 endpoints: [{addresses: [10.1.0.1]}]
 ---
 kind: EndpointSlice
@@ -392,6 +389,34 @@ endpoints: [{addresses: [10.1.0.2]}]
             ["10.1.0.1:8080", "10.1.0.2:9090"]
         );
         assert_eq!(backends(&d, "10.96.0.10", 443, TCP), ["10.1.0.1:8443"]);
+    }
+
+    #[test]
+    fn slice_ports_match_by_the_service_port_name_only() {
+        // As kube-proxy: a slice port named after the targetPort (the pods' port name) is not
+        // the Service port's, so the Service has no endpoints and refuses connections.
+        let snap = snapshot(
+            "
+kind: Service
+metadata: {name: crane}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: web}]
+---
+kind: EndpointSlice
+metadata: {name: a, labels: {kubernetes.io/service-name: crane}}
+addressType: IPv4
+ports: [{name: web, port: 8080}]
+endpoints: [{addresses: [10.1.0.1]}]
+---
+kind: Endpoints
+metadata: {name: crane}
+subsets: [{addresses: [{ip: 10.1.0.2}], ports: [{name: web, port: 8080}]}]
+",
+        );
+        let (d, errors) = build(&snap, &node(), Limits::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(backends(&d, "10.96.0.10", 80, TCP).is_empty());
     }
 
     #[test]

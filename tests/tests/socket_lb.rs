@@ -150,8 +150,9 @@ fn keepalive_connection_stays_on_its_backend() {
 
 #[test]
 fn multi_port_service_with_named_target_ports() {
-    // The seed's crane Service: http 80 -> 8080 (named "web" in the pods), https 443 -> 8443.
-    // pod1 serves "web" on 8080, pod2 on 9090: the name resolves per endpoint.
+    // The seed's crane Service: http 80 -> the pods' port named "web", https 443 -> 8443.
+    // pod1 serves "web" on 8080, pod2 on 9090: the EndpointSlice controller writes each pod's
+    // number under the Service port's name ("http"), so the name resolves per endpoint.
     let mut node = Node::new();
     node.add_pod(1, "pod1", &[8080, 8443], &[]);
     node.add_pod(2, "pod2", &[9090, 8443], &[]);
@@ -172,14 +173,14 @@ apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: crane-a, labels: {{kubernetes.io/service-name: crane}}}}
 addressType: IPv4
-ports: [{{name: web, port: 8080}}, {{name: https, port: 8443}}]
+ports: [{{name: http, port: 8080}}, {{name: https, port: 8443}}]
 endpoints: [{{addresses: ['{}']}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: crane-b, labels: {{kubernetes.io/service-name: crane}}}}
 addressType: IPv4
-ports: [{{name: web, port: 9090}}, {{name: https, port: 8443}}]
+ports: [{{name: http, port: 9090}}, {{name: https, port: 8443}}]
 endpoints: [{{addresses: ['{}']}}]
 ",
             node.pods[0].ip4, node.pods[1].ip4

@@ -104,10 +104,12 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
     };
     let mut out = Service::new(key, service_type);
     if service_type == ServiceType::ExternalName {
-        // A DNS alias: nothing to load balance, whatever else the spec holds.
+        // A DNS alias: nothing to load balance. The API server refuses addresses on it.
+        external_name_has_no_addresses(spec)?;
         return Ok(out);
     }
     out.cluster_ips = cluster_ips(spec)?;
+    ip_families(spec, &out.cluster_ips)?;
     out.ports = service_ports(spec, !out.cluster_ips.is_empty())?;
     out.affinity_timeout_s = session_affinity(spec)?;
     out.internal_local = traffic_policy(
@@ -153,6 +155,12 @@ fn cluster_ips(spec: &core::ServiceSpec) -> Result<Vec<IpAddr>, FieldError> {
         .map(String::as_str)
         .collect();
     if single == Some("None") || list.first() == Some(&"None") {
+        if list.len() > 1 {
+            return err(
+                "spec.clusterIPs[1]",
+                "must be absent when spec.clusterIPs[0] is \"None\" (a headless Service)",
+            );
+        }
         return Ok(Vec::new());
     }
     let (field, values): (&str, Vec<&str>) = match (single, list.is_empty()) {
@@ -192,6 +200,115 @@ fn cluster_ips(spec: &core::ServiceSpec) -> Result<Vec<IpAddr>, FieldError> {
         );
     }
     Ok(out)
+}
+
+/// `spec.ipFamilyPolicy` and `spec.ipFamilies` against each other and against the cluster
+/// IPs, as the API server's `validateServiceClusterIPsRelatedFields` and `validateIPFamilies`
+/// check them (pkg/apis/core/validation/validation.go): known values, no duplicate family, at
+/// most two, `SingleStack` with one family and one address, and each `clusterIPs[i]` of the
+/// family `ipFamilies[i]` names. A dual-stack policy with a single address is accepted where
+/// the API server would allocate the second address, except `RequireDualStack`, which lb
+/// cannot honour without allocating.
+fn ip_families(spec: &core::ServiceSpec, cluster_ips: &[IpAddr]) -> Result<(), FieldError> {
+    let policy = spec.ip_family_policy.as_deref();
+    match policy {
+        None | Some("SingleStack" | "PreferDualStack" | "RequireDualStack") => {}
+        Some(other) => {
+            return err(
+                "spec.ipFamilyPolicy",
+                format!(
+                    "unknown value {other:?} (SingleStack, PreferDualStack or RequireDualStack)"
+                ),
+            );
+        }
+    }
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    if families.len() > 2 {
+        return err("spec.ipFamilies", "at most two families, IPv4 and IPv6");
+    }
+    let mut parsed = Vec::with_capacity(families.len());
+    for (i, family) in families.iter().enumerate() {
+        let family = match family.as_str() {
+            "IPv4" => Family::V4,
+            "IPv6" => Family::V6,
+            other => {
+                return err(
+                    format!("spec.ipFamilies[{i}]"),
+                    format!("unknown family {other:?} (IPv4 or IPv6)"),
+                );
+            }
+        };
+        if parsed.contains(&family) {
+            return err(
+                format!("spec.ipFamilies[{i}]"),
+                format!("duplicate family {:?}", families[i]),
+            );
+        }
+        parsed.push(family);
+    }
+    if policy == Some("SingleStack") {
+        if families.len() > 1 {
+            return err(
+                "spec.ipFamilyPolicy",
+                "SingleStack with two ipFamilies: use PreferDualStack or RequireDualStack",
+            );
+        }
+        if cluster_ips.len() > 1 {
+            return err(
+                "spec.ipFamilyPolicy",
+                "SingleStack with two clusterIPs: use PreferDualStack or RequireDualStack",
+            );
+        }
+    }
+    for (i, (ip, family)) in cluster_ips.iter().zip(&parsed).enumerate() {
+        if Family::of(ip) != *family {
+            return err(
+                format!("spec.clusterIPs[{i}]"),
+                format!(
+                    "{ip} is not an {} address, as spec.ipFamilies[{i}] says",
+                    families[i]
+                ),
+            );
+        }
+    }
+    if policy == Some("RequireDualStack") && cluster_ips.len() == 1 {
+        return err(
+            "spec.clusterIPs",
+            "RequireDualStack needs two addresses, one per family (lb does not allocate \
+             ClusterIPs)",
+        );
+    }
+    Ok(())
+}
+
+/// An ExternalName Service has no cluster IPs and no IP families (the API server's
+/// validation forbids setting them).
+fn external_name_has_no_addresses(spec: &core::ServiceSpec) -> Result<(), FieldError> {
+    if spec.cluster_ip.as_deref().is_some_and(|ip| !ip.is_empty()) {
+        return err(
+            "spec.clusterIP",
+            "may not be set for an ExternalName Service",
+        );
+    }
+    if spec.cluster_ips.as_ref().is_some_and(|ips| !ips.is_empty()) {
+        return err(
+            "spec.clusterIPs",
+            "may not be set for an ExternalName Service",
+        );
+    }
+    if spec.ip_families.as_ref().is_some_and(|f| !f.is_empty()) {
+        return err(
+            "spec.ipFamilies",
+            "may not be set for an ExternalName Service",
+        );
+    }
+    if spec.ip_family_policy.is_some() {
+        return err(
+            "spec.ipFamilyPolicy",
+            "may not be set for an ExternalName Service",
+        );
+    }
+    Ok(())
 }
 
 fn service_ports(
@@ -702,5 +819,104 @@ subsets:
         assert!(v4.endpoints[0].ready);
         assert!(!v4.endpoints[1].ready && !v4.endpoints[1].serving);
         assert_eq!(v4.ports[0].port, 80);
+    }
+
+    /// Table tests of the IP-family rules (a module of their own: rstest's expansion needs
+    /// the `core` crate, which the `core` alias of k8s' core/v1 shadows above).
+    mod ip_families {
+        use super::{service, svc};
+
+        /// A Service with these spec lines added to a ClusterIP Service's.
+        fn with_spec(lines: &str) -> k8s_openapi::api::core::v1::Service {
+            svc(&format!(
+                "metadata: {{name: a}}\nspec:\n  ports: [{{port: 1}}]\n{}",
+                lines
+                    .lines()
+                    .map(|l| format!("  {l}\n"))
+                    .collect::<String>()
+            ))
+        }
+
+        #[rstest::rstest]
+        #[case::v6_address_v4_family(
+            "clusterIP: fd00::1\nipFamilies: [IPv4]",
+            "spec.clusterIPs[0]"
+        )]
+        #[case::v4_address_v6_family(
+            "clusterIP: 10.0.0.1\nipFamilies: [IPv6]",
+            "spec.clusterIPs[0]"
+        )]
+        #[case::second_address_wrong_family(
+            "clusterIPs: [10.0.0.1, fd00::1]\nipFamilies: [IPv4, IPv4]",
+            "spec.ipFamilies[1]"
+        )]
+        #[case::families_swapped(
+            "clusterIPs: [10.0.0.1, fd00::1]\nipFamilies: [IPv6, IPv4]\nipFamilyPolicy: PreferDualStack",
+            "spec.clusterIPs[0]"
+        )]
+        #[case::unknown_family("clusterIP: 10.0.0.1\nipFamilies: [IPv5]", "spec.ipFamilies[0]")]
+        #[case::three_families(
+            "clusterIP: 10.0.0.1\nipFamilies: [IPv4, IPv6, IPv4]",
+            "spec.ipFamilies"
+        )]
+        #[case::unknown_policy(
+            "clusterIP: 10.0.0.1\nipFamilyPolicy: DualStack",
+            "spec.ipFamilyPolicy"
+        )]
+        #[case::single_stack_two_addresses(
+            "clusterIPs: [10.0.0.1, fd00::1]\nipFamilyPolicy: SingleStack",
+            "spec.ipFamilyPolicy"
+        )]
+        #[case::single_stack_two_families(
+            "clusterIP: 10.0.0.1\nipFamilies: [IPv4, IPv6]\nipFamilyPolicy: SingleStack",
+            "spec.ipFamilyPolicy"
+        )]
+        #[case::require_dual_stack_one_address(
+            "clusterIP: 10.0.0.1\nipFamilyPolicy: RequireDualStack",
+            "spec.clusterIPs"
+        )]
+        #[case::cluster_ip_differs_from_cluster_ips(
+            "clusterIP: 10.0.0.2\nclusterIPs: [10.0.0.1]",
+            "spec.clusterIPs[0]"
+        )]
+        #[case::none_with_a_second_address("clusterIPs: [None, 10.0.0.1]", "spec.clusterIPs[1]")]
+        #[case::two_v4_addresses("clusterIPs: [10.0.0.1, 10.0.0.2]", "spec.clusterIPs")]
+        fn ip_family_rules(#[case] spec: &str, #[case] field: &str) {
+            let e = service(&with_spec(spec)).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+
+        #[rstest::rstest]
+        #[case::v4_with_family(
+            "clusterIP: 10.0.0.1\nipFamilies: [IPv4]\nipFamilyPolicy: SingleStack"
+        )]
+        #[case::v6_with_family("clusterIP: fd00::1\nipFamilies: [IPv6]")]
+        #[case::dual_stack(
+            "clusterIPs: [fd00::1, 10.0.0.1]\nipFamilies: [IPv6, IPv4]\nipFamilyPolicy: RequireDualStack"
+        )]
+        #[case::prefer_dual_stack_one_address(
+            "clusterIP: 10.0.0.1\nipFamilies: [IPv4, IPv6]\nipFamilyPolicy: PreferDualStack"
+        )]
+        #[case::headless_dual_stack(
+            "clusterIP: None\nipFamilies: [IPv4, IPv6]\nipFamilyPolicy: RequireDualStack"
+        )]
+        fn ip_family_rules_accept(#[case] spec: &str) {
+            if let Err(e) = service(&with_spec(spec)) {
+                panic!("{spec}: {e}");
+            }
+        }
+
+        #[rstest::rstest]
+        #[case::cluster_ip("clusterIP: 10.0.0.1", "spec.clusterIP")]
+        #[case::families("ipFamilies: [IPv4]", "spec.ipFamilies")]
+        #[case::policy("ipFamilyPolicy: SingleStack", "spec.ipFamilyPolicy")]
+        fn external_name_has_no_addresses(#[case] spec: &str, #[case] field: &str) {
+            let e = service(&svc(&format!(
+                "metadata: {{name: a}}\nspec: {{type: ExternalName, externalName: example.com, {}}}",
+                spec.replace('\n', ", ")
+            )))
+            .unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
     }
 }
