@@ -16,10 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    model::{
-        Endpoint, EndpointSlice, Family, Node, ObjectKey, Service, ServicePort, Snapshot,
-        TargetPort,
-    },
+    model::{Endpoint, EndpointSlice, Family, Node, ObjectKey, Service, ServicePort, Snapshot},
     topology::{self, Policy},
 };
 
