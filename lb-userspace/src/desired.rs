@@ -51,7 +51,25 @@ pub struct DesiredError {
     /// The frontend another Service holds, for a conflict; `None` when the Service did not
     /// fit the maps.
     pub contested: Option<FrontendKey>,
+    /// The Service that holds the contested frontend.
+    pub holder: Option<ObjectKey>,
     pub message: String,
+}
+
+impl DesiredError {
+    /// The problem with both Services named by `snapshot` (their files, for manifests):
+    /// `Service a/x (a.yaml): 10.96.0.1:80/TCP is already held by Service b/y (b.yaml); ...`.
+    pub fn describe(&self, snapshot: &Snapshot) -> String {
+        match (&self.contested, &self.holder) {
+            (Some(fkey), Some(holder)) => format!(
+                "{}: {} is already held by {}; this port is not programmed",
+                snapshot.describe(&self.service),
+                ShowFrontend(fkey),
+                snapshot.describe(holder),
+            ),
+            _ => format!("{}: {}", snapshot.describe(&self.service), self.message),
+        }
+    }
 }
 
 /// How much the maps hold: the capacities of the agent-written maps.
@@ -247,6 +265,7 @@ impl Merge {
                 self.errors.push(DesiredError {
                     service: key.clone(),
                     contested: Some(fkey),
+                    holder: Some(owner.service.clone()),
                     message: format!(
                         "{} is already Service {}'s; this port is not programmed",
                         ShowFrontend(&fkey),
@@ -277,6 +296,7 @@ impl Merge {
             self.errors.push(DesiredError {
                 service: key.clone(),
                 contested: None,
+                holder: None,
                 message: format!("not programmed: {full}"),
             });
             return;

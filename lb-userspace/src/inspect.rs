@@ -123,7 +123,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<bool> {
         writeln!(err, "error: {e}")?;
     }
     for p in &problems {
-        writeln!(err, "error: {p}")?;
+        writeln!(err, "error: {}", p.describe(&snapshot))?;
     }
     let services: BTreeSet<_> = desired.frontends.values().map(|f| &f.service).collect();
     println!(

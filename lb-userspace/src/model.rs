@@ -217,9 +217,20 @@ pub struct Snapshot {
     pub slices: OrdMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
     /// This node's zone (its `topology.kubernetes.io/zone` label), when the source knows it.
     pub zone: Option<String>,
+    /// Where each Service was read, for messages that name it: its manifest file. Empty for
+    /// the API source (an object's identity is its location there).
+    pub origins: OrdMap<ObjectKey, Arc<str>>,
 }
 
 impl Snapshot {
+    /// `Service ns/name`, followed by ` (file)` when the source knows where it was read.
+    pub fn describe(&self, service: &ObjectKey) -> String {
+        match self.origins.get(service) {
+            Some(origin) => format!("Service {service} ({origin})"),
+            None => format!("Service {service}"),
+        }
+    }
+
     pub fn slices_of(&self, service: &ObjectKey) -> &[Arc<EndpointSlice>] {
         self.slices.get(service).map_or(&[], Vec::as_slice)
     }
@@ -250,6 +261,7 @@ impl Snapshot {
             services: rebased(&base.services, &self.services),
             slices: rebased(&base.slices, &self.slices),
             zone: self.zone,
+            origins: rebased(&base.origins, &self.origins),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::{
     health::Health,
     kernel::maps::Maps,
     metrics::{Metrics, SyncLabels},
-    model::{Node, Snapshot},
+    model::{Node, ObjectKey, Snapshot},
     plan::{self, KernelState, Op},
     tracker::{Change, Tracker},
 };
@@ -156,7 +156,7 @@ impl Syncer {
     pub fn sync(&mut self, snapshot: &Snapshot, source_errors: usize) -> bool {
         let started = Instant::now();
         let change = self.tracker.update(snapshot);
-        self.log_problems();
+        self.log_problems(snapshot);
         let computed = started.elapsed();
         let batches = match change {
             Change::Frontends(keys) if !self.plan_all => {
@@ -255,18 +255,27 @@ impl Syncer {
         }
     }
 
-    fn log_problems(&mut self) {
-        let now: BTreeSet<String> = self
-            .tracker
-            .problems()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        for p in now.difference(&self.known_problems) {
-            tracing::error!("{p}");
+    /// Logs each desired-state problem once while it lasts, with both Services (and their
+    /// files) named for a conflict.
+    fn log_problems(&mut self, snapshot: &Snapshot) {
+        let mut now = BTreeSet::new();
+        for p in self.tracker.problems() {
+            let text = p.describe(snapshot);
+            if !self.known_problems.contains(&text) {
+                let origin = |key: &ObjectKey| snapshot.origins.get(key).map(ToString::to_string);
+                tracing::error!(
+                    service = %p.service,
+                    file = origin(&p.service),
+                    holder = p.holder.as_ref().map(ToString::to_string),
+                    holder_file = p.holder.as_ref().and_then(origin),
+                    problem = %text,
+                    "Service not programmed as asked"
+                );
+            }
+            now.insert(text);
         }
         for p in self.known_problems.difference(&now) {
-            tracing::info!("resolved: {p}");
+            tracing::info!(problem = %p, "resolved");
         }
         self.known_problems = now;
     }

@@ -451,6 +451,7 @@ mod tests {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
                     zone: None,
+                    origins: imbl::OrdMap::new(),
                 };
             }
             seen.steps += 1;

@@ -273,6 +273,7 @@ impl ApiStore {
             services: self.services.objects.clone(),
             slices: self.by_service.clone(),
             zone: self.zone.clone(),
+            origins: OrdMap::new(),
         }
     }
 

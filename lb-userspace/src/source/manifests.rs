@@ -584,6 +584,9 @@ fn assemble(
             match object {
                 Object::Service(svc) => {
                     snapshot.services.insert(key.1.clone(), svc.clone());
+                    snapshot
+                        .origins
+                        .insert(key.1.clone(), Arc::from(file.display().to_string()));
                 }
                 Object::Slice(Some(slice)) => {
                     slices
@@ -910,6 +913,34 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
         let (_, errors) = Manifests::new(vec![fifo.clone(), dir.0.clone()]).load();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].to_string().contains("a FIFO"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_contested_frontend_names_both_services_and_both_files() {
+        let dir = Dir::new("contest");
+        let a = dir.write("a.yaml", WEB);
+        let b = dir.write(
+            "b.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: shop}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n",
+        );
+        let (snap, errors) = Manifests::new(vec![dir.0.clone()]).load();
+        assert!(errors.is_empty(), "{errors:?}");
+        let (_, problems) = crate::desired::build(
+            &snap,
+            &crate::model::Node::default(),
+            crate::desired::Limits::default(),
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let text = problems[0].describe(&snap);
+        for needle in [
+            "Service default/web".to_owned(),
+            "Service shop/other".to_owned(),
+            a.display().to_string(),
+            b.display().to_string(),
+            "10.96.0.1:80/TCP".to_owned(),
+        ] {
+            assert!(text.contains(&needle), "{needle:?} missing from {text}");
+        }
     }
 
     #[test]
