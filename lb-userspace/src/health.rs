@@ -20,6 +20,57 @@ struct State {
     pending_since: Option<Instant>,
 }
 
+/// Whether a source is making progress: it marks when it starts working on input and when
+/// it is done, so a source stuck in one piece of work shows, by name, in `/healthz` and in
+/// `lb_source_stalled{source}`.
+#[derive(Debug)]
+pub struct SourceProgress {
+    name: &'static str,
+    busy_since: Mutex<Option<Instant>>,
+}
+
+/// Marks its source busy until dropped.
+#[must_use = "the source is busy only while the guard lives"]
+pub struct Busy<'a>(&'a SourceProgress);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = None;
+    }
+}
+
+impl SourceProgress {
+    /// A source named `name` (a metric label: `manifests`, `kubernetes`).
+    pub fn new(name: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            busy_since: Mutex::new(None),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // Plain data: a panic while holding the lock cannot leave it inconsistent.
+        self.busy_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The source starts a piece of work; it is done when the guard drops.
+    pub fn busy(&self) -> Busy<'_> {
+        *self.lock() = Some(Instant::now());
+        Busy(self)
+    }
+
+    /// How long the current piece of work has taken, if one is under way.
+    pub fn busy_for(&self) -> Option<Duration> {
+        self.lock().map(|since| since.elapsed())
+    }
+}
+
 /// Shared by the syncer (writer) and the HTTP server (reader).
 #[derive(Debug)]
 pub struct Health {
@@ -27,6 +78,8 @@ pub struct Health {
     stale_after: Duration,
     /// The API source's health and how long it may fail before `/healthz` says so.
     source: Option<(Arc<SourceHealth>, Duration)>,
+    /// The sources' progress; one busy for `stale_after` makes both endpoints fail.
+    progress: Vec<Arc<SourceProgress>>,
 }
 
 /// What `/healthz` answers.
@@ -42,6 +95,8 @@ pub struct Report {
     pub pending_seconds: Option<f64>,
     /// Seconds the Kubernetes API has been failing, if it is.
     pub source_failing_seconds: Option<f64>,
+    /// The source stuck in one piece of work for longer than the stale time, if any.
+    pub stuck_source: Option<&'static str>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -70,7 +125,22 @@ impl Health {
             state: Mutex::new(State::default()),
             stale_after,
             source: None,
+            progress: Vec::new(),
         }
+    }
+
+    /// Watches `progress`: a source busy for the stale time makes `/healthz` and `/livez` fail.
+    pub fn with_progress(mut self, progress: Arc<SourceProgress>) -> Self {
+        self.progress.push(progress);
+        self
+    }
+
+    /// The first source busy for the stale time or longer.
+    fn stuck(&self) -> Option<&'static str> {
+        self.progress
+            .iter()
+            .find(|p| p.busy_for().is_some_and(|b| b >= self.stale_after))
+            .map(|p| p.name())
     }
 
     /// Makes `/healthz` fail when the API source has been failing for `stale_after`.
@@ -106,23 +176,33 @@ impl Health {
             .source
             .as_ref()
             .and_then(|(source, limit)| Some((source.failing_for()?, *limit)));
+        let stuck = self.stuck();
         let healthy = state.last_synced.is_some()
             && pending.is_none_or(|p| p < self.stale_after)
-            && failing.is_none_or(|(for_, limit)| for_ < limit);
+            && failing.is_none_or(|(for_, limit)| for_ < limit)
+            && stuck.is_none();
         Report {
             healthy,
             last_updated: state.last_synced.map(|(_, wall)| rfc3339(wall)),
             current_time: rfc3339(SystemTime::now()),
             pending_seconds: pending.map(|p| p.as_secs_f64()),
             source_failing_seconds: failing.map(|(for_, _)| for_.as_secs_f64()),
+            stuck_source: stuck,
         }
     }
 
-    /// `/livez`: the sync loop is not stuck (a change has not waited for the stale time).
+    /// `/livez`: the sync loop is not stuck (a change has not waited for the stale time) and no
+    /// source is stuck in one piece of work.
     pub fn live(&self) -> bool {
         self.lock()
             .pending_since
             .is_none_or(|p| p.elapsed() < self.stale_after)
+            && self.stuck().is_none()
+    }
+
+    /// How long a source may be busy with one piece of work before it counts as stuck.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
     }
 }
 
@@ -149,6 +229,26 @@ mod tests {
         assert!(!h.report().healthy);
         h.synced();
         assert!(h.report().healthy);
+    }
+
+    #[test]
+    fn a_source_busy_for_the_stale_time_is_named_and_unhealthy() {
+        let progress = SourceProgress::new("manifests");
+        let h = Health::new(Duration::from_millis(50)).with_progress(progress.clone());
+        h.synced();
+        {
+            let _busy = progress.busy();
+            assert!(h.report().healthy, "busy, but not for long");
+            std::thread::sleep(Duration::from_millis(60));
+            let report = h.report();
+            assert!(!report.healthy);
+            assert_eq!(report.stuck_source, Some("manifests"));
+            assert!(!h.live());
+        }
+        // Done: healthy again.
+        assert!(h.report().healthy);
+        assert!(h.live());
+        assert_eq!(h.report().stuck_source, None);
     }
 
     #[test]

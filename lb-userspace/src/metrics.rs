@@ -3,6 +3,8 @@
 
 use std::sync::Mutex;
 
+use crate::health::SourceProgress;
+
 use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{
     collector::Collector,
@@ -10,7 +12,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -174,6 +176,60 @@ impl Metrics {
             .register_collector(Box::new(DatapathCollector {
                 stats: Mutex::new(stats),
             }));
+    }
+}
+
+/// Adds, per source, `lb_source_busy_seconds{source}` (how long its current piece of work
+/// has taken; 0 when idle) and `lb_source_stalled{source}` (1 while that exceeds
+/// `stale_after`: the source is stuck and `/healthz` fails), read at every scrape.
+impl Metrics {
+    pub fn register_progress(
+        &mut self,
+        sources: Vec<std::sync::Arc<SourceProgress>>,
+        stale_after: std::time::Duration,
+    ) {
+        self.registry
+            .register_collector(Box::new(ProgressCollector {
+                sources,
+                stale_after,
+            }));
+    }
+}
+
+#[derive(Debug)]
+struct ProgressCollector {
+    sources: Vec<std::sync::Arc<SourceProgress>>,
+    stale_after: std::time::Duration,
+}
+
+impl Collector for ProgressCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let busy: Vec<(&'static str, std::time::Duration)> = self
+            .sources
+            .iter()
+            .map(|s| (s.name(), s.busy_for().unwrap_or_default()))
+            .collect();
+        let mut family = encoder.encode_descriptor(
+            "source_busy_seconds",
+            "Seconds the source's current piece of work (reading changed manifests) has taken; 0 when idle",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (name, took) in &busy {
+            ConstGauge::new(took.as_secs_f64())
+                .encode(family.encode_family(&[("source", *name)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "source_stalled",
+            "1 while the source has been busy with one piece of work for longer than --healthz-stale-after",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (name, took) in &busy {
+            ConstGauge::new(i64::from(*took >= self.stale_after))
+                .encode(family.encode_family(&[("source", *name)])?)?;
+        }
+        Ok(())
     }
 }
 

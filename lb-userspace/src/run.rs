@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cli::RunArgs,
-    health::Health,
+    health::{Health, SourceProgress},
     http,
     kernel::{
         PinLayout,
@@ -119,10 +119,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Duration::from_secs(args.api_stale_after),
         );
     }
+    let manifests_progress = SourceProgress::new("manifests");
+    if !args.manifests.is_empty() {
+        health = health.with_progress(manifests_progress.clone());
+    }
     let health = Arc::new(health);
     let mut metrics = Metrics::new();
     let stats = Maps::open_stats(&layout)?;
     metrics.register_datapath(stats);
+    if !args.manifests.is_empty() {
+        metrics.register_progress(vec![manifests_progress.clone()], health.stale_after());
+    }
     let metrics = Arc::new(metrics);
     http::start(healthz_addr, metrics_addr, health.clone(), metrics.clone()).await?;
 
@@ -138,7 +145,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             source_health,
         ));
     } else {
-        start_manifests(&args.manifests, &updates_tx, &metrics)?;
+        start_manifests(&args.manifests, &updates_tx, &metrics, manifests_progress)?;
     }
     let syncer = Syncer::new(
         maps,
@@ -192,11 +199,16 @@ fn start_manifests(
     paths: &[PathBuf],
     updates: &mpsc::Sender<Update>,
     metrics: &Metrics,
+    progress: Arc<SourceProgress>,
 ) -> anyhow::Result<()> {
     let mut manifests = Manifests::new(paths.to_vec());
     let mut known = BTreeSet::new();
-    let (snapshot, source_errors) =
-        watch::initial_load(&mut manifests, &mut known, &metrics.manifest_loads);
+    let (snapshot, source_errors) = watch::initial_load(
+        &mut manifests,
+        &mut known,
+        &metrics.manifest_loads,
+        &progress,
+    );
     let snapshot = Arc::new(snapshot);
     updates
         .send(Update::Snapshot {
@@ -210,6 +222,7 @@ fn start_manifests(
         known,
         updates.clone(),
         metrics.manifest_loads.clone(),
+        progress,
     )
     .context("starting the manifest watcher")?;
     Ok(())

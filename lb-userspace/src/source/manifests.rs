@@ -51,6 +51,16 @@ impl fmt::Display for ManifestError {
     }
 }
 
+impl ManifestError {
+    /// A problem with the manifests as a whole (named by their first path).
+    pub fn internal(paths: &[PathBuf], message: &str) -> Self {
+        file_error(
+            paths.first().map_or(Path::new("-"), PathBuf::as_path),
+            message,
+        )
+    }
+}
+
 /// The kinds lb reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
@@ -131,6 +141,11 @@ impl Manifests {
 
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths
+    }
+
+    /// The last snapshot [`Manifests::load`] returned.
+    pub fn last(&self) -> &Snapshot {
+        &self.last
     }
 
     /// Reads every changed file again and returns the resulting snapshot (sharing structure

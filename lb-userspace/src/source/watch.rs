@@ -12,7 +12,7 @@ use std::{
 use notify::{RecursiveMode, Watcher as _};
 
 use super::manifests::{Manifests, list_files};
-use crate::{metrics::ManifestLoads, model::Snapshot, sync::Update};
+use crate::{health::SourceProgress, metrics::ManifestLoads, model::Snapshot, sync::Update};
 
 /// Quiet time after the last event before reloading (editors write in several steps).
 const SETTLE: Duration = Duration::from_millis(100);
@@ -70,9 +70,21 @@ fn report(errors: &[super::manifests::ManifestError], known: &mut BTreeSet<Strin
 fn load(
     manifests: &mut Manifests,
     gauge: &ManifestLoads,
+    progress: &SourceProgress,
 ) -> (Snapshot, Vec<super::manifests::ManifestError>) {
+    let _busy = progress.busy();
     let started = Instant::now();
-    let loaded = manifests.load();
+    // A bug in parsing must not end the watcher (every later change would be lost while the
+    // agent looks healthy): a panic is one more error, and the last snapshot stays in force.
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| manifests.load()))
+        .unwrap_or_else(|_| {
+            let error = super::manifests::ManifestError::internal(
+                manifests.paths(),
+                "internal error while reading the manifests (a bug: please report it); \
+                 keeping the last snapshot",
+            );
+            (manifests.last().clone(), vec![error])
+        });
     gauge.record(started.elapsed());
     loaded
 }
@@ -81,8 +93,9 @@ pub fn initial_load(
     manifests: &mut Manifests,
     known: &mut BTreeSet<String>,
     gauge: &ManifestLoads,
+    progress: &SourceProgress,
 ) -> (Snapshot, usize) {
-    let (snapshot, errors) = load(manifests, gauge);
+    let (snapshot, errors) = load(manifests, gauge, progress);
     report(&errors, known);
     (snapshot, errors.len())
 }
@@ -95,6 +108,7 @@ pub fn spawn(
     mut known: BTreeSet<String>,
     updates: mpsc::Sender<Update>,
     gauge: ManifestLoads,
+    progress: Arc<SourceProgress>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("manifests".into()).spawn(move || {
         let (events_tx, events) = mpsc::channel();
@@ -159,7 +173,7 @@ pub fn spawn(
                 continue;
             }
             stamp = fingerprint(manifests.paths());
-            let (snapshot, errors) = load(&mut manifests, &gauge);
+            let (snapshot, errors) = load(&mut manifests, &gauge, &progress);
             report(&errors, &mut known);
             if *last != snapshot || errors.len() != known_count {
                 known_count = errors.len();
