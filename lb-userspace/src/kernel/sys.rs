@@ -1,10 +1,14 @@
 //! The few `bpf(2)` commands aya 0.14 does not offer for cgroup links: open a pinned object,
 //! read a link's target, replace a link's program in place (`BPF_LINK_UPDATE`), detach a
-//! link, and walk all links. Each attr struct is the kernel's `union bpf_attr` member for its
-//! command (a stable UAPI); the kernel accepts a prefix of the union when the rest is zero.
+//! link, walk all links, and batch map writes.
+//!
+//! Every call passes a whole `union bpf_attr` (aya-obj's generated type) that starts zeroed
+//! and has only its command's fields set: the kernel refuses an attribute whose bytes past the
+//! command's last field are not zero (`CHECK_ATTR` in kernel/bpf/syscall.c), and a struct
+//! written by hand for one member has padding whose bytes are whatever the stack held.
 
 use std::{
-    ffi::CString,
+    ffi::{CStr, CString},
     io,
     os::{
         fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
@@ -13,15 +17,21 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_cmd, bpf_link_info, bpf_link_type};
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
+
+/// An all-zero `union bpf_attr`.
+fn zeroed() -> bpf_attr {
+    // SAFETY: bpf_attr is plain integers, arrays and unions of them: all zero is valid.
+    unsafe { std::mem::zeroed() }
+}
 
 /// Runs one bpf(2) command on `attr`.
-fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<i64> {
-    let size =
-        u32::try_from(size_of::<T>()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `attr` is a live, initialised #[repr(C)] prefix of `union bpf_attr` for `cmd`
-    // and `size` is its exact length; the kernel reads (and for info, writes) within it or
-    // through the user pointers it holds, which point at live buffers of the stated lengths.
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
+    let size = u32::try_from(size_of::<bpf_attr>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `attr` is a live, fully initialised `union bpf_attr` and `size` its length; the
+    // kernel reads (and for info, writes) within it or through the user pointers it holds,
+    // which point at live buffers of the stated lengths.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -47,63 +57,35 @@ fn raw(fd: BorrowedFd<'_>) -> u32 {
     u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
 }
 
-#[repr(C)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
+/// The attribute of `BPF_OBJ_GET` for `path`.
+fn obj_get_attr(path: &CStr) -> bpf_attr {
+    let mut attr = zeroed();
+    attr.__bindgen_anon_4.pathname = path.as_ptr() as u64;
+    attr
 }
 
 /// `BPF_OBJ_GET`: opens a pinned map, program or link.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut attr = ObjGetAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-    };
+    let mut attr = obj_get_attr(&path);
     owned_fd(bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?)
-}
-
-#[repr(C)]
-struct LinkUpdateAttr {
-    link_fd: u32,
-    new_prog_fd: u32,
-    flags: u32,
-    old_prog_fd: u32,
 }
 
 /// `BPF_LINK_UPDATE`: the link runs `prog` from now on, atomically, with no moment where
 /// neither program is attached.
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkUpdateAttr {
-        link_fd: raw(link),
-        new_prog_fd: raw(prog),
-        flags: 0,
-        old_prog_fd: 0,
-    };
+    let mut attr = zeroed();
+    attr.link_update.link_fd = raw(link);
+    attr.link_update.__bindgen_anon_1.new_prog_fd = raw(prog);
     bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
-}
-
-#[repr(C)]
-struct LinkDetachAttr {
-    link_fd: u32,
 }
 
 /// `BPF_LINK_DETACH`: detaches the link now, even while other descriptors or pins hold it.
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkDetachAttr { link_fd: raw(link) };
+    let mut attr = zeroed();
+    attr.link_detach.link_fd = raw(link);
     bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr).map(drop)
-}
-
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
 }
 
 /// What a cgroup link is attached to.
@@ -122,11 +104,10 @@ pub struct LinkInfo {
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // SAFETY: bpf_link_info is plain integers and unions of them; all zero is valid.
     let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
-    let mut attr = InfoAttr {
-        bpf_fd: raw(link),
-        info_len: u32::try_from(size_of::<bpf_link_info>()).unwrap_or(0),
-        info: std::ptr::from_mut(&mut info) as u64,
-    };
+    let mut attr = zeroed();
+    attr.info.bpf_fd = raw(link);
+    attr.info.info_len = u32::try_from(size_of::<bpf_link_info>()).unwrap_or(0);
+    attr.info.info = std::ptr::from_mut(&mut info) as u64;
     bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let is_cgroup = info.type_ == bpf_link_type::BPF_LINK_TYPE_CGROUP as u32;
     // SAFETY: for a cgroup link the kernel filled the `cgroup` member of the union; for any
@@ -146,26 +127,19 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     })
 }
 
-#[repr(C)]
-struct GetIdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
 /// Ids of all links in the system (`BPF_LINK_GET_NEXT_ID`).
 pub fn link_ids() -> io::Result<Vec<u32>> {
     let mut ids = Vec::new();
-    let mut attr = GetIdAttr {
-        id: 0,
-        next_id: 0,
-        open_flags: 0,
-    };
+    let mut start = 0;
     loop {
+        let mut attr = zeroed();
+        attr.__bindgen_anon_6.__bindgen_anon_1.start_id = start;
         match bpf(bpf_cmd::BPF_LINK_GET_NEXT_ID, &mut attr) {
             Ok(_) => {
-                ids.push(attr.next_id);
-                attr.id = attr.next_id;
+                // SAFETY: the kernel wrote next_id, a plain integer, on success.
+                let next = unsafe { attr.__bindgen_anon_6.next_id };
+                ids.push(next);
+                start = next;
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(ids),
             Err(e) => return Err(e),
@@ -175,11 +149,8 @@ pub fn link_ids() -> io::Result<Vec<u32>> {
 
 /// `BPF_LINK_GET_FD_BY_ID`.
 pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-    let mut attr = GetIdAttr {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
+    let mut attr = zeroed();
+    attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
     owned_fd(bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr)?)
 }
 
@@ -187,18 +158,6 @@ pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
 pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
     Ok(std::fs::metadata(dir)?.ino())
-}
-
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
 }
 
 /// A batch that stopped early: how many elements went through, and why it stopped.
@@ -219,21 +178,19 @@ fn batch(
         done: 0,
         error: io::Error::from(io::ErrorKind::InvalidInput),
     })?;
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys as u64,
-        values: values as u64,
-        count: count32,
-        map_fd: raw(map),
-        elem_flags: 0,
-        flags: 0,
-    };
+    let mut attr = zeroed();
+    attr.batch.keys = keys as u64;
+    attr.batch.values = values as u64;
+    attr.batch.count = count32;
+    attr.batch.map_fd = raw(map);
     match bpf(cmd, &mut attr) {
         Ok(_) => Ok(()),
         // The kernel reports in `count` how many elements it processed before the error.
         Err(error) => Err(BatchError {
-            done: usize::try_from(attr.count).unwrap_or(0).min(count),
+            // SAFETY: `count` is a plain integer the kernel updated in place.
+            done: usize::try_from(unsafe { attr.batch.count })
+                .unwrap_or(0)
+                .min(count),
             error,
         }),
     }
@@ -270,4 +227,33 @@ pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<
         std::ptr::null(),
         keys.len(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fills a stretch of the stack with 0xff, so that a struct built next in a new frame
+    /// finds those bytes in its padding unless it is zeroed.
+    #[inline(never)]
+    fn dirty_the_stack() -> u8 {
+        let junk = std::hint::black_box([0xffu8; 4096]);
+        junk[4095]
+    }
+
+    #[test]
+    fn attributes_are_zero_past_their_fields() {
+        assert_eq!(dirty_the_stack(), 0xff);
+        let path = CString::new("/sys/fs/bpf/lb/x").unwrap();
+        let attr = obj_get_attr(&path);
+        // SAFETY: reading the union's bytes; every byte of it is initialised (zeroed).
+        let bytes: &[u8; size_of::<bpf_attr>()] = unsafe { &*std::ptr::from_ref(&attr).cast() };
+        // BPF_OBJ_GET uses pathname (8 bytes), bpf_fd, file_flags and path_fd (4 each): the
+        // kernel requires every byte after path_fd to be zero.
+        assert!(bytes[20..].iter().all(|&b| b == 0), "{bytes:?}");
+        assert_eq!(
+            u64::from_ne_bytes(bytes[..8].try_into().unwrap()),
+            path.as_ptr() as u64
+        );
+    }
 }
