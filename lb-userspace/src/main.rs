@@ -1,25 +1,14 @@
 //! `lb`: Kubernetes Service load balancing with eBPF, a kube-proxy replacement for one node.
 
-mod cli;
-mod desired;
-mod health;
-mod http;
-mod inspect;
-mod kernel;
-mod metrics;
-mod model;
-mod plan;
-mod run;
-mod source;
-mod sync;
-mod topology;
-mod tracker;
-
 use std::process::ExitCode;
 
 use clap::Parser as _;
-
-use crate::{cli::Command, kernel::PinLayout};
+use lb_userspace::{
+    cli::{self, Command},
+    inspect,
+    kernel::{self, PinLayout},
+    run,
+};
 
 fn init_logging() {
     // kube's client logs every failed request at ERROR; lb reports API trouble itself (once

@@ -233,6 +233,12 @@ impl Collector for ProgressCollector {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Reads `LB_STATS` at scrape time.
 struct DatapathCollector {
     stats: Mutex<PerCpuArray<MapData, u64>>,

@@ -11,6 +11,7 @@ macro_rules! push_line {
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -47,6 +48,13 @@ enum Task {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Run each cargo-fuzz target (manifest parsing, API-object conversion) for a while from
+    /// the seed corpus in fuzz/corpus; fails on a crash, hang or out-of-memory.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
     /// Write the bench's Service set as lb manifests (for profiling lb by hand).
     GenServices {
         /// How many Services.
@@ -71,6 +79,10 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Demo => demo::run(),
         Task::Bench { quick, name } => bench::run(quick, name),
+        Task::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz::run(seconds)
+        }
         Task::GenServices {
             services,
             endpoints,

@@ -464,8 +464,17 @@ pub fn endpoint_slice(
         let field = format!("ports[{i}]");
         // A port without a number means "all ports" to the API; kube-proxy skips it.
         let Some(number) = p.port else { continue };
+        let name = p.name.clone().unwrap_or_default();
+        // The API server refuses two ports of one name: kube-proxy finds a Service port's
+        // endpoints by that name, so it must say one thing.
+        if let Some(first) = ports.iter().position(|q: &EndpointPort| q.name == name) {
+            return err(
+                format!("{field}.name"),
+                format!("duplicate name {name:?} (also ports[{first}])"),
+            );
+        }
         ports.push(EndpointPort {
-            name: p.name.clone().unwrap_or_default(),
+            name,
             port: port_number(&format!("{field}.port"), number)?,
             protocol: protocol(&format!("{field}.protocol"), p.protocol.as_deref())?,
         });
@@ -796,6 +805,8 @@ endpoints:
         assert_eq!(wrong_family.field, "endpoints[0].addresses[0]");
         let bad_port = slice("metadata: {name: x, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{port: 99999}]\nendpoints: []").unwrap_err();
         assert_eq!(bad_port.field, "ports[0].port");
+        let duplicate = slice("metadata: {name: x, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{name: http, port: 80}, {name: http, port: 81}]\nendpoints: []").unwrap_err();
+        assert_eq!(duplicate.field, "ports[1].name");
         assert!(slice("metadata: {name: x, labels: {kubernetes.io/service-name: a}}\naddressType: FQDN\nendpoints: [{addresses: [example.com]}]").unwrap().is_none());
     }
 

@@ -206,6 +206,18 @@ impl Manifests {
     }
 }
 
+/// One manifest file's text as [`Manifests::load`] reads it (every bound and check; `file`
+/// names it in errors, and a `.json` extension selects JSON): the snapshot it alone makes
+/// and what is wrong in it. The fuzz target `manifest_file` drives this.
+pub fn load_text(file: &Path, text: &str) -> (Snapshot, Vec<ManifestError>) {
+    let mut errors = Vec::new();
+    let objects = parse_file(file, text, None, &mut errors);
+    let path = file.to_owned();
+    let files = BTreeMap::from([(&path, &objects)]);
+    let snapshot = assemble(std::slice::from_ref(&path), &files, &mut errors);
+    (snapshot, errors)
+}
+
 fn file_error(file: &Path, message: impl Into<String>) -> ManifestError {
     ManifestError {
         file: file.to_owned(),
