@@ -57,18 +57,26 @@ pub struct DesiredError {
 }
 
 impl DesiredError {
-    /// The problem with both Services named by `snapshot` (their files, for manifests):
-    /// `Service a/x (a.yaml): 10.96.0.1:80/TCP is already held by Service b/y (b.yaml); ...`.
+    /// The problem with both Services named and, when `snapshot` knows them (manifests), their
+    /// files: `Service a/x: 10.96.0.1:80/TCP is already held by Service b/y; this port is not
+    /// programmed (a/x in a.yaml, b/y in b.yaml)`.
     pub fn describe(&self, snapshot: &Snapshot) -> String {
-        match (&self.contested, &self.holder) {
+        let mut text = match (&self.contested, &self.holder) {
             (Some(fkey), Some(holder)) => format!(
-                "{}: {} is already held by {}; this port is not programmed",
-                snapshot.describe(&self.service),
+                "Service {}: {} is already held by Service {holder}; this port is not programmed",
+                self.service,
                 ShowFrontend(fkey),
-                snapshot.describe(holder),
             ),
-            _ => format!("{}: {}", snapshot.describe(&self.service), self.message),
+            _ => self.to_string(),
+        };
+        let located: Vec<String> = std::iter::once(&self.service)
+            .chain(&self.holder)
+            .filter_map(|key| Some(format!("{key} in {}", snapshot.origins.get(key)?)))
+            .collect();
+        if !located.is_empty() {
+            text.push_str(&format!(" ({})", located.join(", ")));
         }
+        text
     }
 }
 

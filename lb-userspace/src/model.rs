@@ -223,14 +223,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// `Service ns/name`, followed by ` (file)` when the source knows where it was read.
-    pub fn describe(&self, service: &ObjectKey) -> String {
-        match self.origins.get(service) {
-            Some(origin) => format!("Service {service} ({origin})"),
-            None => format!("Service {service}"),
-        }
-    }
-
     pub fn slices_of(&self, service: &ObjectKey) -> &[Arc<EndpointSlice>] {
         self.slices.get(service).map_or(&[], Vec::as_slice)
     }

@@ -55,12 +55,23 @@ fn watch_dirs(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
 
 /// Logs what is wrong in the manifests, each problem once while it lasts.
 fn report(errors: &[super::manifests::ManifestError], known: &mut BTreeSet<String>) {
-    let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
-    for e in now.difference(known) {
-        tracing::error!("{e}");
+    let mut now = BTreeSet::new();
+    for e in errors {
+        let text = e.to_string();
+        if !known.contains(&text) {
+            tracing::error!(
+                file = %e.file.display(),
+                document = e.document,
+                object = e.object.as_deref(),
+                field = e.field.as_deref(),
+                reason = %e.message,
+                "manifest problem"
+            );
+        }
+        now.insert(text);
     }
     for e in known.difference(&now) {
-        tracing::info!("resolved: {e}");
+        tracing::info!(problem = %e, "resolved");
     }
     *known = now;
 }
