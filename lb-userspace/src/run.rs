@@ -20,6 +20,7 @@ use crate::{
         fs,
         maps::Maps,
         object,
+        sock_destroy::{self, SockDestroyer},
     },
     metrics::Metrics,
     model::Node,
@@ -140,6 +141,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         start_manifests(&args.manifests, &updates_tx, &metrics)?;
     }
+    let sock_destroyer = SockDestroyer::start(
+        &layout,
+        sock_destroy::Settings {
+            cgroup: cgroup.clone(),
+            tcp: args.close_tcp_to_removed_backends,
+        },
+        metrics.sockets.clone(),
+    )?;
     let syncer = Syncer::new(
         maps,
         state,
@@ -148,7 +157,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health,
         metrics,
         Duration::from_secs(args.resync_period.max(1)),
-    );
+    )
+    .with_sock_destroyer(sock_destroyer);
     let sync_thread = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || syncer.run(&updates))
