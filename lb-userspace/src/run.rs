@@ -141,6 +141,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         start_manifests(&args.manifests, &updates_tx, &metrics)?;
     }
+    // Closing sockets of removed backends is best effort: a kernel that cannot do it still
+    // gets its Services served.
     let sock_destroyer = SockDestroyer::start(
         &layout,
         sock_destroy::Settings {
@@ -148,8 +150,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tcp: args.close_tcp_to_removed_backends,
         },
         metrics.sockets.clone(),
-    )?;
-    let syncer = Syncer::new(
+    )
+    .map_err(|e| {
+        tracing::error!(
+            error = format!("{:#}", anyhow::Error::from(e)),
+            "sockets connected to removed backends will not be closed"
+        );
+    })
+    .ok();
+    let mut syncer = Syncer::new(
         maps,
         state,
         node,
@@ -157,8 +166,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health,
         metrics,
         Duration::from_secs(args.resync_period.max(1)),
-    )
-    .with_sock_destroyer(sock_destroyer);
+    );
+    if let Some(destroyer) = sock_destroyer {
+        syncer = syncer.with_sock_destroyer(destroyer);
+    }
     let sync_thread = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || syncer.run(&updates))

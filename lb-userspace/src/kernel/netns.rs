@@ -7,7 +7,7 @@
 //! each process in it names the namespace (nsfs: one inode per namespace).
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     fs::File,
     io,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
@@ -22,6 +22,8 @@ pub struct Netns {
     pub id: (u64, u64),
     /// Where it was opened from (for logs).
     pub path: PathBuf,
+    /// The processes of the cgroup subtree found in it (where its sockets' descriptors are).
+    pub pids: Vec<u32>,
     file: File,
 }
 
@@ -33,6 +35,7 @@ impl Netns {
         Ok(Self {
             id: (meta.dev(), meta.ino()),
             path: path.to_owned(),
+            pids: Vec::new(),
             file,
         })
     }
@@ -77,12 +80,14 @@ pub fn parse_procs(text: &str) -> impl Iterator<Item = u32> + '_ {
 }
 
 /// The distinct network namespaces of the processes in the cgroup subtree at `root`, plus
-/// `extra` (the agent's own), each opened once. Processes that exit meanwhile are skipped.
+/// `extra` (the agent's own), each opened once and with the subtree's processes in it.
+/// Processes that exit meanwhile are skipped.
 pub fn in_cgroup_subtree(root: &Path, extra: impl IntoIterator<Item = Netns>) -> Vec<Netns> {
-    let mut seen: HashSet<(u64, u64)> = HashSet::new();
-    let mut found = Vec::new();
+    let mut index: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut found: Vec<Netns> = Vec::new();
     for ns in extra {
-        if seen.insert(ns.id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = index.entry(ns.id) {
+            slot.insert(found.len());
             found.push(ns);
         }
     }
@@ -97,13 +102,19 @@ pub fn in_cgroup_subtree(root: &Path, extra: impl IntoIterator<Item = Netns>) ->
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
-            if seen.contains(&(meta.dev(), meta.ino())) {
+            if let Some(&i) = index.get(&(meta.dev(), meta.ino())) {
+                found[i].pids.push(pid);
                 continue;
             }
             // The descriptor's identity is what counts (the pid may have been reused).
-            if let Ok(ns) = Netns::open(&path)
-                && seen.insert(ns.id)
-            {
+            let Ok(mut ns) = Netns::open(&path) else {
+                continue;
+            };
+            if let Some(&i) = index.get(&ns.id) {
+                found[i].pids.push(pid);
+            } else {
+                ns.pids.push(pid);
+                index.insert(ns.id, found.len());
                 found.push(ns);
             }
         }
@@ -142,5 +153,6 @@ mod tests {
         let found = in_cgroup_subtree(&dir, [own, again]);
         let _gone = std::fs::remove_dir_all(&dir);
         assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].pids, [std::process::id()]);
     }
 }

@@ -12,15 +12,22 @@
 //! The mechanism is `sock_diag` netlink (`CONFIG_INET_DIAG_DESTROY`), not a BPF socket
 //! iterator calling the `bpf_sock_destroy()` kfunc as Cilium does: aya-obj 0.3.0 cannot load
 //! a program with a kfunc call (it neither resolves the kfunc's kernel BTF id nor emits
-//! `BPF_PSEUDO_KFUNC_CALL`: the call relocation fails as an unknown function). Both reach one
-//! network namespace at a time (a socket iterator walks the namespace it was created in, a
-//! netlink socket talks to its own), so either way lb has to enter each namespace; netlink
-//! needs no extra program, and its dump returns each socket's `LB_SOCKS` storage
-//! (`INET_DIAG_REQ_SK_BPF_STORAGES`): exactly what lb translated the socket to. Per namespace:
-//! dump the connected UDP (and, with the flag, TCP) sockets of both families with their
-//! storage, pick those whose storage names a removed (frontend id, backend) pair *and* whose
-//! peer is still that backend, and destroy each by its address and cookie (`SOCK_DESTROY`;
-//! the kernel checks the cookie, so a reused address never closes another socket).
+//! `BPF_PSEUDO_KFUNC_CALL`: the call relocation fails as an unknown function), and this kernel
+//! refuses every `BPF_PROG_TYPE_TRACING` program, iterators included (EPERM at load; bpftool:
+//! "program_type tracing is NOT available"). Both routes reach one network namespace at a time
+//! (a socket iterator walks the namespace it was created in, a netlink socket talks to its
+//! own), so either way lb enters each namespace.
+//! What lb translated a socket to is in its `LB_SOCKS` storage. A `sock_diag` dump returns it
+//! for TCP only (`INET_DIAG_REQ_SK_BPF_STORAGES` is filled for connection sockets, not UDP:
+//! measured on 6.18), so lb reads it the way the map is keyed, by the socket itself: per
+//! namespace, dump the connected UDP (and, with the flag, TCP) sockets of both families; the
+//! candidates are those whose peer is a removed backend's address and port (usually none);
+//! for each, find the process descriptor that holds it (its inode in `/proc/PID/fd` of the
+//! cgroup's processes in that namespace), take a copy with `pidfd_getfd(2)`, look the copy up
+//! in `LB_SOCKS`, and destroy the socket only if its value names a removed (frontend id,
+//! backend) pair (`SOCK_DESTROY` by address and cookie; the kernel checks the cookie, so a
+//! reused address never closes another socket). A socket connected to the pod directly has
+//! no value and is never touched.
 //!
 //! Namespaces: those of the processes in the cgroup subtree lb attaches to, and the agent's
 //! own ([`super::netns`]). A dedicated thread enters each (`setns`) only to open its netlink
@@ -39,9 +46,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError};
+use aya_obj::generated::{bpf_attr, bpf_cmd};
 use lb_common::{
     Addr,
-    maps::{IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, SOCKS, SockXlate},
+    maps::{Backend, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, SOCKS, SockXlate},
 };
 
 use super::{
@@ -59,22 +67,9 @@ const RECV_TIMEOUT: Duration = Duration::from_secs(1);
 /// `SOCK_DIAG_BY_FAMILY` and `SOCK_DESTROY` (linux/sock_diag.h).
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-/// `INET_DIAG_REQ_SK_BPF_STORAGES` (linux/inet_diag.h): request attribute, nested.
-const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
-/// `SK_DIAG_BPF_STORAGE_REQ_MAP_FD` (linux/sock_diag.h): a u32 map fd inside the above.
-const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
-/// `INET_DIAG_SK_BPF_STORAGES` (linux/inet_diag.h): response attribute, nested.
-const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
-/// `SK_DIAG_BPF_STORAGE` (linux/sock_diag.h): one map's value, nested.
-const SK_DIAG_BPF_STORAGE: u16 = 1;
-/// `SK_DIAG_BPF_STORAGE_MAP_ID` (u32) and `SK_DIAG_BPF_STORAGE_MAP_VALUE` (bytes).
-const SK_DIAG_BPF_STORAGE_MAP_ID: u16 = 2;
-const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
 
 /// `struct nlmsghdr`: len u32, type u16, flags u16, seq u32, pid u32.
 const NLMSG_HDR_LEN: usize = 16;
-/// `struct nlattr`: len u16, type u16.
-const NLA_HDR_LEN: usize = 4;
 /// `struct inet_diag_sockid`: sport, dport (be16), src[4], dst[4] (be32), if (u32),
 /// cookie[2] (u32).
 const SOCKID_LEN: usize = 48;
@@ -83,8 +78,6 @@ const REQ_V2_LEN: usize = 8 + SOCKID_LEN;
 /// `struct inet_diag_msg`: family, state, timer, retrans (u8), id, expires, rqueue, wqueue,
 /// uid, inode (u32).
 const DIAG_MSG_LEN: usize = 4 + SOCKID_LEN + 20;
-/// `NLA_TYPE_MASK`: an attribute's type without the nested / byte-order flags.
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// TCP states (include/net/tcp_states.h) as `idiag_states` bits.
 const TCPF_ESTABLISHED: u32 = 1 << 1;
@@ -125,7 +118,8 @@ pub struct SockDestroyer {
 }
 
 impl SockDestroyer {
-    /// Starts the thread; it checks once that the kernel can do the work and logs if not.
+    /// Starts the thread; it checks once that `sock_diag` can do the work here and logs if
+    /// not.
     pub fn start(
         layout: &PinLayout,
         settings: Settings,
@@ -133,20 +127,12 @@ impl SockDestroyer {
     ) -> Result<Self, SockDestroyError> {
         let open = |name: &str| {
             let path = layout.map(name);
-            let wrap = |source| SockDestroyError::Map {
+            MapData::from_pin(&path).map_err(|source| SockDestroyError::Map {
                 path: path.display().to_string(),
                 source,
-            };
-            MapData::from_pin(&path).map_err(wrap)
+            })
         };
         let socks = open(SOCKS)?;
-        let socks_id = socks
-            .info()
-            .map_err(|source| SockDestroyError::Map {
-                path: layout.map(SOCKS).display().to_string(),
-                source,
-            })?
-            .id();
         let members = Map::from_map_data(open(MEMBERS)?)
             .and_then(HashMap::<MapData, MemberKey, u32>::try_from)
             .map_err(|source| SockDestroyError::Map {
@@ -157,7 +143,6 @@ impl SockDestroyer {
         let worker = Worker {
             settings,
             socks,
-            socks_id,
             members,
             metrics,
             home: None,
@@ -183,9 +168,8 @@ impl SockDestroyer {
 
 struct Worker {
     settings: Settings,
-    /// `LB_SOCKS`: its descriptor goes in every dump request, its id tags the answers.
+    /// `LB_SOCKS`, looked up with a copy of a client's socket descriptor.
     socks: MapData,
-    socks_id: u32,
     /// `LB_MEMBERS`: a pair that is a member again by the time of the pass keeps its sockets.
     members: HashMap<MapData, MemberKey, u32>,
     metrics: SockMetrics,
@@ -266,7 +250,7 @@ impl Worker {
     fn self_check(&mut self) {
         let Some(home) = &self.home else { return };
         let result = self.open_in(home).and_then(|mut sock| {
-            sock.dump(AF_INET, IPPROTO_UDP, UDP_STATES, &self.socks, self.socks_id)?;
+            sock.dump(AF_INET, IPPROTO_UDP, UDP_STATES)?;
             match sock.destroy(AF_INET, IPPROTO_UDP, &[0; SOCKID_LEN]) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
                 Err(e) => Err(e),
@@ -276,7 +260,7 @@ impl Worker {
         if let Err(e) = result {
             tracing::warn!(
                 error = %e,
-                "sock_diag cannot dump or destroy sockets here (needs CONFIG_INET_DIAG_DESTROY, CAP_NET_ADMIN and CAP_BPF or CAP_SYS_ADMIN); sockets connected to removed backends will not be closed"
+                "sock_diag cannot dump or destroy sockets here (needs CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN); sockets connected to removed backends will not be closed"
             );
         }
     }
@@ -299,9 +283,10 @@ impl Worker {
     fn pass(&self, removed: &HashSet<MemberKey>) {
         let started = Instant::now();
         let deadline = started + PASS_BUDGET;
+        let mut tally = Tally::default();
+        let backends: HashSet<Backend> = removed.iter().map(|pair| pair.backend).collect();
         let own = Netns::open(Path::new("/proc/self/ns/net")).ok();
         let namespaces = netns::in_cgroup_subtree(&self.settings.cgroup, own);
-        let mut tally = Tally::default();
         for (i, ns) in namespaces.iter().enumerate() {
             if Instant::now() >= deadline {
                 let left = namespaces.len() - i;
@@ -311,7 +296,7 @@ impl Worker {
                 break;
             }
             tally.namespaces += 1;
-            self.close_in(ns, removed, &mut tally);
+            self.close_in(ns, removed, &backends, &mut tally);
         }
         let took = started.elapsed();
         self.metrics.pass_seconds.set(took.as_secs_f64());
@@ -338,7 +323,15 @@ impl Worker {
         }
     }
 
-    fn close_in(&self, ns: &Netns, removed: &HashSet<MemberKey>, tally: &mut Tally) {
+    /// Closes the sockets in `ns` that lb connected to a pair in `removed` (`backends`: their
+    /// backends, to pick the candidates from the dumps).
+    fn close_in(
+        &self,
+        ns: &Netns,
+        removed: &HashSet<MemberKey>,
+        backends: &HashSet<Backend>,
+        tally: &mut Tally,
+    ) {
         let mut sock = match self.open_in(ns) {
             Ok(sock) => sock,
             Err(e) => {
@@ -352,40 +345,156 @@ impl Worker {
         if self.settings.tcp {
             protocols.push((IPPROTO_TCP, TCP_STATES, "tcp"));
         }
+        let mut candidates: Vec<(u8, &'static str, DiagSock)> = Vec::new();
         for (proto, states, label) in protocols {
             for family in [AF_INET, AF_INET6] {
-                let socks = match sock.dump(family, proto, states, &self.socks, self.socks_id) {
-                    Ok(socks) => socks,
-                    Err(e) => {
-                        tally.fail(&self.metrics, "dump", || {
-                            format!("{} {label} dump: {e}", ns.path.display())
-                        });
-                        continue;
-                    }
-                };
-                for stale in socks.iter().filter(|s| s.is_stale(removed)) {
-                    match sock.destroy(family, proto, &stale.id) {
-                        Ok(()) => {
-                            if proto == IPPROTO_TCP {
-                                tally.tcp += 1;
-                            } else {
-                                tally.udp += 1;
-                            }
-                            self.metrics
-                                .destroyed
-                                .get_or_create(&SockLabels { proto: label })
-                                .inc();
-                        }
-                        // Closed by its owner since the dump.
-                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                        Err(e) => tally.fail(&self.metrics, "destroy", || {
-                            format!("{} {label} destroy: {e}", ns.path.display())
-                        }),
-                    }
+                match sock.dump(family, proto, states) {
+                    Ok(socks) => candidates.extend(
+                        socks
+                            .into_iter()
+                            .filter(|s| backends.contains(&s.peer_backend()))
+                            .map(|s| (proto, label, s)),
+                    ),
+                    Err(e) => tally.fail(&self.metrics, "dump", || {
+                        format!("{} {label} dump: {e}", ns.path.display())
+                    }),
                 }
             }
         }
+        tracing::debug!(netns = %ns.path.display(), candidates = candidates.len(), "connected to removed backends");
+        if candidates.is_empty() {
+            return;
+        }
+        let wanted: HashSet<u64> = candidates.iter().map(|(_, _, s)| s.inode).collect();
+        let owners = socket_owners(&ns.pids, &wanted);
+        for (proto, label, candidate) in &candidates {
+            let Some(&(pid, fd)) = owners.get(&candidate.inode) else {
+                // No process of the cgroup holds it (passed elsewhere, or closed meanwhile).
+                continue;
+            };
+            let xlate = match self.storage_of(pid, fd) {
+                Ok(Some(xlate)) => xlate,
+                Ok(None) => continue, // not translated by lb: connected to the pod directly
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue, // gone
+                Err(e) => {
+                    tally.fail(&self.metrics, "lookup", || {
+                        format!("{} pid {pid} fd {fd}: {e}", ns.path.display())
+                    });
+                    continue;
+                }
+            };
+            if !candidate.is_stale(&xlate, removed) {
+                continue;
+            }
+            match sock.destroy(candidate.family, *proto, &candidate.id) {
+                Ok(()) => {
+                    tracing::debug!(
+                        netns = %ns.path.display(),
+                        pid,
+                        fd,
+                        cookie = candidate.cookie(),
+                        proto = label,
+                        frontend_id = xlate.service.id,
+                        "closed"
+                    );
+                    if *proto == IPPROTO_TCP {
+                        tally.tcp += 1;
+                    } else {
+                        tally.udp += 1;
+                    }
+                    self.metrics
+                        .destroyed
+                        .get_or_create(&SockLabels { proto: label })
+                        .inc();
+                }
+                // Closed by its owner since the dump.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => tally.fail(&self.metrics, "destroy", || {
+                    format!("{} {label} destroy: {e}", ns.path.display())
+                }),
+            }
+        }
     }
+
+    /// The `LB_SOCKS` value of the socket that process `pid` holds as descriptor `fd`
+    /// (through a copy of the descriptor: the map is keyed by a socket descriptor of the
+    /// caller).
+    fn storage_of(&self, pid: u32, fd: i32) -> io::Result<Option<SockXlate>> {
+        let copy = pidfd_getfd(pid, fd)?;
+        let key = copy.as_raw_fd();
+        let mut value = SockXlate::default();
+        let mut attr = zeroed_attr();
+        attr.__bindgen_anon_2.map_fd = fd_u32(self.socks.fd().as_fd())?;
+        attr.__bindgen_anon_2.key = std::ptr::from_ref(&key) as u64;
+        attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_mut(&mut value) as u64;
+        match bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &attr) {
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Where each socket inode of `wanted` is open: (pid, descriptor), searched in `pids`'
+/// `/proc/PID/fd`.
+fn socket_owners(
+    pids: &[u32],
+    wanted: &HashSet<u64>,
+) -> std::collections::HashMap<u64, (u32, i32)> {
+    let mut found = std::collections::HashMap::new();
+    for &pid in pids {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            if let Some(inode) = socket_inode(&target.to_string_lossy())
+                && wanted.contains(&inode)
+            {
+                found.entry(inode).or_insert((pid, fd));
+            }
+        }
+        if found.len() == wanted.len() {
+            break;
+        }
+    }
+    found
+}
+
+/// The inode of a `/proc/PID/fd` link to a socket (`socket:[12345]`).
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// A copy of descriptor `fd` of process `pid` (`pidfd_open` + `pidfd_getfd`; needs
+/// `CAP_SYS_PTRACE` over the process).
+fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    let new_fd = |rc: libc::c_long| -> io::Result<OwnedFd> {
+        let raw = libc::c_int::try_from(rc).map_err(|_| io::Error::last_os_error())?;
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor the kernel just handed us.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    };
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: plain syscalls with integer arguments.
+    let pidfd = new_fd(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: as above; pidfd is ours and open.
+    new_fd(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })
 }
 
 /// One socket of a dump.
@@ -394,8 +503,8 @@ struct DiagSock {
     family: u8,
     /// Its `inet_diag_sockid` as the kernel sent it: the key of `SOCK_DESTROY`.
     id: [u8; SOCKID_LEN],
-    /// Its `LB_SOCKS` value, if lb translated it.
-    xlate: Option<SockXlate>,
+    /// `idiag_inode`: the socket's inode, as `/proc/PID/fd` links name it.
+    inode: u64,
 }
 
 impl DiagSock {
@@ -412,20 +521,67 @@ impl DiagSock {
         (addr, u16::from_ne_bytes([self.id[2], self.id[3]]))
     }
 
-    /// Whether lb connected this socket to a pair in `removed`, and it still talks to that
-    /// backend (a socket reconnected elsewhere since keeps its old storage).
-    fn is_stale(&self, removed: &HashSet<MemberKey>) -> bool {
-        let Some(xlate) = self.xlate else {
-            return false;
+    /// The socket cookie (`idiag_cookie`: low word, then high word).
+    fn cookie(&self) -> u64 {
+        let word = |at: usize| {
+            u64::from(u32::from_ne_bytes([
+                self.id[at],
+                self.id[at + 1],
+                self.id[at + 2],
+                self.id[at + 3],
+            ]))
         };
+        word(40) | (word(44) << 32)
+    }
+
+    /// The peer as a [`Backend`].
+    fn peer_backend(&self) -> Backend {
         let (addr, port) = self.peer();
-        addr == xlate.backend.addr
-            && port == xlate.backend.port
+        Backend::new(addr, port)
+    }
+
+    /// Whether lb connected this socket (its `LB_SOCKS` value `xlate`) to a pair in
+    /// `removed`, and it still talks to that backend (a socket reconnected elsewhere since
+    /// keeps its old value).
+    fn is_stale(&self, xlate: &SockXlate, removed: &HashSet<MemberKey>) -> bool {
+        self.peer_backend() == xlate.backend
             && removed.contains(&MemberKey {
                 id: xlate.service.id,
                 backend: xlate.backend,
             })
     }
+}
+
+/// A zeroed `bpf_attr`: the kernel rejects non-zero bytes past the fields a command uses.
+fn zeroed_attr() -> bpf_attr {
+    // SAFETY: bpf_attr is a union of integer structs; all zeroes is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+fn fd_u32(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// `bpf(cmd, attr)`; the return value (a new descriptor for some commands) as a descriptor
+/// when positive.
+fn bpf(cmd: bpf_cmd, attr: &bpf_attr) -> io::Result<Option<OwnedFd>> {
+    // SAFETY: the bpf syscall reads `size_of::<bpf_attr>()` bytes of a live, zero-initialised
+    // bpf_attr.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_int,
+            std::ptr::from_ref(attr),
+            size_of::<bpf_attr>(),
+        )
+    };
+    let raw = libc::c_int::try_from(rc).map_err(|_| io::Error::last_os_error())?;
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a positive return of a descriptor-returning command is a new descriptor; the
+    // commands used here that return 0 on success return no descriptor.
+    Ok((raw > 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) }))
 }
 
 /// A `NETLINK_SOCK_DIAG` socket, bound for good to the namespace it was created in.
@@ -503,21 +659,11 @@ impl DiagSocket {
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
-    /// The sockets of `family`/`proto` in `states`, each with its value in the socket-storage
-    /// map `storage` (id `storage_id`) if it has one.
-    fn dump(
-        &mut self,
-        family: u8,
-        proto: u8,
-        states: u32,
-        storage: &MapData,
-        storage_id: u32,
-    ) -> io::Result<Vec<DiagSock>> {
+    /// The sockets of `family`/`proto` in `states`.
+    fn dump(&mut self, family: u8, proto: u8, states: u32) -> io::Result<Vec<DiagSock>> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let map_fd = u32::try_from(storage.fd().as_fd().as_raw_fd())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        self.send(&dump_request(seq, family, proto, states, map_fd))?;
+        self.send(&dump_request(seq, family, proto, states))?;
         let mut socks = Vec::new();
         loop {
             let n = self.recv()?;
@@ -530,7 +676,7 @@ impl DiagSocket {
                 }
                 match message.kind {
                     SOCK_DIAG_BY_FAMILY => {
-                        if let Some(sock) = parse_diag_msg(message.payload, storage_id) {
+                        if let Some(sock) = parse_diag_msg(message.payload) {
                             socks.push(sock);
                         }
                     }
@@ -578,15 +724,6 @@ const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// Appends a netlink attribute (header, payload, padding).
-fn push_attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = u16::try_from(NLA_HDR_LEN + payload.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&len.to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    out.resize(align4(out.len()), 0);
-}
-
 /// A netlink message: header, then `body`.
 fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
     let len = u32::try_from(NLMSG_HDR_LEN + body.len()).unwrap_or(u32::MAX);
@@ -614,26 +751,13 @@ const fn flags(bits: libc::c_int) -> u16 {
     bits as u16
 }
 
-/// A dump of `family`/`proto` sockets in `states`, asking for their values in the
-/// socket-storage map `map_fd`.
-fn dump_request(seq: u32, family: u8, proto: u8, states: u32, map_fd: u32) -> Vec<u8> {
-    let mut body = req_v2(family, proto, states, &[0; SOCKID_LEN]);
-    let mut fd_attr = Vec::new();
-    push_attr(
-        &mut fd_attr,
-        SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
-        &map_fd.to_ne_bytes(),
-    );
-    push_attr(
-        &mut body,
-        INET_DIAG_REQ_SK_BPF_STORAGES | flags(libc::NLA_F_NESTED),
-        &fd_attr,
-    );
+/// A dump of `family`/`proto` sockets in `states`.
+fn dump_request(seq: u32, family: u8, proto: u8, states: u32) -> Vec<u8> {
     message(
         SOCK_DIAG_BY_FAMILY,
         flags(libc::NLM_F_REQUEST | libc::NLM_F_DUMP),
         seq,
-        &body,
+        &req_v2(family, proto, states, &[0; SOCKID_LEN]),
     )
 }
 
@@ -679,20 +803,6 @@ fn messages(mut buf: &[u8]) -> impl Iterator<Item = Message<'_>> {
     })
 }
 
-/// The attributes in `buf`: (type without flags, payload).
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16_at(buf, 0)?);
-        if len < NLA_HDR_LEN || len > buf.len() {
-            return None;
-        }
-        let kind = u16_at(buf, 2)? & NLA_TYPE_MASK;
-        let payload = &buf[NLA_HDR_LEN..len];
-        buf = buf.get(align4(len)..).unwrap_or_default();
-        Some((kind, payload))
-    })
-}
-
 /// The errno of an `NLMSG_ERROR` payload (`struct nlmsgerr`: a negative errno first); 0 is
 /// an acknowledgement.
 fn nlmsg_error(payload: &[u8]) -> Option<i32> {
@@ -700,39 +810,15 @@ fn nlmsg_error(payload: &[u8]) -> Option<i32> {
     Some(-error)
 }
 
-/// A `struct inet_diag_msg` and its attributes; the socket's value in map `storage_id`, if
-/// the kernel attached one of the right size.
-fn parse_diag_msg(payload: &[u8], storage_id: u32) -> Option<DiagSock> {
+/// A `struct inet_diag_msg` (attributes, if any, are not asked for and not read).
+fn parse_diag_msg(payload: &[u8]) -> Option<DiagSock> {
     let header = payload.get(..DIAG_MSG_LEN)?;
     let mut id = [0; SOCKID_LEN];
     id.copy_from_slice(&header[4..4 + SOCKID_LEN]);
-    let xlate = attrs(payload.get(align4(DIAG_MSG_LEN)..).unwrap_or_default())
-        .filter(|(kind, _)| *kind == INET_DIAG_SK_BPF_STORAGES)
-        .flat_map(|(_, storages)| attrs(storages))
-        .filter(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE)
-        .find_map(|(_, storage)| {
-            let mut map_id = None;
-            let mut value = None;
-            for (kind, payload) in attrs(storage) {
-                match kind {
-                    SK_DIAG_BPF_STORAGE_MAP_ID => map_id = u32_at(payload, 0),
-                    SK_DIAG_BPF_STORAGE_MAP_VALUE => value = Some(payload),
-                    _ => {}
-                }
-            }
-            let value = value.filter(|_| map_id == Some(storage_id))?;
-            if value.len() != size_of::<SockXlate>() {
-                return None;
-            }
-            // SAFETY: `value` holds exactly size_of::<SockXlate>() bytes; SockXlate is
-            // #[repr(C)] integers only (aya::Pod: any bit pattern is valid); read_unaligned
-            // needs no alignment.
-            Some(unsafe { value.as_ptr().cast::<SockXlate>().read_unaligned() })
-        });
     Some(DiagSock {
         family: header[0],
         id,
-        xlate,
+        inode: u64::from(u32_at(header, DIAG_MSG_LEN - 4)?),
     })
 }
 
@@ -741,8 +827,6 @@ mod tests {
     use lb_common::maps::{Backend, RevNat};
 
     use super::*;
-
-    const MAP_ID: u32 = 77;
 
     fn backend(last: u8, port: u16) -> Backend {
         Backend::new(Addr::from_v4_octets([10, 0, 0, last]), port.to_be())
@@ -760,65 +844,44 @@ mod tests {
         }
     }
 
-    /// A sockid for a v4 socket from 10.200.0.1:40000 to `dst`:`dport`, cookie 5.
-    fn sockid_v4(dst: [u8; 4], dport: u16) -> [u8; SOCKID_LEN] {
+    /// A sockid for a v4 socket from 10.200.0.1:40000 to `dst`:`dport` with `cookie`.
+    fn sockid_v4(dst: [u8; 4], dport: u16, cookie: u64) -> [u8; SOCKID_LEN] {
         let mut id = [0; SOCKID_LEN];
         id[0..2].copy_from_slice(&40000u16.to_be_bytes());
         id[2..4].copy_from_slice(&dport.to_be_bytes());
         id[4..8].copy_from_slice(&[10, 200, 0, 1]);
         id[20..24].copy_from_slice(&dst);
-        id[40..44].copy_from_slice(&5u32.to_ne_bytes());
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "splitting the cookie in words"
+        )]
+        let (low, high) = (cookie as u32, (cookie >> 32) as u32);
+        id[40..44].copy_from_slice(&low.to_ne_bytes());
+        id[44..48].copy_from_slice(&high.to_ne_bytes());
         id
     }
 
-    /// What the kernel sends for one socket: inet_diag_msg, then the storage attributes.
-    fn diag_message(family: u8, id: &[u8; SOCKID_LEN], value: Option<(u32, &[u8])>) -> Vec<u8> {
+    /// What the kernel sends for one socket: an inet_diag_msg (and an attribute lb ignores).
+    fn diag_message(family: u8, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
         let mut body = vec![family, 1, 0, 0];
         body.extend_from_slice(id);
-        body.extend_from_slice(&[0; 20]);
-        push_attr(&mut body, 13, &[1, 2, 3]); // an attribute lb does not ask for
-        if let Some((map_id, value)) = value {
-            let mut inner = Vec::new();
-            push_attr(
-                &mut inner,
-                SK_DIAG_BPF_STORAGE_MAP_ID,
-                &map_id.to_ne_bytes(),
-            );
-            push_attr(&mut inner, SK_DIAG_BPF_STORAGE_MAP_VALUE, value);
-            let mut storage = Vec::new();
-            push_attr(&mut storage, SK_DIAG_BPF_STORAGE | 0x8000, &inner);
-            push_attr(&mut body, INET_DIAG_SK_BPF_STORAGES | 0x8000, &storage);
-        }
+        body.extend_from_slice(&[0; 16]);
+        body.extend_from_slice(&4242u32.to_ne_bytes()); // idiag_inode
+        body.extend_from_slice(&[8, 0, 13, 0, 1, 2, 3, 4]);
         message(SOCK_DIAG_BY_FAMILY, 2, 9, &body)
-    }
-
-    fn bytes(x: &SockXlate) -> Vec<u8> {
-        // SAFETY: SockXlate is #[repr(C)] integers with explicit padding.
-        unsafe {
-            std::slice::from_raw_parts((x as *const SockXlate).cast::<u8>(), size_of::<SockXlate>())
-        }
-        .to_vec()
     }
 
     #[test]
     fn requests_have_the_kernel_layout() {
-        let dump = dump_request(3, AF_INET, IPPROTO_UDP, UDP_STATES, 42);
-        // header + inet_diag_req_v2 + nested attribute (4) holding one u32 attribute (8)
-        assert_eq!(dump.len(), NLMSG_HDR_LEN + REQ_V2_LEN + 4 + 8);
+        let dump = dump_request(3, AF_INET, IPPROTO_UDP, UDP_STATES);
+        assert_eq!(dump.len(), NLMSG_HDR_LEN + REQ_V2_LEN);
         assert_eq!(u32_at(&dump, 0), Some(u32::try_from(dump.len()).unwrap()));
         assert_eq!(u16_at(&dump, 4), Some(SOCK_DIAG_BY_FAMILY));
+        assert_eq!(u16_at(&dump, 6), Some(1 | 0x300)); // NLM_F_REQUEST | NLM_F_DUMP
         assert_eq!(&dump[16..20], &[AF_INET, IPPROTO_UDP, 0, 0]);
         assert_eq!(u32_at(&dump, 20), Some(1 << 1));
-        let attr_at = NLMSG_HDR_LEN + REQ_V2_LEN;
-        assert_eq!(u16_at(&dump, attr_at), Some(12));
-        assert_eq!(u16_at(&dump, attr_at + 2), Some(2 | 0x8000));
-        assert_eq!(
-            u16_at(&dump, attr_at + 6),
-            Some(SK_DIAG_BPF_STORAGE_REQ_MAP_FD)
-        );
-        assert_eq!(u32_at(&dump, attr_at + 8), Some(42));
 
-        let id = sockid_v4([10, 0, 0, 7], 5353);
+        let id = sockid_v4([10, 0, 0, 7], 5353, 5);
         let destroy = destroy_request(4, AF_INET6, IPPROTO_TCP, &id);
         assert_eq!(destroy.len(), NLMSG_HDR_LEN + REQ_V2_LEN);
         assert_eq!(u16_at(&destroy, 4), Some(SOCK_DESTROY));
@@ -827,26 +890,23 @@ mod tests {
     }
 
     #[test]
-    fn dumps_are_parsed_with_their_storage() {
-        let id = sockid_v4([10, 0, 0, 7], 5353);
-        let x = xlate(3, backend(7, 5353));
-        let mut datagram = diag_message(AF_INET, &id, Some((MAP_ID, &bytes(&x))));
-        datagram.extend(diag_message(AF_INET, &id, None));
-        datagram.extend(diag_message(AF_INET, &id, Some((MAP_ID + 1, &bytes(&x)))));
-        datagram.extend(diag_message(AF_INET, &id, Some((MAP_ID, &bytes(&x)[..40]))));
+    fn dumps_give_address_port_and_cookie() {
+        let cookie = 0x1234_5678_9abc_def0;
+        let id = sockid_v4([10, 0, 0, 7], 5353, cookie);
+        let mut datagram = diag_message(AF_INET, &id);
+        datagram.extend(diag_message(AF_INET, &sockid_v4([10, 0, 0, 8], 53, 6)));
         let socks: Vec<DiagSock> = messages(&datagram)
-            .filter_map(|m| parse_diag_msg(m.payload, MAP_ID))
+            .filter_map(|m| parse_diag_msg(m.payload))
             .collect();
-        assert_eq!(socks.len(), 4);
-        assert_eq!(socks[0].xlate, Some(x), "lb's storage");
-        assert_eq!(socks[1].xlate, None, "no storage");
-        assert_eq!(socks[2].xlate, None, "another map's storage");
-        assert_eq!(socks[3].xlate, None, "a value of another size");
+        assert_eq!(socks.len(), 2);
         assert_eq!(socks[0].id, id);
+        assert_eq!(socks[0].cookie(), cookie);
+        assert_eq!(socks[0].inode, 4242);
         assert_eq!(
             socks[0].peer(),
             (Addr::from_v4_octets([10, 0, 0, 7]), 5353u16.to_be())
         );
+        assert_eq!(socks[1].cookie(), 6);
     }
 
     #[test]
@@ -868,46 +928,53 @@ mod tests {
             backend: gone,
         }]
         .into();
-        let sock = |dst: [u8; 4], dport: u16, xlate: Option<SockXlate>| DiagSock {
+        let to_gone = DiagSock {
             family: AF_INET,
-            id: sockid_v4(dst, dport),
-            xlate,
+            id: sockid_v4([10, 0, 0, 7], 5353, 1),
+            inode: 1,
+        };
+        let elsewhere = DiagSock {
+            family: AF_INET,
+            id: sockid_v4([10, 0, 0, 9], 80, 2),
+            inode: 2,
         };
         let cases = [
             (
-                "sent by lb to the removed pair",
-                sock([10, 0, 0, 7], 5353, Some(xlate(3, gone))),
+                "lb's socket to the removed pair",
+                &to_gone,
+                xlate(3, gone),
                 true,
             ),
             (
-                "connected to the pod directly (no storage)",
-                sock([10, 0, 0, 7], 5353, None),
-                false,
-            ),
-            (
                 "same backend through another frontend",
-                sock([10, 0, 0, 7], 5353, Some(xlate(4, gone))),
+                &to_gone,
+                xlate(4, gone),
                 false,
             ),
             (
-                "another backend of the frontend",
-                sock([10, 0, 0, 8], 5353, Some(xlate(3, backend(8, 5353)))),
+                "value of another backend",
+                &to_gone,
+                xlate(3, backend(8, 5353)),
                 false,
             ),
             (
                 "reconnected elsewhere since",
-                sock([10, 0, 0, 9], 80, Some(xlate(3, gone))),
-                false,
-            ),
-            (
-                "same address, other port",
-                sock([10, 0, 0, 7], 5354, Some(xlate(3, gone))),
+                &elsewhere,
+                xlate(3, gone),
                 false,
             ),
         ];
-        for (name, sock, want) in cases {
-            assert_eq!(sock.is_stale(&removed), want, "{name}");
+        for (name, sock, xlate, want) in cases {
+            assert_eq!(sock.is_stale(&xlate, &removed), want, "{name}");
         }
+        assert_eq!(to_gone.peer_backend(), gone);
+    }
+
+    #[test]
+    fn socket_links_name_their_inode() {
+        assert_eq!(socket_inode("socket:[12345]"), Some(12345));
+        assert_eq!(socket_inode("pipe:[12345]"), None);
+        assert_eq!(socket_inode("/dev/null"), None);
     }
 
     #[test]
@@ -919,7 +986,7 @@ mod tests {
         let sock = DiagSock {
             family: AF_INET6,
             id,
-            xlate: None,
+            inode: 0,
         };
         assert_eq!(sock.peer().0, Addr::from_v4_octets([10, 0, 0, 7]));
     }
