@@ -19,6 +19,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing the flags would buy nothing"
+)]
 pub enum Command {
     /// Run the agent: load and attach the programs, keep the maps in sync with the sources.
     Run(RunArgs),
@@ -74,6 +78,11 @@ pub struct RunArgs {
     /// Re-read the maps and repair any drift this often (seconds).
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub resync_period: u64,
+    /// When a backend leaves a Service, also close (reset) the TCP connections lb sent to it.
+    /// Connected UDP sockets to it are always closed; TCP connections stay by default, as
+    /// with kube-proxy (Cilium: bpf-lb-sock-terminate-pod-connections).
+    #[arg(long)]
+    pub close_tcp_to_removed_backends: bool,
 }
 
 #[derive(Debug, Args)]

@@ -39,6 +39,28 @@ pub struct SyncLabels {
     pub result: &'static str,
 }
 
+/// Protocol label of `lb_sockets_destroyed_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SockLabels {
+    pub proto: &'static str,
+}
+
+/// Reason label of `lb_socket_destroy_failures_total`: `netns` (a namespace could not be
+/// entered), `dump`, `destroy`, `deadline` (a namespace not reached within the pass's budget).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SockFailureLabels {
+    pub reason: &'static str,
+}
+
+/// Closing the sockets connected to removed backends (shared with its thread).
+#[derive(Clone, Debug, Default)]
+pub struct SockMetrics {
+    pub destroyed: Family<SockLabels, Counter>,
+    pub failures: Family<SockFailureLabels, Counter>,
+    /// Seconds the last pass took.
+    pub pass_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
 /// Everything the agent reports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -59,6 +81,7 @@ pub struct Metrics {
     /// Reads of the manifests.
     pub manifest_loads: ManifestLoads,
     pub source: SourceMetrics,
+    pub sockets: SockMetrics,
 }
 
 /// How often and how long the manifests were read (shared with the watcher thread).
@@ -90,6 +113,7 @@ impl Metrics {
         let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let manifest_loads = ManifestLoads::default();
         let source = SourceMetrics::default();
+        let sockets = SockMetrics::default();
         registry.register(
             "services",
             "Load-balanced Services programmed in the kernel",
@@ -155,6 +179,21 @@ impl Metrics {
             "Errors watching the Kubernetes API, by resource (each retried)",
             source.errors.clone(),
         );
+        registry.register(
+            "sockets_destroyed",
+            "Sockets lb connected to a backend that left its Service, closed, by protocol",
+            sockets.destroyed.clone(),
+        );
+        registry.register(
+            "socket_destroy_failures",
+            "Failures closing sockets of removed backends, by reason (see the log)",
+            sockets.failures.clone(),
+        );
+        registry.register(
+            "socket_destroy_pass_seconds",
+            "Seconds the last pass closing sockets of removed backends took",
+            sockets.pass_seconds.clone(),
+        );
         Self {
             registry,
             services,
@@ -167,6 +206,7 @@ impl Metrics {
             last_sync,
             manifest_loads,
             source,
+            sockets,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::{
         fs,
         maps::Maps,
         object,
+        sock_destroy::{self, SockDestroyer},
     },
     metrics::Metrics,
     model::Node,
@@ -147,7 +148,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         start_manifests(&args.manifests, &updates_tx, &metrics, manifests_progress)?;
     }
-    let syncer = Syncer::new(
+    // Closing sockets of removed backends is best effort: a kernel that cannot do it still
+    // gets its Services served.
+    let sock_destroyer = SockDestroyer::start(
+        &layout,
+        sock_destroy::Settings {
+            cgroup: cgroup.clone(),
+            tcp: args.close_tcp_to_removed_backends,
+        },
+        metrics.sockets.clone(),
+    )
+    .map_err(|e| {
+        tracing::error!(
+            error = format!("{:#}", anyhow::Error::from(e)),
+            "sockets connected to removed backends will not be closed"
+        );
+    })
+    .ok();
+    let mut syncer = Syncer::new(
         maps,
         state,
         node,
@@ -156,6 +174,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         Duration::from_secs(args.resync_period.max(1)),
     );
+    if let Some(destroyer) = sock_destroyer {
+        syncer = syncer.with_sock_destroyer(destroyer);
+    }
     let sync_thread = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || syncer.run(&updates))

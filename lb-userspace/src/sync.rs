@@ -12,10 +12,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use lb_common::maps::MemberKey;
+
 use crate::{
     desired::Limits,
     health::Health,
-    kernel::maps::Maps,
+    kernel::{maps::Maps, sock_destroy::SockDestroyer},
     metrics::{Metrics, SyncLabels},
     model::{Node, ObjectKey, Snapshot},
     plan::{self, KernelState, Op},
@@ -53,12 +55,17 @@ pub struct Syncer {
     resync_period: Duration,
     /// Desired-state problems last logged, so each is logged once.
     known_problems: BTreeSet<String>,
+    /// Closes the sockets connected to backends the writes removed (none: nobody does).
+    sock_destroyer: Option<SockDestroyer>,
 }
 
 /// How one pass went.
 struct Pass {
     writes: u64,
     failed_frontends: usize,
+    /// Memberships deleted from the kernel (backends that left a frontend, or whose
+    /// frontend went away).
+    removed: Vec<MemberKey>,
 }
 
 impl Syncer {
@@ -80,7 +87,15 @@ impl Syncer {
             metrics,
             resync_period,
             known_problems: BTreeSet::new(),
+            sock_destroyer: None,
         }
+    }
+
+    /// Hands every membership the writes delete to `destroyer`, right after the pass that
+    /// deleted it, to close the sockets lb connected to that backend.
+    pub fn with_sock_destroyer(mut self, destroyer: SockDestroyer) -> Self {
+        self.sock_destroyer = Some(destroyer);
+        self
     }
 
     /// Runs until [`Update::Shutdown`] or until every sender is gone.
@@ -165,8 +180,12 @@ impl Syncer {
             Change::Frontends(_) | Change::Full => self.state.plan(self.tracker.desired()),
         };
         let planned = started.elapsed();
-        let pass = self.apply(&batches);
+        let mut pass = self.apply(&batches);
         let elapsed = started.elapsed();
+        if let Some(destroyer) = &self.sock_destroyer {
+            // Non-blocking: the sockets are closed on the destroyer's thread.
+            destroyer.backends_removed(std::mem::take(&mut pass.removed));
+        }
         self.plan_all = pass.failed_frontends > 0;
         drop(batches);
         if pass.writes >= LARGE_PASS_WRITES {
@@ -197,6 +216,7 @@ impl Syncer {
         let mut pass = Pass {
             writes: 0,
             failed_frontends: 0,
+            removed: Vec::new(),
         };
         let mut failed: HashSet<u32> = HashSet::new();
         let ops = plan::by_phase(batches);
@@ -213,6 +233,9 @@ impl Syncer {
                 };
                 for op in &todo[..done] {
                     self.state.apply(op);
+                    if let Op::DelMember(member) = op {
+                        pass.removed.push(*member);
+                    }
                 }
                 pass.writes += done as u64;
                 let Some(error) = error else { break };

@@ -14,7 +14,9 @@
 pub mod attach;
 pub mod fs;
 pub mod maps;
+pub mod netns;
 pub mod object;
+pub mod sock_destroy;
 pub mod sys;
 
 use std::path::{Path, PathBuf};

@@ -92,6 +92,24 @@ enum Command {
         #[arg(long)]
         same_socket: bool,
     },
+    // ---- stale-socket tests (tests/tests/stale_sockets.rs); see `stream` below ----
+    /// Long-running client: one socket sends a request every `interval_ms` for `duration_ms`
+    /// and prints one JSON line per event (a reply, or an error with the socket's pending
+    /// error), flushed at once. After an error other than a receive timeout the socket is
+    /// closed and a new one connected, as an application would.
+    Stream {
+        addr: SocketAddr,
+        /// One TCP connection (keep-alive) instead of a connected UDP socket.
+        #[arg(long)]
+        tcp: bool,
+        /// UDP without connect(): sendto/recvfrom on one socket.
+        #[arg(long)]
+        unconnected: bool,
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+    },
 }
 
 /// One request's outcome.
@@ -589,6 +607,21 @@ fn main() -> anyhow::Result<()> {
             connected,
             same_socket,
         } => udp(addr, count, connected, same_socket),
+        Command::Stream {
+            addr,
+            tcp,
+            unconnected,
+            interval_ms,
+            duration_ms,
+        } => {
+            stream::run(
+                addr,
+                stream::Kind::of(tcp, unconnected),
+                Duration::from_millis(interval_ms),
+                Duration::from_millis(duration_ms),
+            );
+            return Ok(());
+        }
     };
     print_json(&outcomes)
 }
@@ -597,4 +630,207 @@ fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     serde_json::to_writer(std::io::stdout().lock(), value)?;
     println!();
     Ok(())
+}
+
+// ---- stale-socket tests: the long-running client (`stream`) ----
+
+mod stream {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        net::{SocketAddr, TcpStream, UdpSocket},
+        time::{Duration, Instant, SystemTime},
+    };
+
+    use serde::Serialize;
+
+    /// How long a reply may take before the request counts as lost (the socket stays).
+    const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+
+    #[derive(Clone, Copy)]
+    pub enum Kind {
+        ConnectedUdp,
+        UnconnectedUdp,
+        Tcp,
+    }
+
+    impl Kind {
+        pub fn of(tcp: bool, unconnected: bool) -> Self {
+            match (tcp, unconnected) {
+                (true, _) => Self::Tcp,
+                (false, true) => Self::UnconnectedUdp,
+                (false, false) => Self::ConnectedUdp,
+            }
+        }
+    }
+
+    /// One line of output.
+    #[derive(Serialize, Default)]
+    struct Event {
+        /// Wall clock, milliseconds since the Unix epoch (the test compares it with its own).
+        t_ms: u64,
+        /// The pod that answered.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+        /// The call that failed: connect, send or recv.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        op: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        errno: Option<i32>,
+        /// SO_ERROR after the failure (a destroyed UDP socket reports ECONNABORTED here when
+        /// the failing call was a send).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        so_error: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    }
+
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    enum Conn {
+        Udp(UdpSocket, bool),
+        Tcp(TcpStream, BufReader<TcpStream>),
+    }
+
+    struct Failure {
+        op: &'static str,
+        error: std::io::Error,
+        so_error: Option<i32>,
+    }
+
+    impl Conn {
+        fn open(addr: SocketAddr, kind: Kind) -> std::io::Result<Self> {
+            match kind {
+                Kind::Tcp => {
+                    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+                    let reader = BufReader::new(stream.try_clone()?);
+                    Ok(Self::Tcp(stream, reader))
+                }
+                Kind::ConnectedUdp | Kind::UnconnectedUdp => {
+                    let local = if addr.is_ipv4() {
+                        "0.0.0.0:0"
+                    } else {
+                        "[::]:0"
+                    };
+                    let socket = UdpSocket::bind(local)?;
+                    socket.set_read_timeout(Some(REPLY_TIMEOUT))?;
+                    let connected = matches!(kind, Kind::ConnectedUdp);
+                    if connected {
+                        socket.connect(addr)?;
+                    }
+                    Ok(Self::Udp(socket, connected))
+                }
+            }
+        }
+
+        fn so_error(&self) -> Option<i32> {
+            let error = match self {
+                Self::Udp(s, _) => s.take_error(),
+                Self::Tcp(s, _) => s.take_error(),
+            };
+            error.ok().flatten().and_then(|e| e.raw_os_error())
+        }
+
+        fn request(&mut self, addr: SocketAddr) -> Result<String, Failure> {
+            let fail = |conn: &Self, op, error| Failure {
+                op,
+                error,
+                so_error: conn.so_error(),
+            };
+            let mut buf = [0u8; 1500];
+            let result = match self {
+                Self::Udp(socket, true) => socket
+                    .send(b"who")
+                    .map_err(|e| ("send", e))
+                    .and_then(|_| socket.recv(&mut buf).map_err(|e| ("recv", e)))
+                    .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Self::Udp(socket, false) => socket
+                    .send_to(b"who", addr)
+                    .map_err(|e| ("send", e))
+                    .and_then(|_| socket.recv_from(&mut buf).map_err(|e| ("recv", e)))
+                    .map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Self::Tcp(stream, reader) => stream
+                    .write_all(b"who\n")
+                    .map_err(|e| ("send", e))
+                    .and_then(|()| {
+                        let mut line = String::new();
+                        match reader.read_line(&mut line) {
+                            Ok(0) => Err((
+                                "recv",
+                                std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "closed by the peer",
+                                ),
+                            )),
+                            Ok(_) => Ok(line.trim().to_owned()),
+                            Err(e) => Err(("recv", e)),
+                        }
+                    }),
+            };
+            result.map_err(|(op, error)| fail(self, op, error))
+        }
+    }
+
+    fn emit(event: &Event) {
+        let mut out = std::io::stdout().lock();
+        if serde_json::to_writer(&mut out, event).is_ok() {
+            let _printed = writeln!(out).and_then(|()| out.flush());
+        }
+    }
+
+    fn failed(op: &'static str, error: &std::io::Error, so_error: Option<i32>) -> Event {
+        Event {
+            t_ms: now_ms(),
+            op: Some(op),
+            errno: error.raw_os_error(),
+            so_error,
+            error: Some(error.to_string()),
+            ..Event::default()
+        }
+    }
+
+    pub fn run(addr: SocketAddr, kind: Kind, interval: Duration, duration: Duration) {
+        let end = Instant::now() + duration;
+        let mut conn: Option<Conn> = None;
+        while Instant::now() < end {
+            let current = match conn.take() {
+                Some(c) => Some(c),
+                None => match Conn::open(addr, kind) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        emit(&failed("connect", &e, None));
+                        None
+                    }
+                },
+            };
+            if let Some(mut c) = current {
+                match c.request(addr) {
+                    Ok(backend) => {
+                        emit(&Event {
+                            t_ms: now_ms(),
+                            backend: Some(backend),
+                            ..Event::default()
+                        });
+                        conn = Some(c);
+                    }
+                    Err(f) => {
+                        emit(&failed(f.op, &f.error, f.so_error));
+                        let timeout = matches!(
+                            f.error.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        );
+                        // A lost reply keeps the socket; anything else reconnects.
+                        if timeout {
+                            conn = Some(c);
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(interval);
+        }
+    }
 }
