@@ -65,6 +65,7 @@ fn report(errors: &[super::manifests::ManifestError], known: &mut BTreeSet<Strin
                 object = e.object.as_deref(),
                 field = e.field.as_deref(),
                 reason = %e.message,
+                error = %text,
                 "manifest problem"
             );
         }
