@@ -5,6 +5,8 @@ use std::{net::IpAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::source::convert::NodePortRange;
+
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
 #[derive(Debug, Parser)]
@@ -54,12 +56,17 @@ pub struct RunArgs {
     /// This node's name, for `internalTrafficPolicy: Local` [default: $NODE_NAME, else the hostname].
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
-    /// An address of this node (repeatable): NodePort frontends listen on these.
+    /// An address of this node (repeatable): NodePorts are served on these [default: the
+    /// addresses of the --xdp-iface interfaces].
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<IpAddr>,
     /// An interface for the XDP/tc north-south datapath (repeatable).
     #[arg(long = "xdp-iface", value_name = "IF")]
     pub xdp_ifaces: Vec<String>,
+    /// The range node ports are allocated from (the API server's --service-node-port-range):
+    /// a manifest's nodePort outside it is an error. What the API allocated is programmed.
+    #[arg(long, value_name = "LOW-HIGH", default_value = "30000-32767")]
+    pub nodeport_range: NodePortRange,
     /// Address of `/healthz`; empty disables it.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
@@ -102,6 +109,9 @@ pub struct CheckArgs {
     /// The capacities `lb run` will use: a set that would not fit them is reported.
     #[command(flatten)]
     pub capacity: CapacityArgs,
+    /// A nodePort outside this range is an error.
+    #[arg(long, value_name = "LOW-HIGH", default_value = "30000-32767")]
+    pub nodeport_range: NodePortRange,
 }
 
 /// The map capacities (`lb run` and `lb check`).

@@ -1,7 +1,11 @@
 //! The desired state: what the kernel maps should hold for a snapshot, computed purely.
 //!
-//! Every load-balanced Service contributes one frontend per (cluster IP, port, protocol)
-//! with the set of backends this node should use for it.
+//! Every load-balanced Service contributes, per port, one frontend for each cluster IP
+//! (internal traffic), and one for each of its external addresses: the node's IPs on the
+//! port's `nodePort`, `spec.externalIPs`, and `status.loadBalancer.ingress[].ip` (VIP mode),
+//! each with the set of backends this node should use for it. The socket programs serve all
+//! of them for processes on the node; kube-proxy's rules for which endpoints each kind uses
+//! are in [`backends_for`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
@@ -20,21 +24,61 @@ use crate::{
     topology::{self, Policy},
 };
 
+/// What kind of Service address a frontend is, as kube-proxy tells internal traffic (to the
+/// ClusterIP) from external traffic (to everything else).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum FrontendKind {
+    /// `spec.clusterIPs`: internal traffic, `internalTrafficPolicy` applies.
+    ClusterIp,
+    /// A node IP (`--node-ip`) on the port's `nodePort`.
+    NodePort,
+    /// An address of `spec.externalIPs`, on the Service port.
+    ExternalIp,
+    /// An address of `status.loadBalancer.ingress[].ip` (VIP mode), on the Service port.
+    LoadBalancerIp,
+}
+
+impl FrontendKind {
+    /// Whether the address is external in kube-proxy's sense (eTP, not iTP, governs it).
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::ExternalIp => "externalIP",
+            Self::LoadBalancerIp => "LoadBalancer IP",
+        })
+    }
+}
+
 /// One frontend as it should be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
     /// The Service and port it comes from (for messages and inspection).
     pub service: ObjectKey,
     pub port_name: String,
+    /// Which of the Service's addresses it is.
+    pub kind: FrontendKind,
     /// ClientIP affinity timeout in seconds, 0 for none.
     pub affinity_timeout_s: u32,
     pub backends: BTreeSet<Backend>,
 }
 
+/// A `nodePort` and protocol: claimed by one Service on every node IP, whichever node IPs
+/// there are (so `lb check`, which knows none, still finds two Services claiming one).
+pub type NodePortClaim = (u16, crate::model::Protocol);
+
 /// All frontends as they should be.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+    /// Which Service holds each node port.
+    pub node_ports: BTreeMap<NodePortClaim, ObjectKey>,
 }
 
 impl Desired {
@@ -48,10 +92,11 @@ impl Desired {
 #[error("Service {service}: {message}")]
 pub struct DesiredError {
     pub service: ObjectKey,
-    /// The frontend another Service holds, for a conflict; `None` when the Service did not
-    /// fit the maps.
+    /// The frontend another Service holds, for a conflict over an address; `None` when the
+    /// Service did not fit the maps or the conflict is over a node port.
     pub contested: Option<FrontendKey>,
-    /// The Service that holds the contested frontend.
+    /// The Service that holds the contested frontend or node port; `None` when the Service
+    /// did not fit the maps.
     pub holder: Option<ObjectKey>,
     pub message: String,
 }
@@ -61,14 +106,7 @@ impl DesiredError {
     /// files: `Service a/x: 10.96.0.1:80/TCP is already held by Service b/y; this port is not
     /// programmed (a/x in a.yaml, b/y in b.yaml)`.
     pub fn describe(&self, snapshot: &Snapshot) -> String {
-        let mut text = match (&self.contested, &self.holder) {
-            (Some(fkey), Some(holder)) => format!(
-                "Service {}: {} is already held by Service {holder}; this port is not programmed",
-                self.service,
-                ShowFrontend(fkey),
-            ),
-            _ => self.to_string(),
-        };
+        let mut text = self.to_string();
         let located: Vec<String> = std::iter::once(&self.service)
             .chain(&self.holder)
             .filter_map(|key| Some(format!("{key} in {}", snapshot.origins.get(key)?)))
@@ -175,11 +213,23 @@ impl AsRef<Endpoint> for Candidate<'_> {
     }
 }
 
-/// The backends one Service port should use for one address family on this node.
+/// The backends one Service port should use for one address family on this node, for a
+/// frontend of `kind`.
+///
+/// As kube-proxy's `CategorizeEndpoints` (pkg/proxy/topology.go): the ClusterIP uses this
+/// node's endpoints only under `internalTrafficPolicy: Local`, else the cluster's (ready, else
+/// serving-and-terminating, narrowed by topology hints). External addresses reached from the
+/// node itself (the socket programs serve only the node's processes) use the cluster's
+/// endpoints whatever `externalTrafficPolicy` says: kube-proxy "short-circuits" pod and
+/// host traffic to a LoadBalancer IP, NodePort or externalIP to the cluster-wide endpoints,
+/// since such traffic has no client address to preserve (`UsesClusterEndpoints`: "Even if
+/// the external traffic policy is Local, we need Cluster endpoints to implement short
+/// circuiting").
 fn backends_for(
     service: &Service,
     sp: &ServicePort,
     family: Family,
+    kind: FrontendKind,
     slices: &[Arc<EndpointSlice>],
     node: &Node,
 ) -> BTreeSet<Backend> {
@@ -205,13 +255,14 @@ fn backends_for(
         .iter()
         .map(|(&(_, port), &endpoint)| Candidate { endpoint, port })
         .collect();
+    let local_only = kind == FrontendKind::ClusterIp && service.internal_local;
     let policy = Policy {
-        uses_cluster: !service.internal_local,
-        uses_local: service.internal_local,
+        uses_cluster: !local_only,
+        uses_local: local_only,
         topology: service.topology,
     };
     let chosen = topology::categorize(&candidates, policy, node);
-    let chosen = if service.internal_local {
+    let chosen = if local_only {
         chosen.local
     } else {
         chosen.cluster
@@ -222,32 +273,75 @@ fn backends_for(
         .collect()
 }
 
-/// The frontends one Service asks for, before conflicts and capacity are considered.
-/// Empty for Services lb does not load balance (headless, ExternalName).
+/// What one Service asks for, before conflicts and capacity are considered.
+#[derive(Debug, Default)]
+pub struct ServiceFrontends {
+    pub frontends: Vec<(FrontendKey, DesiredFrontend)>,
+    /// Its ports' `nodePort`s (claimed whether or not the node has IPs to serve them on).
+    pub node_ports: Vec<NodePortClaim>,
+}
+
+/// The frontends one Service asks for (see the module doc), before conflicts and capacity
+/// are considered. Empty for Services lb does not load balance (headless, ExternalName).
+/// An address that appears twice (an externalIP that is also an ingress IP) is programmed
+/// once, as its first kind.
 pub fn service_frontends(
     key: &ObjectKey,
     service: &Service,
     slices: &[Arc<EndpointSlice>],
     node: &Node,
-) -> Vec<(FrontendKey, DesiredFrontend)> {
+) -> ServiceFrontends {
+    let mut out = ServiceFrontends::default();
     if !service.is_load_balanced() {
-        return Vec::new();
+        return out;
     }
-    let mut frontends = Vec::with_capacity(service.cluster_ips.len() * service.ports.len());
-    for ip in &service.cluster_ips {
-        for sp in &service.ports {
-            frontends.push((
-                frontend_key(ip, sp.port, sp.protocol.ip_proto()),
+    let families: BTreeSet<Family> = service.cluster_ips.iter().map(Family::of).collect();
+    let mut seen: BTreeSet<FrontendKey> = BTreeSet::new();
+    for sp in &service.ports {
+        let proto = sp.protocol.ip_proto();
+        let mut add = |ip: &IpAddr, port: u16, kind: FrontendKind| {
+            let fkey = frontend_key(ip, port, proto);
+            if !seen.insert(fkey) {
+                return;
+            }
+            out.frontends.push((
+                fkey,
                 DesiredFrontend {
                     service: key.clone(),
                     port_name: sp.name.clone(),
+                    kind,
                     affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
-                    backends: backends_for(service, sp, Family::of(ip), slices, node),
+                    backends: backends_for(service, sp, Family::of(ip), kind, slices, node),
                 },
             ));
+        };
+        for ip in &service.cluster_ips {
+            add(ip, sp.port, FrontendKind::ClusterIp);
+        }
+        if let Some(node_port) = sp.node_port {
+            // Node IPs of the families the Service has, as each of kube-proxy's per-family
+            // proxiers serves the Services of its family.
+            for ip in node
+                .ips
+                .iter()
+                .filter(|ip| families.contains(&Family::of(ip)))
+            {
+                add(ip, node_port, FrontendKind::NodePort);
+            }
+        }
+        for ip in &service.external_ips {
+            add(ip, sp.port, FrontendKind::ExternalIp);
+        }
+        for ip in &service.load_balancer_ips {
+            add(ip, sp.port, FrontendKind::LoadBalancerIp);
         }
     }
-    frontends
+    out.node_ports = service
+        .ports
+        .iter()
+        .filter_map(|sp| Some((sp.node_port?, sp.protocol)))
+        .collect();
+    out
 }
 
 /// The desired state under construction, with its backend slot count.
@@ -259,16 +353,39 @@ struct Merge {
 }
 
 impl Merge {
-    /// Adds one Service's frontends: a frontend another Service already holds is refused,
-    /// and a Service that would not fit the maps is refused whole.
-    fn add(
-        &mut self,
-        key: &ObjectKey,
-        frontends: Vec<(FrontendKey, DesiredFrontend)>,
-        limits: Limits,
-    ) {
-        let mut kept = Vec::with_capacity(frontends.len());
-        for (fkey, frontend) in frontends {
+    /// Adds one Service's frontends: a node port or a frontend another Service already holds
+    /// is refused (that port's NodePort frontends, or that frontend), and a Service that would
+    /// not fit the maps is refused whole.
+    fn add(&mut self, key: &ObjectKey, wants: ServiceFrontends, limits: Limits) {
+        let mut refused_ports: Vec<NodePortClaim> = Vec::new();
+        let mut claims = Vec::with_capacity(wants.node_ports.len());
+        for claim in wants.node_ports {
+            match self.desired.node_ports.get(&claim) {
+                Some(holder) if holder != key => {
+                    self.errors.push(DesiredError {
+                        service: key.clone(),
+                        contested: None,
+                        holder: Some(holder.clone()),
+                        message: format!(
+                            "NodePort {}/{} is already Service {holder}'s; its NodePort frontends \
+                             are not programmed",
+                            claim.0, claim.1
+                        ),
+                    });
+                    refused_ports.push(claim);
+                }
+                _ => claims.push(claim),
+            }
+        }
+        let mut kept = Vec::with_capacity(wants.frontends.len());
+        for (fkey, frontend) in wants.frontends {
+            if frontend.kind == FrontendKind::NodePort
+                && refused_ports.iter().any(|&(port, proto)| {
+                    fkey.port == port.to_be() && fkey.proto == proto.ip_proto()
+                })
+            {
+                continue;
+            }
             if let Some(owner) = self.desired.frontends.get(&fkey) {
                 self.errors.push(DesiredError {
                     service: key.clone(),
@@ -311,6 +428,9 @@ impl Merge {
         }
         self.slots += new_slots;
         self.desired.frontends.extend(kept);
+        for claim in claims {
+            self.desired.node_ports.insert(claim, key.clone());
+        }
     }
 }
 
@@ -319,8 +439,8 @@ impl Merge {
 pub fn build(snapshot: &Snapshot, node: &Node, limits: Limits) -> (Desired, Vec<DesiredError>) {
     let mut merge = Merge::default();
     for (key, service) in &snapshot.services {
-        let frontends = service_frontends(key, service, snapshot.slices_of(key), node);
-        merge.add(key, frontends, limits);
+        let wants = service_frontends(key, service, snapshot.slices_of(key), node);
+        merge.add(key, wants, limits);
     }
     (merge.desired, merge.errors)
 }
@@ -366,6 +486,10 @@ mod tests {
         Node {
             name: "n1".into(),
             zone: None,
+            ips: vec![
+                "192.0.2.10".parse().unwrap(),
+                "2001:db8::10".parse().unwrap(),
+            ],
         }
     }
 
@@ -380,6 +504,175 @@ mod tests {
 
     const TCP: u8 = lb_common::maps::IPPROTO_TCP;
     const UDP: u8 = lb_common::maps::IPPROTO_UDP;
+
+    /// "kind frontend" of every frontend, sorted.
+    fn kinds(d: &Desired) -> Vec<String> {
+        let mut out: Vec<String> = d
+            .frontends
+            .iter()
+            .map(|(k, f)| format!("{} {}", f.kind, ShowFrontend(k)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A LoadBalancer Service with externalIPs, eTP and iTP Local, endpoints on this node
+    /// (n1) and another (n2), dual-stack.
+    const NORTH_SOUTH: &str = "
+kind: Service
+metadata: {name: shop}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.50, 'fd00::50']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  externalIPs: [198.51.100.7]
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.9}, {ip: 198.51.100.7}, {ip: 203.0.113.10, ipMode: Proxy}]
+---
+kind: EndpointSlice
+metadata: {name: a, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.1.0.1], nodeName: n1}, {addresses: [10.1.0.2], nodeName: n2}]
+---
+kind: EndpointSlice
+metadata: {name: b, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ['fd00:1::1'], nodeName: n2}]
+";
+
+    #[test]
+    fn external_addresses_are_frontends_of_their_kind() {
+        let (d, errors) = build(&snapshot(NORTH_SOUTH), &node(), Limits::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            kinds(&d),
+            [
+                "ClusterIP 10.96.0.50:80/TCP",
+                "ClusterIP [fd00::50]:80/TCP",
+                "LoadBalancer IP 203.0.113.9:80/TCP",
+                "NodePort 192.0.2.10:30080/TCP",
+                "NodePort [2001:db8::10]:30080/TCP",
+                "externalIP 198.51.100.7:80/TCP",
+            ],
+            "the ingress IP that is also an externalIP once; ipMode Proxy not at all"
+        );
+    }
+
+    #[test]
+    fn traffic_policies_on_the_socket_path() {
+        let (d, _) = build(&snapshot(NORTH_SOUTH), &node(), Limits::default());
+        // iTP Local: the ClusterIP uses this node's endpoints only (none for IPv6).
+        assert_eq!(backends(&d, "10.96.0.50", 80, TCP), ["10.1.0.1:8080"]);
+        assert!(backends(&d, "fd00::50", 80, TCP).is_empty());
+        // eTP Local: traffic from the node itself to an external address is short-circuited
+        // to the cluster's endpoints, as kube-proxy does.
+        for (ip, port) in [
+            ("192.0.2.10", 30080),
+            ("198.51.100.7", 80),
+            ("203.0.113.9", 80),
+        ] {
+            assert_eq!(
+                backends(&d, ip, port, TCP),
+                ["10.1.0.1:8080", "10.1.0.2:8080"],
+                "{ip}"
+            );
+        }
+        assert_eq!(
+            backends(&d, "2001:db8::10", 30080, TCP),
+            ["[fd00:1::1]:8080"]
+        );
+    }
+
+    #[test]
+    fn node_ports_need_node_ips_and_a_service_of_their_family() {
+        let yaml = "kind: Service\nmetadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.96.0.51, ports: [{port: 53, protocol: UDP, nodePort: 30053}]}";
+        let (d, _) = build(&snapshot(yaml), &node(), Limits::default());
+        assert_eq!(
+            kinds(&d),
+            [
+                "ClusterIP 10.96.0.51:53/UDP",
+                "NodePort 192.0.2.10:30053/UDP"
+            ],
+            "a v4-only Service gets no NodePort on the node's IPv6 address"
+        );
+        let no_ips = Node {
+            ips: Vec::new(),
+            ..node()
+        };
+        let (d, _) = build(&snapshot(yaml), &no_ips, Limits::default());
+        assert_eq!(kinds(&d), ["ClusterIP 10.96.0.51:53/UDP"]);
+        assert_eq!(d.node_ports.len(), 1, "claimed all the same");
+    }
+
+    #[test]
+    fn no_node_ports_when_a_load_balancer_allocates_none() {
+        let yaml = "kind: Service\nmetadata: {name: lb}\nspec: {type: LoadBalancer, allocateLoadBalancerNodePorts: false, clusterIP: 10.96.0.52, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.1}]}}";
+        let (d, errors) = build(&snapshot(yaml), &node(), Limits::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            kinds(&d),
+            [
+                "ClusterIP 10.96.0.52:80/TCP",
+                "LoadBalancer IP 203.0.113.1:80/TCP"
+            ]
+        );
+    }
+
+    #[rstest::rstest]
+    #[case::with_node_ips(true)]
+    #[case::without_node_ips_as_lb_check(false)]
+    fn two_services_claiming_one_node_port(#[case] with_ips: bool) {
+        let snap = snapshot(
+            "kind: Service\nmetadata: {name: a}\nspec: {type: NodePort, clusterIP: 10.96.0.53, ports: [{port: 80, nodePort: 30123}]}
+---
+kind: Service\nmetadata: {name: b}\nspec: {type: NodePort, clusterIP: 10.96.0.54, ports: [{port: 81, nodePort: 30123}]}
+---
+kind: Service\nmetadata: {name: c}\nspec: {type: NodePort, clusterIP: 10.96.0.55, ports: [{port: 82, protocol: UDP, nodePort: 30123}]}",
+        );
+        let node = if with_ips {
+            node()
+        } else {
+            Node {
+                ips: Vec::new(),
+                ..node()
+            }
+        };
+        let (d, errors) = build(&snap, &node, Limits::default());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let text = errors[0].to_string();
+        assert!(
+            text.starts_with(
+                "Service default/b: NodePort 30123/TCP is already Service default/a's"
+            ),
+            "{text}"
+        );
+        assert_eq!(errors[0].holder, Some(ObjectKey::new("default", "a")));
+        // b keeps its ClusterIP; the UDP node port of c is another claim.
+        assert!(d.frontends.values().any(|f| f.service.name == "b"));
+        assert_eq!(d.node_ports.len(), 2);
+    }
+
+    #[test]
+    fn an_external_ip_claimed_twice_names_both_services() {
+        let snap = snapshot(
+            "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.56, externalIPs: [198.51.100.1], ports: [{port: 80}]}
+---
+kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.57, externalIPs: [198.51.100.1], ports: [{port: 80}]}",
+        );
+        let (_, errors) = build(&snap, &node(), Limits::default());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            errors[0].to_string(),
+            "Service default/b: 198.51.100.1:80/TCP is already Service default/a's; this port is not programmed"
+        );
+    }
 
     #[test]
     fn multi_port_with_named_target_ports_per_slice() {
@@ -521,6 +814,7 @@ endpoints: [{addresses: [10.1.0.1], nodeName: n1}, {addresses: [10.1.0.2], nodeN
             &Node {
                 name: "n3".into(),
                 zone: None,
+                ips: Vec::new(),
             },
             Limits::default(),
         );

@@ -111,7 +111,8 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
 
 /// `lb check`: exit status 1 and one line per problem on stderr when anything is invalid.
 pub fn check(args: &CheckArgs) -> anyhow::Result<bool> {
-    let mut manifests = Manifests::new(args.manifests.clone());
+    let mut manifests =
+        Manifests::new(args.manifests.clone()).with_node_port_range(args.nodeport_range);
     let (snapshot, errors) = manifests.load();
     let (desired, problems) = desired::build(
         &snapshot,

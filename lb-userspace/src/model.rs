@@ -287,6 +287,8 @@ pub struct Node {
     pub name: String,
     /// `topology.kubernetes.io/zone` of the Node, when known.
     pub zone: Option<String>,
+    /// The node's addresses that NodePorts are served on (`--node-ip`).
+    pub ips: Vec<IpAddr>,
 }
 
 #[cfg(test)]

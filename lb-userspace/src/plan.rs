@@ -401,6 +401,7 @@ mod tests {
                 DesiredFrontend {
                     service: ObjectKey::new("default", format!("s{f}")),
                     port_name: String::new(),
+                    kind: crate::desired::FrontendKind::ClusterIp,
                     affinity_timeout_s: affinity,
                     backends: backends.iter().map(|&b| be(b)).collect(),
                 },

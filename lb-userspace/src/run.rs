@@ -80,7 +80,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = Node {
         name: node_name(args.node_name.as_deref()),
         zone: None,
+        ips: args.node_ips.clone(),
     };
+    if node.ips.is_empty() {
+        tracing::warn!(
+            "no --node-ip: NodePort Services are served on their other addresses only (pass \
+             the node's addresses with --node-ip)"
+        );
+    }
     let cgroup: PathBuf = match args.cgroup {
         Some(dir) => dir,
         None => fs::cgroup2_root()?,
@@ -146,7 +153,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             source_health,
         ));
     } else {
-        start_manifests(&args.manifests, &updates_tx, &metrics, manifests_progress)?;
+        let manifests =
+            Manifests::new(args.manifests.clone()).with_node_port_range(args.nodeport_range);
+        start_manifests(manifests, &updates_tx, &metrics, manifests_progress)?;
     }
     // Closing sockets of removed backends is best effort: a kernel that cannot do it still
     // gets its Services served.
@@ -217,12 +226,11 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<::k
 
 /// Reads the manifests once, hands the snapshot to the syncer and starts watching them.
 fn start_manifests(
-    paths: &[PathBuf],
+    mut manifests: Manifests,
     updates: &mpsc::Sender<Update>,
     metrics: &Metrics,
     progress: Arc<SourceProgress>,
 ) -> anyhow::Result<()> {
-    let mut manifests = Manifests::new(paths.to_vec());
     let mut known = BTreeSet::new();
     let (snapshot, source_errors) = watch::initial_load(
         &mut manifests,

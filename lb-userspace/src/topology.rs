@@ -311,6 +311,7 @@ mod tests {
             let node = Node {
                 name: "n1".into(),
                 zone: case.node_zone.map(str::to_owned),
+                ips: Vec::new(),
             };
             let refs: Vec<&Endpoint> = case.endpoints.iter().collect();
             let got = categorize(&refs, case.policy, &node);

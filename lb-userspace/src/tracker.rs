@@ -20,7 +20,7 @@ use std::{
 use lb_common::maps::FrontendKey;
 
 use crate::{
-    desired::{self, Desired, DesiredError, Limits},
+    desired::{self, Desired, DesiredError, Limits, NodePortClaim},
     model::{EndpointSlice, Node, ObjectKey, Service, Snapshot},
 };
 
@@ -31,6 +31,8 @@ struct Entry {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
     frontends: Vec<FrontendKey>,
+    /// The node ports it holds.
+    node_ports: Vec<NodePortClaim>,
     slots: usize,
 }
 
@@ -156,10 +158,15 @@ impl Tracker {
             self.remove(key, &mut dirty);
             let service = &snapshot.services[key];
             let slices = snapshot.slices_of(key);
-            let frontends = desired::service_frontends(key, service, slices, &self.node);
+            let wants = desired::service_frontends(key, service, slices, &self.node);
+            let frontends = wants.frontends;
             let conflict = frontends
                 .iter()
-                .any(|(fkey, _)| self.desired.frontends.contains_key(fkey));
+                .any(|(fkey, _)| self.desired.frontends.contains_key(fkey))
+                || wants
+                    .node_ports
+                    .iter()
+                    .any(|claim| self.desired.node_ports.contains_key(claim));
             let slots: usize = frontends.iter().map(|(_, f)| f.backends.len()).sum();
             let fits = self.desired.frontends.len() + frontends.len() <= self.limits.frontends
                 && self.slots + slots <= self.limits.slots;
@@ -175,10 +182,14 @@ impl Tracker {
                 keys.push(fkey);
                 self.desired.frontends.insert(fkey, frontend);
             }
+            for claim in &wants.node_ports {
+                self.desired.node_ports.insert(*claim, key.clone());
+            }
             let entry = Entry {
                 service: service.clone(),
                 slices: slices.to_vec(),
                 frontends: keys,
+                node_ports: wants.node_ports,
                 slots,
             };
             self.entries.insert(key.clone(), entry);
@@ -193,6 +204,9 @@ impl Tracker {
                 self.desired.frontends.remove(&fkey);
                 dirty.insert(fkey);
             }
+            for claim in old.node_ports {
+                self.desired.node_ports.remove(&claim);
+            }
         }
     }
 
@@ -206,6 +220,10 @@ impl Tracker {
             keys.push(*fkey);
             *slots += frontend.backends.len();
         }
+        let mut claimed: HashMap<&ObjectKey, Vec<NodePortClaim>> = HashMap::new();
+        for (claim, holder) in &desired.node_ports {
+            claimed.entry(holder).or_default().push(*claim);
+        }
         self.entries.clear();
         for (key, service) in &snapshot.services {
             let (frontends, slots) = programmed.remove(key).unwrap_or_default();
@@ -215,6 +233,7 @@ impl Tracker {
                     service: service.clone(),
                     slices: snapshot.slices_of(key).to_vec(),
                     frontends,
+                    node_ports: claimed.remove(key).unwrap_or_default(),
                     slots,
                 },
             );
@@ -224,10 +243,10 @@ impl Tracker {
         self.problems = problems;
     }
 
-    /// The Service holding the frontend a conflict is about (`None` for a full map).
-    fn holder(&self, problem: &DesiredError) -> Option<&ObjectKey> {
-        let frontend = self.desired.frontends.get(&problem.contested?)?;
-        Some(&frontend.service)
+    /// The Service holding the frontend or node port a conflict is about (`None` for a full
+    /// map).
+    fn holder<'a>(&self, problem: &'a DesiredError) -> Option<&'a ObjectKey> {
+        problem.holder.as_ref()
     }
 
     /// Whether `key` is in a conflict (refused a frontend, or holds one another Service was
@@ -385,6 +404,7 @@ mod tests {
     fn random_evolution_with_conflicts_matches_the_full_build() {
         let seen = random_evolution(Limits::default());
         assert!(seen.full_maps == 0 && seen.conflicts > 100, "{seen:?}");
+        assert!(seen.node_port_conflicts > 50, "{seen:?}");
         assert!(seen.incremental > seen.steps / 2, "{seen:?}");
     }
 
@@ -395,6 +415,7 @@ mod tests {
         incremental: usize,
         full_maps: usize,
         conflicts: usize,
+        node_port_conflicts: usize,
     }
 
     /// 500 random steps over 40 Services (address conflicts, Services and slices coming and
@@ -408,7 +429,11 @@ mod tests {
             seed % n
         };
         let mut snap = Snapshot::default();
-        let mut tracker = Tracker::new(Node::default(), limits);
+        let node = Node {
+            ips: vec![IpAddr::from([192, 0, 2, 10])],
+            ..Node::default()
+        };
+        let mut tracker = Tracker::new(node.clone(), limits);
         let mut seen = Seen::default();
         for _ in 0..500 {
             for _ in 0..=next(3) {
@@ -425,9 +450,17 @@ mod tests {
                         snap.services.remove(&key);
                     }
                     1 => {
-                        // Same address as another Service now and then: conflicts.
+                        // Same address or node port as another Service now and then:
+                        // conflicts.
                         let vip = u8::try_from(next(45)).unwrap();
-                        snap.services.insert(key, service(&name, vip, 80));
+                        let mut svc = service(&name, vip, 80);
+                        if next(2) == 0 {
+                            let svc = Arc::make_mut(&mut svc);
+                            svc.service_type = ServiceType::NodePort;
+                            svc.ports[0].node_port =
+                                Some(30_000 + u16::try_from(next(45)).unwrap());
+                        }
+                        snap.services.insert(key, svc);
                     }
                     _ => {
                         let backends: Vec<u8> = (0..next(7))
@@ -458,11 +491,16 @@ mod tests {
             if matches!(tracker.update(&snap), Change::Frontends(_)) {
                 seen.incremental += 1;
             }
-            let (want, problems) = desired::build(&snap, &Node::default(), limits);
+            let (want, problems) = desired::build(&snap, &node, limits);
             assert_eq!(tracker.desired(), &want);
             assert_eq!(tracker.problems(), problems.as_slice());
-            seen.full_maps += usize::from(problems.iter().any(|p| p.contested.is_none()));
+            seen.full_maps += usize::from(problems.iter().any(|p| p.holder.is_none()));
             seen.conflicts += usize::from(problems.iter().any(|p| p.contested.is_some()));
+            seen.node_port_conflicts += usize::from(
+                problems
+                    .iter()
+                    .any(|p| p.contested.is_none() && p.holder.is_some()),
+            );
         }
         seen
     }

@@ -140,6 +140,12 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         }
     }
     if let Some(port) = spec.health_check_node_port.filter(|&p| p != 0) {
+        if service_type != ServiceType::LoadBalancer || !out.external_local {
+            return err(
+                "spec.healthCheckNodePort",
+                "may only be set on a LoadBalancer Service with externalTrafficPolicy: Local",
+            );
+        }
         out.health_check_node_port = Some(port_number("spec.healthCheckNodePort", port)?);
     }
     out.topology = topology_mode(&svc.metadata, spec);
@@ -311,6 +317,95 @@ fn external_name_has_no_addresses(spec: &core::ServiceSpec) -> Result<(), FieldE
     Ok(())
 }
 
+/// A port's `nodePort` against the Service's type, as the API server validates it: only
+/// NodePort and LoadBalancer Services have them, and those have one on every port (lb does
+/// not allocate them), except a LoadBalancer with `allocateLoadBalancerNodePorts: false`; one
+/// node port serves one port of a protocol.
+fn node_port_rules(
+    spec: &core::ServiceSpec,
+    field: &str,
+    node_port: Option<u16>,
+    protocol: Protocol,
+    earlier: &[ServicePort],
+) -> Result<(), FieldError> {
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    match (service_type, node_port) {
+        ("NodePort" | "LoadBalancer", Some(n)) => {
+            if let Some(i) = earlier
+                .iter()
+                .position(|p| p.node_port == Some(n) && p.protocol == protocol)
+            {
+                return err(
+                    format!("{field}.nodePort"),
+                    format!("duplicate node port {n}/{protocol} (also spec.ports[{i}])"),
+                );
+            }
+            Ok(())
+        }
+        ("LoadBalancer", None) if spec.allocate_load_balancer_node_ports == Some(false) => Ok(()),
+        ("NodePort" | "LoadBalancer", None) => err(
+            format!("{field}.nodePort"),
+            format!(
+                "missing: lb does not allocate node ports (the API server would, from its \
+                 --service-node-port-range); set one on every port of a {service_type} Service"
+            ),
+        ),
+        (_, Some(_)) => err(
+            format!("{field}.nodePort"),
+            format!("may not be set on a {service_type} Service"),
+        ),
+        (_, None) => Ok(()),
+    }
+}
+
+/// The range node ports are allocated from (`--nodeport-range`; the API server's
+/// `--service-node-port-range`, default 30000-32767). lb validates manifests against it; the
+/// API source programs what the API server allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodePortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl Default for NodePortRange {
+    fn default() -> Self {
+        Self {
+            low: 30_000,
+            high: 32_767,
+        }
+    }
+}
+
+impl NodePortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+}
+
+impl std::fmt::Display for NodePortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.low, self.high)
+    }
+}
+
+impl std::str::FromStr for NodePortRange {
+    type Err = String;
+
+    /// `LOW-HIGH`, 1 <= LOW <= HIGH <= 65535.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not a port range like 30000-32767");
+        let (low, high) = text.split_once('-').ok_or_else(bad)?;
+        let low: u16 = low.trim().parse().map_err(|_| bad())?;
+        let high: u16 = high.trim().parse().map_err(|_| bad())?;
+        if low == 0 || low > high {
+            return Err(format!(
+                "{text:?}: the range must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535"
+            ));
+        }
+        Ok(Self { low, high })
+    }
+}
+
 fn service_ports(
     spec: &core::ServiceSpec,
     has_cluster_ip: bool,
@@ -367,6 +462,7 @@ fn service_ports(
             None | Some(0) => None,
             Some(n) => Some(port_number(&format!("{field}.nodePort"), n)?),
         };
+        node_port_rules(spec, &field, node_port, protocol, &out)?;
         out.push(ServicePort {
             name,
             port,
@@ -792,6 +888,66 @@ endpoints:
         assert!(!e.ready && e.serving && e.terminating);
         assert_eq!(e.node_name.as_deref(), Some("n1"));
         assert!(e.zone_hints.contains("z1"));
+    }
+
+    #[test]
+    fn node_port_rules() {
+        let field = |yaml: &str| service(&svc(yaml)).map_err(|e| e.field);
+        let base = "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ";
+        let cases = [
+            (
+                "type: NodePort, ports: [{port: 80, nodePort: 30080}]",
+                Ok(()),
+            ),
+            (
+                "type: NodePort, ports: [{port: 80}]",
+                Err("spec.ports[0].nodePort"),
+            ),
+            (
+                "type: LoadBalancer, ports: [{port: 80}]",
+                Err("spec.ports[0].nodePort"),
+            ),
+            (
+                "type: LoadBalancer, allocateLoadBalancerNodePorts: false, ports: [{port: 80}]",
+                Ok(()),
+            ),
+            (
+                "ports: [{port: 80, nodePort: 30080}]",
+                Err("spec.ports[0].nodePort"),
+            ),
+            (
+                "type: NodePort, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]",
+                Err("spec.ports[1].nodePort"),
+            ),
+            (
+                "type: NodePort, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 80, protocol: UDP, nodePort: 30080}]",
+                Ok(()),
+            ),
+            (
+                "type: NodePort, healthCheckNodePort: 30999, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]",
+                Err("spec.healthCheckNodePort"),
+            ),
+            (
+                "type: LoadBalancer, healthCheckNodePort: 30999, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]",
+                Ok(()),
+            ),
+        ];
+        for (spec, want) in cases {
+            let got = field(&format!("{base}{spec}}}")).map(drop);
+            assert_eq!(got, want.map_err(str::to_owned), "{spec}");
+        }
+    }
+
+    #[test]
+    fn node_port_ranges_parse() {
+        assert_eq!(
+            "30000-32767".parse::<NodePortRange>(),
+            Ok(NodePortRange::default())
+        );
+        assert!("80-90".parse::<NodePortRange>().unwrap().contains(85));
+        for bad in ["", "30000", "0-10", "20-10", "1-70000", "a-b"] {
+            assert!(bad.parse::<NodePortRange>().is_err(), "{bad}");
+        }
     }
 
     #[test]

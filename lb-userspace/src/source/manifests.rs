@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{
-    convert::{self, FieldError},
+    convert::{self, FieldError, NodePortRange},
     documents::{self, BOUNDS, DocumentsError},
 };
 use crate::model::{EndpointSlice, ObjectKey, Service, Snapshot};
@@ -128,6 +128,8 @@ pub struct Manifests {
     files: BTreeMap<PathBuf, Cached>,
     /// The last snapshot loaded; the next is built on it, sharing what did not change.
     last: Snapshot,
+    /// Node ports outside it are errors (`--nodeport-range`).
+    node_ports: NodePortRange,
 }
 
 impl Manifests {
@@ -136,7 +138,15 @@ impl Manifests {
             paths,
             files: BTreeMap::new(),
             last: Snapshot::default(),
+            node_ports: NodePortRange::default(),
         }
+    }
+
+    /// Validates node ports against `range` instead of the default 30000-32767.
+    #[must_use]
+    pub fn with_node_port_range(mut self, range: NodePortRange) -> Self {
+        self.node_ports = range;
+        self
     }
 
     pub fn paths(&self) -> &[PathBuf] {
@@ -181,7 +191,13 @@ impl Manifests {
                     let previous = previous.map(|c| c.objects);
                     let mut file_errors = Vec::new();
                     let objects = match documents::read_text(file, &BOUNDS) {
-                        Ok(text) => parse_file(file, &text, previous.as_ref(), &mut file_errors),
+                        Ok(text) => parse_file(
+                            file,
+                            &text,
+                            previous.as_ref(),
+                            self.node_ports,
+                            &mut file_errors,
+                        ),
                         Err(e) => {
                             file_errors.push(documents_error(file, e, previous.is_some()));
                             previous.unwrap_or_default()
@@ -211,7 +227,7 @@ impl Manifests {
 /// and what is wrong in it. The fuzz target `manifest_file` drives this.
 pub fn load_text(file: &Path, text: &str) -> (Snapshot, Vec<ManifestError>) {
     let mut errors = Vec::new();
-    let objects = parse_file(file, text, None, &mut errors);
+    let objects = parse_file(file, text, None, NodePortRange::default(), &mut errors);
     let path = file.to_owned();
     let files = BTreeMap::from([(&path, &objects)]);
     let snapshot = assemble(std::slice::from_ref(&path), &files, &mut errors);
@@ -265,6 +281,8 @@ struct Location<'a> {
     document: usize,
     /// Field prefix for a `v1 List` item, e.g. `items[3].`.
     prefix: String,
+    /// Node ports outside it are errors.
+    node_ports: NodePortRange,
 }
 
 impl Location<'_> {
@@ -313,12 +331,14 @@ fn parse_file(
     file: &Path,
     text: &str,
     previous: Option<&FileObjects>,
+    node_ports: NodePortRange,
     errors: &mut Vec<ManifestError>,
 ) -> FileObjects {
     fn each<D: Document>(
         file: &Path,
         documents: Vec<D>,
         previous: Option<&FileObjects>,
+        node_ports: NodePortRange,
         errors: &mut Vec<ManifestError>,
     ) -> FileObjects {
         let mut objects = FileObjects::new();
@@ -327,15 +347,18 @@ fn parse_file(
                 file,
                 document: i + 1,
                 prefix: String::new(),
+                node_ports,
             };
             parse_value(&at, doc, previous, &mut objects, errors);
         }
         objects
     }
     let parsed = if file.extension().is_some_and(|e| e == "json") {
-        documents::json_documents(text, &BOUNDS).map(|docs| each(file, docs, previous, errors))
+        documents::json_documents(text, &BOUNDS)
+            .map(|docs| each(file, docs, previous, node_ports, errors))
     } else {
-        documents::yaml_documents(text, &BOUNDS).map(|docs| each(file, docs, previous, errors))
+        documents::yaml_documents(text, &BOUNDS)
+            .map(|docs| each(file, docs, previous, node_ports, errors))
     };
     parsed.unwrap_or_else(|e| {
         errors.push(documents_error(file, e, previous.is_some()));
@@ -510,9 +533,11 @@ fn parse_value<D: Document>(
         format!("{kind} {identity}")
     };
     let converted = match kind {
-        Kind::Service => doc
-            .typed()
-            .and_then(|s| convert::service(&s).map(|s| Object::Service(Arc::new(s)))),
+        Kind::Service => doc.typed().and_then(|s| {
+            convert::service(&s)
+                .and_then(|s| node_ports_in_range(&s, at.node_ports).map(|()| s))
+                .map(|s| Object::Service(Arc::new(s)))
+        }),
         Kind::Endpoints => doc.typed().and_then(|e| {
             convert::endpoints(&e)
                 .map(|slices| Object::Endpoints(slices.into_iter().map(Arc::new).collect()))
@@ -553,6 +578,22 @@ fn parse_value<D: Document>(
     }
 }
 
+/// Every `nodePort` of `service` within `range` (`--nodeport-range`), as the API server
+/// allocates and validates them.
+fn node_ports_in_range(service: &Service, range: NodePortRange) -> Result<(), FieldError> {
+    for (i, sp) in service.ports.iter().enumerate() {
+        if let Some(port) = sp.node_port.filter(|&p| !range.contains(p)) {
+            return Err(FieldError {
+                field: format!("spec.ports[{i}].nodePort"),
+                message: format!(
+                    "{port} is outside the node port range {range} (--nodeport-range)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn parse_list<D: Document>(
     at: &Location<'_>,
     doc: D,
@@ -573,6 +614,7 @@ fn parse_list<D: Document>(
             file: at.file,
             document: at.document,
             prefix: format!("{}items[{i}].", at.prefix),
+            node_ports: at.node_ports,
         };
         parse_value(&item_at, item, previous, objects, errors);
     }
@@ -968,6 +1010,30 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
         ] {
             assert!(text.contains(&needle), "{needle:?} missing from {text}");
         }
+    }
+
+    #[test]
+    fn node_ports_outside_the_range_are_errors() {
+        let dir = Dir::new("range");
+        let file = dir.write(
+            "np.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.96.0.60, ports: [{port: 80, nodePort: 8080}]}\n",
+        );
+        let (snap, errors) = Manifests::new(vec![file.clone()]).load();
+        assert!(snap.services.is_empty());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field.as_deref(), Some("spec.ports[0].nodePort"));
+        assert!(
+            errors[0]
+                .message
+                .contains("8080 is outside the node port range 30000-32767"),
+            "{errors:?}"
+        );
+        let (snap, errors) = Manifests::new(vec![file])
+            .with_node_port_range("8000-9000".parse().unwrap())
+            .load();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snap.services.len(), 1);
     }
 
     #[test]
