@@ -1,0 +1,122 @@
+//! NodePort, LoadBalancer ingress IPs and externalIPs reached from the node itself (a client
+//! pod in lb's cgroup): the socket programs send them to a backend as they do a ClusterIP,
+//! with kube-proxy's endpoint rules (internalTrafficPolicy applies to the ClusterIP only;
+//! node-originated traffic to an external address uses the cluster's endpoints even under
+//! externalTrafficPolicy: Local).
+
+use std::{collections::BTreeSet, time::Duration};
+
+use lb_tests::{Agent, Node, TempDir, backends};
+
+/// A LoadBalancer Service on 80 (nodePort 30080, externalIP 198.51.100.7, ingress
+/// 203.0.113.9), TCP and UDP, eTP and iTP Local; pod1 on this node (node-a), pod2 on node-b.
+fn shop(pod1: &str, pod2: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: shop}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.5.1
+  externalIPs: [198.51.100.7]
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  ports:
+  - {{name: web, port: 80, targetPort: 8080, nodePort: 30080}}
+  - {{name: dns, port: 53, targetPort: 8080, protocol: UDP, nodePort: 30053}}
+status:
+  loadBalancer:
+    ingress: [{{ip: 203.0.113.9}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: shop-1, labels: {{kubernetes.io/service-name: shop}}}}
+addressType: IPv4
+ports: [{{name: web, port: 8080}}, {{name: dns, port: 8080, protocol: UDP}}]
+endpoints:
+- {{addresses: ['{pod1}'], nodeName: node-a}}
+- {{addresses: ['{pod2}'], nodeName: node-b}}
+"
+    )
+}
+
+fn seen(node: &Node, args: &[&str]) -> BTreeSet<String> {
+    backends(&node.client(args)).into_iter().collect()
+}
+
+#[test]
+fn node_ports_load_balancer_and_external_ips_from_the_node() {
+    let mut node = Node::new();
+    node.add_pod(1, "pod1", &[8080], &[8080]);
+    node.add_pod(2, "pod2", &[8080], &[8080]);
+    let dir = TempDir::new("m");
+    dir.write(
+        "shop.yaml",
+        &shop(&node.pods[0].ip4.to_string(), &node.pods[1].ip4.to_string()),
+    );
+    // 192.0.2.10 stands for the node's address (TEST-NET-1: never routed; the client
+    // namespace has no route, so only a translated connect succeeds).
+    let agent = Agent::start_manifests_with(
+        &node.cgroup.path,
+        &dir.0,
+        &["--node-ip", "192.0.2.10"],
+        Duration::from_secs(20),
+    );
+    let both = BTreeSet::from(["pod1".to_owned(), "pod2".to_owned()]);
+    for addr in ["192.0.2.10:30080", "198.51.100.7:80", "203.0.113.9:80"] {
+        let out = node.client(&["tcp", addr, "--count", "30"]);
+        assert_eq!(
+            backends(&out).into_iter().collect::<BTreeSet<_>>(),
+            both,
+            "{addr}: eTP Local is short-circuited to every endpoint for the node's own traffic"
+        );
+        assert!(
+            out.iter().all(|o| o.peer.as_deref() == Some(addr)),
+            "{addr}: getpeername shows the address the client asked for: {out:?}"
+        );
+    }
+    for addr in ["192.0.2.10:30053", "198.51.100.7:53", "203.0.113.9:53"] {
+        assert_eq!(seen(&node, &["udp", addr, "--count", "30"]), both, "{addr}");
+    }
+    // iTP Local: the ClusterIP uses this node's endpoint only.
+    assert_eq!(
+        seen(&node, &["tcp", "10.96.5.1:80", "--count", "20"]),
+        BTreeSet::from(["pod1".to_owned()])
+    );
+    // Another address of the "node" on the node port is not a frontend.
+    assert_eq!(
+        node.client(&["tcp", "192.0.2.11:30080"])[0].errno,
+        Some(libc::ENETUNREACH)
+    );
+    drop(agent);
+}
+
+#[test]
+fn lb_check_names_both_services_of_a_node_port_and_the_range() {
+    let dir = TempDir::new("m");
+    let service = |name: &str, ip: &str, node_port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{type: NodePort, clusterIP: {ip}, ports: [{{port: 80, nodePort: {node_port}}}]}}\n"
+        )
+    };
+    dir.write("a.yaml", &service("a", "10.96.5.2", 30123));
+    dir.write("b.yaml", &service("b", "10.96.5.3", 30123));
+    dir.write("c.yaml", &service("c", "10.96.5.4", 8080));
+    let out = std::process::Command::new(lb_tests::lb_bin())
+        .args(["check", "--manifests"])
+        .arg(&dir.0)
+        .output()
+        .expect("lb check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Service default/b: NodePort 30123/TCP is already Service default/a's")
+            && stderr.contains("a.yaml")
+            && stderr.contains("b.yaml"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.ports[0].nodePort: 8080 is outside the node port range 30000-32767"),
+        "{stderr}"
+    );
+}
