@@ -273,6 +273,31 @@ fn backends_for(
         .collect()
 }
 
+/// kube-proxy's `LocalReadyEndpoints` for one Service (pkg/proxy/endpoints.go), what its
+/// `healthCheckNodePort` reports: the distinct ready endpoints (address and port, over all the
+/// Service's ports and families) on this node.
+pub fn local_ready_endpoints(
+    service: &Service,
+    slices: &[Arc<EndpointSlice>],
+    node: &Node,
+) -> usize {
+    let mut local: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+    for sp in &service.ports {
+        for slice in slices {
+            let Some(port) = endpoint_port(slice, sp) else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                if ep.ready && !node.name.is_empty() && ep.node_name.as_deref() == Some(&node.name)
+                {
+                    local.insert((ep.addr, port));
+                }
+            }
+        }
+    }
+    local.len()
+}
+
 /// What one Service asks for, before conflicts and capacity are considered.
 #[derive(Debug, Default)]
 pub struct ServiceFrontends {
@@ -609,6 +634,40 @@ endpoints: [{addresses: ['fd00:1::1'], nodeName: n2}]
         let (d, _) = build(&snapshot(yaml), &no_ips, Limits::default());
         assert_eq!(kinds(&d), ["ClusterIP 10.96.0.51:53/UDP"]);
         assert_eq!(d.node_ports.len(), 1, "claimed all the same");
+    }
+
+    #[test]
+    fn local_ready_endpoints_count_distinct_ready_ones_on_this_node() {
+        let snap = snapshot(
+            "
+kind: Service
+metadata: {name: hc}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.58
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30999
+  ports: [{name: a, port: 80, nodePort: 30001}, {name: b, port: 81, nodePort: 30002}]
+---
+kind: EndpointSlice
+metadata: {name: a, labels: {kubernetes.io/service-name: hc}}
+addressType: IPv4
+ports: [{name: a, port: 8080}, {name: b, port: 8080}]
+endpoints:
+- {addresses: [10.1.0.1], nodeName: n1}
+- {addresses: [10.1.0.2], nodeName: n1, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.1.0.3], nodeName: n2}
+",
+        );
+        let key = ObjectKey::new("default", "hc");
+        let svc = &snap.services[&key];
+        // 10.1.0.1:8080 once, though both ports reach it; the terminating one does not count.
+        assert_eq!(local_ready_endpoints(svc, snap.slices_of(&key), &node()), 1);
+        let other = Node {
+            name: "n3".into(),
+            ..node()
+        };
+        assert_eq!(local_ready_endpoints(svc, snap.slices_of(&key), &other), 0);
     }
 
     #[test]

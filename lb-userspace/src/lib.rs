@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod run;
+pub mod service_health;
 pub mod source;
 pub mod sync;
 pub mod topology;

@@ -24,6 +24,7 @@ use crate::{
     },
     metrics::Metrics,
     model::Node,
+    service_health::{self, ServiceHealth},
     source::{
         kube::{self, SourceHealth},
         manifests::Manifests,
@@ -174,6 +175,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     })
     .ok();
+    let service_health = Arc::new(ServiceHealth::default());
+    tokio::spawn(service_health::serve(
+        service_health.clone(),
+        health.clone(),
+        node.ips.clone(),
+    ));
     let mut syncer = Syncer::new(
         maps,
         state,
@@ -186,6 +193,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(destroyer) = sock_destroyer {
         syncer = syncer.with_sock_destroyer(destroyer);
     }
+    syncer = syncer.with_service_health(service_health);
     let sync_thread = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || syncer.run(&updates))

@@ -21,6 +21,7 @@ use crate::{
     metrics::{Metrics, SyncLabels},
     model::{Node, ObjectKey, Snapshot},
     plan::{self, KernelState, Op},
+    service_health::ServiceHealth,
     tracker::{Change, Tracker},
 };
 
@@ -57,6 +58,10 @@ pub struct Syncer {
     known_problems: BTreeSet<String>,
     /// Closes the sockets connected to backends the writes removed (none: nobody does).
     sock_destroyer: Option<SockDestroyer>,
+    /// The `healthCheckNodePort` answers, when served.
+    service_health: Option<Arc<ServiceHealth>>,
+    /// The snapshot of the last pass, to find what the next one touched.
+    last_snapshot: Snapshot,
 }
 
 /// How one pass went.
@@ -88,6 +93,8 @@ impl Syncer {
             resync_period,
             known_problems: BTreeSet::new(),
             sock_destroyer: None,
+            service_health: None,
+            last_snapshot: Snapshot::default(),
         }
     }
 
@@ -167,9 +174,21 @@ impl Syncer {
         }
     }
 
+    /// Keeps `healthCheckNodePort` answers current after every pass.
+    #[must_use]
+    pub fn with_service_health(mut self, service_health: Arc<ServiceHealth>) -> Self {
+        self.service_health = Some(service_health);
+        self
+    }
+
     /// One pass: desired state, plan, writes. Returns whether every write succeeded.
     pub fn sync(&mut self, snapshot: &Snapshot, source_errors: usize) -> bool {
         let started = Instant::now();
+        if let Some(health) = &self.service_health {
+            let touched = snapshot.touched_since(&self.last_snapshot);
+            health.update(snapshot, &touched, self.tracker.node());
+        }
+        self.last_snapshot = snapshot.clone();
         let change = self.tracker.update(snapshot);
         self.log_problems(snapshot);
         let computed = started.elapsed();

@@ -86,6 +86,10 @@ impl Tracker {
         }
     }
 
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
     pub fn desired(&self) -> &Desired {
         &self.desired
     }

@@ -120,3 +120,84 @@ fn lb_check_names_both_services_of_a_node_port_and_the_range() {
         "{stderr}"
     );
 }
+
+/// GET / on the health check port: (status, body), polling until `want` status or 2 s.
+fn health_check(port: u16, want: Option<u16>) -> Option<(u16, String)> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = lb_tests::http_get(addr, "/");
+        if got.as_ref().map(|(code, _)| *code) == want || std::time::Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn health_check_node_port_answers_as_kube_proxy() {
+    let dir = TempDir::new("m");
+    let cgroup = lb_tests::Cgroup::new(&lb_tests::unique("hc"));
+    let port = lb_tests::free_port();
+    let service = |node_name: &str| {
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.5.9
+  externalTrafficPolicy: Local
+  healthCheckNodePort: {port}
+  ports: [{{port: 80, targetPort: 8080, nodePort: 30090}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints: [{{addresses: [10.244.1.1], nodeName: {node_name}}}]
+"
+        )
+    };
+    dir.write("web.yaml", &service("node-a"));
+    let agent = Agent::start_manifests_with(
+        &cgroup.path,
+        &dir.0,
+        &["--node-ip", "127.0.0.1"],
+        Duration::from_secs(20),
+    );
+    let (code, body) = health_check(port, Some(200)).expect("health check answers");
+    assert_eq!(code, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "service": {"namespace": "shop", "name": "web"},
+            "localEndpoints": 1,
+            "serviceProxyHealthy": true,
+        })
+    );
+    // The endpoint moves to another node: 503 within a second.
+    let moved = std::time::Instant::now();
+    dir.write("web.yaml", &service("node-b"));
+    let (code, body) = health_check(port, Some(503)).expect("health check answers");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        moved.elapsed() < Duration::from_secs(1),
+        "{:?} after the change",
+        moved.elapsed()
+    );
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    // The Service goes: so does its port.
+    dir.remove("web.yaml");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while lb_tests::http_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "/").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "port {port} still open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(agent);
+}
