@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{
+    assembly::{Assembly, Rank},
     convert::{self, FieldError, NodePortRange},
     documents::{self, BOUNDS, DocumentsError},
 };
@@ -63,7 +64,7 @@ impl ManifestError {
 
 /// The kinds lb reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Kind {
+pub(super) enum Kind {
     Service,
     Endpoints,
     EndpointSlice,
@@ -80,7 +81,7 @@ impl fmt::Display for Kind {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Object {
+pub(super) enum Object {
     Service(Arc<Service>),
     /// `None`: an FQDN slice, valid and ignored.
     Slice(Option<Arc<EndpointSlice>>),
@@ -88,7 +89,7 @@ enum Object {
 }
 
 /// The objects of one file, by identity.
-type FileObjects = BTreeMap<(Kind, ObjectKey), Object>;
+pub(super) type FileObjects = BTreeMap<(Kind, ObjectKey), Object>;
 
 /// What identifies a version of a file without reading it: a rewrite in place changes the
 /// times or size, an editor's or ConfigMap's replace-by-rename changes the inode.
@@ -115,6 +116,8 @@ fn stamp(file: &Path) -> Option<Stamp> {
 #[derive(Clone, Debug)]
 struct Cached {
     stamp: Option<Stamp>,
+    /// Where the file's objects sit in the merge order.
+    rank: Rank,
     objects: FileObjects,
     errors: Vec<ManifestError>,
 }
@@ -130,6 +133,8 @@ pub struct Manifests {
     last: Snapshot,
     /// Node ports outside it are errors (`--nodeport-range`).
     node_ports: NodePortRange,
+    /// The files' objects merged, kept up to date file by file.
+    assembly: Assembly,
 }
 
 impl Manifests {
@@ -139,6 +144,7 @@ impl Manifests {
             files: BTreeMap::new(),
             last: Snapshot::default(),
             node_ports: NodePortRange::default(),
+            assembly: Assembly::default(),
         }
     }
 
@@ -163,32 +169,38 @@ impl Manifests {
     pub fn load(&mut self) -> (Snapshot, Vec<ManifestError>) {
         let mut errors = Vec::new();
         let mut files: BTreeMap<PathBuf, Cached> = BTreeMap::new();
-        let mut order: Vec<PathBuf> = Vec::new();
-        for path in &self.paths {
+        let mut order: Vec<Rank> = Vec::new();
+        for (arg, path) in self.paths.iter().enumerate() {
             match list_files(path) {
-                Ok(found) => order.extend(found),
+                Ok(found) => order.extend(found.into_iter().map(|f| (arg, f))),
                 Err(e) => {
                     errors.push(e);
                     // The directory may be back next time; keep what it held meanwhile.
                     for (file, cached) in &self.files {
-                        if file.starts_with(path) && !order.contains(file) {
-                            order.push(file.clone());
+                        if file.starts_with(path) && !files.contains_key(file) {
+                            order.push(cached.rank.clone());
                             files.insert(file.clone(), cached.clone());
                         }
                     }
                 }
             }
         }
-        for file in &order {
+        for rank in &order {
+            let file = &rank.1;
             if files.contains_key(file) {
                 continue;
             }
             let previous = self.files.remove(file);
             let now = stamp(file);
             let cached = match previous {
-                Some(cached) if now.is_some() && cached.stamp == now => cached,
+                Some(cached) if now.is_some() && cached.stamp == now && cached.rank == *rank => {
+                    cached
+                }
                 previous => {
-                    let previous = previous.map(|c| c.objects);
+                    let (previous_rank, previous) = match previous {
+                        Some(c) => (Some(c.rank), Some(c.objects)),
+                        None => (None, None),
+                    };
                     let mut file_errors = Vec::new();
                     let objects = match documents::read_text(file, &BOUNDS) {
                         Ok(text) => parse_file(
@@ -200,23 +212,44 @@ impl Manifests {
                         ),
                         Err(e) => {
                             file_errors.push(documents_error(file, e, previous.is_some()));
-                            previous.unwrap_or_default()
+                            previous.clone().unwrap_or_default()
                         }
                     };
+                    match previous_rank {
+                        Some(old_rank) if old_rank == *rank => {
+                            self.assembly
+                                .replace(rank, previous.as_ref(), Some(&objects));
+                        }
+                        Some(old_rank) => {
+                            self.assembly.replace(&old_rank, previous.as_ref(), None);
+                            self.assembly.replace(rank, None, Some(&objects));
+                        }
+                        None => self.assembly.replace(rank, None, Some(&objects)),
+                    }
                     Cached {
                         stamp: now,
+                        rank: rank.clone(),
                         objects,
                         errors: file_errors,
                     }
                 }
             };
-            errors.extend(cached.errors.iter().cloned());
             files.insert(file.clone(), cached);
         }
-        let objects: BTreeMap<&PathBuf, &FileObjects> =
-            files.iter().map(|(f, c)| (f, &c.objects)).collect();
-        let snapshot = assemble(&order, &objects, &mut errors).rebased_on(&self.last);
+        // Files that are gone.
+        for cached in std::mem::take(&mut self.files).into_values() {
+            self.assembly
+                .replace(&cached.rank, Some(&cached.objects), None);
+        }
+        order.sort();
+        for rank in &order {
+            if let Some(cached) = files.get(&rank.1) {
+                errors.extend(cached.errors.iter().cloned());
+            }
+        }
+        errors.extend(self.assembly.duplicates());
         self.files = files;
+        let snapshot = self.assembly.snapshot().clone();
         self.last = snapshot.clone();
         (snapshot, errors)
     }
@@ -698,6 +731,9 @@ mod tests {
             fs::write(&path, text).unwrap();
             path
         }
+        fn remove(&self, name: &str) {
+            let _absent = fs::remove_file(self.0.join(name));
+        }
     }
     impl Drop for Dir {
         fn drop(&mut self) {
@@ -1034,6 +1070,78 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
             .load();
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snap.services.len(), 1);
+    }
+
+    /// 300 random steps over five files defining overlapping Services, EndpointSlices (moving
+    /// between Services) and Endpoints, files coming and going: after each load the
+    /// incrementally kept snapshot and errors equal a from-scratch [`assemble`].
+    #[test]
+    fn incremental_assembly_matches_assembling_from_scratch() {
+        let dir = Dir::new("assembly");
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut manifests = Manifests::new(vec![dir.0.clone()]);
+        let (mut duplicates, mut with_slices) = (0, 0);
+        for step in 0..300 {
+            let file = format!("f{}.yaml", next(5));
+            if next(6) == 0 {
+                dir.remove(&file);
+            } else {
+                let mut docs = Vec::new();
+                for _ in 0..next(4) {
+                    let n = next(4);
+                    docs.push(match next(3) {
+                        0 => format!(
+                            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{n}}}\nspec: {{clusterIP: 10.96.0.{}, ports: [{{port: 80}}]}}",
+                            next(3) + 1
+                        ),
+                        1 => format!(
+                            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sl{n}, labels: {{kubernetes.io/service-name: s{}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.1.0.{}]}}]",
+                            next(4),
+                            next(3) + 1
+                        ),
+                        _ => format!(
+                            "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: s{n}}}\nsubsets: [{{addresses: [{{ip: 10.2.0.{}}}], ports: [{{port: 80}}]}}]",
+                            next(3) + 1
+                        ),
+                    });
+                }
+                dir.write(&file, &docs.join("\n---\n"));
+            }
+            // Files rewritten within one clock tick keep their stamp: make each write show.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let (snapshot, mut errors) = manifests.load();
+            let mut ranks: Vec<&Rank> = manifests.files.values().map(|c| &c.rank).collect();
+            ranks.sort();
+            let order: Vec<PathBuf> = ranks.iter().map(|r| r.1.clone()).collect();
+            let objects: BTreeMap<&PathBuf, &FileObjects> = manifests
+                .files
+                .iter()
+                .map(|(f, c)| (f, &c.objects))
+                .collect();
+            let mut want_errors: Vec<ManifestError> = order
+                .iter()
+                .flat_map(|f| manifests.files[f].errors.iter().cloned())
+                .collect();
+            let want = assemble(&order, &objects, &mut want_errors);
+            assert_eq!(snapshot.services, want.services, "step {step}");
+            assert_eq!(snapshot.slices, want.slices, "step {step}");
+            assert_eq!(snapshot.origins, want.origins, "step {step}");
+            errors.sort_by_key(ToString::to_string);
+            want_errors.sort_by_key(ToString::to_string);
+            assert_eq!(errors, want_errors, "step {step}");
+            duplicates += usize::from(errors.iter().any(|e| e.message.contains("also defined")));
+            with_slices += usize::from(!snapshot.slices.is_empty());
+        }
+        assert!(
+            duplicates > 50 && with_slices > 50,
+            "{duplicates} {with_slices}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Where Services and endpoints come from.
 
+mod assembly;
 pub mod convert;
 pub mod documents;
 pub mod kube;

@@ -14,8 +14,11 @@ use notify::{RecursiveMode, Watcher as _};
 use super::manifests::{Manifests, list_files};
 use crate::{health::SourceProgress, metrics::ManifestLoads, model::Snapshot, sync::Update};
 
-/// Quiet time after the last event before reloading (editors write in several steps).
+/// Quiet time after a write in progress before reloading (editors write in several steps).
 const SETTLE: Duration = Duration::from_millis(100);
+/// Quiet time after an event that ends a change (a file renamed into place, closed after
+/// writing, removed): only long enough to take a burst of such events as one reload.
+const QUICK: Duration = Duration::from_millis(3);
 /// Reload at the latest this long after the first event, even if events keep coming.
 const MAX_DELAY: Duration = Duration::from_millis(400);
 /// How often to compare file sizes and times.
@@ -51,6 +54,19 @@ fn watch_dirs(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
             }
         })
         .collect()
+}
+
+/// Whether an event is a change, and whether it ends one: `Some(true)` for a file renamed
+/// into place, closed after writing, created empty or removed (reload at once), `Some(false)`
+/// for a write in progress (wait for the writer to finish), `None` for a read.
+fn change_kind(kind: &notify::EventKind) -> Option<bool> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(true),
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => Some(true),
+        _ => Some(false),
+    }
 }
 
 /// Logs what is wrong in the manifests, each problem once while it lasts.
@@ -127,12 +143,8 @@ pub fn spawn(
         let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // Only the fact that something changed matters; the reload looks at everything.
             // Reads (our own included) are not changes.
-            let changed = match event {
-                Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
-                Err(_) => true,
-            };
-            if changed {
-                let _receiver_gone = events_tx.send(());
+            if let Some(complete) = event.map_or(Some(false), |e| change_kind(&e.kind)) {
+                let _receiver_gone = events_tx.send(complete);
             }
         }) {
             Ok(w) => Some(w),
@@ -154,11 +166,12 @@ pub fn spawn(
                 }
             }
             let changed = match events.recv_timeout(POLL) {
-                Ok(_) => {
+                Ok(mut complete) => {
                     let first = Instant::now();
                     while first.elapsed() < MAX_DELAY {
-                        match events.recv_timeout(SETTLE) {
-                            Ok(_) => {}
+                        let settle = if complete { QUICK } else { SETTLE };
+                        match events.recv_timeout(settle) {
+                            Ok(c) => complete = c,
                             Err(mpsc::RecvTimeoutError::Timeout) => break,
                             Err(mpsc::RecvTimeoutError::Disconnected) => return,
                         }
