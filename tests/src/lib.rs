@@ -670,6 +670,27 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// The value of one unlabelled metric (e.g. `lb_manifest_loads_total`), if exported.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Waits until `name` exceeds `before` (a reload or sync happened): a test that then
+    /// asserts that nothing changed cannot pass before the agent even looked.
+    pub fn wait_metric_above(&self, name: &str, before: f64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.metric(name).unwrap_or(0.0) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "{name} still {before} after {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Runs `lb ARGS... --pin-path PIN`.
     pub fn lb(&self, args: &[&str]) -> std::process::Output {
         Command::new(lb_bin())

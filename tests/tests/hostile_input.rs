@@ -74,8 +74,9 @@ fn a_hostile_manifest_does_not_stall_the_agent() {
     );
 
     // The hostile file arrives, then a new Service in another file.
+    let loads = agent.metric("lb_manifest_loads_total").unwrap_or(0.0);
     let deep = dir.write("deep.yaml", &hostile());
-    std::thread::sleep(Duration::from_millis(300));
+    agent.wait_metric_above("lb_manifest_loads_total", loads, Duration::from_secs(5));
     dir.write("b.yaml", &service("b", "10.96.7.2"));
     agent.wait_for(
         "10.96.7.2:80/TCP",

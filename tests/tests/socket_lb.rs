@@ -441,8 +441,9 @@ fn bad_files_and_objects_are_isolated() {
         agent.metrics_text()
     );
     // A file turning bad later keeps its last good objects, and the agent stays up.
+    let loads = agent.metric("lb_manifest_loads_total").unwrap_or(0.0);
     dir.write("good.yaml", "kind: [");
-    std::thread::sleep(Duration::from_millis(800));
+    agent.wait_metric_above("lb_manifest_loads_total", loads, Duration::from_secs(5));
     assert_eq!(backends(&node.client(&["tcp", "10.96.0.80:80"])), ["pod1"]);
     assert!(agent.running());
 }
