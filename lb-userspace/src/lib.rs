@@ -18,5 +18,7 @@ pub mod run;
 pub mod service_health;
 pub mod source;
 pub mod sync;
+#[cfg(test)]
+mod test_support;
 pub mod topology;
 pub mod tracker;

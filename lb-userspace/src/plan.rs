@@ -673,14 +673,7 @@ mod tests {
 
     #[test]
     fn random_sequences_stay_consistent() {
-        // xorshift: deterministic, no extra crate.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::test_support::xorshift(0x9e37_79b9_7f4a_7c15u64);
         let mut state = KernelState::from_entries([], [], []);
         for round in 0..600 {
             let mut frontends = Vec::new();

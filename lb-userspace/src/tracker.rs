@@ -425,13 +425,7 @@ mod tests {
     /// 500 random steps over 40 Services (address conflicts, Services and slices coming and
     /// going, snapshots sharing no structure); after each, the tracker equals the full build.
     fn random_evolution(limits: Limits) -> Seen {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::test_support::xorshift(0x2545_f491_4f6c_dd1du64);
         let mut snap = Snapshot::default();
         let node = Node {
             ips: vec![IpAddr::from([192, 0, 2, 10])],

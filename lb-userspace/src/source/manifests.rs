@@ -1078,13 +1078,7 @@ spec: {clusterIP: 10.96.0.4, ports: [{port: 99999}]}
     #[test]
     fn incremental_assembly_matches_assembling_from_scratch() {
         let dir = Dir::new("assembly");
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::test_support::xorshift(0x9e37_79b9_7f4a_7c15u64);
         let mut manifests = Manifests::new(vec![dir.0.clone()]);
         let (mut duplicates, mut with_slices) = (0, 0);
         for step in 0..300 {
