@@ -60,7 +60,7 @@ endpoints:
 /// Three pods (pod1..pod3, TCP and UDP 8080), the Services above, lb; fields drop in order.
 struct Fixture {
     _mptcp: Option<Proc>,
-    _agent: Agent,
+    agent: Agent,
     _dir: TempDir,
     node: Node,
 }
@@ -115,7 +115,7 @@ fn start_with(mptcp_server: bool) -> Fixture {
     let agent = Agent::start(&node.cgroup.path, &dir.0);
     Fixture {
         _mptcp: mptcp,
-        _agent: agent,
+        agent,
         _dir: dir,
         node,
     }
@@ -171,6 +171,14 @@ impl Fixture {
 
     fn pod_v6(&self, n: usize) -> String {
         format!("[{}]:8080", self.node.pods[n - 1].ip6)
+    }
+
+    /// Asserts the agent's counter of datapath `event`.
+    #[track_caller]
+    fn assert_events(&self, event: &str, n: u64) {
+        let text = self.agent.metrics_text();
+        let line = format!("lb_datapath_events_total{{event=\"{event}\"}} {n}");
+        assert!(text.lines().any(|l| l == line), "want {line}:\n{text}");
     }
 }
 
@@ -272,6 +280,7 @@ fn connected_udp_sendto_its_own_service_stays_on_its_backend() {
         assert_answer(&out[6], Some(&first), DNS3, &out);
         assert_eq!(out[8].backend.as_deref(), Some(first.as_str()), "{out:?}");
     }
+    f.assert_events("sendmsg_connected", 8 * 3);
 }
 
 #[test]
@@ -605,6 +614,10 @@ fn a_pod_reached_directly_and_through_a_service_from_one_socket() {
     assert_answer(&out[1], Some("pod1"), DNS, &out);
     assert_answer(&out[4], Some("pod1"), &pod1, &out);
     assert_eq!(out[5].peer.as_deref(), Some(pod1.as_str()), "{out:?}");
+    // A direct send or connect dropped a reverse entry three times: the second direct
+    // sendto of the first script, the one to the chosen pod in the second, the connect in
+    // the last (the connected-only socket of the third never had one).
+    f.assert_events("revnat_cleared_direct", 3);
 }
 
 #[test]
