@@ -11,16 +11,24 @@
 //! tail slots and members it no longer needs. The programs only read them.
 //!
 //! The programs write the per-connection state: [`SOCKS`] (socket storage: what a connected
-//! socket was sent to, to show the Service address back; it lives and dies with the socket),
-//! [`REVNAT`] (the same for unconnected UDP sockets, which can send to many Services),
+//! socket was sent to, to show the Service address back, and whether the socket sent
+//! unconnected datagrams to a Service; it lives and dies with the socket), [`REVNAT`] (the
+//! reverse entries of unconnected UDP sockets, which can send to many Services),
 //! [`AFFINITY`] (ClientIP session affinity) and [`UDP_FLOWS`] (unconnected UDP sockets keep
 //! their backend). The agent never writes them.
+//!
+//! [`SOCKS`] is the gate of the reverse hooks: a socket without an entry there was never
+//! translated, and recvmsg/getpeername leave it alone without any other lookup; [`REVNAT`]
+//! is read only for sockets whose entry has [`SOCK_DATAGRAMS`].
 
 use crate::Addr;
 
 /// Bumped whenever a key, value or the meaning of a field changes. The agent stores it in
 /// [`META`] when it creates the maps and refuses to adopt pinned maps with another value.
-pub const LAYOUT_VERSION: u32 = 2;
+///
+/// 3: [`SockXlate`] gained `flags` ([`SOCK_CONNECTED`], [`SOCK_DATAGRAMS`]), and unconnected
+/// UDP sockets get a [`SOCKS`] entry too (the reverse hooks read [`REVNAT`] only for those).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
 pub const IPPROTO_TCP: u8 = 6;
@@ -201,17 +209,29 @@ pub struct RevNat {
 }
 const _: () = assert!(size_of::<RevNat>() == 24);
 
-/// Value of [`SOCKS`] (socket storage, keyed by the socket itself): where a connect()ed socket
-/// was sent, for getpeername and recvmsg.
+/// Value of [`SOCKS`] (socket storage, keyed by the socket itself): what lb did with one
+/// socket, for getpeername, recvmsg and the socket's later sends. A socket without an entry
+/// was never translated. Written only by the socket's own syscalls, under the socket lock.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockXlate {
-    /// The backend the socket is connected to.
+    /// The backend the socket is connected to; meaningful with [`SOCK_CONNECTED`].
     pub backend: Backend,
-    /// The Service address and port it asked for, and the frontend id.
+    /// The Service address and port it connected to, and the frontend id; meaningful with
+    /// [`SOCK_CONNECTED`].
     pub service: RevNat,
+    /// [`SOCK_CONNECTED`] | [`SOCK_DATAGRAMS`]; other bits 0.
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<SockXlate>() == 44);
+const _: () = assert!(size_of::<SockXlate>() == 48);
+
+/// [`SockXlate::flags`]: the socket's last connect() went to `service` and was sent to
+/// `backend` (TCP, connected UDP, MPTCP: then it is the MPTCP socket's entry, not the
+/// subflow's). Cleared by a connect() to an address that is not a Service.
+pub const SOCK_CONNECTED: u32 = 1;
+/// [`SockXlate::flags`]: the socket sent datagrams to a Service with sendmsg (unconnected
+/// UDP), so [`REVNAT`] may hold `(cookie, backend)` entries for it. Never cleared.
+pub const SOCK_DATAGRAMS: u32 = 2;
 
 /// Key of [`UDP_FLOWS`]: an unconnected UDP socket sending to a frontend. Like a conntrack
 /// entry for kube-proxy, it keeps the socket's datagrams on one backend.

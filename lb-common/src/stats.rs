@@ -30,8 +30,16 @@ pub const ERR_REVNAT_UPDATE: u32 = 10;
 /// Translated, but the affinity or UDP flow entry could not be stored.
 pub const ERR_STICKY_UPDATE: u32 = 11;
 
+/// sendmsg on a connected socket, addressed to the Service it is connected to: sent to its
+/// connected backend (the same flow, as one conntrack entry keeps it with kube-proxy).
+pub const SENDMSG_CONNECTED: u32 = 12;
+/// A socket addressed a backend directly (connect or sendmsg) that it had reached through a
+/// Service: its reverse entry was dropped, so replies from that backend show the backend
+/// until the socket sends through the Service again.
+pub const REVNAT_CLEARED_DIRECT: u32 = 13;
+
 /// Number of counters.
-pub const COUNT: u32 = 12;
+pub const COUNT: u32 = 14;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -47,4 +55,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "err_family",
     "err_revnat_update",
     "err_sticky_update",
+    "sendmsg_connected",
+    "revnat_cleared_direct",
 ];

@@ -20,7 +20,7 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::{
     sock::{V4, V6},
-    xlate::Hook,
+    xlate::{Hook, Reverse},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -45,22 +45,22 @@ pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    xlate::reverse::<V4>(&ctx, lb_common::stats::RECVMSG_XLATED)
+    xlate::reverse::<V4>(&ctx, Reverse::RecvMsg)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    xlate::reverse::<V6>(&ctx, lb_common::stats::RECVMSG_XLATED)
+    xlate::reverse::<V6>(&ctx, Reverse::RecvMsg)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    xlate::reverse::<V4>(&ctx, lb_common::stats::GETPEERNAME_XLATED)
+    xlate::reverse::<V4>(&ctx, Reverse::GetPeerName)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
-    xlate::reverse::<V6>(&ctx, lb_common::stats::GETPEERNAME_XLATED)
+    xlate::reverse::<V6>(&ctx, Reverse::GetPeerName)
 }
 
 #[cfg(not(test))]

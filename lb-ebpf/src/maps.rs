@@ -4,6 +4,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC as NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
+    cty::c_void,
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -68,28 +69,45 @@ impl<T> PinnedSkStorage<T> {
     /// pointer to this socket's own value, valid while the program runs.
     #[inline(always)]
     pub fn get_ptr(&self, ctx: &SockAddrContext, create: bool) -> Option<*mut T> {
+        self.get_ptr_on(ctx_sock(ctx), create)
+    }
+
+    /// The value of socket `sk` (the context's socket, or a socket a helper returned for it),
+    /// created zeroed if `create` and absent.
+    #[inline(always)]
+    pub fn get_ptr_on(&self, sk: *mut c_void, create: bool) -> Option<*mut T> {
         let flags = if create {
             u64::from(BPF_SK_STORAGE_GET_F_CREATE)
         } else {
             0
         };
-        // SAFETY: the context's socket pointer is valid for the program's run; the helper
-        // returns null or a pointer to a value of the map's value size.
+        // SAFETY: `sk` is a socket pointer the verifier tracks (the context's, or a helper's
+        // non-null result); the helper returns null or a pointer to a value of the map's
+        // value size.
         let value = unsafe {
-            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
             let map = core::ptr::from_ref(self).cast_mut().cast();
-            bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags).cast::<T>()
+            bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags).cast::<T>()
         };
         (!value.is_null()).then_some(value)
     }
 }
 
-/// Connected socket -> backend and Service, for getpeername/recvmsg; written here, on
-/// connect. Freed by the kernel with the socket.
+/// The socket of a sock_addr context.
+#[inline(always)]
+pub fn ctx_sock(ctx: &SockAddrContext) -> *mut c_void {
+    // SAFETY: the context's socket pointer is valid for the program's run.
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast()
+}
+
+/// Socket -> what lb did with it (`SockXlate`: the connected backend and Service, and whether
+/// it sent datagrams to Services), for getpeername/recvmsg/sendmsg; written here, on connect
+/// and sendmsg to a Service. Freed by the kernel with the socket.
 #[btf_map]
 pub static LB_SOCKS: PinnedSkStorage<SockXlate> = PinnedSkStorage::new();
 
-/// Unconnected UDP socket and backend -> Service, for recvmsg; written here, on sendmsg.
+/// Unconnected UDP socket and backend -> Service, for recvmsg; written here, on sendmsg to a
+/// Service, deleted on a direct connect/sendmsg to the backend. Read only for sockets whose
+/// `LB_SOCKS` entry has `SOCK_DATAGRAMS`.
 #[map]
 pub static LB_REVNAT: LruHashMap<RevNatKey, RevNat> = LruHashMap::pinned(MAX_REVNAT, 0);
 

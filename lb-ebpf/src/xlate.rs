@@ -2,16 +2,17 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    cty::c_void,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
+        bpf_set_retval, generated::bpf_skc_to_mptcp_sock,
     },
     programs::SockAddrContext,
 };
 use lb_common::{
     maps::{
-        Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
-        SlotKey, SockXlate, UdpFlowKey,
+        Affinity, AffinityKey, Backend, Frontend, FrontendKey, IPPROTO_TCP, MemberKey, RevNat,
+        RevNatKey, SOCK_CONNECTED, SOCK_DATAGRAMS, SlotKey, SockXlate, UdpFlowKey,
     },
     select::{affinity_fresh, slot_for},
     stats,
@@ -20,6 +21,7 @@ use lb_common::{
 use crate::{
     maps::{
         LB_AFFINITY, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_SOCKS, LB_UDP_FLOWS, count,
+        ctx_sock,
     },
     sock::{self, Family},
 };
@@ -85,49 +87,152 @@ fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     };
     // SAFETY: the value is copied out at once; the agent replaces values whole.
     let Some(frontend) = (unsafe { LB_FRONTENDS.get(&key) }).copied() else {
+        direct(ctx, &key, hook);
         return Verdict::Pass;
     };
     if frontend.count == 0 {
         return Verdict::Refuse(stats::REFUSED_NO_BACKEND);
     }
-    // Only unconnected UDP needs the socket's cookie (connected sockets keep their state in
-    // socket storage).
-    let cookie = match hook {
-        // SAFETY: helper call on the program's own context.
-        Hook::SendMsg => unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        Hook::Connect => 0,
-    };
-    let backend = match choose(ctx, &key, &frontend, cookie, hook) {
-        Ok(backend) => backend,
-        Err(stat) => return Verdict::Refuse(stat),
-    };
-    if F::set_addr(sa, backend.addr).is_err() {
-        return Verdict::Refuse(stats::ERR_FAMILY);
-    }
-    sock::set_port(sa, backend.port);
     let service = RevNat {
         addr: key.addr,
         port: key.port,
         _pad: [0; 2],
         id: frontend.id,
     };
-    match hook {
-        Hook::Connect => remember_socket(ctx, backend, service),
-        Hook::SendMsg => remember_datagram(cookie, &backend, &service),
+    let chosen = match hook {
+        Hook::Connect => connect(ctx, &key, &frontend, service),
+        Hook::SendMsg => send(ctx, &key, &frontend, service),
+    };
+    let (backend, stat) = match chosen {
+        Ok(chosen) => chosen,
+        Err(stat) => return Verdict::Refuse(stat),
+    };
+    if F::set_addr(sa, backend.addr).is_err() {
+        return Verdict::Refuse(stats::ERR_FAMILY);
     }
-    Verdict::Translated(match hook {
-        Hook::Connect => stats::CONNECT_XLATED,
-        Hook::SendMsg => stats::SENDMSG_XLATED,
-    })
+    sock::set_port(sa, backend.port);
+    Verdict::Translated(stat)
 }
 
-/// A connected socket: its backend and Service go in its own storage.
+/// connect() to a Service: the backend, remembered in the socket's storage for getpeername
+/// and recvmsg. Returns the backend and the counter to bump.
+///
+/// The storage is the application's socket: for MPTCP the connect hook runs on the first
+/// subflow, while the application calls getpeername on the MPTCP socket, so the entry goes
+/// on that one.
 #[inline(always)]
-fn remember_socket(ctx: &SockAddrContext, backend: Backend, service: RevNat) {
-    match LB_SOCKS.get_ptr(ctx, true) {
-        // SAFETY: this socket's own storage; only this socket's syscalls touch it.
-        Some(state) => unsafe { *state = SockXlate { backend, service } },
+fn connect(
+    ctx: &SockAddrContext,
+    key: &FrontendKey,
+    frontend: &Frontend,
+    service: RevNat,
+) -> Result<(Backend, u32), u32> {
+    let sk = if key.proto == IPPROTO_TCP {
+        app_socket(ctx)
+    } else {
+        ctx_sock(ctx)
+    };
+    let state = LB_SOCKS.get_ptr_on(sk, true);
+    // SAFETY: this socket's own storage, read under the socket lock that every hook runs with.
+    let flags = state.map_or(0, |state| unsafe { (*state).flags });
+    // A UDP socket that already sent datagrams to this Service keeps their backend when it
+    // connects to it: with kube-proxy the connected socket's datagrams have the same 5-tuple,
+    // so the same conntrack entry.
+    let flow = if flags & SOCK_DATAGRAMS != 0 {
+        // SAFETY: helper call on the program's own context.
+        Some(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) })
+    } else {
+        None
+    };
+    let backend = choose(ctx, key, frontend, flow)?;
+    match state {
+        // SAFETY: as above; the socket's own value, written whole.
+        Some(state) => unsafe {
+            *state = SockXlate {
+                backend,
+                service,
+                flags: flags | SOCK_CONNECTED,
+            };
+        },
         None => count(stats::ERR_REVNAT_UPDATE),
+    }
+    Ok((backend, stats::CONNECT_XLATED))
+}
+
+/// The socket the application holds: the MPTCP socket of an MPTCP subflow, else the
+/// context's socket.
+#[inline(always)]
+fn app_socket(ctx: &SockAddrContext) -> *mut c_void {
+    let sk = ctx_sock(ctx);
+    // SAFETY: helper call on the context's socket; it returns the subflow's MPTCP socket or
+    // null (not a subflow).
+    let msk = unsafe { bpf_skc_to_mptcp_sock(sk) };
+    if msk.is_null() { sk } else { msk.cast() }
+}
+
+/// sendmsg() to a Service (an address given with the datagram). A socket connected to this
+/// same Service sends to its connected backend (kube-proxy: the same 5-tuple, the same
+/// conntrack entry; a datagram sent elsewhere would get a reply the connected socket never
+/// delivers). Otherwise the socket's UDP flow backend, remembered in `LB_REVNAT` for recvmsg,
+/// with `SOCK_DATAGRAMS` set in the socket's storage so that recvmsg looks there.
+#[inline(always)]
+fn send(
+    ctx: &SockAddrContext,
+    key: &FrontendKey,
+    frontend: &Frontend,
+    service: RevNat,
+) -> Result<(Backend, u32), u32> {
+    let state = LB_SOCKS.get_ptr(ctx, true);
+    if let Some(state) = state {
+        // SAFETY: this socket's own storage, read under the socket lock.
+        let current = unsafe { *state };
+        if current.flags & SOCK_CONNECTED != 0
+            && current.service.addr == key.addr
+            && current.service.port == key.port
+        {
+            return Ok((current.backend, stats::SENDMSG_CONNECTED));
+        }
+    }
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let backend = choose(ctx, key, frontend, Some(cookie))?;
+    remember_datagram(cookie, &backend, &service);
+    match state {
+        // SAFETY: as above.
+        Some(state) => unsafe { (*state).flags |= SOCK_DATAGRAMS },
+        None => count(stats::ERR_REVNAT_UPDATE),
+    }
+    Ok((backend, stats::SENDMSG_XLATED))
+}
+
+/// connect/sendmsg to an address that is not a Service. A socket that reached this address
+/// as a Service backend (its `LB_REVNAT` entry) now talks to it directly, so replies from it
+/// must show it, as kube-proxy's separate conntrack entries would: the entry goes, until the
+/// socket sends through the Service again. A connect() also ends the socket's connection to
+/// a Service (getpeername shows the new peer). Sockets lb never translated have no storage
+/// and pay one empty lookup.
+#[inline(always)]
+fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
+    let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
+        return;
+    };
+    // SAFETY: this socket's own storage, read and written under the socket lock.
+    let flags = unsafe { (*state).flags };
+    if hook == Hook::Connect && flags & SOCK_CONNECTED != 0 {
+        // SAFETY: as above.
+        unsafe { (*state).flags = flags & !SOCK_CONNECTED };
+    }
+    if flags & SOCK_DATAGRAMS != 0 {
+        let rkey = RevNatKey {
+            // SAFETY: helper call on the program's own context.
+            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            addr: key.addr,
+            port: key.port,
+            _pad: [0; 6],
+        };
+        if LB_REVNAT.remove(&rkey).is_ok() {
+            count(stats::REVNAT_CLEARED_DIRECT);
+        }
     }
 }
 
@@ -153,20 +258,19 @@ fn remember_datagram(cookie: u64, backend: &Backend, service: &RevNat) {
     }
 }
 
-/// The backend for this operation: the client's affinity backend, the socket's UDP flow
-/// backend, or a random one.
+/// The backend for this operation: the client's affinity backend, the UDP flow backend of
+/// the socket with cookie `flow`, or a random one.
 #[inline(always)]
 fn choose(
     ctx: &SockAddrContext,
     key: &FrontendKey,
     frontend: &Frontend,
-    cookie: u64,
-    hook: Hook,
+    flow: Option<u64>,
 ) -> Result<Backend, u32> {
     if frontend.affinity_timeout_s != 0 {
         return choose_with_affinity(ctx, frontend);
     }
-    if hook == Hook::SendMsg {
+    if let Some(cookie) = flow {
         return choose_for_udp_flow(key, frontend, cookie);
     }
     pick(frontend)
@@ -260,22 +364,38 @@ fn is_member(id: u32, backend: &Backend) -> bool {
     LB_MEMBERS.get_ptr(&key).is_some()
 }
 
+/// Which reverse hook runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Reverse {
+    /// recvmsg() with a source address (UDP).
+    RecvMsg,
+    /// getpeername().
+    GetPeerName,
+}
+
 /// recvmsg/getpeername: a backend address the client sees becomes the Service address it
-/// asked for: from the socket's storage when it was connect()ed to that backend, else (an
-/// unconnected UDP socket) from the LRU map. Always lets the syscall proceed (these hooks
-/// cannot refuse).
+/// asked for. The socket's storage is the gate: a socket without it was never translated
+/// and is left alone at once. A connected socket's peer comes from the storage; a recvmsg
+/// source that is not the connected backend is looked up in `LB_REVNAT` only if the socket
+/// sent datagrams to a Service. getpeername never reads `LB_REVNAT`: a peer exists only after
+/// connect(), which the storage records. Always lets the syscall proceed (these hooks cannot
+/// refuse).
 #[inline(always)]
-pub fn reverse<F: Family>(ctx: &SockAddrContext, stat: u32) -> i32 {
+pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
+    let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
+        return SYS_PROCEED;
+    };
+    // SAFETY: this socket's own storage, copied out at once.
+    let state = unsafe { *state };
     let sa = ctx.sock_addr;
     let addr = F::addr(sa);
     let port = sock::port(sa);
-    let connected = LB_SOCKS
-        .get_ptr(ctx, false)
-        // SAFETY: this socket's own storage, copied out at once.
-        .map(|state| unsafe { *state })
-        .filter(|state| state.backend.addr == addr && state.backend.port == port)
-        .map(|state| state.service);
-    let service = connected.or_else(|| {
+    let service = if state.flags & SOCK_CONNECTED != 0
+        && state.backend.addr == addr
+        && state.backend.port == port
+    {
+        Some(state.service)
+    } else if hook == Reverse::RecvMsg && state.flags & SOCK_DATAGRAMS != 0 {
         let key = RevNatKey {
             // SAFETY: helper call on the program's own context.
             cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -285,12 +405,17 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, stat: u32) -> i32 {
         };
         // SAFETY: the value is copied out at once.
         unsafe { LB_REVNAT.get(&key) }.copied()
-    });
+    } else {
+        None
+    };
     if let Some(service) = service
         && F::set_addr(sa, service.addr).is_ok()
     {
         sock::set_port(sa, service.port);
-        count(stat);
+        count(match hook {
+            Reverse::RecvMsg => stats::RECVMSG_XLATED,
+            Reverse::GetPeerName => stats::GETPEERNAME_XLATED,
+        });
     }
     SYS_PROCEED
 }

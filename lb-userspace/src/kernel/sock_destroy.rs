@@ -49,7 +49,9 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use lb_common::{
     Addr,
-    maps::{Backend, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, SOCKS, SockXlate},
+    maps::{
+        Backend, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, SOCK_CONNECTED, SOCKS, SockXlate,
+    },
 };
 
 use super::{
@@ -544,7 +546,10 @@ impl DiagSock {
     /// `removed`, and it still talks to that backend (a socket reconnected elsewhere since
     /// keeps its old value).
     fn is_stale(&self, xlate: &SockXlate, removed: &HashSet<MemberKey>) -> bool {
-        self.peer_backend() == xlate.backend
+        // Only a socket whose last connect() went through a Service (a socket reconnected
+        // straight to the pod has the flag cleared by the connect hook).
+        xlate.flags & SOCK_CONNECTED != 0
+            && self.peer_backend() == xlate.backend
             && removed.contains(&MemberKey {
                 id: xlate.service.id,
                 backend: xlate.backend,
@@ -841,6 +846,7 @@ mod tests {
                 _pad: [0; 2],
                 id,
             },
+            flags: SOCK_CONNECTED,
         }
     }
 
@@ -961,6 +967,15 @@ mod tests {
                 "reconnected elsewhere since",
                 &elsewhere,
                 xlate(3, gone),
+                false,
+            ),
+            (
+                "reconnected straight to the pod since (connect hook cleared the flag)",
+                &to_gone,
+                SockXlate {
+                    flags: 0,
+                    ..xlate(3, gone)
+                },
                 false,
             ),
         ];

@@ -18,6 +18,10 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+// Socket patterns: its own file (src/bin would make a binary of any file beside this one).
+#[path = "lb-testpod/patterns.rs"]
+mod patterns;
+
 #[derive(Parser)]
 struct Cli {
     /// Join this cgroup v2 directory first (the process moves; threads follow).
@@ -110,6 +114,28 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         duration_ms: u64,
     },
+    // --- Socket patterns (tests/tests/socket_patterns.rs; code in lb-testpod/patterns.rs) ---
+    /// One socket runs a script of steps, one outcome each: `connect:ADDR`,
+    /// `fastopen-connect:ADDR`, `send`, `sendto:ADDR`, `fastopen:ADDR` (sendto with
+    /// MSG_FASTOPEN), `sendmsg:ADDR`, `sendmmsg:ADDR,ADDR,..`, `recv`, `recvfrom`, `recvmsg`,
+    /// `recvmmsg:N` (one outcome per datagram), `quiet:MS` (recvfrom expecting nothing),
+    /// `readline` (TCP), `getpeername`, `mptcp` (is the connection MPTCP end to end).
+    Steps {
+        #[arg(long, value_enum)]
+        socket: patterns::Kind,
+        /// Receive timeout (milliseconds).
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        steps: Vec<String>,
+    },
+    /// Serve the line protocol over MPTCP (dual-stack) on `port` until killed.
+    ServeMptcp {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    // --- end of socket patterns ---
 }
 
 /// One request's outcome.
@@ -622,6 +648,14 @@ fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        // --- Socket patterns ---
+        Command::Steps {
+            socket,
+            timeout_ms,
+            steps,
+        } => patterns::run(socket, Duration::from_millis(timeout_ms), &steps)?,
+        Command::ServeMptcp { name, port } => return patterns::serve_mptcp(&name, port),
+        // --- end of socket patterns ---
     };
     print_json(&outcomes)
 }

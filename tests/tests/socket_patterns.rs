@@ -1,0 +1,680 @@
+//! Every socket pattern of the README's "Socket patterns" table, one test per row: what a
+//! client sees through lb must be what kube-proxy shows it (conntrack keeps each flow apart,
+//! so a client always sees the address it sent to).
+//!
+//! Each test runs `lb-testpod steps`: one socket, a script of syscalls, one outcome per step
+//! (sends give an empty outcome; receives give the answering pod and the source address;
+//! getpeername gives the peer).
+
+use std::{collections::BTreeSet, process::Stdio};
+
+use lb_tests::{Agent, Node, Outcome, Proc, TempDir, die_with_parent, testpod_bin};
+
+/// UDP Service with one backend (pod1).
+const DNS: &str = "10.96.0.20:53";
+/// UDP Service with three backends (pod1..pod3).
+const DNS3: &str = "10.96.0.21:53";
+/// UDP Service sharing pod1:8080 with [`DNS`].
+const ALT: &str = "10.96.0.22:53";
+/// UDP Service with one backend (pod2).
+const OTHER: &str = "10.96.0.23:53";
+/// TCP Service with three backends.
+const WEB: &str = "10.96.0.10:80";
+/// TCP Service sharing pod1:8080 with [`WEB`].
+const WEB1: &str = "10.96.0.11:80";
+/// TCP Service on pod1's MPTCP server (port 8081).
+const WEBM: &str = "10.96.0.12:80";
+/// IPv6 UDP Services: one backend (pod1), three backends.
+const DNS_V6: &str = "[fd00:96::20]:53";
+const DNS3_V6: &str = "[fd00:96::21]:53";
+
+/// The MPTCP server's port in pod1.
+const MPTCP_PORT: u16 = 8081;
+
+fn service(name: &str, ip: &str, port: u16, target: u16, proto: &str, pods: &[String]) -> String {
+    let family = if ip.contains(':') { "IPv6" } else { "IPv4" };
+    let endpoints: Vec<String> = pods
+        .iter()
+        .map(|ip| format!("  - addresses: ['{ip}']"))
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  clusterIP: '{ip}'
+  ports: [{{port: {port}, targetPort: {target}, protocol: {proto}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: {family}
+ports: [{{port: {target}, protocol: {proto}}}]
+endpoints:
+{}
+",
+        endpoints.join("\n")
+    )
+}
+
+/// Three pods (pod1..pod3, TCP and UDP 8080), the Services above, lb; fields drop in order.
+struct Fixture {
+    _mptcp: Option<Proc>,
+    agent: Agent,
+    _dir: TempDir,
+    node: Node,
+}
+
+fn start() -> Fixture {
+    start_with(false)
+}
+
+fn start_with(mptcp_server: bool) -> Fixture {
+    let mut node = Node::new();
+    for i in 1..=3 {
+        node.add_pod(i, &format!("pod{i}"), &[8080], &[8080]);
+    }
+    let v4: Vec<String> = node.pods.iter().map(|p| p.ip4.to_string()).collect();
+    let v6: Vec<String> = node.pods.iter().map(|p| p.ip6.to_string()).collect();
+    let mptcp = mptcp_server.then(|| serve_mptcp(&node));
+    let dir = TempDir::new("m");
+    let ip = |vip: &str| {
+        vip.rsplit_once(':')
+            .map(|(ip, _)| ip.trim_matches(['[', ']']).to_owned())
+            .expect("ip:port")
+    };
+    let files = [
+        ("dns", service("dns", &ip(DNS), 53, 8080, "UDP", &v4[..1])),
+        ("dns3", service("dns3", &ip(DNS3), 53, 8080, "UDP", &v4)),
+        ("alt", service("alt", &ip(ALT), 53, 8080, "UDP", &v4[..1])),
+        (
+            "other",
+            service("other", &ip(OTHER), 53, 8080, "UDP", &v4[1..2]),
+        ),
+        ("web", service("web", &ip(WEB), 80, 8080, "TCP", &v4)),
+        (
+            "web1",
+            service("web1", &ip(WEB1), 80, 8080, "TCP", &v4[..1]),
+        ),
+        (
+            "webm",
+            service("webm", &ip(WEBM), 80, MPTCP_PORT, "TCP", &v4[..1]),
+        ),
+        (
+            "dns6",
+            service("dns6", &ip(DNS_V6), 53, 8080, "UDP", &v6[..1]),
+        ),
+        (
+            "dns36",
+            service("dns36", &ip(DNS3_V6), 53, 8080, "UDP", &v6),
+        ),
+    ];
+    for (name, text) in &files {
+        dir.write(&format!("{name}.yaml"), text);
+    }
+    let agent = Agent::start(&node.cgroup.path, &dir.0);
+    Fixture {
+        _mptcp: mptcp,
+        agent,
+        _dir: dir,
+        node,
+    }
+}
+
+/// `lb-testpod serve-mptcp` in pod1, answering "pod1m".
+fn serve_mptcp(node: &Node) -> Proc {
+    use std::io::BufRead as _;
+    let mut child = die_with_parent(&mut std::process::Command::new(testpod_bin()))
+        .arg("--netns")
+        .arg(node.pods[0].netns.path())
+        .args([
+            "serve-mptcp",
+            "--name",
+            "pod1m",
+            "--port",
+            &MPTCP_PORT.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn lb-testpod serve-mptcp");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "ready", "MPTCP server did not start");
+    Proc(child)
+}
+
+impl Fixture {
+    /// Runs a script on one new socket of `socket` kind.
+    fn steps(&self, socket: &str, steps: &[&str]) -> Vec<Outcome> {
+        let mut args = vec!["steps", "--socket", socket, "--timeout-ms", "1500"];
+        args.extend_from_slice(steps);
+        let out = self.node.client(&args);
+        assert_eq!(
+            out.len(),
+            steps.len() + steps.iter().map(|s| extra_outcomes(s)).sum::<usize>(),
+            "{steps:?}: {out:?}"
+        );
+        out
+    }
+
+    /// Pod `n`'s IPv4 address with port 8080, as `ip:port`.
+    fn pod(&self, n: usize) -> String {
+        format!("{}:8080", self.node.pods[n - 1].ip4)
+    }
+
+    /// Pod `n`'s IPv4-mapped address with port 8080, as `[::ffff:ip]:port`.
+    fn pod_mapped(&self, n: usize) -> String {
+        format!("[::ffff:{}]:8080", self.node.pods[n - 1].ip4)
+    }
+
+    fn pod_v6(&self, n: usize) -> String {
+        format!("[{}]:8080", self.node.pods[n - 1].ip6)
+    }
+
+    /// Asserts the agent's counter of datapath `event`.
+    #[track_caller]
+    fn assert_events(&self, event: &str, n: u64) {
+        let text = self.agent.metrics_text();
+        let line = format!("lb_datapath_events_total{{event=\"{event}\"}} {n}");
+        assert!(text.lines().any(|l| l == line), "want {line}:\n{text}");
+    }
+}
+
+/// `recvmmsg:N` reports N outcomes for one step.
+fn extra_outcomes(step: &str) -> usize {
+    step.strip_prefix("recvmmsg:")
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(0, |n| n - 1)
+}
+
+fn mapped(vip: &str) -> String {
+    format!("[::ffff:{}", vip.replacen(':', "]:", 1))
+}
+
+/// A step that sent: no error.
+#[track_caller]
+fn assert_sent(o: &Outcome, all: &[Outcome]) {
+    assert!(o.errno.is_none() && o.error.is_none(), "{o:?} in {all:?}");
+}
+
+/// A receive: the answering pod (or any, if None) and the address the client saw.
+#[track_caller]
+fn assert_answer(o: &Outcome, backend: Option<&str>, peer: &str, all: &[Outcome]) {
+    assert!(o.backend.is_some(), "no answer: {o:?} in {all:?}");
+    if let Some(b) = backend {
+        assert_eq!(o.backend.as_deref(), Some(b), "answered by: {all:?}");
+    }
+    assert_eq!(o.peer.as_deref(), Some(peer), "source shown: {all:?}");
+}
+
+fn backend(o: &Outcome) -> &str {
+    o.backend.as_deref().unwrap_or("(none)")
+}
+
+#[test]
+fn tcp_connect_shows_the_service() {
+    let f = start();
+    let mut seen = BTreeSet::new();
+    for _ in 0..8 {
+        let out = f.steps(
+            "tcp4",
+            &["connect:10.96.0.10:80", "send", "readline", "getpeername"],
+        );
+        assert_sent(&out[0], &out);
+        assert_answer(&out[2], None, WEB, &out);
+        assert_eq!(out[3].peer.as_deref(), Some(WEB), "{out:?}");
+        seen.insert(backend(&out[2]).to_owned());
+    }
+    assert!(seen.len() > 1, "new connections spread: {seen:?}");
+}
+
+#[test]
+fn connected_udp_send_recv_getpeername_show_the_service() {
+    let f = start();
+    let out = f.steps(
+        "udp4",
+        &[
+            "connect:10.96.0.21:53",
+            "send",
+            "recv",
+            "getpeername",
+            "send",
+            "recvfrom",
+            "send",
+            "recvmsg",
+        ],
+    );
+    let first = backend(&out[2]).to_owned();
+    assert_eq!(out[2].peer, None);
+    assert_eq!(out[3].peer.as_deref(), Some(DNS3), "{out:?}");
+    assert_answer(&out[5], Some(&first), DNS3, &out);
+    assert_answer(&out[7], Some(&first), DNS3, &out);
+}
+
+#[test]
+fn connected_udp_sendto_its_own_service_stays_on_its_backend() {
+    // kube-proxy: sendto() to the connected address has the connected 5-tuple, so the same
+    // conntrack entry and backend; a datagram sent to another pod would get an answer the
+    // connected socket never delivers. Three backends, eight sockets: a random choice per
+    // datagram fails this (2/3)^8 of the time... and every other time.
+    let f = start();
+    for _ in 0..8 {
+        let out = f.steps(
+            "udp4",
+            &[
+                "connect:10.96.0.21:53",
+                "send",
+                "recv",
+                "sendto:10.96.0.21:53",
+                "recvfrom",
+                "sendmsg:10.96.0.21:53",
+                "recvmsg",
+                "sendto:10.96.0.21:53",
+                "recv",
+            ],
+        );
+        let first = backend(&out[2]).to_owned();
+        assert_answer(&out[4], Some(&first), DNS3, &out);
+        assert_answer(&out[6], Some(&first), DNS3, &out);
+        assert_eq!(out[8].backend.as_deref(), Some(first.as_str()), "{out:?}");
+    }
+    f.assert_events("sendmsg_connected", 8 * 3);
+}
+
+#[test]
+fn connected_udp_sendto_another_service_gets_no_answer_as_with_kube_proxy() {
+    // The answer comes from another peer than the connected one: the kernel does not deliver
+    // it to a connected socket, with kube-proxy (source: the other Service) as with lb
+    // (source: its pod). The connection itself carries on.
+    let f = start();
+    let out = f.steps(
+        "udp4",
+        &[
+            "connect:10.96.0.20:53",
+            "send",
+            "recv",
+            "sendto:10.96.0.23:53",
+            "quiet:300",
+            "send",
+            "recvfrom",
+        ],
+    );
+    assert_eq!(backend(&out[2]), "pod1", "{out:?}");
+    assert_sent(&out[3], &out);
+    assert_eq!(
+        out[4].errno,
+        Some(libc::EAGAIN),
+        "nothing delivered: {out:?}"
+    );
+    assert_answer(&out[6], Some("pod1"), DNS, &out);
+}
+
+#[test]
+fn unconnected_sendto_keeps_its_backend_and_answers_show_the_service() {
+    let f = start();
+    let mut steps = Vec::new();
+    for _ in 0..5 {
+        steps.extend(["sendto:10.96.0.21:53", "recvfrom"]);
+    }
+    let out = f.steps("udp4", &steps);
+    let first = backend(&out[1]).to_owned();
+    for o in out.iter().skip(1).step_by(2) {
+        assert_answer(o, Some(&first), DNS3, &out);
+    }
+}
+
+#[test]
+fn sendmsg_and_recvmsg_show_the_service() {
+    let f = start();
+    let out = f.steps(
+        "udp4",
+        &[
+            "sendmsg:10.96.0.21:53",
+            "recvmsg",
+            "sendmsg:10.96.0.21:53",
+            "recvmsg",
+            "sendmsg:10.96.0.20:53",
+            "recvmsg",
+        ],
+    );
+    let first = backend(&out[1]).to_owned();
+    assert_answer(&out[1], None, DNS3, &out);
+    assert_answer(&out[3], Some(&first), DNS3, &out);
+    assert_answer(&out[5], Some("pod1"), DNS, &out);
+}
+
+#[test]
+fn sendmmsg_to_services_and_a_pod_labels_each_answer() {
+    // One call sends to two Services and straight to a pod; one recvmmsg gets the three
+    // answers, each from where its datagram went.
+    let f = start();
+    let to = format!("sendmmsg:{DNS},{OTHER},{}", f.pod(3));
+    let out = f.steps("udp4", &[&to, "recvmmsg:3"]);
+    assert_sent(&out[0], &out);
+    let got: BTreeSet<(String, String)> = out[1..]
+        .iter()
+        .map(|o| (backend(o).to_owned(), o.peer.clone().unwrap_or_default()))
+        .collect();
+    let want: BTreeSet<(String, String)> = [
+        ("pod1".to_owned(), DNS.to_owned()),
+        ("pod2".to_owned(), OTHER.to_owned()),
+        ("pod3".to_owned(), f.pod(3)),
+    ]
+    .into();
+    assert_eq!(got, want, "{out:?}");
+}
+
+#[test]
+fn recvfrom_recvmsg_recvmmsg_show_the_service() {
+    let f = start();
+    let out = f.steps(
+        "udp4",
+        &[
+            "sendto:10.96.0.21:53",
+            "recvfrom",
+            "sendto:10.96.0.21:53",
+            "recvmsg",
+            "sendto:10.96.0.21:53",
+            "sendto:10.96.0.21:53",
+            "recvmmsg:2",
+        ],
+    );
+    let first = backend(&out[1]).to_owned();
+    for i in [1, 3, 6, 7] {
+        assert_answer(&out[i], Some(&first), DNS3, &out);
+    }
+}
+
+#[test]
+fn getpeername_shows_the_service_for_every_connected_socket() {
+    let f = start();
+    let web_mapped = mapped(WEB);
+    let dns_mapped = mapped(DNS3);
+    let cases: [(&str, String, String); 6] = [
+        ("tcp4", WEB.to_owned(), WEB.to_owned()),
+        ("tcp6", web_mapped.clone(), web_mapped),
+        ("mptcp4", WEB.to_owned(), WEB.to_owned()),
+        ("udp4", DNS3.to_owned(), DNS3.to_owned()),
+        ("udp6", dns_mapped.clone(), dns_mapped),
+        // Not a Service: the pod itself.
+        ("tcp4", f.pod(2), f.pod(2)),
+    ];
+    for (socket, to, peer) in cases {
+        let out = f.steps(socket, &[&format!("connect:{to}"), "getpeername"]);
+        assert_sent(&out[0], &out);
+        assert_eq!(
+            out[1].peer.as_deref(),
+            Some(peer.as_str()),
+            "{socket} to {to}: {out:?}"
+        );
+    }
+}
+
+#[test]
+fn tcp_fast_open_is_translated_and_shows_the_service() {
+    // sendto(MSG_FASTOPEN) connects inside sendmsg: the connect hook runs there too. With
+    // TCP_FASTOPEN_CONNECT, connect() returns at once and the SYN leaves with the first write.
+    let f = start();
+    let out = f.steps(
+        "tcp4",
+        &["fastopen:10.96.0.10:80", "readline", "getpeername"],
+    );
+    assert_sent(&out[0], &out);
+    assert_answer(&out[1], None, WEB, &out);
+    assert_eq!(out[2].peer.as_deref(), Some(WEB), "{out:?}");
+    let out = f.steps(
+        "tcp4",
+        &[
+            "fastopen-connect:10.96.0.11:80",
+            "send",
+            "readline",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[2], Some("pod1"), WEB1, &out);
+    assert_eq!(out[3].peer.as_deref(), Some(WEB1), "{out:?}");
+    let out = f.steps("tcp6", &[&format!("fastopen:{}", mapped(WEB1)), "readline"]);
+    assert_answer(&out[1], Some("pod1"), &mapped(WEB1), &out);
+}
+
+#[test]
+fn mptcp_getpeername_shows_the_service() {
+    // The connect hook runs on the MPTCP socket's first subflow; getpeername on the MPTCP
+    // socket. Against an MPTCP server (a real MPTCP connection) and a TCP one (fallback).
+    let f = start_with(true);
+    let out = f.steps(
+        "mptcp4",
+        &[
+            "connect:10.96.0.12:80",
+            "send",
+            "readline",
+            "getpeername",
+            "mptcp",
+        ],
+    );
+    assert_answer(&out[2], Some("pod1m"), WEBM, &out);
+    assert_eq!(out[3].peer.as_deref(), Some(WEBM), "{out:?}");
+    assert_eq!(
+        out[4].backend.as_deref(),
+        Some("mptcp"),
+        "MPTCP end to end: {out:?}"
+    );
+    let out = f.steps(
+        "mptcp4",
+        &["connect:10.96.0.10:80", "send", "readline", "getpeername"],
+    );
+    assert_answer(&out[2], None, WEB, &out);
+    assert_eq!(out[3].peer.as_deref(), Some(WEB), "{out:?}");
+    let webm = mapped(WEBM);
+    let out = f.steps(
+        "mptcp6",
+        &[
+            &format!("connect:{webm}"),
+            "send",
+            "readline",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[2], Some("pod1m"), &webm, &out);
+    assert_eq!(out[3].peer.as_deref(), Some(webm.as_str()), "{out:?}");
+}
+
+#[test]
+fn v4_mapped_addresses_on_dual_stack_sockets() {
+    // An AF_INET6 socket reaches a v4 Service by its mapped address, or by an AF_INET address
+    // (the kernel runs the v4 hooks for it): answers show the mapped Service address.
+    let f = start();
+    let dns3 = mapped(DNS3);
+    let out = f.steps(
+        "udp6",
+        &[
+            &format!("sendto:{dns3}"),
+            "recvfrom",
+            "sendto:10.96.0.21:53",
+            "recvfrom",
+            &format!("sendto:{}", f.pod_mapped(1)),
+            "recvfrom",
+        ],
+    );
+    let first = backend(&out[1]).to_owned();
+    assert_answer(&out[1], None, &dns3, &out);
+    assert_answer(&out[3], Some(&first), &dns3, &out);
+    assert_answer(&out[5], Some("pod1"), &f.pod_mapped(1), &out);
+    let out = f.steps(
+        "udp6",
+        &[
+            &format!("connect:{dns3}"),
+            "send",
+            "recvfrom",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[2], None, &dns3, &out);
+    assert_eq!(out[3].peer.as_deref(), Some(dns3.as_str()), "{out:?}");
+    let web = mapped(WEB);
+    let out = f.steps("tcp6", &[&format!("connect:{web}"), "send", "readline"]);
+    assert_answer(&out[2], None, &web, &out);
+}
+
+#[test]
+fn services_sharing_a_pod_each_show_their_own_address() {
+    // DNS and ALT both send to pod1:8080; one socket asks each in turn (as a resolver with
+    // two nameservers does) and every answer shows the Service it asked.
+    let f = start();
+    let out = f.steps(
+        "udp4",
+        &[
+            "sendto:10.96.0.20:53",
+            "recvfrom",
+            "sendto:10.96.0.22:53",
+            "recvfrom",
+            "sendto:10.96.0.20:53",
+            "recvfrom",
+            "sendmsg:10.96.0.22:53",
+            "recvmsg",
+        ],
+    );
+    for (i, vip) in [(1, DNS), (3, ALT), (5, DNS), (7, ALT)] {
+        assert_answer(&out[i], Some("pod1"), vip, &out);
+    }
+    for vip in [WEB1, WEB] {
+        let out = f.steps("tcp4", &[&format!("connect:{vip}"), "send", "readline"]);
+        assert_answer(&out[2], None, vip, &out);
+    }
+}
+
+#[test]
+fn a_pod_reached_directly_and_through_a_service_from_one_socket() {
+    let f = start();
+    // Unconnected: what each answer shows follows what its datagram was sent to.
+    let pod1 = f.pod(1);
+    let direct = format!("sendto:{pod1}");
+    let out = f.steps(
+        "udp4",
+        &[
+            &direct,
+            "recvfrom",
+            "sendto:10.96.0.20:53",
+            "recvfrom",
+            &direct,
+            "recvfrom",
+            "sendto:10.96.0.20:53",
+            "recvfrom",
+        ],
+    );
+    assert_answer(&out[1], Some("pod1"), &pod1, &out);
+    assert_answer(&out[3], Some("pod1"), DNS, &out);
+    assert_answer(&out[5], Some("pod1"), &pod1, &out);
+    assert_answer(&out[7], Some("pod1"), DNS, &out);
+    // Whichever pod the Service chose, each pod reached directly shows itself, and the
+    // Service flow keeps its backend.
+    let mut steps = vec!["sendto:10.96.0.21:53".to_owned(), "recvfrom".to_owned()];
+    for n in 1..=3 {
+        steps.extend([format!("sendto:{}", f.pod(n)), "recvfrom".to_owned()]);
+    }
+    steps.extend(["sendto:10.96.0.21:53".to_owned(), "recvfrom".to_owned()]);
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let out = f.steps("udp4", &steps);
+    let first = backend(&out[1]).to_owned();
+    assert_answer(&out[1], None, DNS3, &out);
+    for n in 1..=3 {
+        assert_answer(&out[2 * n + 1], Some(&format!("pod{n}")), &f.pod(n), &out);
+    }
+    assert_answer(&out[9], Some(&first), DNS3, &out);
+    // Connected, then connected again straight to the pod: the pod is the peer.
+    let out = f.steps(
+        "udp4",
+        &[
+            "connect:10.96.0.20:53",
+            "send",
+            "recvfrom",
+            &format!("connect:{pod1}"),
+            "send",
+            "recvfrom",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[2], Some("pod1"), DNS, &out);
+    assert_answer(&out[5], Some("pod1"), &pod1, &out);
+    assert_eq!(out[6].peer.as_deref(), Some(pod1.as_str()), "{out:?}");
+    // Unconnected through the Service, then connected straight to the pod.
+    let out = f.steps(
+        "udp4",
+        &[
+            "sendto:10.96.0.20:53",
+            "recvfrom",
+            &format!("connect:{pod1}"),
+            "send",
+            "recvfrom",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[1], Some("pod1"), DNS, &out);
+    assert_answer(&out[4], Some("pod1"), &pod1, &out);
+    assert_eq!(out[5].peer.as_deref(), Some(pod1.as_str()), "{out:?}");
+    // A direct send or connect dropped a reverse entry three times: the second direct
+    // sendto of the first script, the one to the chosen pod in the second, the connect in
+    // the last (the connected-only socket of the third never had one).
+    f.assert_events("revnat_cleared_direct", 3);
+}
+
+#[test]
+fn sendto_then_connect_to_the_same_service_keeps_the_backend() {
+    // kube-proxy: the connected socket's datagrams have the 5-tuple of its earlier sendto()s,
+    // so the same conntrack entry and backend.
+    let f = start();
+    for _ in 0..6 {
+        let out = f.steps(
+            "udp4",
+            &[
+                "sendto:10.96.0.21:53",
+                "recvfrom",
+                "connect:10.96.0.21:53",
+                "send",
+                "recvfrom",
+                "getpeername",
+            ],
+        );
+        let first = backend(&out[1]).to_owned();
+        assert_answer(&out[4], Some(&first), DNS3, &out);
+        assert_eq!(out[5].peer.as_deref(), Some(DNS3), "{out:?}");
+    }
+}
+
+#[test]
+fn ipv6_services_direct_and_connected_patterns() {
+    let f = start();
+    let pod1 = f.pod_v6(1);
+    let out = f.steps(
+        "udp6",
+        &[
+            "sendto:[fd00:96::20]:53",
+            "recvfrom",
+            &format!("sendto:{pod1}"),
+            "recvfrom",
+            "sendto:[fd00:96::20]:53",
+            "recvfrom",
+        ],
+    );
+    assert_answer(&out[1], Some("pod1"), DNS_V6, &out);
+    assert_answer(&out[3], Some("pod1"), &pod1, &out);
+    assert_answer(&out[5], Some("pod1"), DNS_V6, &out);
+    for _ in 0..4 {
+        let out = f.steps(
+            "udp6",
+            &[
+                "connect:[fd00:96::21]:53",
+                "send",
+                "recv",
+                "sendto:[fd00:96::21]:53",
+                "recvfrom",
+                "getpeername",
+            ],
+        );
+        let first = backend(&out[2]).to_owned();
+        assert_answer(&out[4], Some(&first), DNS3_V6, &out);
+        assert_eq!(out[5].peer.as_deref(), Some(DNS3_V6), "{out:?}");
+    }
+}
