@@ -680,6 +680,50 @@ fn maps_of_another_layout_are_refused_not_misread() {
 }
 
 #[test]
+fn maps_of_an_older_layout_version_are_refused_with_how_to_upgrade() {
+    let node = Node::new();
+    let dir = TempDir::new("m");
+    dir.write(
+        "web.yaml",
+        &service("web", "10.96.0.131", 80, 8080, "TCP", &[]),
+    );
+    // The metadata map an lb of layout version 2 left, next to an LB_SOCKS of its value size.
+    let pin = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
+    std::fs::create_dir_all(pin.join("maps")).expect("mkdir pins");
+    let meta = pin.join("maps/LB_META");
+    let meta_path = meta.to_str().expect("utf-8");
+    lb_tests::sh(&[
+        "bpftool", "map", "create", meta_path, "type", "array", "key", "4", "value", "4",
+        "entries", "4", "name", "LB_META",
+    ]);
+    lb_tests::sh(&[
+        "bpftool", "map", "update", "pinned", meta_path, "key", "0", "0", "0", "0", "value", "2",
+        "0", "0", "0",
+    ]);
+    let out = Command::new(lb_bin())
+        .arg("run")
+        .arg("--manifests")
+        .arg(&dir.0)
+        .arg("--cgroup")
+        .arg(&node.cgroup.path)
+        .arg("--pin-path")
+        .arg(&pin)
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .output()
+        .expect("lb run");
+    let _gone = std::fs::remove_file(&meta);
+    let _gone = std::fs::remove_dir_all(&pin);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("have layout version 2, this lb uses ")
+            && err.contains("lb cleanup --pin-path"),
+        "{err}"
+    );
+    assert!(attached_programs(&node.cgroup.path).is_empty());
+}
+
+#[test]
 fn check_names_file_object_and_field() {
     let dir = TempDir::new("m");
     dir.write(

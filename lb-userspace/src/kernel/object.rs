@@ -44,8 +44,11 @@ pub enum LoadError {
         expected: String,
     },
     #[error(
-        "pinned maps under {pin} have layout version {found}, this lb uses {expected}. \
-         Run `lb cleanup --pin-path {pin}` (Service traffic stops until lb runs again) and start lb again"
+        "pinned maps under {pin} have layout version {found}, this lb uses {expected}; nothing \
+         was changed and the running datapath keeps serving. To upgrade, run `lb cleanup \
+         --pin-path {pin}` and start this lb (new connections are translated at once; \
+         established connections keep flowing, but sockets opened before show their pod in \
+         getpeername and UDP replies)"
     )]
     Version {
         pin: PathBuf,
@@ -145,22 +148,11 @@ fn check_shape(
     Ok(())
 }
 
-/// Checks every pinned map that exists against this build's specs and the stored layout
-/// version. Returns how many were found (0: a fresh start).
+/// Checks the stored layout version, then every pinned map that exists against this build's
+/// specs. The version comes first: maps of another version differ in shape too, and "another
+/// version of lb made these" is the message that says what to do. Returns how many maps were
+/// found (0: a fresh start).
 pub fn check_pinned(layout: &PinLayout, capacities: Capacities) -> Result<usize, LoadError> {
-    let mut found = 0;
-    for spec in SPECS {
-        let path = layout.map(spec.name);
-        if !path.exists() {
-            continue;
-        }
-        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::Pinned {
-            path: path.clone(),
-            source,
-        })?;
-        check_shape(layout, spec, &info, capacities)?;
-        found += 1;
-    }
     let meta = layout.map(lb_common::maps::META);
     if meta.exists() {
         let version =
@@ -176,6 +168,19 @@ pub fn check_pinned(layout: &PinLayout, capacities: Capacities) -> Result<usize,
                 expected: LAYOUT_VERSION,
             });
         }
+    }
+    let mut found = 0;
+    for spec in SPECS {
+        let path = layout.map(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::Pinned {
+            path: path.clone(),
+            source,
+        })?;
+        check_shape(layout, spec, &info, capacities)?;
+        found += 1;
     }
     Ok(found)
 }
