@@ -5,6 +5,7 @@
 //! [`desired`] (with [`tracker`] keeping it incremental) -> [`plan`] -> [`kernel`], driven by
 //! [`sync`]; [`health`], [`metrics`] and [`http`] report on it, [`inspect`] reads the maps.
 
+pub mod changes;
 pub mod cli;
 pub mod desired;
 pub mod health;

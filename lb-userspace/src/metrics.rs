@@ -78,6 +78,15 @@ pub struct Metrics {
     pub config_errors: Gauge,
     /// Unix time of the last complete sync.
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Services added, changed or removed in what the sources hand over (kube-proxy's
+    /// `kubeproxy_sync_proxy_rules_service_changes_total`; see [`crate::changes`]).
+    pub service_changes: Counter,
+    /// EndpointSlices added, changed or removed (kube-proxy's
+    /// `kubeproxy_sync_proxy_rules_endpoint_changes_total`).
+    pub endpoint_changes: Counter,
+    /// From an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to the
+    /// pass that wrote it (kube-proxy's `kubeproxy_network_programming_duration_seconds`).
+    pub network_programming: Histogram,
     /// Reads of the manifests.
     pub manifest_loads: ManifestLoads,
     pub source: SourceMetrics,
@@ -99,6 +108,17 @@ impl ManifestLoads {
     }
 }
 
+/// kube-proxy's buckets for the network programming latency (pkg/proxy/metrics): 0, 0.25 s,
+/// 0.5 s, every second to 59 s, every 5 s to 115 s, every 30 s to 5 min, so that its
+/// dashboards' quantiles read the same on lb's histogram.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut buckets = vec![0.0, 0.25, 0.5];
+    buckets.extend((1..60).map(f64::from));
+    buckets.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    buckets.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    buckets
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("lb");
@@ -111,6 +131,9 @@ impl Metrics {
         let map_writes = Counter::default();
         let config_errors = Gauge::default();
         let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let service_changes = Counter::default();
+        let endpoint_changes = Counter::default();
+        let network_programming = Histogram::new(network_programming_buckets());
         let manifest_loads = ManifestLoads::default();
         let source = SourceMetrics::default();
         let sockets = SockMetrics::default();
@@ -153,6 +176,21 @@ impl Metrics {
             "last_sync_timestamp_seconds",
             "Unix time of the last complete sync",
             last_sync.clone(),
+        );
+        registry.register(
+            "service_changes",
+            "Services added, changed or removed in what the sources hand over",
+            service_changes.clone(),
+        );
+        registry.register(
+            "endpoint_changes",
+            "EndpointSlices (and v1 Endpoints subsets) added, changed or removed in what the sources hand over",
+            endpoint_changes.clone(),
+        );
+        registry.register(
+            "network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time annotation to the sync pass that wrote the change",
+            network_programming.clone(),
         );
         registry.register(
             "manifest_load_seconds",
@@ -204,6 +242,9 @@ impl Metrics {
             map_writes,
             config_errors,
             last_sync,
+            service_changes,
+            endpoint_changes,
+            network_programming,
             manifest_loads,
             source,
             sockets,

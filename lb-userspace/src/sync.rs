@@ -15,6 +15,7 @@ use std::{
 use lb_common::maps::MemberKey;
 
 use crate::{
+    changes::{self, ProgrammingLatency},
     desired::Limits,
     health::Health,
     kernel::{maps::Maps, sock_destroy::SockDestroyer},
@@ -57,6 +58,10 @@ pub struct Syncer {
     known_problems: BTreeSet<String>,
     /// Closes the sockets connected to backends the writes removed (none: nobody does).
     sock_destroyer: Option<SockDestroyer>,
+    /// The last snapshot received (synced or coalesced), to count what each one changes.
+    received: Arc<Snapshot>,
+    /// EndpointSlice changes waiting for a pass to write them, with their trigger times.
+    latency: ProgrammingLatency,
 }
 
 /// How one pass went.
@@ -88,7 +93,19 @@ impl Syncer {
             resync_period,
             known_problems: BTreeSet::new(),
             sock_destroyer: None,
+            received: Arc::new(Snapshot::default()),
+            latency: ProgrammingLatency::new(SystemTime::now()),
         }
+    }
+
+    /// Counts what `snapshot` changes against the one received before it and notes its
+    /// EndpointSlices' trigger times (every snapshot, also those a burst coalesces).
+    fn received(&mut self, snapshot: &Arc<Snapshot>) {
+        let counted = changes::count(&self.received, snapshot);
+        self.metrics.service_changes.inc_by(counted.services);
+        self.metrics.endpoint_changes.inc_by(counted.slices);
+        self.latency.record(&self.received, snapshot);
+        self.received = snapshot.clone();
     }
 
     /// Hands every membership the writes delete to `destroyer`, right after the pass that
@@ -111,6 +128,7 @@ impl Syncer {
                     source_errors,
                 }) => {
                     self.health.queued();
+                    self.received(&snapshot);
                     latest = Some((snapshot, source_errors));
                     // Coalesce a burst: only the newest snapshot matters.
                     loop {
@@ -119,6 +137,7 @@ impl Syncer {
                                 snapshot,
                                 source_errors,
                             }) => {
+                                self.received(&snapshot);
                                 latest = Some((snapshot, source_errors));
                             }
                             Ok(Update::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return,
@@ -253,7 +272,7 @@ impl Syncer {
         pass
     }
 
-    fn report(&self, pass: &Pass, elapsed: Duration, source_errors: usize) {
+    fn report(&mut self, pass: &Pass, elapsed: Duration, source_errors: usize) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         let m = &self.metrics;
         m.services.set(gauge(self.tracker.services()));
@@ -271,10 +290,14 @@ impl Syncer {
             .inc();
         if ok {
             self.health.synced();
-            let now = SystemTime::now()
+            let now = SystemTime::now();
+            for took in self.latency.programmed(now) {
+                m.network_programming.observe(took.as_secs_f64());
+            }
+            let unix = now
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default();
-            m.last_sync.set(now.as_secs_f64());
+            m.last_sync.set(unix.as_secs_f64());
         }
     }
 

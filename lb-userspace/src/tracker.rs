@@ -292,6 +292,7 @@ mod tests {
                     zone_hints: BTreeSet::new(),
                 })
                 .collect(),
+            trigger_time: None,
         })
     }
 

@@ -1,0 +1,143 @@
+//! Operating lb: the metrics a kube-proxy operator watches, map fill, the inspection commands
+//! (`lb list`, `lb stats`, `lb explain`) against a real agent and the pinned maps, log
+//! formats, and the Prometheus alerting rules evaluated by a real Prometheus.
+
+use std::time::{Duration, Instant};
+
+use lb_tests::{Agent, Cgroup, TempDir, unique};
+
+/// A Service on `cluster_ip:port/TCP` with one EndpointSlice of `backends` on `target`,
+/// the slice annotated with `trigger` as its last-change-trigger-time when given.
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    target: u16,
+    backends: &[&str],
+    trigger: Option<&str>,
+) -> String {
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|ip| format!("  - addresses: ['{ip}']"))
+        .collect();
+    let endpoints = if endpoints.is_empty() {
+        "endpoints: []".to_owned()
+    } else {
+        format!("endpoints:\n{}", endpoints.join("\n"))
+    };
+    let annotations = trigger.map_or_else(String::new, |t| {
+        format!(", annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{t}'}}")
+    });
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  clusterIP: '{cluster_ip}'
+  ports: [{{name: http, port: {port}, targetPort: {target}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}{annotations}}}
+addressType: IPv4
+ports: [{{name: http, port: {target}}}]
+{endpoints}
+"
+    )
+}
+
+/// Now as RFC 3339 with nanoseconds, as the EndpointSlice controller writes it.
+fn rfc3339_now() -> String {
+    lb_tests::sh(&["date", "-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
+        .trim()
+        .to_owned()
+}
+
+/// The value of the sample `name` (with exactly `labels`, e.g. `{map="LB_FRONTENDS"}`, or
+/// "" for none) in Prometheus text.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted = format!("{name}{labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&wanted))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until `pred` holds for the agent's metrics; returns the text that satisfied it.
+fn wait_metrics(agent: &Agent, within: Duration, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = agent.metrics_text();
+        if pred(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics did not get there within {within:?}:\n{text}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn kube_proxy_metrics_count_changes_and_time_network_programming() {
+    let cgroup = Cgroup::new(&unique("lt"));
+    let dir = TempDir::new("m");
+    // Changed long before the agent started: not a latency of this agent (kube-proxy's rule).
+    dir.write(
+        "web.yaml",
+        &service(
+            "web",
+            "10.96.0.10",
+            80,
+            8080,
+            &["10.1.0.1"],
+            Some("2020-01-01T00:00:00Z"),
+        ),
+    );
+    let agent = Agent::start(&cgroup.path, &dir.0);
+    let text = agent.metrics_text();
+    assert_eq!(sample(&text, "lb_service_changes_total", ""), Some(1.0));
+    assert_eq!(sample(&text, "lb_endpoint_changes_total", ""), Some(1.0));
+    assert_eq!(
+        sample(&text, "lb_network_programming_duration_seconds_count", ""),
+        Some(0.0),
+        "a trigger time from before the start is not timed"
+    );
+    let first_sync = sample(&text, "lb_last_sync_timestamp_seconds", "").expect("last sync");
+
+    // An endpoint change, triggered now: timed from the annotation to the map write.
+    let triggered = Instant::now();
+    dir.write(
+        "web.yaml",
+        &service(
+            "web",
+            "10.96.0.10",
+            80,
+            8080,
+            &["10.1.0.1", "10.1.0.2"],
+            Some(&rfc3339_now()),
+        ),
+    );
+    let text = wait_metrics(&agent, Duration::from_secs(5), |t| {
+        sample(t, "lb_network_programming_duration_seconds_count", "") == Some(1.0)
+    });
+    let took = sample(&text, "lb_network_programming_duration_seconds_sum", "").expect("sum");
+    assert!(
+        took > 0.0 && took <= triggered.elapsed().as_secs_f64() + 0.5,
+        "latency {took} s, the test saw {:?}",
+        triggered.elapsed()
+    );
+    assert_eq!(sample(&text, "lb_endpoint_changes_total", ""), Some(2.0));
+    assert_eq!(
+        sample(&text, "lb_service_changes_total", ""),
+        Some(1.0),
+        "the Service did not change"
+    );
+    let last_sync = sample(&text, "lb_last_sync_timestamp_seconds", "").expect("last sync");
+    assert!(last_sync > first_sync, "{last_sync} after {first_sync}");
+    assert!(
+        sample(&text, "lb_sync_duration_seconds_count", "").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
+}
