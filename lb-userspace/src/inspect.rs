@@ -8,7 +8,10 @@ use anyhow::Context as _;
 use crate::{
     cli::{CheckArgs, InspectArgs},
     desired::{self, ShowAddrPort, ShowFrontend},
-    kernel::{PinLayout, maps::Maps},
+    kernel::{
+        PinLayout,
+        maps::{Fill, Maps},
+    },
     model::Node,
     source::manifests::Manifests,
 };
@@ -80,11 +83,11 @@ pub fn list(args: &InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lb stats`.
+/// `lb stats`: the datapath counters, and each map's fill (entries / capacity).
 pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = open(args)?;
     let counters = maps.stats()?;
-    let sizes = maps.conn_table_sizes();
+    let fills = maps.fill();
     let mut out = std::io::stdout().lock();
     if args.json {
         let events: serde_json::Map<String, serde_json::Value> = lb_common::stats::NAMES
@@ -92,9 +95,20 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
             .zip(&counters)
             .map(|(n, v)| ((*n).to_owned(), (*v).into()))
             .collect();
+        let entries = |name| {
+            fills
+                .iter()
+                .find(|f| f.map == name)
+                .map_or(0, |f| f.entries)
+        };
         let json = serde_json::json!({
             "events": events,
-            "tables": { "revnat": sizes.revnat, "affinity": sizes.affinity, "udp_flows": sizes.udp_flows },
+            "maps": fills,
+            "tables": {
+                "revnat": entries(lb_common::maps::REVNAT),
+                "affinity": entries(lb_common::maps::AFFINITY),
+                "udp_flows": entries(lb_common::maps::UDP_FLOWS),
+            },
         });
         serde_json::to_writer_pretty(&mut out, &json)?;
         writeln!(out)?;
@@ -103,10 +117,33 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
     for (name, value) in lb_common::stats::NAMES.iter().zip(&counters) {
         writeln!(out, "{name:<24} {value}")?;
     }
-    writeln!(out, "{:<24} {}", "table_revnat", sizes.revnat)?;
-    writeln!(out, "{:<24} {}", "table_affinity", sizes.affinity)?;
-    writeln!(out, "{:<24} {}", "table_udp_flows", sizes.udp_flows)?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<16} {:>10} {:>10} {:>7}",
+        "MAP", "ENTRIES", "CAPACITY", "FILL"
+    )?;
+    for fill in &fills {
+        writeln!(out, "{}", show_fill(fill))?;
+    }
     Ok(())
+}
+
+/// One row of `lb stats`' map table: name, entries, capacity, fill in percent, and a mark
+/// past [`crate::metrics::NEARLY_FULL`].
+fn show_fill(fill: &Fill) -> String {
+    let mark = if fill.ratio() > crate::metrics::NEARLY_FULL {
+        "  nearly full"
+    } else {
+        ""
+    };
+    format!(
+        "{:<16} {:>10} {:>10} {:>6.1}%{mark}",
+        fill.map,
+        fill.entries,
+        fill.capacity,
+        fill.ratio() * 100.0
+    )
 }
 
 /// `lb check`: exit status 1 and one line per problem on stderr when anything is invalid.
@@ -139,4 +176,24 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<bool> {
         desired.backend_count(),
     );
     Ok(errors.is_empty() && problems.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    #[rstest]
+    #[case::empty(0, 65536, "LB_FRONTENDS              0      65536    0.0%")]
+    #[case::three_quarters(3, 4, "LB_FRONTENDS              3          4   75.0%")]
+    #[case::nearly_full(4, 4, "LB_FRONTENDS              4          4  100.0%  nearly full")]
+    fn fill_rows(#[case] entries: usize, #[case] capacity: u32, #[case] want: &str) {
+        let fill = Fill {
+            map: "LB_FRONTENDS",
+            entries,
+            capacity,
+        };
+        assert_eq!(show_fill(&fill), want);
+    }
 }

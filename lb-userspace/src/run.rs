@@ -128,6 +128,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut metrics = Metrics::new();
     let stats = Maps::open_stats(&layout)?;
     metrics.register_datapath(stats);
+    metrics.register_map_fill(Maps::open(&layout)?);
     if !args.manifests.is_empty() {
         metrics.register_progress(vec![manifests_progress.clone()], health.stale_after());
     }

@@ -278,6 +278,12 @@ impl Syncer {
         m.services.set(gauge(self.tracker.services()));
         m.frontends.set(gauge(self.state.frontends().len()));
         m.backends.set(gauge(self.state.slot_count()));
+        m.map_fill
+            .set(lb_common::maps::FRONTENDS, self.state.frontends().len());
+        m.map_fill
+            .set(lb_common::maps::SLOTS, self.state.slot_count());
+        m.map_fill
+            .set(lb_common::maps::MEMBERS, self.state.member_count());
         m.map_writes.inc_by(pass.writes);
         m.sync_duration.observe(elapsed.as_secs_f64());
         m.config_errors

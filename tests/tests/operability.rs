@@ -141,3 +141,87 @@ fn kube_proxy_metrics_count_changes_and_time_network_programming() {
         "{text}"
     );
 }
+
+/// `n` Services web0..web{n-1} on 10.96.1.x:80, one file each.
+fn write_services(dir: &TempDir, n: u8) {
+    for i in 0..n {
+        dir.write(
+            &format!("web{i}.yaml"),
+            &service(
+                &format!("web{i}"),
+                &format!("10.96.1.{}", 10 + i),
+                80,
+                8080,
+                &["10.1.0.1"],
+                None,
+            ),
+        );
+    }
+}
+
+#[test]
+fn map_fill_is_a_metric_a_warning_and_a_stats_line() {
+    let cgroup = Cgroup::new(&unique("lt"));
+    let dir = TempDir::new("m");
+    write_services(&dir, 3);
+    let agent = Agent::start_manifests_with(
+        &cgroup.path,
+        &dir.0,
+        &["--max-frontends", "4", "--max-backends", "64"],
+        Duration::from_secs(20),
+    );
+    let frontends = r#"{map="LB_FRONTENDS"}"#;
+    let text = agent.metrics_text();
+    assert_eq!(sample(&text, "lb_map_entries", frontends), Some(3.0));
+    assert_eq!(sample(&text, "lb_map_capacity", frontends), Some(4.0));
+    assert_eq!(sample(&text, "lb_map_fill_ratio", frontends), Some(0.75));
+    assert_eq!(sample(&text, "lb_map_nearly_full", frontends), Some(0.0));
+    assert_eq!(
+        sample(&text, "lb_map_capacity", r#"{map="LB_AFFINITY"}"#),
+        Some(65536.0)
+    );
+
+    // The fourth Service fills the frontend map: past 90%.
+    write_services(&dir, 4);
+    wait_metrics(&agent, Duration::from_secs(5), |t| {
+        sample(t, "lb_map_nearly_full", frontends) == Some(1.0)
+    });
+    let log = agent.log_text();
+    assert!(
+        log.contains("map nearly full") && log.contains("LB_FRONTENDS"),
+        "{log}"
+    );
+    let out = agent.lb(&["stats"]);
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let row = stats
+        .lines()
+        .find(|l| l.starts_with("LB_FRONTENDS"))
+        .unwrap_or_else(|| panic!("no LB_FRONTENDS row:\n{stats}"));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        fields,
+        ["LB_FRONTENDS", "4", "4", "100.0%", "nearly", "full"],
+        "{stats}"
+    );
+    let out = agent.lb(&["stats", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats json");
+    let maps = json["maps"].as_array().expect("maps");
+    let slots = maps
+        .iter()
+        .find(|m| m["map"] == "LB_SLOTS")
+        .expect("LB_SLOTS");
+    assert_eq!(
+        (slots["entries"].as_u64(), slots["capacity"].as_u64()),
+        (Some(4), Some(64))
+    );
+
+    // Back below: the metric clears and the log says so.
+    for i in 1..4 {
+        dir.remove(&format!("web{i}.yaml"));
+    }
+    wait_metrics(&agent, Duration::from_secs(5), |t| {
+        sample(t, "lb_map_nearly_full", frontends) == Some(0.0)
+    });
+    assert!(agent.log_text().contains("map no longer nearly full"));
+}
