@@ -19,10 +19,6 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start; boxing the flags would buy nothing"
-)]
 pub enum Command {
     /// Run the agent: load and attach the programs, keep the maps in sync with the sources.
     Run(RunArgs),
@@ -31,7 +27,7 @@ pub enum Command {
     /// Validate manifests without touching the kernel.
     Check(CheckArgs),
     /// List the Service frontends and backends the kernel holds (read from the pinned maps).
-    List(InspectArgs),
+    List(ListArgs),
     /// Show the datapath counters and connection-table sizes (read from the pinned maps).
     Stats(InspectArgs),
 }
@@ -123,6 +119,15 @@ impl CapacityArgs {
             backends: self.max_backends,
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub inspect: InspectArgs,
+    /// Only the frontends of this Service (NAMESPACE/NAME, or NAME in "default").
+    #[arg(long, value_name = "NS/NAME")]
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Args)]

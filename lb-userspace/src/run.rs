@@ -19,6 +19,7 @@ use crate::{
         attach::{self, Attachment},
         fs,
         maps::Maps,
+        names::Names,
         object,
         sock_destroy::{self, SockDestroyer},
     },
@@ -177,6 +178,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     if let Some(destroyer) = sock_destroyer {
         syncer = syncer.with_sock_destroyer(destroyer);
+    }
+    // Names for inspection are a convenience: without them the datapath serves all the same.
+    match Names::open_or_create(&layout, capacities.frontends) {
+        Ok(names) => syncer = syncer.with_names(names),
+        Err(e) => tracing::error!(
+            error = format!("{:#}", anyhow::Error::from(e)),
+            "lb list and lb explain will not name Services"
+        ),
     }
     let sync_thread = std::thread::Builder::new()
         .name("sync".into())

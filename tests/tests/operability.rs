@@ -225,3 +225,82 @@ fn map_fill_is_a_metric_a_warning_and_a_stats_line() {
     });
     assert!(agent.log_text().contains("map no longer nearly full"));
 }
+
+/// `lb list --json` rows, as JSON values.
+fn list_json(agent: &Agent, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["list", "--json"];
+    args.extend_from_slice(extra);
+    let out = agent.lb(&args);
+    assert!(
+        out.status.success(),
+        "lb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("lb list json")
+}
+
+#[test]
+fn list_names_services_and_filters_by_one_also_while_the_agent_is_down() {
+    let cgroup = Cgroup::new(&unique("lt"));
+    let dir = TempDir::new("m");
+    dir.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", 80, 8080, &["10.1.0.1"], None),
+    );
+    dir.write(
+        "db.yaml",
+        &service("db", "10.96.0.11", 5432, 5432, &["10.1.0.2"], None),
+    );
+    let mut agent = Agent::start(&cgroup.path, &dir.0);
+    let web = list_json(&agent, &["--service", "shop/web"]);
+    assert_eq!(web.len(), 1, "{web:?}");
+    assert_eq!(web[0]["frontend"], "10.96.0.10:80/TCP");
+    assert_eq!(web[0]["service"], "shop/web");
+    assert_eq!(web[0]["port_name"], "http");
+    assert_eq!(web[0]["kind"], "ClusterIP");
+    assert!(list_json(&agent, &["--service", "shop/nothing"]).is_empty());
+    let out = agent.lb(&["list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("shop/web:http") && table.contains("shop/db:http"),
+        "{table}"
+    );
+
+    // A Service that goes takes its names along.
+    dir.remove("db.yaml");
+    agent.wait_for("10.96.0.11:5432/TCP", None, Duration::from_secs(5));
+    let all = list_json(&agent, &[]);
+    assert_eq!(all.len(), 1, "{all:?}");
+
+    // A renamed port changes no frontend value, and still its name.
+    dir.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", 80, 8080, &["10.1.0.1"], None)
+            .replace("name: http", "name: www"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while list_json(&agent, &["--service", "shop/web"])[0]["port_name"] != "www" {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The agent down: the names are still beside the pins.
+    assert_eq!(agent.stop(), Some(0));
+    let web = list_json(&agent, &["--service", "shop/web"]);
+    assert_eq!(web.len(), 1, "{web:?}");
+    assert_eq!(web[0]["service"], "shop/web");
+    assert_eq!(web[0]["port_name"], "www");
+    let out = agent.lb(&["list", "--service", "a/b/c"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NAMESPACE/NAME"));
+
+    // A restart adopts the map, and renames reach it.
+    dir.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", 80, 8080, &["10.1.0.1"], None)
+            .replace("name: http", "name: www"),
+    );
+    agent.restart();
+    let web = list_json(&agent, &["--service", "shop/web"]);
+    assert_eq!(web[0]["port_name"], "www", "{web:?}");
+}
