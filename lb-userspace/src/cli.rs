@@ -28,8 +28,12 @@ pub enum Command {
     Check(CheckArgs),
     /// List the Service frontends and backends the kernel holds (read from the pinned maps).
     List(ListArgs),
-    /// Show the datapath counters and connection-table sizes (read from the pinned maps).
+    /// Show the datapath counters and each map's fill (read from the pinned maps).
     Stats(InspectArgs),
+    /// Explain what the datapath does with a connection to ADDR:PORT[/PROTO]: the frontend,
+    /// Service, policies, backends, the client's affinity entry and the deciding rule (read
+    /// from the pinned maps).
+    Explain(ExplainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +132,23 @@ pub struct ListArgs {
     /// Only the frontends of this Service (NAMESPACE/NAME, or NAME in "default").
     #[arg(long, value_name = "NS/NAME")]
     pub service: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The Service address: `10.96.0.10:80`, `10.96.0.10:53/UDP`, `[fd00::10]:80/TCP`
+    /// (TCP when no protocol is given).
+    #[arg(value_name = "ADDR:PORT[/PROTO]")]
+    pub target: String,
+    #[command(flatten)]
+    pub inspect: InspectArgs,
+    /// The client's address: resolved to the network namespaces on this node that hold it
+    /// (affinity is kept per client network namespace).
+    #[arg(long, value_name = "IP", conflicts_with = "client_netns")]
+    pub client: Option<IpAddr>,
+    /// The client's network namespace: /run/netns/NAME or /proc/PID/ns/net.
+    #[arg(long, value_name = "PATH")]
+    pub client_netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

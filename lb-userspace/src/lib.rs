@@ -8,6 +8,7 @@
 pub mod changes;
 pub mod cli;
 pub mod desired;
+pub mod explain;
 pub mod health;
 pub mod http;
 pub mod inspect;

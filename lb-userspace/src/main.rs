@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use lb_userspace::{
     cli::{self, Command},
-    inspect,
+    explain, inspect,
     kernel::{self, PinLayout},
     run,
 };
@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         },
         Command::List(args) => inspect::list(&args),
         Command::Stats(args) => inspect::stats(&args),
+        Command::Explain(args) => explain::explain(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

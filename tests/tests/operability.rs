@@ -304,3 +304,122 @@ fn list_names_services_and_filters_by_one_also_while_the_agent_is_down() {
     let web = list_json(&agent, &["--service", "shop/web"]);
     assert_eq!(web[0]["port_name"], "www", "{web:?}");
 }
+
+/// `lb explain ARGS --json` against the agent's pins.
+fn explain_json(agent: &Agent, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["explain"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = agent.lb(&all);
+    assert!(
+        out.status.success(),
+        "lb {all:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("lb explain json")
+}
+
+#[test]
+fn explain_names_the_frontend_backends_affinity_and_the_deciding_rule() {
+    let mut node = lb_tests::Node::new();
+    node.add_pod(1, "pod1", &[8080], &[]);
+    node.add_pod(2, "pod2", &[8080], &[]);
+    let ips: Vec<String> = node.pods.iter().map(|p| p.ip4.to_string()).collect();
+    let dir = TempDir::new("m");
+    dir.write(
+        "sticky.yaml",
+        &service("sticky", "10.96.0.20", 80, 8080, &[&ips[0], &ips[1]], None).replace(
+            "  clusterIP: '10.96.0.20'",
+            "  clusterIP: '10.96.0.20'\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}",
+        ),
+    );
+    dir.write(
+        "empty.yaml",
+        &service("empty", "10.96.0.21", 80, 8080, &[], None),
+    );
+    let mut agent = Agent::start(&node.cgroup.path, &dir.0);
+
+    let got = lb_tests::backends(&node.client(&["tcp", "10.96.0.20:80", "--count", "3"]));
+    let pod = node
+        .pods
+        .iter()
+        .find(|p| p.name == got[0])
+        .expect("a pod answered");
+    let sticky_backend = format!("{}:8080", pod.ip4);
+    let client_netns = node.client.path();
+    let client_netns = client_netns.to_str().expect("utf-8");
+
+    // The client named by its namespace: its entry decides.
+    let e = explain_json(&agent, &["10.96.0.20:80", "--client-netns", client_netns]);
+    assert_eq!(e["frontend"], "10.96.0.20:80/TCP", "{e:#}");
+    assert_eq!(e["rule"], "exact_frontend");
+    assert_eq!(e["kind"], "ClusterIP");
+    assert_eq!(e["service"], "shop/sticky");
+    assert_eq!(e["port_name"], "http");
+    assert_eq!(e["affinity_timeout_seconds"], 600);
+    let backends: Vec<&str> = e["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["backend"].as_str().expect("backend"))
+        .collect();
+    assert_eq!(backends.len(), 2, "{e:#}");
+    assert!(backends.contains(&sticky_backend.as_str()), "{e:#}");
+    let affinity = e["affinity"].as_array().expect("affinity");
+    assert_eq!(affinity.len(), 1, "{e:#}");
+    assert_eq!(affinity[0]["backend"], sticky_backend.as_str());
+    assert_eq!(affinity[0]["reused"], true);
+    assert_eq!(e["verdict"]["outcome"], "translated");
+    assert!(
+        e["verdict"]["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains(&sticky_backend)),
+        "{e:#}"
+    );
+
+    // The client named by its address: found in its namespace (other tests' client
+    // namespaces may hold the same address: then each is listed, with a note).
+    let e = explain_json(&agent, &["10.96.0.20:80", "--client", lb_tests::CLIENT_IP4]);
+    let resolved = e["client"]["resolved"].as_array().expect("resolved");
+    assert!(resolved.iter().any(|r| r["path"] == client_netns), "{e:#}");
+    let affinity = e["affinity"].as_array().expect("affinity");
+    assert_eq!(affinity.len(), 1, "{e:#}");
+    assert_eq!(affinity[0]["backend"], sticky_backend.as_str());
+    // An address no namespace here holds: said so, and every client's entry shown.
+    let e = explain_json(&agent, &["10.96.0.20:80", "--client", "192.0.2.77"]);
+    assert!(
+        e["client"]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("another node")),
+        "{e:#}"
+    );
+
+    // No endpoints: refused, and by which rule.
+    let e = explain_json(&agent, &["10.96.0.21:80/tcp"]);
+    assert_eq!(e["verdict"]["outcome"], "refused", "{e:#}");
+    assert_eq!(e["verdict"]["errno"], "ECONNREFUSED");
+    assert_eq!(e["verdict"]["counter"], "refused_no_backend");
+    // Not a frontend (another protocol of a Service address included).
+    for target in ["10.96.0.99:80", "10.96.0.20:80/UDP"] {
+        let e = explain_json(&agent, &[target]);
+        assert_eq!(e["verdict"]["outcome"], "not_translated", "{e:#}");
+        assert!(e["frontend"].is_null());
+    }
+
+    // The text form, with the agent down.
+    assert_eq!(agent.stop(), Some(0));
+    let out = agent.lb(&["explain", "10.96.0.21:80"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Service shop/empty, port http"), "{text}");
+    assert!(
+        text.contains("verdict   refused with ECONNREFUSED: no usable endpoint"),
+        "{text}"
+    );
+    let out = agent.lb(&["explain", "web:80"]);
+    assert!(!out.status.success());
+}

@@ -279,6 +279,44 @@ impl Maps {
             .collect()
     }
 
+    /// The frontend at `key`, if the kernel has one.
+    pub fn frontend(&self, key: &FrontendKey) -> Result<Option<Frontend>, MapsError> {
+        match self.frontends.get(key, 0) {
+            Ok(f) => Ok(Some(f)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapsError::Read {
+                map: FRONTENDS,
+                source,
+            }),
+        }
+    }
+
+    /// The backend in slot `slot` of frontend `id`, if there is one.
+    pub fn slot(&self, id: u32, slot: u32) -> Result<Option<Backend>, MapsError> {
+        match self.slots.get(&SlotKey { id, slot }, 0) {
+            Ok(b) => Ok(Some(b)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapsError::Read { map: SLOTS, source }),
+        }
+    }
+
+    /// Whether `backend` is one of frontend `id`'s members (what the programs check before
+    /// reusing a remembered backend).
+    pub fn is_member(&self, id: u32, backend: Backend) -> bool {
+        self.members.get(&MemberKey { id, backend }, 0).is_ok()
+    }
+
+    /// The affinity entries of frontend `id`: client netns cookie and entry (an iteration of
+    /// the whole LRU map).
+    pub fn affinity_of(&self, id: u32) -> Vec<(u64, Affinity)> {
+        self.affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, _)| key.id == id)
+            .map(|(key, value)| (key.client, value))
+            .collect()
+    }
+
     /// The capacity of the pinned map `name` (0 when unknown).
     pub fn capacity(&self, name: &str) -> u32 {
         let map = match name {
