@@ -16,6 +16,10 @@ pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log as human-readable text or as one JSON object per line (stderr), with every
+    /// event's fields.
+    #[arg(long, global = true, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]

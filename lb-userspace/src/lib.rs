@@ -13,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod inspect;
 pub mod kernel;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod plan;

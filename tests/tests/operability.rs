@@ -2,7 +2,10 @@
 //! (`lb list`, `lb stats`, `lb explain`) against a real agent and the pinned maps, log
 //! formats, and the Prometheus alerting rules evaluated by a real Prometheus.
 
-use std::time::{Duration, Instant};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use lb_tests::{Agent, Cgroup, TempDir, unique};
 
@@ -422,4 +425,68 @@ fn explain_names_the_frontend_backends_affinity_and_the_deciding_rule() {
     );
     let out = agent.lb(&["explain", "web:80"]);
     assert!(!out.status.success());
+}
+
+#[test]
+fn log_format_json_gives_one_object_per_line_with_the_fields() {
+    let cgroup = Cgroup::new(&unique("lt"));
+    let dir = TempDir::new("m");
+    dir.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", 80, 8080, &["10.1.0.1"], None),
+    );
+    // A manifest problem, logged with its fields.
+    dir.write(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 10.96.0.30, ports: [{port: 70000}]}\n",
+    );
+    let agent = Agent::start_manifests_with(
+        &cgroup.path,
+        &dir.0,
+        &["--log-format", "json"],
+        Duration::from_secs(20),
+    );
+    let log = agent.log_text();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let ready = events
+        .iter()
+        .find(|e| e["message"] == "datapath ready")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(ready["level"], "INFO");
+    assert!(ready["pin_path"].is_string(), "{ready}");
+    let problem = events
+        .iter()
+        .find(|e| e["message"] == "manifest problem")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(problem["level"], "ERROR");
+    assert_eq!(problem["field"], "spec.ports[0].port", "{problem}");
+    assert!(
+        problem["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("bad.yaml")),
+        "{problem}"
+    );
+
+    // Every subcommand takes the flag.
+    for args in [
+        &["list", "--log-format", "json"][..],
+        &["stats", "--log-format", "text"],
+        &["explain", "10.96.0.10:80", "--log-format", "json"],
+    ] {
+        let out = agent.lb(args);
+        assert!(
+            out.status.success(),
+            "lb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new(lb_tests::lb_bin())
+        .args(["check", "--log-format", "json", "--manifests"])
+        .arg(&dir.0)
+        .output()
+        .expect("lb check");
+    assert_eq!(out.status.code(), Some(1), "the bad file is reported");
 }
