@@ -490,3 +490,230 @@ fn log_format_json_gives_one_object_per_line_with_the_fields() {
         .expect("lb check");
     assert_eq!(out.status.code(), Some(1), "the bad file is reported");
 }
+
+/// A Prometheus started by a test on loopback, with its own config and data directory;
+/// killed (and the directory removed) on drop, also when the test fails.
+struct Prometheus {
+    child: Option<std::process::Child>,
+    addr: std::net::SocketAddr,
+    /// Dropped after the process: holds the config, rules and TSDB.
+    dir: TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `target` and evaluates `rules` every second.
+    fn start(target: std::net::SocketAddr, rules: &str) -> Self {
+        let dir = TempDir::new("prom");
+        dir.write("rules.yaml", rules);
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             rule_files: [{rules}]\n\
+             scrape_configs:\n  - job_name: lb\n    static_configs: [{{targets: ['{target}']}}]\n",
+            rules = dir.0.join("rules.yaml").display()
+        );
+        let config_path = dir.write("prometheus.yml", &config);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], lb_tests::free_port()));
+        let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("log file");
+        let child = lb_tests::die_with_parent(&mut Command::new("prometheus"))
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect(
+                "start prometheus (Debian's prometheus package: cargo xtask setup installs it)",
+            );
+        let prometheus = Self {
+            child: Some(child),
+            addr,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lb_tests::http_get(addr, "/-/ready").is_none_or(|(code, _)| code != 200) {
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready:\n{}",
+                prometheus.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        prometheus
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `GET path` of the HTTP API, as JSON.
+    fn api(&self, path: &str) -> serde_json::Value {
+        let (code, body) = lb_tests::http_get(self.addr, path)
+            .unwrap_or_else(|| panic!("GET {path}: no answer\n{}", self.log()));
+        assert_eq!(code, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// The alerts in `state` (`pending`, `firing`): (alertname, labels).
+    fn alerts(&self, state: &str) -> Vec<(String, serde_json::Value)> {
+        self.api("/api/v1/alerts")["data"]["alerts"]
+            .as_array()
+            .expect("alerts")
+            .iter()
+            .filter(|a| a["state"] == state)
+            .map(|a| {
+                (
+                    a["labels"]["alertname"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    a["labels"].clone(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _gone = child.kill();
+            let _reaped = child.wait();
+        }
+    }
+}
+
+/// Percent-encodes a query parameter.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs promtool with `args` in `dir`; panics with its output on failure.
+fn promtool(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run promtool (Debian's prometheus package: cargo xtask setup installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+/// The `lb_*` metric names an expression uses.
+fn lb_metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("lb_") {
+        let before = rest[..at].chars().last();
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            names.push(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn prometheus_rules_parse_and_a_full_map_fires_its_alert_in_a_real_prometheus() {
+    let deploy = lb_tests::workspace_root().join("deploy");
+    let rules_dir = deploy.join("prometheus");
+    // The rules parse, and each alert fires on series that provoke it (promtool's unit tests).
+    let checked = promtool(&rules_dir, &["check", "rules", "lb-rules.yaml"]);
+    assert!(checked.contains("SUCCESS: 7 rules found"), "{checked}");
+    promtool(&rules_dir, &["test", "rules", "lb-rules-test.yaml"]);
+
+    // A real lb with a full frontend map (4 Services in a map of 4).
+    let cgroup = Cgroup::new(&unique("lt"));
+    let dir = TempDir::new("m");
+    write_services(&dir, 4);
+    let agent = Agent::start_manifests_with(
+        &cgroup.path,
+        &dir.0,
+        &["--max-frontends", "4"],
+        Duration::from_secs(20),
+    );
+    // Every lb metric the rules and the dashboard use exists in a real scrape.
+    let scraped = agent.metrics_text();
+    let rules_text = std::fs::read_to_string(rules_dir.join("lb-rules.yaml")).expect("read rules");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("grafana/lb-dashboard.json")).expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let panel_exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().expect("expr").to_owned())
+        .collect();
+    assert!(panel_exprs.len() >= 10, "{panel_exprs:?}");
+    for name in lb_metric_names(&rules_text)
+        .into_iter()
+        .chain(panel_exprs.iter().flat_map(|e| lb_metric_names(e)))
+    {
+        let family = ["_bucket", "_sum", "_count", "_total"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            scraped.contains(&format!("# TYPE {family} ")),
+            "{name} is not among lb's metrics:\n{scraped}"
+        );
+    }
+
+    // Prometheus scraping it with the rules (durations cut to a second to keep this quick;
+    // the expressions are the deployed ones).
+    let quick_rules: String = rules_text
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("for: ") {
+            Some(_) => format!("{}for: 1s", &l[..l.len() - l.trim_start().len()]),
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let prometheus = Prometheus::start(agent.metrics, &quick_rules);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let firing = loop {
+        let firing = prometheus.alerts("firing");
+        if !firing.is_empty() {
+            break firing;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no alert fired within 60 s; pending: {:?}\n{}",
+            prometheus.alerts("pending"),
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let names: Vec<&str> = firing.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["LbMapNearlyFull"], "only the full map: {firing:?}");
+    assert_eq!(firing[0].1["map"], "LB_FRONTENDS");
+    assert_eq!(firing[0].1["severity"], "warning");
+
+    // Every dashboard query runs in that Prometheus.
+    for expr in &panel_exprs {
+        let expr = expr.replace("$instance", ".*");
+        let answer = prometheus.api(&format!("/api/v1/query?query={}", url_encode(&expr)));
+        assert_eq!(answer["status"], "success", "{expr}: {answer}");
+    }
+}
