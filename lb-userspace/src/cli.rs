@@ -18,13 +18,13 @@ pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log as human-readable text or as one JSON object per line (stderr), with every
+    /// event's fields.
+    #[arg(long, global = true, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start; boxing the flags would buy nothing"
-)]
 pub enum Command {
     /// Run the agent: load and attach the programs, keep the maps in sync with the sources.
     Run(RunArgs),
@@ -33,9 +33,13 @@ pub enum Command {
     /// Validate manifests without touching the kernel.
     Check(CheckArgs),
     /// List the Service frontends and backends the kernel holds (read from the pinned maps).
-    List(InspectArgs),
-    /// Show the datapath counters and connection-table sizes (read from the pinned maps).
+    List(ListArgs),
+    /// Show the datapath counters and each map's fill (read from the pinned maps).
     Stats(InspectArgs),
+    /// Explain what the datapath does with a connection to ADDR:PORT[/PROTO]: the frontend,
+    /// Service, policies, backends, the client's affinity entry and the deciding rule (read
+    /// from the pinned maps).
+    Explain(ExplainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +137,32 @@ impl CapacityArgs {
             backends: self.max_backends,
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub inspect: InspectArgs,
+    /// Only the frontends of this Service (NAMESPACE/NAME, or NAME in "default").
+    #[arg(long, value_name = "NS/NAME")]
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The Service address: `10.96.0.10:80`, `10.96.0.10:53/UDP`, `[fd00::10]:80/TCP`
+    /// (TCP when no protocol is given).
+    #[arg(value_name = "ADDR:PORT[/PROTO]")]
+    pub target: String,
+    #[command(flatten)]
+    pub inspect: InspectArgs,
+    /// The client's address: resolved to the network namespaces on this node that hold it
+    /// (affinity is kept per client network namespace).
+    #[arg(long, value_name = "IP", conflicts_with = "client_netns")]
+    pub client: Option<IpAddr>,
+    /// The client's network namespace: /run/netns/NAME or /proc/PID/ns/net.
+    #[arg(long, value_name = "PATH")]
+    pub client_netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

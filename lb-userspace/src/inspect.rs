@@ -6,10 +6,14 @@ use std::{collections::BTreeSet, io::Write as _};
 use anyhow::Context as _;
 
 use crate::{
-    cli::{CheckArgs, InspectArgs},
+    cli::{CheckArgs, InspectArgs, ListArgs},
     desired::{self, ShowAddrPort, ShowFrontend},
-    kernel::{PinLayout, maps::Maps},
-    model::Node,
+    kernel::{
+        PinLayout,
+        maps::{Fill, Maps},
+        names::{Names, ServiceName},
+    },
+    model::{Node, ObjectKey},
     source::manifests::Manifests,
 };
 
@@ -26,65 +30,123 @@ fn open(args: &InspectArgs) -> anyhow::Result<Maps> {
 struct FrontendJson {
     frontend: String,
     id: u32,
+    /// `ClusterIP`, ... (none when the pins hold no names).
+    kind: Option<String>,
+    /// `namespace/name` of the Service (none when the pins hold no names).
+    service: Option<String>,
+    port_name: Option<String>,
     affinity_timeout_seconds: u32,
     backends: Vec<String>,
 }
 
+/// `NS/NAME`, or `NAME` in the default namespace, as kubectl reads it.
+fn parse_service(text: &str) -> anyhow::Result<ObjectKey> {
+    let key = match text.split_once('/') {
+        Some((ns, name)) => ObjectKey::new(ns, name),
+        None => ObjectKey::new("default", text),
+    };
+    anyhow::ensure!(
+        !key.namespace.is_empty() && !key.name.is_empty() && !key.name.contains('/'),
+        "--service {text:?}: expected NAMESPACE/NAME"
+    );
+    Ok(key)
+}
+
+/// The frontend names the agent left beside the maps (`LB_NAMES`); an empty map when there
+/// are none (pins of an older lb).
+fn read_names(
+    args: &InspectArgs,
+) -> anyhow::Result<Option<std::collections::BTreeMap<u32, ServiceName>>> {
+    Ok(Names::open(&PinLayout::new(&args.pin_path))?.map(|n| n.read_all()))
+}
+
 /// `lb list`.
-pub fn list(args: &InspectArgs) -> anyhow::Result<()> {
-    let maps = open(args)?;
+pub fn list(args: &ListArgs) -> anyhow::Result<()> {
+    let maps = open(&args.inspect)?;
     let state = maps.read_state()?;
+    let names = read_names(&args.inspect)?;
+    let wanted = args.service.as_deref().map(parse_service).transpose()?;
+    if wanted.is_some() && names.is_none() {
+        anyhow::bail!(
+            "--service: the pins under {} hold no Service names (LB_NAMES; written by lb run since this version)",
+            args.inspect.pin_path.display()
+        );
+    }
     let mut frontends: Vec<_> = state.frontends().iter().collect();
     frontends.sort_by_key(|(key, _)| **key);
     let rows: Vec<FrontendJson> = frontends
         .into_iter()
-        .map(|(key, f)| FrontendJson {
-            frontend: ShowFrontend(key).to_string(),
-            id: f.id,
-            affinity_timeout_seconds: f.affinity_timeout_s,
-            backends: state
-                .slots(f.id)
-                .filter(|(slot, _)| *slot < f.count)
-                .map(|(_, b)| ShowAddrPort(&b.addr, b.port).to_string())
-                .collect(),
+        .filter_map(|(key, f)| {
+            let name = names.as_ref().and_then(|n| n.get(&f.id));
+            if let Some(wanted) = &wanted
+                && name.is_none_or(|n| &n.service != wanted)
+            {
+                return None;
+            }
+            Some(FrontendJson {
+                frontend: ShowFrontend(key).to_string(),
+                id: f.id,
+                kind: name.map(|n| n.kind.to_string()),
+                service: name.map(|n| n.service.to_string()),
+                port_name: name.map(|n| n.port_name.clone()),
+                affinity_timeout_seconds: f.affinity_timeout_s,
+                backends: state
+                    .slots(f.id)
+                    .filter(|(slot, _)| *slot < f.count)
+                    .map(|(_, b)| ShowAddrPort(&b.addr, b.port).to_string())
+                    .collect(),
+            })
         })
         .collect();
     let mut out = std::io::stdout().lock();
-    if args.json {
+    if args.inspect.json {
         serde_json::to_writer_pretty(&mut out, &rows)?;
         writeln!(out)?;
         return Ok(());
     }
     writeln!(
         out,
-        "{:<44} {:>6} {:>9}  BACKENDS",
-        "FRONTEND", "ID", "AFFINITY"
+        "{:<44} {:>6} {:<10} {:<32} {:>9}  BACKENDS",
+        "FRONTEND", "ID", "KIND", "SERVICE:PORT", "AFFINITY"
     )?;
     for row in rows {
-        let affinity = if row.affinity_timeout_seconds == 0 {
-            "-".to_owned()
-        } else {
-            format!("{}s", row.affinity_timeout_seconds)
-        };
-        let backends = if row.backends.is_empty() {
-            "(none: refused)".to_owned()
-        } else {
-            row.backends.join(" ")
-        };
-        writeln!(
-            out,
-            "{:<44} {:>6} {:>9}  {backends}",
-            row.frontend, row.id, affinity
-        )?;
+        writeln!(out, "{}", show_row(&row))?;
     }
     Ok(())
 }
 
-/// `lb stats`.
+/// One line of `lb list`.
+fn show_row(row: &FrontendJson) -> String {
+    let affinity = if row.affinity_timeout_seconds == 0 {
+        "-".to_owned()
+    } else {
+        format!("{}s", row.affinity_timeout_seconds)
+    };
+    let backends = if row.backends.is_empty() {
+        "(none: refused)".to_owned()
+    } else {
+        row.backends.join(" ")
+    };
+    let service = match (&row.service, &row.port_name) {
+        (Some(s), Some(p)) if !p.is_empty() => format!("{s}:{p}"),
+        (Some(s), _) => s.clone(),
+        (None, _) => "-".to_owned(),
+    };
+    format!(
+        "{:<44} {:>6} {:<10} {:<32} {:>9}  {backends}",
+        row.frontend,
+        row.id,
+        row.kind.as_deref().unwrap_or("-"),
+        service,
+        affinity
+    )
+}
+
+/// `lb stats`: the datapath counters, and each map's fill (entries / capacity).
 pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = open(args)?;
     let counters = maps.stats()?;
-    let sizes = maps.conn_table_sizes();
+    let fills = maps.fill();
     let mut out = std::io::stdout().lock();
     if args.json {
         let events: serde_json::Map<String, serde_json::Value> = lb_common::stats::NAMES
@@ -92,9 +154,20 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
             .zip(&counters)
             .map(|(n, v)| ((*n).to_owned(), (*v).into()))
             .collect();
+        let entries = |name| {
+            fills
+                .iter()
+                .find(|f| f.map == name)
+                .map_or(0, |f| f.entries)
+        };
         let json = serde_json::json!({
             "events": events,
-            "tables": { "revnat": sizes.revnat, "affinity": sizes.affinity, "udp_flows": sizes.udp_flows },
+            "maps": fills,
+            "tables": {
+                "revnat": entries(lb_common::maps::REVNAT),
+                "affinity": entries(lb_common::maps::AFFINITY),
+                "udp_flows": entries(lb_common::maps::UDP_FLOWS),
+            },
         });
         serde_json::to_writer_pretty(&mut out, &json)?;
         writeln!(out)?;
@@ -103,10 +176,33 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
     for (name, value) in lb_common::stats::NAMES.iter().zip(&counters) {
         writeln!(out, "{name:<24} {value}")?;
     }
-    writeln!(out, "{:<24} {}", "table_revnat", sizes.revnat)?;
-    writeln!(out, "{:<24} {}", "table_affinity", sizes.affinity)?;
-    writeln!(out, "{:<24} {}", "table_udp_flows", sizes.udp_flows)?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<16} {:>10} {:>10} {:>7}",
+        "MAP", "ENTRIES", "CAPACITY", "FILL"
+    )?;
+    for fill in &fills {
+        writeln!(out, "{}", show_fill(fill))?;
+    }
     Ok(())
+}
+
+/// One row of `lb stats`' map table: name, entries, capacity, fill in percent, and a mark
+/// past [`crate::metrics::NEARLY_FULL`].
+fn show_fill(fill: &Fill) -> String {
+    let mark = if fill.ratio() > crate::metrics::NEARLY_FULL {
+        "  nearly full"
+    } else {
+        ""
+    };
+    format!(
+        "{:<16} {:>10} {:>10} {:>6.1}%{mark}",
+        fill.map,
+        fill.entries,
+        fill.capacity,
+        fill.ratio() * 100.0
+    )
 }
 
 /// `lb check`: exit status 1 and one line per problem on stderr when anything is invalid.
@@ -140,4 +236,64 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<bool> {
         desired.backend_count(),
     );
     Ok(errors.is_empty() && problems.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    #[rstest]
+    #[case::ns_and_name("shop/web", Some(("shop", "web")))]
+    #[case::default_namespace("web", Some(("default", "web")))]
+    #[case::empty_namespace("/web", None)]
+    #[case::empty_name("shop/", None)]
+    #[case::two_slashes("a/b/c", None)]
+    fn service_flag(#[case] text: &str, #[case] want: Option<(&str, &str)>) {
+        let got = parse_service(text).ok();
+        assert_eq!(got, want.map(|(ns, n)| ObjectKey::new(ns, n)));
+    }
+
+    fn row(service: Option<(&str, &str)>, affinity: u32, backends: &[&str]) -> FrontendJson {
+        FrontendJson {
+            frontend: "10.96.0.10:80/TCP".to_owned(),
+            id: 7,
+            kind: service.map(|_| "ClusterIP".to_owned()),
+            service: service.map(|(s, _)| s.to_owned()),
+            port_name: service.map(|(_, p)| p.to_owned()),
+            affinity_timeout_seconds: affinity,
+            backends: backends.iter().map(|b| (*b).to_owned()).collect(),
+        }
+    }
+
+    #[rstest]
+    #[case::named_port(
+        row(Some(("shop/web", "http")), 0, &["10.1.0.1:8080", "10.1.0.2:8080"]),
+        "10.96.0.10:80/TCP                                 7 ClusterIP  shop/web:http                            -  10.1.0.1:8080 10.1.0.2:8080"
+    )]
+    #[case::unnamed_port_with_affinity(
+        row(Some(("shop/web", "")), 10800, &["10.1.0.1:8080"]),
+        "10.96.0.10:80/TCP                                 7 ClusterIP  shop/web                            10800s  10.1.0.1:8080"
+    )]
+    #[case::no_names_no_backends(
+        row(None, 0, &[]),
+        "10.96.0.10:80/TCP                                 7 -          -                                        -  (none: refused)"
+    )]
+    fn list_rows(#[case] row: FrontendJson, #[case] want: &str) {
+        assert_eq!(show_row(&row), want);
+    }
+
+    #[rstest]
+    #[case::empty(0, 65536, "LB_FRONTENDS              0      65536    0.0%")]
+    #[case::three_quarters(3, 4, "LB_FRONTENDS              3          4   75.0%")]
+    #[case::nearly_full(4, 4, "LB_FRONTENDS              4          4  100.0%  nearly full")]
+    fn fill_rows(#[case] entries: usize, #[case] capacity: u32, #[case] want: &str) {
+        let fill = Fill {
+            map: "LB_FRONTENDS",
+            entries,
+            capacity,
+        };
+        assert_eq!(show_fill(&fill), want);
+    }
 }

@@ -5,12 +5,15 @@
 //! [`desired`] (with [`tracker`] keeping it incremental) -> [`plan`] -> [`kernel`], driven by
 //! [`sync`]; [`health`], [`metrics`] and [`http`] report on it, [`inspect`] reads the maps.
 
+pub mod changes;
 pub mod cli;
 pub mod desired;
+pub mod explain;
 pub mod health;
 pub mod http;
 pub mod inspect;
 pub mod kernel;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -5,27 +5,14 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use lb_userspace::{
     cli::{self, Command},
-    inspect,
+    explain, inspect,
     kernel::{self, PinLayout},
-    run,
+    logging, run,
 };
-
-fn init_logging() {
-    // kube's client logs every failed request at ERROR; lb reports API trouble itself (once
-    // per outage, with what it means for the datapath).
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-}
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_logging();
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -41,6 +28,7 @@ fn main() -> ExitCode {
         },
         Command::List(args) => inspect::list(&args),
         Command::Stats(args) => inspect::stats(&args),
+        Command::Explain(args) => explain::explain(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

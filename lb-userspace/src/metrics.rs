@@ -1,9 +1,15 @@
 //! `/metrics`: the agent's Prometheus metrics, plus the datapath counters read from the
 //! kernel (`LB_STATS`) at scrape time.
 
-use std::sync::Mutex;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
-use crate::health::SourceProgress;
+use crate::{
+    health::SourceProgress,
+    kernel::maps::{Fill, Maps},
+};
 
 use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{
@@ -78,10 +84,21 @@ pub struct Metrics {
     pub config_errors: Gauge,
     /// Unix time of the last complete sync.
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Services added, changed or removed in what the sources hand over (kube-proxy's
+    /// `kubeproxy_sync_proxy_rules_service_changes_total`; see [`crate::changes`]).
+    pub service_changes: Counter,
+    /// EndpointSlices added, changed or removed (kube-proxy's
+    /// `kubeproxy_sync_proxy_rules_endpoint_changes_total`).
+    pub endpoint_changes: Counter,
+    /// From an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to the
+    /// pass that wrote it (kube-proxy's `kubeproxy_network_programming_duration_seconds`).
+    pub network_programming: Histogram,
     /// Reads of the manifests.
     pub manifest_loads: ManifestLoads,
     pub source: SourceMetrics,
     pub sockets: SockMetrics,
+    /// How full each map is (see [`Metrics::register_map_fill`]).
+    pub map_fill: Arc<MapFill>,
 }
 
 /// How often and how long the manifests were read (shared with the watcher thread).
@@ -99,6 +116,17 @@ impl ManifestLoads {
     }
 }
 
+/// kube-proxy's buckets for the network programming latency (pkg/proxy/metrics): 0, 0.25 s,
+/// 0.5 s, every second to 59 s, every 5 s to 115 s, every 30 s to 5 min, so that its
+/// dashboards' quantiles read the same on lb's histogram.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut buckets = vec![0.0, 0.25, 0.5];
+    buckets.extend((1..60).map(f64::from));
+    buckets.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    buckets.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    buckets
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("lb");
@@ -111,6 +139,9 @@ impl Metrics {
         let map_writes = Counter::default();
         let config_errors = Gauge::default();
         let last_sync = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let service_changes = Counter::default();
+        let endpoint_changes = Counter::default();
+        let network_programming = Histogram::new(network_programming_buckets());
         let manifest_loads = ManifestLoads::default();
         let source = SourceMetrics::default();
         let sockets = SockMetrics::default();
@@ -153,6 +184,21 @@ impl Metrics {
             "last_sync_timestamp_seconds",
             "Unix time of the last complete sync",
             last_sync.clone(),
+        );
+        registry.register(
+            "service_changes",
+            "Services added, changed or removed in what the sources hand over",
+            service_changes.clone(),
+        );
+        registry.register(
+            "endpoint_changes",
+            "EndpointSlices (and v1 Endpoints subsets) added, changed or removed in what the sources hand over",
+            endpoint_changes.clone(),
+        );
+        registry.register(
+            "network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time annotation to the sync pass that wrote the change",
+            network_programming.clone(),
         );
         registry.register(
             "manifest_load_seconds",
@@ -204,10 +250,28 @@ impl Metrics {
             map_writes,
             config_errors,
             last_sync,
+            service_changes,
+            endpoint_changes,
+            network_programming,
             manifest_loads,
             source,
             sockets,
+            map_fill: Arc::new(MapFill::default()),
         }
+    }
+
+    /// Adds `lb_map_entries{map}`, `lb_map_capacity{map}`, `lb_map_fill_ratio{map}` and
+    /// `lb_map_nearly_full{map}` for every map with a capacity. `maps` is a handle of the
+    /// scrape's own: the programs' LRU maps are counted (by iteration) at each scrape; the
+    /// maps the agent writes are set by the syncer after each pass ([`MapFill::set`]).
+    pub fn register_map_fill(&mut self, maps: Maps) {
+        for fill in maps.fill() {
+            self.map_fill.add(fill);
+        }
+        self.registry.register_collector(Box::new(MapFillCollector {
+            fill: self.map_fill.clone(),
+            maps: Mutex::new(maps),
+        }));
     }
 
     /// Adds the datapath counters, read from `stats` at every scrape.
@@ -225,7 +289,7 @@ impl Metrics {
 impl Metrics {
     pub fn register_progress(
         &mut self,
-        sources: Vec<std::sync::Arc<SourceProgress>>,
+        sources: Vec<Arc<SourceProgress>>,
         stale_after: std::time::Duration,
     ) {
         self.registry
@@ -238,7 +302,7 @@ impl Metrics {
 
 #[derive(Debug)]
 struct ProgressCollector {
-    sources: Vec<std::sync::Arc<SourceProgress>>,
+    sources: Vec<Arc<SourceProgress>>,
     stale_after: std::time::Duration,
 }
 
@@ -315,9 +379,196 @@ impl Collector for DatapathCollector {
     }
 }
 
+/// A map is "nearly full" above this share of its capacity: `lb_map_nearly_full` is 1 and a
+/// warning is logged. An agent-written map that is full refuses the Services that do not fit;
+/// a full LRU map (affinity, unconnected UDP flows) evicts the oldest entries of live clients.
+pub const NEARLY_FULL: f64 = 0.9;
+
+/// Whether a map at `ratio` is nearly full, given whether it `was`: `Some(now)` when that
+/// changes.
+fn crossing(was: bool, ratio: f64) -> Option<bool> {
+    let now = ratio > NEARLY_FULL;
+    (now != was).then_some(now)
+}
+
+/// How full each map is, shared by the syncer (the maps it writes, after every pass) and the
+/// scrape (the programs' LRU maps, counted then). Logs once when a map passes
+/// [`NEARLY_FULL`] and once when it is back below.
+#[derive(Debug, Default)]
+pub struct MapFill {
+    maps: Mutex<BTreeMap<&'static str, (Fill, bool)>>,
+}
+
+impl MapFill {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, (Fill, bool)>> {
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts tracking a map at `fill`.
+    fn add(&self, fill: Fill) {
+        self.lock().insert(fill.map, (fill, false));
+        self.set(fill.map, fill.entries);
+    }
+
+    /// Records that `map` holds `entries`; a map not added is ignored.
+    pub fn set(&self, map: &'static str, entries: usize) {
+        let mut maps = self.lock();
+        let Some((fill, nearly_full)) = maps.get_mut(map) else {
+            return;
+        };
+        fill.entries = entries;
+        match crossing(*nearly_full, fill.ratio()) {
+            Some(true) => tracing::warn!(
+                map,
+                entries,
+                capacity = fill.capacity,
+                percent = (fill.ratio() * 100.0).round(),
+                threshold_percent = NEARLY_FULL * 100.0,
+                "map nearly full"
+            ),
+            Some(false) => tracing::info!(
+                map,
+                entries,
+                capacity = fill.capacity,
+                "map no longer nearly full"
+            ),
+            None => {}
+        }
+        *nearly_full = fill.ratio() > NEARLY_FULL;
+    }
+
+    /// Every tracked map and whether it is nearly full.
+    pub fn fills(&self) -> Vec<(Fill, bool)> {
+        self.lock().values().copied().collect()
+    }
+}
+
+/// Counts the LRU maps at scrape time and encodes every map's fill.
+struct MapFillCollector {
+    fill: Arc<MapFill>,
+    maps: Mutex<Maps>,
+}
+
+impl std::fmt::Debug for MapFillCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MapFillCollector")
+    }
+}
+
+impl Collector for MapFillCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let sizes = self
+            .maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .conn_table_sizes();
+        self.fill.set(lb_common::maps::AFFINITY, sizes.affinity);
+        self.fill.set(lb_common::maps::REVNAT, sizes.revnat);
+        self.fill.set(lb_common::maps::UDP_FLOWS, sizes.udp_flows);
+        let fills = self.fill.fills();
+        let gauge = prometheus_client::metrics::MetricType::Gauge;
+        let mut family =
+            encoder.encode_descriptor("map_entries", "Entries in the map", None, gauge)?;
+        for (fill, _) in &fills {
+            let entries = i64::try_from(fill.entries).unwrap_or(i64::MAX);
+            ConstGauge::new(entries).encode(family.encode_family(&[("map", fill.map)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "map_capacity",
+            "Capacity of the map (max_entries)",
+            None,
+            gauge,
+        )?;
+        for (fill, _) in &fills {
+            ConstGauge::new(i64::from(fill.capacity))
+                .encode(family.encode_family(&[("map", fill.map)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "map_fill_ratio",
+            "Entries over capacity of the map",
+            None,
+            gauge,
+        )?;
+        for (fill, _) in &fills {
+            ConstGauge::new(fill.ratio()).encode(family.encode_family(&[("map", fill.map)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "map_nearly_full",
+            "1 while the map holds more than 90% of its capacity",
+            None,
+            gauge,
+        )?;
+        for (fill, nearly_full) in &fills {
+            ConstGauge::new(i64::from(*nearly_full))
+                .encode(family.encode_family(&[("map", fill.map)])?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Renders the registry in the Prometheus text format.
 pub fn render(metrics: &Metrics) -> Result<String, std::fmt::Error> {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &metrics.registry)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    #[rstest]
+    #[case::empty(false, 0.0, None)]
+    #[case::at_the_threshold_not_yet(false, 0.9, None)]
+    #[case::passes(false, 0.91, Some(true))]
+    #[case::stays(true, 1.0, None)]
+    #[case::back_at_the_threshold(true, 0.9, Some(false))]
+    #[case::back_below(true, 0.5, Some(false))]
+    fn nearly_full_crossings(#[case] was: bool, #[case] ratio: f64, #[case] want: Option<bool>) {
+        assert_eq!(crossing(was, ratio), want);
+    }
+
+    #[rstest]
+    #[case::no_capacity(3, 0, 0.0)]
+    #[case::empty(0, 4, 0.0)]
+    #[case::three_of_four(3, 4, 0.75)]
+    #[case::full(4, 4, 1.0)]
+    fn fill_ratio(#[case] entries: usize, #[case] capacity: u32, #[case] want: f64) {
+        let fill = Fill {
+            map: "LB_FRONTENDS",
+            entries,
+            capacity,
+        };
+        assert!((fill.ratio() - want).abs() < 1e-9, "{}", fill.ratio());
+    }
+
+    #[test]
+    fn map_fill_tracks_added_maps_only() {
+        let fill = MapFill::default();
+        fill.set("LB_FRONTENDS", 3);
+        assert!(fill.fills().is_empty(), "not added: ignored");
+        fill.add(Fill {
+            map: "LB_FRONTENDS",
+            entries: 0,
+            capacity: 4,
+        });
+        fill.set("LB_FRONTENDS", 4);
+        assert_eq!(
+            fill.fills(),
+            vec![(
+                Fill {
+                    map: "LB_FRONTENDS",
+                    entries: 4,
+                    capacity: 4
+                },
+                true
+            )]
+        );
+        fill.set("LB_FRONTENDS", 1);
+        assert!(!fill.fills()[0].1);
+    }
 }

@@ -1,7 +1,7 @@
 //! The world as lb needs it: Services and their endpoints, already validated, independent of
 //! where they came from (manifests or the Kubernetes API) and of the kernel.
 
-use std::{collections::BTreeSet, fmt, net::IpAddr, sync::Arc};
+use std::{collections::BTreeSet, fmt, net::IpAddr, sync::Arc, time::SystemTime};
 
 use imbl::{OrdMap, ordmap::DiffItem};
 
@@ -201,6 +201,11 @@ pub struct EndpointSlice {
     pub family: Family,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<Endpoint>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation (RFC 3339): when the
+    /// change this version of the slice carries happened (the pod or Service event that made
+    /// the controller write it). `None` when absent or unreadable. Only for the network
+    /// programming latency metric, as kube-proxy uses it.
+    pub trigger_time: Option<SystemTime>,
 }
 
 /// Everything a source knows at one moment. Sources hand complete snapshots to the syncer,

@@ -150,6 +150,11 @@ impl KernelState {
         self.slots.values().map(BTreeMap::len).sum()
     }
 
+    /// Entries of `LB_MEMBERS`.
+    pub fn member_count(&self) -> usize {
+        self.members.values().map(HashSet::len).sum()
+    }
+
     /// Records a write that the kernel accepted.
     pub fn apply(&mut self, op: &Op) {
         match *op {

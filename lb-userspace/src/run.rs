@@ -19,6 +19,7 @@ use crate::{
         attach::{self, Attachment},
         fs,
         maps::Maps,
+        names::Names,
         object,
         sock_destroy::{self, SockDestroyer},
     },
@@ -136,6 +137,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut metrics = Metrics::new();
     let stats = Maps::open_stats(&layout)?;
     metrics.register_datapath(stats);
+    metrics.register_map_fill(Maps::open(&layout)?);
     if !args.manifests.is_empty() {
         metrics.register_progress(vec![manifests_progress.clone()], health.stale_after());
     }
@@ -194,6 +196,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         syncer = syncer.with_sock_destroyer(destroyer);
     }
     syncer = syncer.with_service_health(service_health);
+    // Names for inspection are a convenience: without them the datapath serves all the same.
+    match Names::open_or_create(&layout, capacities.frontends) {
+        Ok(names) => syncer = syncer.with_names(names),
+        Err(e) => tracing::error!(
+            error = format!("{:#}", anyhow::Error::from(e)),
+            "lb list and lb explain will not name Services"
+        ),
+    }
     let sync_thread = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || syncer.run(&updates))

@@ -7,17 +7,22 @@
 //! a periodic resync that re-reads the maps to repair drift, and the elapsed time in metrics.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, mpsc},
     time::{Duration, Instant, SystemTime},
 };
 
-use lb_common::maps::MemberKey;
+use lb_common::maps::{FrontendKey, MemberKey};
 
 use crate::{
-    desired::Limits,
+    changes::{self, ProgrammingLatency},
+    desired::{self, Desired, Limits},
     health::Health,
-    kernel::{maps::Maps, sock_destroy::SockDestroyer},
+    kernel::{
+        maps::Maps,
+        names::{FrontendKind, Names, ServiceName},
+        sock_destroy::SockDestroyer,
+    },
     metrics::{Metrics, SyncLabels},
     model::{Node, ObjectKey, Snapshot},
     plan::{self, KernelState, Op},
@@ -62,6 +67,138 @@ pub struct Syncer {
     service_health: Option<Arc<ServiceHealth>>,
     /// The snapshot of the last pass, to find what the next one touched.
     last_snapshot: Snapshot,
+    /// The last snapshot received (synced or coalesced), to count what each one changes.
+    received: Arc<Snapshot>,
+    /// EndpointSlice changes waiting for a pass to write them, with their trigger times.
+    latency: ProgrammingLatency,
+    /// The frontend names map, for inspection without the agent (none: not kept).
+    names: Option<NamesWriter>,
+}
+
+/// Keeps `LB_NAMES` (each frontend id's Service and port name) in step with the frontends
+/// the passes write: the frontends a pass wrote or deleted, and every frontend after a pass
+/// that planned them all (the first one, after a resync or a failure).
+struct NamesWriter {
+    names: Names,
+    /// What the map holds.
+    written: HashMap<u32, ServiceName>,
+    /// The next update compares every frontend (the first one: the map may be new, or from
+    /// an older agent).
+    full: bool,
+}
+
+/// The name each frontend id of the kernel's frontend map should carry: its Service and port
+/// in the desired state (a frontend not in it is about to be deleted: no name).
+fn wanted_name(desired: &Desired, key: &FrontendKey) -> Option<ServiceName> {
+    desired.frontends.get(key).map(|f| ServiceName {
+        service: f.service.clone(),
+        port_name: f.port_name.clone(),
+        kind: names_kind(f.kind),
+    })
+}
+
+/// A frontend's kind as `LB_NAMES` encodes it.
+fn names_kind(kind: desired::FrontendKind) -> FrontendKind {
+    match kind {
+        desired::FrontendKind::ClusterIp => FrontendKind::ClusterIp,
+        desired::FrontendKind::NodePort => FrontendKind::NodePort,
+        desired::FrontendKind::ExternalIp => FrontendKind::ExternalIp,
+        desired::FrontendKind::LoadBalancerIp => FrontendKind::LoadBalancer,
+    }
+}
+
+/// The writes that bring `written` to `want` for the ids in `ids`: names to put, ids to delete.
+fn names_diff<'a>(
+    written: &HashMap<u32, ServiceName>,
+    want: impl IntoIterator<Item = (u32, Option<ServiceName>)> + 'a,
+) -> (Vec<(u32, ServiceName)>, Vec<u32>) {
+    let mut puts = Vec::new();
+    let mut dels = Vec::new();
+    for (id, name) in want {
+        match name {
+            Some(name) if written.get(&id) != Some(&name) => puts.push((id, name)),
+            Some(_) => {}
+            None if written.contains_key(&id) => dels.push(id),
+            None => {}
+        }
+    }
+    (puts, dels)
+}
+
+impl NamesWriter {
+    fn new(names: Names) -> Self {
+        Self {
+            written: names.read_all().into_iter().collect(),
+            names,
+            full: true,
+        }
+    }
+
+    /// Brings the map up to the kernel state after a pass that touched `touched` (frontend
+    /// key and id of every frontend the pass wrote or deleted, and of every frontend whose
+    /// Service changed: a renamed port changes no frontend value); everything when `all`.
+    fn update(
+        &mut self,
+        state: &KernelState,
+        desired: &Desired,
+        touched: &[(FrontendKey, u32)],
+        all: bool,
+    ) {
+        let full = std::mem::take(&mut self.full) || all;
+        let in_kernel = |key: &FrontendKey, id: u32| {
+            state
+                .frontends()
+                .get(key)
+                .is_some_and(|f| f.id == id)
+                .then(|| wanted_name(desired, key))
+                .flatten()
+        };
+        let (puts, dels) = if full {
+            let live: HashSet<u32> = state.frontends().values().map(|f| f.id).collect();
+            let want = state
+                .frontends()
+                .iter()
+                .map(|(key, f)| (f.id, wanted_name(desired, key)))
+                .chain(
+                    self.written
+                        .keys()
+                        .filter(|id| !live.contains(id))
+                        .map(|id| (*id, None)),
+                )
+                .collect::<Vec<_>>();
+            names_diff(&self.written, want)
+        } else {
+            names_diff(
+                &self.written,
+                touched
+                    .iter()
+                    .map(|(key, id)| (*id, in_kernel(key, *id)))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        for (id, name) in puts {
+            match self.names.put(id, &name) {
+                Ok(()) => {
+                    self.written.insert(id, name);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, frontend_id = id, "writing the frontend names map failed");
+                    self.full = true;
+                }
+            }
+        }
+        for id in dels {
+            match self.names.delete(id) {
+                Ok(()) => {
+                    self.written.remove(&id);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, frontend_id = id, "writing the frontend names map failed");
+                    self.full = true;
+                }
+            }
+        }
+    }
 }
 
 /// How one pass went.
@@ -71,6 +208,8 @@ struct Pass {
     /// Memberships deleted from the kernel (backends that left a frontend, or whose
     /// frontend went away).
     removed: Vec<MemberKey>,
+    /// Frontends written or deleted: key and id.
+    frontends: Vec<(FrontendKey, u32)>,
 }
 
 impl Syncer {
@@ -95,7 +234,26 @@ impl Syncer {
             sock_destroyer: None,
             service_health: None,
             last_snapshot: Snapshot::default(),
+            received: Arc::new(Snapshot::default()),
+            latency: ProgrammingLatency::new(SystemTime::now()),
+            names: None,
         }
+    }
+
+    /// Keeps `names` (the pinned `LB_NAMES`) in step with the frontends.
+    pub fn with_names(mut self, names: Names) -> Self {
+        self.names = Some(NamesWriter::new(names));
+        self
+    }
+
+    /// Counts what `snapshot` changes against the one received before it and notes its
+    /// EndpointSlices' trigger times (every snapshot, also those a burst coalesces).
+    fn received(&mut self, snapshot: &Arc<Snapshot>) {
+        let counted = changes::count(&self.received, snapshot);
+        self.metrics.service_changes.inc_by(counted.services);
+        self.metrics.endpoint_changes.inc_by(counted.slices);
+        self.latency.record(&self.received, snapshot);
+        self.received = snapshot.clone();
     }
 
     /// Hands every membership the writes delete to `destroyer`, right after the pass that
@@ -118,6 +276,7 @@ impl Syncer {
                     source_errors,
                 }) => {
                     self.health.queued();
+                    self.received(&snapshot);
                     latest = Some((snapshot, source_errors));
                     // Coalesce a burst: only the newest snapshot matters.
                     loop {
@@ -126,6 +285,7 @@ impl Syncer {
                                 snapshot,
                                 source_errors,
                             }) => {
+                                self.received(&snapshot);
                                 latest = Some((snapshot, source_errors));
                             }
                             Ok(Update::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return,
@@ -192,15 +352,27 @@ impl Syncer {
         let change = self.tracker.update(snapshot);
         self.log_problems(snapshot);
         let computed = started.elapsed();
+        let planned_all = self.plan_all || change == Change::Full;
+        let mut dirty = BTreeSet::new();
         let batches = match change {
             Change::Frontends(keys) if !self.plan_all => {
-                self.state.plan_frontends(self.tracker.desired(), &keys)
+                let batches = self.state.plan_frontends(self.tracker.desired(), &keys);
+                dirty = keys;
+                batches
             }
             Change::Frontends(_) | Change::Full => self.state.plan(self.tracker.desired()),
         };
         let planned = started.elapsed();
         let mut pass = self.apply(&batches);
         let elapsed = started.elapsed();
+        if let Some(names) = &mut self.names {
+            let touched = dirty
+                .iter()
+                .filter_map(|key| Some((*key, self.state.frontends().get(key)?.id)))
+                .chain(pass.frontends.iter().copied())
+                .collect::<Vec<_>>();
+            names.update(&self.state, self.tracker.desired(), &touched, planned_all);
+        }
         if let Some(destroyer) = &self.sock_destroyer {
             // Non-blocking: the sockets are closed on the destroyer's thread.
             destroyer.backends_removed(std::mem::take(&mut pass.removed));
@@ -236,6 +408,7 @@ impl Syncer {
             writes: 0,
             failed_frontends: 0,
             removed: Vec::new(),
+            frontends: Vec::new(),
         };
         let mut failed: HashSet<u32> = HashSet::new();
         let ops = plan::by_phase(batches);
@@ -252,8 +425,12 @@ impl Syncer {
                 };
                 for op in &todo[..done] {
                     self.state.apply(op);
-                    if let Op::DelMember(member) = op {
-                        pass.removed.push(*member);
+                    match op {
+                        Op::DelMember(member) => pass.removed.push(*member),
+                        Op::PutFrontend(key, _) | Op::DelFrontend(key, _) => {
+                            pass.frontends.push((*key, op.id()));
+                        }
+                        _ => {}
                     }
                 }
                 pass.writes += done as u64;
@@ -272,12 +449,18 @@ impl Syncer {
         pass
     }
 
-    fn report(&self, pass: &Pass, elapsed: Duration, source_errors: usize) {
+    fn report(&mut self, pass: &Pass, elapsed: Duration, source_errors: usize) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         let m = &self.metrics;
         m.services.set(gauge(self.tracker.services()));
         m.frontends.set(gauge(self.state.frontends().len()));
         m.backends.set(gauge(self.state.slot_count()));
+        m.map_fill
+            .set(lb_common::maps::FRONTENDS, self.state.frontends().len());
+        m.map_fill
+            .set(lb_common::maps::SLOTS, self.state.slot_count());
+        m.map_fill
+            .set(lb_common::maps::MEMBERS, self.state.member_count());
         m.map_writes.inc_by(pass.writes);
         m.sync_duration.observe(elapsed.as_secs_f64());
         m.config_errors
@@ -290,10 +473,14 @@ impl Syncer {
             .inc();
         if ok {
             self.health.synced();
-            let now = SystemTime::now()
+            let now = SystemTime::now();
+            for took in self.latency.programmed(now) {
+                m.network_programming.observe(took.as_secs_f64());
+            }
+            let unix = now
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default();
-            m.last_sync.set(now.as_secs_f64());
+            m.last_sync.set(unix.as_secs_f64());
         }
     }
 
@@ -332,5 +519,42 @@ fn release_free_memory() {
     // SAFETY: malloc_trim has no preconditions; it only releases free heap memory.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    fn name(service: &str, port: &str) -> ServiceName {
+        ServiceName {
+            service: ObjectKey::new("shop", service),
+            port_name: port.to_owned(),
+            kind: FrontendKind::ClusterIp,
+        }
+    }
+
+    #[rstest]
+    #[case::nothing_written_yet(&[], &[(1, Some(("web", "http")))], &[1], &[])]
+    #[case::unchanged_not_rewritten(&[(1, ("web", "http"))], &[(1, Some(("web", "http")))], &[], &[])]
+    #[case::port_renamed(&[(1, ("web", "http"))], &[(1, Some(("web", "web")))], &[1], &[])]
+    #[case::frontend_gone(&[(1, ("web", "http")), (2, ("db", ""))], &[(2, None)], &[], &[2])]
+    #[case::gone_and_never_written(&[], &[(3, None)], &[], &[])]
+    fn names_written_only_where_they_differ(
+        #[case] written: &[(u32, (&str, &str))],
+        #[case] want: &[(u32, Option<(&str, &str)>)],
+        #[case] puts: &[u32],
+        #[case] dels: &[u32],
+    ) {
+        let written: HashMap<u32, ServiceName> = written
+            .iter()
+            .map(|(id, (s, p))| (*id, name(s, p)))
+            .collect();
+        let want = want.iter().map(|(id, n)| (*id, n.map(|(s, p)| name(s, p))));
+        let (got_puts, got_dels) = names_diff(&written, want);
+        let got_puts: Vec<u32> = got_puts.into_iter().map(|(id, _)| id).collect();
+        assert_eq!((got_puts.as_slice(), got_dels.as_slice()), (puts, dels));
     }
 }

@@ -315,6 +315,7 @@ mod tests {
                     zone_hints: BTreeSet::new(),
                 })
                 .collect(),
+            trigger_time: None,
         })
     }
 

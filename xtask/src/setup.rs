@@ -5,7 +5,8 @@
 //! - bpf-linker 0.13.0, linked against the nightly's own LLVM: a plain `cargo install
 //!   bpf-linker` looks for a system LLVM that is not there;
 //! - Debian packages: bpftool (tests read attachments with it), iproute2 and util-linux
-//!   (netns, nsenter), curl (demo), iptables, nftables and iperf3 (bench peers).
+//!   (netns, nsenter), curl (demo), iptables, nftables and iperf3 (bench peers), prometheus
+//!   (prometheus and promtool, for the alerting-rule tests).
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables-restore"),
     ("nftables", "nft"),
     ("iperf3", "iperf3"),
+    // The alerting-rule tests: promtool checks and unit-tests deploy/prometheus, and a real
+    // Prometheus scrapes a real lb (tests/tests/operability.rs).
+    ("prometheus", "prometheus"),
+    ("prometheus", "promtool"),
 ];
 
 /// Debian packages that provide a file rather than a command.
@@ -128,6 +133,7 @@ fn packages() -> anyhow::Result<()> {
             .filter(|(_, file)| !Path::new(file).is_file())
             .map(|(pkg, _)| *pkg),
     );
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

@@ -91,6 +91,25 @@ pub struct Maps {
     meta: Array<MapData, u32>,
 }
 
+/// Entries and capacity of one map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Fill {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+impl Fill {
+    /// Entries over capacity, 0 for a map without one.
+    pub fn ratio(&self) -> f64 {
+        if self.capacity == 0 {
+            return 0.0;
+        }
+        // Entries are far below 2^52: exact as f64.
+        self.entries as f64 / f64::from(self.capacity)
+    }
+}
+
 /// How full the per-connection maps are (entries, by iteration).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnTableSizes {
@@ -258,6 +277,80 @@ impl Maps {
                     .map_err(|source| MapsError::Read { map: STATS, source })
             })
             .collect()
+    }
+
+    /// The frontend at `key`, if the kernel has one.
+    pub fn frontend(&self, key: &FrontendKey) -> Result<Option<Frontend>, MapsError> {
+        match self.frontends.get(key, 0) {
+            Ok(f) => Ok(Some(f)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapsError::Read {
+                map: FRONTENDS,
+                source,
+            }),
+        }
+    }
+
+    /// The backend in slot `slot` of frontend `id`, if there is one.
+    pub fn slot(&self, id: u32, slot: u32) -> Result<Option<Backend>, MapsError> {
+        match self.slots.get(&SlotKey { id, slot }, 0) {
+            Ok(b) => Ok(Some(b)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapsError::Read { map: SLOTS, source }),
+        }
+    }
+
+    /// Whether `backend` is one of frontend `id`'s members (what the programs check before
+    /// reusing a remembered backend).
+    pub fn is_member(&self, id: u32, backend: Backend) -> bool {
+        self.members.get(&MemberKey { id, backend }, 0).is_ok()
+    }
+
+    /// The affinity entries of frontend `id`: client netns cookie and entry (an iteration of
+    /// the whole LRU map).
+    pub fn affinity_of(&self, id: u32) -> Vec<(u64, Affinity)> {
+        self.affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, _)| key.id == id)
+            .map(|(key, value)| (key.client, value))
+            .collect()
+    }
+
+    /// The capacity of the pinned map `name` (0 when unknown).
+    pub fn capacity(&self, name: &str) -> u32 {
+        let map = match name {
+            FRONTENDS => self.frontends.map(),
+            SLOTS => self.slots.map(),
+            MEMBERS => self.members.map(),
+            REVNAT => self.revnat.map(),
+            AFFINITY => self.affinity.map(),
+            UDP_FLOWS => self.udp_flows.map(),
+            _ => return 0,
+        };
+        map.info().map(|i| i.max_entries()).unwrap_or(0)
+    }
+
+    /// Entries and capacity of every map that has a capacity (not the socket storage, the
+    /// counters or the layout record), each counted by iteration: for inspection and scrapes,
+    /// not hot paths.
+    pub fn fill(&self) -> Vec<Fill> {
+        let sizes = self.conn_table_sizes();
+        [
+            (FRONTENDS, self.frontends.keys().count()),
+            (SLOTS, self.slots.keys().count()),
+            (MEMBERS, self.members.keys().count()),
+            (AFFINITY, sizes.affinity),
+            (REVNAT, sizes.revnat),
+            (UDP_FLOWS, sizes.udp_flows),
+        ]
+        .into_iter()
+        .map(|(map, entries)| Fill {
+            map,
+            entries,
+            capacity: self.capacity(map),
+        })
+        .collect()
     }
 
     /// Entries in the per-connection maps (an iteration each: for inspection, not hot paths).

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! maps/LB_FRONTENDS ...   every map of lb_common::maps::SPECS
+//! maps/LB_NAMES           each frontend id's Service, port name and kind (names.rs)
 //! links/lb_connect4 ...   one bpf_link per program, attached to --cgroup
 //! ```
 //!
@@ -14,6 +15,7 @@
 pub mod attach;
 pub mod fs;
 pub mod maps;
+pub mod names;
 pub mod netns;
 pub mod object;
 pub mod sock_destroy;

@@ -56,6 +56,141 @@ impl Netns {
     }
 }
 
+/// The namespace's cookie, as `bpf_get_netns_cookie()` gives it to the programs (the key of
+/// `LB_AFFINITY`): `SO_NETNS_COOKIE` of a socket made inside it. Runs on a thread of its own,
+/// so the caller's namespace never changes.
+pub fn cookie(ns: &Netns) -> io::Result<u64> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                ns.enter()?;
+                own_cookie()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+    })
+}
+
+/// `SO_NETNS_COOKIE` of a socket in the calling thread's namespace.
+fn own_cookie() -> io::Result<u64> {
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The interface addresses of the calling thread's namespace.
+fn own_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates the list; it is freed below.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
+        let node = unsafe { &*cur };
+        if !node.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr of the family it states.
+            let family = i32::from(unsafe { (*node.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+                let sin = unsafe { &*node.ifa_addr.cast::<libc::sockaddr_in>() };
+                out.push(std::net::IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6.
+                let sin6 = unsafe { &*node.ifa_addr.cast::<libc::sockaddr_in6>() };
+                out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+            }
+        }
+        cur = node.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
+}
+
+/// A network namespace on this node whose interfaces hold an address: where it was found
+/// and its cookie.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Found {
+    pub path: PathBuf,
+    pub cookie: u64,
+}
+
+/// The network namespaces on this node with `ip` on one of their interfaces: every process's
+/// (`/proc/PID/ns/net`) and every named one (`/run/netns/*`, which may hold no process),
+/// each looked at once. Namespaces this process may not enter are skipped.
+pub fn with_address(ip: std::net::IpAddr) -> Vec<Found> {
+    let mut seen = std::collections::HashSet::new();
+    let mut candidates = Vec::new();
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"));
+    for path in named.chain(procs) {
+        if let Ok(ns) = Netns::open(&path)
+            && seen.insert(ns.id)
+        {
+            candidates.push(ns);
+        }
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut found = Vec::new();
+                for ns in &candidates {
+                    if ns.enter().is_err() {
+                        continue;
+                    }
+                    if own_addresses().is_ok_and(|a| a.contains(&ip))
+                        && let Ok(cookie) = own_cookie()
+                    {
+                        found.push(Found {
+                            path: ns.path.clone(),
+                            cookie,
+                        });
+                    }
+                }
+                found
+            })
+            .join()
+            .unwrap_or_default()
+    })
+}
+
 /// Every cgroup directory of the subtree at `root` (itself included). Directories that vanish
 /// while walking are skipped.
 fn cgroup_dirs(root: &Path) -> Vec<PathBuf> {

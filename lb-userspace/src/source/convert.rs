@@ -527,6 +527,18 @@ fn topology_mode(meta: &ObjectMeta, spec: &core::ServiceSpec) -> TopologyMode {
     }
 }
 
+/// The annotation the EndpointSlice (and Endpoints) controllers set to the time of the change
+/// a write carries (`endpoints.kubernetes.io/last-change-trigger-time`, RFC 3339).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The object's trigger time; `None` when absent or unreadable (kube-proxy's
+/// getLastChangeTriggerTime also ignores a bad value: it only feeds a metric).
+fn trigger_time(meta: &ObjectMeta) -> Option<std::time::SystemTime> {
+    let text = meta.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let at: jiff::Timestamp = text.parse().ok()?;
+    Some(std::time::SystemTime::from(at))
+}
+
 /// A discovery.k8s.io/v1 EndpointSlice. `Ok(None)` for FQDN slices, which kube-proxy ignores.
 pub fn endpoint_slice(
     slice: &discovery::EndpointSlice,
@@ -614,6 +626,7 @@ pub fn endpoint_slice(
         family,
         ports,
         endpoints,
+        trigger_time: trigger_time(&slice.metadata),
     }))
 }
 
@@ -675,6 +688,7 @@ pub fn endpoints(eps: &core::Endpoints) -> Result<Vec<EndpointSlice>, FieldError
                 family,
                 ports: ports.clone(),
                 endpoints,
+                trigger_time: trigger_time(&eps.metadata),
             });
         }
     }
@@ -986,6 +1000,43 @@ subsets:
         assert!(v4.endpoints[0].ready);
         assert!(!v4.endpoints[1].ready && !v4.endpoints[1].serving);
         assert_eq!(v4.ports[0].port, 80);
+    }
+
+    /// The trigger-time annotation, on slices and on v1 Endpoints (a module of its own for
+    /// rstest, as below).
+    mod trigger_times {
+        use std::time::{Duration, SystemTime};
+
+        use super::{endpoints, slice};
+
+        #[rstest::rstest]
+        #[case::absent("", None)]
+        #[case::utc(
+            "annotations: {endpoints.kubernetes.io/last-change-trigger-time: '2026-01-02T03:04:05Z'}",
+            Some(1_767_323_045_000)
+        )]
+        #[case::nanoseconds_and_offset(
+            "annotations: {endpoints.kubernetes.io/last-change-trigger-time: '2026-01-02T04:04:05.250000000+01:00'}",
+            Some(1_767_323_045_250)
+        )]
+        #[case::unreadable_is_ignored(
+            "annotations: {endpoints.kubernetes.io/last-change-trigger-time: yesterday}",
+            None
+        )]
+        fn read_from_slices_and_endpoints(#[case] meta: &str, #[case] unix_ms: Option<u64>) {
+            let want = unix_ms.map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+            let s = slice(&format!(
+                "metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}, {meta}}}\naddressType: IPv4\nendpoints: []"
+            ))
+            .unwrap()
+            .unwrap();
+            assert_eq!(s.trigger_time, want);
+            let eps = serde_saphyr::from_str(&format!(
+                "metadata: {{name: web, {meta}}}\nsubsets: [{{addresses: [{{ip: 10.0.0.1}}], ports: [{{port: 80}}]}}]"
+            ))
+            .unwrap();
+            assert_eq!(endpoints(&eps).unwrap()[0].trigger_time, want);
+        }
     }
 
     /// Table tests of the IP-family rules (a module of their own: rstest's expansion needs
