@@ -5,6 +5,7 @@
 //! ```text
 //! maps/LB_FRONTENDS ...   every map of lb_common::maps::SPECS
 //! links/lb_connect4 ...   one bpf_link per program, attached to --cgroup
+//! links/xdp@IF, tc@IF     XDP ingress and tcx egress on each --xdp-iface (see [`xdp`])
 //! ```
 //!
 //! Pinned links keep the programs attached when the agent exits; a new agent loads its
@@ -18,6 +19,7 @@ pub mod netns;
 pub mod object;
 pub mod sock_destroy;
 pub mod sys;
+pub mod xdp;
 
 use std::path::{Path, PathBuf};
 
