@@ -404,3 +404,370 @@ fn etp_local_without_a_local_endpoint_drops() {
     );
     assert!(agent.stat("xdp_drop_no_local_endpoint") > before);
 }
+
+// ---- BPF_PROG_TEST_RUN: crafted packets through the programs the agent attached ----
+
+/// One `bpf(2)` call on a zeroed attribute buffer with `fields` (byte offset, value) set.
+fn bpf(cmd: i64, fields: &[(usize, u64, usize)]) -> (i64, [u8; 128]) {
+    let mut attr = [0u8; 128];
+    for &(off, value, len) in fields {
+        attr[off..off + len].copy_from_slice(&value.to_ne_bytes()[..len]);
+    }
+    // SAFETY: a 128-byte attribute (the kernel zero-fills the rest of union bpf_attr); the
+    // pointers in it point at live buffers of the stated sizes.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    (ret, attr)
+}
+
+const BPF_PROG_TEST_RUN: i64 = 10;
+const BPF_OBJ_GET: i64 = 7;
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+
+/// The program behind a pinned link, as a descriptor.
+fn prog_of_link(path: &std::path::Path) -> i32 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let (link, _) = bpf(BPF_OBJ_GET, &[(0, c.as_ptr() as u64, 8)]);
+    assert!(
+        link >= 0,
+        "BPF_OBJ_GET {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // struct bpf_link_info: type, id, prog_id, ...
+    let mut info = [0u8; 256];
+    let (ret, _) = bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        &[
+            (0, link as u64, 4),
+            (4, info.len() as u64, 4),
+            (8, info.as_mut_ptr() as u64, 8),
+        ],
+    );
+    assert_eq!(ret, 0, "link info: {}", std::io::Error::last_os_error());
+    let prog_id = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes"));
+    let (prog, _) = bpf(BPF_PROG_GET_FD_BY_ID, &[(0, u64::from(prog_id), 4)]);
+    assert!(prog >= 0, "prog fd: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(link as i32) };
+    prog as i32
+}
+
+/// Runs `packet` once through program `prog`; returns the verdict and the packet after.
+fn test_run(prog: i32, packet: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; packet.len() + 256];
+    let (ret, attr) = bpf(
+        BPF_PROG_TEST_RUN,
+        &[
+            (0, prog as u64, 4),
+            (8, packet.len() as u64, 4),
+            (12, out.len() as u64, 4),
+            (16, packet.as_ptr() as u64, 8),
+            (24, out.as_mut_ptr() as u64, 8),
+            (32, 1, 4),
+        ],
+    );
+    assert_eq!(ret, 0, "test run: {}", std::io::Error::last_os_error());
+    let retval = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
+    let size = u32::from_ne_bytes(attr[12..16].try_into().expect("4 bytes")) as usize;
+    out.truncate(size);
+    (retval, out)
+}
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// The Internet checksum of `data` (RFC 1071), computed here independently of lb's code.
+fn checksum(chunks: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A crafted packet, built from fields with every checksum computed in full.
+#[derive(Clone)]
+struct Pkt {
+    vlan: Option<u16>,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    /// IPv4 options (a multiple of 4 bytes).
+    ip_options: Vec<u8>,
+    /// IPv4 flags and fragment offset (host order).
+    frag: u16,
+    /// An IPv6 hop-by-hop options header before the L4 header.
+    hop_by_hop: bool,
+    /// Leave a UDP checksum at 0 (IPv4: "no checksum").
+    udp_no_checksum: bool,
+}
+
+impl Pkt {
+    fn new(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Self {
+        Self {
+            vlan: None,
+            src: src.parse().expect("src"),
+            dst: dst.parse().expect("dst"),
+            sport,
+            dport,
+            proto,
+            ip_options: Vec::new(),
+            frag: 0x4000,
+            hop_by_hop: false,
+            udp_no_checksum: false,
+        }
+    }
+
+    fn to(&self, dst: &str, dport: u16) -> Self {
+        Self {
+            dst: dst.parse().expect("dst"),
+            dport,
+            ..self.clone()
+        }
+    }
+
+    fn from(&self, src: &str, sport: u16) -> Self {
+        Self {
+            src: src.parse().expect("src"),
+            sport,
+            ..self.clone()
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let payload = b"hello, lb";
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == TCP {
+            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(payload);
+        let check_at = if self.proto == TCP { 16 } else { 6 };
+        let (src, dst) = match (self.src, self.dst) {
+            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+                (s.octets().to_vec(), d.octets().to_vec())
+            }
+            (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+                (s.octets().to_vec(), d.octets().to_vec())
+            }
+            _ => panic!("mixed families"),
+        };
+        let v6 = src.len() == 16;
+        let l4_len = l4.len() as u32;
+        let pseudo: Vec<u8> = if v6 {
+            [
+                &src[..],
+                &dst[..],
+                &l4_len.to_be_bytes(),
+                &[0, 0, 0, self.proto],
+            ]
+            .concat()
+        } else {
+            [
+                &src[..],
+                &dst[..],
+                &[0, self.proto],
+                &(l4_len as u16).to_be_bytes(),
+            ]
+            .concat()
+        };
+        if !(self.udp_no_checksum && self.proto == UDP) {
+            let mut c = checksum(&[&pseudo, &l4]);
+            if c == 0 && self.proto == UDP {
+                c = 0xffff;
+            }
+            l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+        if let Some(tag) = self.vlan {
+            frame.extend_from_slice(&[0x81, 0x00]);
+            frame.extend_from_slice(&tag.to_be_bytes());
+        }
+        if v6 {
+            frame.extend_from_slice(&[0x86, 0xdd]);
+            let mut ext = Vec::new();
+            let mut next = self.proto;
+            if self.hop_by_hop {
+                // Hop-by-hop: next header, length 0 (8 bytes), a PadN option of 4.
+                ext = vec![self.proto, 0, 1, 4, 0, 0, 0, 0];
+                next = 0;
+            }
+            let plen = (ext.len() + l4.len()) as u16;
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&plen.to_be_bytes());
+            frame.extend_from_slice(&[next, 64]);
+            frame.extend_from_slice(&src);
+            frame.extend_from_slice(&dst);
+            frame.extend_from_slice(&ext);
+        } else {
+            frame.extend_from_slice(&[0x08, 0x00]);
+            let ihl = 5 + self.ip_options.len() / 4;
+            let total = (ihl * 4 + l4.len()) as u16;
+            let mut ip = vec![0x40 | ihl as u8, 0];
+            ip.extend_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&[0x12, 0x34]);
+            ip.extend_from_slice(&self.frag.to_be_bytes());
+            ip.extend_from_slice(&[64, self.proto, 0, 0]);
+            ip.extend_from_slice(&src);
+            ip.extend_from_slice(&dst);
+            ip.extend_from_slice(&self.ip_options);
+            let c = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            frame.extend_from_slice(&ip);
+        }
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+#[test]
+fn crafted_packets_through_test_run() {
+    let topo = Topology::new();
+    let dir = TempDir::new("ns");
+    dir.write("services.yaml", SERVICES);
+    let agent = NodeAgent::start(&topo, &dir.0);
+    agent.wait_for(&[
+        "10.250.2.2:30080/TCP",
+        "[fd00:250:2::2]:30080/UDP",
+        "10.250.2.2:30081/TCP",
+    ]);
+    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
+    let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    let client = "192.0.2.77";
+    let syn = Pkt::new(client, NODE4, TCP, 40001, 30080);
+    let dnat = |p: &Pkt| p.to("10.200.0.11", 8080);
+    let dnat6 = |p: &Pkt| p.to("fd00:200::11", 8080);
+    let untouched = |p: &Pkt| p.clone();
+    let mut vlan = syn.from(client, 40002);
+    vlan.vlan = Some(100);
+    let mut options = syn.from(client, 40003);
+    options.ip_options = vec![1, 1, 1, 0, 0x94, 4, 0, 0]; // NOPs, EOL, Router Alert
+    let mut first_fragment = syn.from(client, 40004);
+    first_fragment.frag = 0x2000;
+    let mut later_fragment = syn.from(client, 40005);
+    later_fragment.frag = 0x0010;
+    let udp = Pkt::new(client, NODE4, UDP, 40006, 30080);
+    let mut udp_zero = udp.from(client, 40007);
+    udp_zero.udp_no_checksum = true;
+    let syn6 = Pkt::new("2001:db8::77", NODE6, TCP, 40008, 30080);
+    let mut hop6 = syn6.from("2001:db8::77", 40009);
+    hop6.hop_by_hop = true;
+    let udp6 = Pkt::new("2001:db8::77", NODE6, UDP, 40010, 30080);
+    type Expect = Box<dyn Fn(&Pkt) -> Pkt>;
+    let cases: Vec<(&str, Pkt, u32, Expect)> = vec![
+        (
+            "new TCP flow: DNAT to the local pod",
+            syn.clone(),
+            XDP_PASS,
+            Box::new(dnat),
+        ),
+        (
+            "same flow again: tracked, same pod",
+            syn.clone(),
+            XDP_PASS,
+            Box::new(dnat),
+        ),
+        (
+            "another port: miss, untouched",
+            syn.to(NODE4, 30099),
+            XDP_PASS,
+            Box::new(untouched),
+        ),
+        (
+            "ClusterIP from outside: untouched",
+            syn.to("10.96.50.1", 80),
+            XDP_PASS,
+            Box::new(untouched),
+        ),
+        ("VLAN tag kept", vlan, XDP_PASS, Box::new(dnat)),
+        ("IPv4 options", options, XDP_PASS, Box::new(dnat)),
+        (
+            "first fragment: passed untouched",
+            first_fragment,
+            XDP_PASS,
+            Box::new(untouched),
+        ),
+        (
+            "later fragment: passed untouched",
+            later_fragment,
+            XDP_PASS,
+            Box::new(untouched),
+        ),
+        ("UDP", udp, XDP_PASS, Box::new(dnat)),
+        (
+            "UDP without checksum keeps none",
+            udp_zero,
+            XDP_PASS,
+            Box::new(dnat),
+        ),
+        ("IPv6 TCP", syn6, XDP_PASS, Box::new(dnat6)),
+        ("IPv6 hop-by-hop header", hop6, XDP_PASS, Box::new(dnat6)),
+        ("IPv6 UDP", udp6, XDP_PASS, Box::new(dnat6)),
+    ];
+    for (what, input, verdict, expect) in &cases {
+        let (got, out) = test_run(xdp, &input.bytes());
+        assert_eq!(got, *verdict, "{what}");
+        assert_eq!(out, expect(input).bytes(), "{what}");
+    }
+    // eTP Local without a local endpoint: dropped.
+    let (got, _) = test_run(xdp, &Pkt::new(client, NODE4, TCP, 40011, 30081).bytes());
+    assert_eq!(got, XDP_DROP);
+    // Truncated and malformed headers pass untouched (test-run needs a whole Ethernet
+    // header).
+    let full = syn.from(client, 40012).bytes();
+    for cut in [14, 20, 33, 40, 50] {
+        let (got, out) = test_run(xdp, &full[..cut]);
+        assert_eq!(
+            (got, out.as_slice()),
+            (XDP_PASS, &full[..cut]),
+            "cut at {cut}"
+        );
+    }
+    let mut bad_ihl = full.clone();
+    bad_ihl[14] = 0x43;
+    let (got, out) = test_run(xdp, &bad_ihl);
+    assert_eq!((got, out), (XDP_PASS, bad_ihl), "IHL below 5");
+    // Replies leave through tc egress with the NodePort as their source.
+    for (reply, want) in [
+        (
+            Pkt::new("10.200.0.11", client, TCP, 8080, 40001),
+            Pkt::new(NODE4, client, TCP, 30080, 40001),
+        ),
+        (
+            Pkt::new("10.200.0.11", client, UDP, 8080, 40006),
+            Pkt::new(NODE4, client, UDP, 30080, 40006),
+        ),
+        (
+            Pkt::new("fd00:200::11", "2001:db8::77", TCP, 8080, 40008),
+            Pkt::new(NODE6, "2001:db8::77", TCP, 30080, 40008),
+        ),
+        (
+            // Not a tracked flow: untouched.
+            Pkt::new("10.200.0.11", client, TCP, 8080, 49999),
+            Pkt::new("10.200.0.11", client, TCP, 8080, 49999),
+        ),
+    ] {
+        let (got, out) = test_run(tc, &reply.bytes());
+        assert_eq!(got, TC_ACT_OK);
+        assert_eq!(out, want.bytes(), "reply {}:{}", reply.src, reply.sport);
+    }
+    // SAFETY: our own descriptors, closed once.
+    unsafe {
+        libc::close(xdp);
+        libc::close(tc);
+    }
+}
