@@ -268,8 +268,14 @@ fn ip_families(spec: &core::ServiceSpec, cluster_ips: &[IpAddr]) -> Result<(), F
     }
     for (i, (ip, family)) in cluster_ips.iter().zip(&parsed).enumerate() {
         if Family::of(ip) != *family {
+            // Name the field the manifest used.
+            let field = if spec.cluster_ips.as_ref().is_none_or(Vec::is_empty) {
+                "spec.clusterIP".to_owned()
+            } else {
+                format!("spec.clusterIPs[{i}]")
+            };
             return err(
-                format!("spec.clusterIPs[{i}]"),
+                field,
                 format!(
                     "{ip} is not an {} address, as spec.ipFamilies[{i}] says",
                     families[i]
@@ -1056,12 +1062,10 @@ subsets:
         }
 
         #[rstest::rstest]
-        #[case::v6_address_v4_family(
-            "clusterIP: fd00::1\nipFamilies: [IPv4]",
-            "spec.clusterIPs[0]"
-        )]
-        #[case::v4_address_v6_family(
-            "clusterIP: 10.0.0.1\nipFamilies: [IPv6]",
+        #[case::v6_address_v4_family("clusterIP: fd00::1\nipFamilies: [IPv4]", "spec.clusterIP")]
+        #[case::v4_address_v6_family("clusterIP: 10.0.0.1\nipFamilies: [IPv6]", "spec.clusterIP")]
+        #[case::v6_in_cluster_ips_v4_family(
+            "clusterIPs: ['fd00::1']\nipFamilies: [IPv4]",
             "spec.clusterIPs[0]"
         )]
         #[case::second_address_wrong_family(
