@@ -45,8 +45,8 @@ pub const BOUNDS: Bounds = Bounds {
     max_depth: 64,
     max_documents: 100_000,
     max_nodes: 16_000_000,
-    max_aliases: 10_000,
-    max_alias_expansion: 1_000_000,
+    max_aliases: 1_000,
+    max_alias_expansion: 100_000,
 };
 
 /// Why a file's documents could not be had. The message says what is wrong and, for a
