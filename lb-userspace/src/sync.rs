@@ -65,8 +65,6 @@ pub struct Syncer {
     sock_destroyer: Option<SockDestroyer>,
     /// The `healthCheckNodePort` answers, when served.
     service_health: Option<Arc<ServiceHealth>>,
-    /// The snapshot of the last pass, to find what the next one touched.
-    last_snapshot: Snapshot,
     /// The last snapshot received (synced or coalesced), to count what each one changes.
     received: Arc<Snapshot>,
     /// EndpointSlice changes waiting for a pass to write them, with their trigger times.
@@ -233,7 +231,6 @@ impl Syncer {
             known_problems: BTreeSet::new(),
             sock_destroyer: None,
             service_health: None,
-            last_snapshot: Snapshot::default(),
             received: Arc::new(Snapshot::default()),
             latency: ProgrammingLatency::new(SystemTime::now()),
             names: None,
@@ -344,12 +341,10 @@ impl Syncer {
     /// One pass: desired state, plan, writes. Returns whether every write succeeded.
     pub fn sync(&mut self, snapshot: &Snapshot, source_errors: usize) -> bool {
         let started = Instant::now();
-        if let Some(health) = &self.service_health {
-            let touched = snapshot.touched_since(&self.last_snapshot);
-            health.update(snapshot, &touched, self.tracker.node());
-        }
-        self.last_snapshot = snapshot.clone();
         let change = self.tracker.update(snapshot);
+        if let Some(health) = &self.service_health {
+            health.update(snapshot, self.tracker.touched(), self.tracker.node());
+        }
         self.log_problems(snapshot);
         let computed = started.elapsed();
         let planned_all = self.plan_all || change == Change::Full;

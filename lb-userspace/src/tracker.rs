@@ -68,6 +68,8 @@ pub struct Tracker {
     desired: Desired,
     problems: Vec<DesiredError>,
     slots: usize,
+    /// What the last update found changed.
+    touched: BTreeSet<ObjectKey>,
 }
 
 /// Above this share of changed Services, recomputing everything is as cheap and simpler.
@@ -83,6 +85,7 @@ impl Tracker {
             desired: Desired::default(),
             problems: Vec::new(),
             slots: 0,
+            touched: BTreeSet::new(),
         }
     }
 
@@ -109,12 +112,21 @@ impl Tracker {
 
     /// Brings the desired state up to `snapshot`.
     pub fn update(&mut self, snapshot: &Snapshot) -> Change {
-        let change = self.apply(snapshot);
+        self.touched = snapshot.touched_since(&self.seen);
+        let touched = std::mem::take(&mut self.touched);
+        let change = self.apply(snapshot, &touched);
+        self.touched = touched;
         self.seen = snapshot.clone();
         change
     }
 
-    fn apply(&mut self, snapshot: &Snapshot) -> Change {
+    /// The Services whose inputs (the Service or its EndpointSlices) the last update found
+    /// changed, for other per-Service state kept alongside (the health check ports).
+    pub fn touched(&self) -> &BTreeSet<ObjectKey> {
+        &self.touched
+    }
+
+    fn apply(&mut self, snapshot: &Snapshot, touched: &BTreeSet<ObjectKey>) -> Change {
         if snapshot.zone != self.node.zone {
             // Topology hints of every Service depend on the zone.
             self.node.zone.clone_from(&snapshot.zone);
@@ -123,8 +135,8 @@ impl Tracker {
         }
         let mut changed: Vec<&ObjectKey> = Vec::new();
         let mut removed: Vec<ObjectKey> = Vec::new();
-        for key in snapshot.touched_since(&self.seen) {
-            match snapshot.services.get_key_value(&key) {
+        for key in touched {
+            match snapshot.services.get_key_value(key) {
                 Some((key, service)) => {
                     let unchanged = self
                         .entries
@@ -134,7 +146,7 @@ impl Tracker {
                         changed.push(key);
                     }
                 }
-                None if self.entries.contains_key(&key) => removed.push(key),
+                None if self.entries.contains_key(key) => removed.push(key.clone()),
                 None => {} // EndpointSlices without their Service
             }
         }
