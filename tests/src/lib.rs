@@ -574,6 +574,29 @@ impl Agent {
 
     /// Starts the agent process (again), with the same pins, and waits until healthy.
     pub fn restart(&mut self) {
+        // A port that free_port() found free may be taken before lb binds it (by another test
+        // or process): then lb exits at once saying so, and gets other ports.
+        for _ in 0..3 {
+            let logged = self.log_text().len();
+            self.spawn();
+            if self.wait_healthy_or_exit() {
+                return;
+            }
+            let new = self.log_text().get(logged..).unwrap_or_default().to_owned();
+            if !new.contains("in use") {
+                break;
+            }
+            self.child = None;
+            self.healthz = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            self.metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        }
+        panic!(
+            "lb run exited before becoming healthy:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -601,7 +624,6 @@ impl Agent {
             .spawn()
             .expect("spawn lb run");
         self.child = Some(child);
-        self.wait_healthy();
     }
 
     /// The agent's log so far.
@@ -609,19 +631,17 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_healthy(&mut self) {
+    /// Waits until healthy (true) or until the process exits (false).
+    fn wait_healthy_or_exit(&mut self) -> bool {
         let deadline = Instant::now() + self.startup_timeout;
         loop {
             if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
+                && let Ok(Some(_status)) = child.try_wait()
             {
-                panic!(
-                    "lb run exited with {status} before becoming healthy:\n{}",
-                    self.log_text()
-                );
+                return false;
             }
             if http_get(self.healthz, "/healthz").is_some_and(|(code, _)| code == 200) {
-                return;
+                return true;
             }
             assert!(
                 Instant::now() < deadline,
@@ -772,6 +792,44 @@ pub struct ListedFrontend {
     pub id: u32,
     pub affinity_timeout_seconds: u32,
     pub backends: Vec<String>,
+}
+
+/// A Service on `ip:port` -> `target`/`proto` with one EndpointSlice holding `pods` (their
+/// addresses, all of `ip`'s family), as manifest YAML.
+pub fn service_manifest(
+    name: &str,
+    ip: &str,
+    port: u16,
+    target: u16,
+    proto: &str,
+    pods: &[String],
+) -> String {
+    let family = if ip.contains(':') { "IPv6" } else { "IPv4" };
+    let endpoints = if pods.is_empty() {
+        "endpoints: []".to_owned()
+    } else {
+        let list: Vec<String> = pods
+            .iter()
+            .map(|ip| format!("  - addresses: ['{ip}']"))
+            .collect();
+        format!("endpoints:\n{}", list.join("\n"))
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  clusterIP: '{ip}'
+  ports: [{{port: {port}, targetPort: {target}, protocol: {proto}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: {family}
+ports: [{{port: {target}, protocol: {proto}}}]
+{endpoints}
+"
+    )
 }
 
 /// A minimal HTTP/1.0 GET over loopback: (status, body).

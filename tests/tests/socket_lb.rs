@@ -8,49 +8,9 @@ use std::{
 };
 
 use lb_tests::{
-    Agent, Cgroup, Node, Outcome, TempDir, attached_programs, backends, lb_bin, run_client, unique,
+    Agent, Cgroup, Node, Outcome, TempDir, attached_programs, backends, lb_bin, run_client,
+    service_manifest as service, unique,
 };
-
-/// A Service with an EndpointSlice of the given pods (by address) on `target` port.
-fn service(
-    name: &str,
-    cluster_ip: &str,
-    port: u16,
-    target: u16,
-    proto: &str,
-    pods: &[String],
-) -> String {
-    let family = if cluster_ip.contains(':') {
-        "IPv6"
-    } else {
-        "IPv4"
-    };
-    let endpoints: Vec<String> = pods
-        .iter()
-        .map(|ip| format!("  - addresses: ['{ip}']"))
-        .collect();
-    let endpoints = if endpoints.is_empty() {
-        "endpoints: []".to_owned()
-    } else {
-        format!("endpoints:\n{}", endpoints.join("\n"))
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}}}
-spec:
-  clusterIP: '{cluster_ip}'
-  ports: [{{port: {port}, targetPort: {target}, protocol: {proto}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: {family}
-ports: [{{port: {target}, protocol: {proto}}}]
-{endpoints}
-"
-    )
-}
 
 /// A node with `n` pods named pod1..podN serving TCP and UDP 8080.
 fn node_with_pods(n: u8) -> Node {

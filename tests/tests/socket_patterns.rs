@@ -8,7 +8,9 @@
 
 use std::{collections::BTreeSet, process::Stdio};
 
-use lb_tests::{Agent, Node, Outcome, Proc, TempDir, die_with_parent, testpod_bin};
+use lb_tests::{
+    Agent, Node, Outcome, Proc, TempDir, die_with_parent, service_manifest as service, testpod_bin,
+};
 
 /// UDP Service with one backend (pod1).
 const DNS: &str = "10.96.0.20:53";
@@ -30,32 +32,6 @@ const DNS3_V6: &str = "[fd00:96::21]:53";
 
 /// The MPTCP server's port in pod1.
 const MPTCP_PORT: u16 = 8081;
-
-fn service(name: &str, ip: &str, port: u16, target: u16, proto: &str, pods: &[String]) -> String {
-    let family = if ip.contains(':') { "IPv6" } else { "IPv4" };
-    let endpoints: Vec<String> = pods
-        .iter()
-        .map(|ip| format!("  - addresses: ['{ip}']"))
-        .collect();
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}}}
-spec:
-  clusterIP: '{ip}'
-  ports: [{{port: {port}, targetPort: {target}, protocol: {proto}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: {family}
-ports: [{{port: {target}, protocol: {proto}}}]
-endpoints:
-{}
-",
-        endpoints.join("\n")
-    )
-}
 
 /// Three pods (pod1..pod3, TCP and UDP 8080), the Services above, lb; fields drop in order.
 struct Fixture {

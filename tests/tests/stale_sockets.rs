@@ -32,33 +32,12 @@ fn service(
     affinity: bool,
     pods: &[String],
 ) -> String {
-    let endpoints: Vec<String> = pods
-        .iter()
-        .map(|ip| format!("  - addresses: ['{ip}']"))
-        .collect();
-    let sticky = if affinity {
-        "  sessionAffinity: ClientIP\n"
+    let text = lb_tests::service_manifest(name, ip, port, target, proto, pods);
+    if affinity {
+        text.replacen("  ports:", "  sessionAffinity: ClientIP\n  ports:", 1)
     } else {
-        ""
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}}}
-spec:
-  clusterIP: '{ip}'
-{sticky}  ports: [{{port: {port}, targetPort: {target}, protocol: {proto}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{port: {target}, protocol: {proto}}}]
-endpoints:
-{}
-",
-        endpoints.join("\n")
-    )
+        text
+    }
 }
 
 /// One line of `lb-testpod stream`.
