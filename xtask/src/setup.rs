@@ -6,7 +6,8 @@
 //!   bpf-linker` looks for a system LLVM that is not there;
 //! - Debian packages: bpftool (tests read attachments with it), iproute2 and util-linux
 //!   (netns, nsenter), curl (demo), iptables, nftables and iperf3 (bench peers), prometheus
-//!   (prometheus and promtool, for the alerting-rule tests).
+//!   (prometheus and promtool, for the alerting-rule tests), buildah, podman and runc (the
+//!   container image test).
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +30,12 @@ const PACKAGES: &[(&str, &str)] = &[
     // Prometheus scrapes a real lb (tests/tests/operability.rs).
     ("prometheus", "prometheus"),
     ("prometheus", "promtool"),
+    // The container image: built with buildah from deploy/Containerfile, run with podman as
+    // deploy/daemonset.yaml says (tests/tests/container.rs). runc, because Debian 12's crun
+    // refuses hybrid cgroup hosts.
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// Debian packages that provide a file rather than a command.
