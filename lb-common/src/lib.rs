@@ -10,7 +10,9 @@
 #![no_std]
 
 pub mod addr;
+pub mod csum;
 pub mod maps;
+pub mod nat;
 pub mod select;
 pub mod stats;
 

@@ -27,7 +27,9 @@ use crate::Addr;
 /// [`META`] when it creates the maps and refuses to adopt pinned maps with another value.
 ///
 /// 3: [`SockXlate`] gained `flags` ([`SOCK_CONNECTED`], [`SOCK_DATAGRAMS`]), and unconnected
-/// UDP sockets get a [`SOCKS`] entry too (the reverse hooks read [`REVNAT`] only for those).
+/// UDP sockets get a [`SOCKS`] entry too (the reverse hooks read [`REVNAT`] only for those);
+/// [`Frontend`] gained `ext_count`/`ext_local` and `flags` has a meaning (the north-south
+/// backend range at `EXT_SLOT_BASE`); the conntrack map `LB_CT` is new.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -97,10 +99,17 @@ pub struct Frontend {
     pub count: u32,
     /// ClientIP session affinity timeout in seconds; 0 means no affinity.
     pub affinity_timeout_s: u32,
-    /// Reserved, 0.
+    /// [`crate::nat::FRONTEND_EXTERNAL`] and [`crate::nat::FRONTEND_ETP_LOCAL`]; 0 for a
+    /// ClusterIP (the XDP datapath leaves packets to it alone).
     pub flags: u32,
+    /// External backends (packets from outside the node, served by the XDP datapath) in slots
+    /// `EXT_SLOT_BASE + 0..ext_count` ([`crate::nat::EXT_SLOT_BASE`]); 0 for a ClusterIP.
+    pub ext_count: u32,
+    /// How many of the external backends, the first ones, are on this node (all of them under
+    /// `externalTrafficPolicy: Local`).
+    pub ext_local: u32,
 }
-const _: () = assert!(size_of::<Frontend>() == 16);
+const _: () = assert!(size_of::<Frontend>() == 24);
 
 /// Key of [`SLOTS`].
 #[repr(C)]
@@ -371,6 +380,16 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: META_LEN,
         flags: 0,
         agent_writes: true,
+        sized_by_agent: false,
+    },
+    MapSpec {
+        name: crate::nat::CT,
+        kind: MapKind::LruHash,
+        key_size: size::<crate::nat::CtKey>(),
+        value_size: size::<crate::nat::CtEntry>(),
+        max_entries: crate::nat::MAX_CT,
+        flags: 0,
+        agent_writes: false,
         sized_by_agent: false,
     },
 ];

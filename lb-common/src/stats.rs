@@ -38,8 +38,38 @@ pub const SENDMSG_CONNECTED: u32 = 12;
 /// until the socket sends through the Service again.
 pub const REVNAT_CLEARED_DIRECT: u32 = 13;
 
+// North-south (XDP on --xdp-iface, tc egress on the same interface).
+/// XDP: a new flow to an external frontend was sent to a backend on this node (DNAT).
+pub const XDP_NEW_FLOW: u32 = 14;
+/// XDP: a packet of a tracked flow was sent to its backend.
+pub const XDP_TRACKED: u32 = 15;
+/// XDP: dropped, `externalTrafficPolicy: Local` and no endpoint on this node (kube-proxy
+/// drops these too).
+pub const XDP_DROP_NO_LOCAL: u32 = 16;
+/// XDP: dropped, the flow's backend left the Service (the client sees a timeout, never
+/// another backend's data).
+pub const XDP_DROP_STALE: u32 = 17;
+/// XDP: passed to the stack untouched, the frontend has no endpoint at all under
+/// `externalTrafficPolicy: Cluster` (nothing listens there: the stack answers with a TCP
+/// reset or an ICMP port unreachable, as kube-proxy's REJECT rule).
+pub const XDP_PASS_NO_BACKEND: u32 = 18;
+/// XDP: passed to the stack untouched, the frontend has backends on other nodes
+/// (`externalTrafficPolicy: Cluster`), which need SNAT: not done by this version.
+pub const XDP_PASS_REMOTE: u32 = 19;
+/// XDP: an IPv4 fragment or an IPv6 packet with a fragment header, passed untouched (no
+/// ports to match; never translated, so never misrouted).
+pub const XDP_PASS_FRAGMENT: u32 = 20;
+/// XDP: a truncated or malformed IP/TCP/UDP header, or IPv6 extension headers deeper than
+/// the parser walks, passed untouched.
+pub const XDP_PASS_MALFORMED: u32 = 21;
+/// XDP: a new flow was translated but its connection-tracking entries could not be stored;
+/// the packet is dropped (a reply could not be translated back).
+pub const XDP_ERR_CT_UPDATE: u32 = 22;
+/// tc egress: a backend's reply got its frontend address back as source.
+pub const TC_REPLY_XLATED: u32 = 23;
+
 /// Number of counters.
-pub const COUNT: u32 = 14;
+pub const COUNT: u32 = 24;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -57,4 +87,14 @@ pub const NAMES: [&str; COUNT as usize] = [
     "err_sticky_update",
     "sendmsg_connected",
     "revnat_cleared_direct",
+    "xdp_new_flow",
+    "xdp_tracked",
+    "xdp_drop_no_local_endpoint",
+    "xdp_drop_backend_gone",
+    "xdp_pass_no_endpoint",
+    "xdp_pass_remote_backend",
+    "xdp_pass_fragment",
+    "xdp_pass_malformed",
+    "xdp_err_ct_update",
+    "tc_reply_xlated",
 ];

@@ -13,10 +13,14 @@
 )]
 
 mod maps;
+mod nodeport;
 mod sock;
 mod xlate;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
+};
 
 use crate::{
     sock::{V4, V6},
@@ -61,6 +65,18 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     xlate::reverse::<V6>(&ctx, Reverse::GetPeerName)
+}
+
+/// North-south: packets from outside the node to external frontends (`nodeport::xdp`).
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    nodeport::xdp::ingress(&ctx)
+}
+
+/// North-south: backends' replies get their frontend back as source (`nodeport::tc`).
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    nodeport::tc::egress(&ctx)
 }
 
 #[cfg(not(test))]

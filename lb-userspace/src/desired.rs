@@ -66,7 +66,39 @@ pub struct DesiredFrontend {
     pub kind: FrontendKind,
     /// ClientIP affinity timeout in seconds, 0 for none.
     pub affinity_timeout_s: u32,
+    /// Backends of the socket programs (node-originated traffic).
     pub backends: BTreeSet<Backend>,
+    /// For an external frontend, the backends of traffic from outside the node (the XDP
+    /// datapath); `None` for a ClusterIP.
+    pub external: Option<ExternalBackends>,
+}
+
+/// The backends external traffic uses (kube-proxy's `CategorizeEndpoints` for
+/// `externalTrafficPolicy`): under `Local` this node's endpoints only, under `Cluster` the
+/// cluster's, each ready first then serving-and-terminating.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalBackends {
+    /// `externalTrafficPolicy: Local`.
+    pub policy_local: bool,
+    /// The backends on this node.
+    pub local: BTreeSet<Backend>,
+    /// The backends on other nodes (empty under `Local`).
+    pub remote: BTreeSet<Backend>,
+}
+
+impl ExternalBackends {
+    /// The slot order: this node's backends first.
+    pub fn ordered(&self) -> impl Iterator<Item = &Backend> {
+        self.local.iter().chain(&self.remote)
+    }
+
+    pub fn len(&self) -> usize {
+        self.local.len() + self.remote.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A `nodePort` and protocol: claimed by one Service on every node IP, whichever node IPs
@@ -82,8 +114,28 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// Backend slots over all frontends (socket and external ranges).
     pub fn backend_count(&self) -> usize {
-        self.frontends.values().map(|f| f.backends.len()).sum()
+        self.frontends
+            .values()
+            .map(DesiredFrontend::slot_count)
+            .sum()
+    }
+}
+
+impl DesiredFrontend {
+    /// The slots this frontend takes: its socket backends and its external ones.
+    pub fn slot_count(&self) -> usize {
+        self.backends.len() + self.external.as_ref().map_or(0, ExternalBackends::len)
+    }
+
+    /// Every backend of either range (the frontend's memberships).
+    pub fn members(&self) -> BTreeSet<Backend> {
+        let mut all = self.backends.clone();
+        if let Some(ext) = &self.external {
+            all.extend(ext.ordered().copied());
+        }
+        all
     }
 }
 
@@ -213,6 +265,41 @@ impl AsRef<Endpoint> for Candidate<'_> {
     }
 }
 
+/// The endpoints serving `sp` in `family`, each address and port once (the best-ranked copy
+/// when two slices list it).
+fn unique_endpoints<'a>(
+    sp: &ServicePort,
+    family: Family,
+    slices: &'a [Arc<EndpointSlice>],
+) -> BTreeMap<(IpAddr, u16), &'a Endpoint> {
+    let mut unique: BTreeMap<(IpAddr, u16), &Endpoint> = BTreeMap::new();
+    for slice in slices.iter().filter(|s| s.family == family) {
+        let Some(port) = endpoint_port(slice, sp) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            match unique.entry((ep.addr, port)) {
+                Entry::Vacant(v) => {
+                    v.insert(ep);
+                }
+                Entry::Occupied(mut o) => {
+                    if rank(ep) > rank(o.get()) {
+                        o.insert(ep);
+                    }
+                }
+            }
+        }
+    }
+    unique
+}
+
+fn candidates<'a>(unique: &BTreeMap<(IpAddr, u16), &'a Endpoint>) -> Vec<Candidate<'a>> {
+    unique
+        .iter()
+        .map(|(&(_, port), &endpoint)| Candidate { endpoint, port })
+        .collect()
+}
+
 /// The backends one Service port should use for one address family on this node, for a
 /// frontend of `kind`.
 ///
@@ -233,28 +320,8 @@ fn backends_for(
     slices: &[Arc<EndpointSlice>],
     node: &Node,
 ) -> BTreeSet<Backend> {
-    let mut unique: BTreeMap<(IpAddr, u16), &Endpoint> = BTreeMap::new();
-    for slice in slices.iter().filter(|s| s.family == family) {
-        let Some(port) = endpoint_port(slice, sp) else {
-            continue;
-        };
-        for ep in &slice.endpoints {
-            match unique.entry((ep.addr, port)) {
-                Entry::Vacant(v) => {
-                    v.insert(ep);
-                }
-                Entry::Occupied(mut o) => {
-                    if rank(ep) > rank(o.get()) {
-                        o.insert(ep);
-                    }
-                }
-            }
-        }
-    }
-    let candidates: Vec<Candidate<'_>> = unique
-        .iter()
-        .map(|(&(_, port), &endpoint)| Candidate { endpoint, port })
-        .collect();
+    let unique = unique_endpoints(sp, family, slices);
+    let candidates = candidates(&unique);
     let local_only = kind == FrontendKind::ClusterIp && service.internal_local;
     let policy = Policy {
         uses_cluster: !local_only,
@@ -271,6 +338,45 @@ fn backends_for(
         .into_iter()
         .map(|c| Backend::new(addr(&c.endpoint.addr), c.port.to_be()))
         .collect()
+}
+
+/// The backends of traffic from outside the node to an external frontend of `service`, for
+/// one family (see [`ExternalBackends`]).
+fn external_backends(
+    service: &Service,
+    sp: &ServicePort,
+    family: Family,
+    slices: &[Arc<EndpointSlice>],
+    node: &Node,
+) -> ExternalBackends {
+    let unique = unique_endpoints(sp, family, slices);
+    let candidates = candidates(&unique);
+    let local_policy = service.external_local;
+    let policy = Policy {
+        uses_cluster: !local_policy,
+        uses_local: local_policy,
+        topology: service.topology,
+    };
+    let chosen = topology::categorize(&candidates, policy, node);
+    let chosen = if local_policy {
+        chosen.local
+    } else {
+        chosen.cluster
+    };
+    let mut out = ExternalBackends {
+        policy_local: local_policy,
+        ..ExternalBackends::default()
+    };
+    for c in chosen {
+        let backend = Backend::new(addr(&c.endpoint.addr), c.port.to_be());
+        let here = !node.name.is_empty() && c.endpoint.node_name.as_deref() == Some(&*node.name);
+        if here || local_policy {
+            out.local.insert(backend);
+        } else {
+            out.remote.insert(backend);
+        }
+    }
+    out
 }
 
 /// kube-proxy's `LocalReadyEndpoints` for one Service (pkg/proxy/endpoints.go), what its
@@ -337,6 +443,9 @@ pub fn service_frontends(
                     kind,
                     affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
                     backends: backends_for(service, sp, Family::of(ip), kind, slices, node),
+                    external: kind
+                        .is_external()
+                        .then(|| external_backends(service, sp, Family::of(ip), slices, node)),
                 },
             ));
         };
@@ -426,7 +535,7 @@ impl Merge {
             }
             kept.push((fkey, frontend));
         }
-        let new_slots: usize = kept.iter().map(|(_, f)| f.backends.len()).sum();
+        let new_slots: usize = kept.iter().map(|(_, f)| f.slot_count()).sum();
         let full = if self.desired.frontends.len() + kept.len() > limits.frontends {
             Some(format!(
                 "map {} is full ({} frontends; see --max-frontends)",
@@ -612,6 +721,56 @@ endpoints: [{addresses: ['fd00:1::1'], nodeName: n2}]
         assert_eq!(
             backends(&d, "2001:db8::10", 30080, TCP),
             ["[fd00:1::1]:8080"]
+        );
+    }
+
+    #[test]
+    fn external_traffic_uses_the_external_traffic_policy() {
+        let (d, _) = build(&snapshot(NORTH_SOUTH), &node(), Limits::default());
+        let ext = |ip: &str, port: u16| {
+            d.frontends[&frontend_key(&ip.parse().unwrap(), port, TCP)]
+                .external
+                .clone()
+        };
+        assert_eq!(ext("10.96.0.50", 80), None, "a ClusterIP is not external");
+        let local = ext("192.0.2.10", 30080).unwrap();
+        assert!(local.policy_local);
+        let shown: Vec<String> = local
+            .ordered()
+            .map(|b| ShowAddrPort(&b.addr, b.port).to_string())
+            .collect();
+        assert_eq!(
+            shown,
+            ["10.1.0.1:8080"],
+            "eTP Local: this node's endpoint only"
+        );
+        assert!(
+            ext("2001:db8::10", 30080).unwrap().is_empty(),
+            "no IPv6 endpoint on this node: external packets are dropped"
+        );
+        // eTP Cluster: every endpoint, this node's first.
+        let cluster = NORTH_SOUTH.replace(
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Cluster",
+        );
+        let (d, _) = build(&snapshot(&cluster), &node(), Limits::default());
+        let ext = d.frontends[&frontend_key(&"203.0.113.9".parse().unwrap(), 80, TCP)]
+            .external
+            .clone()
+            .unwrap();
+        assert!(!ext.policy_local);
+        let shown: Vec<String> = ext
+            .ordered()
+            .map(|b| ShowAddrPort(&b.addr, b.port).to_string())
+            .collect();
+        assert_eq!(shown, ["10.1.0.1:8080", "10.1.0.2:8080"]);
+        assert_eq!(ext.local.len(), 1);
+        assert_eq!(
+            d.backend_count(),
+            d.frontends
+                .values()
+                .map(|f| f.backends.len() + f.external.as_ref().map_or(0, ExternalBackends::len))
+                .sum::<usize>()
         );
     }
 

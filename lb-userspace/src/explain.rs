@@ -462,6 +462,8 @@ mod tests {
             count,
             affinity_timeout_s: affinity,
             flags: 0,
+            ext_count: 0,
+            ext_local: 0,
         }
     }
 

@@ -9,9 +9,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use lb_common::maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey};
+use lb_common::{
+    maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey},
+    nat::{EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL},
+};
 
-use crate::desired::{Desired, DesiredFrontend};
+use crate::desired::{Desired, DesiredFrontend, ExternalBackends};
 
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,7 +320,8 @@ impl KernelState {
             .map(|slot| slots.get(&slot).copied())
             .collect();
         let assigned = assign_slots(&in_use, &want.backends);
-        for backend in &want.backends {
+        let members_wanted = want.members();
+        for backend in &members_wanted {
             if !members.contains(backend) {
                 ops.push(Op::PutMember(MemberKey {
                     id,
@@ -330,22 +334,51 @@ impl KernelState {
                 ops.push(Op::PutSlot(SlotKey { id, slot }, *backend));
             }
         }
+        // External backends: their own range, this node's first (the XDP datapath serves
+        // `ext_local` of them without SNAT).
+        let external: Vec<Backend> = want
+            .external
+            .iter()
+            .flat_map(ExternalBackends::ordered)
+            .copied()
+            .collect();
+        for (slot, backend) in (EXT_SLOT_BASE..).zip(&external) {
+            if slots.get(&slot) != Some(backend) {
+                ops.push(Op::PutSlot(SlotKey { id, slot }, *backend));
+            }
+        }
         let count = u32::try_from(assigned.len()).unwrap_or(u32::MAX);
+        let ext_count = u32::try_from(external.len()).unwrap_or(u32::MAX);
         let value = Frontend {
             id,
             count,
             affinity_timeout_s: want.affinity_timeout_s,
-            flags: 0,
+            flags: want.external.as_ref().map_or(0, |ext| {
+                FRONTEND_EXTERNAL
+                    | if ext.policy_local {
+                        FRONTEND_ETP_LOCAL
+                    } else {
+                        0
+                    }
+            }),
+            ext_count,
+            ext_local: want
+                .external
+                .as_ref()
+                .map_or(0, |ext| u32::try_from(ext.local.len()).unwrap_or(u32::MAX)),
         };
         if current != Some(value) {
             ops.push(Op::PutFrontend(key, value));
         }
-        for (&slot, _) in slots.range(count..) {
+        for (&slot, _) in slots
+            .range(count..EXT_SLOT_BASE)
+            .chain(slots.range(EXT_SLOT_BASE.saturating_add(ext_count)..))
+        {
             ops.push(Op::DelSlot(SlotKey { id, slot }));
         }
         let mut ended: Vec<&Backend> = members
             .iter()
-            .filter(|b| !want.backends.contains(b))
+            .filter(|b| !members_wanted.contains(b))
             .collect();
         ended.sort_unstable();
         for backend in ended {
@@ -409,6 +442,7 @@ mod tests {
                     kind: crate::desired::FrontendKind::ClusterIp,
                     affinity_timeout_s: affinity,
                     backends: backends.iter().map(|&b| be(b)).collect(),
+                    external: None,
                 },
             );
         }
@@ -477,14 +511,10 @@ mod tests {
                 .collect();
             assert_eq!(got, want.backends);
             assert_eq!(f.count as usize, want.backends.len());
-            assert_eq!(
-                state.slots(f.id).count(),
-                want.backends.len(),
-                "stray slots"
-            );
+            assert_eq!(state.slots(f.id).count(), want.slot_count(), "stray slots");
             assert_eq!(
                 state.members.get(&f.id).map_or(0, HashSet::len),
-                want.backends.len()
+                want.members().len()
             );
         }
         let ids: HashSet<u32> = state.frontends.values().map(|f| f.id).collect();
@@ -564,7 +594,9 @@ mod tests {
                         id: 1,
                         count: 2,
                         affinity_timeout_s: 0,
-                        flags: 0
+                        flags: 0,
+                        ext_count: 0,
+                        ext_local: 0,
                     }
                 ),
                 Op::DelSlot(SlotKey { id: 1, slot: 2 }),
@@ -604,6 +636,54 @@ mod tests {
     }
 
     #[test]
+    fn external_backends_have_their_own_range_local_first() {
+        use crate::desired::ExternalBackends;
+        let mut d = desired(&[(1, &[1, 2, 3], 0)]);
+        let ext = |local: &[u8], remote: &[u8]| ExternalBackends {
+            policy_local: false,
+            local: local.iter().map(|&b| be(b)).collect(),
+            remote: remote.iter().map(|&b| be(b)).collect(),
+        };
+        let f = d.frontends.get_mut(&fkey(1)).unwrap();
+        f.external = Some(ext(&[3], &[1, 2]));
+        let mut state = KernelState::default();
+        sync(&mut state, &d);
+        let value = state.frontends()[&fkey(1)];
+        assert_eq!(
+            (value.count, value.ext_count, value.ext_local, value.flags),
+            (3, 3, 1, FRONTEND_EXTERNAL)
+        );
+        let ext_slots: Vec<(u32, Backend)> = state
+            .slots(value.id)
+            .filter(|(s, _)| *s >= EXT_SLOT_BASE)
+            .map(|(s, b)| (s - EXT_SLOT_BASE, *b))
+            .collect();
+        assert_eq!(ext_slots, [(0, be(3)), (1, be(1)), (2, be(2))]);
+        // eTP Local with a fourth, local-only backend (a terminating one, say): a member,
+        // an external slot, not a socket slot.
+        let f = d.frontends.get_mut(&fkey(1)).unwrap();
+        f.external = Some(ExternalBackends {
+            policy_local: true,
+            ..ext(&[4], &[])
+        });
+        sync(&mut state, &d);
+        let value = state.frontends()[&fkey(1)];
+        assert_eq!(
+            (value.count, value.ext_count, value.ext_local, value.flags),
+            (3, 1, 1, FRONTEND_EXTERNAL | FRONTEND_ETP_LOCAL)
+        );
+        let all: Vec<u32> = state.slots(value.id).map(|(s, _)| s).collect();
+        assert_eq!(all, [0, 1, 2, EXT_SLOT_BASE], "tail external slots removed");
+        assert!(state.members[&value.id].contains(&be(4)));
+        // Back to a ClusterIP-like frontend: the external range goes.
+        d.frontends.get_mut(&fkey(1)).unwrap().external = None;
+        sync(&mut state, &d);
+        let all: Vec<u32> = state.slots(value.id).map(|(s, _)| s).collect();
+        assert_eq!(all, [0, 1, 2]);
+        assert!(!state.members[&value.id].contains(&be(4)));
+    }
+
+    #[test]
     fn adopted_state_with_leftovers_is_repaired() {
         // A previous agent died mid-write: slots past the count, an orphan id, a missing slot.
         let f = Frontend {
@@ -611,6 +691,8 @@ mod tests {
             count: 3,
             affinity_timeout_s: 0,
             flags: 0,
+            ext_count: 0,
+            ext_local: 0,
         };
         let mut state = KernelState::from_entries(
             [(fkey(1), f)],

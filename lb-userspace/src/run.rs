@@ -22,6 +22,7 @@ use crate::{
         names::Names,
         object,
         sock_destroy::{self, SockDestroyer},
+        xdp,
     },
     metrics::Metrics,
     model::Node,
@@ -60,9 +61,6 @@ fn node_name(flag: Option<&str>) -> String {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if !args.xdp_ifaces.is_empty() {
-        bail!("--xdp-iface: the XDP/tc NodePort datapath is not implemented in this version of lb");
-    }
     if !args.manifests.is_empty() && args.kubeconfig.is_some() {
         bail!("--manifests and --kubeconfig: lb reads one source; pass one of them");
     }
@@ -79,10 +77,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // --node-ip defaults to the addresses of the --xdp-iface interfaces.
+    let node_ips = if args.node_ips.is_empty() && !args.xdp_ifaces.is_empty() {
+        xdp::iface_addresses(&args.xdp_ifaces).context("reading the --xdp-iface addresses")?
+    } else {
+        args.node_ips.clone()
+    };
     let node = Node {
         name: node_name(args.node_name.as_deref()),
         zone: None,
-        ips: args.node_ips.clone(),
+        ips: node_ips,
     };
     if node.ips.is_empty() {
         tracing::warn!(
@@ -103,6 +107,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let adopted_maps = object::check_pinned(&layout, capacities)?;
     let mut ebpf = object::load(&layout, capacities)?;
     let attachments = attach::attach_or_adopt(&mut ebpf, &layout, &cgroup)?;
+    for done in xdp::attach_or_adopt(&mut ebpf, &layout, &args.xdp_ifaces)? {
+        tracing::info!(
+            iface = %done.iface,
+            xdp = ?done.xdp,
+            mode = done.mode,
+            tc_egress = ?done.tc,
+            "north-south datapath attached"
+        );
+    }
     let adopted = attachments
         .iter()
         .filter(|(_, a)| *a == Attachment::Adopted)

@@ -171,7 +171,7 @@ impl Tracker {
                     .node_ports
                     .iter()
                     .any(|claim| self.desired.node_ports.contains_key(claim));
-            let slots: usize = frontends.iter().map(|(_, f)| f.backends.len()).sum();
+            let slots: usize = frontends.iter().map(|(_, f)| f.slot_count()).sum();
             let fits = self.desired.frontends.len() + frontends.len() <= self.limits.frontends
                 && self.slots + slots <= self.limits.slots;
             if conflict || !fits {
@@ -222,7 +222,7 @@ impl Tracker {
         for (fkey, frontend) in &desired.frontends {
             let (keys, slots) = programmed.entry(&frontend.service).or_default();
             keys.push(*fkey);
-            *slots += frontend.backends.len();
+            *slots += frontend.slot_count();
         }
         let mut claimed: HashMap<&ObjectKey, Vec<NodePortClaim>> = HashMap::new();
         for (claim, holder) in &desired.node_ports {

@@ -6,6 +6,7 @@
 //! maps/LB_FRONTENDS ...   every map of lb_common::maps::SPECS
 //! maps/LB_NAMES           each frontend id's Service, port name and kind (names.rs)
 //! links/lb_connect4 ...   one bpf_link per program, attached to --cgroup
+//! links/xdp@IF, tc@IF     XDP ingress and tcx egress on each --xdp-iface (see [`xdp`])
 //! ```
 //!
 //! Pinned links keep the programs attached when the agent exits; a new agent loads its
@@ -20,6 +21,7 @@ pub mod netns;
 pub mod object;
 pub mod sock_destroy;
 pub mod sys;
+pub mod xdp;
 
 use std::path::{Path, PathBuf};
 

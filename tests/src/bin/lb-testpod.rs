@@ -53,6 +53,10 @@ enum Command {
         /// address, which NAT on the way back would not recognise).
         #[arg(long = "udp-addr")]
         udp_addrs: Vec<std::net::IpAddr>,
+        /// Answer "NAME CLIENT-ADDR:PORT": the source address the request arrived from (the
+        /// north-south tests check that the client's address was preserved or not).
+        #[arg(long)]
+        show_client: bool,
     },
     /// Benchmark: `count` TCP transactions (connect, 1-byte request/response, close), one at
     /// a time; prints latency percentiles as JSON.
@@ -185,9 +189,12 @@ fn join(cgroup: Option<&PathBuf>, netns: Option<&PathBuf>) -> anyhow::Result<()>
     Ok(())
 }
 
-fn serve_tcp(listener: TcpListener, name: String) {
+fn serve_tcp(listener: TcpListener, name: String, show_client: bool) {
     for stream in listener.incoming().flatten() {
-        let name = name.clone();
+        let name = match stream.peer_addr() {
+            Ok(peer) if show_client => format!("{name} {}", unmapped(peer)),
+            _ => name.clone(),
+        };
         std::thread::spawn(move || {
             let Ok(read) = stream.try_clone() else { return };
             let mut write = stream;
@@ -238,12 +245,28 @@ fn serve_udp_echo(socket: UdpSocket) {
     }
 }
 
-fn serve_udp(socket: UdpSocket, name: String) {
+fn serve_udp(socket: UdpSocket, name: String, show_client: bool) {
     let mut buf = [0u8; 1500];
     loop {
         if let Ok((_, from)) = socket.recv_from(&mut buf) {
-            let _lost = socket.send_to(name.as_bytes(), from);
+            let answer = if show_client {
+                format!("{name} {}", unmapped(from))
+            } else {
+                name.clone()
+            };
+            let _lost = socket.send_to(answer.as_bytes(), from);
         }
+    }
+}
+
+/// An IPv4 client of a dual-stack socket shows as itself, not as `::ffff:a.b.c.d`.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
     }
 }
 
@@ -301,6 +324,7 @@ fn serve(
     udp: &[u16],
     bench: bool,
     udp_addrs: &[std::net::IpAddr],
+    show_client: bool,
 ) -> anyhow::Result<()> {
     use std::os::fd::FromRawFd as _;
     let mut threads = Vec::new();
@@ -312,7 +336,7 @@ fn serve(
             if bench {
                 serve_tcp_echo(listener);
             } else {
-                serve_tcp(listener, name);
+                serve_tcp(listener, name, show_client);
             }
         }));
     }
@@ -332,7 +356,7 @@ fn serve(
                 if bench {
                     serve_udp_echo(socket);
                 } else {
-                    serve_udp(socket, name);
+                    serve_udp(socket, name, show_client);
                 }
             }));
         }
@@ -606,7 +630,8 @@ fn main() -> anyhow::Result<()> {
             udp,
             bench,
             udp_addrs,
-        } => return serve(&name, &tcp, &udp, bench, &udp_addrs),
+            show_client,
+        } => return serve(&name, &tcp, &udp, bench, &udp_addrs, show_client),
         Command::RrTcp { addr, count } => return print_json(&rr_tcp(addr, count)),
         Command::RrUdp {
             addr,

@@ -521,6 +521,6 @@ pub fn serve_mptcp(name: &str, port: u16) -> anyhow::Result<()> {
     let listener = TcpListener::from(fd);
     println!("ready");
     std::io::stdout().flush()?;
-    super::serve_tcp(listener, name.to_owned());
+    super::serve_tcp(listener, name.to_owned(), false);
     Ok(())
 }

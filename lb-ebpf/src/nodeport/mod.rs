@@ -1,0 +1,103 @@
+//! North-south datapath: packets from outside the node to NodePorts, externalIPs and
+//! LoadBalancer IPs, translated per packet.
+//!
+//! - [`xdp`] runs on each `--xdp-iface` at ingress: parses the packet, finds an external
+//!   frontend, keeps each flow on one backend through the connection-tracking map `LB_CT` and
+//!   rewrites the destination (DNAT) with incremental checksum updates; then hands the packet
+//!   to the stack, which routes it to the pod.
+//! - [`tc`] runs at egress of the same interface: a backend's reply leaves through the stack
+//!   (XDP never sees it), and gets the frontend back as its source there.
+//!
+//! Everything that is not for an external frontend passes untouched after one hash lookup
+//! (or none, for what is not TCP/UDP over IP).
+
+pub mod parse;
+pub mod tc;
+pub mod xdp;
+
+use aya_ebpf::{macros::map, maps::LruHashMap};
+use lb_common::{
+    Addr,
+    maps::{Backend, MemberKey},
+    nat::{CT_DIR_IN, CT_DIR_REPLY, CtEntry, CtKey, MAX_CT},
+};
+
+use crate::maps::LB_MEMBERS;
+
+/// Connection tracking, one entry per direction (`lb_common::nat`); written by both programs.
+#[map]
+pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, 0);
+
+/// A parsed TCP/UDP packet: addresses and ports as they are in the packet (network order),
+/// and where its headers are.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub v6: bool,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Flow {
+    /// The connection-tracking key of this packet in direction `dir`.
+    #[inline(always)]
+    pub fn ct_key(&self, dir: u8) -> CtKey {
+        CtKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Offset of the L4 checksum field.
+    #[inline(always)]
+    pub fn l4_check(&self) -> usize {
+        self.l4
+            + if self.proto == lb_common::maps::IPPROTO_TCP {
+                16
+            } else {
+                6
+            }
+    }
+}
+
+/// The key of the reply entry for a client flow `flow` sent to `backend`.
+#[inline(always)]
+pub fn reply_key(flow: &Flow, backend: &Backend) -> CtKey {
+    CtKey {
+        src: backend.addr,
+        dst: flow.src,
+        sport: backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// Whether `backend` still belongs to frontend `id`.
+#[inline(always)]
+pub fn is_member(id: u32, backend: &Backend) -> bool {
+    let key = MemberKey {
+        id,
+        backend: *backend,
+    };
+    LB_MEMBERS.get_ptr(&key).is_some()
+}
+
+/// The forward key for `flow` (client to frontend).
+#[inline(always)]
+pub fn in_key(flow: &Flow) -> CtKey {
+    flow.ct_key(CT_DIR_IN)
+}

@@ -1,0 +1,156 @@
+//! tc egress on an `--xdp-iface`: a backend's reply to a translated flow gets the frontend
+//! back as its source.
+//!
+//! Replies leave through the stack, which XDP does not see. The packet may be non-linear and
+//! its checksum may be left to the device (CHECKSUM_PARTIAL, common on veth), so this side
+//! reads and writes through the skb helpers and updates checksums with
+//! `bpf_l3_csum_replace`/`bpf_l4_csum_replace`, which handle both cases.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    programs::TcContext,
+};
+use lb_common::{
+    Addr,
+    maps::{IPPROTO_TCP, IPPROTO_UDP},
+    nat::CT_DIR_REPLY,
+    stats,
+};
+
+use super::{
+    Flow, LB_CT,
+    parse::{
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, IP_MF, IP_OFFSET,
+        IPV4_HLEN, IPV6_HLEN, MAX_EXT_HEADERS, ext_step, is_ext,
+    },
+};
+use crate::maps::count;
+
+/// The tc entry point's work: always lets the packet go on (translated or not).
+#[inline(always)]
+pub fn egress(ctx: &TcContext) -> i32 {
+    if let Some(flow) = parse(ctx) {
+        let key = flow.ct_key(CT_DIR_REPLY);
+        // SAFETY: copied out at once.
+        if let Some(entry) = unsafe { LB_CT.get(&key) }.copied()
+            && snat_back(ctx, &flow, entry.addr, entry.port).is_some()
+        {
+            count(stats::TC_REPLY_XLATED);
+        }
+    }
+    TC_ACT_OK
+}
+
+fn load<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
+    ctx.load::<[u8; N]>(off).ok()
+}
+
+/// Ethernet (+ one VLAN tag in the frame), IPv4 or IPv6, TCP or UDP; `None` for anything
+/// else (fragments included: they carry no ports, and a reply's first fragment is left alone
+/// like the rest).
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Flow> {
+    let mut l3 = ETH_HLEN;
+    let mut ethertype = u16::from_be_bytes(load::<2>(ctx, 12)?);
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = u16::from_be_bytes(load::<2>(ctx, ETH_HLEN + 2)?);
+        l3 += 4;
+    }
+    let (v6, proto, l4, src, dst) = match ethertype {
+        ETH_P_IP => {
+            let h = load::<IPV4_HLEN>(ctx, l3)?;
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            let frag = u16::from_be_bytes([h[6], h[7]]);
+            if h[0] >> 4 != 4 || ihl < IPV4_HLEN || frag & (IP_MF | IP_OFFSET) != 0 {
+                return None;
+            }
+            (
+                false,
+                h[9],
+                l3 + ihl,
+                Addr::from_v4_octets([h[12], h[13], h[14], h[15]]),
+                Addr::from_v4_octets([h[16], h[17], h[18], h[19]]),
+            )
+        }
+        ETH_P_IPV6 => {
+            let h = load::<IPV6_HLEN>(ctx, l3)?;
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&h[8..24]);
+            let mut dst = [0u8; 16];
+            dst.copy_from_slice(&h[24..40]);
+            let mut next = h[6];
+            let mut off = l3 + IPV6_HLEN;
+            for _ in 0..MAX_EXT_HEADERS {
+                if !is_ext(next) {
+                    break;
+                }
+                match ext_step(next, load::<2>(ctx, off)?) {
+                    Ext::Skip { next: n, len } => {
+                        next = n;
+                        off += len;
+                    }
+                    Ext::Fragment => return None,
+                    Ext::Done => break,
+                }
+            }
+            (
+                true,
+                next,
+                off,
+                Addr::from_v6_octets(src),
+                Addr::from_v6_octets(dst),
+            )
+        }
+        _ => return None,
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let ports = load::<4>(ctx, l4)?;
+    Some(Flow {
+        v6,
+        proto,
+        l3,
+        l4,
+        src,
+        dst,
+        sport: u16::from_ne_bytes([ports[0], ports[1]]),
+        dport: u16::from_ne_bytes([ports[2], ports[3]]),
+    })
+}
+
+/// Rewrites the source to `addr:port` (the frontend), with checksums.
+#[inline(always)]
+fn snat_back(ctx: &TcContext, flow: &Flow, addr: Addr, port: u16) -> Option<()> {
+    let check = flow.l4_check();
+    // An IPv4 UDP checksum of 0 means "none" and stays 0.
+    let mangled = if flow.proto == IPPROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled;
+    if flow.v6 {
+        for i in 0..4 {
+            ctx.l4_csum_replace(
+                check,
+                u64::from(flow.src.0[i]),
+                u64::from(addr.0[i]),
+                pseudo | 4,
+            )
+            .ok()?;
+        }
+        ctx.store(flow.l3 + 8, &addr.octets(), 0).ok()?;
+    } else {
+        let (old, new) = (flow.src.v4_word(), addr.v4_word());
+        ctx.l3_csum_replace(flow.l3 + 10, u64::from(old), u64::from(new), 4)
+            .ok()?;
+        ctx.l4_csum_replace(check, u64::from(old), u64::from(new), pseudo | 4)
+            .ok()?;
+        ctx.store(flow.l3 + 12, &new.to_ne_bytes(), 0).ok()?;
+    }
+    ctx.l4_csum_replace(check, u64::from(flow.sport), u64::from(port), mangled | 2)
+        .ok()?;
+    ctx.store(flow.l4, &port.to_ne_bytes(), 0).ok()?;
+    Some(())
+}

@@ -1,0 +1,773 @@
+//! The north-south datapath (XDP on `--xdp-iface`, tc egress on the same interface) with
+//! traffic from outside the node: an external client namespace behind a router namespace
+//! reaches the node namespace, where the agent runs (`nsenter --net=...`, as a DaemonSet pod
+//! with hostNetwork would) and pods hang off the node's bridge.
+//!
+//! ```text
+//! ext (10.250.1.2) -- router (10.250.1.1 | 10.250.2.1) -- n0 (10.250.2.2) node -- br0 -- pods
+//! ```
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Netns, Node, Outcome, Proc, TempDir, die_with_parent, lb_bin, run_client, testpod_bin, unique,
+};
+
+const EXT4: &str = "10.250.1.2";
+const EXT6: &str = "fd00:250:1::2";
+const NODE4: &str = "10.250.2.2";
+const NODE6: &str = "fd00:250:2::2";
+
+/// The topology; everything is removed on drop (namespaces delete their veths).
+struct Topology {
+    ext: Netns,
+    _router: Netns,
+    node: Node,
+    _servers: Vec<Proc>,
+}
+
+fn sysctl(ns: &Netns, settings: &[&str]) {
+    let mut args = vec!["ip", "netns", "exec", &ns.name, "sysctl", "-qw"];
+    args.extend_from_slice(settings);
+    lb_tests::sh(&args);
+}
+
+/// Starts a test server that answers "NAME CLIENT-ADDR" in pod namespace `netns`.
+fn serve_showing_client(netns: &Netns, name: &str, port: u16) -> Proc {
+    let mut child = die_with_parent(&mut Command::new(testpod_bin()))
+        .arg("--netns")
+        .arg(netns.path())
+        .args(["serve", "--name", name, "--show-client"])
+        .args(["--tcp", &port.to_string(), "--udp", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn lb-testpod serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "ready");
+    Proc(child)
+}
+
+impl Topology {
+    fn new() -> Self {
+        let mut node = Node::new();
+        let id = unique("ns");
+        let ext = Netns::new(format!("{id}e"));
+        let router = Netns::new(format!("{id}r"));
+        let node_ns = node.client.name.clone();
+        ext.ip(&[
+            "link",
+            "add",
+            "e0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &router.name,
+        ]);
+        router.ip(&[
+            "link", "add", "r1", "type", "veth", "peer", "name", "n0", "netns", &node_ns,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&ext, "e0", "10.250.1.2/24", "fd00:250:1::2/64"),
+            (&router, "r0", "10.250.1.1/24", "fd00:250:1::1/64"),
+            (&router, "r1", "10.250.2.1/24", "fd00:250:2::1/64"),
+        ] {
+            ns.ip(&["addr", "add", v4, "dev", dev]);
+            ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        node.client
+            .ip(&["addr", "add", "10.250.2.2/24", "dev", "n0"]);
+        node.client.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:250:2::2/64",
+            "dev",
+            "n0",
+            "nodad",
+        ]);
+        node.client.ip(&["link", "set", "n0", "up"]);
+        // Only routes to the test's own namespaces.
+        ext.ip(&["route", "add", "10.250.2.0/24", "via", "10.250.1.1"]);
+        ext.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:2::/64",
+            "via",
+            "fd00:250:1::1",
+        ]);
+        node.client
+            .ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
+        node.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:1::/64",
+            "via",
+            "fd00:250:2::1",
+        ]);
+        for ns in [&router, &node.client] {
+            sysctl(
+                ns,
+                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            );
+        }
+        let mut servers = Vec::new();
+        for (n, name) in [(1u8, "pod1"), (2, "pod2")] {
+            let pod = node.add_pod(n, name, &[], &[]);
+            pod.netns
+                .ip(&["route", "add", "default", "via", "10.200.0.1"]);
+            pod.netns
+                .ip(&["-6", "route", "add", "default", "via", "fd00:200::1"]);
+            servers.push(serve_showing_client(&pod.netns, name, 8080));
+        }
+        let topo = Self {
+            ext,
+            _router: router,
+            node,
+            _servers: servers,
+        };
+        // IPv6 link-local addresses stay tentative (duplicate address detection) for a
+        // second or two after a link comes up, and neighbour discovery across the router
+        // fails meanwhile: wait until every namespace has settled.
+        let mut all: Vec<&Netns> = vec![&topo.ext, &topo._router, &topo.node.client];
+        all.extend(topo.node.pods.iter().map(|p| &p.netns));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for ns in all {
+            while !ns
+                .ip(&["-6", "addr", "show", "tentative"])
+                .trim()
+                .is_empty()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: addresses stay tentative",
+                    ns.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        topo
+    }
+
+    /// The external client's requests.
+    fn client(&self, args: &[&str]) -> Vec<Outcome> {
+        run_client(None, &self.ext.path(), args)
+    }
+}
+
+/// `lb run` inside the node namespace with `--xdp-iface n0`; stopped and cleaned up on drop.
+struct NodeAgent {
+    pin_path: PathBuf,
+    netns: PathBuf,
+    child: Option<Proc>,
+    log: PathBuf,
+}
+
+impl NodeAgent {
+    fn start(topo: &Topology, manifests: &std::path::Path) -> Self {
+        let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
+        let log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
+        let log_file = std::fs::File::create(&log).expect("log");
+        let child = die_with_parent(&mut Command::new("nsenter"))
+            .arg(format!("--net={}", topo.node.client.path().display()))
+            .arg(lb_bin())
+            .arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--cgroup")
+            .arg(&topo.node.cgroup.path)
+            .arg("--pin-path")
+            .arg(&pin_path)
+            .args(["--node-name", "node-a", "--xdp-iface", "n0"])
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn lb run");
+        Self {
+            pin_path,
+            netns: topo.node.client.path(),
+            child: Some(Proc(child)),
+            log,
+        }
+    }
+
+    fn lb(&self, args: &[&str]) -> String {
+        let out = Command::new(lb_bin())
+            .args(args)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .output()
+            .expect("run lb");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until `lb list` shows every one of `frontends`.
+    fn wait_for(&self, frontends: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let list = self.lb(&["list"]);
+            if frontends.iter().all(|f| list.contains(f)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "frontends {frontends:?} not programmed: {list}\nagent log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A datapath counter from `lb stats`.
+    fn stat(&self, name: &str) -> u64 {
+        let stats = self.lb(&["stats"]);
+        stats
+            .lines()
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no counter {name} in:\n{stats}"))
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        drop(self.child.take());
+        let _cleaned = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .arg(lb_bin())
+            .args(["cleanup", "--pin-path"])
+            .arg(&self.pin_path)
+            .output();
+        let _gone = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A dual-stack NodePort Service, eTP Local, TCP and UDP on nodePort 30080; pod1 is on this
+/// node (node-a), pod2 on node-b. And "elsewhere" (nodePort 30081), eTP Local with its only
+/// endpoint on node-b.
+const SERVICES: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIPs: [10.96.50.1, 'fd00:96::50:1']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  externalTrafficPolicy: Local
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: udp, port: 80, targetPort: 8080, protocol: UDP, nodePort: 30080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-4, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: [10.200.0.11], nodeName: node-a}
+- {addresses: [10.200.0.12], nodeName: node-b}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: ['fd00:200::11'], nodeName: node-a}
+- {addresses: ['fd00:200::12'], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: elsewhere}
+spec:
+  type: NodePort
+  clusterIP: 10.96.50.2
+  externalTrafficPolicy: Local
+  ports: [{name: tcp, port: 80, targetPort: 8080, nodePort: 30081}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: elsewhere-1, labels: {kubernetes.io/service-name: elsewhere}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080}]
+endpoints:
+- {addresses: [10.200.0.12], nodeName: node-b}
+";
+
+/// Every answer came from pod1 and saw the external client's own address.
+fn assert_local_pod_saw_client(
+    agent: &NodeAgent,
+    outcomes: &[Outcome],
+    client: &str,
+    service: &str,
+) {
+    assert!(!outcomes.is_empty());
+    for o in outcomes {
+        let backend = o.backend.as_deref().unwrap_or_else(|| {
+            panic!(
+                "request to {service} failed: {o:?} in {outcomes:?}\n{}",
+                agent.lb(&["stats"])
+            )
+        });
+        let (pod, seen) = backend.split_once(' ').expect("NAME CLIENT");
+        assert_eq!(pod, "pod1", "eTP Local: only this node's endpoint");
+        let seen: std::net::SocketAddr = seen.parse().expect("client address");
+        assert_eq!(seen.ip().to_string(), client, "client IP preserved");
+        assert_eq!(
+            o.peer.as_deref(),
+            Some(service),
+            "the reply came from the NodePort"
+        );
+    }
+}
+
+#[test]
+fn nodeport_from_outside_reaches_the_local_pod_with_the_client_ip() {
+    let topo = Topology::new();
+    let dir = TempDir::new("ns");
+    dir.write("services.yaml", SERVICES);
+    let agent = NodeAgent::start(&topo, &dir.0);
+    // --node-ip defaults to n0's addresses.
+    agent.wait_for(&[
+        "10.250.2.2:30080/TCP",
+        "[fd00:250:2::2]:30080/UDP",
+        "10.250.2.2:30081/TCP",
+    ]);
+    let v4 = format!("{NODE4}:30080");
+    let v6 = format!("[{NODE6}]:30080");
+    assert_local_pod_saw_client(
+        &agent,
+        &topo.client(&["tcp", &v4, "--count", "6"]),
+        EXT4,
+        &v4,
+    );
+    assert_local_pod_saw_client(
+        &agent,
+        &topo.client(&["tcp", &v4, "--count", "4", "--keepalive"]),
+        EXT4,
+        &v4,
+    );
+    assert_local_pod_saw_client(
+        &agent,
+        &topo.client(&["udp", &v4, "--count", "4", "--connected"]),
+        EXT4,
+        &v4,
+    );
+    assert_local_pod_saw_client(
+        &agent,
+        &topo.client(&["tcp", &v6, "--count", "4"]),
+        EXT6,
+        &v6,
+    );
+    assert_local_pod_saw_client(
+        &agent,
+        &topo.client(&["udp", &v6, "--count", "4", "--connected"]),
+        EXT6,
+        &v6,
+    );
+    assert!(agent.stat("xdp_new_flow") >= 14, "{}", agent.lb(&["stats"]));
+    assert!(agent.stat("xdp_tracked") > 0);
+    assert!(agent.stat("tc_reply_xlated") > 0);
+}
+
+#[test]
+fn etp_local_without_a_local_endpoint_drops() {
+    let topo = Topology::new();
+    let dir = TempDir::new("ns");
+    dir.write("services.yaml", SERVICES);
+    let agent = NodeAgent::start(&topo, &dir.0);
+    agent.wait_for(&["10.250.2.2:30081/TCP"]);
+    let before = agent.stat("xdp_drop_no_local_endpoint");
+    let outcomes = topo.client(&["tcp", &format!("{NODE4}:30081")]);
+    assert_eq!(outcomes.len(), 1);
+    // std's connect_timeout reports its own timeout (no errno); a reset would be ECONNREFUSED.
+    assert_eq!(
+        (outcomes[0].errno, outcomes[0].error.as_deref()),
+        (None, Some("connection timed out")),
+        "dropped: the client times out, no reset"
+    );
+    assert!(agent.stat("xdp_drop_no_local_endpoint") > before);
+}
+
+// ---- BPF_PROG_TEST_RUN: crafted packets through the programs the agent attached ----
+
+/// One `bpf(2)` call on a zeroed attribute buffer with `fields` (byte offset, value) set.
+fn bpf(cmd: i64, fields: &[(usize, u64, usize)]) -> (i64, [u8; 128]) {
+    let mut attr = [0u8; 128];
+    for &(off, value, len) in fields {
+        attr[off..off + len].copy_from_slice(&value.to_ne_bytes()[..len]);
+    }
+    // SAFETY: a 128-byte attribute (the kernel zero-fills the rest of union bpf_attr); the
+    // pointers in it point at live buffers of the stated sizes.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    (ret, attr)
+}
+
+const BPF_PROG_TEST_RUN: i64 = 10;
+const BPF_OBJ_GET: i64 = 7;
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+
+/// The program behind a pinned link, as a descriptor.
+fn prog_of_link(path: &std::path::Path) -> i32 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let (link, _) = bpf(BPF_OBJ_GET, &[(0, c.as_ptr() as u64, 8)]);
+    assert!(
+        link >= 0,
+        "BPF_OBJ_GET {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // struct bpf_link_info: type, id, prog_id, ...
+    let mut info = [0u8; 256];
+    let (ret, _) = bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        &[
+            (0, link as u64, 4),
+            (4, info.len() as u64, 4),
+            (8, info.as_mut_ptr() as u64, 8),
+        ],
+    );
+    assert_eq!(ret, 0, "link info: {}", std::io::Error::last_os_error());
+    let prog_id = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes"));
+    let (prog, _) = bpf(BPF_PROG_GET_FD_BY_ID, &[(0, u64::from(prog_id), 4)]);
+    assert!(prog >= 0, "prog fd: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(link as i32) };
+    prog as i32
+}
+
+/// Runs `packet` once through program `prog`; returns the verdict and the packet after.
+fn test_run(prog: i32, packet: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; packet.len() + 256];
+    let (ret, attr) = bpf(
+        BPF_PROG_TEST_RUN,
+        &[
+            (0, prog as u64, 4),
+            (8, packet.len() as u64, 4),
+            (12, out.len() as u64, 4),
+            (16, packet.as_ptr() as u64, 8),
+            (24, out.as_mut_ptr() as u64, 8),
+            (32, 1, 4),
+        ],
+    );
+    assert_eq!(ret, 0, "test run: {}", std::io::Error::last_os_error());
+    let retval = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
+    let size = u32::from_ne_bytes(attr[12..16].try_into().expect("4 bytes")) as usize;
+    out.truncate(size);
+    (retval, out)
+}
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// The Internet checksum of `data` (RFC 1071), computed here independently of lb's code.
+fn checksum(chunks: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A crafted packet, built from fields with every checksum computed in full.
+#[derive(Clone)]
+struct Pkt {
+    vlan: Option<u16>,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    /// IPv4 options (a multiple of 4 bytes).
+    ip_options: Vec<u8>,
+    /// IPv4 flags and fragment offset (host order).
+    frag: u16,
+    /// An IPv6 hop-by-hop options header before the L4 header.
+    hop_by_hop: bool,
+    /// Leave a UDP checksum at 0 (IPv4: "no checksum").
+    udp_no_checksum: bool,
+}
+
+impl Pkt {
+    fn new(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Self {
+        Self {
+            vlan: None,
+            src: src.parse().expect("src"),
+            dst: dst.parse().expect("dst"),
+            sport,
+            dport,
+            proto,
+            ip_options: Vec::new(),
+            frag: 0x4000,
+            hop_by_hop: false,
+            udp_no_checksum: false,
+        }
+    }
+
+    fn to(&self, dst: &str, dport: u16) -> Self {
+        Self {
+            dst: dst.parse().expect("dst"),
+            dport,
+            ..self.clone()
+        }
+    }
+
+    fn from(&self, src: &str, sport: u16) -> Self {
+        Self {
+            src: src.parse().expect("src"),
+            sport,
+            ..self.clone()
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let payload = b"hello, lb";
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == TCP {
+            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(payload);
+        let check_at = if self.proto == TCP { 16 } else { 6 };
+        let (src, dst) = match (self.src, self.dst) {
+            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+                (s.octets().to_vec(), d.octets().to_vec())
+            }
+            (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+                (s.octets().to_vec(), d.octets().to_vec())
+            }
+            _ => panic!("mixed families"),
+        };
+        let v6 = src.len() == 16;
+        let l4_len = l4.len() as u32;
+        let pseudo: Vec<u8> = if v6 {
+            [
+                &src[..],
+                &dst[..],
+                &l4_len.to_be_bytes(),
+                &[0, 0, 0, self.proto],
+            ]
+            .concat()
+        } else {
+            [
+                &src[..],
+                &dst[..],
+                &[0, self.proto],
+                &(l4_len as u16).to_be_bytes(),
+            ]
+            .concat()
+        };
+        if !(self.udp_no_checksum && self.proto == UDP) {
+            let mut c = checksum(&[&pseudo, &l4]);
+            if c == 0 && self.proto == UDP {
+                c = 0xffff;
+            }
+            l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+        if let Some(tag) = self.vlan {
+            frame.extend_from_slice(&[0x81, 0x00]);
+            frame.extend_from_slice(&tag.to_be_bytes());
+        }
+        if v6 {
+            frame.extend_from_slice(&[0x86, 0xdd]);
+            let mut ext = Vec::new();
+            let mut next = self.proto;
+            if self.hop_by_hop {
+                // Hop-by-hop: next header, length 0 (8 bytes), a PadN option of 4.
+                ext = vec![self.proto, 0, 1, 4, 0, 0, 0, 0];
+                next = 0;
+            }
+            let plen = (ext.len() + l4.len()) as u16;
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&plen.to_be_bytes());
+            frame.extend_from_slice(&[next, 64]);
+            frame.extend_from_slice(&src);
+            frame.extend_from_slice(&dst);
+            frame.extend_from_slice(&ext);
+        } else {
+            frame.extend_from_slice(&[0x08, 0x00]);
+            let ihl = 5 + self.ip_options.len() / 4;
+            let total = (ihl * 4 + l4.len()) as u16;
+            let mut ip = vec![0x40 | ihl as u8, 0];
+            ip.extend_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&[0x12, 0x34]);
+            ip.extend_from_slice(&self.frag.to_be_bytes());
+            ip.extend_from_slice(&[64, self.proto, 0, 0]);
+            ip.extend_from_slice(&src);
+            ip.extend_from_slice(&dst);
+            ip.extend_from_slice(&self.ip_options);
+            let c = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            frame.extend_from_slice(&ip);
+        }
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+#[test]
+fn crafted_packets_through_test_run() {
+    let topo = Topology::new();
+    let dir = TempDir::new("ns");
+    dir.write("services.yaml", SERVICES);
+    let agent = NodeAgent::start(&topo, &dir.0);
+    agent.wait_for(&[
+        "10.250.2.2:30080/TCP",
+        "[fd00:250:2::2]:30080/UDP",
+        "10.250.2.2:30081/TCP",
+    ]);
+    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
+    let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    let client = "192.0.2.77";
+    let syn = Pkt::new(client, NODE4, TCP, 40001, 30080);
+    let dnat = |p: &Pkt| p.to("10.200.0.11", 8080);
+    let dnat6 = |p: &Pkt| p.to("fd00:200::11", 8080);
+    let untouched = |p: &Pkt| p.clone();
+    let mut vlan = syn.from(client, 40002);
+    vlan.vlan = Some(100);
+    let mut options = syn.from(client, 40003);
+    options.ip_options = vec![1, 1, 1, 0, 0x94, 4, 0, 0]; // NOPs, EOL, Router Alert
+    let mut first_fragment = syn.from(client, 40004);
+    first_fragment.frag = 0x2000;
+    let mut later_fragment = syn.from(client, 40005);
+    later_fragment.frag = 0x0010;
+    let udp = Pkt::new(client, NODE4, UDP, 40006, 30080);
+    let mut udp_zero = udp.from(client, 40007);
+    udp_zero.udp_no_checksum = true;
+    let syn6 = Pkt::new("2001:db8::77", NODE6, TCP, 40008, 30080);
+    let mut hop6 = syn6.from("2001:db8::77", 40009);
+    hop6.hop_by_hop = true;
+    let udp6 = Pkt::new("2001:db8::77", NODE6, UDP, 40010, 30080);
+    type Expect = Box<dyn Fn(&Pkt) -> Pkt>;
+    let cases: Vec<(&str, Pkt, u32, Expect)> = vec![
+        (
+            "new TCP flow: DNAT to the local pod",
+            syn.clone(),
+            XDP_PASS,
+            Box::new(dnat),
+        ),
+        (
+            "same flow again: tracked, same pod",
+            syn.clone(),
+            XDP_PASS,
+            Box::new(dnat),
+        ),
+        (
+            "another port: miss, untouched",
+            syn.to(NODE4, 30099),
+            XDP_PASS,
+            Box::new(untouched),
+        ),
+        (
+            "ClusterIP from outside: untouched",
+            syn.to("10.96.50.1", 80),
+            XDP_PASS,
+            Box::new(untouched),
+        ),
+        ("VLAN tag kept", vlan, XDP_PASS, Box::new(dnat)),
+        ("IPv4 options", options, XDP_PASS, Box::new(dnat)),
+        (
+            "first fragment: passed untouched",
+            first_fragment,
+            XDP_PASS,
+            Box::new(untouched),
+        ),
+        (
+            "later fragment: passed untouched",
+            later_fragment,
+            XDP_PASS,
+            Box::new(untouched),
+        ),
+        ("UDP", udp, XDP_PASS, Box::new(dnat)),
+        (
+            "UDP without checksum keeps none",
+            udp_zero,
+            XDP_PASS,
+            Box::new(dnat),
+        ),
+        ("IPv6 TCP", syn6, XDP_PASS, Box::new(dnat6)),
+        ("IPv6 hop-by-hop header", hop6, XDP_PASS, Box::new(dnat6)),
+        ("IPv6 UDP", udp6, XDP_PASS, Box::new(dnat6)),
+    ];
+    for (what, input, verdict, expect) in &cases {
+        let (got, out) = test_run(xdp, &input.bytes());
+        assert_eq!(got, *verdict, "{what}");
+        assert_eq!(out, expect(input).bytes(), "{what}");
+    }
+    // eTP Local without a local endpoint: dropped.
+    let (got, _) = test_run(xdp, &Pkt::new(client, NODE4, TCP, 40011, 30081).bytes());
+    assert_eq!(got, XDP_DROP);
+    // Truncated and malformed headers pass untouched (test-run needs a whole Ethernet
+    // header).
+    let full = syn.from(client, 40012).bytes();
+    for cut in [14, 20, 33, 40, 50] {
+        let (got, out) = test_run(xdp, &full[..cut]);
+        assert_eq!(
+            (got, out.as_slice()),
+            (XDP_PASS, &full[..cut]),
+            "cut at {cut}"
+        );
+    }
+    let mut bad_ihl = full.clone();
+    bad_ihl[14] = 0x43;
+    let (got, out) = test_run(xdp, &bad_ihl);
+    assert_eq!((got, out), (XDP_PASS, bad_ihl), "IHL below 5");
+    // Replies leave through tc egress with the NodePort as their source.
+    for (reply, want) in [
+        (
+            Pkt::new("10.200.0.11", client, TCP, 8080, 40001),
+            Pkt::new(NODE4, client, TCP, 30080, 40001),
+        ),
+        (
+            Pkt::new("10.200.0.11", client, UDP, 8080, 40006),
+            Pkt::new(NODE4, client, UDP, 30080, 40006),
+        ),
+        (
+            Pkt::new("fd00:200::11", "2001:db8::77", TCP, 8080, 40008),
+            Pkt::new(NODE6, "2001:db8::77", TCP, 30080, 40008),
+        ),
+        (
+            // Not a tracked flow: untouched.
+            Pkt::new("10.200.0.11", client, TCP, 8080, 49999),
+            Pkt::new("10.200.0.11", client, TCP, 8080, 49999),
+        ),
+    ] {
+        let (got, out) = test_run(tc, &reply.bytes());
+        assert_eq!(got, TC_ACT_OK);
+        assert_eq!(out, want.bytes(), "reply {}:{}", reply.src, reply.sport);
+    }
+    // SAFETY: our own descriptors, closed once.
+    unsafe {
+        libc::close(xdp);
+        libc::close(tc);
+    }
+}
