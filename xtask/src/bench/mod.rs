@@ -189,7 +189,7 @@ pub struct Bench {
 }
 
 pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
-    cmd::prepare_privileged("the bench")?;
+    cmd::prepare_privileged("the bench", crate::setup::For::All)?;
     let date = cmd::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))?
         .trim()
         .to_owned();
