@@ -13,6 +13,7 @@ pub mod addr;
 pub mod csum;
 pub mod maps;
 pub mod nat;
+pub mod programs;
 pub mod select;
 pub mod stats;
 

@@ -40,6 +40,9 @@ pub enum Command {
     /// Service, policies, backends, the client's affinity entry and the deciding rule (read
     /// from the pinned maps).
     Explain(ExplainArgs),
+    /// Mount a bpffs at DIR unless one is there (the DaemonSet's init container: pins must
+    /// live on the host's bpffs to outlive the container).
+    MountBpffs(MountBpffsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +106,13 @@ pub struct CleanupArgs {
     /// Also detach lb programs found on this cgroup without a pin.
     #[arg(long, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MountBpffsArgs {
+    /// Where (created if missing).
+    #[arg(value_name = "DIR", default_value = crate::kernel::fs::BPFFS_ROOT)]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -177,6 +177,17 @@ pub struct Limits {
     pub slots: usize,
 }
 
+// Here rather than in kernel/, which knows nothing of desired states.
+impl crate::kernel::Capacities {
+    /// The desired-state limits these capacities allow.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            frontends: self.frontends as usize,
+            slots: self.backends as usize,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

@@ -10,8 +10,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::source::kube::SourceHealth;
-
 #[derive(Debug, Default)]
 struct State {
     /// When the last complete sync finished.
@@ -190,6 +188,39 @@ impl Health {
     /// How long a source may be busy with one piece of work before it counts as stuck.
     pub fn stale_after(&self) -> Duration {
         self.stale_after
+    }
+}
+
+/// Whether the API source works, for `/healthz` and metrics.
+#[derive(Debug, Default)]
+pub struct SourceHealth {
+    /// When the current run of failures started; `None` while the API answers.
+    failing_since: Mutex<Option<Instant>>,
+}
+
+impl SourceHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.failing_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long the API has been failing, if it is.
+    pub fn failing_for(&self) -> Option<Duration> {
+        self.lock().map(|since| since.elapsed())
+    }
+
+    /// Records a failed request; whether it starts a run of failures.
+    pub(crate) fn failed(&self) -> bool {
+        let mut since = self.lock();
+        let first = since.is_none();
+        since.get_or_insert_with(Instant::now);
+        first
+    }
+
+    /// Records an answer; how long the run of failures it ends lasted, if one did.
+    pub(crate) fn answered(&self) -> Option<Duration> {
+        self.lock().take().map(|since| since.elapsed())
     }
 }
 

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Command::List(args) => inspect::list(&args),
         Command::Stats(args) => inspect::stats(&args),
         Command::Explain(args) => explain::explain(&args),
+        Command::MountBpffs(args) => mount_bpffs(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,5 +48,15 @@ fn cleanup(args: &cli::CleanupArgs) -> anyhow::Result<()> {
         cleaned.pins_removed,
         args.pin_path.display()
     );
+    Ok(())
+}
+
+fn mount_bpffs(args: &cli::MountBpffsArgs) -> anyhow::Result<()> {
+    let dir = args.dir.display();
+    if kernel::fs::mount_bpffs_if_missing(&args.dir)? {
+        println!("mounted bpffs at {dir}");
+    } else {
+        println!("bpffs already mounted at {dir}");
+    }
     Ok(())
 }

@@ -296,6 +296,18 @@ pub struct Node {
     pub ips: Vec<IpAddr>,
 }
 
+/// What sources tell the syncer.
+#[derive(Debug)]
+pub enum Update {
+    /// Everything the source knows now, and how many of its objects it rejected.
+    Snapshot {
+        snapshot: Arc<Snapshot>,
+        source_errors: usize,
+    },
+    /// Stop after the current pass.
+    Shutdown,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

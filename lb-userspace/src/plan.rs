@@ -1,5 +1,5 @@
-//! The diff: from what the kernel maps hold to what they should hold, as an ordered list of
-//! map writes, and the agent's mirror of the maps that the writes keep current.
+//! The diff: from what the kernel maps hold ([`KernelState`], the kernel module's mirror) to
+//! what they should hold, as an ordered list of map writes ([`Op`]).
 //!
 //! The order makes every intermediate state valid for a connecting client, as cilium's
 //! `updateFrontend` does: for each frontend, new memberships, then slots, then the frontend
@@ -7,7 +7,7 @@
 //! that goes away goes first (frontend, then its slots and members), so a full map frees room
 //! before anything is added. Re-planning the same desired state gives no writes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use lb_common::{
     maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey},
@@ -15,30 +15,7 @@ use lb_common::{
 };
 
 use crate::desired::{Desired, DesiredFrontend, ExternalBackends};
-
-/// One map write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    PutMember(MemberKey),
-    PutSlot(SlotKey, Backend),
-    PutFrontend(FrontendKey, Frontend),
-    /// A frontend that goes away, with its id.
-    DelFrontend(FrontendKey, u32),
-    DelSlot(SlotKey),
-    DelMember(MemberKey),
-}
-
-impl Op {
-    /// The frontend id the write belongs to.
-    pub const fn id(&self) -> u32 {
-        match self {
-            Self::PutMember(k) | Self::DelMember(k) => k.id,
-            Self::PutSlot(k, _) | Self::DelSlot(k) => k.id,
-            Self::PutFrontend(_, f) => f.id,
-            Self::DelFrontend(_, id) => *id,
-        }
-    }
-}
+use crate::kernel::state::{KernelState, Op};
 
 /// Where an op goes when the batches of many frontends are written together, phase by
 /// phase (so each phase can be one batched syscall per map). Within every batch the ops
@@ -80,146 +57,14 @@ pub fn by_phase(batches: &[Batch]) -> Vec<Op> {
 /// applied (a count could point past the slots written); other batches are independent.
 pub type Batch = Vec<Op>;
 
-/// What the agent-written maps hold, as read from the kernel and kept current by [`Op`]s
-/// that succeeded.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KernelState {
-    frontends: HashMap<FrontendKey, Frontend>,
-    /// Frontend id -> its key, for the ids in use.
-    ids: HashMap<u32, FrontendKey>,
-    slots: HashMap<u32, BTreeMap<u32, Backend>>,
-    members: HashMap<u32, HashSet<Backend>>,
-    next_id: u32,
-}
-
 impl KernelState {
-    /// The state of freshly read maps. Entries that do not fit together (slots or members of
-    /// an id without a frontend) are kept, so the next plan removes them.
-    pub fn from_entries(
-        frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
-        slots: impl IntoIterator<Item = (SlotKey, Backend)>,
-        members: impl IntoIterator<Item = MemberKey>,
-    ) -> Self {
-        let mut state = Self {
-            next_id: 1,
-            ..Self::default()
-        };
-        for (key, value) in frontends {
-            state.apply(&Op::PutFrontend(key, value));
-        }
-        for (key, backend) in slots {
-            state.apply(&Op::PutSlot(key, backend));
-        }
-        for key in members {
-            state.apply(&Op::PutMember(key));
-        }
-        let highest = state
-            .ids
-            .keys()
-            .chain(state.slots.keys())
-            .chain(state.members.keys())
-            .max()
-            .copied()
-            .unwrap_or(0);
-        state.next_id = highest.wrapping_add(1).max(1);
-        state
-    }
-
-    /// Takes the entries of `fresh` (just read from the maps), keeping the id counter so ids
-    /// stay unused; returns whether the entries differed.
-    pub fn replace_entries(&mut self, fresh: Self) -> bool {
-        let next_id = self.next_id.max(fresh.next_id);
-        let differed = self.frontends != fresh.frontends
-            || self.slots != fresh.slots
-            || self.members != fresh.members;
-        *self = Self { next_id, ..fresh };
-        differed
-    }
-
-    pub fn frontends(&self) -> &HashMap<FrontendKey, Frontend> {
-        &self.frontends
-    }
-
-    /// Backends in slot order for frontend `id` (all slots present, including past the count).
-    pub fn slots(&self, id: u32) -> impl Iterator<Item = (u32, &Backend)> {
-        self.slots
-            .get(&id)
-            .into_iter()
-            .flatten()
-            .map(|(s, b)| (*s, b))
-    }
-
-    pub fn slot_count(&self) -> usize {
-        self.slots.values().map(BTreeMap::len).sum()
-    }
-
-    /// Entries of `LB_MEMBERS`.
-    pub fn member_count(&self) -> usize {
-        self.members.values().map(HashSet::len).sum()
-    }
-
-    /// Records a write that the kernel accepted.
-    pub fn apply(&mut self, op: &Op) {
-        match *op {
-            Op::PutMember(MemberKey { id, backend }) => {
-                self.members.entry(id).or_default().insert(backend);
-            }
-            Op::PutSlot(SlotKey { id, slot }, backend) => {
-                self.slots.entry(id).or_default().insert(slot, backend);
-            }
-            Op::PutFrontend(key, value) => {
-                if let Some(old) = self.frontends.insert(key, value) {
-                    self.ids.remove(&old.id);
-                }
-                self.ids.insert(value.id, key);
-            }
-            Op::DelFrontend(key, _) => {
-                if let Some(old) = self.frontends.remove(&key) {
-                    self.ids.remove(&old.id);
-                }
-            }
-            Op::DelSlot(SlotKey { id, slot }) => {
-                if let Some(slots) = self.slots.get_mut(&id) {
-                    slots.remove(&slot);
-                    if slots.is_empty() {
-                        self.slots.remove(&id);
-                    }
-                }
-            }
-            Op::DelMember(MemberKey { id, backend }) => {
-                if let Some(members) = self.members.get_mut(&id) {
-                    members.remove(&backend);
-                    if members.is_empty() {
-                        self.members.remove(&id);
-                    }
-                }
-            }
-        }
-    }
-
-    fn id_in_use(&self, id: u32) -> bool {
-        self.ids.contains_key(&id) || self.slots.contains_key(&id) || self.members.contains_key(&id)
-    }
-
-    /// A frontend id that is not in use. Ids grow and are not reused while the agent runs,
-    /// so affinity and flow entries of a removed frontend never match a new one.
-    fn allocate_id(&mut self) -> u32 {
-        loop {
-            let id = self.next_id;
-            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
-            if id != 0 && !self.id_in_use(id) {
-                return id;
-            }
-        }
-    }
-
     /// The writes that turn this state into `desired`, one batch per frontend (removals
     /// first). Allocates ids for new frontends. Idempotent: planning again after the writes
     /// were applied gives nothing.
     pub fn plan(&mut self, desired: &Desired) -> Vec<Batch> {
         let mut batches = Vec::new();
         let mut gone: Vec<(&FrontendKey, &Frontend)> = self
-            .frontends
+            .frontends()
             .iter()
             .filter(|(key, _)| !desired.frontends.contains_key(key))
             .collect();
@@ -227,14 +72,7 @@ impl KernelState {
         for (key, frontend) in gone {
             batches.push(self.removal(*key, frontend.id));
         }
-        let orphans: BTreeSet<u32> = self
-            .slots
-            .keys()
-            .chain(self.members.keys())
-            .copied()
-            .filter(|id| !self.ids.contains_key(id))
-            .collect();
-        for id in orphans {
+        for id in self.orphan_ids() {
             let mut ops = Vec::new();
             self.remove_backends_of(id, &mut ops);
             batches.push(ops);
@@ -257,7 +95,7 @@ impl KernelState {
         for key in keys {
             match (
                 desired.frontends.get(key),
-                self.frontends.get(key).map(|f| f.id),
+                self.frontends().get(key).map(|f| f.id),
             ) {
                 (None, Some(id)) => removals.push(self.removal(*key, id)),
                 (Some(want), _) => updates.extend(self.update(*key, want)),
@@ -279,7 +117,7 @@ impl KernelState {
     /// The batch that brings one frontend to `want` (allocating its id if it is new), or
     /// `None` if it is already there.
     fn update(&mut self, key: FrontendKey, want: &DesiredFrontend) -> Option<Batch> {
-        let current = self.frontends.get(&key).copied();
+        let current = self.frontends().get(&key).copied();
         let id = match current {
             Some(frontend) => frontend.id,
             None => self.allocate_id(),
@@ -293,7 +131,7 @@ impl KernelState {
         for (slot, _) in self.slots(id) {
             ops.push(Op::DelSlot(SlotKey { id, slot }));
         }
-        let mut members: Vec<&Backend> = self.members.get(&id).into_iter().flatten().collect();
+        let mut members: Vec<&Backend> = self.members(id).into_iter().flatten().collect();
         members.sort_unstable();
         for backend in members {
             ops.push(Op::DelMember(MemberKey {
@@ -313,8 +151,8 @@ impl KernelState {
     ) {
         let empty_slots = BTreeMap::new();
         let empty_members = HashSet::new();
-        let slots = self.slots.get(&id).unwrap_or(&empty_slots);
-        let members = self.members.get(&id).unwrap_or(&empty_members);
+        let slots = self.slot_map(id).unwrap_or(&empty_slots);
+        let members = self.members(id).unwrap_or(&empty_members);
         let old_count = current.map_or(0, |f| f.count);
         let in_use: Vec<Option<Backend>> = (0..old_count)
             .map(|slot| slots.get(&slot).copied())
@@ -413,6 +251,8 @@ fn assign_slots(in_use: &[Option<Backend>], want: &BTreeSet<Backend>) -> Vec<Bac
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use lb_common::Addr;
 
     use super::*;
@@ -485,15 +325,12 @@ mod tests {
     /// A client can connect at any moment: every frontend's slots 0..count exist and hold
     /// members.
     fn assert_consistent(state: &KernelState) {
-        for (key, f) in &state.frontends {
+        for (key, f) in state.frontends() {
             for slot in 0..f.count {
-                let backend = state.slots.get(&f.id).and_then(|s| s.get(&slot));
+                let backend = state.slot_map(f.id).and_then(|s| s.get(&slot));
                 let backend = backend.unwrap_or_else(|| panic!("{key:?}: slot {slot} missing"));
                 assert!(
-                    state
-                        .members
-                        .get(&f.id)
-                        .is_some_and(|m| m.contains(backend)),
+                    state.members(f.id).is_some_and(|m| m.contains(backend)),
                     "slot {slot} not a member"
                 );
             }
@@ -501,9 +338,9 @@ mod tests {
     }
 
     fn assert_matches(state: &KernelState, d: &Desired) {
-        assert_eq!(state.frontends.len(), d.frontends.len());
+        assert_eq!(state.frontends().len(), d.frontends.len());
         for (key, want) in &d.frontends {
-            let f = state.frontends[key];
+            let f = state.frontends()[key];
             let got: BTreeSet<Backend> = state
                 .slots(f.id)
                 .filter(|(s, _)| *s < f.count)
@@ -513,18 +350,14 @@ mod tests {
             assert_eq!(f.count as usize, want.backends.len());
             assert_eq!(state.slots(f.id).count(), want.slot_count(), "stray slots");
             assert_eq!(
-                state.members.get(&f.id).map_or(0, HashSet::len),
+                state.members(f.id).map_or(0, HashSet::len),
                 want.members().len()
             );
         }
-        let ids: HashSet<u32> = state.frontends.values().map(|f| f.id).collect();
         assert!(
-            state.slots.keys().all(|id| ids.contains(id)),
-            "orphan slots"
-        );
-        assert!(
-            state.members.keys().all(|id| ids.contains(id)),
-            "orphan members"
+            state.orphan_ids().is_empty(),
+            "orphan slots or members: {:?}",
+            state.orphan_ids()
         );
     }
 
@@ -614,7 +447,7 @@ mod tests {
         sync(&mut state, &desired(&[(1, &[1], 0)]));
         let ops = sync(&mut state, &desired(&[(2, &[1], 0)]));
         assert_eq!(ops[0], Op::DelFrontend(fkey(1), 1));
-        assert_eq!(state.frontends[&fkey(2)].id, 2);
+        assert_eq!(state.frontends()[&fkey(2)].id, 2);
     }
 
     #[test]
@@ -674,13 +507,13 @@ mod tests {
         );
         let all: Vec<u32> = state.slots(value.id).map(|(s, _)| s).collect();
         assert_eq!(all, [0, 1, 2, EXT_SLOT_BASE], "tail external slots removed");
-        assert!(state.members[&value.id].contains(&be(4)));
+        assert!(state.members(value.id).unwrap().contains(&be(4)));
         // Back to a ClusterIP-like frontend: the external range goes.
         d.frontends.get_mut(&fkey(1)).unwrap().external = None;
         sync(&mut state, &d);
         let all: Vec<u32> = state.slots(value.id).map(|(s, _)| s).collect();
         assert_eq!(all, [0, 1, 2]);
-        assert!(!state.members[&value.id].contains(&be(4)));
+        assert!(!state.members(value.id).unwrap().contains(&be(4)));
     }
 
     #[test]
@@ -720,7 +553,7 @@ mod tests {
             false,
         );
         // New ids continue past the highest seen.
-        assert_eq!(state.frontends[&fkey(2)].id, 10);
+        assert_eq!(state.frontends()[&fkey(2)].id, 10);
     }
 
     #[test]

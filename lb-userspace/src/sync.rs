@@ -22,25 +22,17 @@ use crate::{
         maps::Maps,
         names::{FrontendKind, Names, ServiceName},
         sock_destroy::SockDestroyer,
+        state::{KernelState, Op},
     },
     metrics::{Metrics, SyncLabels},
     model::{Node, ObjectKey, Snapshot},
-    plan::{self, KernelState, Op},
+    plan,
     service_health::ServiceHealth,
     tracker::{Change, Tracker},
 };
 
-/// What sources tell the syncer.
-#[derive(Debug)]
-pub enum Update {
-    /// Everything the source knows now, and how many of its objects it rejected.
-    Snapshot {
-        snapshot: Arc<Snapshot>,
-        source_errors: usize,
-    },
-    /// Stop after the current pass.
-    Shutdown,
-}
+// run.rs names it as `sync::Update`; it lives with the model the sources fill.
+pub use crate::model::Update;
 
 /// A pass with at least this many writes hands freed memory back to the system afterwards.
 const LARGE_PASS_WRITES: u64 = 10_000;

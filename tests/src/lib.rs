@@ -20,6 +20,7 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod container;
 pub mod fake_api;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -51,7 +52,8 @@ pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     }
 }
 
-/// Removes what this process created (network namespaces, cgroups, lb pins) by name, for an
+/// Removes what this process created (network namespaces, cgroups, lb pins, podman
+/// containers and images) by name, for an
 /// interrupted run whose guards cannot run. Everything matched carries this process's tag.
 pub fn remove_leftovers() {
     let tag = process_tag();
@@ -76,6 +78,32 @@ pub fn remove_leftovers() {
                     .arg(entry.path())
                     .output();
             }
+        }
+    }
+    // Containers and images of the container test (lbctr<tag>..., localhost/lbimg<tag>...).
+    let podman_list = |args: &[&str]| -> Vec<String> {
+        Command::new("podman")
+            .args(args)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for name in podman_list(&["ps", "--all", "--format", "{{.Names}}"]) {
+        if ours(&name) {
+            drop(container::Container { name });
+        }
+    }
+    for image in podman_list(&["images", "--format", "{{.Repository}}:{{.Tag}}"]) {
+        if image.strip_prefix("localhost/").is_some_and(ours) {
+            drop(container::Image {
+                tag: image,
+                files: Vec::new(),
+            });
         }
     }
     if let Ok(entries) = std::fs::read_dir(cgroup2_root()) {

@@ -40,7 +40,7 @@ fn show(node: &Node, title: &str, url: &str, times: usize) -> anyhow::Result<()>
 }
 
 pub fn run() -> anyhow::Result<()> {
-    cmd::prepare_privileged("the demo")?;
+    cmd::prepare_privileged("the demo", crate::setup::For::Demo)?;
 
     let mut node = Node::new();
     for (n, name) in [(1, "crane-1"), (2, "crane-2"), (3, "crane-3")] {

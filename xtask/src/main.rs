@@ -12,6 +12,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod fuzz;
+mod image;
 mod setup;
 mod test;
 
@@ -31,6 +32,13 @@ enum Task {
     Setup,
     /// Set up, then build `target/release/lb` and the test pods.
     Build,
+    /// Set up, build, and build the container image of deploy/Containerfile (FROM scratch:
+    /// the binary and the shared libraries it links; no registry needed).
+    Image {
+        /// The image's name.
+        #[arg(long, default_value = "localhost/lb:dev")]
+        tag: String,
+    },
     /// Set up, build, lint, and run the unit and the privileged integration tests.
     Test {
         /// Only tests whose name contains this.
@@ -75,6 +83,11 @@ fn main() -> anyhow::Result<()> {
         Task::Build => {
             setup::run()?;
             cmd::build_release()
+        }
+        Task::Image { tag } => {
+            setup::run()?;
+            cmd::build_release()?;
+            image::run(&tag)
         }
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Demo => demo::run(),

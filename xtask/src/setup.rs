@@ -1,12 +1,14 @@
 //! `cargo xtask setup`: installs what building and testing lb need, idempotently, so a fresh
 //! machine (and CI) gets from `git clone` to `target/release/lb` with one command.
+//! `cargo xtask demo` installs only the toolchain parts and the demo's packages.
 //!
 //! - nightly `rust-src` (aya-build compiles lb-ebpf with `-Z build-std=core`);
 //! - bpf-linker 0.13.0, linked against the nightly's own LLVM: a plain `cargo install
 //!   bpf-linker` looks for a system LLVM that is not there;
 //! - Debian packages: bpftool (tests read attachments with it), iproute2 and util-linux
 //!   (netns, nsenter), curl (demo), iptables, nftables and iperf3 (bench peers), prometheus
-//!   (prometheus and promtool, for the alerting-rule tests).
+//!   (prometheus and promtool, for the alerting-rule tests), buildah, podman and runc (the
+//!   container image test).
 
 use std::path::{Path, PathBuf};
 
@@ -16,12 +18,17 @@ use crate::cmd::{self, cargo_home, command, have};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages and a command each provides.
-const PACKAGES: &[(&str, &str)] = &[
+/// What `cargo xtask demo` needs (the harness's namespaces and cgroups, curl): Debian
+/// packages and a command each provides.
+const DEMO_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("iproute2", "ip"),
     ("util-linux", "nsenter"),
     ("curl", "curl"),
+];
+
+/// What the tests and the bench need beyond the demo's.
+const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables-restore"),
     ("nftables", "nft"),
     ("iperf3", "iperf3"),
@@ -29,6 +36,12 @@ const PACKAGES: &[(&str, &str)] = &[
     // Prometheus scrapes a real lb (tests/tests/operability.rs).
     ("prometheus", "prometheus"),
     ("prometheus", "promtool"),
+    // The container image: built with buildah from deploy/Containerfile, run with podman as
+    // deploy/daemonset.yaml says (tests/tests/container.rs). runc, because Debian 12's crun
+    // refuses hybrid cgroup hosts.
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// Debian packages that provide a file rather than a command.
@@ -37,10 +50,23 @@ const FILES: &[(&str, &str)] = &[(
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
 )];
 
+/// What to set up for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum For {
+    /// Everything: build, tests, bench.
+    All,
+    /// Only what `cargo xtask demo` runs: the build, and the demo's packages.
+    Demo,
+}
+
 pub fn run() -> anyhow::Result<()> {
+    run_for(For::All)
+}
+
+pub fn run_for(what: For) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    packages()?;
+    packages(what)?;
     eprintln!(
         "setup: done (bpf-linker is in {}; cargo xtask puts it on PATH)",
         cargo_home().join("bin").display()
@@ -121,18 +147,22 @@ fn bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn packages() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = PACKAGES
+fn packages(what: For) -> anyhow::Result<()> {
+    let rest = if what == For::All { PACKAGES } else { &[] };
+    let mut missing: Vec<&str> = DEMO_PACKAGES
         .iter()
+        .chain(rest)
         .filter(|(_, tool)| !have_system(tool))
         .map(|(pkg, _)| *pkg)
         .collect();
-    missing.extend(
-        FILES
-            .iter()
-            .filter(|(_, file)| !Path::new(file).is_file())
-            .map(|(pkg, _)| *pkg),
-    );
+    if what == For::All {
+        missing.extend(
+            FILES
+                .iter()
+                .filter(|(_, file)| !Path::new(file).is_file())
+                .map(|(pkg, _)| *pkg),
+        );
+    }
     missing.dedup();
     if missing.is_empty() {
         return Ok(());

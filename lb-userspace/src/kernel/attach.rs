@@ -14,6 +14,8 @@ use aya::{
 };
 use aya_obj::{generated::bpf_attach_type, programs::CgroupSockAddrAttachType};
 
+use lb_common::programs;
+
 use super::{PinLayout, sys};
 
 /// A program and the hook it serves.
@@ -23,44 +25,44 @@ pub struct Hook {
     pub attach: CgroupSockAddrAttachType,
 }
 
-/// Every program lb attaches, by its name in lb-ebpf.
+/// Every program lb attaches to the cgroup, by its name (lb-common's `programs`).
 pub const HOOKS: [Hook; 8] = [
     Hook {
-        program: "lb_connect4",
+        program: programs::CONNECT4,
         attach: CgroupSockAddrAttachType::Connect4,
     },
     Hook {
-        program: "lb_connect6",
+        program: programs::CONNECT6,
         attach: CgroupSockAddrAttachType::Connect6,
     },
     Hook {
-        program: "lb_sendmsg4",
+        program: programs::SENDMSG4,
         attach: CgroupSockAddrAttachType::UDPSendMsg4,
     },
     Hook {
-        program: "lb_sendmsg6",
+        program: programs::SENDMSG6,
         attach: CgroupSockAddrAttachType::UDPSendMsg6,
     },
     Hook {
-        program: "lb_recvmsg4",
+        program: programs::RECVMSG4,
         attach: CgroupSockAddrAttachType::UDPRecvMsg4,
     },
     Hook {
-        program: "lb_recvmsg6",
+        program: programs::RECVMSG6,
         attach: CgroupSockAddrAttachType::UDPRecvMsg6,
     },
     Hook {
-        program: "lb_getpeername4",
+        program: programs::GETPEERNAME4,
         attach: CgroupSockAddrAttachType::GetPeerName4,
     },
     Hook {
-        program: "lb_getpeername6",
+        program: programs::GETPEERNAME6,
         attach: CgroupSockAddrAttachType::GetPeerName6,
     },
 ];
 
 /// The prefix of every lb program name, for finding lb's links on a cgroup.
-const PROGRAM_PREFIX: &str = "lb_";
+const PROGRAM_PREFIX: &str = programs::PREFIX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {

@@ -88,6 +88,18 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), FsError> {
     }
 }
 
+/// Mounts a bpffs at `dir` (created if missing) unless one is already there: the DaemonSet's
+/// init container (`lb mount-bpffs`), so that the image needs no shell or `mount` binary.
+/// Returns whether it mounted one.
+pub fn mount_bpffs_if_missing(dir: &Path) -> Result<bool, FsError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    if fs_magic(dir).map_err(io_err(dir))? == BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    mount_bpffs(dir)?;
+    Ok(true)
+}
+
 fn mount_bpffs(at: &Path) -> Result<(), FsError> {
     let target = CString::new(at.as_os_str().as_bytes()).map_err(|_| FsError::NotBpffs {
         path: at.to_owned(),

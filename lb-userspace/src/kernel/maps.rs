@@ -17,7 +17,7 @@ use super::{PinLayout, sys};
 /// Elements per batched syscall: big enough to amortise the syscall, small enough to keep
 /// each one short.
 const BATCH: usize = 4096;
-use crate::plan::{KernelState, Op};
+use super::state::{KernelState, Op};
 
 /// A map that could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ impl Maps {
         Ok(KernelState::from_entries(frontends, slots, members))
     }
 
-    /// Applies writes that are all of the same kind (as [`crate::plan::by_phase`] groups
+    /// Applies writes that are all of the same kind (as the syncer groups
     /// them), in order, with batched syscalls. Deleting what is already gone is not an
     /// error. On failure: how many went through, and the error of the next one.
     pub fn apply_group(&mut self, ops: &[Op]) -> Result<(), (usize, MapsError)> {

@@ -20,6 +20,7 @@ pub mod names;
 pub mod netns;
 pub mod object;
 pub mod sock_destroy;
+pub mod state;
 pub mod sys;
 pub mod xdp;
 
@@ -49,14 +50,6 @@ impl Capacities {
             lb_common::maps::FRONTENDS => self.frontends,
             lb_common::maps::SLOTS | lb_common::maps::MEMBERS => self.backends,
             _ => spec.max_entries,
-        }
-    }
-
-    /// The desired-state limits these capacities allow.
-    pub fn limits(&self) -> crate::desired::Limits {
-        crate::desired::Limits {
-            frontends: self.frontends as usize,
-            slots: self.backends as usize,
         }
     }
 }

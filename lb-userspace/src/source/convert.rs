@@ -749,98 +749,79 @@ spec:
         assert_eq!(s.affinity_timeout_s, Some(5));
     }
 
-    #[test]
-    fn rejections_name_the_field() {
-        let cases = [
-            (
-                "missing clusterIP",
-                "metadata: {name: a}\nspec: {ports: [{port: 1}]}",
-                "spec.clusterIP",
-            ),
-            (
-                "bad clusterIP",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 1}]}",
-                "spec.clusterIP",
-            ),
-            (
-                "port too big",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 70000}]}",
-                "spec.ports[0].port",
-            ),
-            (
-                "port zero",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 0}]}",
-                "spec.ports[0].port",
-            ),
-            (
-                "target too big",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, targetPort: 65536}]}",
-                "spec.ports[0].targetPort",
-            ),
-            (
-                "duplicate port",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: b, port: 1}]}",
-                "spec.ports[1]",
-            ),
-            (
-                "duplicate name",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: a, port: 2}]}",
-                "spec.ports[1].name",
-            ),
-            (
-                "unnamed multi-port",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {port: 2}]}",
-                "spec.ports[1].name",
-            ),
-            (
-                "bad protocol",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, protocol: ICMP}]}",
-                "spec.ports[0].protocol",
-            ),
-            (
-                "no ports",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1}",
-                "spec.ports",
-            ),
-            (
-                "no name",
-                "metadata: {}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}",
-                "metadata.name",
-            ),
-            (
-                "bad affinity",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: Cookie}",
-                "spec.sessionAffinity",
-            ),
-            (
-                "affinity timeout",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}",
-                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-            ),
-            (
-                "bad type",
-                "metadata: {name: a}\nspec: {type: Magic, clusterIP: 10.0.0.1, ports: [{port: 1}]}",
-                "spec.type",
-            ),
-            (
-                "bad policy",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], internalTrafficPolicy: Nearby}",
-                "spec.internalTrafficPolicy",
-            ),
-            (
-                "same-family dual stack",
-                "metadata: {name: a}\nspec: {clusterIPs: [10.0.0.1, 10.0.0.2], ports: [{port: 1}]}",
-                "spec.clusterIPs",
-            ),
-            (
-                "clusterIPs disagree",
-                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, clusterIPs: [10.0.0.2], ports: [{port: 1}]}",
-                "spec.clusterIPs[0]",
-            ),
-            ("no spec", "metadata: {name: a}", "spec"),
-        ];
-        for (case, yaml, field) in cases {
-            assert_eq!(field_of(yaml), field, "case {case}");
+    /// Each rejection names the field at fault (a module of its own for rstest, as below).
+    mod rejections {
+        use super::field_of;
+
+        #[rstest::rstest]
+        #[case::missing_clusterip(
+            "metadata: {name: a}\nspec: {ports: [{port: 1}]}",
+            "spec.clusterIP"
+        )]
+        #[case::bad_clusterip(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 1}]}",
+            "spec.clusterIP"
+        )]
+        #[case::port_too_big(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 70000}]}",
+            "spec.ports[0].port"
+        )]
+        #[case::port_zero(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 0}]}",
+            "spec.ports[0].port"
+        )]
+        #[case::target_too_big(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, targetPort: 65536}]}",
+            "spec.ports[0].targetPort"
+        )]
+        #[case::duplicate_port(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: b, port: 1}]}",
+            "spec.ports[1]"
+        )]
+        #[case::duplicate_name(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {name: a, port: 2}]}",
+            "spec.ports[1].name"
+        )]
+        #[case::unnamed_multi_port(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1}, {port: 2}]}",
+            "spec.ports[1].name"
+        )]
+        #[case::bad_protocol(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1, protocol: ICMP}]}",
+            "spec.ports[0].protocol"
+        )]
+        #[case::no_ports("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1}", "spec.ports")]
+        #[case::no_name(
+            "metadata: {}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}",
+            "metadata.name"
+        )]
+        #[case::bad_affinity(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: Cookie}",
+            "spec.sessionAffinity"
+        )]
+        #[case::affinity_timeout(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+        )]
+        #[case::bad_type(
+            "metadata: {name: a}\nspec: {type: Magic, clusterIP: 10.0.0.1, ports: [{port: 1}]}",
+            "spec.type"
+        )]
+        #[case::bad_policy(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}], internalTrafficPolicy: Nearby}",
+            "spec.internalTrafficPolicy"
+        )]
+        #[case::same_family_dual_stack(
+            "metadata: {name: a}\nspec: {clusterIPs: [10.0.0.1, 10.0.0.2], ports: [{port: 1}]}",
+            "spec.clusterIPs"
+        )]
+        #[case::clusterips_disagree(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, clusterIPs: [10.0.0.2], ports: [{port: 1}]}",
+            "spec.clusterIPs[0]"
+        )]
+        #[case::no_spec("metadata: {name: a}", "spec")]
+        fn name_the_field(#[case] yaml: &str, #[case] field: &str) {
+            assert_eq!(field_of(yaml), field);
         }
     }
 
@@ -910,51 +891,52 @@ endpoints:
         assert!(e.zone_hints.contains("z1"));
     }
 
-    #[test]
-    fn node_port_rules() {
-        let field = |yaml: &str| service(&svc(yaml)).map_err(|e| e.field);
-        let base = "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ";
-        let cases = [
-            (
-                "type: NodePort, ports: [{port: 80, nodePort: 30080}]",
-                Ok(()),
-            ),
-            (
-                "type: NodePort, ports: [{port: 80}]",
-                Err("spec.ports[0].nodePort"),
-            ),
-            (
-                "type: LoadBalancer, ports: [{port: 80}]",
-                Err("spec.ports[0].nodePort"),
-            ),
-            (
-                "type: LoadBalancer, allocateLoadBalancerNodePorts: false, ports: [{port: 80}]",
-                Ok(()),
-            ),
-            (
-                "ports: [{port: 80, nodePort: 30080}]",
-                Err("spec.ports[0].nodePort"),
-            ),
-            (
-                "type: NodePort, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]",
-                Err("spec.ports[1].nodePort"),
-            ),
-            (
-                "type: NodePort, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 80, protocol: UDP, nodePort: 30080}]",
-                Ok(()),
-            ),
-            (
-                "type: NodePort, healthCheckNodePort: 30999, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]",
-                Err("spec.healthCheckNodePort"),
-            ),
-            (
-                "type: LoadBalancer, healthCheckNodePort: 30999, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]",
-                Ok(()),
-            ),
-        ];
-        for (spec, want) in cases {
-            let got = field(&format!("{base}{spec}}}")).map(drop);
-            assert_eq!(got, want.map_err(str::to_owned), "{spec}");
+    /// NodePort and LoadBalancer fields: the node ports and the health check port (a
+    /// module of its own for rstest, as below).
+    mod node_ports {
+        use super::{service, svc};
+
+        #[rstest::rstest]
+        #[case::node_port(
+            "type: NodePort, ports: [{port: 80, nodePort: 30080}]",
+            Ok(())
+        )]
+        #[case::node_port_without_node_port(
+            "type: NodePort, ports: [{port: 80}]",
+            Err("spec.ports[0].nodePort")
+        )]
+        #[case::load_balancer_without_node_port(
+            "type: LoadBalancer, ports: [{port: 80}]",
+            Err("spec.ports[0].nodePort")
+        )]
+        #[case::load_balancer_without_node_ports_allocated(
+            "type: LoadBalancer, allocateLoadBalancerNodePorts: false, ports: [{port: 80}]",
+            Ok(())
+        )]
+        #[case::node_port_on_a_cluster_ip(
+            "ports: [{port: 80, nodePort: 30080}]",
+            Err("spec.ports[0].nodePort")
+        )]
+        #[case::node_port_twice(
+            "type: NodePort, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]",
+            Err("spec.ports[1].nodePort")
+        )]
+        #[case::node_port_shared_by_tcp_and_udp(
+            "type: NodePort, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 80, protocol: UDP, nodePort: 30080}]",
+            Ok(())
+        )]
+        #[case::health_check_node_port_on_a_node_port(
+            "type: NodePort, healthCheckNodePort: 30999, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]",
+            Err("spec.healthCheckNodePort")
+        )]
+        #[case::health_check_node_port_on_a_load_balancer(
+            "type: LoadBalancer, healthCheckNodePort: 30999, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]",
+            Ok(())
+        )]
+        fn rules(#[case] spec: &str, #[case] want: Result<(), &str>) {
+            let yaml = format!("metadata: {{name: a}}\nspec: {{clusterIP: 10.0.0.1, {spec}}}");
+            let got = service(&svc(&yaml)).map(drop).map_err(|e| e.field);
+            assert_eq!(got, want.map_err(str::to_owned));
         }
     }
 

@@ -1,5 +1,6 @@
 //! Where Services and endpoints come from.
 
+mod api_store;
 mod assembly;
 pub mod convert;
 pub mod documents;

@@ -12,7 +12,11 @@ use std::{
 use notify::{RecursiveMode, Watcher as _};
 
 use super::manifests::{Manifests, list_files};
-use crate::{health::SourceProgress, metrics::ManifestLoads, model::Snapshot, sync::Update};
+use crate::{
+    health::SourceProgress,
+    metrics::ManifestLoads,
+    model::{Snapshot, Update},
+};
 
 /// Quiet time after a write in progress before reloading (editors write in several steps).
 const SETTLE: Duration = Duration::from_millis(100);

@@ -101,6 +101,52 @@ impl Mode {
             Self::Nftables => "nftables",
         }
     }
+
+    /// How a rule-based peer (kube-proxy's iptables or nftables mode) loads rules: the
+    /// command, fed the rules on stdin; `incremental` keeps what is loaded. `None` for the
+    /// others.
+    fn loader(self, incremental: bool) -> Option<Vec<&'static str>> {
+        match self {
+            Self::Iptables if incremental => Some(vec![iptables_restore(), "--noflush"]),
+            Self::Iptables => Some(vec![iptables_restore()]),
+            Self::Nftables => Some(vec!["nft", "-f", "-"]),
+            Self::Direct | Self::Lb => None,
+        }
+    }
+
+    /// What a rule-based peer's rules are called.
+    fn rules_name(self) -> &'static str {
+        if self == Self::Nftables {
+            "the ruleset"
+        } else {
+            "the rules"
+        }
+    }
+
+    /// A rule-based peer's rules for all of `set`.
+    fn rules(self, set: &ServiceSet) -> String {
+        match self {
+            Self::Iptables => set.iptables(),
+            Self::Nftables => set.nft(),
+            Self::Direct | Self::Lb => String::new(),
+        }
+    }
+
+    /// A rule-based peer's rules for Service `svc`'s endpoints going from `before` to
+    /// `after` (loaded with `loader(true)`).
+    fn rules_change(
+        self,
+        set: &ServiceSet,
+        svc: usize,
+        before: &[std::net::Ipv4Addr],
+        after: &[std::net::Ipv4Addr],
+    ) -> String {
+        match self {
+            Self::Iptables => set.iptables_change(svc, before, after),
+            Self::Nftables => set.nft_change(svc, before, after),
+            Self::Direct | Self::Lb => String::new(),
+        }
+    }
 }
 
 /// A mode set up on its own topology.
@@ -143,7 +189,7 @@ pub struct Bench {
 }
 
 pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
-    cmd::prepare_privileged("the bench")?;
+    cmd::prepare_privileged("the bench", crate::setup::For::All)?;
     let date = cmd::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))?
         .trim()
         .to_owned();
@@ -331,18 +377,15 @@ impl Bench {
                 self.skip(format!(
                     "{} with {n} Services: loading {} would take longer than {:?} (extrapolated from the smaller sets)",
                     mode.name(),
-                    if mode == Mode::Iptables { "the rules" } else { "the ruleset" },
+                    mode.rules_name(),
                     self.plan.load_budget
                 ));
                 return Ok(None);
             }
             Mode::Iptables | Mode::Nftables => {
-                let (args, text): (&[&str], String) = if mode == Mode::Iptables {
-                    (&[iptables_restore()], set.iptables())
-                } else {
-                    (&["nft", "-f", "-"], set.nft())
-                };
-                let loaded = match topo.in_node_timed(args, &text, self.plan.load_budget) {
+                let args = mode.loader(false).context("a rule-based peer")?;
+                let text = mode.rules(set);
+                let loaded = match topo.in_node_timed(&args, &text, self.plan.load_budget) {
                     Ok(loaded) => loaded,
                     Err(e) => {
                         // e.g. killed by the OOM killer: the peer cannot take this many.
@@ -594,22 +637,12 @@ impl Bench {
                         times[k].push(delta(measure::SYNC_SECONDS_SUM) / syncs * 1e3);
                         e2e[k].push(waited.as_secs_f64() * 1e3);
                     }
-                    Mode::Iptables => {
-                        let text = set.iptables_change(0, before, after);
+                    Mode::Iptables | Mode::Nftables => {
+                        let loader = mode.loader(true).context("a rule-based peer")?;
+                        let text = mode.rules_change(set, 0, before, after);
                         let took = topo
-                            .in_node_timed(
-                                &[iptables_restore(), "--noflush"],
-                                &text,
-                                Duration::from_secs(60),
-                            )?
-                            .context("iptables-restore hung")?;
-                        times[k].push(took.as_secs_f64() * 1e3);
-                    }
-                    Mode::Nftables => {
-                        let text = set.nft_change(0, before, after);
-                        let took = topo
-                            .in_node_timed(&["nft", "-f", "-"], &text, Duration::from_secs(60))?
-                            .context("nft hung")?;
+                            .in_node_timed(&loader, &text, Duration::from_secs(60))?
+                            .with_context(|| format!("{} hung", loader[0]))?;
                         times[k].push(took.as_secs_f64() * 1e3);
                     }
                     Mode::Direct => {}
