@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cli::RunArgs,
-    health::{Health, SourceProgress},
+    health::{Health, SourceHealth, SourceProgress},
     http,
     kernel::{
         PinLayout,
@@ -25,14 +25,10 @@ use crate::{
         xdp,
     },
     metrics::Metrics,
-    model::Node,
+    model::{Node, Update},
     service_health::{self, ServiceHealth},
-    source::{
-        kube::{self, SourceHealth},
-        manifests::Manifests,
-        watch,
-    },
-    sync::{Syncer, Update},
+    source::{kube, manifests::Manifests, watch},
+    sync::Syncer,
 };
 
 fn bind_address(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {

@@ -25,14 +25,11 @@ use crate::{
         state::{KernelState, Op},
     },
     metrics::{Metrics, SyncLabels},
-    model::{Node, ObjectKey, Snapshot},
+    model::{Node, ObjectKey, Snapshot, Update},
     plan,
     service_health::ServiceHealth,
     tracker::{Change, Tracker},
 };
-
-// run.rs names it as `sync::Update`; it lives with the model the sources fill.
-pub use crate::model::Update;
 
 /// A pass with at least this many writes hands freed memory back to the system afterwards.
 const LARGE_PASS_WRITES: u64 = 10_000;

@@ -21,9 +21,7 @@ use kube::{
 };
 
 pub use super::api_store::ApiStore;
-// run.rs names it as `kube::SourceHealth`; it lives with the other health state.
-pub use crate::health::SourceHealth;
-use crate::{metrics::SourceMetrics, model::Update};
+use crate::{health::SourceHealth, metrics::SourceMetrics, model::Update};
 
 /// kube-proxy's selector for Services and EndpointSlices: not handled by another proxy
 /// (`service.kubernetes.io/service-proxy-name`), not headless.
