@@ -6,4 +6,5 @@ pub mod convert;
 pub mod documents;
 pub mod kube;
 pub mod manifests;
+mod objects;
 pub mod watch;
