@@ -178,17 +178,22 @@ struct NodeAgent {
 
 impl NodeAgent {
     fn start(topo: &Topology, manifests: &std::path::Path) -> Self {
+        Self::start_on(&topo.node, manifests)
+    }
+
+    /// `lb run` in node `node`'s namespace (node-a, `--xdp-iface n0`).
+    fn start_on(node: &Node, manifests: &std::path::Path) -> Self {
         let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
         let log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
         let log_file = std::fs::File::create(&log).expect("log");
         let child = die_with_parent(&mut Command::new("nsenter"))
-            .arg(format!("--net={}", topo.node.client.path().display()))
+            .arg(format!("--net={}", node.client.path().display()))
             .arg(lb_bin())
             .arg("run")
             .arg("--manifests")
             .arg(manifests)
             .arg("--cgroup")
-            .arg(&topo.node.cgroup.path)
+            .arg(&node.cgroup.path)
             .arg("--pin-path")
             .arg(&pin_path)
             .args(["--node-name", "node-a", "--xdp-iface", "n0"])
@@ -199,7 +204,7 @@ impl NodeAgent {
             .expect("spawn lb run");
         Self {
             pin_path,
-            netns: topo.node.client.path(),
+            netns: node.client.path(),
             child: Some(Proc(child)),
             log,
         }
@@ -403,6 +408,356 @@ fn etp_local_without_a_local_endpoint_drops() {
         "dropped: the client times out, no reset"
     );
     assert!(agent.stat("xdp_drop_no_local_endpoint") > before);
+}
+
+// ---- externalTrafficPolicy: Cluster to a pod behind another node (SNAT) ----
+//
+// ```text
+// ext (10.250.1.2, .3) -- router (10.250.1.1 | rb 10.250.2.1) --+-- n0 (10.250.2.2) node-a (agent)
+//                                                    bridge rb  +-- m0 (10.250.2.3) node-b
+//                                                                   -- q0 (10.201.0.2) podb
+// ```
+
+const NODE_B4: &str = "10.250.2.3";
+
+/// A NodePort Service (eTP Cluster, the default) whose only endpoint is podb on node-b.
+const FAR_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: far}
+spec:
+  type: NodePort
+  clusterIP: 10.96.60.1
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30090}
+  - {name: udp, port: 80, targetPort: 8080, protocol: UDP, nodePort: 30090}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: far-1, labels: {kubernetes.io/service-name: far}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: [10.201.0.2], nodeName: node-b}
+";
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (the test's other threads
+/// stay where they are).
+fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns file");
+        // SAFETY: a valid namespace descriptor; only this thread moves.
+        let ret =
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// `ETHTOOL_SGRO`: set generic receive offload.
+const ETHTOOL_SGRO: u32 = 0x2c;
+/// `ETHTOOL_STXCSUM`: set transmit checksum offload.
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// `ethtool` on device `dev` in `ns` through a legacy `SIOCETHTOOL` set command (`cmd`,
+/// `data`), without the ethtool tool.
+///
+/// The topology needs two: GRO on the veth peer of the XDP interface (a veth receives frames
+/// that its peer's XDP program redirects or transmits only when it has NAPI, which GRO
+/// enables), and transmit checksum offload off on the senders: a veth hands locally made
+/// packets on with only the pseudo-header sum in the checksum field (CHECKSUM_PARTIAL),
+/// which an XDP redirect cannot carry, while frames from a wire always have full checksums.
+fn ethtool_set(ns: &Netns, dev: &str, cmd: u32, data: u32) {
+    let dev = dev.to_owned();
+    in_netns(ns, move || {
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        let mut value = EthtoolValue { cmd, data };
+        // SAFETY: a zeroed ifreq with the name and the data pointer set; the socket is ours.
+        unsafe {
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+                *d = s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let ret = libc::ioctl(fd, SIOCETHTOOL, &raw mut ifr);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(ret, 0, "SIOCETHTOOL {cmd:#x} on {dev}: {err}");
+        }
+    });
+}
+
+/// The two-node topology; everything is removed on drop.
+struct TwoNodes {
+    ext: Netns,
+    _router: Netns,
+    node_a: Node,
+    _node_b: Netns,
+    _pod_b: Netns,
+    _server: Proc,
+}
+
+impl TwoNodes {
+    fn new() -> Self {
+        let node_a = Node::new();
+        let id = unique("n2");
+        let ext = Netns::new(format!("{id}e"));
+        let router = Netns::new(format!("{id}r"));
+        let node_b = Netns::new(format!("{id}b"));
+        let pod_b = Netns::new(format!("{id}q"));
+        let a_ns = node_a.client.name.clone();
+        ext.ip(&[
+            "link",
+            "add",
+            "e0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &router.name,
+        ]);
+        router.ip(&[
+            "link", "add", "r1", "type", "veth", "peer", "name", "n0", "netns", &a_ns,
+        ]);
+        router.ip(&[
+            "link",
+            "add",
+            "r2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "m0",
+            "netns",
+            &node_b.name,
+        ]);
+        node_b.ip(&[
+            "link",
+            "add",
+            "p0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "q0",
+            "netns",
+            &pod_b.name,
+        ]);
+        router.ip(&["link", "add", "rb", "type", "bridge"]);
+        for dev in ["r1", "r2"] {
+            router.ip(&["link", "set", dev, "master", "rb"]);
+            router.ip(&["link", "set", dev, "up"]);
+        }
+        for (ns, dev, v4) in [
+            (&ext, "e0", "10.250.1.2/24"),
+            (&router, "r0", "10.250.1.1/24"),
+            (&router, "rb", "10.250.2.1/24"),
+            (&node_a.client, "n0", "10.250.2.2/24"),
+            (&node_b, "m0", "10.250.2.3/24"),
+            (&node_b, "p0", "10.201.0.1/24"),
+            (&pod_b, "q0", "10.201.0.2/24"),
+        ] {
+            ns.ip(&["addr", "add", v4, "dev", dev]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        // The second client.
+        ext.ip(&["addr", "add", "10.250.1.3/24", "dev", "e0"]);
+        pod_b.ip(&["link", "set", "lo", "up"]);
+        // Only routes to the test's own namespaces.
+        ext.ip(&["route", "add", "10.250.2.0/24", "via", "10.250.1.1"]);
+        node_a
+            .client
+            .ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
+        node_a
+            .client
+            .ip(&["route", "add", "10.201.0.0/24", "via", NODE_B4]);
+        pod_b.ip(&["route", "add", "default", "via", "10.201.0.1"]);
+        for ns in [&router, &node_a.client, &node_b] {
+            sysctl(ns, &["net.ipv4.ip_forward=1"]);
+        }
+        // XDP on n0 sends both directions back out of n0: its peer needs NAPI.
+        ethtool_set(&router, "r1", ETHTOOL_SGRO, 1);
+        ethtool_set(&ext, "e0", ETHTOOL_STXCSUM, 0);
+        ethtool_set(&pod_b, "q0", ETHTOOL_STXCSUM, 0);
+        let server = serve_showing_client(&pod_b, "podb", 8080);
+        // Resolve node-a's neighbours (XDP redirects only to resolved ones).
+        // (The bridge's ports take a moment to forward; a datagram to the discard port makes
+        // the kernel resolve the neighbour.)
+        for target in ["10.250.2.1", NODE_B4] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !node_a
+                .client
+                .ip(&["neigh", "show", target])
+                .contains("lladdr")
+            {
+                let to: std::net::SocketAddr = format!("{target}:9").parse().expect("addr");
+                in_netns(&node_a.client, move || {
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+                    let _sent = socket.send_to(b"resolve", to);
+                });
+                assert!(Instant::now() < deadline, "node-a cannot resolve {target}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Self {
+            ext,
+            _router: router,
+            node_a,
+            _node_b: node_b,
+            _pod_b: pod_b,
+            _server: server,
+        }
+    }
+}
+
+/// One line over TCP from `src` (with source port `sport`) to `dst`, on a thread in `ns`;
+/// the answer ("NAME CLIENT-ADDR:PORT") and the peer address.
+fn tcp_from(ns: &Netns, src: &str, sport: u16, dst: &str) -> Vec<(String, String)> {
+    let src: std::net::SocketAddr = format!("{src}:{sport}").parse().expect("src");
+    let dst: std::net::SocketAddr = dst.parse().expect("dst");
+    in_netns(ns, move || {
+        use std::io::{Read as _, Write as _};
+        use std::os::fd::FromRawFd as _;
+        let sin = |a: std::net::SocketAddr| {
+            let std::net::SocketAddr::V4(a) = a else {
+                panic!("IPv4 only")
+            };
+            libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            }
+        };
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: a fresh socket, bound and connected with valid sockaddr_in values, then
+        // owned by the TcpStream.
+        let mut stream = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let s = sin(src);
+            assert_eq!(
+                libc::bind(fd, (&raw const s).cast(), len),
+                0,
+                "bind {src}: {}",
+                std::io::Error::last_os_error()
+            );
+            let d = sin(dst);
+            assert_eq!(
+                libc::connect(fd, (&raw const d).cast(), len),
+                0,
+                "connect {src} -> {dst}: {}",
+                std::io::Error::last_os_error()
+            );
+            std::net::TcpStream::from_raw_fd(fd)
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let peer = stream.peer_addr().expect("peer").to_string();
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            stream.write_all(b"hello\n").expect("send");
+            let mut buf = [0u8; 128];
+            let n = stream.read(&mut buf).expect("answer");
+            answers.push((
+                String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
+                peer.clone(),
+            ));
+        }
+        answers
+    })
+}
+
+#[test]
+fn etp_cluster_reaches_a_pod_behind_another_node_with_snat() {
+    let topo = TwoNodes::new();
+    let dir = TempDir::new("ns");
+    dir.write("services.yaml", FAR_SERVICE);
+    let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
+    agent.wait_for(&["10.250.2.2:30090/TCP", "10.250.2.2:30090/UDP"]);
+    let service = format!("{NODE4}:30090");
+    let snat_port = |seen: &str| -> u16 {
+        let (pod, addr) = seen.split_once(' ').expect("NAME CLIENT");
+        assert_eq!(pod, "podb");
+        let addr: std::net::SocketAddr = addr.parse().expect("client address");
+        assert_eq!(
+            addr.ip().to_string(),
+            NODE4,
+            "SNAT: the pod sees node-a's address"
+        );
+        assert!(
+            (61_000..=65_535).contains(&addr.port()),
+            "allocated port {addr}"
+        );
+        addr.port()
+    };
+    // Several connections through the stock client, TCP and UDP.
+    for args in [
+        vec!["tcp", service.as_str(), "--count", "4"],
+        vec!["tcp", service.as_str(), "--count", "3", "--keepalive"],
+        vec!["udp", service.as_str(), "--count", "3", "--connected"],
+    ] {
+        let outcomes = run_client(None, &topo.ext.path(), &args);
+        assert!(!outcomes.is_empty());
+        for o in &outcomes {
+            let seen = o.backend.as_deref().unwrap_or_else(|| {
+                panic!(
+                    "{args:?} failed: {o:?}\n{}\nagent log:\n{}",
+                    agent.lb(&["stats"]),
+                    std::fs::read_to_string(&agent.log).unwrap_or_default()
+                )
+            });
+            snat_port(seen);
+            assert_eq!(
+                o.peer.as_deref(),
+                Some(service.as_str()),
+                "reply from the NodePort"
+            );
+        }
+    }
+    // Two clients behind the router, the same source port, both connections open at once.
+    let (a, b) = std::thread::scope(|scope| {
+        let one = scope.spawn(|| tcp_from(&topo.ext, EXT4, 40_000, &service));
+        let two = scope.spawn(|| tcp_from(&topo.ext, "10.250.1.3", 40_000, &service));
+        (one.join().expect("client 1"), two.join().expect("client 2"))
+    });
+    let ports: Vec<u16> = [&a, &b]
+        .iter()
+        .map(|answers| {
+            assert_eq!(answers.len(), 3);
+            let port = snat_port(&answers[0].0);
+            for (seen, peer) in answers.iter() {
+                assert_eq!(snat_port(seen), port, "one flow keeps its port");
+                assert_eq!(peer, &service, "reply from the NodePort");
+            }
+            port
+        })
+        .collect();
+    assert_ne!(
+        ports[0], ports[1],
+        "two clients on one source port: two SNAT ports"
+    );
+    assert!(
+        agent.stat("xdp_new_flow_snat") >= 9,
+        "{}",
+        agent.lb(&["stats"])
+    );
+    assert!(agent.stat("xdp_reply_xlated") > 0);
+    assert!(agent.stat("xdp_redirect") > 0);
 }
 
 // ---- BPF_PROG_TEST_RUN: crafted packets through the programs the agent attached ----
