@@ -499,9 +499,9 @@ fn ethtool_set(ns: &Netns, dev: &str, cmd: u32, data: u32) {
 /// The two-node topology; everything is removed on drop.
 struct TwoNodes {
     ext: Netns,
-    _router: Netns,
+    router: Netns,
     node_a: Node,
-    _node_b: Netns,
+    node_b: Netns,
     _pod_b: Netns,
     _server: Proc,
 }
@@ -612,9 +612,9 @@ impl TwoNodes {
         }
         Self {
             ext,
-            _router: router,
+            router,
             node_a,
-            _node_b: node_b,
+            node_b,
             _pod_b: pod_b,
             _server: server,
         }
@@ -1125,4 +1125,75 @@ fn crafted_packets_through_test_run() {
         libc::close(xdp);
         libc::close(tc);
     }
+}
+
+/// The MAC address of `dev` in `ns`.
+fn mac(ns: &Netns, dev: &str) -> [u8; 6] {
+    let out = ns.ip(&["link", "show", "dev", dev]);
+    let text = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC for {dev}: {out}"));
+    let mut mac = [0u8; 6];
+    for (b, hex) in mac.iter_mut().zip(text.split(':')) {
+        *b = u8::from_str_radix(hex, 16).expect("hex");
+    }
+    mac
+}
+
+const XDP_REDIRECT: u32 = 4;
+
+#[test]
+fn snat_and_reply_through_test_run() {
+    let topo = TwoNodes::new();
+    let dir = TempDir::new("ns");
+    dir.write("services.yaml", FAR_SERVICE);
+    let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
+    agent.wait_for(&["10.250.2.2:30090/TCP", "10.250.2.2:30090/UDP"]);
+    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
+    let n0 = mac(&topo.node_a.client, "n0");
+    let m0 = mac(&topo.node_b, "m0");
+    let rb = mac(&topo.router, "rb");
+    let with_macs = |p: &Pkt, dst: [u8; 6], src: [u8; 6]| {
+        let mut b = p.bytes();
+        b[..6].copy_from_slice(&dst);
+        b[6..12].copy_from_slice(&src);
+        b
+    };
+    for (proto, cport) in [(TCP, 40_100), (UDP, 40_101)] {
+        // The FIB lookups happen in the namespace of the caller of test-run: node-a's.
+        let run = |packet: Vec<u8>| in_netns(&topo.node_a.client, move || test_run(xdp, &packet));
+        // A new flow from outside: DNAT to podb, SNAT to node-a and a port of the SNAT range,
+        // MACs from the FIB (node-a's n0 to node-b's m0), redirected.
+        let (verdict, out) = run(Pkt::new(EXT4, NODE4, proto, cport, 30090).bytes());
+        assert_eq!(
+            verdict,
+            XDP_REDIRECT,
+            "proto {proto}: {}",
+            agent.lb(&["stats"])
+        );
+        let port = u16::from_be_bytes([out[34], out[35]]);
+        assert!((61_000..=65_535).contains(&port), "allocated port {port}");
+        let expected = with_macs(&Pkt::new(NODE4, "10.201.0.2", proto, port, 8080), m0, n0);
+        assert_eq!(
+            out, expected,
+            "proto {proto}: the SNAT'd packet, byte for byte"
+        );
+        // The same flow again: the same port.
+        let (verdict, again) = run(Pkt::new(EXT4, NODE4, proto, cport, 30090).bytes());
+        assert_eq!((verdict, &again), (XDP_REDIRECT, &expected), "tracked");
+        // podb's reply to node-a's port: back to the client from the NodePort, to the
+        // router's MAC.
+        let (verdict, out) = run(Pkt::new("10.201.0.2", NODE4, proto, 8080, port).bytes());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let expected = with_macs(&Pkt::new(NODE4, EXT4, proto, 30090, cport), rb, n0);
+        assert_eq!(out, expected, "proto {proto}: the reply, byte for byte");
+        // A packet to a port of the range that no flow holds: untouched.
+        let stray = Pkt::new("10.201.0.2", NODE4, proto, 8080, port ^ 1).bytes();
+        let (verdict, out) = run(stray.clone());
+        assert_eq!((verdict, out), (XDP_PASS, stray), "no flow: untouched");
+    }
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(xdp) };
 }
