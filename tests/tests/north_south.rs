@@ -865,6 +865,8 @@ struct Pkt {
     hop_by_hop: bool,
     /// Leave a UDP checksum at 0 (IPv4: "no checksum").
     udp_no_checksum: bool,
+    /// TCP flags (SYN unless set).
+    tcp_flags: u8,
 }
 
 impl Pkt {
@@ -880,6 +882,7 @@ impl Pkt {
             frag: 0x4000,
             hop_by_hop: false,
             udp_no_checksum: false,
+            tcp_flags: 0x02,
         }
     }
 
@@ -905,7 +908,8 @@ impl Pkt {
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == TCP {
-            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, self.tcp_flags]);
+            l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
         } else {
             l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);
@@ -1194,6 +1198,30 @@ fn snat_and_reply_through_test_run() {
         let (verdict, out) = run(stray.clone());
         assert_eq!((verdict, out), (XDP_PASS, stray), "no flow: untouched");
     }
+    // Closed TCP: after a FIN, a SYN on the same 5-tuple is a new flow (the old entry is
+    // treated as expired), with a port of its own.
+    let run = |packet: Vec<u8>| in_netns(&topo.node_a.client, move || test_run(xdp, &packet));
+    let syn = Pkt::new(EXT4, NODE4, TCP, 40_102, 30090);
+    let (_, first) = run(syn.bytes());
+    let mut fin = syn.clone();
+    fin.tcp_flags = 0x11; // FIN, ACK
+    let (verdict, out) = run(fin.bytes());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out[34..36], first[34..36], "the FIN belongs to the flow");
+    let expired = agent.stat("xdp_ct_expired");
+    let mut reopened = None;
+    // A new port is drawn at random: it may be the old one again, rarely.
+    for _ in 0..4 {
+        let (verdict, _) = run(fin.bytes());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let (_, again) = run(syn.bytes());
+        if again[34..36] != first[34..36] {
+            reopened = Some(again);
+            break;
+        }
+    }
+    assert!(reopened.is_some(), "a SYN after FIN starts a new flow");
+    assert!(agent.stat("xdp_ct_expired") > expired);
     // SAFETY: our own descriptor, closed once.
     unsafe { libc::close(xdp) };
 }
