@@ -5,8 +5,12 @@
 //! IP; see [`crate::maps::Frontend::flags`]) is translated per packet: the XDP program on each
 //! `--xdp-iface` rewrites the destination to a backend (DNAT) and records the flow in [`CT`],
 //! one entry per direction as Cilium's `bpf/lib/conntrack.h` does; the tc egress program on the
-//! same interface finds the reply's entry and restores the frontend as its source. Both
-//! programs write [`CT`]; the agent only reads it (inspection).
+//! same interface finds the reply's entry and restores the frontend as its source. A flow to a
+//! backend on another node (`externalTrafficPolicy: Cluster`) is also SNAT'd to this node's
+//! address and a port of [`SNAT_PORT_MIN`]..=[`SNAT_PORT_MAX`] ([`CT_SNAT`]); its reply comes
+//! back through XDP, which translates it and sends both directions out by FIB lookup. Entries
+//! expire by protocol state ([`ct_timeout_ns`]). Both programs write [`CT`]; the agent only
+//! reads it (inspection).
 //!
 //! External backends live in their own slot range of [`crate::maps::SLOTS`]:
 //! `(id, EXT_SLOT_BASE + 0..ext_count)`, this node's first. They can differ from the socket

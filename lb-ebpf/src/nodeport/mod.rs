@@ -4,7 +4,9 @@
 //! - [`xdp`] runs on each `--xdp-iface` at ingress: parses the packet, finds an external
 //!   frontend, keeps each flow on one backend through the connection-tracking map `LB_CT` and
 //!   rewrites the destination (DNAT) with incremental checksum updates; then hands the packet
-//!   to the stack, which routes it to the pod.
+//!   to the stack, which routes it to the pod. A backend on another node also gets SNAT to
+//!   this node's address and an allocated port, and XDP sends the packet out itself (FIB
+//!   lookup, `bpf_redirect`); the backend's reply comes back through XDP too.
 //! - [`tc`] runs at egress of the same interface: a backend's reply leaves through the stack
 //!   (XDP never sees it), and gets the frontend back as its source there.
 //!
