@@ -1222,6 +1222,16 @@ fn snat_and_reply_through_test_run() {
     }
     assert!(reopened.is_some(), "a SYN after FIN starts a new flow");
     assert!(agent.stat("xdp_ct_expired") > expired);
+    // No resolved neighbour for node-b: translated all the same, MACs left alone, passed
+    // to the stack (XDP never invents a MAC).
+    topo.node_a.client.ip(&["neigh", "flush", "dev", "n0"]);
+    let no_neigh = agent.stat("xdp_pass_no_neigh");
+    let (verdict, out) = run(Pkt::new(EXT4, NODE4, UDP, 40_103, 30090).bytes());
+    assert_eq!(verdict, XDP_PASS, "{}", agent.lb(&["stats"]));
+    let port = u16::from_be_bytes([out[34], out[35]]);
+    let expected = Pkt::new(NODE4, "10.201.0.2", UDP, port, 8080).bytes();
+    assert_eq!(out, expected, "translated, original MACs");
+    assert!(agent.stat("xdp_pass_no_neigh") > no_neigh);
     // SAFETY: our own descriptor, closed once.
     unsafe { libc::close(xdp) };
 }
