@@ -413,6 +413,7 @@ fn etp_local_without_a_local_endpoint_drops() {
 // ---- externalTrafficPolicy: Cluster to a pod behind another node (SNAT) ----
 //
 // ```text
+// (IPv6 alike: fd00:250:1::/64, fd00:250:2::/64, podb fd00:201::2)
 // ext (10.250.1.2, .3) -- router (10.250.1.1 | rb 10.250.2.1) --+-- n0 (10.250.2.2) node-a (agent)
 //                                                    bridge rb  +-- m0 (10.250.2.3) node-b
 //                                                                   -- q0 (10.201.0.2) podb
@@ -420,13 +421,16 @@ fn etp_local_without_a_local_endpoint_drops() {
 
 const NODE_B4: &str = "10.250.2.3";
 
-/// A NodePort Service (eTP Cluster, the default) whose only endpoint is podb on node-b.
+/// A dual-stack NodePort Service (eTP Cluster, the default) whose only endpoint is podb on
+/// node-b.
 const FAR_SERVICE: &str = "apiVersion: v1
 kind: Service
 metadata: {name: far}
 spec:
   type: NodePort
-  clusterIP: 10.96.60.1
+  clusterIPs: [10.96.60.1, 'fd00:96::60:1']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
   ports:
   - {name: tcp, port: 80, targetPort: 8080, nodePort: 30090}
   - {name: udp, port: 80, targetPort: 8080, protocol: UDP, nodePort: 30090}
@@ -438,6 +442,14 @@ addressType: IPv4
 ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
 endpoints:
 - {addresses: [10.201.0.2], nodeName: node-b}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: far-2, labels: {kubernetes.io/service-name: far}}
+addressType: IPv6
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: ['fd00:201::2'], nodeName: node-b}
 ";
 
 /// Runs `f` on a thread of its own inside network namespace `ns` (the test's other threads
@@ -571,6 +583,42 @@ impl TwoNodes {
             ns.ip(&["addr", "add", v4, "dev", dev]);
             ns.ip(&["link", "set", dev, "up"]);
         }
+        for (ns, dev, v6) in [
+            (&ext, "e0", "fd00:250:1::2/64"),
+            (&router, "r0", "fd00:250:1::1/64"),
+            (&router, "rb", "fd00:250:2::1/64"),
+            (&node_a.client, "n0", "fd00:250:2::2/64"),
+            (&node_b, "m0", "fd00:250:2::3/64"),
+            (&node_b, "p0", "fd00:201::1/64"),
+            (&pod_b, "q0", "fd00:201::2/64"),
+        ] {
+            ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
+        }
+        ext.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:2::/64",
+            "via",
+            "fd00:250:1::1",
+        ]);
+        node_a.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:1::/64",
+            "via",
+            "fd00:250:2::1",
+        ]);
+        node_a.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:201::/64",
+            "via",
+            "fd00:250:2::3",
+        ]);
+        pod_b.ip(&["-6", "route", "add", "default", "via", "fd00:201::1"]);
         // The second client.
         ext.ip(&["addr", "add", "10.250.1.3/24", "dev", "e0"]);
         pod_b.ip(&["link", "set", "lo", "up"]);
@@ -584,7 +632,27 @@ impl TwoNodes {
             .ip(&["route", "add", "10.201.0.0/24", "via", NODE_B4]);
         pod_b.ip(&["route", "add", "default", "via", "10.201.0.1"]);
         for ns in [&router, &node_a.client, &node_b] {
-            sysctl(ns, &["net.ipv4.ip_forward=1"]);
+            sysctl(
+                ns,
+                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            );
+        }
+        // Link-local addresses stay tentative for a moment, and neighbour discovery fails
+        // meanwhile (see `Topology::new`).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for ns in [&ext, &router, &node_a.client, &node_b, &pod_b] {
+            while !ns
+                .ip(&["-6", "addr", "show", "tentative"])
+                .trim()
+                .is_empty()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: addresses stay tentative",
+                    ns.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         // XDP on n0 sends both directions back out of n0: its peer needs NAPI.
         ethtool_set(&router, "r1", ETHTOOL_SGRO, 1);
@@ -594,16 +662,18 @@ impl TwoNodes {
         // Resolve node-a's neighbours (XDP redirects only to resolved ones).
         // (The bridge's ports take a moment to forward; a datagram to the discard port makes
         // the kernel resolve the neighbour.)
-        for target in ["10.250.2.1", NODE_B4] {
+        for target in ["10.250.2.1", NODE_B4, "fd00:250:2::1", "fd00:250:2::3"] {
             let deadline = Instant::now() + Duration::from_secs(10);
             while !node_a
                 .client
                 .ip(&["neigh", "show", target])
                 .contains("lladdr")
             {
-                let to: std::net::SocketAddr = format!("{target}:9").parse().expect("addr");
+                let ip: std::net::IpAddr = target.parse().expect("addr");
+                let to = std::net::SocketAddr::new(ip, 9);
                 in_netns(&node_a.client, move || {
-                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+                    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+                    let socket = std::net::UdpSocket::bind(any).expect("udp");
                     let _sent = socket.send_to(b"resolve", to);
                 });
                 assert!(Instant::now() < deadline, "node-a cannot resolve {target}");
@@ -688,15 +758,21 @@ fn etp_cluster_reaches_a_pod_behind_another_node_with_snat() {
     let dir = TempDir::new("ns");
     dir.write("services.yaml", FAR_SERVICE);
     let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
-    agent.wait_for(&["10.250.2.2:30090/TCP", "10.250.2.2:30090/UDP"]);
+    agent.wait_for(&[
+        "10.250.2.2:30090/TCP",
+        "10.250.2.2:30090/UDP",
+        "[fd00:250:2::2]:30090/TCP",
+        "[fd00:250:2::2]:30090/UDP",
+    ]);
     let service = format!("{NODE4}:30090");
-    let snat_port = |seen: &str| -> u16 {
+    let service6 = format!("[{NODE6}]:30090");
+    let snat_port_of = |seen: &str, node: &str| -> u16 {
         let (pod, addr) = seen.split_once(' ').expect("NAME CLIENT");
         assert_eq!(pod, "podb");
         let addr: std::net::SocketAddr = addr.parse().expect("client address");
         assert_eq!(
             addr.ip().to_string(),
-            NODE4,
+            node,
             "SNAT: the pod sees node-a's address"
         );
         assert!(
@@ -705,28 +781,31 @@ fn etp_cluster_reaches_a_pod_behind_another_node_with_snat() {
         );
         addr.port()
     };
-    // Several connections through the stock client, TCP and UDP.
-    for args in [
-        vec!["tcp", service.as_str(), "--count", "4"],
-        vec!["tcp", service.as_str(), "--count", "3", "--keepalive"],
-        vec!["udp", service.as_str(), "--count", "3", "--connected"],
-    ] {
-        let outcomes = run_client(None, &topo.ext.path(), &args);
-        assert!(!outcomes.is_empty());
-        for o in &outcomes {
-            let seen = o.backend.as_deref().unwrap_or_else(|| {
-                panic!(
-                    "{args:?} failed: {o:?}\n{}\nagent log:\n{}",
-                    agent.lb(&["stats"]),
-                    std::fs::read_to_string(&agent.log).unwrap_or_default()
-                )
-            });
-            snat_port(seen);
-            assert_eq!(
-                o.peer.as_deref(),
-                Some(service.as_str()),
-                "reply from the NodePort"
-            );
+    let snat_port = |seen: &str| snat_port_of(seen, NODE4);
+    // Several connections through the stock client, TCP and UDP, IPv4 and IPv6.
+    for (service, node) in [(&service, NODE4), (&service6, NODE6)] {
+        for args in [
+            vec!["tcp", service.as_str(), "--count", "4"],
+            vec!["tcp", service.as_str(), "--count", "3", "--keepalive"],
+            vec!["udp", service.as_str(), "--count", "3", "--connected"],
+        ] {
+            let outcomes = run_client(None, &topo.ext.path(), &args);
+            assert!(!outcomes.is_empty());
+            for o in &outcomes {
+                let seen = o.backend.as_deref().unwrap_or_else(|| {
+                    panic!(
+                        "{args:?} failed: {o:?}\n{}\nagent log:\n{}",
+                        agent.lb(&["stats"]),
+                        std::fs::read_to_string(&agent.log).unwrap_or_default()
+                    )
+                });
+                snat_port_of(seen, node);
+                assert_eq!(
+                    o.peer.as_deref(),
+                    Some(service.as_str()),
+                    "reply from the NodePort"
+                );
+            }
         }
     }
     // Two clients behind the router, the same source port, both connections open at once.
@@ -752,7 +831,7 @@ fn etp_cluster_reaches_a_pod_behind_another_node_with_snat() {
         "two clients on one source port: two SNAT ports"
     );
     assert!(
-        agent.stat("xdp_new_flow_snat") >= 9,
+        agent.stat("xdp_new_flow_snat") >= 18,
         "{}",
         agent.lb(&["stats"])
     );
