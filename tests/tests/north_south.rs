@@ -1244,36 +1244,46 @@ fn snat_and_reply_through_test_run() {
         b[6..12].copy_from_slice(&src);
         b
     };
-    for (proto, cport) in [(TCP, 40_100), (UDP, 40_101)] {
+    for (client, node, pod, proto, cport) in [
+        (EXT4, NODE4, "10.201.0.2", TCP, 40_100),
+        (EXT4, NODE4, "10.201.0.2", UDP, 40_101),
+        (EXT6, NODE6, "fd00:201::2", TCP, 40_104),
+        (EXT6, NODE6, "fd00:201::2", UDP, 40_105),
+    ] {
+        // The source port's offset: Ethernet, then the IPv4 or IPv6 header.
+        let at = if node == NODE4 { 34 } else { 54 };
         // The FIB lookups happen in the namespace of the caller of test-run: node-a's.
         let run = |packet: Vec<u8>| in_netns(&topo.node_a.client, move || test_run(xdp, &packet));
         // A new flow from outside: DNAT to podb, SNAT to node-a and a port of the SNAT range,
         // MACs from the FIB (node-a's n0 to node-b's m0), redirected.
-        let (verdict, out) = run(Pkt::new(EXT4, NODE4, proto, cport, 30090).bytes());
+        let (verdict, out) = run(Pkt::new(client, node, proto, cport, 30090).bytes());
         assert_eq!(
             verdict,
             XDP_REDIRECT,
-            "proto {proto}: {}",
+            "{node} proto {proto}: {}",
             agent.lb(&["stats"])
         );
-        let port = u16::from_be_bytes([out[34], out[35]]);
+        let port = u16::from_be_bytes([out[at], out[at + 1]]);
         assert!((61_000..=65_535).contains(&port), "allocated port {port}");
-        let expected = with_macs(&Pkt::new(NODE4, "10.201.0.2", proto, port, 8080), m0, n0);
+        let expected = with_macs(&Pkt::new(node, pod, proto, port, 8080), m0, n0);
         assert_eq!(
             out, expected,
-            "proto {proto}: the SNAT'd packet, byte for byte"
+            "{node} proto {proto}: the SNAT'd packet, byte for byte"
         );
         // The same flow again: the same port.
-        let (verdict, again) = run(Pkt::new(EXT4, NODE4, proto, cport, 30090).bytes());
+        let (verdict, again) = run(Pkt::new(client, node, proto, cport, 30090).bytes());
         assert_eq!((verdict, &again), (XDP_REDIRECT, &expected), "tracked");
         // podb's reply to node-a's port: back to the client from the NodePort, to the
         // router's MAC.
-        let (verdict, out) = run(Pkt::new("10.201.0.2", NODE4, proto, 8080, port).bytes());
+        let (verdict, out) = run(Pkt::new(pod, node, proto, 8080, port).bytes());
         assert_eq!(verdict, XDP_REDIRECT);
-        let expected = with_macs(&Pkt::new(NODE4, EXT4, proto, 30090, cport), rb, n0);
-        assert_eq!(out, expected, "proto {proto}: the reply, byte for byte");
+        let expected = with_macs(&Pkt::new(node, client, proto, 30090, cport), rb, n0);
+        assert_eq!(
+            out, expected,
+            "{node} proto {proto}: the reply, byte for byte"
+        );
         // A packet to a port of the range that no flow holds: untouched.
-        let stray = Pkt::new("10.201.0.2", NODE4, proto, 8080, port ^ 1).bytes();
+        let stray = Pkt::new(pod, node, proto, 8080, port ^ 1).bytes();
         let (verdict, out) = run(stray.clone());
         assert_eq!((verdict, out), (XDP_PASS, stray), "no flow: untouched");
     }
