@@ -29,7 +29,8 @@ use crate::Addr;
 /// 3: [`SockXlate`] gained `flags` ([`SOCK_CONNECTED`], [`SOCK_DATAGRAMS`]), and unconnected
 /// UDP sockets get a [`SOCKS`] entry too (the reverse hooks read [`REVNAT`] only for those);
 /// [`Frontend`] gained `ext_count`/`ext_local` and `flags` has a meaning (the north-south
-/// backend range at `EXT_SLOT_BASE`); the conntrack map `LB_CT` is new.
+/// backend range at `EXT_SLOT_BASE`); the conntrack map `LB_CT` is new (its value with the
+/// SNAT fields and the `seen` timestamp, 56 bytes).
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.

@@ -5,8 +5,12 @@
 //! IP; see [`crate::maps::Frontend::flags`]) is translated per packet: the XDP program on each
 //! `--xdp-iface` rewrites the destination to a backend (DNAT) and records the flow in [`CT`],
 //! one entry per direction as Cilium's `bpf/lib/conntrack.h` does; the tc egress program on the
-//! same interface finds the reply's entry and restores the frontend as its source. Both
-//! programs write [`CT`]; the agent only reads it (inspection).
+//! same interface finds the reply's entry and restores the frontend as its source. A flow to a
+//! backend on another node (`externalTrafficPolicy: Cluster`) is also SNAT'd to this node's
+//! address and a port of [`SNAT_PORT_MIN`]..=[`SNAT_PORT_MAX`] ([`CT_SNAT`]); its reply comes
+//! back through XDP, which translates it and sends both directions out by FIB lookup. Entries
+//! expire by protocol state ([`ct_timeout_ns`]). Both programs write [`CT`]; the agent only
+//! reads it (inspection).
 //!
 //! External backends live in their own slot range of [`crate::maps::SLOTS`]:
 //! `(id, EXT_SLOT_BASE + 0..ext_count)`, this node's first. They can differ from the socket
@@ -68,13 +72,116 @@ pub struct CtEntry {
     pub addr: Addr,
     /// Port of `addr`, network byte order.
     pub port: u16,
+    /// [`CT_SNAT`], [`CT_CLOSING`].
+    pub flags: u8,
     /// Always 0.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// [`crate::maps::Frontend::id`] when the flow began; the flow ends when its backend is no
     /// longer a member of this id (the backend left the Service).
     pub id: u32,
+    /// With [`CT_SNAT`] only. [`CT_DIR_IN`]: this node's address the flow leaves with (new
+    /// source). [`CT_DIR_REPLY`]: the client (new destination).
+    pub nat_addr: Addr,
+    /// Port of `nat_addr`, network byte order: the allocated source port ([`CT_DIR_IN`]) or
+    /// the client's port ([`CT_DIR_REPLY`]).
+    pub nat_port: u16,
+    /// Always 0.
+    pub _pad2: [u8; 6],
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, nanoseconds) of a recent packet in this
+    /// direction, refreshed at most every [`CT_REFRESH_NS`]; an entry idle for longer than
+    /// [`ct_timeout_ns`] is treated as absent.
+    pub seen: u64,
 }
-const _: () = assert!(size_of::<CtEntry>() == 24);
+const _: () = assert!(size_of::<CtEntry>() == 56);
+
+/// [`CtEntry::flags`]: the flow's backend is on another node; its packets leave with this
+/// node's address and an allocated port as source (`externalTrafficPolicy: Cluster`), and
+/// XDP forwards both directions itself (FIB lookup and redirect).
+pub const CT_SNAT: u8 = 1;
+/// [`CtEntry::flags`]: a TCP FIN or RST was seen in this direction; the entry expires after
+/// [`CT_TIMEOUT_CLOSING_NS`].
+pub const CT_CLOSING: u8 = 2;
+
+/// Idle lifetime of a TCP entry without FIN/RST (Cilium's `CT_CONNECTION_LIFETIME_TCP`,
+/// 6 h).
+pub const CT_TIMEOUT_TCP_NS: u64 = 21_600 * 1_000_000_000;
+/// Lifetime of a TCP entry after FIN or RST (Cilium's `CT_CLOSE_TIMEOUT`, 10 s).
+pub const CT_TIMEOUT_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// Idle lifetime of a UDP entry (Cilium's `CT_CONNECTION_LIFETIME_NONTCP`, 60 s).
+pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
+/// `seen` is rewritten at most this often (one map write per second per flow, not per
+/// packet).
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// How long an entry of protocol `proto` with `flags` lives without traffic, in nanoseconds.
+pub const fn ct_timeout_ns(proto: u8, flags: u8) -> u64 {
+    if proto != crate::maps::IPPROTO_TCP {
+        CT_TIMEOUT_UDP_NS
+    } else if flags & CT_CLOSING != 0 {
+        CT_TIMEOUT_CLOSING_NS
+    } else {
+        CT_TIMEOUT_TCP_NS
+    }
+}
+
+/// Whether an entry last seen at `seen` has expired at `now` (both `bpf_ktime_get_coarse_ns`).
+pub const fn ct_expired(entry_seen: u64, now: u64, proto: u8, flags: u8) -> bool {
+    now.saturating_sub(entry_seen) > ct_timeout_ns(proto, flags)
+}
+
+/// Source ports allocated for SNAT, host order, inclusive. Above Linux's default
+/// `ip_local_port_range` (32768-60999), so they do not collide with the node's own
+/// connections, and above the NodePort range, so a reply to one is never a frontend.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+/// See [`SNAT_PORT_MIN`].
+pub const SNAT_PORT_MAX: u16 = 65_535;
+/// Ports tried for one new flow before giving up (each try is one insert into [`CT`] that
+/// fails if a live flow holds that port for the same backend).
+pub const SNAT_TRIES: u32 = 16;
+
+/// The `i`-th port to try for a flow whose random draw is `random` (host order).
+pub const fn snat_port(random: u32, i: u32) -> u16 {
+    let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    // An odd stride visits every port of the span once per `span` tries.
+    let stride = 7_919;
+    SNAT_PORT_MIN + (random.wrapping_add(i.wrapping_mul(stride)) % span) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snat_ports_stay_in_range_and_differ() {
+        for r in [0, 1, 4535, 4536, u32::MAX] {
+            let mut seen = [0u16; SNAT_TRIES as usize];
+            for i in 0..SNAT_TRIES {
+                let p = snat_port(r, i);
+                assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p));
+                assert!(!seen.contains(&p), "port {p} tried twice");
+                seen[i as usize] = p;
+            }
+        }
+    }
+
+    #[test]
+    fn expiry_by_state() {
+        let s = 1_000;
+        let tcp = crate::maps::IPPROTO_TCP;
+        let udp = crate::maps::IPPROTO_UDP;
+        assert!(!ct_expired(s, s + CT_TIMEOUT_UDP_NS, udp, 0));
+        assert!(ct_expired(s, s + CT_TIMEOUT_UDP_NS + 1, udp, 0));
+        assert!(!ct_expired(s, s + CT_TIMEOUT_UDP_NS + 1, tcp, 0));
+        assert!(ct_expired(
+            s,
+            s + CT_TIMEOUT_CLOSING_NS + 1,
+            tcp,
+            CT_CLOSING
+        ));
+        // A clock read before `seen` (another CPU refreshed it) is not expiry.
+        assert!(!ct_expired(s, 0, tcp, CT_CLOSING));
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

@@ -53,8 +53,8 @@ pub const XDP_DROP_STALE: u32 = 17;
 /// `externalTrafficPolicy: Cluster` (nothing listens there: the stack answers with a TCP
 /// reset or an ICMP port unreachable, as kube-proxy's REJECT rule).
 pub const XDP_PASS_NO_BACKEND: u32 = 18;
-/// XDP: passed to the stack untouched, the frontend has backends on other nodes
-/// (`externalTrafficPolicy: Cluster`), which need SNAT: not done by this version.
+/// XDP: retired, no longer counted (a new flow to a backend on another node is now
+/// translated with SNAT: [`XDP_NEW_FLOW_SNAT`]); the number stays so later ones keep theirs.
 pub const XDP_PASS_REMOTE: u32 = 19;
 /// XDP: an IPv4 fragment or an IPv6 packet with a fragment header, passed untouched (no
 /// ports to match; never translated, so never misrouted).
@@ -67,9 +67,29 @@ pub const XDP_PASS_MALFORMED: u32 = 21;
 pub const XDP_ERR_CT_UPDATE: u32 = 22;
 /// tc egress: a backend's reply got its frontend address back as source.
 pub const TC_REPLY_XLATED: u32 = 23;
+/// XDP: a new flow to a backend on another node (`externalTrafficPolicy: Cluster`) was
+/// translated with DNAT and SNAT to this node's address and an allocated port.
+pub const XDP_NEW_FLOW_SNAT: u32 = 24;
+/// XDP: a backend's reply to an SNAT'd flow was translated back (source the frontend,
+/// destination the client).
+pub const XDP_REPLY_XLATED: u32 = 25;
+/// XDP: a translated SNAT packet was sent out with `bpf_redirect` after a FIB lookup.
+pub const XDP_REDIRECT: u32 = 26;
+/// XDP: the FIB lookup found a route but no resolved neighbour (or the packet carries a VLAN
+/// tag): the translated packet was passed to the stack.
+pub const XDP_PASS_NO_NEIGH: u32 = 27;
+/// XDP: the FIB lookup failed (no route, forwarding disabled, MTU exceeded) for an SNAT
+/// packet; passed to the stack untranslated (new flow) or translated (tracked).
+pub const XDP_ERR_FIB: u32 = 28;
+/// XDP: no free SNAT port for a new flow after `nat::SNAT_TRIES` tries; dropped (the client
+/// retries).
+pub const XDP_DROP_NO_PORT: u32 = 29;
+/// XDP: a connection-tracking entry had expired (idle, or closed TCP) and was replaced by a
+/// new flow.
+pub const XDP_CT_EXPIRED: u32 = 30;
 
 /// Number of counters.
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 31;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -97,4 +117,11 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_pass_malformed",
     "xdp_err_ct_update",
     "tc_reply_xlated",
+    "xdp_new_flow_snat",
+    "xdp_reply_xlated",
+    "xdp_redirect",
+    "xdp_pass_no_neigh",
+    "xdp_err_fib",
+    "xdp_drop_no_snat_port",
+    "xdp_ct_expired",
 ];

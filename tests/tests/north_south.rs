@@ -178,17 +178,22 @@ struct NodeAgent {
 
 impl NodeAgent {
     fn start(topo: &Topology, manifests: &std::path::Path) -> Self {
+        Self::start_on(&topo.node, manifests)
+    }
+
+    /// `lb run` in node `node`'s namespace (node-a, `--xdp-iface n0`).
+    fn start_on(node: &Node, manifests: &std::path::Path) -> Self {
         let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
         let log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
         let log_file = std::fs::File::create(&log).expect("log");
         let child = die_with_parent(&mut Command::new("nsenter"))
-            .arg(format!("--net={}", topo.node.client.path().display()))
+            .arg(format!("--net={}", node.client.path().display()))
             .arg(lb_bin())
             .arg("run")
             .arg("--manifests")
             .arg(manifests)
             .arg("--cgroup")
-            .arg(&topo.node.cgroup.path)
+            .arg(&node.cgroup.path)
             .arg("--pin-path")
             .arg(&pin_path)
             .args(["--node-name", "node-a", "--xdp-iface", "n0"])
@@ -199,7 +204,7 @@ impl NodeAgent {
             .expect("spawn lb run");
         Self {
             pin_path,
-            netns: topo.node.client.path(),
+            netns: node.client.path(),
             child: Some(Proc(child)),
             log,
         }
@@ -405,6 +410,435 @@ fn etp_local_without_a_local_endpoint_drops() {
     assert!(agent.stat("xdp_drop_no_local_endpoint") > before);
 }
 
+// ---- externalTrafficPolicy: Cluster to a pod behind another node (SNAT) ----
+//
+// ```text
+// (IPv6 alike: fd00:250:1::/64, fd00:250:2::/64, podb fd00:201::2)
+// ext (10.250.1.2, .3) -- router (10.250.1.1 | rb 10.250.2.1) --+-- n0 (10.250.2.2) node-a (agent)
+//                                                    bridge rb  +-- m0 (10.250.2.3) node-b
+//                                                                   -- q0 (10.201.0.2) podb
+// ```
+
+const NODE_B4: &str = "10.250.2.3";
+
+/// A dual-stack NodePort Service (eTP Cluster, the default) whose only endpoint is podb on
+/// node-b.
+const FAR_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: far}
+spec:
+  type: NodePort
+  clusterIPs: [10.96.60.1, 'fd00:96::60:1']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30090}
+  - {name: udp, port: 80, targetPort: 8080, protocol: UDP, nodePort: 30090}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: far-1, labels: {kubernetes.io/service-name: far}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: [10.201.0.2], nodeName: node-b}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: far-2, labels: {kubernetes.io/service-name: far}}
+addressType: IPv6
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: ['fd00:201::2'], nodeName: node-b}
+";
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (the test's other threads
+/// stay where they are).
+fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns file");
+        // SAFETY: a valid namespace descriptor; only this thread moves.
+        let ret =
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// `ETHTOOL_SGRO`: set generic receive offload.
+const ETHTOOL_SGRO: u32 = 0x2c;
+/// `ETHTOOL_STXCSUM`: set transmit checksum offload.
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// `ethtool` on device `dev` in `ns` through a legacy `SIOCETHTOOL` set command (`cmd`,
+/// `data`), without the ethtool tool.
+///
+/// The topology needs two: GRO on the veth peer of the XDP interface (a veth receives frames
+/// that its peer's XDP program redirects or transmits only when it has NAPI, which GRO
+/// enables), and transmit checksum offload off on the senders: a veth hands locally made
+/// packets on with only the pseudo-header sum in the checksum field (CHECKSUM_PARTIAL),
+/// which an XDP redirect cannot carry, while frames from a wire always have full checksums.
+fn ethtool_set(ns: &Netns, dev: &str, cmd: u32, data: u32) {
+    let dev = dev.to_owned();
+    in_netns(ns, move || {
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        let mut value = EthtoolValue { cmd, data };
+        // SAFETY: a zeroed ifreq with the name and the data pointer set; the socket is ours.
+        unsafe {
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+                *d = s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let ret = libc::ioctl(fd, SIOCETHTOOL, &raw mut ifr);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(ret, 0, "SIOCETHTOOL {cmd:#x} on {dev}: {err}");
+        }
+    });
+}
+
+/// The two-node topology; everything is removed on drop.
+struct TwoNodes {
+    ext: Netns,
+    router: Netns,
+    node_a: Node,
+    node_b: Netns,
+    _pod_b: Netns,
+    _server: Proc,
+}
+
+impl TwoNodes {
+    fn new() -> Self {
+        let node_a = Node::new();
+        let id = unique("n2");
+        let ext = Netns::new(format!("{id}e"));
+        let router = Netns::new(format!("{id}r"));
+        let node_b = Netns::new(format!("{id}b"));
+        let pod_b = Netns::new(format!("{id}q"));
+        let a_ns = node_a.client.name.clone();
+        ext.ip(&[
+            "link",
+            "add",
+            "e0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &router.name,
+        ]);
+        router.ip(&[
+            "link", "add", "r1", "type", "veth", "peer", "name", "n0", "netns", &a_ns,
+        ]);
+        router.ip(&[
+            "link",
+            "add",
+            "r2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "m0",
+            "netns",
+            &node_b.name,
+        ]);
+        node_b.ip(&[
+            "link",
+            "add",
+            "p0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "q0",
+            "netns",
+            &pod_b.name,
+        ]);
+        router.ip(&["link", "add", "rb", "type", "bridge"]);
+        for dev in ["r1", "r2"] {
+            router.ip(&["link", "set", dev, "master", "rb"]);
+            router.ip(&["link", "set", dev, "up"]);
+        }
+        for (ns, dev, v4) in [
+            (&ext, "e0", "10.250.1.2/24"),
+            (&router, "r0", "10.250.1.1/24"),
+            (&router, "rb", "10.250.2.1/24"),
+            (&node_a.client, "n0", "10.250.2.2/24"),
+            (&node_b, "m0", "10.250.2.3/24"),
+            (&node_b, "p0", "10.201.0.1/24"),
+            (&pod_b, "q0", "10.201.0.2/24"),
+        ] {
+            ns.ip(&["addr", "add", v4, "dev", dev]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        for (ns, dev, v6) in [
+            (&ext, "e0", "fd00:250:1::2/64"),
+            (&router, "r0", "fd00:250:1::1/64"),
+            (&router, "rb", "fd00:250:2::1/64"),
+            (&node_a.client, "n0", "fd00:250:2::2/64"),
+            (&node_b, "m0", "fd00:250:2::3/64"),
+            (&node_b, "p0", "fd00:201::1/64"),
+            (&pod_b, "q0", "fd00:201::2/64"),
+        ] {
+            ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
+        }
+        ext.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:2::/64",
+            "via",
+            "fd00:250:1::1",
+        ]);
+        node_a.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:1::/64",
+            "via",
+            "fd00:250:2::1",
+        ]);
+        node_a.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:201::/64",
+            "via",
+            "fd00:250:2::3",
+        ]);
+        pod_b.ip(&["-6", "route", "add", "default", "via", "fd00:201::1"]);
+        // The second client.
+        ext.ip(&["addr", "add", "10.250.1.3/24", "dev", "e0"]);
+        pod_b.ip(&["link", "set", "lo", "up"]);
+        // Only routes to the test's own namespaces.
+        ext.ip(&["route", "add", "10.250.2.0/24", "via", "10.250.1.1"]);
+        node_a
+            .client
+            .ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
+        node_a
+            .client
+            .ip(&["route", "add", "10.201.0.0/24", "via", NODE_B4]);
+        pod_b.ip(&["route", "add", "default", "via", "10.201.0.1"]);
+        for ns in [&router, &node_a.client, &node_b] {
+            sysctl(
+                ns,
+                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            );
+        }
+        // Link-local addresses stay tentative for a moment, and neighbour discovery fails
+        // meanwhile (see `Topology::new`).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for ns in [&ext, &router, &node_a.client, &node_b, &pod_b] {
+            while !ns
+                .ip(&["-6", "addr", "show", "tentative"])
+                .trim()
+                .is_empty()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: addresses stay tentative",
+                    ns.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        // XDP on n0 sends both directions back out of n0: its peer needs NAPI.
+        ethtool_set(&router, "r1", ETHTOOL_SGRO, 1);
+        ethtool_set(&ext, "e0", ETHTOOL_STXCSUM, 0);
+        ethtool_set(&pod_b, "q0", ETHTOOL_STXCSUM, 0);
+        let server = serve_showing_client(&pod_b, "podb", 8080);
+        // Resolve node-a's neighbours (XDP redirects only to resolved ones).
+        // (The bridge's ports take a moment to forward; a datagram to the discard port makes
+        // the kernel resolve the neighbour.)
+        for target in ["10.250.2.1", NODE_B4, "fd00:250:2::1", "fd00:250:2::3"] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !node_a
+                .client
+                .ip(&["neigh", "show", target])
+                .contains("lladdr")
+            {
+                let ip: std::net::IpAddr = target.parse().expect("addr");
+                let to = std::net::SocketAddr::new(ip, 9);
+                in_netns(&node_a.client, move || {
+                    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+                    let socket = std::net::UdpSocket::bind(any).expect("udp");
+                    let _sent = socket.send_to(b"resolve", to);
+                });
+                assert!(Instant::now() < deadline, "node-a cannot resolve {target}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Self {
+            ext,
+            router,
+            node_a,
+            node_b,
+            _pod_b: pod_b,
+            _server: server,
+        }
+    }
+}
+
+/// One line over TCP from `src` (with source port `sport`) to `dst`, on a thread in `ns`;
+/// the answer ("NAME CLIENT-ADDR:PORT") and the peer address.
+fn tcp_from(ns: &Netns, src: &str, sport: u16, dst: &str) -> Vec<(String, String)> {
+    let src: std::net::SocketAddr = format!("{src}:{sport}").parse().expect("src");
+    let dst: std::net::SocketAddr = dst.parse().expect("dst");
+    in_netns(ns, move || {
+        use std::io::{Read as _, Write as _};
+        use std::os::fd::FromRawFd as _;
+        let sin = |a: std::net::SocketAddr| {
+            let std::net::SocketAddr::V4(a) = a else {
+                panic!("IPv4 only")
+            };
+            libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            }
+        };
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: a fresh socket, bound and connected with valid sockaddr_in values, then
+        // owned by the TcpStream.
+        let mut stream = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let s = sin(src);
+            assert_eq!(
+                libc::bind(fd, (&raw const s).cast(), len),
+                0,
+                "bind {src}: {}",
+                std::io::Error::last_os_error()
+            );
+            let d = sin(dst);
+            assert_eq!(
+                libc::connect(fd, (&raw const d).cast(), len),
+                0,
+                "connect {src} -> {dst}: {}",
+                std::io::Error::last_os_error()
+            );
+            std::net::TcpStream::from_raw_fd(fd)
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let peer = stream.peer_addr().expect("peer").to_string();
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            stream.write_all(b"hello\n").expect("send");
+            let mut buf = [0u8; 128];
+            let n = stream.read(&mut buf).expect("answer");
+            answers.push((
+                String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
+                peer.clone(),
+            ));
+        }
+        answers
+    })
+}
+
+#[test]
+fn etp_cluster_reaches_a_pod_behind_another_node_with_snat() {
+    let topo = TwoNodes::new();
+    let dir = TempDir::new("ns");
+    dir.write("services.yaml", FAR_SERVICE);
+    let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
+    agent.wait_for(&[
+        "10.250.2.2:30090/TCP",
+        "10.250.2.2:30090/UDP",
+        "[fd00:250:2::2]:30090/TCP",
+        "[fd00:250:2::2]:30090/UDP",
+    ]);
+    let service = format!("{NODE4}:30090");
+    let service6 = format!("[{NODE6}]:30090");
+    let snat_port_of = |seen: &str, node: &str| -> u16 {
+        let (pod, addr) = seen.split_once(' ').expect("NAME CLIENT");
+        assert_eq!(pod, "podb");
+        let addr: std::net::SocketAddr = addr.parse().expect("client address");
+        assert_eq!(
+            addr.ip().to_string(),
+            node,
+            "SNAT: the pod sees node-a's address"
+        );
+        assert!(
+            (61_000..=65_535).contains(&addr.port()),
+            "allocated port {addr}"
+        );
+        addr.port()
+    };
+    let snat_port = |seen: &str| snat_port_of(seen, NODE4);
+    // Several connections through the stock client, TCP and UDP, IPv4 and IPv6.
+    for (service, node) in [(&service, NODE4), (&service6, NODE6)] {
+        for args in [
+            vec!["tcp", service.as_str(), "--count", "4"],
+            vec!["tcp", service.as_str(), "--count", "3", "--keepalive"],
+            vec!["udp", service.as_str(), "--count", "3", "--connected"],
+        ] {
+            let outcomes = run_client(None, &topo.ext.path(), &args);
+            assert!(!outcomes.is_empty());
+            for o in &outcomes {
+                let seen = o.backend.as_deref().unwrap_or_else(|| {
+                    panic!(
+                        "{args:?} failed: {o:?}\n{}\nagent log:\n{}",
+                        agent.lb(&["stats"]),
+                        std::fs::read_to_string(&agent.log).unwrap_or_default()
+                    )
+                });
+                snat_port_of(seen, node);
+                assert_eq!(
+                    o.peer.as_deref(),
+                    Some(service.as_str()),
+                    "reply from the NodePort"
+                );
+            }
+        }
+    }
+    // Two clients behind the router, the same source port, both connections open at once.
+    let (a, b) = std::thread::scope(|scope| {
+        let one = scope.spawn(|| tcp_from(&topo.ext, EXT4, 40_000, &service));
+        let two = scope.spawn(|| tcp_from(&topo.ext, "10.250.1.3", 40_000, &service));
+        (one.join().expect("client 1"), two.join().expect("client 2"))
+    });
+    let ports: Vec<u16> = [&a, &b]
+        .iter()
+        .map(|answers| {
+            assert_eq!(answers.len(), 3);
+            let port = snat_port(&answers[0].0);
+            for (seen, peer) in answers.iter() {
+                assert_eq!(snat_port(seen), port, "one flow keeps its port");
+                assert_eq!(peer, &service, "reply from the NodePort");
+            }
+            port
+        })
+        .collect();
+    assert_ne!(
+        ports[0], ports[1],
+        "two clients on one source port: two SNAT ports"
+    );
+    assert!(
+        agent.stat("xdp_new_flow_snat") >= 18,
+        "{}",
+        agent.lb(&["stats"])
+    );
+    assert!(agent.stat("xdp_reply_xlated") > 0);
+    assert!(agent.stat("xdp_redirect") > 0);
+}
+
 // ---- BPF_PROG_TEST_RUN: crafted packets through the programs the agent attached ----
 
 /// One `bpf(2)` call on a zeroed attribute buffer with `fields` (byte offset, value) set.
@@ -510,6 +944,8 @@ struct Pkt {
     hop_by_hop: bool,
     /// Leave a UDP checksum at 0 (IPv4: "no checksum").
     udp_no_checksum: bool,
+    /// TCP flags (SYN unless set).
+    tcp_flags: u8,
 }
 
 impl Pkt {
@@ -525,6 +961,7 @@ impl Pkt {
             frag: 0x4000,
             hop_by_hop: false,
             udp_no_checksum: false,
+            tcp_flags: 0x02,
         }
     }
 
@@ -550,7 +987,8 @@ impl Pkt {
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == TCP {
-            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, self.tcp_flags]);
+            l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
         } else {
             l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);
@@ -770,4 +1208,119 @@ fn crafted_packets_through_test_run() {
         libc::close(xdp);
         libc::close(tc);
     }
+}
+
+/// The MAC address of `dev` in `ns`.
+fn mac(ns: &Netns, dev: &str) -> [u8; 6] {
+    let out = ns.ip(&["link", "show", "dev", dev]);
+    let text = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC for {dev}: {out}"));
+    let mut mac = [0u8; 6];
+    for (b, hex) in mac.iter_mut().zip(text.split(':')) {
+        *b = u8::from_str_radix(hex, 16).expect("hex");
+    }
+    mac
+}
+
+const XDP_REDIRECT: u32 = 4;
+
+#[test]
+fn snat_and_reply_through_test_run() {
+    let topo = TwoNodes::new();
+    let dir = TempDir::new("ns");
+    dir.write("services.yaml", FAR_SERVICE);
+    let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
+    agent.wait_for(&["10.250.2.2:30090/TCP", "10.250.2.2:30090/UDP"]);
+    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
+    let n0 = mac(&topo.node_a.client, "n0");
+    let m0 = mac(&topo.node_b, "m0");
+    let rb = mac(&topo.router, "rb");
+    let with_macs = |p: &Pkt, dst: [u8; 6], src: [u8; 6]| {
+        let mut b = p.bytes();
+        b[..6].copy_from_slice(&dst);
+        b[6..12].copy_from_slice(&src);
+        b
+    };
+    for (client, node, pod, proto, cport) in [
+        (EXT4, NODE4, "10.201.0.2", TCP, 40_100),
+        (EXT4, NODE4, "10.201.0.2", UDP, 40_101),
+        (EXT6, NODE6, "fd00:201::2", TCP, 40_104),
+        (EXT6, NODE6, "fd00:201::2", UDP, 40_105),
+    ] {
+        // The source port's offset: Ethernet, then the IPv4 or IPv6 header.
+        let at = if node == NODE4 { 34 } else { 54 };
+        // The FIB lookups happen in the namespace of the caller of test-run: node-a's.
+        let run = |packet: Vec<u8>| in_netns(&topo.node_a.client, move || test_run(xdp, &packet));
+        // A new flow from outside: DNAT to podb, SNAT to node-a and a port of the SNAT range,
+        // MACs from the FIB (node-a's n0 to node-b's m0), redirected.
+        let (verdict, out) = run(Pkt::new(client, node, proto, cport, 30090).bytes());
+        assert_eq!(
+            verdict,
+            XDP_REDIRECT,
+            "{node} proto {proto}: {}",
+            agent.lb(&["stats"])
+        );
+        let port = u16::from_be_bytes([out[at], out[at + 1]]);
+        assert!((61_000..=65_535).contains(&port), "allocated port {port}");
+        let expected = with_macs(&Pkt::new(node, pod, proto, port, 8080), m0, n0);
+        assert_eq!(
+            out, expected,
+            "{node} proto {proto}: the SNAT'd packet, byte for byte"
+        );
+        // The same flow again: the same port.
+        let (verdict, again) = run(Pkt::new(client, node, proto, cport, 30090).bytes());
+        assert_eq!((verdict, &again), (XDP_REDIRECT, &expected), "tracked");
+        // podb's reply to node-a's port: back to the client from the NodePort, to the
+        // router's MAC.
+        let (verdict, out) = run(Pkt::new(pod, node, proto, 8080, port).bytes());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let expected = with_macs(&Pkt::new(node, client, proto, 30090, cport), rb, n0);
+        assert_eq!(
+            out, expected,
+            "{node} proto {proto}: the reply, byte for byte"
+        );
+        // A packet to a port of the range that no flow holds: untouched.
+        let stray = Pkt::new(pod, node, proto, 8080, port ^ 1).bytes();
+        let (verdict, out) = run(stray.clone());
+        assert_eq!((verdict, out), (XDP_PASS, stray), "no flow: untouched");
+    }
+    // Closed TCP: after a FIN, a SYN on the same 5-tuple is a new flow (the old entry is
+    // treated as expired), with a port of its own.
+    let run = |packet: Vec<u8>| in_netns(&topo.node_a.client, move || test_run(xdp, &packet));
+    let syn = Pkt::new(EXT4, NODE4, TCP, 40_102, 30090);
+    let (_, first) = run(syn.bytes());
+    let mut fin = syn.clone();
+    fin.tcp_flags = 0x11; // FIN, ACK
+    let (verdict, out) = run(fin.bytes());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out[34..36], first[34..36], "the FIN belongs to the flow");
+    let expired = agent.stat("xdp_ct_expired");
+    let mut reopened = None;
+    // A new port is drawn at random: it may be the old one again, rarely.
+    for _ in 0..4 {
+        let (verdict, _) = run(fin.bytes());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let (_, again) = run(syn.bytes());
+        if again[34..36] != first[34..36] {
+            reopened = Some(again);
+            break;
+        }
+    }
+    assert!(reopened.is_some(), "a SYN after FIN starts a new flow");
+    assert!(agent.stat("xdp_ct_expired") > expired);
+    // No resolved neighbour for node-b: translated all the same, MACs left alone, passed
+    // to the stack (XDP never invents a MAC).
+    topo.node_a.client.ip(&["neigh", "flush", "dev", "n0"]);
+    let no_neigh = agent.stat("xdp_pass_no_neigh");
+    let (verdict, out) = run(Pkt::new(EXT4, NODE4, UDP, 40_103, 30090).bytes());
+    assert_eq!(verdict, XDP_PASS, "{}", agent.lb(&["stats"]));
+    let port = u16::from_be_bytes([out[34], out[35]]);
+    let expected = Pkt::new(NODE4, "10.201.0.2", UDP, port, 8080).bytes();
+    assert_eq!(out, expected, "translated, original MACs");
+    assert!(agent.stat("xdp_pass_no_neigh") > no_neigh);
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(xdp) };
 }

@@ -4,7 +4,9 @@
 //! - [`xdp`] runs on each `--xdp-iface` at ingress: parses the packet, finds an external
 //!   frontend, keeps each flow on one backend through the connection-tracking map `LB_CT` and
 //!   rewrites the destination (DNAT) with incremental checksum updates; then hands the packet
-//!   to the stack, which routes it to the pod.
+//!   to the stack, which routes it to the pod. A backend on another node also gets SNAT to
+//!   this node's address and an allocated port, and XDP sends the packet out itself (FIB
+//!   lookup, `bpf_redirect`); the backend's reply comes back through XDP too.
 //! - [`tc`] runs at egress of the same interface: a backend's reply leaves through the stack
 //!   (XDP never sees it), and gets the frontend back as its source there.
 //!
@@ -15,7 +17,11 @@ pub mod parse;
 pub mod tc;
 pub mod xdp;
 
-use aya_ebpf::{macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
 use lb_common::{
     Addr,
     maps::{Backend, MemberKey},
@@ -27,6 +33,32 @@ use crate::maps::LB_MEMBERS;
 /// Connection tracking, one entry per direction (`lb_common::nat`); written by both programs.
 #[map]
 pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, 0);
+
+/// Per-CPU working space of the XDP program: its larger values live here instead of on the
+/// 512-byte BPF stack. Not pinned and not shared with the agent (no agreement to keep).
+pub struct Scratch {
+    /// `bpf_fib_lookup` parameters and results.
+    pub fib: bpf_fib_lookup,
+    /// The forward entry of the packet's flow (found or being created).
+    pub entry: CtEntry,
+    /// The reply entry of a flow being created.
+    pub reply: CtEntry,
+    /// The reply key of a flow being created.
+    pub rkey: CtKey,
+    /// The forward key of the packet's flow.
+    pub ikey: CtKey,
+    /// `bpf_ktime_get_coarse_ns()` when the packet arrived.
+    pub now: u64,
+}
+
+/// One [`Scratch`] per CPU.
+#[map]
+pub static LB_NAT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The parsed packet, handed from the XDP parser to the translation through map memory (see
+/// `xdp::translate`); one per CPU, not pinned.
+#[map]
+pub static LB_NAT_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
 /// A parsed TCP/UDP packet: addresses and ports as they are in the packet (network order),
 /// and where its headers are.

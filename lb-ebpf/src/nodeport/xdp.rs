@@ -1,20 +1,26 @@
 //! XDP at ingress of an `--xdp-iface`: external frontends to backends on this node.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
-    helpers::bpf_get_prandom_u32,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, bpf_fib_lookup, xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
     Addr, csum,
     maps::{Backend, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, SlotKey},
-    nat::{CtEntry, EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL},
+    nat::{
+        CT_CLOSING, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry, EXT_SLOT_BASE,
+        FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES, ct_expired, snat_port,
+    },
     select::slot_for,
     stats,
 };
 
 use super::{
-    Flow, LB_CT, in_key, is_member,
+    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, in_key, is_member,
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, IP_MF, IP_OFFSET,
         IPV4_HLEN, IPV6_HLEN, MAX_EXT_HEADERS, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_step,
@@ -47,8 +53,14 @@ const fn drop(stat: u32) -> Verdict {
 /// The XDP entry point's work: the action for this packet.
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> u32 {
-    let verdict = match parse(ctx) {
-        Ok(flow) => translate(ctx, &flow),
+    let Some(f) = LB_NAT_FLOW.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's scratch value, used by this program run only (an XDP run is not
+    // preempted by another on the same CPU).
+    let flow = unsafe { &mut *f };
+    let verdict = match parse(ctx, flow) {
+        Ok(()) => translate(ctx, flow),
         Err(Skip::Other) => pass(None),
         Err(Skip::Fragment) => pass(Some(stats::XDP_PASS_FRAGMENT)),
         Err(Skip::Malformed) => pass(Some(stats::XDP_PASS_MALFORMED)),
@@ -62,8 +74,20 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
 /// A pointer to `N` bytes at `off`, if the packet holds them.
 #[inline(always)]
 fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*mut [u8; N]> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    // Offsets read back from map memory (`LB_NAT_FLOW`) are unknown to the verifier: bound
+    // them before the pointer arithmetic.
+    if off > MAX_OFF {
+        return None;
+    }
+    // Volatile: LLVM would otherwise hoist these loads into the callers of the BPF-to-BPF
+    // functions and pass plain integers, on which the verifier refuses pointer arithmetic.
+    // SAFETY: the context pointer the program was called with.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
+        )
+    };
     if start + off + N > end {
         return None;
     }
@@ -92,9 +116,11 @@ fn addr16(b: [u8; 16]) -> Addr {
 }
 
 /// Ethernet (+ one VLAN tag), IPv4 (options; fragments skipped) or IPv6 (up to
-/// [`MAX_EXT_HEADERS`] extension headers; fragments skipped), then the TCP or UDP ports.
-#[inline(always)]
-fn parse(ctx: &XdpContext) -> Result<Flow, Skip> {
+/// [`MAX_EXT_HEADERS`] extension headers; fragments skipped), then the TCP or UDP ports,
+/// into `out`.
+// A BPF-to-BPF call of its own, so that its frame is not on the stack of the translation.
+#[inline(never)]
+fn parse(ctx: &XdpContext, out: &mut Flow) -> Result<(), Skip> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(read::<2>(ctx, 12).map_err(|_| Skip::Other)?);
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -167,21 +193,107 @@ fn parse(ctx: &XdpContext) -> Result<Flow, Skip> {
     if bytes::<1>(ctx, l4 + need - 1).is_none() {
         return Err(Skip::Malformed);
     }
-    Ok(Flow {
-        v6,
-        proto,
-        l3,
-        l4,
-        src,
-        dst,
-        sport: u16::from_ne_bytes([ports[0], ports[1]]),
-        dport: u16::from_ne_bytes([ports[2], ports[3]]),
-    })
+    out.v6 = v6;
+    out.proto = proto;
+    out.l3 = l3;
+    out.l4 = l4;
+    out.src = src;
+    out.dst = dst;
+    out.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    out.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    Ok(())
 }
 
-/// An external frontend's packet goes to its flow's backend, or a new one.
+/// TCP flags byte: FIN, SYN, RST, ACK.
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// Address families for `bpf_fib_lookup`.
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// The clock of [`CtEntry::seen`].
 #[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper call without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The TCP flags of `flow`'s packet (0 for UDP).
+#[inline(always)]
+fn tcp_flags(ctx: &XdpContext, flow: &Flow) -> u8 {
+    if flow.proto != IPPROTO_TCP {
+        return 0;
+    }
+    // Two bytes (data offset, flags): a one-byte bounds check compiles to a comparison the
+    // verifier does not turn into a packet range.
+    read::<2>(ctx, flow.l4 + 12).map_or(0, |b| b[1])
+}
+
+/// Whether an existing entry no longer stands for this packet's flow: idle past its
+/// timeout, or closed and the client opens the same 5-tuple again (a SYN).
+#[inline(always)]
+fn stale(entry: &CtEntry, proto: u8, flags: u8, now: u64) -> bool {
+    ct_expired(entry.seen, now, proto, entry.flags)
+        || (entry.flags & CT_CLOSING != 0 && flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+}
+
+/// Records this packet in its entry: a FIN or RST closes the flow, and `seen` moves on at
+/// most once per [`CT_REFRESH_NS`] (a map write per second, not per packet).
+#[inline(always)]
+fn refresh(entry: *mut CtEntry, old: &CtEntry, tcp: u8, now: u64) {
+    let flags = if tcp & (TCP_FIN | TCP_RST) != 0 {
+        old.flags | CT_CLOSING
+    } else {
+        old.flags
+    };
+    if flags != old.flags || now.saturating_sub(old.seen) > CT_REFRESH_NS {
+        // SAFETY: a pointer into the map's value; concurrent writers store the same kind of
+        // value (a racing refresh loses one timestamp, never the entry).
+        unsafe {
+            (*entry).flags = flags;
+            (*entry).seen = now;
+        }
+    }
+}
+
+/// Removes both entries of the flow of `flow` (client side) with forward entry `s.entry`
+/// (the reply key is built in `s.rkey`).
+#[inline(always)]
+fn remove_flow(flow: &Flow, s: &mut Scratch) {
+    let backend = Backend::new(s.entry.addr, s.entry.port);
+    s.rkey = reply_key(flow, &backend);
+    if s.entry.flags & CT_SNAT != 0 {
+        s.rkey.dst = s.entry.nat_addr;
+        s.rkey.dport = s.entry.nat_port;
+    }
+    let _gone = LB_CT.remove(&s.rkey);
+    let _gone = LB_CT.remove(&s.ikey);
+}
+
+/// Offsets above this are not translated (IPv6 extension headers of more than 16 KiB).
+const MAX_L4_OFF: usize = 0x4000;
+/// Largest offset [`bytes`] accepts.
+const MAX_OFF: usize = MAX_L4_OFF + 64;
+
+/// An external frontend's packet (`flow`) goes to its flow's backend, or a new one; a
+/// packet that is not for a frontend may be a backend's reply to an SNAT'd flow.
+///
+/// The parsed flow comes through map memory on purpose: the verifier then sees its offsets
+/// as one bounded range instead of one state per path through the parser (IPv4 options,
+/// VLAN, IPv6 extension headers), and verifies what follows once instead of per path.
+// A BPF-to-BPF call of its own (see `reply`).
+#[inline(never)]
 fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
+    if flow.l3 > ETH_HLEN + VLAN_HLEN || flow.l4 > MAX_L4_OFF {
+        return pass(Some(stats::XDP_PASS_MALFORMED));
+    }
+    let Some(s) = LB_NAT_SCRATCH.get_ptr_mut(0) else {
+        return pass(None);
+    };
+    // SAFETY: as for `flow` in `ingress`.
+    let s = unsafe { &mut *s };
     let key = FrontendKey {
         addr: flow.dst,
         port: flow.dport,
@@ -190,39 +302,227 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     };
     // SAFETY: copied out at once; the agent replaces values whole.
     let Some(frontend) = (unsafe { LB_FRONTENDS.get(&key) }).copied() else {
-        return pass(None);
+        return reply(ctx, flow, s);
     };
     if frontend.flags & FRONTEND_EXTERNAL == 0 {
         return pass(None);
     }
-    let ikey = in_key(flow);
-    // SAFETY: copied out at once.
-    let (backend, stat) = match unsafe { LB_CT.get(&ikey) }.copied() {
-        Some(entry) => {
-            let backend = Backend::new(entry.addr, entry.port);
-            if !is_member(entry.id, &backend) {
-                // The backend left the Service: this flow ends here. Its entries go, so
-                // that a new flow on the same ports starts afresh.
-                let _gone = LB_CT.remove(&ikey);
-                let _gone = LB_CT.remove(&reply_key(flow, &backend));
-                return drop(stats::XDP_DROP_STALE);
-            }
-            (backend, stats::XDP_TRACKED)
+    let now = now();
+    s.now = now;
+    let tcp = tcp_flags(ctx, flow);
+    s.ikey = in_key(flow);
+    let mut stat = stats::XDP_TRACKED;
+    let mut tracked = false;
+    if let Some(p) = LB_CT.get_ptr_mut(&s.ikey) {
+        // SAFETY: copied out at once.
+        s.entry = unsafe { *p };
+        if stale(&s.entry, flow.proto, tcp, now) {
+            remove_flow(flow, s);
+            count(stats::XDP_CT_EXPIRED);
+        } else {
+            refresh(p, &s.entry, tcp, now);
+            tracked = true;
         }
-        None => match new_flow(flow, &frontend) {
-            Ok(backend) => (backend, stats::XDP_NEW_FLOW),
-            Err(verdict) => return verdict,
-        },
-    };
-    if dnat(ctx, flow, &backend).is_err() {
+    }
+    if tracked {
+        let backend = Backend::new(s.entry.addr, s.entry.port);
+        if !is_member(s.entry.id, &backend) {
+            // The backend left the Service: this flow ends here. Its entries go, so that a
+            // new flow on the same ports starts afresh.
+            remove_flow(flow, s);
+            return drop(stats::XDP_DROP_STALE);
+        }
+    } else {
+        if let Err(verdict) = new_flow(ctx, flow, &frontend, s) {
+            return verdict;
+        }
+        stat = if s.entry.flags & CT_SNAT != 0 {
+            stats::XDP_NEW_FLOW_SNAT
+        } else {
+            stats::XDP_NEW_FLOW
+        };
+    }
+    let snat = s.entry.flags & CT_SNAT != 0;
+    let mode = if snat { NAT_BOTH } else { NAT_DST };
+    if rewrite(ctx, flow, mode, s).is_err() {
         return pass(Some(stats::XDP_PASS_MALFORMED));
     }
-    pass(Some(stat))
+    if !snat {
+        return pass(Some(stat));
+    }
+    count(stat);
+    forward(ctx, flow, false, s)
 }
 
-/// Chooses a backend for a new flow and records the flow (both directions).
+/// A backend's reply to an SNAT'd flow (to this node's address and an allocated port) gets
+/// the frontend as source and the client as destination, and goes back out.
+// A BPF-to-BPF call of its own: inlined, its locals would share one 512-byte frame with
+// everything else and overflow it.
+#[inline(never)]
+fn reply(ctx: &XdpContext, flow: &Flow, s: &mut Scratch) -> Verdict {
+    // Allocated ports only: everything else misses here without a map lookup.
+    if u16::from_be(flow.dport) < SNAT_PORT_MIN {
+        return pass(None);
+    }
+    let key = flow.ct_key(CT_DIR_REPLY);
+    let Some(p) = LB_CT.get_ptr_mut(&key) else {
+        return pass(None);
+    };
+    // SAFETY: copied out at once.
+    s.entry = unsafe { *p };
+    let now = now();
+    if s.entry.flags & CT_SNAT == 0 || ct_expired(s.entry.seen, now, flow.proto, s.entry.flags) {
+        return pass(None);
+    }
+    refresh(p, &s.entry, tcp_flags(ctx, flow), now);
+    count(stats::XDP_REPLY_XLATED);
+    if rewrite(ctx, flow, NAT_REPLY, s).is_err() {
+        return pass(Some(stats::XDP_PASS_MALFORMED));
+    }
+    forward(ctx, flow, true, s)
+}
+
+/// Fills `p` with `bpf_fib_lookup` parameters for a packet of `flow` from `src` to `dst`.
 #[inline(always)]
-fn new_flow(flow: &Flow, frontend: &Frontend) -> Result<Backend, Verdict> {
+fn fib_params(
+    ctx: &XdpContext,
+    flow: &Flow,
+    src: Addr,
+    dst: Addr,
+    p: &mut bpf_fib_lookup,
+) -> Option<()> {
+    // SAFETY: a plain C struct of integers and unions of integers; all zero is valid.
+    *p = unsafe { core::mem::zeroed() };
+    p.l4_protocol = flow.proto;
+    // SAFETY: the context pointer the program was called with.
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    if flow.v6 {
+        let len = u16::from_be_bytes(read::<2>(ctx, flow.l3 + 4).ok()?);
+        p.family = AF_INET6;
+        p.__bindgen_anon_1.tot_len = len.wrapping_add(IPV6_HLEN as u16);
+        p.__bindgen_anon_3.ipv6_src = src.0;
+        p.__bindgen_anon_4.ipv6_dst = dst.0;
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_1.tot_len = u16::from_be_bytes(read::<2>(ctx, flow.l3 + 2).ok()?);
+        p.__bindgen_anon_3.ipv4_src = src.v4_word();
+        p.__bindgen_anon_4.ipv4_dst = dst.v4_word();
+    }
+    Some(())
+}
+
+/// Sends the translated packet of flow entry `s.entry` (a `reply` or forward packet) out by
+/// the kernel's FIB: its route, its neighbour's MAC, `bpf_redirect`. Without a resolved
+/// neighbour (or behind a VLAN tag) the stack takes it.
+// A BPF-to-BPF call of its own (see `reply`); at most five arguments.
+#[inline(never)]
+fn forward(ctx: &XdpContext, flow: &Flow, reply: bool, s: &mut Scratch) -> Verdict {
+    if flow.l3 != ETH_HLEN {
+        return pass(Some(stats::XDP_PASS_NO_NEIGH));
+    }
+    let (src, dst) = if reply {
+        (s.entry.addr, s.entry.nat_addr)
+    } else {
+        (s.entry.nat_addr, s.entry.addr)
+    };
+    if fib_params(ctx, flow, src, dst, &mut s.fib).is_none() {
+        return pass(Some(stats::XDP_PASS_MALFORMED));
+    }
+    // SAFETY: the XDP context and a parameter struct of the size passed.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &raw mut s.fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            if write::<6>(ctx, 0, s.fib.dmac).is_err() || write::<6>(ctx, 6, s.fib.smac).is_err() {
+                return pass(Some(stats::XDP_PASS_MALFORMED));
+            }
+            // SAFETY: helper call with plain arguments.
+            let action = unsafe { bpf_redirect(s.fib.ifindex, 0) } as u32;
+            Verdict {
+                action,
+                stat: Some(stats::XDP_REDIRECT),
+            }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => pass(Some(stats::XDP_PASS_NO_NEIGH)),
+        _ => pass(Some(stats::XDP_ERR_FIB)),
+    }
+}
+
+/// This node's address for packets to `dst`, as the route chooses it (`BPF_FIB_LOOKUP_SRC`:
+/// the route's preferred source, else the outgoing device's address).
+// A BPF-to-BPF call of its own (see `reply`).
+#[inline(never)]
+fn node_addr(ctx: &XdpContext, flow: &Flow, dst: Addr, s: &mut Scratch) -> Option<Addr> {
+    fib_params(ctx, flow, Addr::default(), dst, &mut s.fib)?;
+    // SAFETY: as in `forward`.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &raw mut s.fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    if ret != 0 {
+        return None;
+    }
+    // SAFETY: the helper filled the member of the family it was given.
+    let addr = unsafe {
+        if flow.v6 {
+            Addr(s.fib.__bindgen_anon_3.ipv6_src)
+        } else {
+            Addr::from_v4_word(s.fib.__bindgen_anon_3.ipv4_src)
+        }
+    };
+    Some(addr)
+}
+
+/// Finds a free SNAT port for the reply entry `s.reply` under key `s.rkey` (whose `dport` it
+/// sets) and stores the entry: an insert that fails while a live flow holds the port, tried
+/// at up to [`SNAT_TRIES`] ports.
+// A BPF-to-BPF call of its own: the verifier walks the loop once here.
+#[inline(never)]
+fn alloc_port(s: &mut Scratch, proto: u8, now: u64) -> bool {
+    // SAFETY: helper call without arguments.
+    let draw = unsafe { bpf_get_prandom_u32() };
+    for i in 0..SNAT_TRIES {
+        s.rkey.dport = snat_port(draw, i).to_be();
+        if LB_CT
+            .insert(&s.rkey, &s.reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return true;
+        }
+        // A port held by a flow that has ended is free.
+        if let Some(old) = LB_CT.get_ptr(&s.rkey) {
+            // SAFETY: fields read once from the map value.
+            let (seen, flags) = unsafe { ((*old).seen, (*old).flags) };
+            if ct_expired(seen, now, proto, flags) && LB_CT.insert(&s.rkey, &s.reply, 0).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Chooses a backend for a new flow and records the flow (both directions) in `s.entry` and
+/// the map: a backend on this node as it is, one on another node with SNAT to this node's
+/// address and a free port.
+// A BPF-to-BPF call of its own (see `reply`).
+#[inline(never)]
+fn new_flow(
+    ctx: &XdpContext,
+    flow: &Flow,
+    frontend: &Frontend,
+    s: &mut Scratch,
+) -> Result<(), Verdict> {
+    let now = s.now;
     if frontend.ext_count == 0 {
         return Err(if frontend.flags & FRONTEND_ETP_LOCAL != 0 {
             drop(stats::XDP_DROP_NO_LOCAL)
@@ -230,84 +530,155 @@ fn new_flow(flow: &Flow, frontend: &Frontend) -> Result<Backend, Verdict> {
             pass(Some(stats::XDP_PASS_NO_BACKEND))
         });
     }
-    if frontend.ext_local < frontend.ext_count {
-        return Err(pass(Some(stats::XDP_PASS_REMOTE)));
-    }
     // SAFETY: helper call without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
+    let index = slot_for(random, frontend.ext_count);
     let slot = SlotKey {
         id: frontend.id,
-        slot: EXT_SLOT_BASE + slot_for(random, frontend.ext_count),
+        slot: EXT_SLOT_BASE + index,
     };
     // SAFETY: copied out at once.
     let Some(backend) = (unsafe { LB_SLOTS.get(&slot) }).copied() else {
         return Err(pass(Some(stats::ERR_SLOT_MISSING)));
     };
-    let ikey = in_key(flow);
-    let entry = CtEntry {
-        addr: backend.addr,
-        port: backend.port,
-        _pad: [0; 2],
-        id: frontend.id,
-    };
-    let backend = if LB_CT.insert(&ikey, &entry, u64::from(BPF_NOEXIST)).is_ok() {
-        backend
-    } else {
-        // Another CPU recorded this flow a moment ago: follow it.
-        // SAFETY: copied out at once.
-        match unsafe { LB_CT.get(&ikey) }.copied() {
-            Some(e) => Backend::new(e.addr, e.port),
-            None => return Err(drop(stats::XDP_ERR_CT_UPDATE)),
+    // Field by field: a whole-struct literal would be built on the stack first.
+    s.entry.addr = backend.addr;
+    s.entry.port = backend.port;
+    s.entry.flags = 0;
+    s.entry._pad = 0;
+    s.entry.id = frontend.id;
+    s.entry.nat_addr = Addr::default();
+    s.entry.nat_port = 0;
+    s.entry._pad2 = [0; 6];
+    s.entry.seen = now;
+    s.reply = s.entry;
+    s.reply.addr = flow.dst;
+    s.reply.port = flow.dport;
+    s.rkey = reply_key(flow, &backend);
+    // This node's backends come first in the external range; the others need SNAT.
+    let snat = index >= frontend.ext_local;
+    if snat {
+        let Some(node) = node_addr(ctx, flow, backend.addr, s) else {
+            return Err(pass(Some(stats::XDP_ERR_FIB)));
+        };
+        s.entry.flags = CT_SNAT;
+        s.entry.nat_addr = node;
+        s.reply.flags = CT_SNAT;
+        s.reply.nat_addr = flow.src;
+        s.reply.nat_port = flow.sport;
+        s.rkey.dst = node;
+        if !alloc_port(s, flow.proto, now) {
+            return Err(drop(stats::XDP_DROP_NO_PORT));
         }
-    };
-    let reply = CtEntry {
-        addr: flow.dst,
-        port: flow.dport,
-        _pad: [0; 2],
-        id: frontend.id,
-    };
-    if LB_CT.insert(&reply_key(flow, &backend), &reply, 0).is_err() {
-        let _gone = LB_CT.remove(&ikey);
+        s.entry.nat_port = s.rkey.dport;
+    }
+    if LB_CT
+        .insert(&s.ikey, &s.entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Another CPU recorded this flow a moment ago: follow it.
+        if snat {
+            let _gone = LB_CT.remove(&s.rkey);
+        }
+        let Some(p) = LB_CT.get_ptr(&s.ikey) else {
+            return Err(drop(stats::XDP_ERR_CT_UPDATE));
+        };
+        // SAFETY: copied out at once.
+        s.entry = unsafe { *p };
+        return Ok(());
+    }
+    if !snat && LB_CT.insert(&s.rkey, &s.reply, 0).is_err() {
+        let _gone = LB_CT.remove(&s.ikey);
         return Err(drop(stats::XDP_ERR_CT_UPDATE));
     }
-    Ok(backend)
+    Ok(())
 }
 
-/// Rewrites the destination to `backend`, updating the IPv4 header checksum and the TCP/UDP
-/// checksum (pseudo-header address and port) incrementally.
+/// Writes `addr` at `addr_off` and `port` at `port_off`, folding the changes into the IPv4
+/// header checksum and the L4 checksum `l4`.
 #[inline(always)]
-fn dnat(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> Result<(), Skip> {
-    let check_off = flow.l4_check();
-    let old_check = u16::from_ne_bytes(read::<2>(ctx, check_off)?);
-    let udp_no_check = flow.proto == IPPROTO_UDP && old_check == 0 && !flow.v6;
-    let mut l4_check = old_check;
+fn rewrite_one(
+    ctx: &XdpContext,
+    flow: &Flow,
+    old: (Addr, u16),
+    new: (Addr, u16),
+    (addr_off, port_off): (usize, usize),
+    mut l4: u16,
+) -> Result<u16, Skip> {
     if flow.v6 {
-        l4_check = csum::update(
-            l4_check,
-            &csum::addr_words(&flow.dst),
-            &csum::addr_words(&backend.addr),
-        );
-        write::<16>(ctx, flow.l3 + 24, backend.addr.octets())?;
+        l4 = csum::update(l4, &csum::addr_words(&old.0), &csum::addr_words(&new.0));
+        write::<16>(ctx, addr_off, new.0.octets())?;
     } else {
-        let old = csum::v4_words(flow.dst.v4_word());
-        let new = csum::v4_words(backend.addr.v4_word());
+        let o = csum::v4_words(old.0.v4_word());
+        let n = csum::v4_words(new.0.v4_word());
         let ip_check = u16::from_ne_bytes(read::<2>(ctx, flow.l3 + 10)?);
         write::<2>(
             ctx,
             flow.l3 + 10,
-            csum::update(ip_check, &old, &new).to_ne_bytes(),
+            csum::update(ip_check, &o, &n).to_ne_bytes(),
         )?;
-        write::<4>(ctx, flow.l3 + 16, backend.addr.v4_word().to_ne_bytes())?;
-        l4_check = csum::update(l4_check, &old, &new);
+        write::<4>(ctx, addr_off, new.0.v4_word().to_ne_bytes())?;
+        l4 = csum::update(l4, &o, &n);
     }
-    l4_check = csum::update(l4_check, &[flow.dport], &[backend.port]);
-    write::<2>(ctx, flow.l4 + 2, backend.port.to_ne_bytes())?;
+    l4 = csum::update(l4, &[old.1], &[new.1]);
+    write::<2>(ctx, port_off, new.1.to_ne_bytes())?;
+    Ok(l4)
+}
+
+/// [`rewrite`]: the destination becomes the backend (`s.entry.addr`, local backend).
+const NAT_DST: u8 = 0;
+/// [`rewrite`]: also the source becomes this node's address and port (`s.entry.nat_*`).
+const NAT_BOTH: u8 = 1;
+/// [`rewrite`]: a reply entry: the source becomes the frontend (`s.entry.addr`), the
+/// destination the client (`s.entry.nat_*`).
+const NAT_REPLY: u8 = 2;
+
+/// Rewrites the packet's addresses and ports from the entry `s.entry` as `mode` says,
+/// updating the IPv4 header checksum and the TCP/UDP checksum (pseudo-header addresses and
+/// ports) incrementally (RFC 1624).
+// A BPF-to-BPF call of its own (see `reply`).
+#[inline(never)]
+fn rewrite(ctx: &XdpContext, flow: &Flow, mode: u8, s: &Scratch) -> Result<(), Skip> {
+    let (src, dst) = if mode == NAT_REPLY {
+        (
+            (s.entry.addr, s.entry.port),
+            (s.entry.nat_addr, s.entry.nat_port),
+        )
+    } else {
+        (
+            (s.entry.nat_addr, s.entry.nat_port),
+            (s.entry.addr, s.entry.port),
+        )
+    };
+    let snat = mode != NAT_DST;
+    let check_off = flow.l4_check();
+    let old_check = u16::from_ne_bytes(read::<2>(ctx, check_off)?);
+    let udp_no_check = flow.proto == IPPROTO_UDP && old_check == 0 && !flow.v6;
+    let (src_off, dst_off) = if flow.v6 { (8, 24) } else { (12, 16) };
+    let mut l4 = rewrite_one(
+        ctx,
+        flow,
+        (flow.dst, flow.dport),
+        dst,
+        (flow.l3 + dst_off, flow.l4 + 2),
+        old_check,
+    )?;
+    if snat {
+        l4 = rewrite_one(
+            ctx,
+            flow,
+            (flow.src, flow.sport),
+            src,
+            (flow.l3 + src_off, flow.l4),
+            l4,
+        )?;
+    }
     if !udp_no_check {
-        if flow.proto == IPPROTO_UDP && l4_check == 0 {
+        if flow.proto == IPPROTO_UDP && l4 == 0 {
             // A computed UDP checksum of 0 is sent as all ones (RFC 768).
-            l4_check = 0xffff;
+            l4 = 0xffff;
         }
-        write::<2>(ctx, check_off, l4_check.to_ne_bytes())?;
+        write::<2>(ctx, check_off, l4.to_ne_bytes())?;
     }
     Ok(())
 }
