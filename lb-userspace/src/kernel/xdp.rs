@@ -23,10 +23,10 @@ use aya::{
 
 use super::{PinLayout, attach::Attachment, sys};
 
-/// The XDP program (lb-ebpf `lb_xdp`).
-pub const XDP_PROGRAM: &str = "lb_xdp";
-/// The tc egress program (lb-ebpf `lb_tc_egress`).
-pub const TC_PROGRAM: &str = "lb_tc_egress";
+/// The XDP program.
+pub const XDP_PROGRAM: &str = lb_common::programs::XDP;
+/// The tc egress program.
+pub const TC_PROGRAM: &str = lb_common::programs::TC_EGRESS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
