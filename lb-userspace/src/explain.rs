@@ -201,6 +201,59 @@ struct Explanation {
     /// The frontend's affinity entries: the client's when one was given, else all.
     affinity: Vec<AffinityEntry>,
     verdict: Verdict,
+    /// What a packet from outside the node gets at XDP (`--xdp-iface`), for an external
+    /// frontend (NodePort, LoadBalancer IP, externalIP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external: Option<External>,
+}
+
+/// The north-south view of an external frontend: its `externalTrafficPolicy`, the backends
+/// of its external range (this node's first) and the rule that decides a new flow.
+#[derive(Debug, PartialEq, Eq, serde::Serialize)]
+pub struct External {
+    pub policy: &'static str,
+    /// Backends in the external range, with whether each is on this node.
+    pub backends: Vec<ExternalSlot>,
+    pub verdict: String,
+}
+
+#[derive(Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ExternalSlot {
+    pub slot: u32,
+    pub backend: String,
+    pub local: bool,
+}
+
+/// The external view of `f` from its external backends (slot order: this node's first), or
+/// `None` for a frontend that XDP does not serve (a ClusterIP).
+pub fn external_view(f: &Frontend, backends: Vec<ExternalSlot>) -> Option<External> {
+    use lb_common::nat::{FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL};
+    if f.flags & FRONTEND_EXTERNAL == 0 {
+        return None;
+    }
+    let local = f.flags & FRONTEND_ETP_LOCAL != 0;
+    let verdict = match (local, f.ext_count, f.ext_local) {
+        (true, _, 0) => format!(
+            "dropped: externalTrafficPolicy Local and no endpoint on this node (counter {}), as kube-proxy",
+            lb_common::stats::NAMES[lb_common::stats::XDP_DROP_NO_LOCAL as usize]
+        ),
+        (true, _, n) => {
+            format!("a random one of this node's {n} endpoints, client address preserved (no SNAT)")
+        }
+        (false, 0, _) => format!(
+            "passed to the node's stack untouched: no endpoint (counter {}); the stack answers with a reset or port unreachable",
+            lb_common::stats::NAMES[lb_common::stats::XDP_PASS_NO_BACKEND as usize]
+        ),
+        (false, n, l) => format!(
+            "a random one of {n} endpoints: to one of this node's {l} with DNAT only, to one of the {} on other nodes with SNAT to this node's address",
+            n - l.min(n)
+        ),
+    };
+    Some(External {
+        policy: if local { "Local" } else { "Cluster" },
+        backends,
+        verdict,
+    })
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: `bpf_ktime_get_ns()`'s clock.
@@ -298,6 +351,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     ))
     .to_string();
     let mut backends = Vec::new();
+    let mut external = Vec::new();
     let mut affinity = Vec::new();
     let mut name = None;
     if let Some(m) = &matched {
@@ -306,6 +360,15 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
                 backends.push(Slot {
                     slot,
                     backend: show_backend(&b),
+                });
+            }
+        }
+        for i in 0..m.frontend.ext_count {
+            if let Some(b) = maps.slot(m.frontend.id, lb_common::nat::EXT_SLOT_BASE + i)? {
+                external.push(ExternalSlot {
+                    slot: i,
+                    backend: show_backend(&b),
+                    local: i < m.frontend.ext_local,
                 });
             }
         }
@@ -334,6 +397,9 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         client: clients,
         affinity,
         verdict,
+        external: matched
+            .as_ref()
+            .and_then(|m| external_view(&m.frontend, external)),
     };
     let mut out = std::io::stdout().lock();
     if args.inspect.json {
@@ -427,7 +493,15 @@ fn render(e: &Explanation) -> Result<String, std::fmt::Error> {
         } => format!("refused with {errno}: {rule} (counted as {counter})"),
         Verdict::Translated { rule } => format!("translated: {rule}"),
     };
-    writeln!(s, "  verdict   {verdict}")?;
+    writeln!(s, "  verdict   {verdict} (from this node's processes)")?;
+    if let Some(x) = &e.external {
+        writeln!(s, "  external  externalTrafficPolicy {}", x.policy)?;
+        for b in &x.backends {
+            let at = if b.local { "this node" } else { "another node" };
+            writeln!(s, "            slot {}: {} ({at})", b.slot, b.backend)?;
+        }
+        writeln!(s, "            from outside (XDP): {}", x.verdict)?;
+    }
     Ok(s)
 }
 
@@ -436,6 +510,33 @@ mod tests {
     use rstest::rstest;
 
     use super::*;
+
+    fn external(flags: u32, ext_count: u32, ext_local: u32) -> Frontend {
+        Frontend {
+            flags,
+            ext_count,
+            ext_local,
+            ..frontend(1, 0)
+        }
+    }
+
+    #[rstest]
+    #[case::cluster_ip_is_not_external(external(0, 0, 0), None)]
+    #[case::etp_local_without_local_endpoint(external(3, 2, 0), Some(("Local", "dropped")))]
+    #[case::etp_local_with_local_endpoint(external(3, 2, 1), Some(("Local", "this node's 1")))]
+    #[case::etp_cluster_without_endpoint(external(1, 0, 0), Some(("Cluster", "passed")))]
+    #[case::etp_cluster_mixed(external(1, 3, 1), Some(("Cluster", "2 on other nodes with SNAT")))]
+    fn external_verdicts(#[case] f: Frontend, #[case] want: Option<(&str, &str)>) {
+        let got = external_view(&f, Vec::new());
+        match (got, want) {
+            (None, None) => {}
+            (Some(x), Some((policy, needle))) => {
+                assert_eq!(x.policy, policy);
+                assert!(x.verdict.contains(needle), "{}", x.verdict);
+            }
+            (got, want) => panic!("{got:?} vs {want:?}"),
+        }
+    }
 
     #[rstest]
     #[case::v4_default_tcp("10.96.0.10:80", Some(("10.96.0.10", 80, Protocol::Tcp)))]

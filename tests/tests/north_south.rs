@@ -408,6 +408,16 @@ fn etp_local_without_a_local_endpoint_drops() {
         "dropped: the client times out, no reset"
     );
     assert!(agent.stat("xdp_drop_no_local_endpoint") > before);
+    // lb explain names the rule that drops it.
+    let explained = agent.lb(&["explain", &format!("{NODE4}:30081"), "--json"]);
+    let e: serde_json::Value = serde_json::from_str(&explained).expect(&explained);
+    assert_eq!(e["external"]["policy"], "Local", "{e:#}");
+    assert!(
+        e["external"]["verdict"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("dropped: externalTrafficPolicy Local")),
+        "{e:#}"
+    );
 }
 
 // ---- externalTrafficPolicy: Cluster to a pod behind another node (SNAT) ----
