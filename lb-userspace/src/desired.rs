@@ -56,6 +56,13 @@ impl fmt::Display for FrontendKind {
     }
 }
 
+/// A Service's traffic policies: `Local` (true) or `Cluster`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrafficPolicy {
+    pub internal_local: bool,
+    pub external_local: bool,
+}
+
 /// One frontend as it should be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
@@ -64,6 +71,9 @@ pub struct DesiredFrontend {
     pub port_name: String,
     /// Which of the Service's addresses it is.
     pub kind: FrontendKind,
+    /// The Service's `internalTrafficPolicy: Local` and `externalTrafficPolicy: Local` (for
+    /// inspection; the backend sets already follow them).
+    pub policy: TrafficPolicy,
     /// ClientIP affinity timeout in seconds, 0 for none.
     pub affinity_timeout_s: u32,
     /// Backends of the socket programs (node-originated traffic).
@@ -452,6 +462,10 @@ pub fn service_frontends(
                     service: key.clone(),
                     port_name: sp.name.clone(),
                     kind,
+                    policy: TrafficPolicy {
+                        internal_local: service.internal_local,
+                        external_local: service.external_local,
+                    },
                     affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
                     backends: backends_for(service, sp, Family::of(ip), kind, slices, node),
                     external: kind

@@ -195,6 +195,8 @@ struct Explanation {
     kind: Option<String>,
     service: Option<String>,
     port_name: Option<String>,
+    /// The Service's traffic policies that are `Local` (`iTP=Local`, `eTP=Local`, `-`).
+    traffic_policy: Option<String>,
     affinity_timeout_seconds: Option<u32>,
     backends: Vec<Slot>,
     client: ClientView,
@@ -392,6 +394,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         kind: name.as_ref().map(|n| n.kind.to_string()),
         service: name.as_ref().map(|n| n.service.to_string()),
         port_name: name.as_ref().map(|n| n.port_name.clone()),
+        traffic_policy: name.as_ref().map(crate::kernel::names::ServiceName::policy),
         affinity_timeout_seconds: matched.map(|m| m.frontend.affinity_timeout_s),
         backends,
         client: clients,
@@ -434,7 +437,12 @@ fn render(e: &Explanation) -> Result<String, std::fmt::Error> {
                 Some(0) | None => "sessionAffinity None".to_owned(),
                 Some(t) => format!("sessionAffinity ClientIP, timeout {t} s"),
             };
-            writeln!(s, "  policy    {affinity}")?;
+            let traffic = match e.traffic_policy.as_deref() {
+                None => String::new(),
+                Some("-") => ", traffic policies Cluster".to_owned(),
+                Some(p) => format!(", {p}"),
+            };
+            writeln!(s, "  policy    {affinity}{traffic}")?;
             if e.backends.is_empty() {
                 writeln!(s, "  backends  none")?;
             }

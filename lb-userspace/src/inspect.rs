@@ -32,6 +32,8 @@ struct FrontendJson {
     id: u32,
     /// `ClusterIP`, ... (none when the pins hold no names).
     kind: Option<String>,
+    /// The Service's traffic policies that are `Local`: `iTP=Local`, `eTP=Local`, or `-`.
+    policy: Option<String>,
     /// `namespace/name` of the Service (none when the pins hold no names).
     service: Option<String>,
     port_name: Option<String>,
@@ -87,6 +89,7 @@ pub fn list(args: &ListArgs) -> anyhow::Result<()> {
                 frontend: ShowFrontend(key).to_string(),
                 id: f.id,
                 kind: name.map(|n| n.kind.to_string()),
+                policy: name.map(ServiceName::policy),
                 service: name.map(|n| n.service.to_string()),
                 port_name: name.map(|n| n.port_name.clone()),
                 affinity_timeout_seconds: f.affinity_timeout_s,
@@ -106,8 +109,8 @@ pub fn list(args: &ListArgs) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "{:<44} {:>6} {:<10} {:<32} {:>9}  BACKENDS",
-        "FRONTEND", "ID", "KIND", "SERVICE:PORT", "AFFINITY"
+        "{:<44} {:>6} {:<10} {:<32} {:<19} {:>9}  BACKENDS",
+        "FRONTEND", "ID", "KIND", "SERVICE:PORT", "POLICY", "AFFINITY"
     )?;
     for row in rows {
         writeln!(out, "{}", show_row(&row))?;
@@ -133,11 +136,12 @@ fn show_row(row: &FrontendJson) -> String {
         (None, _) => "-".to_owned(),
     };
     format!(
-        "{:<44} {:>6} {:<10} {:<32} {:>9}  {backends}",
+        "{:<44} {:>6} {:<10} {:<32} {:<19} {:>9}  {backends}",
         row.frontend,
         row.id,
         row.kind.as_deref().unwrap_or("-"),
         service,
+        row.policy.as_deref().unwrap_or("-"),
         affinity
     )
 }
@@ -260,6 +264,7 @@ mod tests {
             frontend: "10.96.0.10:80/TCP".to_owned(),
             id: 7,
             kind: service.map(|_| "ClusterIP".to_owned()),
+            policy: service.map(|_| "-".to_owned()),
             service: service.map(|(s, _)| s.to_owned()),
             port_name: service.map(|(_, p)| p.to_owned()),
             affinity_timeout_seconds: affinity,
@@ -270,15 +275,15 @@ mod tests {
     #[rstest]
     #[case::named_port(
         row(Some(("shop/web", "http")), 0, &["10.1.0.1:8080", "10.1.0.2:8080"]),
-        "10.96.0.10:80/TCP                                 7 ClusterIP  shop/web:http                            -  10.1.0.1:8080 10.1.0.2:8080"
+        "10.96.0.10:80/TCP                                 7 ClusterIP  shop/web:http                    -                           -  10.1.0.1:8080 10.1.0.2:8080"
     )]
     #[case::unnamed_port_with_affinity(
         row(Some(("shop/web", "")), 10800, &["10.1.0.1:8080"]),
-        "10.96.0.10:80/TCP                                 7 ClusterIP  shop/web                            10800s  10.1.0.1:8080"
+        "10.96.0.10:80/TCP                                 7 ClusterIP  shop/web                         -                      10800s  10.1.0.1:8080"
     )]
     #[case::no_names_no_backends(
         row(None, 0, &[]),
-        "10.96.0.10:80/TCP                                 7 -          -                                        -  (none: refused)"
+        "10.96.0.10:80/TCP                                 7 -          -                                -                           -  (none: refused)"
     )]
     fn list_rows(#[case] row: FrontendJson, #[case] want: &str) {
         assert_eq!(show_row(&row), want);

@@ -280,6 +280,7 @@ mod tests {
                     service: ObjectKey::new("default", format!("s{f}")),
                     port_name: String::new(),
                     kind: crate::desired::FrontendKind::ClusterIp,
+                    policy: crate::desired::TrafficPolicy::default(),
                     affinity_timeout_s: affinity,
                     backends: backends.iter().map(|&b| be(b)).collect(),
                     external: None,

@@ -81,6 +81,8 @@ fn wanted_name(desired: &Desired, key: &FrontendKey) -> Option<ServiceName> {
         service: f.service.clone(),
         port_name: f.port_name.clone(),
         kind: names_kind(f.kind),
+        internal_local: f.policy.internal_local,
+        external_local: f.policy.external_local,
     })
 }
 
@@ -517,6 +519,8 @@ mod tests {
             service: ObjectKey::new("shop", service),
             port_name: port.to_owned(),
             kind: FrontendKind::ClusterIp,
+            internal_local: false,
+            external_local: false,
         }
     }
 

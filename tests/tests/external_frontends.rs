@@ -62,6 +62,19 @@ fn node_ports_load_balancer_and_external_ips_from_the_node() {
         &["--node-ip", "192.0.2.10"],
         Duration::from_secs(20),
     );
+    // lb list names each frontend's kind and the Service's policies.
+    let out = agent.lb(&["list", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("lb list json");
+    let kinds: BTreeSet<&str> = rows.iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["ClusterIP", "NodePort", "externalIP", "LoadBalancer"]),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().all(|r| r["policy"] == "iTP=Local,eTP=Local"),
+        "{rows:?}"
+    );
     let both = BTreeSet::from(["pod1".to_owned(), "pod2".to_owned()]);
     for addr in ["192.0.2.10:30080", "198.51.100.7:80", "203.0.113.9:80"] {
         let out = node.client(&["tcp", addr, "--count", "30"]);

@@ -69,6 +69,29 @@ pub struct ServiceName {
     /// "" for a Service's single unnamed port.
     pub port_name: String,
     pub kind: FrontendKind,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+}
+
+impl ServiceName {
+    /// The traffic policies that are not the default, for display: `iTP=Local`, `eTP=Local`,
+    /// or `-`.
+    pub fn policy(&self) -> String {
+        let mut out: Vec<&str> = Vec::new();
+        if self.internal_local {
+            out.push("iTP=Local");
+        }
+        if self.external_local {
+            out.push("eTP=Local");
+        }
+        if out.is_empty() {
+            "-".to_owned()
+        } else {
+            out.join(",")
+        }
+    }
 }
 
 /// Value of [`NAMES`] (key: the frontend id, a `u32`). Strings are UTF-8, NUL-padded; a
@@ -84,7 +107,9 @@ pub struct NameRecord {
     pub kind: u8,
     /// 1 when a string was cut to fit.
     pub truncated: u8,
-    pub _pad: [u8; 6],
+    /// Bit 0: `internalTrafficPolicy: Local`; bit 1: `externalTrafficPolicy: Local`.
+    pub policy: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(size_of::<NameRecord>() == 152);
 
@@ -114,7 +139,8 @@ impl NameRecord {
             port_name: [0; 16],
             kind: name.kind.code(),
             truncated: 0,
-            _pad: [0; 6],
+            policy: u8::from(name.internal_local) | (u8::from(name.external_local) << 1),
+            _pad: [0; 5],
         };
         let cut = fill(&mut record.namespace, &name.service.namespace)
             | fill(&mut record.name, &name.service.name)
@@ -129,6 +155,8 @@ impl NameRecord {
             service: ObjectKey::new(text(&self.namespace), text(&self.name)),
             port_name: text(&self.port_name),
             kind: FrontendKind::from_code(self.kind).unwrap_or_default(),
+            internal_local: self.policy & 1 != 0,
+            external_local: self.policy & 2 != 0,
         }
     }
 }
@@ -277,6 +305,8 @@ mod tests {
             service: ObjectKey::new(namespace, name),
             port_name: port.to_owned(),
             kind,
+            internal_local: false,
+            external_local: true,
         };
         let record = NameRecord::new(&want);
         assert_eq!(record.truncated == 1, cut);
