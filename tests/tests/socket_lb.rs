@@ -586,6 +586,22 @@ fn metrics_count_datapath_events() {
     assert_eq!(loads(&agent.metrics_text()), before);
 }
 
+/// `lb run` on the manifests in `dir` with pins at `pin`, without HTTP endpoints: for the
+/// refusals, which exit before anything is attached.
+fn run_on_pins(node: &Node, dir: &TempDir, pin: &std::path::Path) -> std::process::Output {
+    Command::new(lb_bin())
+        .arg("run")
+        .arg("--manifests")
+        .arg(&dir.0)
+        .arg("--cgroup")
+        .arg(&node.cgroup.path)
+        .arg("--pin-path")
+        .arg(pin)
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .output()
+        .expect("lb run")
+}
+
 #[test]
 fn maps_of_another_layout_are_refused_not_misread() {
     let node = Node::new();
@@ -614,17 +630,7 @@ fn maps_of_another_layout_are_refused_not_misread() {
         "name",
         "LB_FRONTENDS",
     ]);
-    let out = Command::new(lb_bin())
-        .arg("run")
-        .arg("--manifests")
-        .arg(&dir.0)
-        .arg("--cgroup")
-        .arg(&node.cgroup.path)
-        .arg("--pin-path")
-        .arg(&pin)
-        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-        .output()
-        .expect("lb run");
+    let out = run_on_pins(&node, &dir, &pin);
     let _gone = std::fs::remove_file(&map);
     let _gone = std::fs::remove_dir_all(&pin);
     assert!(!out.status.success());
@@ -660,17 +666,7 @@ fn maps_of_an_older_layout_version_are_refused_with_how_to_upgrade() {
         "bpftool", "map", "update", "pinned", meta_path, "key", "0", "0", "0", "0", "value", "2",
         "0", "0", "0",
     ]);
-    let out = Command::new(lb_bin())
-        .arg("run")
-        .arg("--manifests")
-        .arg(&dir.0)
-        .arg("--cgroup")
-        .arg(&node.cgroup.path)
-        .arg("--pin-path")
-        .arg(&pin)
-        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-        .output()
-        .expect("lb run");
+    let out = run_on_pins(&node, &dir, &pin);
     let _gone = std::fs::remove_file(&meta);
     let _gone = std::fs::remove_dir_all(&pin);
     assert!(!out.status.success());
