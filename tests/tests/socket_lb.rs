@@ -653,7 +653,7 @@ fn maps_of_an_older_layout_version_are_refused_with_how_to_upgrade() {
         "web.yaml",
         &service("web", "10.96.0.131", 80, 8080, "TCP", &[]),
     );
-    // The metadata map an lb of layout version 2 left, next to an LB_SOCKS of its value size.
+    // The metadata map an lb of layout version 2 left (the version is checked before shapes).
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
     std::fs::create_dir_all(pin.join("maps")).expect("mkdir pins");
     let meta = pin.join("maps/LB_META");
