@@ -31,7 +31,10 @@ use crate::Addr;
 /// [`Frontend`] gained `ext_count`/`ext_local` and `flags` has a meaning (the north-south
 /// backend range at `EXT_SLOT_BASE`); the conntrack map `LB_CT` is new (its value with the
 /// SNAT fields and the `seen` timestamp, 56 bytes).
-pub const LAYOUT_VERSION: u32 = 3;
+///
+/// 4: `LB_SRC_RANGES` (source ranges of LoadBalancer IPs, an LPM trie) is new, and
+/// [`Frontend::flags`] has `FRONTEND_SRC_RANGES`.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
 pub const IPPROTO_TCP: u8 = 6;
@@ -265,6 +268,8 @@ pub enum MapKind {
     PerCpuArray,
     /// Socket local storage (key: a socket; capacity 0: one value per socket).
     SkStorage,
+    /// Longest-prefix match (key: prefix length, then the data).
+    LpmTrie,
 }
 
 /// What a map must look like; the agent compares pinned maps against it before adopting them.
@@ -391,6 +396,17 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: crate::nat::MAX_CT,
         flags: 0,
         agent_writes: false,
+        sized_by_agent: false,
+    },
+    MapSpec {
+        name: crate::nat::SRC_RANGES,
+        kind: MapKind::LpmTrie,
+        // The trie's key: a u32 prefix length before the data.
+        key_size: size::<u32>() + size::<crate::nat::SrcRangeKey>(),
+        value_size: size::<u32>(),
+        max_entries: crate::nat::MAX_SRC_RANGES,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: true,
         sized_by_agent: false,
     },
 ];

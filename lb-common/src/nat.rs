@@ -37,6 +37,55 @@ pub const FRONTEND_EXTERNAL: u32 = 1;
 /// node's only and a packet with none is dropped (kube-proxy's "no local endpoints" DROP).
 pub const FRONTEND_ETP_LOCAL: u32 = 2;
 
+/// [`crate::maps::Frontend::flags`]: a LoadBalancer IP whose Service has
+/// `spec.loadBalancerSourceRanges` of this frontend's family. XDP admits a new flow only from a
+/// source inside one of them ([`SRC_RANGES`]); established flows are not checked again (as
+/// kube-proxy's firewall matches `ctstate NEW` only).
+pub const FRONTEND_SRC_RANGES: u32 = 4;
+
+/// Pinned name of the source-range filter.
+pub const SRC_RANGES: &str = "LB_SRC_RANGES";
+
+/// Source ranges over all frontends (an LPM trie allocates per entry, so the capacity costs
+/// nothing up front). Cilium's `LB4_SRC_RANGE_MAP_SIZE` default is the same.
+pub const MAX_SRC_RANGES: u32 = 1 << 16;
+
+/// The data part of a [`SRC_RANGES`] key, an LPM-trie key whose prefix length
+/// ([`src_range_prefix`]) covers the whole frontend id and then the range's prefix of the
+/// address. Value: [`SRC_RANGE_PRESENT`]. Written by the agent (make before break: the
+/// ranges before the frontend's [`FRONTEND_SRC_RANGES`] flag, the flag off before the ranges
+/// go); read by XDP for a new flow to a frontend with the flag, with the client address as
+/// the key and the full prefix length.
+///
+/// One trie for both families, as [`Addr`] holds IPv4 addresses mapped into IPv6
+/// (`::ffff:a.b.c.d`); a frontend gets only the ranges of its own family (kube-proxy ignores
+/// the other family's, `MapCIDRsByIPFamily`). Cilium keeps one trie per family keyed by
+/// `(rev_nat_id, address)` the same way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    /// [`crate::maps::Frontend::id`], host order; always matched in full, so its byte order
+    /// does not matter to the trie.
+    pub id: u32,
+    /// The range's network address (host bits zero), or the client address of a lookup.
+    pub addr: Addr,
+}
+const _: () = assert!(size_of::<SrcRangeKey>() == 20);
+
+/// The value of every [`SRC_RANGES`] entry.
+pub const SRC_RANGE_PRESENT: u32 = 1;
+
+/// Prefix length of a [`SRC_RANGES`] key for a range of `bits` bits of an address of
+/// family `v4` (IPv4 ranges sit behind the 96-bit mapped prefix): the 32 bits of the id,
+/// then the address bits.
+pub const fn src_range_prefix(v4: bool, bits: u8) -> u32 {
+    let bits = bits as u32;
+    32 + if v4 { 96 + bits } else { bits }
+}
+
+/// Prefix length of a lookup: everything (id and the whole address).
+pub const SRC_RANGE_FULL: u32 = 32 + 128;
+
 /// [`CtKey::dir`]: a packet from a client to a frontend, as received on an `--xdp-iface`.
 pub const CT_DIR_IN: u8 = 1;
 /// [`CtKey::dir`]: a backend's reply to a client, as it leaves through an `--xdp-iface`.
@@ -165,6 +214,14 @@ mod tests {
     }
 
     #[test]
+    fn src_range_prefixes() {
+        assert_eq!(src_range_prefix(true, 0), 128);
+        assert_eq!(src_range_prefix(true, 32), SRC_RANGE_FULL);
+        assert_eq!(src_range_prefix(false, 0), 32);
+        assert_eq!(src_range_prefix(false, 128), SRC_RANGE_FULL);
+    }
+
+    #[test]
     fn expiry_by_state() {
         let s = 1_000;
         let tcp = crate::maps::IPPROTO_TCP;
@@ -185,10 +242,12 @@ mod tests {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{CtEntry, CtKey};
+    use super::{CtEntry, CtKey, SrcRangeKey};
 
     // SAFETY: #[repr(C)], integers only, padding explicit (size assertions above).
     unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SrcRangeKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtEntry {}
 }

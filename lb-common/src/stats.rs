@@ -87,9 +87,12 @@ pub const XDP_DROP_NO_PORT: u32 = 29;
 /// XDP: a connection-tracking entry had expired (idle, or closed TCP) and was replaced by a
 /// new flow.
 pub const XDP_CT_EXPIRED: u32 = 30;
+/// XDP: a new flow to a LoadBalancer IP whose Service has `loadBalancerSourceRanges` came
+/// from a source outside them; dropped (kube-proxy's firewall chain drops it too).
+pub const XDP_DROP_SOURCE_RANGE: u32 = 31;
 
 /// Number of counters.
-pub const COUNT: u32 = 31;
+pub const COUNT: u32 = 32;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -124,4 +127,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_err_fib",
     "xdp_drop_no_snat_port",
     "xdp_ct_expired",
+    "xdp_drop_source_range",
 ];

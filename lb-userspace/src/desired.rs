@@ -20,7 +20,9 @@ use lb_common::{
 };
 
 use crate::{
-    model::{Endpoint, EndpointSlice, Family, Node, ObjectKey, Service, ServicePort, Snapshot},
+    model::{
+        Cidr, Endpoint, EndpointSlice, Family, Node, ObjectKey, Service, ServicePort, Snapshot,
+    },
     topology::{self, Policy},
 };
 
@@ -81,6 +83,10 @@ pub struct DesiredFrontend {
     /// For an external frontend, the backends of traffic from outside the node (the XDP
     /// datapath); `None` for a ClusterIP.
     pub external: Option<ExternalBackends>,
+    /// The sources XDP admits new flows from (`spec.loadBalancerSourceRanges` of this
+    /// frontend's family), for a LoadBalancer IP only, as kube-proxy's firewall; empty: every
+    /// source. See [`source_ranges`].
+    pub source_ranges: Vec<Cidr>,
 }
 
 /// The backends external traffic uses (kube-proxy's `CategorizeEndpoints` for
@@ -400,6 +406,22 @@ fn external_backends(
     out
 }
 
+/// The source ranges of a frontend of `kind` and `family`: kube-proxy (pkg/proxy/iptables
+/// `KUBE-FW-*`, nftables `firewall-ips`) filters only the LoadBalancer ingress IPs, with the
+/// ranges of their family (`MapCIDRsByIPFamily`); NodePorts, externalIPs and the ClusterIP
+/// take every source, and ranges without an ingress IP filter nothing.
+fn source_ranges(service: &Service, kind: FrontendKind, family: Family) -> Vec<Cidr> {
+    if kind != FrontendKind::LoadBalancerIp {
+        return Vec::new();
+    }
+    service
+        .source_ranges
+        .iter()
+        .filter(|c| Family::of(&c.addr) == family)
+        .copied()
+        .collect()
+}
+
 /// kube-proxy's `LocalReadyEndpoints` for one Service (pkg/proxy/endpoints.go), what its
 /// `healthCheckNodePort` reports: the distinct ready endpoints (address and port, over all the
 /// Service's ports and families) on this node.
@@ -471,6 +493,7 @@ pub fn service_frontends(
                     external: kind
                         .is_external()
                         .then(|| external_backends(service, sp, Family::of(ip), slices, node)),
+                    source_ranges: source_ranges(service, kind, Family::of(ip)),
                 },
             ));
         };
@@ -797,6 +820,28 @@ endpoints: [{addresses: ['fd00:1::1'], nodeName: n2}]
                 .map(|f| f.backends.len() + f.external.as_ref().map_or(0, ExternalBackends::len))
                 .sum::<usize>()
         );
+    }
+
+    /// kube-proxy's firewall: the ranges of the address's family, on LoadBalancer IPs only
+    /// (an externalIP that is also an ingress IP is programmed as an externalIP: unfiltered).
+    #[test]
+    fn source_ranges_filter_load_balancer_ips_only() {
+        let yaml = NORTH_SOUTH.replace(
+            "  externalTrafficPolicy: Local\n",
+            "  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [10.0.0.0/8, '2001:db8::/32']\n",
+        );
+        let (d, errors) = build(&snapshot(&yaml), &node(), Limits::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let ranges: Vec<String> = d
+            .frontends
+            .values()
+            .filter(|f| !f.source_ranges.is_empty())
+            .map(|f| {
+                let shown: Vec<String> = f.source_ranges.iter().map(ToString::to_string).collect();
+                format!("{} {}", f.kind, shown.join(","))
+            })
+            .collect();
+        assert_eq!(ranges, ["LoadBalancer IP 10.0.0.0/8"]);
     }
 
     #[test]

@@ -39,6 +39,56 @@ struct FrontendJson {
     port_name: Option<String>,
     affinity_timeout_seconds: u32,
     backends: Vec<String>,
+    /// For an external frontend (NodePort, externalIP, LoadBalancer IP), the backends of
+    /// traffic from outside the node (the XDP datapath), each `ADDR:PORT (local)` or
+    /// `ADDR:PORT (remote)` (reached with SNAT); none for a ClusterIP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_backends: Option<Vec<String>>,
+    /// `loadBalancerSourceRanges` XDP admits new flows from (LoadBalancer IPs only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    source_ranges: Vec<String>,
+}
+
+/// The external backends of frontend `f` as `lb list` shows them, or `None` for a frontend
+/// the XDP datapath does not serve.
+fn external_backends(
+    state: &crate::kernel::state::KernelState,
+    f: &lb_common::maps::Frontend,
+) -> Option<Vec<String>> {
+    use lb_common::nat::{EXT_SLOT_BASE, FRONTEND_EXTERNAL};
+    if f.flags & FRONTEND_EXTERNAL == 0 {
+        return None;
+    }
+    let end = EXT_SLOT_BASE.saturating_add(f.ext_count);
+    let local_end = EXT_SLOT_BASE.saturating_add(f.ext_local);
+    Some(
+        state
+            .slots(f.id)
+            .filter(|(slot, _)| (EXT_SLOT_BASE..end).contains(slot))
+            .map(|(slot, b)| {
+                let place = if slot < local_end { "local" } else { "remote" };
+                format!("{} ({place})", ShowAddrPort(&b.addr, b.port))
+            })
+            .collect(),
+    )
+}
+
+/// The source ranges of frontend `id` as CIDRs.
+fn source_ranges(state: &crate::kernel::state::KernelState, id: u32) -> Vec<String> {
+    state
+        .ranges(id)
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let addr = std::net::Ipv6Addr::from(e.key.addr.octets());
+            // Prefix lengths count the 32 bits of the id first.
+            let bits = e.prefix_len.saturating_sub(32);
+            match addr.to_ipv4_mapped() {
+                Some(v4) => format!("{v4}/{}", bits.saturating_sub(96)),
+                None => format!("{addr}/{bits}"),
+            }
+        })
+        .collect()
 }
 
 /// `NS/NAME`, or `NAME` in the default namespace, as kubectl reads it.
@@ -98,6 +148,8 @@ pub fn list(args: &ListArgs) -> anyhow::Result<()> {
                     .filter(|(slot, _)| *slot < f.count)
                     .map(|(_, b)| ShowAddrPort(&b.addr, b.port).to_string())
                     .collect(),
+                external_backends: external_backends(&state, f),
+                source_ranges: source_ranges(&state, f.id),
             })
         })
         .collect();
@@ -135,8 +187,22 @@ fn show_row(row: &FrontendJson) -> String {
         (Some(s), _) => s.clone(),
         (None, _) => "-".to_owned(),
     };
+    // Traffic from outside the node (XDP): its own backends, and the sources it admits.
+    let mut external = String::new();
+    if let Some(ext) = &row.external_backends {
+        external.push_str("  external: ");
+        if ext.is_empty() {
+            external.push_str("(none)");
+        } else {
+            external.push_str(&ext.join(" "));
+        }
+    }
+    if !row.source_ranges.is_empty() {
+        external.push_str("  sources: ");
+        external.push_str(&row.source_ranges.join(" "));
+    }
     format!(
-        "{:<44} {:>6} {:<10} {:<32} {:<19} {:>9}  {backends}",
+        "{:<44} {:>6} {:<10} {:<32} {:<19} {:>9}  {backends}{external}",
         row.frontend,
         row.id,
         row.kind.as_deref().unwrap_or("-"),
@@ -171,6 +237,7 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
                 "revnat": entries(lb_common::maps::REVNAT),
                 "affinity": entries(lb_common::maps::AFFINITY),
                 "udp_flows": entries(lb_common::maps::UDP_FLOWS),
+                "ct": entries(lb_common::nat::CT),
             },
         });
         serde_json::to_writer_pretty(&mut out, &json)?;
@@ -269,7 +336,28 @@ mod tests {
             port_name: service.map(|(_, p)| p.to_owned()),
             affinity_timeout_seconds: affinity,
             backends: backends.iter().map(|b| (*b).to_owned()).collect(),
+            external_backends: None,
+            source_ranges: Vec::new(),
         }
+    }
+
+    /// An external frontend shows its XDP backends, where each is, and its source ranges.
+    #[test]
+    fn list_row_of_an_external_frontend() {
+        let mut r = row(Some(("shop/web", "")), 0, &["10.1.0.1:8080"]);
+        r.kind = Some("LoadBalancer IP".to_owned());
+        r.external_backends = Some(vec![
+            "10.1.0.1:8080 (local)".to_owned(),
+            "10.2.0.1:8080 (remote)".to_owned(),
+        ]);
+        r.source_ranges = vec!["192.0.2.0/24".to_owned()];
+        assert!(
+            show_row(&r).ends_with(
+                "10.1.0.1:8080  external: 10.1.0.1:8080 (local) 10.2.0.1:8080 (remote)  sources: 192.0.2.0/24"
+            ),
+            "{}",
+            show_row(&r)
+        );
     }
 
     #[rstest]

@@ -118,6 +118,48 @@ pub enum TopologyMode {
     ZoneHints,
 }
 
+/// An address range of `spec.loadBalancerSourceRanges`: the network address (host bits
+/// cleared, as kube-proxy's `ParseCIDR` gives it) and the prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// The range holding the addresses whose first `len` bits are `addr`'s (`len` at most
+    /// the family's width, else `None`).
+    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
+        let masked = match addr {
+            IpAddr::V4(a) => {
+                if len > 32 {
+                    return None;
+                }
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                if len > 128 {
+                    return None;
+                }
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Some(Self { addr: masked, len })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        Self::new(*ip, self.len).is_some_and(|c| c.addr == self.addr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 /// A Service, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -137,6 +179,9 @@ pub struct Service {
     pub load_balancer_ips: Vec<IpAddr>,
     pub health_check_node_port: Option<u16>,
     pub topology: TopologyMode,
+    /// `spec.loadBalancerSourceRanges` (both families; each LoadBalancer IP uses those of its
+    /// own). Empty: every source.
+    pub source_ranges: Vec<Cidr>,
 }
 
 impl Service {
@@ -155,6 +200,7 @@ impl Service {
             load_balancer_ips: Vec::new(),
             health_check_node_port: None,
             topology: TopologyMode::None,
+            source_ranges: Vec::new(),
         }
     }
 

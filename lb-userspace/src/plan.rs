@@ -11,27 +11,35 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use lb_common::{
     maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey},
-    nat::{EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL},
+    nat::{
+        EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, FRONTEND_SRC_RANGES, SrcRangeKey,
+        src_range_prefix,
+    },
 };
 
 use crate::desired::{Desired, DesiredFrontend, ExternalBackends};
-use crate::kernel::state::{KernelState, Op};
+use crate::kernel::state::{KernelState, Op, RangeEntry};
+use crate::model::Cidr;
 
 /// Where an op goes when the batches of many frontends are written together, phase by
 /// phase (so each phase can be one batched syscall per map). Within every batch the ops
 /// already come in this order, so a stable sort by phase keeps each frontend's
-/// make-before-break order: removed frontends go first (frontend, slots, members), then
-/// memberships, slots, frontends, tail slots and ended memberships.
+/// make-before-break order: removed frontends go first (frontend, slots, members, source
+/// ranges), then memberships, source ranges, slots, frontends, tail slots, ended memberships
+/// and ranges no longer wanted.
 fn phase(op: &Op, removing: bool) -> u8 {
     match op {
         Op::DelFrontend(..) => 0,
         Op::DelSlot(_) if removing => 1,
         Op::DelMember(_) if removing => 2,
-        Op::PutMember(_) => 3,
-        Op::PutSlot(..) => 4,
-        Op::PutFrontend(..) => 5,
-        Op::DelSlot(_) => 6,
-        Op::DelMember(_) => 7,
+        Op::DelRange(_) if removing => 3,
+        Op::PutMember(_) => 4,
+        Op::PutRange(_) => 5,
+        Op::PutSlot(..) => 6,
+        Op::PutFrontend(..) => 7,
+        Op::DelSlot(_) => 8,
+        Op::DelMember(_) => 9,
+        Op::DelRange(_) => 10,
     }
 }
 
@@ -42,10 +50,12 @@ pub fn by_phase(batches: &[Batch]) -> Vec<Op> {
         .flat_map(|batch| {
             // A batch that deletes a frontend or only cleans up an orphan id removes
             // everything it touches.
-            let removing = batch
-                .iter()
-                .all(|op| matches!(op, Op::DelFrontend(..) | Op::DelSlot(_) | Op::DelMember(_)))
-                && !batch.iter().any(|op| matches!(op, Op::PutFrontend(..)));
+            let removing = batch.iter().all(|op| {
+                matches!(
+                    op,
+                    Op::DelFrontend(..) | Op::DelSlot(_) | Op::DelMember(_) | Op::DelRange(_)
+                )
+            }) && !batch.iter().any(|op| matches!(op, Op::PutFrontend(..)));
             batch.iter().map(move |op| (phase(op, removing), *op))
         })
         .collect();
@@ -139,6 +149,9 @@ impl KernelState {
                 backend: *backend,
             }));
         }
+        for entry in self.ranges(id).into_iter().flatten() {
+            ops.push(Op::DelRange(*entry));
+        }
     }
 
     fn plan_frontend(
@@ -166,6 +179,13 @@ impl KernelState {
                     backend: *backend,
                 }));
             }
+        }
+        // Source ranges before the frontend that turns the filter on, gone after it.
+        let empty_ranges = BTreeSet::new();
+        let ranges = self.ranges(id).unwrap_or(&empty_ranges);
+        let ranges_wanted = range_entries(id, &want.source_ranges);
+        for entry in ranges_wanted.difference(ranges) {
+            ops.push(Op::PutRange(*entry));
         }
         for (slot, backend) in (0u32..).zip(&assigned) {
             if slots.get(&slot) != Some(backend) {
@@ -198,7 +218,11 @@ impl KernelState {
                     } else {
                         0
                     }
-            }),
+            }) | if ranges_wanted.is_empty() {
+                0
+            } else {
+                FRONTEND_SRC_RANGES
+            },
             ext_count,
             ext_local: want
                 .external
@@ -225,7 +249,25 @@ impl KernelState {
                 backend: *backend,
             }));
         }
+        for entry in ranges.difference(&ranges_wanted) {
+            ops.push(Op::DelRange(*entry));
+        }
     }
+}
+
+/// The trie entries of frontend `id` for `ranges` (addresses as [`Addr`] holds them, IPv4
+/// mapped into IPv6).
+fn range_entries(id: u32, ranges: &[Cidr]) -> BTreeSet<RangeEntry> {
+    ranges
+        .iter()
+        .map(|c| RangeEntry {
+            prefix_len: src_range_prefix(c.addr.is_ipv4(), c.len),
+            key: SrcRangeKey {
+                id,
+                addr: crate::desired::addr(&c.addr),
+            },
+        })
+        .collect()
 }
 
 /// The new slot layout: backends that stay keep their slot when it is still in range, so a
@@ -284,6 +326,7 @@ mod tests {
                     affinity_timeout_s: affinity,
                     backends: backends.iter().map(|&b| be(b)).collect(),
                     external: None,
+                    source_ranges: Vec::new(),
                 },
             );
         }
@@ -327,6 +370,13 @@ mod tests {
     /// members.
     fn assert_consistent(state: &KernelState) {
         for (key, f) in state.frontends() {
+            // The filter never runs on an empty range set (it would drop every source).
+            if f.flags & FRONTEND_SRC_RANGES != 0 {
+                assert!(
+                    state.ranges(f.id).is_some_and(|r| !r.is_empty()),
+                    "{key:?}: source-range flag without ranges"
+                );
+            }
             for slot in 0..f.count {
                 let backend = state.slot_map(f.id).and_then(|s| s.get(&slot));
                 let backend = backend.unwrap_or_else(|| panic!("{key:?}: slot {slot} missing"));
@@ -354,6 +404,14 @@ mod tests {
                 state.members(f.id).map_or(0, HashSet::len),
                 want.members().len()
             );
+            assert_eq!(
+                state.ranges(f.id).cloned().unwrap_or_default(),
+                range_entries(f.id, &want.source_ranges)
+            );
+            assert_eq!(
+                f.flags & FRONTEND_SRC_RANGES != 0,
+                !want.source_ranges.is_empty()
+            );
         }
         assert!(
             state.orphan_ids().is_empty(),
@@ -362,9 +420,45 @@ mod tests {
         );
     }
 
+    /// Source ranges: written before the frontend turns the filter on, changed
+    /// make-before-break, removed after the filter is off, and with the frontend.
+    #[test]
+    fn source_ranges_make_before_break() {
+        let cidr = |s: &str| {
+            let (a, l) = s.split_once('/').unwrap();
+            Cidr::new(a.parse().unwrap(), l.parse().unwrap()).unwrap()
+        };
+        let with_ranges = |ranges: &[&str]| {
+            let mut d = desired(&[(1, &[1], 0)]);
+            for f in d.frontends.values_mut() {
+                f.source_ranges = ranges.iter().map(|r| cidr(r)).collect();
+            }
+            d
+        };
+        let mut state = KernelState::from_entries([], [], [], []);
+        let ops = sync(&mut state, &with_ranges(&["10.0.0.0/8"]));
+        let put_range = ops.iter().position(|op| matches!(op, Op::PutRange(_)));
+        let put_frontend = ops.iter().position(|op| matches!(op, Op::PutFrontend(..)));
+        assert!(put_range < put_frontend, "{ops:?}");
+        let ops = sync(&mut state, &with_ranges(&["10.0.0.0/8", "192.0.2.0/24"]));
+        assert!(matches!(ops[..], [Op::PutRange(_)]), "{ops:?}");
+        let ops = sync(&mut state, &with_ranges(&["192.0.2.0/24"]));
+        assert!(matches!(ops[..], [Op::DelRange(_)]), "{ops:?}");
+        // Off: the flag goes first, then the entry.
+        let ops = sync_by_phase(&mut state, &with_ranges(&[]));
+        assert!(
+            matches!(ops[..], [Op::PutFrontend(..), Op::DelRange(_)]),
+            "{ops:?}"
+        );
+        sync(&mut state, &with_ranges(&["10.0.0.0/8"]));
+        let ops = sync_by_phase(&mut state, &Desired::default());
+        assert!(matches!(ops.last(), Some(Op::DelRange(_))), "{ops:?}");
+        assert_eq!(state.range_count(), 0);
+    }
+
     #[test]
     fn first_sync_writes_members_slots_then_frontend() {
-        let mut state = KernelState::from_entries([], [], []);
+        let mut state = KernelState::from_entries([], [], [], []);
         let ops = sync(&mut state, &desired(&[(1, &[1, 2], 0)]));
         assert!(matches!(ops[0], Op::PutMember(_)));
         assert!(matches!(ops[1], Op::PutMember(_)));
@@ -386,7 +480,7 @@ mod tests {
 
     #[test]
     fn reapplying_gives_an_empty_delta() {
-        let mut state = KernelState::from_entries([], [], []);
+        let mut state = KernelState::from_entries([], [], [], []);
         let d = desired(&[(1, &[1, 2, 3], 0), (2, &[], 0), (3, &[4], 10)]);
         sync(&mut state, &d);
         assert!(state.plan(&d).is_empty());
@@ -394,7 +488,7 @@ mod tests {
 
     #[test]
     fn one_endpoint_added_is_three_writes() {
-        let mut state = KernelState::from_entries([], [], []);
+        let mut state = KernelState::from_entries([], [], [], []);
         sync(&mut state, &desired(&[(1, &[1, 2], 0)]));
         let ops = sync(&mut state, &desired(&[(1, &[1, 2, 3], 0)]));
         assert_eq!(ops.len(), 3, "{ops:?}");
@@ -414,7 +508,7 @@ mod tests {
 
     #[test]
     fn removal_shrinks_count_before_deleting() {
-        let mut state = KernelState::from_entries([], [], []);
+        let mut state = KernelState::from_entries([], [], [], []);
         sync(&mut state, &desired(&[(1, &[1, 2, 3], 0)]));
         // Remove the backend in slot 0: the last one moves into its slot, then the count drops.
         let ops = sync(&mut state, &desired(&[(1, &[2, 3], 0)]));
@@ -444,7 +538,7 @@ mod tests {
 
     #[test]
     fn removed_frontend_goes_first_and_its_id_is_not_reused() {
-        let mut state = KernelState::from_entries([], [], []);
+        let mut state = KernelState::from_entries([], [], [], []);
         sync(&mut state, &desired(&[(1, &[1], 0)]));
         let ops = sync(&mut state, &desired(&[(2, &[1], 0)]));
         assert_eq!(ops[0], Op::DelFrontend(fkey(1), 1));
@@ -453,7 +547,7 @@ mod tests {
 
     #[test]
     fn affinity_change_rewrites_only_the_frontend() {
-        let mut state = KernelState::from_entries([], [], []);
+        let mut state = KernelState::from_entries([], [], [], []);
         sync(&mut state, &desired(&[(1, &[1, 2], 0)]));
         let ops = sync(&mut state, &desired(&[(1, &[1, 2], 60)]));
         assert_eq!(ops.len(), 1);
@@ -546,6 +640,7 @@ mod tests {
                     backend: be(1),
                 },
             ],
+            [],
         );
         // It starts inconsistent (slot 1 missing), so only the end state is checked.
         sync_from(
@@ -559,7 +654,7 @@ mod tests {
 
     #[test]
     fn surviving_backends_keep_their_slots() {
-        let mut state = KernelState::from_entries([], [], []);
+        let mut state = KernelState::from_entries([], [], [], []);
         sync(&mut state, &desired(&[(1, &[1, 2, 3, 4], 0)]));
         let before: HashMap<Backend, u32> = state.slots(1).map(|(s, b)| (*b, s)).collect();
         sync(&mut state, &desired(&[(1, &[1, 2, 4, 5, 6], 0)]));
@@ -571,8 +666,8 @@ mod tests {
 
     #[test]
     fn planning_only_dirty_frontends_matches_a_full_plan() {
-        let mut full = KernelState::from_entries([], [], []);
-        let mut partial = KernelState::from_entries([], [], []);
+        let mut full = KernelState::from_entries([], [], [], []);
+        let mut partial = KernelState::from_entries([], [], [], []);
         let before = desired(&[(1, &[1, 2], 0), (2, &[3], 0), (3, &[4, 5], 0)]);
         sync(&mut full, &before);
         sync(&mut partial, &before);
@@ -595,7 +690,7 @@ mod tests {
     #[test]
     fn random_sequences_stay_consistent() {
         let mut next = crate::test_support::xorshift(0x9e37_79b9_7f4a_7c15u64);
-        let mut state = KernelState::from_entries([], [], []);
+        let mut state = KernelState::from_entries([], [], [], []);
         for round in 0..600 {
             let mut frontends = Vec::new();
             let mut storage: Vec<Vec<u8>> = Vec::new();

@@ -14,18 +14,19 @@
 //! (or none, for what is not TCP/UDP over IP).
 
 pub mod parse;
+pub mod src_range;
 pub mod tc;
 pub mod xdp;
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{LruHashMap, PerCpuArray},
+    maps::{LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Addr,
-    maps::{Backend, MemberKey},
-    nat::{CT_DIR_IN, CT_DIR_REPLY, CtEntry, CtKey, MAX_CT},
+    maps::{BPF_F_NO_PREALLOC, Backend, MemberKey},
+    nat::{CT_DIR_IN, CT_DIR_REPLY, CtEntry, CtKey, MAX_CT, MAX_SRC_RANGES, SrcRangeKey},
 };
 
 use crate::maps::LB_MEMBERS;
@@ -33,6 +34,11 @@ use crate::maps::LB_MEMBERS;
 /// Connection tracking, one entry per direction (`lb_common::nat`); written by both programs.
 #[map]
 pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, 0);
+
+/// Source ranges of LoadBalancer IPs (`lb_common::nat::SRC_RANGES`); written by the agent.
+#[map]
+pub static LB_SRC_RANGES: LpmTrie<SrcRangeKey, u32> =
+    LpmTrie::pinned(MAX_SRC_RANGES, BPF_F_NO_PREALLOC);
 
 /// Per-CPU working space of the XDP program: its larger values live here instead of on the
 /// 512-byte BPF stack. Not pinned and not shared with the agent (no agreement to keep).

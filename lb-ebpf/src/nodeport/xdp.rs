@@ -26,7 +26,7 @@ use super::{
         IPV4_HLEN, IPV6_HLEN, MAX_EXT_HEADERS, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_step,
         is_ext,
     },
-    reply_key,
+    reply_key, src_range,
 };
 use crate::maps::{LB_FRONTENDS, LB_SLOTS, count};
 
@@ -333,6 +333,9 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
             return drop(stats::XDP_DROP_STALE);
         }
     } else {
+        if !src_range::admits(&frontend, &flow.src) {
+            return drop(stats::XDP_DROP_SOURCE_RANGE);
+        }
         if let Err(verdict) = new_flow(ctx, flow, &frontend, s) {
             return verdict;
         }

@@ -3,11 +3,16 @@
 
 use std::{os::fd::AsFd as _, path::Path};
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
-use lb_common::maps::{
-    AFFINITY, Affinity, AffinityKey, Backend, FRONTENDS, Frontend, FrontendKey, LAYOUT_VERSION,
-    MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, MemberKey, REVNAT, RevNat, RevNatKey,
-    SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
+use aya::maps::{
+    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key as LpmKey,
+};
+use lb_common::{
+    maps::{
+        AFFINITY, Affinity, AffinityKey, Backend, FRONTENDS, Frontend, FrontendKey, LAYOUT_VERSION,
+        MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, MemberKey, REVNAT, RevNat, RevNatKey,
+        SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
+    },
+    nat::{CT, CtEntry, CtKey, SRC_RANGE_PRESENT, SRC_RANGES, SrcRangeKey},
 };
 
 use aya::maps::IterableMap as _;
@@ -17,7 +22,7 @@ use super::{PinLayout, sys};
 /// Elements per batched syscall: big enough to amortise the syscall, small enough to keep
 /// each one short.
 const BATCH: usize = 4096;
-use super::state::{KernelState, Op};
+use super::state::{KernelState, Op, RangeEntry};
 
 /// A map that could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,9 @@ pub struct Maps {
     udp_flows: HashMap<MapData, UdpFlowKey, Backend>,
     stats: PerCpuArray<MapData, u64>,
     meta: Array<MapData, u32>,
+    /// The north-south connection tracking (read for its fill only).
+    ct: HashMap<MapData, CtKey, CtEntry>,
+    src_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
 }
 
 /// Entries and capacity of one map.
@@ -116,6 +124,8 @@ pub struct ConnTableSizes {
     pub revnat: usize,
     pub affinity: usize,
     pub udp_flows: usize,
+    /// `LB_CT` (two entries per north-south flow).
+    pub ct: usize,
 }
 
 impl Maps {
@@ -137,6 +147,8 @@ impl Maps {
             udp_flows: typed(layout, UDP_FLOWS)?,
             stats: typed(layout, STATS)?,
             meta: typed(layout, META)?,
+            ct: typed(layout, CT)?,
+            src_ranges: typed(layout, SRC_RANGES)?,
         })
     }
 
@@ -170,7 +182,18 @@ impl Maps {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(read(MEMBERS))?;
-        Ok(KernelState::from_entries(frontends, slots, members))
+        let ranges = self
+            .src_ranges
+            .keys()
+            .map(|key| {
+                key.map(|k| RangeEntry {
+                    prefix_len: k.prefix_len(),
+                    key: k.data(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read(SRC_RANGES))?;
+        Ok(KernelState::from_entries(frontends, slots, members, ranges))
     }
 
     /// Applies writes that are all of the same kind (as the syncer groups
@@ -196,10 +219,15 @@ impl Maps {
                 self.capacities.frontends,
                 self.frontends.map().fd().as_fd(),
             ),
+            Op::PutRange(_) | Op::DelRange(_) => (
+                SRC_RANGES,
+                lb_common::nat::MAX_SRC_RANGES,
+                self.src_ranges.map().fd().as_fd(),
+            ),
         };
         let deleting = matches!(
             first,
-            Op::DelMember(_) | Op::DelSlot(_) | Op::DelFrontend(..)
+            Op::DelMember(_) | Op::DelSlot(_) | Op::DelFrontend(..) | Op::DelRange(_)
         );
         let mut done = 0;
         for chunk in ops.chunks(BATCH) {
@@ -239,6 +267,16 @@ impl Maps {
                     Op::DelFrontend(..) => sys::map_delete_batch(
                         fd,
                         &of!(Op::DelFrontend(k, _) => *k).collect::<Vec<_>>(),
+                    ),
+                    Op::PutRange(_) => {
+                        let keys: Vec<LpmKey<SrcRangeKey>> =
+                            of!(Op::PutRange(e) => LpmKey::new(e.prefix_len, e.key)).collect();
+                        sys::map_update_batch(fd, &keys, &vec![SRC_RANGE_PRESENT; keys.len()])
+                    }
+                    Op::DelRange(_) => sys::map_delete_batch(
+                        fd,
+                        &of!(Op::DelRange(e) => LpmKey::new(e.prefix_len, e.key))
+                            .collect::<Vec<_>>(),
                     ),
                 };
                 match result {
@@ -326,6 +364,8 @@ impl Maps {
             REVNAT => self.revnat.map(),
             AFFINITY => self.affinity.map(),
             UDP_FLOWS => self.udp_flows.map(),
+            CT => self.ct.map(),
+            SRC_RANGES => self.src_ranges.map(),
             _ => return 0,
         };
         map.info().map(|i| i.max_entries()).unwrap_or(0)
@@ -343,6 +383,8 @@ impl Maps {
             (AFFINITY, sizes.affinity),
             (REVNAT, sizes.revnat),
             (UDP_FLOWS, sizes.udp_flows),
+            (CT, sizes.ct),
+            (SRC_RANGES, self.src_ranges.keys().count()),
         ]
         .into_iter()
         .map(|(map, entries)| Fill {
@@ -359,6 +401,7 @@ impl Maps {
             revnat: self.revnat.keys().count(),
             affinity: self.affinity.keys().count(),
             udp_flows: self.udp_flows.keys().count(),
+            ct: self.ct.keys().count(),
         }
     }
 }

@@ -84,6 +84,7 @@ fn map_type(kind: MapKind) -> MapType {
         MapKind::Array => MapType::Array,
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::SkStorage => MapType::SkStorage,
+        MapKind::LpmTrie => MapType::LpmTrie,
     }
 }
 

@@ -5,7 +5,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use lb_common::maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey};
+use lb_common::{
+    maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey},
+    nat::SrcRangeKey,
+};
+
+/// One entry of the source-range trie (`lb_common::nat::SRC_RANGES`): its prefix length
+/// (over the id and the address) and its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RangeEntry {
+    pub prefix_len: u32,
+    pub key: SrcRangeKey,
+}
 
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +28,8 @@ pub enum Op {
     DelFrontend(FrontendKey, u32),
     DelSlot(SlotKey),
     DelMember(MemberKey),
+    PutRange(RangeEntry),
+    DelRange(RangeEntry),
 }
 
 impl Op {
@@ -27,6 +40,7 @@ impl Op {
             Self::PutSlot(k, _) | Self::DelSlot(k) => k.id,
             Self::PutFrontend(_, f) => f.id,
             Self::DelFrontend(_, id) => *id,
+            Self::PutRange(e) | Self::DelRange(e) => e.key.id,
         }
     }
 }
@@ -40,6 +54,8 @@ pub struct KernelState {
     ids: HashMap<u32, FrontendKey>,
     slots: HashMap<u32, BTreeMap<u32, Backend>>,
     members: HashMap<u32, HashSet<Backend>>,
+    /// Frontend id -> its source ranges.
+    ranges: HashMap<u32, BTreeSet<RangeEntry>>,
     next_id: u32,
 }
 
@@ -50,6 +66,7 @@ impl KernelState {
         frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
         slots: impl IntoIterator<Item = (SlotKey, Backend)>,
         members: impl IntoIterator<Item = MemberKey>,
+        ranges: impl IntoIterator<Item = RangeEntry>,
     ) -> Self {
         let mut state = Self {
             next_id: 1,
@@ -64,11 +81,15 @@ impl KernelState {
         for key in members {
             state.apply(&Op::PutMember(key));
         }
+        for entry in ranges {
+            state.apply(&Op::PutRange(entry));
+        }
         let highest = state
             .ids
             .keys()
             .chain(state.slots.keys())
             .chain(state.members.keys())
+            .chain(state.ranges.keys())
             .max()
             .copied()
             .unwrap_or(0);
@@ -82,7 +103,8 @@ impl KernelState {
         let next_id = self.next_id.max(fresh.next_id);
         let differed = self.frontends != fresh.frontends
             || self.slots != fresh.slots
-            || self.members != fresh.members;
+            || self.members != fresh.members
+            || self.ranges != fresh.ranges;
         *self = Self { next_id, ..fresh };
         differed
     }
@@ -107,6 +129,16 @@ impl KernelState {
     /// Entries of `LB_MEMBERS`.
     pub fn member_count(&self) -> usize {
         self.members.values().map(HashSet::len).sum()
+    }
+
+    /// The source ranges of frontend `id`, if it has any.
+    pub fn ranges(&self, id: u32) -> Option<&BTreeSet<RangeEntry>> {
+        self.ranges.get(&id)
+    }
+
+    /// Entries of the source-range trie.
+    pub fn range_count(&self) -> usize {
+        self.ranges.values().map(BTreeSet::len).sum()
     }
 
     /// Records a write that the kernel accepted.
@@ -145,6 +177,17 @@ impl KernelState {
                     }
                 }
             }
+            Op::PutRange(entry) => {
+                self.ranges.entry(entry.key.id).or_default().insert(entry);
+            }
+            Op::DelRange(entry) => {
+                if let Some(ranges) = self.ranges.get_mut(&entry.key.id) {
+                    ranges.remove(&entry);
+                    if ranges.is_empty() {
+                        self.ranges.remove(&entry.key.id);
+                    }
+                }
+            }
         }
     }
 
@@ -164,13 +207,17 @@ impl KernelState {
         self.slots
             .keys()
             .chain(self.members.keys())
+            .chain(self.ranges.keys())
             .copied()
             .filter(|id| !self.ids.contains_key(id))
             .collect()
     }
 
     fn id_in_use(&self, id: u32) -> bool {
-        self.ids.contains_key(&id) || self.slots.contains_key(&id) || self.members.contains_key(&id)
+        self.ids.contains_key(&id)
+            || self.slots.contains_key(&id)
+            || self.members.contains_key(&id)
+            || self.ranges.contains_key(&id)
     }
 
     /// A frontend id that is not in use. Ids grow and are not reused while the agent runs,

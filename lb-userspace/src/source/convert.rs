@@ -13,7 +13,7 @@ use k8s_openapi::{
 };
 
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, Family, ObjectKey, Protocol, Service, ServicePort,
+    Cidr, Endpoint, EndpointPort, EndpointSlice, Family, ObjectKey, Protocol, Service, ServicePort,
     ServiceType, TargetPort, TopologyMode,
 };
 
@@ -149,7 +149,54 @@ pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
         out.health_check_node_port = Some(port_number("spec.healthCheckNodePort", port)?);
     }
     out.topology = topology_mode(&svc.metadata, spec);
+    out.source_ranges = source_ranges(spec, service_type)?;
     Ok(out)
+}
+
+/// `spec.loadBalancerSourceRanges`, checked as the API server checks them (pkg/apis/core/
+/// validation `ValidateService`): on a LoadBalancer Service only, each entry a CIDR, with
+/// surrounding spaces allowed ("a historical accident", which kube-proxy's
+/// `MapCIDRsByIPFamily` trims too). Host bits are cleared, as kube-proxy's parse does.
+fn source_ranges(
+    spec: &core::ServiceSpec,
+    service_type: ServiceType,
+) -> Result<Vec<Cidr>, FieldError> {
+    let Some(ranges) = spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .filter(|r| !r.is_empty())
+    else {
+        return Ok(Vec::new());
+    };
+    if service_type != ServiceType::LoadBalancer {
+        return err(
+            "spec.loadBalancerSourceRanges",
+            "may only be used when `type` is 'LoadBalancer'",
+        );
+    }
+    let mut out = Vec::with_capacity(ranges.len());
+    for (i, text) in ranges.iter().enumerate() {
+        let field = format!("spec.loadBalancerSourceRanges[{i}]");
+        out.push(cidr(&field, text)?);
+    }
+    Ok(out)
+}
+
+/// One CIDR (`ADDRESS/LENGTH`), spaces around it ignored.
+fn cidr(field: &str, text: &str) -> Result<Cidr, FieldError> {
+    let bad = || {
+        err(
+            field,
+            format!("{text:?} is not a valid CIDR (e.g. 192.0.2.0/24 or 2001:db8::/32)"),
+        )
+    };
+    let Some((addr, len)) = text.trim().split_once('/') else {
+        return bad();
+    };
+    let (Ok(addr), Ok(len)) = (addr.parse::<IpAddr>(), len.parse::<u8>()) else {
+        return bad();
+    };
+    Cidr::new(addr, len).map_or_else(bad, Ok)
 }
 
 fn cluster_ips(spec: &core::ServiceSpec) -> Result<Vec<IpAddr>, FieldError> {
@@ -820,9 +867,37 @@ spec:
             "spec.clusterIPs[0]"
         )]
         #[case::no_spec("metadata: {name: a}", "spec")]
+        #[case::source_ranges_not_lb(
+            "metadata: {name: a}\nspec: {type: NodePort, clusterIP: 10.0.0.1, ports: [{port: 1, nodePort: 30001}], loadBalancerSourceRanges: [10.0.0.0/8]}",
+            "spec.loadBalancerSourceRanges"
+        )]
+        #[case::source_range_no_prefix(
+            "metadata: {name: a}\nspec: {type: LoadBalancer, clusterIP: 10.0.0.1, ports: [{port: 1, nodePort: 30001}], loadBalancerSourceRanges: [10.0.0.0/8, 10.1.0.0]}",
+            "spec.loadBalancerSourceRanges[1]"
+        )]
+        #[case::source_range_too_long(
+            "metadata: {name: a}\nspec: {type: LoadBalancer, clusterIP: 10.0.0.1, ports: [{port: 1, nodePort: 30001}], loadBalancerSourceRanges: [10.0.0.0/33]}",
+            "spec.loadBalancerSourceRanges[0]"
+        )]
+        #[case::source_range_garbage(
+            "metadata: {name: a}\nspec: {type: LoadBalancer, clusterIP: 10.0.0.1, ports: [{port: 1, nodePort: 30001}], loadBalancerSourceRanges: ['10.0.0.0/8,10.1.0.0/16']}",
+            "spec.loadBalancerSourceRanges[0]"
+        )]
         fn name_the_field(#[case] yaml: &str, #[case] field: &str) {
             assert_eq!(field_of(yaml), field);
         }
+    }
+
+    /// Spaces around an entry are accepted (as the API server does), host bits cleared, both
+    /// families kept.
+    #[test]
+    fn source_ranges_parse_as_the_api_server_accepts_them() {
+        let s = service(&svc("metadata: {name: a}\nspec: {type: LoadBalancer, clusterIP: 10.0.0.1, ports: [{port: 1, nodePort: 30001}], loadBalancerSourceRanges: [' 10.0.0.0/8 ', 192.0.2.7/24, '2001:db8::1/32']}")).unwrap();
+        let shown: Vec<String> = s.source_ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.0.2.0/24", "2001:db8::/32"]);
+        assert!(s.source_ranges[1].contains(&"192.0.2.200".parse().unwrap()));
+        assert!(!s.source_ranges[1].contains(&"192.0.3.1".parse().unwrap()));
+        assert!(!s.source_ranges[0].contains(&"2001:db8::1".parse().unwrap()));
     }
 
     #[test]
