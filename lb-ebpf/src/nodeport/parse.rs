@@ -78,3 +78,30 @@ pub fn is_ext(nexthdr: u8) -> bool {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
     )
 }
+
+/// Walks the IPv6 extension headers from header `next` at offset `off`, at most
+/// [`MAX_EXT_HEADERS`] of them, reading each one's first two bytes with `read2`: the
+/// header found after them and its offset (still an extension header when there were more),
+/// or [`Skip::Fragment`], or [`Skip::Malformed`] when a header is cut short. Shared by the
+/// XDP and tc parsers, which read the packet differently.
+#[inline(always)]
+pub fn ext_walk(
+    mut next: u8,
+    mut off: usize,
+    read2: impl Fn(usize) -> Option<[u8; 2]>,
+) -> Result<(u8, usize), Skip> {
+    for _ in 0..MAX_EXT_HEADERS {
+        if !is_ext(next) {
+            break;
+        }
+        match ext_step(next, read2(off).ok_or(Skip::Malformed)?) {
+            Ext::Skip { next: n, len } => {
+                next = n;
+                off += len;
+            }
+            Ext::Fragment => return Err(Skip::Fragment),
+            Ext::Done => break,
+        }
+    }
+    Ok((next, off))
+}

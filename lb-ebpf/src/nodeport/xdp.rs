@@ -22,9 +22,8 @@ use lb_common::{
 use super::{
     Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, in_key, is_member,
     parse::{
-        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, IP_MF, IP_OFFSET,
-        IPV4_HLEN, IPV6_HLEN, MAX_EXT_HEADERS, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_step,
-        is_ext,
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPV4_HLEN,
+        IPV6_HLEN, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_walk, is_ext,
     },
     reply_key, src_range,
 };
@@ -158,21 +157,7 @@ fn parse(ctx: &XdpContext, out: &mut Flow) -> Result<(), Skip> {
             src.copy_from_slice(&h[8..24]);
             let mut dst = [0u8; 16];
             dst.copy_from_slice(&h[24..40]);
-            let mut next = h[6];
-            let mut off = l3 + IPV6_HLEN;
-            for _ in 0..MAX_EXT_HEADERS {
-                if !is_ext(next) {
-                    break;
-                }
-                match ext_step(next, read::<2>(ctx, off)?) {
-                    Ext::Skip { next: n, len } => {
-                        next = n;
-                        off += len;
-                    }
-                    Ext::Fragment => return Err(Skip::Fragment),
-                    Ext::Done => break,
-                }
-            }
+            let (next, off) = ext_walk(h[6], l3 + IPV6_HLEN, |off| read::<2>(ctx, off).ok())?;
             if is_ext(next) {
                 return Err(Skip::Malformed);
             }

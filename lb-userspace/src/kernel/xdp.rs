@@ -14,7 +14,7 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, ProgramError, ProgramFd, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -131,6 +131,29 @@ fn adopt(
     }
 }
 
+/// A descriptor of our own for a loaded program (the program stays in the `Ebpf`), for
+/// swapping it into a pinned link; `path` is that link's, for the error.
+fn own_fd(fd: &ProgramFd, path: &Path) -> Result<std::os::fd::OwnedFd, XdpError> {
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(io_err("duplicating program fd", path))
+}
+
+/// Pins a link just attached at `path`. Dropping the pinned link closes our descriptor; the
+/// pin keeps it attached.
+fn pin_new_link<L>(link: L, path: &Path) -> Result<(), XdpError>
+where
+    L: TryInto<FdLink, Error = LinkError>,
+{
+    let link: FdLink = link.try_into().map_err(link_err("converting link", path))?;
+    drop(link.pin(path).map_err(|e| XdpError::Io {
+        what: "pinning link",
+        path: path.to_owned(),
+        source: io::Error::other(e),
+    })?);
+    Ok(())
+}
+
 /// Loads the XDP and tc programs and attaches them to every interface of `ifaces` (or adopts
 /// the pinned links a previous agent left there).
 pub fn attach_or_adopt(
@@ -179,12 +202,7 @@ fn attach_xdp(
         program.load().map_err(program_error)?;
     }
     let path = pin_path(layout, "xdp", iface);
-    let prog_fd = program
-        .fd()
-        .map_err(program_error)?
-        .as_fd()
-        .try_clone_to_owned();
-    let prog_fd = prog_fd.map_err(io_err("duplicating program fd", &path))?;
+    let prog_fd = own_fd(program.fd().map_err(program_error)?, &path)?;
     if adopt(layout, &path, "XDP", prog_fd.as_fd(), |l| {
         XdpLink::try_from(l).is_ok()
     })? {
@@ -204,17 +222,7 @@ fn attach_xdp(
             )
         }
     };
-    let link: FdLink = program
-        .take_link(id)
-        .map_err(program_error)?
-        .try_into()
-        .map_err(link_err("converting link", &path))?;
-    // Dropping the pinned link closes our descriptor; the pin keeps it attached.
-    drop(link.pin(&path).map_err(|e| XdpError::Io {
-        what: "pinning link",
-        path: path.clone(),
-        source: io::Error::other(e),
-    })?);
+    pin_new_link(program.take_link(id).map_err(program_error)?, &path)?;
     Ok((Attachment::Attached, mode))
 }
 
@@ -233,12 +241,7 @@ fn attach_tc(ebpf: &mut Ebpf, layout: &PinLayout, iface: &str) -> Result<Attachm
         program.load().map_err(program_error)?;
     }
     let path = pin_path(layout, "tc", iface);
-    let prog_fd = program
-        .fd()
-        .map_err(program_error)?
-        .as_fd()
-        .try_clone_to_owned();
-    let prog_fd = prog_fd.map_err(io_err("duplicating program fd", &path))?;
+    let prog_fd = own_fd(program.fd().map_err(program_error)?, &path)?;
     if adopt(layout, &path, "tcx egress", prog_fd.as_fd(), |l| {
         SchedClassifierLink::try_from(l).is_ok()
     })? {
@@ -251,16 +254,7 @@ fn attach_tc(ebpf: &mut Ebpf, layout: &PinLayout, iface: &str) -> Result<Attachm
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
         .map_err(program_error)?;
-    let link: FdLink = program
-        .take_link(id)
-        .map_err(program_error)?
-        .try_into()
-        .map_err(link_err("converting link", &path))?;
-    drop(link.pin(&path).map_err(|e| XdpError::Io {
-        what: "pinning link",
-        path: path.clone(),
-        source: io::Error::other(e),
-    })?);
+    pin_new_link(program.take_link(id).map_err(program_error)?, &path)?;
     Ok(Attachment::Attached)
 }
 
