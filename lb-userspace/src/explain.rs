@@ -217,6 +217,9 @@ pub struct External {
     /// Backends in the external range, with whether each is on this node.
     pub backends: Vec<ExternalSlot>,
     pub verdict: String,
+    /// `loadBalancerSourceRanges` XDP admits new flows from (a LoadBalancer IP's only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize)]
@@ -255,7 +258,35 @@ pub fn external_view(f: &Frontend, backends: Vec<ExternalSlot>) -> Option<Extern
         policy: if local { "Local" } else { "Cluster" },
         backends,
         verdict,
+        source_ranges: Vec::new(),
     })
+}
+
+/// `x` with the frontend's source ranges: a new flow from `client` (with whether a range
+/// holds it, as XDP's trie lookup says) is dropped when none does; without a client the
+/// verdict says that only the ranges are admitted.
+pub fn with_sources(
+    mut x: External,
+    ranges: Vec<String>,
+    client: Option<(IpAddr, bool)>,
+) -> External {
+    if ranges.is_empty() {
+        return x;
+    }
+    x.verdict = match client {
+        Some((ip, false)) => format!(
+            "dropped: {ip} is outside the Service's loadBalancerSourceRanges (counter {}), as kube-proxy's firewall",
+            lb_common::stats::NAMES[lb_common::stats::XDP_DROP_SOURCE_RANGE as usize]
+        ),
+        Some((ip, true)) => format!("{ip} is inside loadBalancerSourceRanges; {}", x.verdict),
+        None => format!(
+            "{} (new flows from loadBalancerSourceRanges only: {})",
+            x.verdict,
+            ranges.join(" ")
+        ),
+    };
+    x.source_ranges = ranges;
+    x
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: `bpf_ktime_get_ns()`'s clock.
@@ -400,9 +431,16 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         client: clients,
         affinity,
         verdict,
-        external: matched
-            .as_ref()
-            .and_then(|m| external_view(&m.frontend, external)),
+        external: matched.as_ref().and_then(|m| {
+            let x = external_view(&m.frontend, external)?;
+            if m.frontend.flags & lb_common::nat::FRONTEND_SRC_RANGES == 0 {
+                return Some(x);
+            }
+            let admitted = args
+                .client
+                .map(|ip| (ip, maps.src_range_admits(m.frontend.id, &ip)));
+            Some(with_sources(x, maps.src_ranges_of(m.frontend.id), admitted))
+        }),
     };
     let mut out = std::io::stdout().lock();
     if args.inspect.json {
@@ -544,6 +582,29 @@ mod tests {
             }
             (got, want) => panic!("{got:?} vs {want:?}"),
         }
+    }
+
+    #[test]
+    fn source_ranges_decide_for_a_given_client() {
+        let x = || external_view(&external(1, 1, 1), Vec::new()).unwrap();
+        let ranges = || vec!["192.0.2.0/24".to_owned()];
+        let ip = "198.51.100.1".parse().unwrap();
+        let out = with_sources(x(), ranges(), Some((ip, false)));
+        assert!(
+            out.verdict.starts_with("dropped: 198.51.100.1 is outside"),
+            "{}",
+            out.verdict
+        );
+        assert!(out.verdict.contains("xdp_drop_source_range"));
+        let ok = with_sources(x(), ranges(), Some((ip, true)));
+        assert!(ok.verdict.contains("this node's 1"), "{}", ok.verdict);
+        let any = with_sources(x(), ranges(), None);
+        assert!(
+            any.verdict.ends_with("only: 192.0.2.0/24)"),
+            "{}",
+            any.verdict
+        );
+        assert_eq!(with_sources(x(), Vec::new(), None), x());
     }
 
     #[rstest]

@@ -79,15 +79,7 @@ fn source_ranges(state: &crate::kernel::state::KernelState, id: u32) -> Vec<Stri
         .ranges(id)
         .into_iter()
         .flatten()
-        .map(|e| {
-            let addr = std::net::Ipv6Addr::from(e.key.addr.octets());
-            // Prefix lengths count the 32 bits of the id first.
-            let bits = e.prefix_len.saturating_sub(32);
-            match addr.to_ipv4_mapped() {
-                Some(v4) => format!("{v4}/{}", bits.saturating_sub(96)),
-                None => format!("{addr}/{bits}"),
-            }
-        })
+        .map(ToString::to_string)
         .collect()
 }
 

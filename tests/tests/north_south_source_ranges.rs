@@ -131,6 +131,21 @@ fn source_ranges_admit_listed_clients_to_the_load_balancer_ip_only() {
     let refused = request(&topo, EXT4, &lb);
     assert_eq!(refused, Err("timed out".to_owned()), "dropped, not reset");
     assert!(agent.stat("xdp_drop_source_range") > before);
+    // lb explain names the rule, for the refused client and for the admitted one.
+    for (client, want) in [
+        (EXT4, "dropped: 10.250.1.2 is outside"),
+        (EXT4_B, "10.250.1.3 is inside"),
+    ] {
+        let explained = agent.lb(&["explain", &lb, "--client", client, "--json"]);
+        let e: serde_json::Value = serde_json::from_str(&explained).expect(&explained);
+        assert!(
+            e["external"]["verdict"]
+                .as_str()
+                .is_some_and(|v| v.starts_with(want)),
+            "{e:#}"
+        );
+        assert_eq!(e["external"]["source_ranges"][0], "10.250.1.3/32", "{e:#}");
+    }
     // The NodePort of the same Service takes every source (kube-proxy filters LB IPs only).
     let nodeport = request(&topo, EXT4, &format!("{NODE4}:30110"));
     assert!(

@@ -355,6 +355,35 @@ impl Maps {
             .collect()
     }
 
+    /// Whether XDP would admit a new flow from `client` to frontend `id` by its source ranges
+    /// (the same full-length trie lookup as `lb-ebpf` `src_range.rs`).
+    pub fn src_range_admits(&self, id: u32, client: &std::net::IpAddr) -> bool {
+        let key = LpmKey::new(
+            lb_common::nat::SRC_RANGE_FULL,
+            SrcRangeKey {
+                id,
+                addr: crate::desired::addr(client),
+            },
+        );
+        self.src_ranges.get(&key, 0).is_ok()
+    }
+
+    /// The source ranges of frontend `id` as CIDRs (an iteration of the trie).
+    pub fn src_ranges_of(&self, id: u32) -> Vec<String> {
+        self.src_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().id == id)
+            .map(|k| {
+                RangeEntry {
+                    prefix_len: k.prefix_len(),
+                    key: k.data(),
+                }
+                .to_string()
+            })
+            .collect()
+    }
+
     /// The capacity of the pinned map `name` (0 when unknown).
     pub fn capacity(&self, name: &str) -> u32 {
         let map = match name {

@@ -18,6 +18,19 @@ pub struct RangeEntry {
     pub key: SrcRangeKey,
 }
 
+impl std::fmt::Display for RangeEntry {
+    /// The range as a CIDR (`192.0.2.0/24`, `2001:db8::/32`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addr = std::net::Ipv6Addr::from(self.key.addr.octets());
+        // Prefix lengths count the 32 bits of the id first, then IPv4 sits behind ::ffff:0:0/96.
+        let bits = self.prefix_len.saturating_sub(32);
+        match addr.to_ipv4_mapped() {
+            Some(v4) => write!(f, "{v4}/{}", bits.saturating_sub(96)),
+            None => write!(f, "{addr}/{bits}"),
+        }
+    }
+}
+
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
