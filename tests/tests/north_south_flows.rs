@@ -135,6 +135,7 @@ fn local_flow_survives_then_ends(udp: bool) {
     let gone_before = agent.stat("xdp_drop_backend_gone");
     set_endpoints(&agent, &dir, &[other]);
     let after = flow.ask();
+    eprintln!("after its backend left, the flow got: {after:?}");
     assert!(
         after.is_err(),
         "the flow's backend left: the flow must end, got {after:?}"
@@ -205,6 +206,7 @@ fn snat_flow_survives_then_ends(udp: bool) {
     let gone_before = agent.stat("xdp_drop_backend_gone");
     set_endpoints(&agent, &dir, &[other]);
     let after = flow.ask();
+    eprintln!("after its backend left, the flow got: {after:?}");
     assert!(
         after.is_err(),
         "the flow's backend left: the flow must end, got {after:?}"
