@@ -245,3 +245,29 @@ impl KernelState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::nat::src_range_prefix;
+
+    use super::*;
+
+    /// A trie entry shows as the CIDR it was made from, in both families.
+    #[rstest::rstest]
+    #[case::v4("192.0.2.0", 24)]
+    #[case::v4_host("10.1.2.3", 32)]
+    #[case::v4_all("0.0.0.0", 0)]
+    #[case::v6("2001:db8::", 32)]
+    #[case::v6_host("fd00:250:1::3", 128)]
+    fn ranges_show_as_cidrs(#[case] addr: &str, #[case] len: u8) {
+        let ip: std::net::IpAddr = addr.parse().unwrap();
+        let entry = RangeEntry {
+            prefix_len: src_range_prefix(ip.is_ipv4(), len),
+            key: SrcRangeKey {
+                id: 7,
+                addr: crate::desired::addr(&ip),
+            },
+        };
+        assert_eq!(entry.to_string(), format!("{addr}/{len}"));
+    }
+}
