@@ -233,6 +233,18 @@ impl NodeAgent {
     /// Stops the agent with SIGTERM (it leaves the datapath serving: pinned links and maps)
     /// and starts a new one on the same pins, which adopts them.
     pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Starts a new agent on this one's pins after [`NodeAgent::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the agent is running");
+        self.spawn();
+    }
+
+    /// Stops the agent with SIGTERM and checks that it exits 0; the datapath stays.
+    pub fn stop(&mut self) {
         let mut proc = self.child.take().expect("a running agent");
         let pid = i32::try_from(proc.0.id()).expect("pid");
         // SAFETY: our own child (nsenter execs lb, so this is lb).
@@ -250,7 +262,6 @@ impl NodeAgent {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(status.success(), "lb run exited with {status}");
-        self.spawn();
     }
 
     pub fn lb(&self, args: &[&str]) -> String {

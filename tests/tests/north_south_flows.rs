@@ -127,8 +127,11 @@ fn local_flow_survives_then_ends(udp: bool) {
             "the flow keeps its backend"
         );
     }
-    // (b) The agent restarts: the new one adopts the links and keeps the conntrack map.
-    agent.restart();
+    // (b) The agent stops (the flow goes on without it), and a new one adopts the links and
+    // keeps the conntrack map.
+    agent.stop();
+    assert_eq!(pod_of(&flow.ask(), "while the agent is down"), pod);
+    agent.start_again();
     set_endpoints(&agent, &dir, &[mine, other]);
     assert_eq!(pod_of(&flow.ask(), "after a restart"), pod);
     // (c) Its own backend leaves: the flow ends, no other pod answers it.
@@ -200,7 +203,9 @@ fn snat_flow_survives_then_ends(udp: bool) {
             "after endpoints {endpoints:?}"
         );
     }
-    agent.restart();
+    agent.stop();
+    assert_eq!(flow.ask().as_ref(), Ok(&seen), "while the agent is down");
+    agent.start_again();
     set_endpoints(&agent, &dir, &[podb]);
     assert_eq!(flow.ask().as_ref(), Ok(&seen), "after a restart");
     let gone_before = agent.stat("xdp_drop_backend_gone");
