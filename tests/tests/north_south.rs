@@ -7,21 +7,16 @@
 //! ext (10.250.1.2) -- router (10.250.1.1 | 10.250.2.1) -- n0 (10.250.2.2) node -- br0 -- pods
 //! ```
 
-use std::{
-    io::{BufRead as _, BufReader},
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use lb_tests::{
-    Netns, Node, Outcome, Proc, TempDir, die_with_parent, lb_bin, run_client, testpod_bin, unique,
+    Netns, Node, Outcome, Proc, TempDir,
+    north_south::{
+        EXT4, EXT4_2, EXT6, NODE4, NODE6, NodeAgent, TwoNodes, in_netns, serve_showing_client,
+        sysctl, wait_addresses_settled,
+    },
+    run_client, unique,
 };
-
-const EXT4: &str = "10.250.1.2";
-const EXT6: &str = "fd00:250:1::2";
-const NODE4: &str = "10.250.2.2";
-const NODE6: &str = "fd00:250:2::2";
 
 /// The topology; everything is removed on drop (namespaces delete their veths).
 struct Topology {
@@ -29,30 +24,6 @@ struct Topology {
     _router: Netns,
     node: Node,
     _servers: Vec<Proc>,
-}
-
-fn sysctl(ns: &Netns, settings: &[&str]) {
-    let mut args = vec!["ip", "netns", "exec", &ns.name, "sysctl", "-qw"];
-    args.extend_from_slice(settings);
-    lb_tests::sh(&args);
-}
-
-/// Starts a test server that answers "NAME CLIENT-ADDR" in pod namespace `netns`.
-fn serve_showing_client(netns: &Netns, name: &str, port: u16) -> Proc {
-    let mut child = die_with_parent(&mut Command::new(testpod_bin()))
-        .arg("--netns")
-        .arg(netns.path())
-        .args(["serve", "--name", name, "--show-client"])
-        .args(["--tcp", &port.to_string(), "--udp", &port.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn lb-testpod serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
-    assert_eq!(line.trim(), "ready");
-    Proc(child)
 }
 
 impl Topology {
@@ -139,25 +110,14 @@ impl Topology {
             node,
             _servers: servers,
         };
-        // IPv6 link-local addresses stay tentative (duplicate address detection) for a
-        // second or two after a link comes up, and neighbour discovery across the router
-        // fails meanwhile: wait until every namespace has settled.
+        // IPv6 link-local addresses stay tentative for a second or two after a link comes
+        // up, and neighbour discovery across the router fails meanwhile: wait until every
+        // namespace has settled.
         let mut all: Vec<&Netns> = vec![&topo.ext, &topo._router, &topo.node.client];
         all.extend(topo.node.pods.iter().map(|p| &p.netns));
         let deadline = Instant::now() + Duration::from_secs(10);
         for ns in all {
-            while !ns
-                .ip(&["-6", "addr", "show", "tentative"])
-                .trim()
-                .is_empty()
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "{}: addresses stay tentative",
-                    ns.name
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            wait_addresses_settled(ns, deadline);
         }
         topo
     }
@@ -165,101 +125,6 @@ impl Topology {
     /// The external client's requests.
     fn client(&self, args: &[&str]) -> Vec<Outcome> {
         run_client(None, &self.ext.path(), args)
-    }
-}
-
-/// `lb run` inside the node namespace with `--xdp-iface n0`; stopped and cleaned up on drop.
-struct NodeAgent {
-    pin_path: PathBuf,
-    netns: PathBuf,
-    child: Option<Proc>,
-    log: PathBuf,
-}
-
-impl NodeAgent {
-    fn start(topo: &Topology, manifests: &std::path::Path) -> Self {
-        Self::start_on(&topo.node, manifests)
-    }
-
-    /// `lb run` in node `node`'s namespace (node-a, `--xdp-iface n0`).
-    fn start_on(node: &Node, manifests: &std::path::Path) -> Self {
-        let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
-        let log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
-        let log_file = std::fs::File::create(&log).expect("log");
-        let child = die_with_parent(&mut Command::new("nsenter"))
-            .arg(format!("--net={}", node.client.path().display()))
-            .arg(lb_bin())
-            .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
-            .arg("--cgroup")
-            .arg(&node.cgroup.path)
-            .arg("--pin-path")
-            .arg(&pin_path)
-            .args(["--node-name", "node-a", "--xdp-iface", "n0"])
-            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-            .stdout(log_file.try_clone().expect("log fd"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn lb run");
-        Self {
-            pin_path,
-            netns: node.client.path(),
-            child: Some(Proc(child)),
-            log,
-        }
-    }
-
-    fn lb(&self, args: &[&str]) -> String {
-        let out = Command::new(lb_bin())
-            .args(args)
-            .arg("--pin-path")
-            .arg(&self.pin_path)
-            .output()
-            .expect("run lb");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Waits until `lb list` shows every one of `frontends`.
-    fn wait_for(&self, frontends: &[&str]) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let list = self.lb(&["list"]);
-            if frontends.iter().all(|f| list.contains(f)) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "frontends {frontends:?} not programmed: {list}\nagent log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// A datapath counter from `lb stats`.
-    fn stat(&self, name: &str) -> u64 {
-        let stats = self.lb(&["stats"]);
-        stats
-            .lines()
-            .find_map(|l| {
-                let mut words = l.split_whitespace();
-                (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("no counter {name} in:\n{stats}"))
-    }
-}
-
-impl Drop for NodeAgent {
-    fn drop(&mut self) {
-        drop(self.child.take());
-        let _cleaned = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.display()))
-            .arg(lb_bin())
-            .args(["cleanup", "--pin-path"])
-            .arg(&self.pin_path)
-            .output();
-        let _gone = std::fs::remove_file(&self.log);
     }
 }
 
@@ -347,7 +212,7 @@ fn nodeport_from_outside_reaches_the_local_pod_with_the_client_ip() {
     let topo = Topology::new();
     let dir = TempDir::new("ns");
     dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start(&topo, &dir.0);
+    let agent = NodeAgent::start_on(&topo.node, &dir.0);
     // --node-ip defaults to n0's addresses.
     agent.wait_for(&[
         "10.250.2.2:30080/TCP",
@@ -396,7 +261,7 @@ fn etp_local_without_a_local_endpoint_drops() {
     let topo = Topology::new();
     let dir = TempDir::new("ns");
     dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start(&topo, &dir.0);
+    let agent = NodeAgent::start_on(&topo.node, &dir.0);
     agent.wait_for(&["10.250.2.2:30081/TCP"]);
     let before = agent.stat("xdp_drop_no_local_endpoint");
     let outcomes = topo.client(&["tcp", &format!("{NODE4}:30081")]);
@@ -422,14 +287,7 @@ fn etp_local_without_a_local_endpoint_drops() {
 
 // ---- externalTrafficPolicy: Cluster to a pod behind another node (SNAT) ----
 //
-// ```text
-// (IPv6 alike: fd00:250:1::/64, fd00:250:2::/64, podb fd00:201::2)
-// ext (10.250.1.2, .3) -- router (10.250.1.1 | rb 10.250.2.1) --+-- n0 (10.250.2.2) node-a (agent)
-//                                                    bridge rb  +-- m0 (10.250.2.3) node-b
-//                                                                   -- q0 (10.201.0.2) podb
-// ```
-
-const NODE_B4: &str = "10.250.2.3";
+// The two-node topology of `lb_tests::north_south` (an agent on node-a only).
 
 /// A dual-stack NodePort Service (eTP Cluster, the default) whose only endpoint is podb on
 /// node-b.
@@ -461,245 +319,6 @@ ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
 endpoints:
 - {addresses: ['fd00:201::2'], nodeName: node-b}
 ";
-
-/// Runs `f` on a thread of its own inside network namespace `ns` (the test's other threads
-/// stay where they are).
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("netns file");
-        // SAFETY: a valid namespace descriptor; only this thread moves.
-        let ret =
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
-
-/// `ETHTOOL_SGRO`: set generic receive offload.
-const ETHTOOL_SGRO: u32 = 0x2c;
-/// `ETHTOOL_STXCSUM`: set transmit checksum offload.
-const ETHTOOL_STXCSUM: u32 = 0x17;
-
-/// `ethtool` on device `dev` in `ns` through a legacy `SIOCETHTOOL` set command (`cmd`,
-/// `data`), without the ethtool tool.
-///
-/// The topology needs two: GRO on the veth peer of the XDP interface (a veth receives frames
-/// that its peer's XDP program redirects or transmits only when it has NAPI, which GRO
-/// enables), and transmit checksum offload off on the senders: a veth hands locally made
-/// packets on with only the pseudo-header sum in the checksum field (CHECKSUM_PARTIAL),
-/// which an XDP redirect cannot carry, while frames from a wire always have full checksums.
-fn ethtool_set(ns: &Netns, dev: &str, cmd: u32, data: u32) {
-    let dev = dev.to_owned();
-    in_netns(ns, move || {
-        #[repr(C)]
-        struct EthtoolValue {
-            cmd: u32,
-            data: u32,
-        }
-        const SIOCETHTOOL: libc::c_ulong = 0x8946;
-        let mut value = EthtoolValue { cmd, data };
-        // SAFETY: a zeroed ifreq with the name and the data pointer set; the socket is ours.
-        unsafe {
-            let mut ifr: libc::ifreq = std::mem::zeroed();
-            for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
-                *d = s as libc::c_char;
-            }
-            ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let ret = libc::ioctl(fd, SIOCETHTOOL, &raw mut ifr);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            assert_eq!(ret, 0, "SIOCETHTOOL {cmd:#x} on {dev}: {err}");
-        }
-    });
-}
-
-/// The two-node topology; everything is removed on drop.
-struct TwoNodes {
-    ext: Netns,
-    router: Netns,
-    node_a: Node,
-    node_b: Netns,
-    _pod_b: Netns,
-    _server: Proc,
-}
-
-impl TwoNodes {
-    fn new() -> Self {
-        let node_a = Node::new();
-        let id = unique("n2");
-        let ext = Netns::new(format!("{id}e"));
-        let router = Netns::new(format!("{id}r"));
-        let node_b = Netns::new(format!("{id}b"));
-        let pod_b = Netns::new(format!("{id}q"));
-        let a_ns = node_a.client.name.clone();
-        ext.ip(&[
-            "link",
-            "add",
-            "e0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r0",
-            "netns",
-            &router.name,
-        ]);
-        router.ip(&[
-            "link", "add", "r1", "type", "veth", "peer", "name", "n0", "netns", &a_ns,
-        ]);
-        router.ip(&[
-            "link",
-            "add",
-            "r2",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "m0",
-            "netns",
-            &node_b.name,
-        ]);
-        node_b.ip(&[
-            "link",
-            "add",
-            "p0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "q0",
-            "netns",
-            &pod_b.name,
-        ]);
-        router.ip(&["link", "add", "rb", "type", "bridge"]);
-        for dev in ["r1", "r2"] {
-            router.ip(&["link", "set", dev, "master", "rb"]);
-            router.ip(&["link", "set", dev, "up"]);
-        }
-        for (ns, dev, v4) in [
-            (&ext, "e0", "10.250.1.2/24"),
-            (&router, "r0", "10.250.1.1/24"),
-            (&router, "rb", "10.250.2.1/24"),
-            (&node_a.client, "n0", "10.250.2.2/24"),
-            (&node_b, "m0", "10.250.2.3/24"),
-            (&node_b, "p0", "10.201.0.1/24"),
-            (&pod_b, "q0", "10.201.0.2/24"),
-        ] {
-            ns.ip(&["addr", "add", v4, "dev", dev]);
-            ns.ip(&["link", "set", dev, "up"]);
-        }
-        for (ns, dev, v6) in [
-            (&ext, "e0", "fd00:250:1::2/64"),
-            (&router, "r0", "fd00:250:1::1/64"),
-            (&router, "rb", "fd00:250:2::1/64"),
-            (&node_a.client, "n0", "fd00:250:2::2/64"),
-            (&node_b, "m0", "fd00:250:2::3/64"),
-            (&node_b, "p0", "fd00:201::1/64"),
-            (&pod_b, "q0", "fd00:201::2/64"),
-        ] {
-            ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
-        }
-        ext.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd00:250:2::/64",
-            "via",
-            "fd00:250:1::1",
-        ]);
-        node_a.client.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd00:250:1::/64",
-            "via",
-            "fd00:250:2::1",
-        ]);
-        node_a.client.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd00:201::/64",
-            "via",
-            "fd00:250:2::3",
-        ]);
-        pod_b.ip(&["-6", "route", "add", "default", "via", "fd00:201::1"]);
-        // The second client.
-        ext.ip(&["addr", "add", "10.250.1.3/24", "dev", "e0"]);
-        pod_b.ip(&["link", "set", "lo", "up"]);
-        // Only routes to the test's own namespaces.
-        ext.ip(&["route", "add", "10.250.2.0/24", "via", "10.250.1.1"]);
-        node_a
-            .client
-            .ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
-        node_a
-            .client
-            .ip(&["route", "add", "10.201.0.0/24", "via", NODE_B4]);
-        pod_b.ip(&["route", "add", "default", "via", "10.201.0.1"]);
-        for ns in [&router, &node_a.client, &node_b] {
-            sysctl(
-                ns,
-                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
-            );
-        }
-        // Link-local addresses stay tentative for a moment, and neighbour discovery fails
-        // meanwhile (see `Topology::new`).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for ns in [&ext, &router, &node_a.client, &node_b, &pod_b] {
-            while !ns
-                .ip(&["-6", "addr", "show", "tentative"])
-                .trim()
-                .is_empty()
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "{}: addresses stay tentative",
-                    ns.name
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        // XDP on n0 sends both directions back out of n0: its peer needs NAPI.
-        ethtool_set(&router, "r1", ETHTOOL_SGRO, 1);
-        ethtool_set(&ext, "e0", ETHTOOL_STXCSUM, 0);
-        ethtool_set(&pod_b, "q0", ETHTOOL_STXCSUM, 0);
-        let server = serve_showing_client(&pod_b, "podb", 8080);
-        // Resolve node-a's neighbours (XDP redirects only to resolved ones).
-        // (The bridge's ports take a moment to forward; a datagram to the discard port makes
-        // the kernel resolve the neighbour.)
-        for target in ["10.250.2.1", NODE_B4, "fd00:250:2::1", "fd00:250:2::3"] {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !node_a
-                .client
-                .ip(&["neigh", "show", target])
-                .contains("lladdr")
-            {
-                let ip: std::net::IpAddr = target.parse().expect("addr");
-                let to = std::net::SocketAddr::new(ip, 9);
-                in_netns(&node_a.client, move || {
-                    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-                    let socket = std::net::UdpSocket::bind(any).expect("udp");
-                    let _sent = socket.send_to(b"resolve", to);
-                });
-                assert!(Instant::now() < deadline, "node-a cannot resolve {target}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        Self {
-            ext,
-            router,
-            node_a,
-            node_b,
-            _pod_b: pod_b,
-            _server: server,
-        }
-    }
-}
 
 /// One line over TCP from `src` (with source port `sport`) to `dst`, on a thread in `ns`;
 /// the answer ("NAME CLIENT-ADDR:PORT") and the peer address.
@@ -821,7 +440,7 @@ fn etp_cluster_reaches_a_pod_behind_another_node_with_snat() {
     // Two clients behind the router, the same source port, both connections open at once.
     let (a, b) = std::thread::scope(|scope| {
         let one = scope.spawn(|| tcp_from(&topo.ext, EXT4, 40_000, &service));
-        let two = scope.spawn(|| tcp_from(&topo.ext, "10.250.1.3", 40_000, &service));
+        let two = scope.spawn(|| tcp_from(&topo.ext, EXT4_2, 40_000, &service));
         (one.join().expect("client 1"), two.join().expect("client 2"))
     });
     let ports: Vec<u16> = [&a, &b]
@@ -1087,7 +706,7 @@ fn crafted_packets_through_test_run() {
     let topo = Topology::new();
     let dir = TempDir::new("ns");
     dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start(&topo, &dir.0);
+    let agent = NodeAgent::start_on(&topo.node, &dir.0);
     agent.wait_for(&[
         "10.250.2.2:30080/TCP",
         "[fd00:250:2::2]:30080/UDP",
