@@ -1,9 +1,10 @@
-//! Issue 9's north-south behaviours that the other test files do not cover, each end to end
-//! in the two-node topology of `lb_tests::north_south` with one agent per node (started in
-//! the node's namespace): LoadBalancer ingress IPs and externalIPs reached on either node,
-//! `healthCheckNodePort` answering on each node's address from outside, the XDP/tc links
-//! adopted by a restarted agent and removed by `lb cleanup` (native and generic XDP), and
-//! `lb check` naming both Services of one external IP:port.
+//! Issue 9's north-south behaviours that the other test files do not cover, end to end in
+//! the two-node topology of `lb_tests::north_south` (agents started in their node's
+//! namespace): LoadBalancer ingress IPs and externalIPs reached on either node (one agent per
+//! node), `healthCheckNodePort` answering on each node's address from outside, NodePorts on
+//! every `--node-ip` and refused without endpoints, the XDP/tc links adopted by a restarted
+//! agent and removed by `lb cleanup` (native and generic XDP), and `lb check` naming both
+//! Services of one external IP:port.
 
 use std::{
     collections::BTreeSet,
@@ -392,5 +393,70 @@ fn lb_check_names_both_services_of_one_external_ip_port() {
             && stderr.contains("a.yaml")
             && stderr.contains("b.yaml"),
         "{stderr}"
+    );
+}
+
+/// A NodePort Service (eTP Cluster) on 30076 whose endpoint is pod1, and one on 30077 without
+/// endpoints.
+const TWO_PORTS: &str = "apiVersion: v1
+kind: Service
+metadata: {name: served}
+spec:
+  type: NodePort
+  clusterIP: 10.96.70.7
+  ports: [{port: 80, targetPort: 8080, nodePort: 30076}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: served-1, labels: {kubernetes.io/service-name: served}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.0.11], nodeName: node-a}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec:
+  type: NodePort
+  clusterIP: 10.96.70.8
+  ports: [{port: 80, targetPort: 8080, nodePort: 30077}]
+";
+
+#[test]
+fn node_ports_on_every_node_ip_and_refused_without_endpoints() {
+    let mut topo = TwoNodes::new();
+    topo.add_pod_a(1, "pod1", &[8080], &[]);
+    // A second address of node-a, on the same interface.
+    let second = "10.250.2.12";
+    topo.node_a
+        .client
+        .ip(&["addr", "add", &format!("{second}/24"), "dev", "n0"]);
+    let dir = TempDir::new("nsa");
+    dir.write("svc.yaml", TWO_PORTS);
+    let a = topo.agent_a(&dir.0, &["--node-ip", NODE4, "--node-ip", second]);
+    a.wait_for(&[
+        "10.250.2.2:30076/TCP",
+        "10.250.2.12:30076/TCP",
+        "10.250.2.2:30077/TCP",
+    ]);
+    for ip in [NODE4, second] {
+        let addr = format!("{ip}:30076");
+        let o = one_tcp(&topo, &addr);
+        let answer = o
+            .backend
+            .as_deref()
+            .unwrap_or_else(|| panic!("{addr}: {o:?}"));
+        assert!(answer.starts_with(&format!("pod1 {EXT4}:")), "{answer}");
+        assert_eq!(o.peer.as_deref(), Some(addr.as_str()));
+    }
+    // No endpoint at all (eTP Cluster): the stack answers, as kube-proxy's REJECT.
+    let passed = a.stat("xdp_pass_no_endpoint");
+    let o = one_tcp(&topo, &format!("{NODE4}:30077"));
+    assert_eq!(o.errno, Some(libc::ECONNREFUSED), "{o:?}");
+    assert!(
+        a.stat("xdp_pass_no_endpoint") > passed,
+        "{}",
+        a.lb(&["stats"])
     );
 }
