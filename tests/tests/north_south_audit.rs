@@ -1,7 +1,7 @@
 //! Issue 9's north-south behaviours that the other test files do not cover, end to end in
 //! the two-node topology of `lb_tests::north_south` (agents started in their node's
 //! namespace): LoadBalancer ingress IPs and externalIPs reached on either node (one agent per
-//! node), `healthCheckNodePort` answering on each node's address from outside, NodePorts on
+//! node; TCP and UDP, IPv4 and IPv6), `healthCheckNodePort` answering on each node's address from outside, NodePorts on
 //! every `--node-ip` and refused without endpoints, the XDP/tc links adopted by a restarted
 //! agent and removed by `lb cleanup` (native and generic XDP), and `lb check` naming both
 //! Services of one external IP:port.
@@ -14,25 +14,79 @@ use std::{
 
 use lb_tests::{
     Cgroup, Netns, TempDir, http_get, lb_bin,
-    north_south::{EXT4, NODE_B4, NODE4, NodeAgent, POD_B4, ROUTER_EXT4, TwoNodes, in_netns},
+    north_south::{
+        EXT4, EXT6, NODE_B4, NODE_B6, NODE4, NODE6, NodeAgent, POD_B4, ROUTER_EXT4, TwoNodes,
+        in_netns,
+    },
     run_client, unique,
 };
 
 /// An external address the router sends to `node` (as a cloud load balancer or a BGP route
 /// would), and the external client reaches through the router.
 fn route_to(topo: &TwoNodes, ip: &str, node: &str) {
-    topo.router.ip(&["route", "replace", ip, "via", node]);
-    let _exists = Command::new("ip")
-        .args([
-            "-n",
-            &topo.ext.name,
-            "route",
-            "replace",
-            ip,
-            "via",
-            ROUTER_EXT4,
-        ])
-        .status();
+    let (family, router) = if ip.contains(':') {
+        ("-6", "fd00:250:1::1")
+    } else {
+        ("-4", ROUTER_EXT4)
+    };
+    topo.router
+        .ip(&[family, "route", "replace", ip, "via", node]);
+    topo.ext
+        .ip(&[family, "route", "replace", ip, "via", router]);
+}
+
+/// From outside, `count` new flows per protocol to each of `ips` (port 80), with the router
+/// sending them to `node`: every answer came from `local` (seeing `client`) or `remote`
+/// (seeing `node`, SNAT), both answered, and each reply came from the address asked.
+fn reach_both_pods_through(
+    topo: &TwoNodes,
+    agent: &NodeAgent,
+    ips: &[&str],
+    (node, client): (&str, &str),
+    (local, remote): (&str, &str),
+) {
+    for ip in ips {
+        route_to(topo, ip, node);
+        let addr = if ip.contains(':') {
+            format!("[{ip}]:80")
+        } else {
+            format!("{ip}:80")
+        };
+        for proto in ["tcp", "udp"] {
+            let outcomes = run_client(None, &topo.ext.path(), &[proto, &addr, "--count", "16"]);
+            let mut pods = BTreeSet::new();
+            for o in &outcomes {
+                let answer = o.backend.as_deref().unwrap_or_else(|| {
+                    panic!(
+                        "{proto} {addr} via {node} failed: {o:?}\n{}\n{}",
+                        agent.lb(&["stats"]),
+                        agent.log_text()
+                    )
+                });
+                let (pod, seen) = answer.split_once(' ').expect("NAME CLIENT");
+                let seen: std::net::SocketAddr = seen.parse().expect("client address");
+                let want = if pod == local { client } else { node };
+                assert_eq!(
+                    seen.ip().to_string(),
+                    want,
+                    "{proto} {addr} via {node}: {pod} (a local pod sees the client, a pod on the other node this node's address)"
+                );
+                assert_eq!(o.peer.as_deref(), Some(addr.as_str()), "reply from {addr}");
+                pods.insert(pod.to_owned());
+            }
+            assert_eq!(
+                pods,
+                BTreeSet::from([local.to_owned(), remote.to_owned()]),
+                "{proto} {addr} via {node}: 16 new flows reach both pods"
+            );
+        }
+    }
+    assert!(
+        agent.stat("xdp_new_flow_snat") > 0,
+        "{}",
+        agent.lb(&["stats"])
+    );
+    assert!(agent.stat("xdp_new_flow") > 0, "{}", agent.lb(&["stats"]));
 }
 
 /// A LoadBalancer Service (eTP Cluster) on port 80, TCP and UDP, with externalIP
@@ -77,47 +131,56 @@ fn lb_ip_and_external_ip_reach_every_pod_from_either_node() {
             "203.0.113.9:80/UDP",
         ]);
     }
-    for (node, agent, local, remote) in [(NODE4, &a, "pod1", "podb"), (NODE_B4, &b, "podb", "pod1")]
-    {
-        for ip in ["198.51.100.7", "203.0.113.9"] {
-            route_to(&topo, ip, node);
-            let addr = format!("{ip}:80");
-            for proto in ["tcp", "udp"] {
-                let outcomes = run_client(None, &topo.ext.path(), &[proto, &addr, "--count", "16"]);
-                let mut pods = BTreeSet::new();
-                for o in &outcomes {
-                    let answer = o.backend.as_deref().unwrap_or_else(|| {
-                        panic!(
-                            "{proto} {addr} via {node} failed: {o:?}\n{}\n{}",
-                            agent.lb(&["stats"]),
-                            agent.log_text()
-                        )
-                    });
-                    let (pod, seen) = answer.split_once(' ').expect("NAME CLIENT");
-                    let seen: std::net::SocketAddr = seen.parse().expect("client address");
-                    let want = if pod == local { EXT4 } else { node };
-                    assert_eq!(
-                        seen.ip().to_string(),
-                        want,
-                        "{proto} {addr} via {node}: {pod} (a local pod sees the client, a pod on the other node this node's address)"
-                    );
-                    assert_eq!(o.peer.as_deref(), Some(addr.as_str()), "reply from {addr}");
-                    pods.insert(pod.to_owned());
-                }
-                assert_eq!(
-                    pods,
-                    BTreeSet::from([local.to_owned(), remote.to_owned()]),
-                    "{proto} {addr} via {node}: 16 new flows reach both pods"
-                );
-            }
-        }
-        assert!(
-            agent.stat("xdp_new_flow_snat") > 0,
-            "{}",
-            agent.lb(&["stats"])
-        );
-        assert!(agent.stat("xdp_new_flow") > 0, "{}", agent.lb(&["stats"]));
+    let ips = ["198.51.100.7", "203.0.113.9"];
+    reach_both_pods_through(&topo, &a, &ips, (NODE4, EXT4), ("pod1", "podb"));
+    reach_both_pods_through(&topo, &b, &ips, (NODE_B4, EXT4), ("podb", "pod1"));
+}
+
+/// [`SHOP`] in IPv6: externalIP 2001:db8:70::7, ingress IP 2001:db8:70::9.
+const SHOP6: &str = "apiVersion: v1
+kind: Service
+metadata: {name: shop6}
+spec:
+  type: LoadBalancer
+  clusterIP: fd00:96::70:9
+  ipFamilies: [IPv6]
+  externalIPs: ['2001:db8:70::7']
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30078}
+  - {name: udp, port: 80, targetPort: 8080, protocol: UDP, nodePort: 30078}
+status:
+  loadBalancer:
+    ingress: [{ip: '2001:db8:70::9'}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop6-1, labels: {kubernetes.io/service-name: shop6}}
+addressType: IPv6
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: ['fd00:200::11'], nodeName: node-a}
+- {addresses: ['fd00:201::2'], nodeName: node-b}
+";
+
+#[test]
+fn ipv6_lb_ip_and_external_ip_reach_every_pod_from_either_node() {
+    let mut topo = TwoNodes::new();
+    topo.add_pod_a(1, "pod1", &[8080], &[8080]);
+    let dir = TempDir::new("nsa");
+    dir.write("shop6.yaml", SHOP6);
+    let a = topo.agent_a(&dir.0, &[]);
+    let b = topo.agent_b(&dir.0, &[]);
+    for agent in [&a, &b] {
+        agent.wait_for(&[
+            "[2001:db8:70::7]:80/TCP",
+            "[2001:db8:70::7]:80/UDP",
+            "[2001:db8:70::9]:80/TCP",
+            "[2001:db8:70::9]:80/UDP",
+        ]);
     }
+    let ips = ["2001:db8:70::7", "2001:db8:70::9"];
+    reach_both_pods_through(&topo, &a, &ips, (NODE6, EXT6), ("pod1", "podb"));
+    reach_both_pods_through(&topo, &b, &ips, (NODE_B6, EXT6), ("podb", "pod1"));
 }
 
 /// A LoadBalancer Service with `externalTrafficPolicy: Local`, healthCheckNodePort 32100 and
