@@ -1,10 +1,10 @@
 //! Issue 9's north-south behaviours that the other test files do not cover, end to end in
 //! the two-node topology of `lb_tests::north_south` (agents started in their node's
 //! namespace): LoadBalancer ingress IPs and externalIPs reached on either node (one agent per
-//! node; TCP and UDP, IPv4 and IPv6), `healthCheckNodePort` answering on each node's address from outside, NodePorts on
-//! every `--node-ip` and refused without endpoints, the XDP/tc links adopted by a restarted
-//! agent and removed by `lb cleanup` (native and generic XDP), and `lb check` naming both
-//! Services of one external IP:port.
+//! node; TCP and UDP, IPv4 and IPv6), `healthCheckNodePort` answering on each node's address
+//! from outside, NodePorts on every `--node-ip` and refused without endpoints, the XDP/tc
+//! links adopted by a restarted agent and removed by `lb cleanup` (native and generic XDP),
+//! and `lb check` naming both Services of one external IP:port.
 
 use std::{
     collections::BTreeSet,
