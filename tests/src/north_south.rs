@@ -1,15 +1,19 @@
-//! The north-south topologies: an external client namespace behind a router namespace, node
-//! namespaces on the router's L2 segment with pods behind them, and `lb run` started inside a
-//! node's namespace (`nsenter --net=...`, as a DaemonSet pod with hostNetwork would) with
-//! XDP/tc on the node's uplink. Shared by `tests/tests/north_south*.rs` and `cargo xtask demo`.
+//! The north-south test topologies (network namespaces for an external client, a router,
+//! nodes and pods), and the agent that runs inside a node's namespace; shared by
+//! `tests/north_south.rs` and `tests/north_south_flows.rs`.
 //!
 //! ```text
-//! (IPv6 alike: fd00:250:1::/64, fd00:250:2::/64, node-a's pods fd00:200::/64, podb fd00:201::2)
-//! ext (10.250.1.2, .3) -- router (10.250.1.1 | rb 10.250.2.1) --+-- n0 (10.250.2.2) node-a -- br0 (10.200.0.1) -- pods 10.200.0.1x
-//!                                                    bridge rb  +-- m0 (10.250.2.3) node-b -- p0 (10.201.0.1) -- q0 (10.201.0.2) podb
+//! Topology:  ext (10.250.1.2) -- router (10.250.1.1 | 10.250.2.1) -- n0 (10.250.2.2) node -- br0 -- pods
+//!
+//! TwoNodes:  (IPv6 alike: fd00:250:1::/64, fd00:250:2::/64, podb fd00:201::2)
+//!   ext (10.250.1.2, .3) -- router (10.250.1.1 | rb 10.250.2.1) --+-- n0 (10.250.2.2) node-a (agent)
+//!                                                      bridge rb  +-- m0 (10.250.2.3) node-b
+//!                                                                     -- q0 (10.201.0.2) podb
 //! ```
 //!
-//! Everything is removed on drop (namespaces delete their veths, guards their processes).
+//! [`TwoNodes`] can also run an agent on node-b ([`TwoNodes::agent_b`]: node-b routes to
+//! node-a's pods (10.200.0.0/24) and has a cgroup of its own) and have pods on node-a
+//! ([`TwoNodes::add_pod_a`]); `tests/north_south_audit.rs` and `cargo xtask demo` do.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -18,37 +22,46 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Cgroup, Netns, Node, Proc, die_with_parent, lb_bin, testpod_bin, unique};
+use crate::{
+    Cgroup, Netns, Node, Outcome, Proc, die_with_parent, lb_bin, run_client, testpod_bin, unique,
+};
 
-/// The external client's addresses.
 pub const EXT4: &str = "10.250.1.2";
 pub const EXT6: &str = "fd00:250:1::2";
-/// The second external client (an address of its own on the same namespace).
-pub const EXT4_2: &str = "10.250.1.3";
-/// node-a's uplink addresses.
 pub const NODE4: &str = "10.250.2.2";
 pub const NODE6: &str = "fd00:250:2::2";
-/// node-b's uplink addresses.
-pub const NODE_B4: &str = "10.250.2.3";
-pub const NODE_B6: &str = "fd00:250:2::3";
-/// The router's addresses towards the client and towards the nodes.
-pub const ROUTER_EXT4: &str = "10.250.1.1";
-pub const ROUTER_NODES4: &str = "10.250.2.1";
-/// podb, the pod behind node-b.
-pub const POD_B4: &str = "10.201.0.2";
-pub const POD_B6: &str = "fd00:201::2";
 
-/// `sysctl -w` each of `settings` in `ns`.
+/// The topology; everything is removed on drop (namespaces delete their veths).
+pub struct Topology {
+    pub ext: Netns,
+    pub router: Netns,
+    pub node: Node,
+    /// pod1's and pod2's servers, in that order.
+    pub servers: Vec<Proc>,
+}
+
 pub fn sysctl(ns: &Netns, settings: &[&str]) {
     let mut args = vec!["ip", "netns", "exec", &ns.name, "sysctl", "-qw"];
     args.extend_from_slice(settings);
     crate::sh(&args);
 }
 
-/// Starts a test server that answers "NAME CLIENT-ADDR" in pod namespace `netns`, on TCP and
-/// UDP `port`.
+/// Starts a test server that answers "NAME CLIENT-ADDR" in pod namespace `netns`.
 pub fn serve_showing_client(netns: &Netns, name: &str, port: u16) -> Proc {
-    serve_showing_client_on(netns, name, &[port], &[port])
+    let mut child = die_with_parent(&mut Command::new(testpod_bin()))
+        .arg("--netns")
+        .arg(netns.path())
+        .args(["serve", "--name", name, "--show-client"])
+        .args(["--tcp", &port.to_string(), "--udp", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn lb-testpod serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "ready");
+    Proc(child)
 }
 
 /// Starts a test server that answers "NAME CLIENT-ADDR" (an HTTP response with that body to
@@ -77,48 +90,188 @@ pub fn serve_showing_client_on(netns: &Netns, name: &str, tcp: &[u16], udp: &[u1
     Proc(child)
 }
 
-/// `lb run` inside a node's namespace with `--xdp-iface`; stopped and cleaned up on drop.
+impl Topology {
+    #[expect(
+        clippy::new_without_default,
+        reason = "builds namespaces: not a value to default to"
+    )]
+    pub fn new() -> Self {
+        let mut node = Node::new();
+        let id = unique("ns");
+        let ext = Netns::new(format!("{id}e"));
+        let router = Netns::new(format!("{id}r"));
+        let node_ns = node.client.name.clone();
+        ext.ip(&[
+            "link",
+            "add",
+            "e0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &router.name,
+        ]);
+        router.ip(&[
+            "link", "add", "r1", "type", "veth", "peer", "name", "n0", "netns", &node_ns,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&ext, "e0", "10.250.1.2/24", "fd00:250:1::2/64"),
+            (&router, "r0", "10.250.1.1/24", "fd00:250:1::1/64"),
+            (&router, "r1", "10.250.2.1/24", "fd00:250:2::1/64"),
+        ] {
+            ns.ip(&["addr", "add", v4, "dev", dev]);
+            ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        node.client
+            .ip(&["addr", "add", "10.250.2.2/24", "dev", "n0"]);
+        node.client.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:250:2::2/64",
+            "dev",
+            "n0",
+            "nodad",
+        ]);
+        node.client.ip(&["link", "set", "n0", "up"]);
+        // Only routes to the test's own namespaces.
+        ext.ip(&["route", "add", "10.250.2.0/24", "via", "10.250.1.1"]);
+        ext.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:2::/64",
+            "via",
+            "fd00:250:1::1",
+        ]);
+        node.client
+            .ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
+        node.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:1::/64",
+            "via",
+            "fd00:250:2::1",
+        ]);
+        for ns in [&router, &node.client] {
+            sysctl(
+                ns,
+                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            );
+        }
+        let mut servers = Vec::new();
+        for (n, name) in [(1u8, "pod1"), (2, "pod2")] {
+            let pod = node.add_pod(n, name, &[], &[]);
+            pod.netns
+                .ip(&["route", "add", "default", "via", "10.200.0.1"]);
+            pod.netns
+                .ip(&["-6", "route", "add", "default", "via", "fd00:200::1"]);
+            servers.push(serve_showing_client(&pod.netns, name, 8080));
+        }
+        let topo = Self {
+            ext,
+            router,
+            node,
+            servers,
+        };
+        // IPv6 link-local addresses stay tentative (duplicate address detection) for a
+        // second or two after a link comes up, and neighbour discovery across the router
+        // fails meanwhile: wait until every namespace has settled.
+        let mut all: Vec<&Netns> = vec![&topo.ext, &topo.router, &topo.node.client];
+        all.extend(topo.node.pods.iter().map(|p| &p.netns));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for ns in all {
+            while !ns
+                .ip(&["-6", "addr", "show", "tentative"])
+                .trim()
+                .is_empty()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: addresses stay tentative",
+                    ns.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        topo
+    }
+
+    /// The external client's requests.
+    pub fn client(&self, args: &[&str]) -> Vec<Outcome> {
+        run_client(None, &self.ext.path(), args)
+    }
+}
+
+/// `lb run` inside the node namespace with `--xdp-iface n0`; stopped and cleaned up on drop.
 pub struct NodeAgent {
     pub pin_path: PathBuf,
     pub netns: PathBuf,
-    /// The arguments after `lb run` and before `--pin-path`.
-    args: Vec<std::ffi::OsString>,
-    child: Option<Proc>,
+    pub child: Option<Proc>,
     pub log: PathBuf,
+    manifests: PathBuf,
+    cgroup: PathBuf,
+    /// The arguments after the cgroup: node name, `--xdp-iface`, anything else.
+    extra: Vec<String>,
 }
 
 impl NodeAgent {
-    /// `lb run` in node `node`'s namespace (node-a, `--xdp-iface n0`).
-    pub fn start_on(node: &Node, manifests: &Path) -> Self {
-        Self::start_in(
-            &node.client,
-            &node.cgroup.path,
-            manifests,
-            &["--node-name", "node-a", "--xdp-iface", "n0"],
-        )
+    pub fn start(topo: &Topology, manifests: &std::path::Path) -> Self {
+        Self::start_on(&topo.node, manifests)
     }
 
-    /// `lb run --manifests MANIFESTS --cgroup CGROUP EXTRA...` inside `netns`, with a pin
-    /// path of its own and without healthz and metrics servers.
-    pub fn start_in(netns: &Netns, cgroup: &Path, manifests: &Path, extra: &[&str]) -> Self {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--manifests".into(),
-            manifests.into(),
-            "--cgroup".into(),
-            cgroup.into(),
-        ];
-        args.extend(extra.iter().map(std::ffi::OsString::from));
+    /// `lb run` in node `node`'s namespace (node-a, `--xdp-iface n0`).
+    pub fn start_on(node: &Node, manifests: &std::path::Path) -> Self {
         let mut agent = Self {
             pin_path: PathBuf::from("/sys/fs/bpf").join(unique("lbt")),
-            netns: netns.path(),
-            args,
+            netns: node.client.path(),
             child: None,
             log: std::env::temp_dir().join(format!("{}.log", unique("lb-agent"))),
+            manifests: manifests.to_owned(),
+            cgroup: node.cgroup.path.clone(),
+            extra: ["--node-name", "node-a", "--xdp-iface", "n0"]
+                .map(str::to_owned)
+                .to_vec(),
         };
         agent.spawn();
         agent
     }
 
+    /// `lb run --manifests MANIFESTS --cgroup CGROUP EXTRA...` inside `netns` (EXTRA names the
+    /// node and its `--xdp-iface`), with pins of its own and without healthz and metrics.
+    pub fn start_in(netns: &Netns, cgroup: &Path, manifests: &Path, extra: &[&str]) -> Self {
+        let mut agent = Self {
+            pin_path: PathBuf::from("/sys/fs/bpf").join(unique("lbt")),
+            netns: netns.path(),
+            child: None,
+            log: std::env::temp_dir().join(format!("{}.log", unique("lb-agent"))),
+            manifests: manifests.to_owned(),
+            cgroup: cgroup.to_owned(),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Stops the agent with SIGTERM (it leaves the datapath serving); its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut proc = self.child.take()?;
+        let pid = i32::try_from(proc.0.id()).expect("pid");
+        // SAFETY: our own child (nsenter execs lb, so this is lb).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        proc.0.wait().expect("wait for lb run").code()
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Starts `lb run` with this agent's pins, manifests and log (appended to).
     fn spawn(&mut self) {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -129,9 +282,13 @@ impl NodeAgent {
             .arg(format!("--net={}", self.netns.display()))
             .arg(lb_bin())
             .arg("run")
-            .args(&self.args)
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
             .arg("--pin-path")
             .arg(&self.pin_path)
+            .args(&self.extra)
             .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
@@ -140,24 +297,29 @@ impl NodeAgent {
         self.child = Some(Proc(child));
     }
 
-    /// Stops the agent with SIGTERM (it leaves the datapath serving); its exit code.
-    pub fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let pid = i32::try_from(child.0.id()).expect("pid");
-        // SAFETY: signalling our own child.
+    /// Stops the agent with SIGTERM (it leaves the datapath serving: pinned links and maps)
+    /// and starts a new one on the same pins, which adopts them.
+    pub fn restart(&mut self) {
+        let mut proc = self.child.take().expect("a running agent");
+        let pid = i32::try_from(proc.0.id()).expect("pid");
+        // SAFETY: our own child (nsenter execs lb, so this is lb).
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        child.0.wait().expect("wait for lb run").code()
-    }
-
-    /// [`NodeAgent::stop`], then starts the agent again on the same pins; returns the
-    /// stopped agent's exit code.
-    pub fn restart(&mut self) -> Option<i32> {
-        let code = self.stop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = proc.0.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lb run did not exit within 10 s of SIGTERM:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "lb run exited with {status}");
         self.spawn();
-        code
     }
 
-    /// `lb ARGS... --pin-path PIN`'s standard output.
     pub fn lb(&self, args: &[&str]) -> String {
         let out = Command::new(lb_bin())
             .args(args)
@@ -166,11 +328,6 @@ impl NodeAgent {
             .output()
             .expect("run lb");
         String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The agent's log so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits until `lb list` shows every one of `frontends`.
@@ -184,7 +341,7 @@ impl NodeAgent {
             assert!(
                 Instant::now() < deadline,
                 "frontends {frontends:?} not programmed: {list}\nagent log:\n{}",
-                self.log_text()
+                std::fs::read_to_string(&self.log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -215,6 +372,15 @@ impl Drop for NodeAgent {
         let _gone = std::fs::remove_file(&self.log);
     }
 }
+
+/// node-b's address in [`TwoNodes`].
+pub const NODE_B4: &str = "10.250.2.3";
+/// node-b's IPv6 address in [`TwoNodes`].
+pub const NODE_B6: &str = "fd00:250:2::3";
+/// The router's address towards the external client.
+pub const ROUTER_EXT4: &str = "10.250.1.1";
+/// podb's address in [`TwoNodes`].
+pub const POD_B4: &str = "10.201.0.2";
 
 /// Runs `f` on a thread of its own inside network namespace `ns` (the test's other threads
 /// stay where they are).
@@ -272,67 +438,25 @@ pub fn ethtool_set(ns: &Netns, dev: &str, cmd: u32, data: u32) {
     });
 }
 
-/// Waits until no address of `ns` is tentative any more: IPv6 link-local addresses stay
-/// tentative (duplicate address detection) for a second or two after a link comes up, and
-/// neighbour discovery across the router fails meanwhile.
-pub fn wait_addresses_settled(ns: &Netns, deadline: Instant) {
-    while !ns
-        .ip(&["-6", "addr", "show", "tentative"])
-        .trim()
-        .is_empty()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{}: addresses stay tentative",
-            ns.name
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Makes `from` resolve the link-layer addresses of `targets` (XDP redirects only to resolved
-/// neighbours). The bridge's ports take a moment to forward; a datagram to the discard port
-/// makes the kernel resolve the neighbour.
-pub fn resolve_neighbours(from: &Netns, targets: &[&str]) {
-    for target in targets {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !from.ip(&["neigh", "show", target]).contains("lladdr") {
-            let ip: std::net::IpAddr = target.parse().expect("addr");
-            let to = std::net::SocketAddr::new(ip, 9);
-            in_netns(from, move || {
-                let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-                let socket = std::net::UdpSocket::bind(any).expect("udp");
-                let _sent = socket.send_to(b"resolve", to);
-            });
-            assert!(
-                Instant::now() < deadline,
-                "{} cannot resolve {target}",
-                from.name
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// The two-node topology (see the module's picture); everything is removed on drop.
-///
-/// node-b's namespace is a plain one (node-a's pod subnet must not exist there, or it could
-/// not reach node-a's pods), with a cgroup of its own for an agent: [`TwoNodes::agent_b`].
-/// node-a's pods are added with [`TwoNodes::add_pod_a`].
+/// The two-node topology; everything is removed on drop.
 pub struct TwoNodes {
     pub ext: Netns,
     pub router: Netns,
     pub node_a: Node,
     pub node_b: Netns,
-    /// The cgroup an agent on node-b attaches its socket programs to.
-    pub cgroup_b: Cgroup,
     pub pod_b: Netns,
-    /// The pods' servers.
+    pub server: Proc,
+    /// The cgroup of an agent on node-b ([`TwoNodes::agent_b`]).
+    pub cgroup_b: Cgroup,
+    /// The servers of node-a's pods ([`TwoNodes::add_pod_a`]).
     pub servers: Vec<Proc>,
 }
 
 impl TwoNodes {
-    /// The topology with podb answering "podb CLIENT-ADDR" on TCP and UDP 8080.
+    #[expect(
+        clippy::new_without_default,
+        reason = "builds namespaces: not a value to default to"
+    )]
     pub fn new() -> Self {
         Self::with_pod_b("podb", &[8080], &[8080])
     }
@@ -414,82 +538,116 @@ impl TwoNodes {
         ] {
             ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
         }
-        // Only routes to the test's own namespaces.
-        for (ns, args) in [
-            (&ext, ["route", "add", "10.250.2.0/24", "via", "10.250.1.1"]),
-            (
-                &node_a.client,
-                ["route", "add", "10.250.1.0/24", "via", "10.250.2.1"],
-            ),
-            (
-                &node_a.client,
-                ["route", "add", "10.201.0.0/24", "via", NODE_B4],
-            ),
-            (
-                &node_b,
-                ["route", "add", "10.250.1.0/24", "via", "10.250.2.1"],
-            ),
-            (&node_b, ["route", "add", "10.200.0.0/24", "via", NODE4]),
-            (&pod_b, ["route", "add", "default", "via", "10.201.0.1"]),
-        ] {
-            ns.ip(&args);
-        }
-        for (ns, args) in [
-            (
-                &ext,
-                ["route", "add", "fd00:250:2::/64", "via", "fd00:250:1::1"],
-            ),
-            (
-                &node_a.client,
-                ["route", "add", "fd00:250:1::/64", "via", "fd00:250:2::1"],
-            ),
-            (
-                &node_a.client,
-                ["route", "add", "fd00:201::/64", "via", NODE_B6],
-            ),
-            (
-                &node_b,
-                ["route", "add", "fd00:250:1::/64", "via", "fd00:250:2::1"],
-            ),
-            (&node_b, ["route", "add", "fd00:200::/64", "via", NODE6]),
-            (&pod_b, ["route", "add", "default", "via", "fd00:201::1"]),
-        ] {
-            let mut v6 = vec!["-6"];
-            v6.extend_from_slice(&args);
-            ns.ip(&v6);
-        }
+        ext.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:2::/64",
+            "via",
+            "fd00:250:1::1",
+        ]);
+        node_a.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:1::/64",
+            "via",
+            "fd00:250:2::1",
+        ]);
+        node_a.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:201::/64",
+            "via",
+            "fd00:250:2::3",
+        ]);
+        pod_b.ip(&["-6", "route", "add", "default", "via", "fd00:201::1"]);
         // The second client.
         ext.ip(&["addr", "add", "10.250.1.3/24", "dev", "e0"]);
+        pod_b.ip(&["link", "set", "lo", "up"]);
+        // Only routes to the test's own namespaces.
+        ext.ip(&["route", "add", "10.250.2.0/24", "via", "10.250.1.1"]);
+        node_a
+            .client
+            .ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
+        node_a
+            .client
+            .ip(&["route", "add", "10.201.0.0/24", "via", NODE_B4]);
+        pod_b.ip(&["route", "add", "default", "via", "10.201.0.1"]);
+        // node-b's routes to the client and to node-a's pods (for an agent on node-b).
+        node_b.ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
+        node_b.ip(&["route", "add", "10.200.0.0/24", "via", NODE4]);
+        node_b.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:1::/64",
+            "via",
+            "fd00:250:2::1",
+        ]);
+        node_b.ip(&["-6", "route", "add", "fd00:200::/64", "via", NODE6]);
         for ns in [&router, &node_a.client, &node_b] {
             sysctl(
                 ns,
                 &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
             );
         }
+        // Link-local addresses stay tentative for a moment, and neighbour discovery fails
+        // meanwhile (see `Topology::new`).
         let deadline = Instant::now() + Duration::from_secs(10);
         for ns in [&ext, &router, &node_a.client, &node_b, &pod_b] {
-            wait_addresses_settled(ns, deadline);
+            while !ns
+                .ip(&["-6", "addr", "show", "tentative"])
+                .trim()
+                .is_empty()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: addresses stay tentative",
+                    ns.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        // XDP on n0 (m0) sends both directions back out of n0 (m0): its peer needs NAPI.
+        // XDP on n0 sends both directions back out of n0: its peer needs NAPI.
         ethtool_set(&router, "r1", ETHTOOL_SGRO, 1);
+        // The same for m0, for an agent on node-b.
         ethtool_set(&router, "r2", ETHTOOL_SGRO, 1);
         ethtool_set(&ext, "e0", ETHTOOL_STXCSUM, 0);
         ethtool_set(&pod_b, "q0", ETHTOOL_STXCSUM, 0);
         let server = serve_showing_client_on(&pod_b, name, tcp, udp);
-        // Resolve each node's neighbours on the segment (XDP redirects only to resolved ones).
-        resolve_neighbours(
-            &node_a.client,
-            &[ROUTER_NODES4, NODE_B4, "fd00:250:2::1", NODE_B6],
-        );
-        resolve_neighbours(&node_b, &[ROUTER_NODES4, NODE4, "fd00:250:2::1", NODE6]);
+        // Resolve node-a's neighbours (XDP redirects only to resolved ones).
+        // (The bridge's ports take a moment to forward; a datagram to the discard port makes
+        // the kernel resolve the neighbour.)
+        for target in ["10.250.2.1", NODE_B4, "fd00:250:2::1", "fd00:250:2::3"] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !node_a
+                .client
+                .ip(&["neigh", "show", target])
+                .contains("lladdr")
+            {
+                let ip: std::net::IpAddr = target.parse().expect("addr");
+                let to = std::net::SocketAddr::new(ip, 9);
+                in_netns(&node_a.client, move || {
+                    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+                    let socket = std::net::UdpSocket::bind(any).expect("udp");
+                    let _sent = socket.send_to(b"resolve", to);
+                });
+                assert!(Instant::now() < deadline, "node-a cannot resolve {target}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        resolve_neighbours(&node_b, &["10.250.2.1", NODE4, "fd00:250:2::1", NODE6]);
         Self {
             ext,
             router,
             node_a,
             node_b,
-            cgroup_b,
             pod_b,
-            servers: vec![server],
+            server,
+            cgroup_b,
+            servers: Vec::new(),
         }
     }
 
@@ -507,13 +665,6 @@ impl TwoNodes {
         self.servers.push(server);
     }
 
-    /// `lb run` on node-b (`--node-name node-b --xdp-iface m0`, then `extra`).
-    pub fn agent_b(&self, manifests: &Path, extra: &[&str]) -> NodeAgent {
-        let mut args = vec!["--node-name", "node-b", "--xdp-iface", "m0"];
-        args.extend_from_slice(extra);
-        NodeAgent::start_in(&self.node_b, &self.cgroup_b.path, manifests, &args)
-    }
-
     /// `lb run` on node-a (`--node-name node-a --xdp-iface n0`, then `extra`).
     pub fn agent_a(&self, manifests: &Path, extra: &[&str]) -> NodeAgent {
         let mut args = vec!["--node-name", "node-a", "--xdp-iface", "n0"];
@@ -525,10 +676,262 @@ impl TwoNodes {
             &args,
         )
     }
+
+    /// `lb run` on node-b (`--node-name node-b --xdp-iface m0`, then `extra`).
+    pub fn agent_b(&self, manifests: &Path, extra: &[&str]) -> NodeAgent {
+        let mut args = vec!["--node-name", "node-b", "--xdp-iface", "m0"];
+        args.extend_from_slice(extra);
+        NodeAgent::start_in(&self.node_b, &self.cgroup_b.path, manifests, &args)
+    }
 }
 
-impl Default for TwoNodes {
-    fn default() -> Self {
-        Self::new()
+/// Makes `from` resolve the link-layer addresses of `targets` (XDP redirects only to resolved
+/// neighbours; a datagram to the discard port makes the kernel resolve one).
+pub fn resolve_neighbours(from: &Netns, targets: &[&str]) {
+    for target in targets {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !from.ip(&["neigh", "show", target]).contains("lladdr") {
+            let ip: std::net::IpAddr = target.parse().expect("addr");
+            let to = std::net::SocketAddr::new(ip, 9);
+            in_netns(from, move || {
+                let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+                let socket = std::net::UdpSocket::bind(any).expect("udp");
+                let _sent = socket.send_to(b"resolve", to);
+            });
+            assert!(
+                Instant::now() < deadline,
+                "{} cannot resolve {target}",
+                from.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// One flow from a client namespace, held open on a thread of its own inside that namespace
+/// (so the flow's 5-tuple stays the same across everything a test does meanwhile): a TCP
+/// connection or a connected UDP socket, asked on demand.
+pub struct FlowClient {
+    ask: Option<std::sync::mpsc::Sender<()>>,
+    answers: std::sync::mpsc::Receiver<Result<String, String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long [`FlowClient::ask`] waits for an answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl FlowClient {
+    /// A TCP connection from `ns` to `dst` (`ADDR:PORT`), from `src` (an address) if given.
+    /// `Err` with the connect error (a timeout after 3 s: "timed out").
+    pub fn tcp(ns: &Netns, src: Option<&str>, dst: &str) -> Result<Self, String> {
+        Self::open(ns, src, dst, true)
+    }
+
+    /// A connected UDP socket from `ns` to `dst`, from `src` if given.
+    pub fn udp(ns: &Netns, src: Option<&str>, dst: &str) -> Result<Self, String> {
+        Self::open(ns, src, dst, false)
+    }
+
+    fn open(ns: &Netns, src: Option<&str>, dst: &str, tcp: bool) -> Result<Self, String> {
+        use std::io::{Read as _, Write as _};
+        let path = ns.path();
+        let dst: std::net::SocketAddr = dst.parse().expect("ADDR:PORT");
+        let src: Option<std::net::IpAddr> = src.map(|s| s.parse().expect("source address"));
+        let (ask_tx, ask_rx) = std::sync::mpsc::channel::<()>();
+        let (answer_tx, answers) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("netns file");
+            // SAFETY: a valid namespace descriptor; only this thread moves.
+            let ret =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+            let bind = std::net::SocketAddr::new(
+                src.unwrap_or(if dst.is_ipv6() {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                }),
+                0,
+            );
+            let err = |e: std::io::Error| {
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) {
+                    "timed out".to_owned()
+                } else {
+                    e.to_string()
+                }
+            };
+            // One request per ask: a line over TCP, a datagram over UDP; the answer's text.
+            let mut request: Box<dyn FnMut() -> Result<String, String>> = if tcp {
+                let stream = match connect_from(bind, dst) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _sent = answer_tx.send(Err(err(e)));
+                        return;
+                    }
+                };
+                stream
+                    .set_read_timeout(Some(ANSWER_TIMEOUT))
+                    .expect("timeout");
+                let mut stream = stream;
+                let mut pending = Vec::new();
+                Box::new(move || {
+                    stream.write_all(b"hello\n").map_err(err)?;
+                    let mut buf = [0u8; 256];
+                    loop {
+                        if let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = pending.drain(..=end).collect();
+                            return Ok(String::from_utf8_lossy(&line).trim().to_owned());
+                        }
+                        match stream.read(&mut buf) {
+                            Ok(0) => return Err("closed".to_owned()),
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            Err(e) => return Err(err(e)),
+                        }
+                    }
+                })
+            } else {
+                let socket = std::net::UdpSocket::bind(bind).expect("bind");
+                socket.connect(dst).expect("connect");
+                socket
+                    .set_read_timeout(Some(ANSWER_TIMEOUT))
+                    .expect("timeout");
+                Box::new(move || {
+                    socket.send(b"hello").map_err(err)?;
+                    let mut buf = [0u8; 256];
+                    let n = socket.recv(&mut buf).map_err(err)?;
+                    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+                })
+            };
+            let _ready = answer_tx.send(Ok(String::new()));
+            while ask_rx.recv().is_ok() {
+                if answer_tx.send(request()).is_err() {
+                    return;
+                }
+            }
+        });
+        let client = Self {
+            ask: Some(ask_tx),
+            answers,
+            thread: Some(thread),
+        };
+        match client.answers.recv() {
+            Ok(Ok(_)) => Ok(client),
+            Ok(Err(e)) => Err(e),
+            Err(_) => panic!("flow client thread failed"),
+        }
+    }
+
+    /// One request on the flow: the answer ("NAME CLIENT-ADDR:PORT" from the test servers), or
+    /// what went wrong ("timed out", "closed", or the error's text).
+    pub fn ask(&self) -> Result<String, String> {
+        self.ask
+            .as_ref()
+            .expect("open")
+            .send(())
+            .expect("flow client thread");
+        self.answers.recv().expect("flow client thread")
+    }
+}
+
+impl Drop for FlowClient {
+    fn drop(&mut self) {
+        drop(self.ask.take());
+        if let Some(thread) = self.thread.take() {
+            let _joined = thread.join();
+        }
+    }
+}
+
+/// A TCP connection from `src` to `dst` (bound first, so the source address is the given
+/// one), given up after 3 s.
+fn connect_from(
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let family = if dst.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: a fresh socket, owned by the TcpStream at once (closed on every path).
+    let stream = unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::net::TcpStream::from_raw_fd(fd)
+    };
+    let (addr, len) = sockaddr(src);
+    // SAFETY: a valid sockaddr of `len` bytes for this socket's family.
+    if unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            addr.as_ptr().cast(),
+            len,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SO_SNDTIMEO bounds a blocking connect() (it fails with EINPROGRESS on expiry).
+    stream.set_write_timeout(Some(Duration::from_secs(3)))?;
+    let (addr, len) = sockaddr(dst);
+    // SAFETY: as for bind.
+    if unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            addr.as_ptr().cast(),
+            len,
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EINPROGRESS) {
+            std::io::Error::from(std::io::ErrorKind::TimedOut)
+        } else {
+            e
+        });
+    }
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
+/// `addr` as a `sockaddr_in`/`sockaddr_in6` in a byte buffer, and its length.
+fn sockaddr(addr: std::net::SocketAddr) -> ([u8; 28], libc::socklen_t) {
+    let mut buf = [0u8; 28];
+    match addr {
+        std::net::SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in is 16 plain bytes.
+            let bytes: [u8; 16] = unsafe { std::mem::transmute(sin) };
+            buf[..16].copy_from_slice(&bytes);
+            (buf, 16)
+        }
+        std::net::SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 is 28 plain bytes.
+            let bytes: [u8; 28] = unsafe { std::mem::transmute(sin6) };
+            buf.copy_from_slice(&bytes);
+            (buf, 28)
+        }
     }
 }

@@ -7,126 +7,13 @@
 //! ext (10.250.1.2) -- router (10.250.1.1 | 10.250.2.1) -- n0 (10.250.2.2) node -- br0 -- pods
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lb_tests::{
-    Netns, Node, Outcome, Proc, TempDir,
-    north_south::{
-        EXT4, EXT4_2, EXT6, NODE4, NODE6, NodeAgent, TwoNodes, in_netns, serve_showing_client,
-        sysctl, wait_addresses_settled,
-    },
-    run_client, unique,
+    Netns, Outcome, TempDir,
+    north_south::{EXT4, EXT6, NODE4, NODE6, NodeAgent, Topology, TwoNodes, in_netns},
+    run_client,
 };
-
-/// The topology; everything is removed on drop (namespaces delete their veths).
-struct Topology {
-    ext: Netns,
-    _router: Netns,
-    node: Node,
-    _servers: Vec<Proc>,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let mut node = Node::new();
-        let id = unique("ns");
-        let ext = Netns::new(format!("{id}e"));
-        let router = Netns::new(format!("{id}r"));
-        let node_ns = node.client.name.clone();
-        ext.ip(&[
-            "link",
-            "add",
-            "e0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r0",
-            "netns",
-            &router.name,
-        ]);
-        router.ip(&[
-            "link", "add", "r1", "type", "veth", "peer", "name", "n0", "netns", &node_ns,
-        ]);
-        for (ns, dev, v4, v6) in [
-            (&ext, "e0", "10.250.1.2/24", "fd00:250:1::2/64"),
-            (&router, "r0", "10.250.1.1/24", "fd00:250:1::1/64"),
-            (&router, "r1", "10.250.2.1/24", "fd00:250:2::1/64"),
-        ] {
-            ns.ip(&["addr", "add", v4, "dev", dev]);
-            ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
-            ns.ip(&["link", "set", dev, "up"]);
-        }
-        node.client
-            .ip(&["addr", "add", "10.250.2.2/24", "dev", "n0"]);
-        node.client.ip(&[
-            "-6",
-            "addr",
-            "add",
-            "fd00:250:2::2/64",
-            "dev",
-            "n0",
-            "nodad",
-        ]);
-        node.client.ip(&["link", "set", "n0", "up"]);
-        // Only routes to the test's own namespaces.
-        ext.ip(&["route", "add", "10.250.2.0/24", "via", "10.250.1.1"]);
-        ext.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd00:250:2::/64",
-            "via",
-            "fd00:250:1::1",
-        ]);
-        node.client
-            .ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
-        node.client.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd00:250:1::/64",
-            "via",
-            "fd00:250:2::1",
-        ]);
-        for ns in [&router, &node.client] {
-            sysctl(
-                ns,
-                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
-            );
-        }
-        let mut servers = Vec::new();
-        for (n, name) in [(1u8, "pod1"), (2, "pod2")] {
-            let pod = node.add_pod(n, name, &[], &[]);
-            pod.netns
-                .ip(&["route", "add", "default", "via", "10.200.0.1"]);
-            pod.netns
-                .ip(&["-6", "route", "add", "default", "via", "fd00:200::1"]);
-            servers.push(serve_showing_client(&pod.netns, name, 8080));
-        }
-        let topo = Self {
-            ext,
-            _router: router,
-            node,
-            _servers: servers,
-        };
-        // IPv6 link-local addresses stay tentative for a second or two after a link comes
-        // up, and neighbour discovery across the router fails meanwhile: wait until every
-        // namespace has settled.
-        let mut all: Vec<&Netns> = vec![&topo.ext, &topo._router, &topo.node.client];
-        all.extend(topo.node.pods.iter().map(|p| &p.netns));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for ns in all {
-            wait_addresses_settled(ns, deadline);
-        }
-        topo
-    }
-
-    /// The external client's requests.
-    fn client(&self, args: &[&str]) -> Vec<Outcome> {
-        run_client(None, &self.ext.path(), args)
-    }
-}
 
 /// A dual-stack NodePort Service, eTP Local, TCP and UDP on nodePort 30080; pod1 is on this
 /// node (node-a), pod2 on node-b. And "elsewhere" (nodePort 30081), eTP Local with its only
@@ -212,7 +99,7 @@ fn nodeport_from_outside_reaches_the_local_pod_with_the_client_ip() {
     let topo = Topology::new();
     let dir = TempDir::new("ns");
     dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start_on(&topo.node, &dir.0);
+    let agent = NodeAgent::start(&topo, &dir.0);
     // --node-ip defaults to n0's addresses.
     agent.wait_for(&[
         "10.250.2.2:30080/TCP",
@@ -261,7 +148,7 @@ fn etp_local_without_a_local_endpoint_drops() {
     let topo = Topology::new();
     let dir = TempDir::new("ns");
     dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start_on(&topo.node, &dir.0);
+    let agent = NodeAgent::start(&topo, &dir.0);
     agent.wait_for(&["10.250.2.2:30081/TCP"]);
     let before = agent.stat("xdp_drop_no_local_endpoint");
     let outcomes = topo.client(&["tcp", &format!("{NODE4}:30081")]);
@@ -287,7 +174,12 @@ fn etp_local_without_a_local_endpoint_drops() {
 
 // ---- externalTrafficPolicy: Cluster to a pod behind another node (SNAT) ----
 //
-// The two-node topology of `lb_tests::north_south` (an agent on node-a only).
+// ```text
+// (IPv6 alike: fd00:250:1::/64, fd00:250:2::/64, podb fd00:201::2)
+// ext (10.250.1.2, .3) -- router (10.250.1.1 | rb 10.250.2.1) --+-- n0 (10.250.2.2) node-a (agent)
+//                                                    bridge rb  +-- m0 (10.250.2.3) node-b
+//                                                                   -- q0 (10.201.0.2) podb
+// ```
 
 /// A dual-stack NodePort Service (eTP Cluster, the default) whose only endpoint is podb on
 /// node-b.
@@ -440,7 +332,7 @@ fn etp_cluster_reaches_a_pod_behind_another_node_with_snat() {
     // Two clients behind the router, the same source port, both connections open at once.
     let (a, b) = std::thread::scope(|scope| {
         let one = scope.spawn(|| tcp_from(&topo.ext, EXT4, 40_000, &service));
-        let two = scope.spawn(|| tcp_from(&topo.ext, EXT4_2, 40_000, &service));
+        let two = scope.spawn(|| tcp_from(&topo.ext, "10.250.1.3", 40_000, &service));
         (one.join().expect("client 1"), two.join().expect("client 2"))
     });
     let ports: Vec<u16> = [&a, &b]
@@ -706,7 +598,7 @@ fn crafted_packets_through_test_run() {
     let topo = Topology::new();
     let dir = TempDir::new("ns");
     dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start_on(&topo.node, &dir.0);
+    let agent = NodeAgent::start(&topo, &dir.0);
     agent.wait_for(&[
         "10.250.2.2:30080/TCP",
         "[fd00:250:2::2]:30080/UDP",
