@@ -10,15 +10,21 @@
 //!                                                      bridge rb  +-- m0 (10.250.2.3) node-b
 //!                                                                     -- q0 (10.201.0.2) podb
 //! ```
+//!
+//! [`TwoNodes`] can also run an agent on node-b ([`TwoNodes::agent_b`]: node-b routes to
+//! node-a's pods (10.200.0.0/24) and has a cgroup of its own) and have pods on node-a
+//! ([`TwoNodes::add_pod_a`]); `tests/north_south_audit.rs` and `cargo xtask demo` do.
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::{Netns, Node, Outcome, Proc, die_with_parent, lb_bin, run_client, testpod_bin, unique};
+use crate::{
+    Cgroup, Netns, Node, Outcome, Proc, die_with_parent, lb_bin, run_client, testpod_bin, unique,
+};
 
 pub const EXT4: &str = "10.250.1.2";
 pub const EXT6: &str = "fd00:250:1::2";
@@ -47,6 +53,32 @@ pub fn serve_showing_client(netns: &Netns, name: &str, port: u16) -> Proc {
         .arg(netns.path())
         .args(["serve", "--name", name, "--show-client"])
         .args(["--tcp", &port.to_string(), "--udp", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn lb-testpod serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "ready");
+    Proc(child)
+}
+
+/// Starts a test server that answers "NAME CLIENT-ADDR" (an HTTP response with that body to
+/// a `GET`) in pod namespace `netns`, on each of `tcp` and `udp`.
+pub fn serve_showing_client_on(netns: &Netns, name: &str, tcp: &[u16], udp: &[u16]) -> Proc {
+    let mut cmd = Command::new(testpod_bin());
+    die_with_parent(&mut cmd)
+        .arg("--netns")
+        .arg(netns.path())
+        .args(["serve", "--name", name, "--show-client"]);
+    for port in tcp {
+        cmd.args(["--tcp", &port.to_string()]);
+    }
+    for port in udp {
+        cmd.args(["--udp", &port.to_string()]);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn lb-testpod serve");
@@ -183,6 +215,8 @@ pub struct NodeAgent {
     pub log: PathBuf,
     manifests: PathBuf,
     cgroup: PathBuf,
+    /// The arguments after the cgroup: node name, `--xdp-iface`, anything else.
+    extra: Vec<String>,
 }
 
 impl NodeAgent {
@@ -199,9 +233,49 @@ impl NodeAgent {
             log: std::env::temp_dir().join(format!("{}.log", unique("lb-agent"))),
             manifests: manifests.to_owned(),
             cgroup: node.cgroup.path.clone(),
+            extra: ["--node-name", "node-a", "--xdp-iface", "n0"]
+                .map(str::to_owned)
+                .to_vec(),
         };
         agent.spawn();
         agent
+    }
+
+    /// `lb run --manifests MANIFESTS --cgroup CGROUP EXTRA...` inside `netns` (EXTRA names the
+    /// node and its `--xdp-iface`), with pins of its own and without healthz and metrics.
+    pub fn start_in(netns: &Netns, cgroup: &Path, manifests: &Path, extra: &[&str]) -> Self {
+        let mut agent = Self {
+            pin_path: PathBuf::from("/sys/fs/bpf").join(unique("lbt")),
+            netns: netns.path(),
+            child: None,
+            log: std::env::temp_dir().join(format!("{}.log", unique("lb-agent"))),
+            manifests: manifests.to_owned(),
+            cgroup: cgroup.to_owned(),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Stops the agent with SIGTERM (it leaves the datapath serving); its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut proc = self.child.take()?;
+        let pid = i32::try_from(proc.0.id()).expect("pid");
+        // SAFETY: our own child (nsenter execs lb, so this is lb).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        proc.0.wait().expect("wait for lb run").code()
+    }
+
+    /// Starts a new agent on this one's pins after [`NodeAgent::stop`]; it adopts the
+    /// pinned links and maps.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the agent is running");
+        self.spawn();
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Starts `lb run` with this agent's pins, manifests and log (appended to).
@@ -221,7 +295,7 @@ impl NodeAgent {
             .arg(&self.cgroup)
             .arg("--pin-path")
             .arg(&self.pin_path)
-            .args(["--node-name", "node-a", "--xdp-iface", "n0"])
+            .args(&self.extra)
             .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
@@ -233,18 +307,6 @@ impl NodeAgent {
     /// Stops the agent with SIGTERM (it leaves the datapath serving: pinned links and maps)
     /// and starts a new one on the same pins, which adopts them.
     pub fn restart(&mut self) {
-        self.stop();
-        self.start_again();
-    }
-
-    /// Starts a new agent on this one's pins after [`NodeAgent::stop`].
-    pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "the agent is running");
-        self.spawn();
-    }
-
-    /// Stops the agent with SIGTERM and checks that it exits 0; the datapath stays.
-    pub fn stop(&mut self) {
         let mut proc = self.child.take().expect("a running agent");
         let pid = i32::try_from(proc.0.id()).expect("pid");
         // SAFETY: our own child (nsenter execs lb, so this is lb).
@@ -262,6 +324,7 @@ impl NodeAgent {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(status.success(), "lb run exited with {status}");
+        self.spawn();
     }
 
     pub fn lb(&self, args: &[&str]) -> String {
@@ -319,6 +382,12 @@ impl Drop for NodeAgent {
 
 /// node-b's address in [`TwoNodes`].
 pub const NODE_B4: &str = "10.250.2.3";
+/// node-b's IPv6 address in [`TwoNodes`].
+pub const NODE_B6: &str = "fd00:250:2::3";
+/// The router's address towards the external client.
+pub const ROUTER_EXT4: &str = "10.250.1.1";
+/// podb's address in [`TwoNodes`].
+pub const POD_B4: &str = "10.201.0.2";
 
 /// Runs `f` on a thread of its own inside network namespace `ns` (the test's other threads
 /// stay where they are).
@@ -384,6 +453,10 @@ pub struct TwoNodes {
     pub node_b: Netns,
     pub pod_b: Netns,
     pub server: Proc,
+    /// The cgroup of an agent on node-b ([`TwoNodes::agent_b`]).
+    pub cgroup_b: Cgroup,
+    /// The servers of node-a's pods ([`TwoNodes::add_pod_a`]).
+    pub servers: Vec<Proc>,
 }
 
 impl TwoNodes {
@@ -392,12 +465,18 @@ impl TwoNodes {
         reason = "builds namespaces: not a value to default to"
     )]
     pub fn new() -> Self {
+        Self::with_pod_b("podb", &[8080], &[8080])
+    }
+
+    /// The topology with podb answering "`name` CLIENT-ADDR" on `tcp` and `udp`.
+    pub fn with_pod_b(name: &str, tcp: &[u16], udp: &[u16]) -> Self {
         let node_a = Node::new();
         let id = unique("n2");
         let ext = Netns::new(format!("{id}e"));
         let router = Netns::new(format!("{id}r"));
         let node_b = Netns::new(format!("{id}b"));
         let pod_b = Netns::new(format!("{id}q"));
+        let cgroup_b = Cgroup::new(&format!("{id}b"));
         let a_ns = node_a.client.name.clone();
         ext.ip(&[
             "link",
@@ -503,6 +582,18 @@ impl TwoNodes {
             .client
             .ip(&["route", "add", "10.201.0.0/24", "via", NODE_B4]);
         pod_b.ip(&["route", "add", "default", "via", "10.201.0.1"]);
+        // node-b's routes to the client and to node-a's pods (for an agent on node-b).
+        node_b.ip(&["route", "add", "10.250.1.0/24", "via", "10.250.2.1"]);
+        node_b.ip(&["route", "add", "10.200.0.0/24", "via", NODE4]);
+        node_b.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:250:1::/64",
+            "via",
+            "fd00:250:2::1",
+        ]);
+        node_b.ip(&["-6", "route", "add", "fd00:200::/64", "via", NODE6]);
         for ns in [&router, &node_a.client, &node_b] {
             sysctl(
                 ns,
@@ -528,9 +619,11 @@ impl TwoNodes {
         }
         // XDP on n0 sends both directions back out of n0: its peer needs NAPI.
         ethtool_set(&router, "r1", ETHTOOL_SGRO, 1);
+        // The same for m0, for an agent on node-b.
+        ethtool_set(&router, "r2", ETHTOOL_SGRO, 1);
         ethtool_set(&ext, "e0", ETHTOOL_STXCSUM, 0);
         ethtool_set(&pod_b, "q0", ETHTOOL_STXCSUM, 0);
-        let server = serve_showing_client(&pod_b, "podb", 8080);
+        let server = serve_showing_client_on(&pod_b, name, tcp, udp);
         // Resolve node-a's neighbours (XDP redirects only to resolved ones).
         // (The bridge's ports take a moment to forward; a datagram to the discard port makes
         // the kernel resolve the neighbour.)
@@ -552,6 +645,7 @@ impl TwoNodes {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        resolve_neighbours(&node_b, &["10.250.2.1", NODE4, "fd00:250:2::1", NODE6]);
         Self {
             ext,
             router,
@@ -559,6 +653,64 @@ impl TwoNodes {
             node_b,
             pod_b,
             server,
+            cgroup_b,
+            servers: Vec::new(),
+        }
+    }
+
+    /// Adds pod number `n` to node-a (10.200.0.(10+n), see [`Node::add_pod`]) answering
+    /// "`name` CLIENT-ADDR" on `tcp` and `udp`, with a default route through node-a and
+    /// transmit checksum offload off (its replies may reach node-b's XDP through node-a).
+    pub fn add_pod_a(&mut self, n: u8, name: &str, tcp: &[u16], udp: &[u16]) {
+        let pod = self.node_a.add_pod(n, name, &[], &[]);
+        pod.netns
+            .ip(&["route", "add", "default", "via", crate::CLIENT_IP4]);
+        pod.netns
+            .ip(&["-6", "route", "add", "default", "via", crate::CLIENT_IP6]);
+        ethtool_set(&pod.netns, "eth0", ETHTOOL_STXCSUM, 0);
+        let server = serve_showing_client_on(&pod.netns, name, tcp, udp);
+        self.servers.push(server);
+    }
+
+    /// `lb run` on node-a (`--node-name node-a --xdp-iface n0`, then `extra`).
+    pub fn agent_a(&self, manifests: &Path, extra: &[&str]) -> NodeAgent {
+        let mut args = vec!["--node-name", "node-a", "--xdp-iface", "n0"];
+        args.extend_from_slice(extra);
+        NodeAgent::start_in(
+            &self.node_a.client,
+            &self.node_a.cgroup.path,
+            manifests,
+            &args,
+        )
+    }
+
+    /// `lb run` on node-b (`--node-name node-b --xdp-iface m0`, then `extra`).
+    pub fn agent_b(&self, manifests: &Path, extra: &[&str]) -> NodeAgent {
+        let mut args = vec!["--node-name", "node-b", "--xdp-iface", "m0"];
+        args.extend_from_slice(extra);
+        NodeAgent::start_in(&self.node_b, &self.cgroup_b.path, manifests, &args)
+    }
+}
+
+/// Makes `from` resolve the link-layer addresses of `targets` (XDP redirects only to resolved
+/// neighbours; a datagram to the discard port makes the kernel resolve one).
+pub fn resolve_neighbours(from: &Netns, targets: &[&str]) {
+    for target in targets {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !from.ip(&["neigh", "show", target]).contains("lladdr") {
+            let ip: std::net::IpAddr = target.parse().expect("addr");
+            let to = std::net::SocketAddr::new(ip, 9);
+            in_netns(from, move || {
+                let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+                let socket = std::net::UdpSocket::bind(any).expect("udp");
+                let _sent = socket.send_to(b"resolve", to);
+            });
+            assert!(
+                Instant::now() < deadline,
+                "{} cannot resolve {target}",
+                from.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

@@ -129,7 +129,7 @@ fn local_flow_survives_then_ends(udp: bool) {
     }
     // (b) The agent stops (the flow goes on without it), and a new one adopts the links and
     // keeps the conntrack map.
-    agent.stop();
+    assert_eq!(agent.stop(), Some(0), "SIGTERM exits 0");
     assert_eq!(pod_of(&flow.ask(), "while the agent is down"), pod);
     agent.start_again();
     set_endpoints(&agent, &dir, &[mine, other]);
@@ -203,7 +203,7 @@ fn snat_flow_survives_then_ends(udp: bool) {
             "after endpoints {endpoints:?}"
         );
     }
-    agent.stop();
+    assert_eq!(agent.stop(), Some(0), "SIGTERM exits 0");
     assert_eq!(flow.ask().as_ref(), Ok(&seen), "while the agent is down");
     agent.start_again();
     set_endpoints(&agent, &dir, &[podb]);
