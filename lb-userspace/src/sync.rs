@@ -415,8 +415,8 @@ impl Syncer {
                     Ok(()) => (todo.len(), None),
                     Err((done, error)) => (done, Some(error)),
                 };
+                self.state.apply_all(&todo[..done]);
                 for op in &todo[..done] {
-                    self.state.apply(op);
                     match op {
                         Op::DelMember(member) => pass.removed.push(*member),
                         Op::PutFrontend(key, _) | Op::DelFrontend(key, _) => {
