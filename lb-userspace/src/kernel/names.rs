@@ -293,7 +293,8 @@ impl Names {
             keys: &ids,
             values: &records,
         };
-        batch::write(&target, ids.len(), batch::CHUNK, 1).map_err(|s| (s.index, s.error))
+        let threads = batch::threads_for(ids.len(), super::maps::WRITER_THREADS);
+        batch::write(&target, ids.len(), batch::CHUNK, threads).map_err(|s| (s.index, s.error))
     }
 
     /// Deletes the names of `ids` with batched syscalls; one that is not there is not an
