@@ -618,13 +618,58 @@ impl Merge {
 
 /// Computes the desired state of a snapshot for `node`. Services are taken in key order, so
 /// conflicts and capacity limits always hit the same Services.
+///
+/// What each Service asks for is computed on several threads for a large snapshot (it is
+/// pure and most of the work); the merge, which decides conflicts and capacity, runs in key
+/// order on one.
 pub fn build(snapshot: &Snapshot, node: &Node, limits: Limits) -> (Desired, Vec<DesiredError>) {
+    let services: Vec<(&ObjectKey, &Arc<Service>)> = snapshot.services.iter().collect();
+    let wants = in_parallel(&services, |(key, service)| {
+        service_frontends(key, service, snapshot.slices_of(key), node)
+    });
     let mut merge = Merge::default();
-    for (key, service) in &snapshot.services {
-        let wants = service_frontends(key, service, snapshot.slices_of(key), node);
+    for ((key, _), wants) in services.iter().zip(wants) {
         merge.add(key, wants, limits);
     }
     (merge.desired, merge.errors)
+}
+
+/// Snapshots with fewer Services are built on one thread.
+const PARALLEL_SERVICES: usize = 4096;
+/// Threads at most for [`build`].
+const BUILD_THREADS: usize = 4;
+
+/// `f` of every item, in order: on one thread per core (at most [`BUILD_THREADS`]) for
+/// [`PARALLEL_SERVICES`] items or more.
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = if items.len() < PARALLEL_SERVICES {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .min(BUILD_THREADS)
+    };
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let share = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(share)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for handle in handles {
+            // A panic (a bug) goes on to the caller, as on one thread.
+            out.extend(
+                handle
+                    .join()
+                    .unwrap_or_else(|payload| std::panic::resume_unwind(payload)),
+            );
+        }
+        out
+    })
 }
 
 #[cfg(test)]
@@ -662,6 +707,44 @@ mod tests {
             }
         }
         snap
+    }
+
+    #[test]
+    fn a_large_snapshot_built_on_threads_is_built_as_on_one() {
+        // Enough Services for the threads, with conflicts (every 97th Service claims the
+        // previous one's address) and a capacity limit that refuses the last ones: who wins
+        // must not depend on the threads.
+        let mut docs = Vec::new();
+        for i in 0..(PARALLEL_SERVICES + 900) {
+            let ip_of = |i: usize| format!("10.96.{}.{}", i / 250, i % 250 + 1);
+            let ip = if i % 97 == 0 && i > 0 {
+                ip_of(i - 1)
+            } else {
+                ip_of(i)
+            };
+            docs.push(format!(
+                "kind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"
+            ));
+            docs.push(format!(
+                "kind: EndpointSlice\nmetadata: {{name: s{i}-a, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints: [{{addresses: [10.1.{}.{}]}}]",
+                i / 250,
+                i % 250 + 1
+            ));
+        }
+        let snap = snapshot(&docs.join("\n---\n"));
+        let limits = Limits {
+            frontends: PARALLEL_SERVICES + 800,
+            slots: usize::MAX,
+        };
+        let mut one = Merge::default();
+        for (key, service) in &snap.services {
+            let wants = service_frontends(key, service, snap.slices_of(key), &node());
+            one.add(key, wants, limits);
+        }
+        let (desired, errors) = build(&snap, &node(), limits);
+        assert!(!one.errors.is_empty());
+        assert_eq!(desired, one.desired);
+        assert_eq!(errors, one.errors);
     }
 
     fn node() -> Node {

@@ -23,7 +23,7 @@ use crate::model::Cidr;
 
 /// Where an op goes when the batches of many frontends are written together, phase by
 /// phase (so each phase can be one batched syscall per map). Within every batch the ops
-/// already come in this order, so a stable sort by phase keeps each frontend's
+/// already come in this order, so dealing them into per-phase lists keeps each frontend's
 /// make-before-break order: removed frontends go first (frontend, slots, members, source
 /// ranges), then memberships, source ranges, slots, frontends, tail slots, ended memberships
 /// and ranges no longer wanted.
@@ -43,24 +43,31 @@ fn phase(op: &Op, removing: bool) -> u8 {
     }
 }
 
-/// All ops of `batches`, ordered by phase (each frontend's own order kept).
+/// Phases of [`phase`]: 0 to 10.
+const PHASES: usize = 11;
+
+/// All ops of `batches`, ordered by phase (each frontend's own order kept). Linear: the ops
+/// are dealt into one list per phase (a first sync has millions).
 pub fn by_phase(batches: &[Batch]) -> Vec<Op> {
-    let mut ops: Vec<(u8, Op)> = batches
-        .iter()
-        .flat_map(|batch| {
-            // A batch that deletes a frontend or only cleans up an orphan id removes
-            // everything it touches.
-            let removing = batch.iter().all(|op| {
-                matches!(
-                    op,
-                    Op::DelFrontend(..) | Op::DelSlot(_) | Op::DelMember(_) | Op::DelRange(_)
-                )
-            }) && !batch.iter().any(|op| matches!(op, Op::PutFrontend(..)));
-            batch.iter().map(move |op| (phase(op, removing), *op))
-        })
-        .collect();
-    ops.sort_by_key(|(phase, _)| *phase);
-    ops.into_iter().map(|(_, op)| op).collect()
+    let mut phases: [Vec<Op>; PHASES] = Default::default();
+    for batch in batches {
+        // A batch that deletes a frontend or only cleans up an orphan id removes
+        // everything it touches.
+        let removing = batch.iter().all(|op| {
+            matches!(
+                op,
+                Op::DelFrontend(..) | Op::DelSlot(_) | Op::DelMember(_) | Op::DelRange(_)
+            )
+        }) && !batch.iter().any(|op| matches!(op, Op::PutFrontend(..)));
+        for op in batch {
+            phases[usize::from(phase(op, removing))].push(*op);
+        }
+    }
+    let mut ops = Vec::with_capacity(phases.iter().map(Vec::len).sum());
+    for list in phases {
+        ops.extend(list);
+    }
+    ops
 }
 
 /// The writes for one frontend, in order. If one fails, the rest of the batch must not be

@@ -165,27 +165,27 @@ impl NamesWriter {
                     .collect::<Vec<_>>(),
             )
         };
-        for (id, name) in puts {
-            match self.names.put(id, &name) {
-                Ok(()) => {
-                    self.written.insert(id, name);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, frontend_id = id, "writing the frontend names map failed");
-                    self.full = true;
-                }
+        // Batched: a first sync names every frontend. On failure, what went through is
+        // kept and the next pass compares everything again.
+        let put = match self.names.put_all(&puts) {
+            Ok(()) => puts.len(),
+            Err((done, e)) => {
+                tracing::error!(error = %e, frontend_id = puts[done].0, "writing the frontend names map failed");
+                self.full = true;
+                done
             }
-        }
-        for id in dels {
-            match self.names.delete(id) {
-                Ok(()) => {
-                    self.written.remove(&id);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, frontend_id = id, "writing the frontend names map failed");
-                    self.full = true;
-                }
+        };
+        self.written.extend(puts.into_iter().take(put));
+        let deleted = match self.names.delete_all(&dels) {
+            Ok(()) => dels.len(),
+            Err((done, e)) => {
+                tracing::error!(error = %e, frontend_id = dels[done], "writing the frontend names map failed");
+                self.full = true;
+                done
             }
+        };
+        for id in &dels[..deleted] {
+            self.written.remove(id);
         }
     }
 }
@@ -399,18 +399,24 @@ impl Syncer {
         let mut failed: HashSet<u32> = HashSet::new();
         let ops = plan::by_phase(batches);
         for group in ops.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b)) {
-            let mut todo: Vec<Op> = group
-                .iter()
-                .filter(|op| !failed.contains(&op.id()))
-                .copied()
-                .collect();
+            // Copied only when a failure left ops to drop (a first sync has millions).
+            let mut todo: std::borrow::Cow<'_, [Op]> = if failed.is_empty() {
+                group.into()
+            } else {
+                group
+                    .iter()
+                    .filter(|op| !failed.contains(&op.id()))
+                    .copied()
+                    .collect::<Vec<Op>>()
+                    .into()
+            };
             while !todo.is_empty() {
                 let (done, error) = match self.maps.apply_group(&todo) {
                     Ok(()) => (todo.len(), None),
                     Err((done, error)) => (done, Some(error)),
                 };
+                self.state.apply_all(&todo[..done]);
                 for op in &todo[..done] {
-                    self.state.apply(op);
                     match op {
                         Op::DelMember(member) => pass.removed.push(*member),
                         Op::PutFrontend(key, _) | Op::DelFrontend(key, _) => {
@@ -422,14 +428,15 @@ impl Syncer {
                 pass.writes += done as u64;
                 let Some(error) = error else { break };
                 let bad = todo[done].id();
-                tracing::error!(error = %anyhow::Error::from(error), frontend_id = bad, "map write failed");
+                tracing::error!(error = %format_args!("{:#}", anyhow::Error::from(error)), frontend_id = bad, "map write failed");
                 failed.insert(bad);
                 pass.failed_frontends += 1;
                 todo = todo[done + 1..]
                     .iter()
-                    .filter(|op| op.id() != bad)
+                    .filter(|op| !failed.contains(&op.id()))
                     .copied()
-                    .collect();
+                    .collect::<Vec<Op>>()
+                    .into();
             }
         }
         pass

@@ -17,11 +17,10 @@ use lb_common::{
 
 use aya::maps::IterableMap as _;
 
-use super::{PinLayout, sys};
+use super::{PinLayout, batch};
 
-/// Elements per batched syscall: big enough to amortise the syscall, small enough to keep
-/// each one short.
-const BATCH: usize = 4096;
+/// Threads at most for one long run of writes (the first sync; see [`batch`]).
+pub const WRITER_THREADS: usize = 4;
 use super::state::{KernelState, Op, RangeEntry};
 
 /// A map that could not be opened, read or written.
@@ -53,6 +52,20 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+}
+
+/// The error of a write to map `name` that failed with `error`: "full" for E2BIG/ENOSPC.
+pub fn map_error(name: &'static str, capacity: u32, error: std::io::Error) -> MapsError {
+    match error.raw_os_error() {
+        Some(libc::E2BIG | libc::ENOSPC) => MapsError::Full {
+            map: name,
+            capacity,
+        },
+        _ => MapsError::Batch {
+            map: name,
+            source: error,
+        },
+    }
 }
 
 fn open(path: &Path) -> Result<Map, MapsError> {
@@ -196,113 +209,147 @@ impl Maps {
         Ok(KernelState::from_entries(frontends, slots, members, ranges))
     }
 
-    /// Applies writes that are all of the same kind (as the syncer groups
-    /// them), in order, with batched syscalls. Deleting what is already gone is not an
-    /// error. On failure: how many went through, and the error of the next one.
+    /// Applies writes that are all of the same kind (as the syncer groups them) with
+    /// batched syscalls ([`batch::write`]: chunks, several threads for a long run, single
+    /// writes where the kernel refuses batches). The writes of one group are independent:
+    /// they may go in any order. Deleting what is already gone is not an error. On failure:
+    /// the index of the first write that did not go through (all before it did; some after
+    /// it may have, and writing those again is harmless), and its error.
     pub fn apply_group(&mut self, ops: &[Op]) -> Result<(), (usize, MapsError)> {
         let Some(first) = ops.first() else {
             return Ok(());
         };
-        let (name, capacity, fd) = match first {
-            Op::PutMember(_) | Op::DelMember(_) => (
-                MEMBERS,
-                self.capacities.backends,
-                self.members.map().fd().as_fd(),
-            ),
-            Op::PutSlot(..) | Op::DelSlot(_) => (
-                SLOTS,
-                self.capacities.backends,
-                self.slots.map().fd().as_fd(),
-            ),
-            Op::PutFrontend(..) | Op::DelFrontend(..) => (
-                FRONTENDS,
-                self.capacities.frontends,
-                self.frontends.map().fd().as_fd(),
-            ),
-            Op::PutRange(_) | Op::DelRange(_) => (
-                SRC_RANGES,
-                lb_common::nat::MAX_SRC_RANGES,
-                self.src_ranges.map().fd().as_fd(),
-            ),
-        };
-        let deleting = matches!(
-            first,
-            Op::DelMember(_) | Op::DelSlot(_) | Op::DelFrontend(..) | Op::DelRange(_)
-        );
-        let mut done = 0;
-        for chunk in ops.chunks(BATCH) {
-            let mut offset = 0;
-            while offset < chunk.len() {
-                let rest = &chunk[offset..];
-                // The keys (and values) of this run's ops, all of `first`'s kind.
-                macro_rules! of {
-                    ($pat:pat => $out:expr) => {
-                        rest.iter().filter_map(|op| match op {
-                            $pat => Some($out),
-                            _ => None,
-                        })
-                    };
-                }
-                let result = match first {
-                    Op::PutMember(_) => {
-                        let keys: Vec<MemberKey> = of!(Op::PutMember(k) => *k).collect();
-                        sys::map_update_batch(fd, &keys, &vec![MEMBER_PRESENT; keys.len()])
-                    }
-                    Op::PutSlot(..) => {
-                        let (keys, values): (Vec<SlotKey>, Vec<Backend>) =
-                            of!(Op::PutSlot(k, v) => (*k, *v)).unzip();
-                        sys::map_update_batch(fd, &keys, &values)
-                    }
-                    Op::PutFrontend(..) => {
-                        let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) =
-                            of!(Op::PutFrontend(k, v) => (*k, *v)).unzip();
-                        sys::map_update_batch(fd, &keys, &values)
-                    }
-                    Op::DelMember(_) => {
-                        sys::map_delete_batch(fd, &of!(Op::DelMember(k) => *k).collect::<Vec<_>>())
-                    }
-                    Op::DelSlot(_) => {
-                        sys::map_delete_batch(fd, &of!(Op::DelSlot(k) => *k).collect::<Vec<_>>())
-                    }
-                    Op::DelFrontend(..) => sys::map_delete_batch(
-                        fd,
-                        &of!(Op::DelFrontend(k, _) => *k).collect::<Vec<_>>(),
-                    ),
-                    Op::PutRange(_) => {
-                        let keys: Vec<LpmKey<SrcRangeKey>> =
-                            of!(Op::PutRange(e) => LpmKey::new(e.prefix_len, e.key)).collect();
-                        sys::map_update_batch(fd, &keys, &vec![SRC_RANGE_PRESENT; keys.len()])
-                    }
-                    Op::DelRange(_) => sys::map_delete_batch(
-                        fd,
-                        &of!(Op::DelRange(e) => LpmKey::new(e.prefix_len, e.key))
-                            .collect::<Vec<_>>(),
-                    ),
-                };
-                match result {
-                    Ok(()) => offset = chunk.len(),
-                    // Already gone: as good as deleted; go on after it.
-                    Err(e) if deleting && e.error.raw_os_error() == Some(libc::ENOENT) => {
-                        offset += e.done + 1
-                    }
-                    Err(e) => {
-                        let err = match e.error.raw_os_error() {
-                            Some(libc::E2BIG | libc::ENOSPC) => MapsError::Full {
-                                map: name,
-                                capacity,
-                            },
-                            _ => MapsError::Batch {
-                                map: name,
-                                source: e.error,
-                            },
-                        };
-                        return Err((done + offset + e.done, err));
-                    }
-                }
-            }
-            done += chunk.len();
+        let threads = batch::threads_for(ops.len(), WRITER_THREADS);
+        // The keys (and values) of `ops`, all of `first`'s kind.
+        macro_rules! of {
+            ($pat:pat => $out:expr) => {
+                ops.iter().filter_map(|op| match op {
+                    $pat => Some($out),
+                    _ => None,
+                })
+            };
         }
-        Ok(())
+        let (name, capacity, result) = match first {
+            Op::PutMember(_) => {
+                let keys: Vec<MemberKey> = of!(Op::PutMember(k) => *k).collect();
+                let values = vec![MEMBER_PRESENT; keys.len()];
+                let map = self.members.map().fd().as_fd();
+                let target = batch::Updates {
+                    map,
+                    keys: &keys,
+                    values: &values,
+                };
+                (
+                    MEMBERS,
+                    self.capacities.backends,
+                    batch::write(&target, keys.len(), batch::CHUNK, threads),
+                )
+            }
+            Op::PutSlot(..) => {
+                let (keys, values): (Vec<SlotKey>, Vec<Backend>) =
+                    of!(Op::PutSlot(k, v) => (*k, *v)).unzip();
+                let map = self.slots.map().fd().as_fd();
+                let target = batch::Updates {
+                    map,
+                    keys: &keys,
+                    values: &values,
+                };
+                (
+                    SLOTS,
+                    self.capacities.backends,
+                    batch::write(&target, keys.len(), batch::CHUNK, threads),
+                )
+            }
+            Op::PutFrontend(..) => {
+                let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) =
+                    of!(Op::PutFrontend(k, v) => (*k, *v)).unzip();
+                let map = self.frontends.map().fd().as_fd();
+                let target = batch::Updates {
+                    map,
+                    keys: &keys,
+                    values: &values,
+                };
+                (
+                    FRONTENDS,
+                    self.capacities.frontends,
+                    batch::write(&target, keys.len(), batch::CHUNK, threads),
+                )
+            }
+            Op::DelMember(_) => {
+                let keys: Vec<MemberKey> = of!(Op::DelMember(k) => *k).collect();
+                let map = self.members.map().fd().as_fd();
+                (
+                    MEMBERS,
+                    self.capacities.backends,
+                    batch::write(
+                        &batch::Deletes { map, keys: &keys },
+                        keys.len(),
+                        batch::CHUNK,
+                        threads,
+                    ),
+                )
+            }
+            Op::DelSlot(_) => {
+                let keys: Vec<SlotKey> = of!(Op::DelSlot(k) => *k).collect();
+                let map = self.slots.map().fd().as_fd();
+                (
+                    SLOTS,
+                    self.capacities.backends,
+                    batch::write(
+                        &batch::Deletes { map, keys: &keys },
+                        keys.len(),
+                        batch::CHUNK,
+                        threads,
+                    ),
+                )
+            }
+            Op::DelFrontend(..) => {
+                let keys: Vec<FrontendKey> = of!(Op::DelFrontend(k, _) => *k).collect();
+                let map = self.frontends.map().fd().as_fd();
+                (
+                    FRONTENDS,
+                    self.capacities.frontends,
+                    batch::write(
+                        &batch::Deletes { map, keys: &keys },
+                        keys.len(),
+                        batch::CHUNK,
+                        threads,
+                    ),
+                )
+            }
+            Op::PutRange(_) => {
+                let keys: Vec<LpmKey<SrcRangeKey>> =
+                    of!(Op::PutRange(e) => LpmKey::new(e.prefix_len, e.key)).collect();
+                let values = vec![SRC_RANGE_PRESENT; keys.len()];
+                let map = self.src_ranges.map().fd().as_fd();
+                let target = batch::Updates {
+                    map,
+                    keys: &keys,
+                    values: &values,
+                };
+                (
+                    SRC_RANGES,
+                    lb_common::nat::MAX_SRC_RANGES,
+                    batch::write(&target, keys.len(), batch::CHUNK, threads),
+                )
+            }
+            Op::DelRange(_) => {
+                let keys: Vec<LpmKey<SrcRangeKey>> =
+                    of!(Op::DelRange(e) => LpmKey::new(e.prefix_len, e.key)).collect();
+                let map = self.src_ranges.map().fd().as_fd();
+                (
+                    SRC_RANGES,
+                    lb_common::nat::MAX_SRC_RANGES,
+                    batch::write(
+                        &batch::Deletes { map, keys: &keys },
+                        keys.len(),
+                        batch::CHUNK,
+                        threads,
+                    ),
+                )
+            }
+        };
+        result.map_err(|stopped| (stopped.index, map_error(name, capacity, stopped.error)))
     }
 
     /// The datapath counters, summed over CPUs, indexed as `lb_common::stats`.
@@ -431,6 +478,26 @@ impl Maps {
             affinity: self.affinity.keys().count(),
             udp_flows: self.udp_flows.keys().count(),
             ct: self.ct.keys().count(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_errors_name_the_map() {
+        let err = map_error(SLOTS, 8, std::io::Error::from_raw_os_error(libc::ENOMEM));
+        assert_eq!(err.to_string(), "writing map LB_SLOTS");
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert!(
+            chain.contains("LB_SLOTS") && chain.contains("memory"),
+            "{chain}"
+        );
+        for errno in [libc::E2BIG, libc::ENOSPC] {
+            let err = map_error(MEMBERS, 8, std::io::Error::from_raw_os_error(errno));
+            assert_eq!(err.to_string(), "map LB_MEMBERS is full (capacity 8)");
         }
     }
 }

@@ -9,11 +9,11 @@
 //! only BPF objects (a regular file there is refused with EPERM), and the pins are what lives
 //! on when the agent and its container are gone. `lb cleanup` removes it with the other maps.
 
-use std::{collections::BTreeMap, fmt, path::Path};
+use std::{collections::BTreeMap, fmt, os::fd::AsFd as _, path::Path};
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
 
-use super::PinLayout;
+use super::{PinLayout, batch};
 use crate::model::ObjectKey;
 
 /// Pinned name, under `<pin-path>/maps/`.
@@ -279,6 +279,32 @@ impl Names {
             Err(MapError::KeyNotFound) => Ok(()),
             other => other,
         }
+    }
+
+    /// Puts `names` with batched syscalls (a first sync writes one per frontend). On
+    /// failure: the index of the first name not written (all before it were) and the error.
+    pub fn put_all(&mut self, names: &[(u32, ServiceName)]) -> Result<(), (usize, std::io::Error)> {
+        let (ids, records): (Vec<u32>, Vec<NameRecord>) = names
+            .iter()
+            .map(|(id, name)| (*id, NameRecord::new(name)))
+            .unzip();
+        let target = batch::Updates {
+            map: self.map.map().fd().as_fd(),
+            keys: &ids,
+            values: &records,
+        };
+        let threads = batch::threads_for(ids.len(), super::maps::WRITER_THREADS);
+        batch::write(&target, ids.len(), batch::CHUNK, threads).map_err(|s| (s.index, s.error))
+    }
+
+    /// Deletes the names of `ids` with batched syscalls; one that is not there is not an
+    /// error. On failure: as [`Names::put_all`].
+    pub fn delete_all(&mut self, ids: &[u32]) -> Result<(), (usize, std::io::Error)> {
+        let target = batch::Deletes {
+            map: self.map.map().fd().as_fd(),
+            keys: ids,
+        };
+        batch::write(&target, ids.len(), batch::CHUNK, 1).map_err(|s| (s.index, s.error))
     }
 }
 

@@ -204,6 +204,47 @@ impl KernelState {
         }
     }
 
+    /// Records writes that the kernel accepted, as [`KernelState::apply`] one by one; runs
+    /// of one frontend's members or slots (as the planner emits them) look its entry up once.
+    pub fn apply_all(&mut self, ops: &[Op]) {
+        let mut rest = ops;
+        while let Some(first) = rest.first() {
+            let run = rest
+                .iter()
+                .take_while(|op| {
+                    std::mem::discriminant(*op) == std::mem::discriminant(first)
+                        && op.id() == first.id()
+                })
+                .count();
+            let (now, later) = rest.split_at(run);
+            match first {
+                Op::PutMember(MemberKey { id, .. }) => {
+                    let members = self.members.entry(*id).or_default();
+                    members.reserve(now.len());
+                    for op in now {
+                        if let Op::PutMember(key) = op {
+                            members.insert(key.backend);
+                        }
+                    }
+                }
+                Op::PutSlot(SlotKey { id, .. }, _) => {
+                    let slots = self.slots.entry(*id).or_default();
+                    for op in now {
+                        if let Op::PutSlot(key, backend) = op {
+                            slots.insert(key.slot, *backend);
+                        }
+                    }
+                }
+                _ => {
+                    for op in now {
+                        self.apply(op);
+                    }
+                }
+            }
+            rest = later;
+        }
+    }
+
     /// Slot -> backend of frontend `id`, if it has any slots.
     pub fn slot_map(&self, id: u32) -> Option<&BTreeMap<u32, Backend>> {
         self.slots.get(&id)
@@ -248,7 +289,7 @@ impl KernelState {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::nat::src_range_prefix;
+    use lb_common::{Addr, nat::src_range_prefix};
 
     use super::*;
 
@@ -269,5 +310,68 @@ mod tests {
             },
         };
         assert_eq!(entry.to_string(), format!("{addr}/{len}"));
+    }
+
+    #[test]
+    fn applying_runs_at_once_is_applying_one_by_one() {
+        let mut next = crate::test_support::xorshift(0x2545_f491_4f6c_dd1d);
+        let backend = |n: u64| Backend::new(Addr::from_v4_octets([10, 1, 0, n as u8]), 80);
+        let fkey = |n: u64| FrontendKey {
+            addr: Addr::from_v4_octets([10, 96, 0, n as u8]),
+            port: 80,
+            proto: 6,
+            _pad: 0,
+        };
+        let mut ops = Vec::new();
+        for _ in 0..5000 {
+            let id = 1 + next(4) as u32;
+            // Runs of one kind and id, as the planner emits them, and singles between.
+            let kind = next(6);
+            for _ in 0..1 + next(5) {
+                let op = match kind {
+                    0 => Op::PutMember(MemberKey {
+                        id,
+                        backend: backend(next(9)),
+                    }),
+                    1 => Op::DelMember(MemberKey {
+                        id,
+                        backend: backend(next(9)),
+                    }),
+                    2 => Op::PutSlot(
+                        SlotKey {
+                            id,
+                            slot: next(6) as u32,
+                        },
+                        backend(next(9)),
+                    ),
+                    3 => Op::DelSlot(SlotKey {
+                        id,
+                        slot: next(6) as u32,
+                    }),
+                    4 => Op::PutFrontend(
+                        fkey(next(3)),
+                        Frontend {
+                            id,
+                            count: next(4) as u32,
+                            affinity_timeout_s: 0,
+                            flags: 0,
+                            ext_count: 0,
+                            ext_local: 0,
+                        },
+                    ),
+                    _ => Op::DelFrontend(fkey(next(3)), id),
+                };
+                ops.push(op);
+            }
+        }
+        let mut one_by_one = KernelState::from_entries([], [], [], []);
+        for op in &ops {
+            one_by_one.apply(op);
+        }
+        let mut at_once = KernelState::from_entries([], [], [], []);
+        for piece in ops.chunks(97) {
+            at_once.apply_all(piece);
+        }
+        assert_eq!(at_once, one_by_one);
     }
 }

@@ -11,7 +11,7 @@
 //! ([`assemble`] here is its from-scratch reference).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fmt, fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -161,56 +161,56 @@ impl Manifests {
                 }
             }
         }
+        // Which files to read: those whose stamp changed (or that are new). The reading and
+        // parsing runs on several threads (a first load reads every file); the results are
+        // merged in `order`, as one thread would.
+        let mut reads: Vec<Read> = Vec::new();
+        let mut seen: HashSet<&PathBuf> = HashSet::new();
         for rank in &order {
             let file = &rank.1;
-            if files.contains_key(file) {
+            if files.contains_key(file) || !seen.insert(file) {
                 continue;
             }
             let previous = self.files.remove(file);
             let now = stamp(file);
-            let cached = match previous {
+            match previous {
                 Some(cached) if now.is_some() && cached.stamp == now && cached.rank == *rank => {
-                    cached
+                    files.insert(file.clone(), cached);
                 }
-                previous => {
-                    let (previous_rank, previous) = match previous {
-                        Some(c) => (Some(c.rank), Some(c.objects)),
-                        None => (None, None),
-                    };
-                    let mut file_errors = Vec::new();
-                    let objects = match documents::read_text(file, &BOUNDS) {
-                        Ok(text) => parse_file(
-                            file,
-                            &text,
-                            previous.as_ref(),
-                            self.node_ports,
-                            &mut file_errors,
-                        ),
-                        Err(e) => {
-                            file_errors.push(documents_error(file, e, previous.is_some()));
-                            previous.clone().unwrap_or_default()
-                        }
-                    };
-                    match previous_rank {
-                        Some(old_rank) if old_rank == *rank => {
-                            self.assembly
-                                .replace(rank, previous.as_ref(), Some(&objects));
-                        }
-                        Some(old_rank) => {
-                            self.assembly.replace(&old_rank, previous.as_ref(), None);
-                            self.assembly.replace(rank, None, Some(&objects));
-                        }
-                        None => self.assembly.replace(rank, None, Some(&objects)),
-                    }
-                    Cached {
-                        stamp: now,
-                        rank: rank.clone(),
-                        objects,
-                        errors: file_errors,
-                    }
-                }
+                previous => reads.push(Read {
+                    rank: rank.clone(),
+                    stamp: now,
+                    previous,
+                }),
+            }
+        }
+        let parsed = parse_files(&reads, self.node_ports);
+        for (read, (objects, file_errors)) in reads.into_iter().zip(parsed) {
+            let rank = &read.rank;
+            let (previous_rank, previous) = match read.previous {
+                Some(c) => (Some(c.rank), Some(c.objects)),
+                None => (None, None),
             };
-            files.insert(file.clone(), cached);
+            match previous_rank {
+                Some(old_rank) if old_rank == *rank => {
+                    self.assembly
+                        .replace(rank, previous.as_ref(), Some(&objects));
+                }
+                Some(old_rank) => {
+                    self.assembly.replace(&old_rank, previous.as_ref(), None);
+                    self.assembly.replace(rank, None, Some(&objects));
+                }
+                None => self.assembly.replace(rank, None, Some(&objects)),
+            }
+            files.insert(
+                rank.1.clone(),
+                Cached {
+                    stamp: read.stamp,
+                    rank: rank.clone(),
+                    objects,
+                    errors: file_errors,
+                },
+            );
         }
         // Files that are gone.
         for cached in std::mem::take(&mut self.files).into_values() {
@@ -229,6 +229,63 @@ impl Manifests {
         self.last = snapshot.clone();
         (snapshot, errors)
     }
+}
+
+/// A file [`Manifests::load`] reads again: where it ranks, its new stamp, and what it held.
+struct Read {
+    rank: Rank,
+    stamp: Option<Stamp>,
+    previous: Option<Cached>,
+}
+
+/// Threads that read and parse manifest files (parsing is most of a first load).
+const PARSE_THREADS: usize = 4;
+
+/// Reads and parses each file of `reads` (its objects, or its previous ones where it cannot
+/// be read, and what is wrong), in `reads`' order, on up to [`PARSE_THREADS`] threads.
+fn parse_files(
+    reads: &[Read],
+    node_ports: NodePortRange,
+) -> Vec<(FileObjects, Vec<ManifestError>)> {
+    let one = |read: &Read| {
+        let file = &read.rank.1;
+        let previous = read.previous.as_ref().map(|c| &c.objects);
+        let mut file_errors = Vec::new();
+        let objects = match documents::read_text(file, &BOUNDS) {
+            Ok(text) => parse_file(file, &text, previous, node_ports, &mut file_errors),
+            Err(e) => {
+                file_errors.push(documents_error(file, e, previous.is_some()));
+                previous.cloned().unwrap_or_default()
+            }
+        };
+        (objects, file_errors)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(PARSE_THREADS)
+        .min(reads.len());
+    if threads <= 1 {
+        return reads.iter().map(one).collect();
+    }
+    // Contiguous shares of equal length: files are of similar size (the bench's, a
+    // generator's); a skewed directory costs at most its largest share.
+    let share = reads.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = reads
+            .chunks(share)
+            .map(|part| scope.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                // A panic while parsing (a bug) goes on to the caller, as on one thread: the
+                // watcher turns it into an error and keeps the last snapshot.
+                handle
+                    .join()
+                    .unwrap_or_else(|payload| std::panic::resume_unwind(payload))
+            })
+            .collect()
+    })
 }
 
 /// One manifest file's text as [`Manifests::load`] reads it (every bound and check; `file`
