@@ -11,15 +11,15 @@
 //! tail slots and members it no longer needs. The programs only read them.
 //!
 //! The programs write the per-connection state: [`SOCKS`] (socket storage: what a connected
-//! socket was sent to, to show the Service address back, and whether the socket sent
-//! unconnected datagrams to a Service; it lives and dies with the socket), [`REVNAT`] (the
-//! reverse entries of unconnected UDP sockets, which can send to many Services),
-//! [`AFFINITY`] (ClientIP session affinity) and [`UDP_FLOWS`] (unconnected UDP sockets keep
-//! their backend). The agent never writes them.
+//! socket was sent to, to show the Service address back, and an unconnected UDP socket's
+//! first [`SOCK_FLOWS`] flows, Service -> backend, for its later datagrams and for recvmsg;
+//! it lives and dies with the socket), [`REVNAT`] and [`UDP_FLOWS`] (the same for the flows
+//! of a socket that sent to more Services than that: the overflow, LRU) and [`AFFINITY`]
+//! (ClientIP session affinity). The agent never writes them.
 //!
 //! [`SOCKS`] is the gate of the reverse hooks: a socket without an entry there was never
 //! translated, and recvmsg/getpeername leave it alone without any other lookup; [`REVNAT`]
-//! is read only for sockets whose entry has [`SOCK_DATAGRAMS`].
+//! is read only for sockets whose entry has [`SOCK_OVERFLOW`].
 
 use crate::Addr;
 
@@ -31,7 +31,11 @@ use crate::Addr;
 /// [`Frontend`] gained `ext_count`/`ext_local` and `flags` has a meaning (the north-south
 /// backend range at `EXT_SLOT_BASE`); the conntrack map `LB_CT` is new (its value with the
 /// SNAT fields and the `seen` timestamp, 56 bytes).
-pub const LAYOUT_VERSION: u32 = 3;
+///
+/// 4: [`SockXlate`] gained `flows` (an unconnected UDP socket's first [`SOCK_FLOWS`]
+/// Services, with their backend, kept in its own storage) and [`SOCK_OVERFLOW`]; [`REVNAT`]
+/// and [`UDP_FLOWS`] hold only the flows of sockets that sent to more Services than that.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
 pub const IPPROTO_TCP: u8 = 6;
@@ -64,9 +68,10 @@ pub const MAX_SLOTS: u32 = 1 << 19;
 pub const MAX_MEMBERS: u32 = MAX_SLOTS;
 /// ClientIP affinity entries (client x Service port); LRU.
 pub const MAX_AFFINITY: u32 = 1 << 16;
-/// Unconnected UDP (socket, backend) pairs remembered for recvmsg; LRU.
+/// Unconnected UDP (socket, backend) pairs remembered for recvmsg, beyond a socket's
+/// [`SOCK_FLOWS`] own; LRU.
 pub const MAX_REVNAT: u32 = 1 << 16;
-/// Unconnected UDP (socket, frontend) pairs; LRU.
+/// Unconnected UDP (socket, frontend) pairs beyond a socket's [`SOCK_FLOWS`] own; LRU.
 pub const MAX_UDP_FLOWS: u32 = 1 << 16;
 /// Entries of [`META`].
 pub const META_LEN: u32 = 4;
@@ -219,9 +224,38 @@ pub struct RevNat {
 }
 const _: () = assert!(size_of::<RevNat>() == 24);
 
+/// How many unconnected-UDP flows (Service -> backend) a socket keeps in its own
+/// [`SOCKS`] value; flows beyond these go to [`UDP_FLOWS`] and [`REVNAT`]. A resolver
+/// socket talks to one or two Services; four keep the value (240 bytes) within the
+/// kernel's 512-byte allocation class together with the element header.
+pub const SOCK_FLOWS: usize = 4;
+
+/// One unconnected-UDP flow of a socket, in its [`SockXlate::flows`]: datagrams to
+/// `frontend` go to `backend` (the socket's conntrack entry, with kube-proxy), and replies
+/// from `backend` show `frontend` while [`FLOW_REVERSE`] is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockFlow {
+    /// The Service address, port and protocol the socket sent to.
+    pub frontend: FrontendKey,
+    /// The backend its datagrams go to; used again only while it is still a member.
+    pub backend: Backend,
+    /// [`Frontend::id`] when the backend was chosen; 0: an empty slot.
+    pub id: u32,
+    /// [`FLOW_REVERSE`]; other bits 0.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<SockFlow>() == 48);
+
+/// [`SockFlow::flags`]: replies from the backend are shown as coming from the Service.
+/// Cleared when the socket sends to the backend's address directly (kube-proxy would see a
+/// separate, untranslated flow), set again by its next datagram through the Service.
+pub const FLOW_REVERSE: u32 = 1;
+
 /// Value of [`SOCKS`] (socket storage, keyed by the socket itself): what lb did with one
 /// socket, for getpeername, recvmsg and the socket's later sends. A socket without an entry
-/// was never translated. Written only by the socket's own syscalls, under the socket lock.
+/// was never translated. Written only by the socket's own syscalls, under the socket lock;
+/// freed by the kernel with the socket, so nothing here outlives it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockXlate {
@@ -230,18 +264,23 @@ pub struct SockXlate {
     /// The Service address and port it connected to, and the frontend id; meaningful with
     /// [`SOCK_CONNECTED`].
     pub service: RevNat,
-    /// [`SOCK_CONNECTED`] | [`SOCK_DATAGRAMS`]; other bits 0.
+    /// [`SOCK_CONNECTED`] | [`SOCK_DATAGRAMS`] | [`SOCK_OVERFLOW`]; other bits 0.
     pub flags: u32,
+    /// The unconnected-UDP flows (with [`SOCK_DATAGRAMS`]), filled from the first slot.
+    pub flows: [SockFlow; SOCK_FLOWS],
 }
-const _: () = assert!(size_of::<SockXlate>() == 48);
+const _: () = assert!(size_of::<SockXlate>() == 48 + 48 * SOCK_FLOWS);
 
 /// [`SockXlate::flags`]: the socket's last connect() went to `service` and was sent to
 /// `backend` (TCP, connected UDP, MPTCP: then it is the MPTCP socket's entry, not the
 /// subflow's). Cleared by a connect() to an address that is not a Service.
 pub const SOCK_CONNECTED: u32 = 1;
 /// [`SockXlate::flags`]: the socket sent datagrams to a Service with sendmsg (unconnected
-/// UDP), so [`REVNAT`] may hold `(cookie, backend)` entries for it. Never cleared.
+/// UDP): its `flows` hold them. Never cleared.
 pub const SOCK_DATAGRAMS: u32 = 2;
+/// [`SockXlate::flags`]: the socket sent datagrams to more Services than `flows` holds, so
+/// [`UDP_FLOWS`] and [`REVNAT`] may hold `(cookie, ...)` entries for it. Never cleared.
+pub const SOCK_OVERFLOW: u32 = 4;
 
 /// Key of [`UDP_FLOWS`]: an unconnected UDP socket sending to a frontend. Like a conntrack
 /// entry for kube-proxy, it keeps the socket's datagrams on one backend.
@@ -399,7 +438,7 @@ pub const SPECS: &[MapSpec] = &[
 mod pod {
     use super::{
         Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
-        SlotKey, SockXlate, UdpFlowKey,
+        SlotKey, SockFlow, SockXlate, UdpFlowKey,
     };
 
     // SAFETY: all of these are #[repr(C)], made of integers only, with every padding byte an
@@ -425,6 +464,8 @@ mod pod {
     unsafe impl aya::Pod for UdpFlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockXlate {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockFlow {}
 }
 
 #[cfg(test)]

@@ -847,6 +847,7 @@ mod tests {
                 id,
             },
             flags: SOCK_CONNECTED,
+            ..SockXlate::default()
         }
     }
 
