@@ -10,14 +10,16 @@
 //! make-before-break order: members, then slots, then the frontend with its count, then the
 //! tail slots and members it no longer needs. The programs only read them.
 //!
-//! The programs write the per-connection state: [`SOCKS`] (socket storage: what a connected
-//! socket was sent to, to show the Service address back, and an unconnected UDP socket's
-//! first [`SOCK_FLOWS`] flows, Service -> backend, for its later datagrams and for recvmsg;
-//! it lives and dies with the socket), [`REVNAT`] and [`UDP_FLOWS`] (the same for the flows
+//! The programs write the per-connection state: [`SOCKS`] (socket storage of TCP and MPTCP
+//! sockets: what a connected socket was sent to, to show the Service address back; it lives
+//! and dies with the socket), [`DGRAMS`] (the same for UDP sockets, with an unconnected
+//! socket's first [`SOCK_FLOWS`] flows, Service -> backend, for its later datagrams and for
+//! recvmsg), [`REVNAT`] and [`UDP_FLOWS`] (the same for the flows
 //! of a socket that sent to more Services than that: the overflow, LRU) and [`AFFINITY`]
 //! (ClientIP session affinity). The agent never writes them.
 //!
-//! [`SOCKS`] is the gate of the reverse hooks: a socket without an entry there was never
+//! [`SOCKS`] (TCP) and [`DGRAMS`] (UDP) are the gate of the reverse hooks: a socket without an
+//! entry there was never
 //! translated, and recvmsg/getpeername leave it alone without any other lookup; [`REVNAT`]
 //! is read only for sockets whose entry has [`SOCK_OVERFLOW`].
 
@@ -32,9 +34,10 @@ use crate::Addr;
 /// backend range at `EXT_SLOT_BASE`); the conntrack map `LB_CT` is new (its value with the
 /// SNAT fields and the `seen` timestamp, 56 bytes).
 ///
-/// 4: [`SockXlate`] gained `flows` (an unconnected UDP socket's first [`SOCK_FLOWS`]
-/// Services, with their backend, kept in its own storage) and [`SOCK_OVERFLOW`]; [`REVNAT`]
-/// and [`UDP_FLOWS`] hold only the flows of sockets that sent to more Services than that.
+/// 4: UDP sockets keep their state in [`DGRAMS`] ([`DgramXlate`]: the connected part as in
+/// [`SockXlate`], and an unconnected socket's first [`SOCK_FLOWS`] flows, Service ->
+/// backend), [`SOCKS`] holds the other sockets' (TCP, MPTCP); [`SOCK_OVERFLOW`] is new, and
+/// [`REVNAT`] and [`UDP_FLOWS`] hold only the flows of sockets that sent to more Services.
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -52,6 +55,7 @@ pub const SLOTS: &str = "LB_SLOTS";
 pub const MEMBERS: &str = "LB_MEMBERS";
 pub const AFFINITY: &str = "LB_AFFINITY";
 pub const SOCKS: &str = "LB_SOCKS";
+pub const DGRAMS: &str = "LB_DGRAMS";
 pub const REVNAT: &str = "LB_REVNAT";
 pub const UDP_FLOWS: &str = "LB_UDP_FLOWS";
 pub const STATS: &str = "LB_STATS";
@@ -225,12 +229,12 @@ pub struct RevNat {
 const _: () = assert!(size_of::<RevNat>() == 24);
 
 /// How many unconnected-UDP flows (Service -> backend) a socket keeps in its own
-/// [`SOCKS`] value; flows beyond these go to [`UDP_FLOWS`] and [`REVNAT`]. A resolver
+/// [`DGRAMS`] value; flows beyond these go to [`UDP_FLOWS`] and [`REVNAT`]. A resolver
 /// socket talks to one or two Services; four keep the value (240 bytes) within the
 /// kernel's 512-byte allocation class together with the element header.
 pub const SOCK_FLOWS: usize = 4;
 
-/// One unconnected-UDP flow of a socket, in its [`SockXlate::flows`]: datagrams to
+/// One unconnected-UDP flow of a socket, in its [`DgramXlate::flows`]: datagrams to
 /// `frontend` go to `backend` (the socket's conntrack entry, with kube-proxy), and replies
 /// from `backend` show `frontend` while [`FLOW_REVERSE`] is set.
 #[repr(C)]
@@ -253,9 +257,9 @@ const _: () = assert!(size_of::<SockFlow>() == 48);
 pub const FLOW_REVERSE: u32 = 1;
 
 /// Value of [`SOCKS`] (socket storage, keyed by the socket itself): what lb did with one
-/// socket, for getpeername, recvmsg and the socket's later sends. A socket without an entry
-/// was never translated. Written only by the socket's own syscalls, under the socket lock;
-/// freed by the kernel with the socket, so nothing here outlives it.
+/// TCP or MPTCP socket, for getpeername. A socket without an entry was never translated.
+/// Written only by the socket's own syscalls, under the socket lock; freed by the kernel
+/// with the socket. Also the connected part of a UDP socket's [`DgramXlate`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockXlate {
@@ -266,19 +270,34 @@ pub struct SockXlate {
     pub service: RevNat,
     /// [`SOCK_CONNECTED`] | [`SOCK_DATAGRAMS`] | [`SOCK_OVERFLOW`]; other bits 0.
     pub flags: u32,
-    /// The unconnected-UDP flows (with [`SOCK_DATAGRAMS`]), filled from the first slot.
+}
+const _: () = assert!(size_of::<SockXlate>() == 48);
+
+/// Value of [`DGRAMS`] (socket storage of UDP sockets): what lb did with one UDP socket, for
+/// getpeername, recvmsg and its later sends. A separate map from [`SOCKS`] so that a TCP
+/// connect allocates only the small [`SockXlate`] (the kernel allocates the value with the
+/// socket's first entry; a larger size class costs every connect). Written only by the
+/// socket's own syscalls, under the socket lock; freed by the kernel with the socket, so
+/// nothing here outlives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DgramXlate {
+    /// The connected part: backend, Service and flags, as for a TCP socket.
+    pub conn: SockXlate,
+    /// The unconnected flows (with [`SOCK_DATAGRAMS`] in `conn.flags`), filled from the
+    /// first slot.
     pub flows: [SockFlow; SOCK_FLOWS],
 }
-const _: () = assert!(size_of::<SockXlate>() == 48 + 48 * SOCK_FLOWS);
+const _: () = assert!(size_of::<DgramXlate>() == 48 + 48 * SOCK_FLOWS);
 
 /// [`SockXlate::flags`]: the socket's last connect() went to `service` and was sent to
 /// `backend` (TCP, connected UDP, MPTCP: then it is the MPTCP socket's entry, not the
 /// subflow's). Cleared by a connect() to an address that is not a Service.
 pub const SOCK_CONNECTED: u32 = 1;
 /// [`SockXlate::flags`]: the socket sent datagrams to a Service with sendmsg (unconnected
-/// UDP): its `flows` hold them. Never cleared.
+/// UDP): its [`DgramXlate::flows`] hold them. Never cleared.
 pub const SOCK_DATAGRAMS: u32 = 2;
-/// [`SockXlate::flags`]: the socket sent datagrams to more Services than `flows` holds, so
+/// [`SockXlate::flags`]: the socket sent datagrams to more Services than its flows hold, so
 /// [`UDP_FLOWS`] and [`REVNAT`] may hold `(cookie, ...)` entries for it. Never cleared.
 pub const SOCK_OVERFLOW: u32 = 4;
 
@@ -383,6 +402,16 @@ pub const SPECS: &[MapSpec] = &[
         sized_by_agent: false,
     },
     MapSpec {
+        name: DGRAMS,
+        kind: MapKind::SkStorage,
+        key_size: size::<u32>(),
+        value_size: size::<DgramXlate>(),
+        max_entries: 0,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: false,
+        sized_by_agent: false,
+    },
+    MapSpec {
         name: REVNAT,
         kind: MapKind::LruHash,
         key_size: size::<RevNatKey>(),
@@ -437,8 +466,8 @@ pub const SPECS: &[MapSpec] = &[
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
-        SlotKey, SockFlow, SockXlate, UdpFlowKey,
+        Affinity, AffinityKey, Backend, DgramXlate, Frontend, FrontendKey, MemberKey, RevNat,
+        RevNatKey, SlotKey, SockFlow, SockXlate, UdpFlowKey,
     };
 
     // SAFETY: all of these are #[repr(C)], made of integers only, with every padding byte an
@@ -466,6 +495,8 @@ mod pod {
     unsafe impl aya::Pod for SockXlate {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockFlow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DgramXlate {}
 }
 
 #[cfg(test)]

@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Affinity, AffinityKey, Backend, FLOW_REVERSE, Frontend, FrontendKey, IPPROTO_TCP,
-        MemberKey, RevNat, RevNatKey, SOCK_CONNECTED, SOCK_DATAGRAMS, SOCK_OVERFLOW, SlotKey,
-        SockFlow, SockXlate, UdpFlowKey,
+        Affinity, AffinityKey, Backend, DgramXlate, FLOW_REVERSE, Frontend, FrontendKey,
+        IPPROTO_TCP, IPPROTO_UDP, MemberKey, RevNat, RevNatKey, SOCK_CONNECTED, SOCK_DATAGRAMS,
+        SOCK_OVERFLOW, SlotKey, SockFlow, SockXlate, UdpFlowKey,
     },
     select::{affinity_fresh, slot_for},
     stats,
@@ -21,8 +21,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        LB_AFFINITY, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_SOCKS, LB_UDP_FLOWS, count,
-        ctx_sock,
+        LB_AFFINITY, LB_DGRAMS, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_SOCKS,
+        LB_UDP_FLOWS, count, ctx_sock,
     },
     sock::{self, Family},
 };
@@ -118,9 +118,9 @@ fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
 /// connect() to a Service: the backend, remembered in the socket's storage for getpeername
 /// and recvmsg. Returns the backend and the counter to bump.
 ///
-/// The storage is the application's socket: for MPTCP the connect hook runs on the first
-/// subflow, while the application calls getpeername on the MPTCP socket, so the entry goes
-/// on that one.
+/// A TCP socket's storage is the application's socket in `LB_SOCKS`: for MPTCP the connect
+/// hook runs on the first subflow, while the application calls getpeername on the MPTCP
+/// socket, so the entry goes on that one. A UDP socket's is in `LB_DGRAMS`.
 #[inline(always)]
 fn connect(
     ctx: &SockAddrContext,
@@ -128,20 +128,46 @@ fn connect(
     frontend: &Frontend,
     service: RevNat,
 ) -> Result<(Backend, u32), u32> {
+    if key.proto == IPPROTO_UDP {
+        return connect_udp(ctx, key, frontend, service);
+    }
     let sk = if key.proto == IPPROTO_TCP {
         app_socket(ctx)
     } else {
         ctx_sock(ctx)
     };
     let state = LB_SOCKS.get_ptr_on(sk, true);
+    let backend = choose(ctx, key, frontend, None)?;
+    match state {
+        // SAFETY: this socket's own storage, written under the socket lock that every hook
+        // runs with.
+        Some(state) => unsafe {
+            *state = SockXlate {
+                backend,
+                service,
+                flags: SOCK_CONNECTED,
+            };
+        },
+        None => count(stats::ERR_REVNAT_UPDATE),
+    }
+    Ok((backend, stats::CONNECT_XLATED))
+}
+
+/// connect() of a UDP socket to a Service. A socket that already sent datagrams to this
+/// Service keeps their backend: with kube-proxy the connected socket's datagrams have the
+/// same 5-tuple, so the same conntrack entry. Its unconnected flows stay.
+#[inline(always)]
+fn connect_udp(
+    ctx: &SockAddrContext,
+    key: &FrontendKey,
+    frontend: &Frontend,
+    service: RevNat,
+) -> Result<(Backend, u32), u32> {
+    let state = LB_DGRAMS.get_ptr(ctx, true);
     let backend = if frontend.affinity_timeout_s != 0 {
         choose_with_affinity(ctx, frontend)?
     } else {
-        // A UDP socket that already sent datagrams to this Service keeps their backend when
-        // it connects to it: with kube-proxy the connected socket's datagrams have the same
-        // 5-tuple, so the same conntrack entry.
-        // SAFETY: this socket's own storage, read under the socket lock that every hook runs
-        // with.
+        // SAFETY: this socket's own storage, read under the socket lock.
         let current = state.map(|state| unsafe { &*state });
         match current.and_then(|state| datagram_backend(ctx, state, key, frontend)) {
             Some(backend) => {
@@ -152,12 +178,12 @@ fn connect(
         }
     };
     match state {
-        // SAFETY: as above; the socket's own value (its flows stay).
+        // SAFETY: as above; the socket's own value.
         Some(state) => unsafe {
-            let state = &mut *state;
-            state.backend = backend;
-            state.service = service;
-            state.flags |= SOCK_CONNECTED;
+            let conn = &mut (*state).conn;
+            conn.backend = backend;
+            conn.service = service;
+            conn.flags |= SOCK_CONNECTED;
         },
         None => count(stats::ERR_REVNAT_UPDATE),
     }
@@ -190,21 +216,21 @@ fn send(
     frontend: &Frontend,
     service: RevNat,
 ) -> Result<(Backend, u32), u32> {
-    let Some(state) = LB_SOCKS.get_ptr(ctx, true) else {
+    let Some(state) = LB_DGRAMS.get_ptr(ctx, true) else {
         // No storage (memory): translated all the same, its replies show the backend.
         count(stats::ERR_REVNAT_UPDATE);
         return Ok((choose(ctx, key, frontend, None)?, stats::SENDMSG_XLATED));
     };
     // SAFETY: this socket's own storage, read and written under the socket lock.
     let state = unsafe { &mut *state };
-    if state.flags & SOCK_CONNECTED != 0
-        && state.service.addr == key.addr
-        && state.service.port == key.port
+    if state.conn.flags & SOCK_CONNECTED != 0
+        && state.conn.service.addr == key.addr
+        && state.conn.service.port == key.port
     {
-        return Ok((state.backend, stats::SENDMSG_CONNECTED));
+        return Ok((state.conn.backend, stats::SENDMSG_CONNECTED));
     }
     let Some(slot) = own_flow(state, key) else {
-        state.flags |= SOCK_OVERFLOW;
+        state.conn.flags |= SOCK_OVERFLOW;
         // SAFETY: helper call on the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let backend = choose(ctx, key, frontend, Some(cookie))?;
@@ -242,14 +268,14 @@ fn send(
             flow.flags &= !FLOW_REVERSE;
         }
     }
-    state.flags |= SOCK_DATAGRAMS;
+    state.conn.flags |= SOCK_DATAGRAMS;
     Ok((backend, stats::SENDMSG_XLATED))
 }
 
 /// The index of the socket's own flow to `key`, else of its first empty slot, else `None`
 /// (all taken by other Services).
 #[inline(always)]
-fn own_flow(state: &SockXlate, key: &FrontendKey) -> Option<usize> {
+fn own_flow(state: &DgramXlate, key: &FrontendKey) -> Option<usize> {
     let mut empty = None;
     for (i, flow) in state.flows.iter().enumerate() {
         if flow.id == 0 {
@@ -268,18 +294,18 @@ fn own_flow(state: &SockXlate, key: &FrontendKey) -> Option<usize> {
 #[inline(always)]
 fn datagram_backend(
     ctx: &SockAddrContext,
-    state: &SockXlate,
+    state: &DgramXlate,
     key: &FrontendKey,
     frontend: &Frontend,
 ) -> Option<Backend> {
-    if state.flags & SOCK_DATAGRAMS != 0 {
+    if state.conn.flags & SOCK_DATAGRAMS != 0 {
         for flow in &state.flows {
             if flow.id != 0 && flow.frontend == *key {
                 return is_member(frontend.id, &flow.backend).then_some(flow.backend);
             }
         }
     }
-    if state.flags & SOCK_OVERFLOW != 0 {
+    if state.conn.flags & SOCK_OVERFLOW != 0 {
         let fkey = UdpFlowKey {
             // SAFETY: helper call on the program's own context.
             cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -304,14 +330,23 @@ fn datagram_backend(
 /// and pay one empty lookup.
 #[inline(always)]
 fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
-    let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
+    if key.proto != IPPROTO_UDP {
+        if hook == Hook::Connect
+            && let Some(state) = LB_SOCKS.get_ptr(ctx, false)
+        {
+            // SAFETY: this socket's own storage, written under the socket lock.
+            unsafe { (*state).flags &= !SOCK_CONNECTED };
+        }
+        return;
+    }
+    let Some(state) = LB_DGRAMS.get_ptr(ctx, false) else {
         return;
     };
     // SAFETY: this socket's own storage, read and written under the socket lock.
     let state = unsafe { &mut *state };
-    let flags = state.flags;
+    let flags = state.conn.flags;
     if hook == Hook::Connect && flags & SOCK_CONNECTED != 0 {
-        state.flags = flags & !SOCK_CONNECTED;
+        state.conn.flags = flags & !SOCK_CONNECTED;
     }
     if flags & SOCK_DATAGRAMS != 0 {
         for flow in &mut state.flows {
@@ -477,33 +512,37 @@ pub enum Reverse {
 }
 
 /// recvmsg/getpeername: a backend address the client sees becomes the Service address it
-/// asked for. The socket's storage is the gate: a socket without it was never translated
-/// and is left alone at once. A connected socket's peer comes from the storage; a recvmsg
-/// source that is not the connected backend is looked for among the socket's own flows, and
-/// in `LB_REVNAT` only if the socket has [`SOCK_OVERFLOW`]. getpeername reads neither: a peer
-/// exists only after connect(), which the storage records. When several flows of a socket
-/// went to the same backend, the first slot's Service shows. Always lets the syscall proceed
-/// (these hooks cannot refuse).
+/// asked for. The socket's storage (`LB_DGRAMS` for UDP, `LB_SOCKS` for the others) is the
+/// gate: a socket without it was never translated and is left alone at once. A connected
+/// socket's peer comes from the storage; a recvmsg source that is not the connected backend
+/// is looked for among the socket's own flows (the one that last sent to that backend
+/// answers), and in `LB_REVNAT` only if the socket has [`SOCK_OVERFLOW`]. getpeername reads
+/// neither: a peer exists only after connect(), which the storage records. Always lets the
+/// syscall proceed (these hooks cannot refuse).
 #[inline(always)]
 pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
-    let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
-        return SYS_PROCEED;
-    };
-    // SAFETY: this socket's own storage; the socket's own syscalls write it, under the socket
-    // lock this hook runs with too.
-    let state = unsafe { &*state };
     let sa = ctx.sock_addr;
-    let addr = F::addr(sa);
-    let port = sock::port(sa);
-    let service = if state.flags & SOCK_CONNECTED != 0
-        && state.backend.addr == addr
-        && state.backend.port == port
-    {
-        Some(state.service)
-    } else if hook == Reverse::RecvMsg {
-        reverse_datagram(ctx, state, addr, port)
+    // recvmsg runs for UDP only; getpeername for every socket, whose protocol picks the map.
+    let service = if hook == Reverse::RecvMsg || sock::protocol(sa) == u32::from(IPPROTO_UDP) {
+        let Some(state) = LB_DGRAMS.get_ptr(ctx, false) else {
+            return SYS_PROCEED;
+        };
+        // SAFETY: this socket's own storage; the socket's own syscalls write it, under the
+        // socket lock this hook runs with too.
+        let state = unsafe { &*state };
+        let addr = F::addr(sa);
+        let port = sock::port(sa);
+        match connected_service(&state.conn, addr, port) {
+            Some(service) => Some(service),
+            None if hook == Reverse::RecvMsg => reverse_datagram(ctx, state, addr, port),
+            None => None,
+        }
     } else {
-        None
+        let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
+            return SYS_PROCEED;
+        };
+        // SAFETY: as above.
+        connected_service(unsafe { &*state }, F::addr(sa), sock::port(sa))
     };
     if let Some(service) = service
         && F::set_addr(sa, service.addr).is_ok()
@@ -517,16 +556,23 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
     SYS_PROCEED
 }
 
+/// The Service of a connected socket whose peer (or datagram source) is its backend.
+#[inline(always)]
+fn connected_service(conn: &SockXlate, addr: lb_common::Addr, port: u16) -> Option<RevNat> {
+    (conn.flags & SOCK_CONNECTED != 0 && conn.backend.addr == addr && conn.backend.port == port)
+        .then_some(conn.service)
+}
+
 /// The Service a datagram from `addr`:`port` answers for: the socket's own flow to that
 /// backend, else its overflow entry.
 #[inline(always)]
 fn reverse_datagram(
     ctx: &SockAddrContext,
-    state: &SockXlate,
+    state: &DgramXlate,
     addr: lb_common::Addr,
     port: u16,
 ) -> Option<RevNat> {
-    if state.flags & SOCK_DATAGRAMS != 0 {
+    if state.conn.flags & SOCK_DATAGRAMS != 0 {
         for flow in &state.flows {
             if flow.id != 0
                 && flow.flags & FLOW_REVERSE != 0
@@ -542,7 +588,7 @@ fn reverse_datagram(
             }
         }
     }
-    if state.flags & SOCK_OVERFLOW != 0 {
+    if state.conn.flags & SOCK_OVERFLOW != 0 {
         let key = RevNatKey {
             // SAFETY: helper call on the program's own context.
             cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },

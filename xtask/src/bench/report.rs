@@ -22,6 +22,9 @@ pub struct Results {
     /// Run time of lb's programs per call, from the kernel's BPF statistics.
     #[serde(default)]
     pub prog_cost: Vec<ProgCostRow>,
+    /// Per-socket LRU entries around a churn of new unconnected UDP sockets.
+    #[serde(default)]
+    pub udp_churn: Vec<super::churn::ChurnRow>,
     /// What could not be measured, and why.
     pub skipped: Vec<String>,
 }
@@ -428,6 +431,26 @@ impl Results {
                     row.ns_per_call.max,
                     row.calls_per_transaction
                 );
+            }
+        }
+        if !self.udp_churn.is_empty() {
+            push_line!(
+                md,
+                "\n## Unconnected UDP socket churn: per-socket LRU entries before and after\n\n\
+                 New sockets, one datagram each to a Service and its answer (reported, not asserted).\n\n\
+                 | Services | sockets | map | entries before | entries after | lost | seconds |\n|---:|---:|---|---:|---:|---:|---:|"
+            );
+            for row in &self.udp_churn {
+                for (map, before, after) in &row.entries {
+                    push_line!(
+                        md,
+                        "| {} | {} | {map} | {before} | {after} | {} | {:.1} |",
+                        row.services,
+                        row.sockets,
+                        row.lost,
+                        row.seconds
+                    );
+                }
             }
         }
         if !self.skipped.is_empty() {
