@@ -10,16 +10,18 @@
 //! make-before-break order: members, then slots, then the frontend with its count, then the
 //! tail slots and members it no longer needs. The programs only read them.
 //!
-//! The programs write the per-connection state: [`SOCKS`] (socket storage: what a connected
-//! socket was sent to, to show the Service address back, and whether the socket sent
-//! unconnected datagrams to a Service; it lives and dies with the socket), [`REVNAT`] (the
-//! reverse entries of unconnected UDP sockets, which can send to many Services),
-//! [`AFFINITY`] (ClientIP session affinity) and [`UDP_FLOWS`] (unconnected UDP sockets keep
-//! their backend). The agent never writes them.
+//! The programs write the per-connection state: [`SOCKS`] (socket storage of TCP and MPTCP
+//! sockets: what a connected socket was sent to, to show the Service address back; it lives
+//! and dies with the socket), [`DGRAMS`] (the same for UDP sockets, with an unconnected
+//! socket's first [`SOCK_FLOWS`] flows, Service -> backend, for its later datagrams and for
+//! recvmsg), [`REVNAT`] and [`UDP_FLOWS`] (the same for the flows
+//! of a socket that sent to more Services than that: the overflow, LRU) and [`AFFINITY`]
+//! (ClientIP session affinity). The agent never writes them.
 //!
-//! [`SOCKS`] is the gate of the reverse hooks: a socket without an entry there was never
+//! [`SOCKS`] (TCP) and [`DGRAMS`] (UDP) are the gate of the reverse hooks: a socket without an
+//! entry there was never
 //! translated, and recvmsg/getpeername leave it alone without any other lookup; [`REVNAT`]
-//! is read only for sockets whose entry has [`SOCK_DATAGRAMS`].
+//! is read only for sockets whose entry has [`SOCK_OVERFLOW`].
 
 use crate::Addr;
 
@@ -34,6 +36,10 @@ use crate::Addr;
 ///
 /// 4: `LB_SRC_RANGES` (source ranges of LoadBalancer IPs, an LPM trie) is new, and
 /// [`Frontend::flags`] has `FRONTEND_SRC_RANGES`.
+/// Also 4: UDP sockets keep their state in [`DGRAMS`] ([`DgramXlate`]: the connected part as in
+/// [`SockXlate`], and an unconnected socket's first [`SOCK_FLOWS`] flows, Service ->
+/// backend), [`SOCKS`] holds the other sockets' (TCP, MPTCP); [`SOCK_OVERFLOW`] is new, and
+/// [`REVNAT`] and [`UDP_FLOWS`] hold only the flows of sockets that sent to more Services.
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -51,6 +57,7 @@ pub const SLOTS: &str = "LB_SLOTS";
 pub const MEMBERS: &str = "LB_MEMBERS";
 pub const AFFINITY: &str = "LB_AFFINITY";
 pub const SOCKS: &str = "LB_SOCKS";
+pub const DGRAMS: &str = "LB_DGRAMS";
 pub const REVNAT: &str = "LB_REVNAT";
 pub const UDP_FLOWS: &str = "LB_UDP_FLOWS";
 pub const STATS: &str = "LB_STATS";
@@ -67,9 +74,10 @@ pub const MAX_SLOTS: u32 = 1 << 19;
 pub const MAX_MEMBERS: u32 = MAX_SLOTS;
 /// ClientIP affinity entries (client x Service port); LRU.
 pub const MAX_AFFINITY: u32 = 1 << 16;
-/// Unconnected UDP (socket, backend) pairs remembered for recvmsg; LRU.
+/// Unconnected UDP (socket, backend) pairs remembered for recvmsg, beyond a socket's
+/// [`SOCK_FLOWS`] own; LRU.
 pub const MAX_REVNAT: u32 = 1 << 16;
-/// Unconnected UDP (socket, frontend) pairs; LRU.
+/// Unconnected UDP (socket, frontend) pairs beyond a socket's [`SOCK_FLOWS`] own; LRU.
 pub const MAX_UDP_FLOWS: u32 = 1 << 16;
 /// Entries of [`META`].
 pub const META_LEN: u32 = 4;
@@ -222,9 +230,38 @@ pub struct RevNat {
 }
 const _: () = assert!(size_of::<RevNat>() == 24);
 
+/// How many unconnected-UDP flows (Service -> backend) a socket keeps in its own
+/// [`DGRAMS`] value; flows beyond these go to [`UDP_FLOWS`] and [`REVNAT`]. A resolver
+/// socket talks to one or two Services; four keep the value (240 bytes) within the
+/// kernel's 512-byte allocation class together with the element header.
+pub const SOCK_FLOWS: usize = 4;
+
+/// One unconnected-UDP flow of a socket, in its [`DgramXlate::flows`]: datagrams to
+/// `frontend` go to `backend` (the socket's conntrack entry, with kube-proxy), and replies
+/// from `backend` show `frontend` while [`FLOW_REVERSE`] is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockFlow {
+    /// The Service address, port and protocol the socket sent to.
+    pub frontend: FrontendKey,
+    /// The backend its datagrams go to; used again only while it is still a member.
+    pub backend: Backend,
+    /// [`Frontend::id`] when the backend was chosen; 0: an empty slot.
+    pub id: u32,
+    /// [`FLOW_REVERSE`]; other bits 0.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<SockFlow>() == 48);
+
+/// [`SockFlow::flags`]: replies from the backend are shown as coming from the Service.
+/// Cleared when the socket sends to the backend's address directly (kube-proxy would see a
+/// separate, untranslated flow), set again by its next datagram through the Service.
+pub const FLOW_REVERSE: u32 = 1;
+
 /// Value of [`SOCKS`] (socket storage, keyed by the socket itself): what lb did with one
-/// socket, for getpeername, recvmsg and the socket's later sends. A socket without an entry
-/// was never translated. Written only by the socket's own syscalls, under the socket lock.
+/// TCP or MPTCP socket, for getpeername. A socket without an entry was never translated.
+/// Written only by the socket's own syscalls, under the socket lock; freed by the kernel
+/// with the socket. Also the connected part of a UDP socket's [`DgramXlate`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockXlate {
@@ -233,18 +270,38 @@ pub struct SockXlate {
     /// The Service address and port it connected to, and the frontend id; meaningful with
     /// [`SOCK_CONNECTED`].
     pub service: RevNat,
-    /// [`SOCK_CONNECTED`] | [`SOCK_DATAGRAMS`]; other bits 0.
+    /// [`SOCK_CONNECTED`] | [`SOCK_DATAGRAMS`] | [`SOCK_OVERFLOW`]; other bits 0.
     pub flags: u32,
 }
 const _: () = assert!(size_of::<SockXlate>() == 48);
+
+/// Value of [`DGRAMS`] (socket storage of UDP sockets): what lb did with one UDP socket, for
+/// getpeername, recvmsg and its later sends. A separate map from [`SOCKS`] so that a TCP
+/// connect allocates only the small [`SockXlate`] (the kernel allocates the value with the
+/// socket's first entry; a larger size class costs every connect). Written only by the
+/// socket's own syscalls, under the socket lock; freed by the kernel with the socket, so
+/// nothing here outlives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DgramXlate {
+    /// The connected part: backend, Service and flags, as for a TCP socket.
+    pub conn: SockXlate,
+    /// The unconnected flows (with [`SOCK_DATAGRAMS`] in `conn.flags`), filled from the
+    /// first slot.
+    pub flows: [SockFlow; SOCK_FLOWS],
+}
+const _: () = assert!(size_of::<DgramXlate>() == 48 + 48 * SOCK_FLOWS);
 
 /// [`SockXlate::flags`]: the socket's last connect() went to `service` and was sent to
 /// `backend` (TCP, connected UDP, MPTCP: then it is the MPTCP socket's entry, not the
 /// subflow's). Cleared by a connect() to an address that is not a Service.
 pub const SOCK_CONNECTED: u32 = 1;
 /// [`SockXlate::flags`]: the socket sent datagrams to a Service with sendmsg (unconnected
-/// UDP), so [`REVNAT`] may hold `(cookie, backend)` entries for it. Never cleared.
+/// UDP): its [`DgramXlate::flows`] hold them. Never cleared.
 pub const SOCK_DATAGRAMS: u32 = 2;
+/// [`SockXlate::flags`]: the socket sent datagrams to more Services than its flows hold, so
+/// [`UDP_FLOWS`] and [`REVNAT`] may hold `(cookie, ...)` entries for it. Never cleared.
+pub const SOCK_OVERFLOW: u32 = 4;
 
 /// Key of [`UDP_FLOWS`]: an unconnected UDP socket sending to a frontend. Like a conntrack
 /// entry for kube-proxy, it keeps the socket's datagrams on one backend.
@@ -349,6 +406,16 @@ pub const SPECS: &[MapSpec] = &[
         sized_by_agent: false,
     },
     MapSpec {
+        name: DGRAMS,
+        kind: MapKind::SkStorage,
+        key_size: size::<u32>(),
+        value_size: size::<DgramXlate>(),
+        max_entries: 0,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: false,
+        sized_by_agent: false,
+    },
+    MapSpec {
         name: REVNAT,
         kind: MapKind::LruHash,
         key_size: size::<RevNatKey>(),
@@ -414,8 +481,8 @@ pub const SPECS: &[MapSpec] = &[
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Affinity, AffinityKey, Backend, Frontend, FrontendKey, MemberKey, RevNat, RevNatKey,
-        SlotKey, SockXlate, UdpFlowKey,
+        Affinity, AffinityKey, Backend, DgramXlate, Frontend, FrontendKey, MemberKey, RevNat,
+        RevNatKey, SlotKey, SockFlow, SockXlate, UdpFlowKey,
     };
 
     // SAFETY: all of these are #[repr(C)], made of integers only, with every padding byte an
@@ -441,6 +508,10 @@ mod pod {
     unsafe impl aya::Pod for UdpFlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockXlate {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockFlow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DgramXlate {}
 }
 
 #[cfg(test)]

@@ -11,9 +11,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::maps::{
-    Affinity, AffinityKey, BPF_F_NO_PREALLOC, Backend, Frontend, FrontendKey, MAX_AFFINITY,
-    MAX_FRONTENDS, MAX_MEMBERS, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS, META_LEN, MemberKey, RevNat,
-    RevNatKey, SlotKey, SockXlate, UdpFlowKey,
+    Affinity, AffinityKey, BPF_F_NO_PREALLOC, Backend, DgramXlate, Frontend, FrontendKey,
+    MAX_AFFINITY, MAX_FRONTENDS, MAX_MEMBERS, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS, META_LEN,
+    MemberKey, RevNat, RevNatKey, SlotKey, SockXlate, UdpFlowKey,
 };
 
 /// Service frontends; written by the agent.
@@ -99,11 +99,17 @@ pub fn ctx_sock(ctx: &SockAddrContext) -> *mut c_void {
     unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast()
 }
 
-/// Socket -> what lb did with it (`SockXlate`: the connected backend and Service, and whether
-/// it sent datagrams to Services), for getpeername/recvmsg/sendmsg; written here, on connect
-/// and sendmsg to a Service. Freed by the kernel with the socket.
+/// TCP/MPTCP socket -> what lb did with it (`SockXlate`: the connected backend and Service),
+/// for getpeername; written here, on connect to a Service. Freed by the kernel with the
+/// socket.
 #[btf_map]
 pub static LB_SOCKS: PinnedSkStorage<SockXlate> = PinnedSkStorage::new();
+
+/// UDP socket -> what lb did with it (`DgramXlate`: the connected backend and Service, and
+/// the unconnected flows), for getpeername/recvmsg/sendmsg; written here, on connect and
+/// sendmsg to a Service. Freed by the kernel with the socket.
+#[btf_map]
+pub static LB_DGRAMS: PinnedSkStorage<DgramXlate> = PinnedSkStorage::new();
 
 /// Unconnected UDP socket and backend -> Service, for recvmsg; written here, on sendmsg to a
 /// Service, deleted on a direct connect/sendmsg to the backend. Read only for sockets whose

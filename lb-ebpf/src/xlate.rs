@@ -11,8 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Affinity, AffinityKey, Backend, Frontend, FrontendKey, IPPROTO_TCP, MemberKey, RevNat,
-        RevNatKey, SOCK_CONNECTED, SOCK_DATAGRAMS, SlotKey, SockXlate, UdpFlowKey,
+        Affinity, AffinityKey, Backend, DgramXlate, FLOW_REVERSE, Frontend, FrontendKey,
+        IPPROTO_TCP, IPPROTO_UDP, MemberKey, RevNat, RevNatKey, SOCK_CONNECTED, SOCK_DATAGRAMS,
+        SOCK_OVERFLOW, SlotKey, SockFlow, SockXlate, UdpFlowKey,
     },
     select::{affinity_fresh, slot_for},
     stats,
@@ -20,8 +21,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        LB_AFFINITY, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_SOCKS, LB_UDP_FLOWS, count,
-        ctx_sock,
+        LB_AFFINITY, LB_DGRAMS, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_SOCKS,
+        LB_UDP_FLOWS, count, ctx_sock,
     },
     sock::{self, Family},
 };
@@ -117,9 +118,9 @@ fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
 /// connect() to a Service: the backend, remembered in the socket's storage for getpeername
 /// and recvmsg. Returns the backend and the counter to bump.
 ///
-/// The storage is the application's socket: for MPTCP the connect hook runs on the first
-/// subflow, while the application calls getpeername on the MPTCP socket, so the entry goes
-/// on that one.
+/// A TCP socket's storage is the application's socket in `LB_SOCKS`: for MPTCP the connect
+/// hook runs on the first subflow, while the application calls getpeername on the MPTCP
+/// socket, so the entry goes on that one. A UDP socket's is in `LB_DGRAMS`.
 #[inline(always)]
 fn connect(
     ctx: &SockAddrContext,
@@ -127,32 +128,62 @@ fn connect(
     frontend: &Frontend,
     service: RevNat,
 ) -> Result<(Backend, u32), u32> {
+    if key.proto == IPPROTO_UDP {
+        return connect_udp(ctx, key, frontend, service);
+    }
     let sk = if key.proto == IPPROTO_TCP {
         app_socket(ctx)
     } else {
         ctx_sock(ctx)
     };
     let state = LB_SOCKS.get_ptr_on(sk, true);
-    // SAFETY: this socket's own storage, read under the socket lock that every hook runs with.
-    let flags = state.map_or(0, |state| unsafe { (*state).flags });
-    // A UDP socket that already sent datagrams to this Service keeps their backend when it
-    // connects to it: with kube-proxy the connected socket's datagrams have the same 5-tuple,
-    // so the same conntrack entry.
-    let flow = if flags & SOCK_DATAGRAMS != 0 {
-        // SAFETY: helper call on the program's own context.
-        Some(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) })
-    } else {
-        None
-    };
-    let backend = choose(ctx, key, frontend, flow)?;
+    let backend = choose(ctx, key, frontend, None)?;
     match state {
-        // SAFETY: as above; the socket's own value, written whole.
+        // SAFETY: this socket's own storage, written under the socket lock that every hook
+        // runs with.
         Some(state) => unsafe {
             *state = SockXlate {
                 backend,
                 service,
-                flags: flags | SOCK_CONNECTED,
+                flags: SOCK_CONNECTED,
             };
+        },
+        None => count(stats::ERR_REVNAT_UPDATE),
+    }
+    Ok((backend, stats::CONNECT_XLATED))
+}
+
+/// connect() of a UDP socket to a Service. A socket that already sent datagrams to this
+/// Service keeps their backend: with kube-proxy the connected socket's datagrams have the
+/// same 5-tuple, so the same conntrack entry. Its unconnected flows stay.
+#[inline(always)]
+fn connect_udp(
+    ctx: &SockAddrContext,
+    key: &FrontendKey,
+    frontend: &Frontend,
+    service: RevNat,
+) -> Result<(Backend, u32), u32> {
+    let state = LB_DGRAMS.get_ptr(ctx, true);
+    let backend = if frontend.affinity_timeout_s != 0 {
+        choose_with_affinity(ctx, frontend)?
+    } else {
+        // SAFETY: this socket's own storage, read under the socket lock.
+        let current = state.map(|state| unsafe { &*state });
+        match current.and_then(|state| datagram_backend(ctx, state, key, frontend)) {
+            Some(backend) => {
+                count(stats::UDP_FLOW_HIT);
+                backend
+            }
+            None => pick(frontend)?,
+        }
+    };
+    match state {
+        // SAFETY: as above; the socket's own value.
+        Some(state) => unsafe {
+            let conn = &mut (*state).conn;
+            conn.backend = backend;
+            conn.service = service;
+            conn.flags |= SOCK_CONNECTED;
         },
         None => count(stats::ERR_REVNAT_UPDATE),
     }
@@ -173,8 +204,11 @@ fn app_socket(ctx: &SockAddrContext) -> *mut c_void {
 /// sendmsg() to a Service (an address given with the datagram). A socket connected to this
 /// same Service sends to its connected backend (kube-proxy: the same 5-tuple, the same
 /// conntrack entry; a datagram sent elsewhere would get a reply the connected socket never
-/// delivers). Otherwise the socket's UDP flow backend, remembered in `LB_REVNAT` for recvmsg,
-/// with `SOCK_DATAGRAMS` set in the socket's storage so that recvmsg looks there.
+/// delivers). Otherwise the socket's flow to this Service: one of its own `flows` in its
+/// storage (created here on the socket's first datagram to a Service), which keeps the
+/// backend for its later datagrams and shows the Service on its replies; a socket that
+/// already has [`SOCK_FLOWS`](lb_common::maps::SOCK_FLOWS) flows to other Services keeps
+/// further ones in the LRU maps (`LB_UDP_FLOWS`, `LB_REVNAT`), marked [`SOCK_OVERFLOW`].
 #[inline(always)]
 fn send(
     ctx: &SockAddrContext,
@@ -182,27 +216,110 @@ fn send(
     frontend: &Frontend,
     service: RevNat,
 ) -> Result<(Backend, u32), u32> {
-    let state = LB_SOCKS.get_ptr(ctx, true);
-    if let Some(state) = state {
-        // SAFETY: this socket's own storage, read under the socket lock.
-        let current = unsafe { *state };
-        if current.flags & SOCK_CONNECTED != 0
-            && current.service.addr == key.addr
-            && current.service.port == key.port
-        {
-            return Ok((current.backend, stats::SENDMSG_CONNECTED));
+    let Some(state) = LB_DGRAMS.get_ptr(ctx, true) else {
+        // No storage (memory): translated all the same, its replies show the backend.
+        count(stats::ERR_REVNAT_UPDATE);
+        return Ok((choose(ctx, key, frontend, None)?, stats::SENDMSG_XLATED));
+    };
+    // SAFETY: this socket's own storage, read and written under the socket lock.
+    let state = unsafe { &mut *state };
+    if state.conn.flags & SOCK_CONNECTED != 0
+        && state.conn.service.addr == key.addr
+        && state.conn.service.port == key.port
+    {
+        return Ok((state.conn.backend, stats::SENDMSG_CONNECTED));
+    }
+    let Some(slot) = own_flow(state, key) else {
+        state.conn.flags |= SOCK_OVERFLOW;
+        // SAFETY: helper call on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let backend = choose(ctx, key, frontend, Some(cookie))?;
+        remember_datagram(cookie, &backend, &service);
+        // Replies from this backend now answer for this Service (the LRU entry), not for
+        // an own flow that went to the same backend.
+        for flow in &mut state.flows {
+            if flow.id != 0 && flow.backend == backend {
+                flow.flags &= !FLOW_REVERSE;
+            }
+        }
+        return Ok((backend, stats::SENDMSG_XLATED));
+    };
+    let current = state.flows.get(slot).copied().unwrap_or_default();
+    let backend = if frontend.affinity_timeout_s != 0 {
+        choose_with_affinity(ctx, frontend)?
+    } else if current.id != 0 && is_member(frontend.id, &current.backend) {
+        count(stats::UDP_FLOW_HIT);
+        current.backend
+    } else {
+        pick(frontend)?
+    };
+    // The flow, and the last datagram to a backend decides which Service its replies show
+    // (as the LRU entry keyed by backend did): other flows to the same backend stop
+    // answering for theirs until they send again.
+    for (i, flow) in state.flows.iter_mut().enumerate() {
+        if i == slot {
+            *flow = SockFlow {
+                frontend: *key,
+                backend,
+                id: frontend.id,
+                flags: FLOW_REVERSE,
+            };
+        } else if flow.id != 0 && flow.backend == backend {
+            flow.flags &= !FLOW_REVERSE;
         }
     }
-    // SAFETY: helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let backend = choose(ctx, key, frontend, Some(cookie))?;
-    remember_datagram(cookie, &backend, &service);
-    match state {
-        // SAFETY: as above.
-        Some(state) => unsafe { (*state).flags |= SOCK_DATAGRAMS },
-        None => count(stats::ERR_REVNAT_UPDATE),
-    }
+    state.conn.flags |= SOCK_DATAGRAMS;
     Ok((backend, stats::SENDMSG_XLATED))
+}
+
+/// The index of the socket's own flow to `key`, else of its first empty slot, else `None`
+/// (all taken by other Services).
+#[inline(always)]
+fn own_flow(state: &DgramXlate, key: &FrontendKey) -> Option<usize> {
+    let mut empty = None;
+    for (i, flow) in state.flows.iter().enumerate() {
+        if flow.id == 0 {
+            if empty.is_none() {
+                empty = Some(i);
+            }
+        } else if flow.frontend == *key {
+            return Some(i);
+        }
+    }
+    empty
+}
+
+/// The backend this socket's datagrams to `key` went to (its own flow, else its overflow
+/// entry in `LB_UDP_FLOWS`), while that backend is still a member of the frontend.
+#[inline(always)]
+fn datagram_backend(
+    ctx: &SockAddrContext,
+    state: &DgramXlate,
+    key: &FrontendKey,
+    frontend: &Frontend,
+) -> Option<Backend> {
+    if state.conn.flags & SOCK_DATAGRAMS != 0 {
+        for flow in &state.flows {
+            if flow.id != 0 && flow.frontend == *key {
+                return is_member(frontend.id, &flow.backend).then_some(flow.backend);
+            }
+        }
+    }
+    if state.conn.flags & SOCK_OVERFLOW != 0 {
+        let fkey = UdpFlowKey {
+            // SAFETY: helper call on the program's own context.
+            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            frontend: *key,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out at once.
+        if let Some(backend) = unsafe { LB_UDP_FLOWS.get(&fkey) }.copied()
+            && is_member(frontend.id, &backend)
+        {
+            return Some(backend);
+        }
+    }
+    None
 }
 
 /// connect/sendmsg to an address that is not a Service. A socket that reached this address
@@ -213,16 +330,37 @@ fn send(
 /// and pay one empty lookup.
 #[inline(always)]
 fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
-    let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
+    if key.proto != IPPROTO_UDP {
+        if hook == Hook::Connect
+            && let Some(state) = LB_SOCKS.get_ptr(ctx, false)
+        {
+            // SAFETY: this socket's own storage, written under the socket lock.
+            unsafe { (*state).flags &= !SOCK_CONNECTED };
+        }
+        return;
+    }
+    let Some(state) = LB_DGRAMS.get_ptr(ctx, false) else {
         return;
     };
     // SAFETY: this socket's own storage, read and written under the socket lock.
-    let flags = unsafe { (*state).flags };
+    let state = unsafe { &mut *state };
+    let flags = state.conn.flags;
     if hook == Hook::Connect && flags & SOCK_CONNECTED != 0 {
-        // SAFETY: as above.
-        unsafe { (*state).flags = flags & !SOCK_CONNECTED };
+        state.conn.flags = flags & !SOCK_CONNECTED;
     }
     if flags & SOCK_DATAGRAMS != 0 {
+        for flow in &mut state.flows {
+            if flow.id != 0
+                && flow.flags & FLOW_REVERSE != 0
+                && flow.backend.addr == key.addr
+                && flow.backend.port == key.port
+            {
+                flow.flags &= !FLOW_REVERSE;
+                count(stats::REVNAT_CLEARED_DIRECT);
+            }
+        }
+    }
+    if flags & SOCK_OVERFLOW != 0 {
         let rkey = RevNatKey {
             // SAFETY: helper call on the program's own context.
             cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -236,8 +374,8 @@ fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
     }
 }
 
-/// An unconnected UDP socket can send to many Services: (socket, backend) -> Service goes in
-/// the LRU map, skipping the write when the entry is already there (the lookup also marks it
+/// An unconnected UDP socket with more Services than its own flows: (socket, backend) ->
+/// Service goes in the LRU map, skipping the write when the entry is already there (the lookup also marks it
 /// used for the LRU).
 #[inline(always)]
 fn remember_datagram(cookie: u64, backend: &Backend, service: &RevNat) {
@@ -374,39 +512,37 @@ pub enum Reverse {
 }
 
 /// recvmsg/getpeername: a backend address the client sees becomes the Service address it
-/// asked for. The socket's storage is the gate: a socket without it was never translated
-/// and is left alone at once. A connected socket's peer comes from the storage; a recvmsg
-/// source that is not the connected backend is looked up in `LB_REVNAT` only if the socket
-/// sent datagrams to a Service. getpeername never reads `LB_REVNAT`: a peer exists only after
-/// connect(), which the storage records. Always lets the syscall proceed (these hooks cannot
-/// refuse).
+/// asked for. The socket's storage (`LB_DGRAMS` for UDP, `LB_SOCKS` for the others) is the
+/// gate: a socket without it was never translated and is left alone at once. A connected
+/// socket's peer comes from the storage; a recvmsg source that is not the connected backend
+/// is looked for among the socket's own flows (the one that last sent to that backend
+/// answers), and in `LB_REVNAT` only if the socket has [`SOCK_OVERFLOW`]. getpeername reads
+/// neither: a peer exists only after connect(), which the storage records. Always lets the
+/// syscall proceed (these hooks cannot refuse).
 #[inline(always)]
 pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
-    let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
-        return SYS_PROCEED;
-    };
-    // SAFETY: this socket's own storage, copied out at once.
-    let state = unsafe { *state };
     let sa = ctx.sock_addr;
-    let addr = F::addr(sa);
-    let port = sock::port(sa);
-    let service = if state.flags & SOCK_CONNECTED != 0
-        && state.backend.addr == addr
-        && state.backend.port == port
-    {
-        Some(state.service)
-    } else if hook == Reverse::RecvMsg && state.flags & SOCK_DATAGRAMS != 0 {
-        let key = RevNatKey {
-            // SAFETY: helper call on the program's own context.
-            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-            addr,
-            port,
-            _pad: [0; 6],
+    // recvmsg runs for UDP only; getpeername for every socket, whose protocol picks the map.
+    let service = if hook == Reverse::RecvMsg || sock::protocol(sa) == u32::from(IPPROTO_UDP) {
+        let Some(state) = LB_DGRAMS.get_ptr(ctx, false) else {
+            return SYS_PROCEED;
         };
-        // SAFETY: the value is copied out at once.
-        unsafe { LB_REVNAT.get(&key) }.copied()
+        // SAFETY: this socket's own storage; the socket's own syscalls write it, under the
+        // socket lock this hook runs with too.
+        let state = unsafe { &*state };
+        let addr = F::addr(sa);
+        let port = sock::port(sa);
+        match connected_service(&state.conn, addr, port) {
+            Some(service) => Some(service),
+            None if hook == Reverse::RecvMsg => reverse_datagram(ctx, state, addr, port),
+            None => None,
+        }
     } else {
-        None
+        let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
+            return SYS_PROCEED;
+        };
+        // SAFETY: as above.
+        connected_service(unsafe { &*state }, F::addr(sa), sock::port(sa))
     };
     if let Some(service) = service
         && F::set_addr(sa, service.addr).is_ok()
@@ -418,4 +554,50 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
         });
     }
     SYS_PROCEED
+}
+
+/// The Service of a connected socket whose peer (or datagram source) is its backend.
+#[inline(always)]
+fn connected_service(conn: &SockXlate, addr: lb_common::Addr, port: u16) -> Option<RevNat> {
+    (conn.flags & SOCK_CONNECTED != 0 && conn.backend.addr == addr && conn.backend.port == port)
+        .then_some(conn.service)
+}
+
+/// The Service a datagram from `addr`:`port` answers for: the socket's own flow to that
+/// backend, else its overflow entry.
+#[inline(always)]
+fn reverse_datagram(
+    ctx: &SockAddrContext,
+    state: &DgramXlate,
+    addr: lb_common::Addr,
+    port: u16,
+) -> Option<RevNat> {
+    if state.conn.flags & SOCK_DATAGRAMS != 0 {
+        for flow in &state.flows {
+            if flow.id != 0
+                && flow.flags & FLOW_REVERSE != 0
+                && flow.backend.addr == addr
+                && flow.backend.port == port
+            {
+                return Some(RevNat {
+                    addr: flow.frontend.addr,
+                    port: flow.frontend.port,
+                    _pad: [0; 2],
+                    id: flow.id,
+                });
+            }
+        }
+    }
+    if state.conn.flags & SOCK_OVERFLOW != 0 {
+        let key = RevNatKey {
+            // SAFETY: helper call on the program's own context.
+            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            addr,
+            port,
+            _pad: [0; 6],
+        };
+        // SAFETY: the value is copied out at once.
+        return unsafe { LB_REVNAT.get(&key) }.copied();
+    }
+    None
 }

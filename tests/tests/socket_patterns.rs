@@ -20,6 +20,9 @@ const DNS3: &str = "10.96.0.21:53";
 const ALT: &str = "10.96.0.22:53";
 /// UDP Service with one backend (pod2).
 const OTHER: &str = "10.96.0.23:53";
+/// UDP Service with one backend (pod3): the fifth v4 UDP Service, so that one socket can
+/// send to more Services than its socket storage keeps flows for.
+const FIFTH: &str = "10.96.0.24:53";
 /// TCP Service with three backends.
 const WEB: &str = "10.96.0.10:80";
 /// TCP Service sharing pod1:8080 with [`WEB`].
@@ -66,6 +69,10 @@ fn start_with(mptcp_server: bool) -> Fixture {
         (
             "other",
             service("other", &ip(OTHER), 53, 8080, "UDP", &v4[1..2]),
+        ),
+        (
+            "fifth",
+            service("fifth", &ip(FIFTH), 53, 8080, "UDP", &v4[2..3]),
         ),
         ("web", service("web", &ip(WEB), 80, 8080, "TCP", &v4)),
         (
@@ -653,4 +660,81 @@ fn ipv6_services_direct_and_connected_patterns() {
         assert_answer(&out[4], Some(&first), DNS3_V6, &out);
         assert_eq!(out[5].peer.as_deref(), Some(DNS3_V6), "{out:?}");
     }
+}
+
+#[test]
+fn one_socket_sending_to_more_services_than_its_storage_keeps() {
+    // A socket keeps its first four Services' flows in its own storage and further ones in
+    // the LRU maps: every answer still shows the Service asked, including ALT, which shares
+    // pod1 with DNS (the last datagram to a backend decides, in both places).
+    let f = start();
+    let order = [DNS3, OTHER, FIFTH, DNS, ALT, DNS, ALT, DNS3, FIFTH];
+    let mut steps = Vec::new();
+    for vip in order {
+        steps.extend([format!("sendto:{vip}"), "recvfrom".to_owned()]);
+    }
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let out = f.steps("udp4", &steps);
+    let dns3 = backend(&out[1]).to_owned();
+    let pods = [
+        Some(dns3.as_str()),
+        Some("pod2"),
+        Some("pod3"),
+        Some("pod1"),
+        Some("pod1"),
+        Some("pod1"),
+        Some("pod1"),
+        Some(dns3.as_str()),
+        Some("pod3"),
+    ];
+    for (i, (vip, pod)) in order.iter().zip(pods).enumerate() {
+        assert_answer(&out[2 * i + 1], pod, vip, &out);
+    }
+}
+
+/// Entries of a pinned map of the agent.
+fn map_entries(agent: &Agent, map: &str) -> usize {
+    let path = agent.pin_path.join("maps").join(map);
+    let out = std::process::Command::new("bpftool")
+        .args(["--json", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map dump {}: {out:?}",
+        path.display()
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    entries.as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn unconnected_udp_sockets_leave_no_entries_behind() {
+    // 10 000 new sockets, each one datagram to a Service and its answer: their flows live
+    // in their socket storage and go with them, so the LRU maps hold what they held before.
+    let f = start();
+    let before: Vec<usize> = ["LB_REVNAT", "LB_UDP_FLOWS"]
+        .iter()
+        .map(|m| map_entries(&f.agent, m))
+        .collect();
+    let count = 10_000;
+    let out = std::process::Command::new(testpod_bin())
+        .arg("--cgroup")
+        .arg(&f.node.cgroup.path)
+        .arg("--netns")
+        .arg(f.node.client.path())
+        .args(["rr-udp", DNS3, "--count", &count.to_string()])
+        .output()
+        .expect("lb-testpod rr-udp");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("rr-udp json");
+    assert_eq!(report["completed"], count, "{report}");
+    let after: Vec<usize> = ["LB_REVNAT", "LB_UDP_FLOWS"]
+        .iter()
+        .map(|m| map_entries(&f.agent, m))
+        .collect();
+    assert_eq!(after, before, "LB_REVNAT and LB_UDP_FLOWS entries");
+    // And such a socket still sees the Service on its answers.
+    let out = f.steps("udp4", &["sendto:10.96.0.21:53", "recvfrom"]);
+    assert_answer(&out[1], None, DNS3, &out);
 }

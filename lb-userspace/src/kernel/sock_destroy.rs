@@ -17,14 +17,15 @@
 //! "program_type tracing is NOT available"). Both routes reach one network namespace at a time
 //! (a socket iterator walks the namespace it was created in, a netlink socket talks to its
 //! own), so either way lb enters each namespace.
-//! What lb translated a socket to is in its `LB_SOCKS` storage. A `sock_diag` dump returns it
+//! What lb translated a socket to is in its `LB_SOCKS` (TCP) or `LB_DGRAMS` (UDP) storage. A
+//! `sock_diag` dump returns it
 //! for TCP only (`INET_DIAG_REQ_SK_BPF_STORAGES` is filled for connection sockets, not UDP:
 //! measured on 6.18), so lb reads it the way the map is keyed, by the socket itself: per
 //! namespace, dump the connected UDP (and, with the flag, TCP) sockets of both families; the
 //! candidates are those whose peer is a removed backend's address and port (usually none);
 //! for each, find the process descriptor that holds it (its inode in `/proc/PID/fd` of the
 //! cgroup's processes in that namespace), take a copy with `pidfd_getfd(2)`, look the copy up
-//! in `LB_SOCKS`, and destroy the socket only if its value names a removed (frontend id,
+//! in that storage, and destroy the socket only if its value names a removed (frontend id,
 //! backend) pair (`SOCK_DESTROY` by address and cookie; the kernel checks the cookie, so a
 //! reused address never closes another socket). A socket connected to the pod directly has
 //! no value and is never touched.
@@ -50,7 +51,8 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 use lb_common::{
     Addr,
     maps::{
-        Backend, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, SOCK_CONNECTED, SOCKS, SockXlate,
+        Backend, DGRAMS, DgramXlate, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, SOCK_CONNECTED,
+        SOCKS, SockXlate,
     },
 };
 
@@ -135,6 +137,7 @@ impl SockDestroyer {
             })
         };
         let socks = open(SOCKS)?;
+        let dgrams = open(DGRAMS)?;
         let members = Map::from_map_data(open(MEMBERS)?)
             .and_then(HashMap::<MapData, MemberKey, u32>::try_from)
             .map_err(|source| SockDestroyError::Map {
@@ -145,6 +148,7 @@ impl SockDestroyer {
         let worker = Worker {
             settings,
             socks,
+            dgrams,
             members,
             metrics,
             home: None,
@@ -170,8 +174,10 @@ impl SockDestroyer {
 
 struct Worker {
     settings: Settings,
-    /// `LB_SOCKS`, looked up with a copy of a client's socket descriptor.
+    /// `LB_SOCKS` (TCP) and `LB_DGRAMS` (UDP), looked up with a copy of a client's socket
+    /// descriptor.
     socks: MapData,
+    dgrams: MapData,
     /// `LB_MEMBERS`: a pair that is a member again by the time of the pass keeps its sockets.
     members: HashMap<MapData, MemberKey, u32>,
     metrics: SockMetrics,
@@ -374,7 +380,7 @@ impl Worker {
                 // No process of the cgroup holds it (passed elsewhere, or closed meanwhile).
                 continue;
             };
-            let xlate = match self.storage_of(pid, fd) {
+            let xlate = match self.storage_of(*proto, pid, fd) {
                 Ok(Some(xlate)) => xlate,
                 Ok(None) => continue, // not translated by lb: connected to the pod directly
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue, // gone
@@ -418,22 +424,35 @@ impl Worker {
         }
     }
 
-    /// The `LB_SOCKS` value of the socket that process `pid` holds as descriptor `fd`
-    /// (through a copy of the descriptor: the map is keyed by a socket descriptor of the
+    /// What lb connected the socket to that process `pid` holds as descriptor `fd`: its
+    /// `LB_SOCKS` value (TCP) or the connected part of its `LB_DGRAMS` value (UDP), looked up
+    /// through a copy of the descriptor (the maps are keyed by a socket descriptor of the
     /// caller).
-    fn storage_of(&self, pid: u32, fd: i32) -> io::Result<Option<SockXlate>> {
+    fn storage_of(&self, proto: u8, pid: u32, fd: i32) -> io::Result<Option<SockXlate>> {
         let copy = pidfd_getfd(pid, fd)?;
-        let key = copy.as_raw_fd();
-        let mut value = SockXlate::default();
-        let mut attr = zeroed_attr();
-        attr.__bindgen_anon_2.map_fd = fd_u32(self.socks.fd().as_fd())?;
-        attr.__bindgen_anon_2.key = std::ptr::from_ref(&key) as u64;
-        attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_mut(&mut value) as u64;
-        match bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &attr) {
-            Ok(_) => Ok(Some(value)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(e),
+        if proto == IPPROTO_UDP {
+            let mut value = DgramXlate::default();
+            let found = lookup(&self.dgrams, copy.as_raw_fd(), &mut value)?;
+            Ok(found.then_some(value.conn))
+        } else {
+            let mut value = SockXlate::default();
+            let found = lookup(&self.socks, copy.as_raw_fd(), &mut value)?;
+            Ok(found.then_some(value))
         }
+    }
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` of socket `key` in socket-storage map `map` into `value`: whether
+/// the socket has an entry.
+fn lookup<V: aya::Pod>(map: &MapData, key: i32, value: &mut V) -> io::Result<bool> {
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_2.map_fd = fd_u32(map.fd().as_fd())?;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(&key) as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_mut(value) as u64;
+    match bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

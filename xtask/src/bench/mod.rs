@@ -3,6 +3,7 @@
 //! `.md` and `.png`. Every comparison is a ratio within the run; each figure is the median of
 //! repeated runs with their spread.
 
+mod churn;
 mod measure;
 mod plot;
 mod prog_cost;
@@ -50,6 +51,8 @@ struct Plan {
     load_budget: Duration,
     /// Scales at which lb is also fed by the (stand-in) Kubernetes API.
     api_services: Vec<usize>,
+    /// New unconnected UDP sockets of the churn check (at the first scale).
+    churn_sockets: usize,
 }
 
 impl Plan {
@@ -65,6 +68,7 @@ impl Plan {
                 change_repeats: 2,
                 load_budget: Duration::from_secs(30),
                 api_services: vec![1000],
+                churn_sockets: 10_000,
             }
         } else {
             Self {
@@ -77,6 +81,7 @@ impl Plan {
                 change_repeats: 5,
                 load_budget: Duration::from_secs(240),
                 api_services: vec![1000, 10_000],
+                churn_sockets: 1_000_000,
             }
         }
     }
@@ -233,6 +238,7 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         memory: Vec::new(),
         api: Vec::new(),
         prog_cost: Vec::new(),
+        udp_churn: Vec::new(),
         skipped: Vec::new(),
     };
     let mut bench = Bench {
@@ -541,6 +547,9 @@ impl Bench {
             .map(|&(i, proto, target, addr)| (&setups[i].topo, proto, target, addr))
             .collect();
         self.prog_cost(n, &lb_points)?;
+        if Some(&n) == self.plan.services.first() {
+            self.udp_churn(n, &setups)?;
+        }
         if n == self.plan.change_services {
             for setup in &setups {
                 if setup.mode != Mode::Direct {
@@ -592,6 +601,22 @@ impl Bench {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The churn check ([`churn`]) against lb's setup, to Service 0's UDP port.
+    fn udp_churn(&mut self, n: usize, setups: &[Setup]) -> anyhow::Result<()> {
+        let Some((setup, agent)) = setups
+            .iter()
+            .find_map(|s| Some((s, s.programmed.agent.as_ref()?)))
+        else {
+            return Ok(());
+        };
+        let sockets = self.plan.churn_sockets;
+        eprintln!("bench: {sockets} new UDP sockets to a Service (entry counts around them)");
+        let addr = SocketAddrV4::new(ServiceSet::vip(0), Proto::Udp.ports().0).into();
+        let row = churn::run(&setup.topo, &agent.pin_path, n, addr, sockets)?;
+        self.results.udp_churn.push(row);
         Ok(())
     }
 

@@ -22,6 +22,9 @@ pub struct Results {
     /// Run time of lb's programs per call, from the kernel's BPF statistics.
     #[serde(default)]
     pub prog_cost: Vec<ProgCostRow>,
+    /// Per-socket LRU entries around a churn of new unconnected UDP sockets.
+    #[serde(default)]
+    pub udp_churn: Vec<super::churn::ChurnRow>,
     /// What could not be measured, and why.
     pub skipped: Vec<String>,
 }
@@ -398,8 +401,9 @@ impl Results {
                 "\n## lb's programs: run time per call (kernel BPF statistics)\n\n\
                  Measured in a pass of its own after the latency rounds (the statistics cost two clock reads per run). \
                  \"of direct p50\": run time per transaction over direct's p50 in this run (TCP: connect() alone, \
-                 which runs only `lb_connect4`).\n\n\
-                 | Services | proto | target | program | ns per call | calls per transaction | of direct p50 |\n|---:|---|---|---|---:|---:|---:|"
+                 which runs only `lb_connect4`). \"x connect miss\": ns per call over `lb_connect4`'s on a \
+                 TCP connect to the pod (not a Service) at the same N, the unit of issue 11's targets.\n\n\
+                 | Services | proto | target | program | ns per call | calls per transaction | of direct p50 | x connect miss |\n|---:|---|---|---|---:|---:|---:|---:|"
             );
             for row in &self.prog_cost {
                 let share = self
@@ -416,9 +420,24 @@ impl Results {
                             )
                         },
                     );
+                let miss = self
+                    .prog_cost
+                    .iter()
+                    .find(|m| {
+                        m.services == row.services
+                            && m.proto == "tcp"
+                            && m.target == "pod"
+                            && m.program == "lb_connect4"
+                    })
+                    .map(|m| m.ns_per_call.median)
+                    .filter(|ns| *ns > 0.0)
+                    .map_or_else(
+                        || "-".to_owned(),
+                        |ns| format!("{:.1}", row.ns_per_call.median / ns),
+                    );
                 push_line!(
                     md,
-                    "| {} | {} | {} | {} | {:.0} [{:.0}-{:.0}] | {:.2} | {share} |",
+                    "| {} | {} | {} | {} | {:.0} [{:.0}-{:.0}] | {:.2} | {share} | {miss} |",
                     row.services,
                     row.proto,
                     row.target,
@@ -428,6 +447,26 @@ impl Results {
                     row.ns_per_call.max,
                     row.calls_per_transaction
                 );
+            }
+        }
+        if !self.udp_churn.is_empty() {
+            push_line!(
+                md,
+                "\n## Unconnected UDP socket churn: per-socket LRU entries before and after\n\n\
+                 New sockets, one datagram each to a Service and its answer (reported, not asserted).\n\n\
+                 | Services | sockets | map | entries before | entries after | lost | seconds |\n|---:|---:|---|---:|---:|---:|---:|"
+            );
+            for row in &self.udp_churn {
+                for (map, before, after) in &row.entries {
+                    push_line!(
+                        md,
+                        "| {} | {} | {map} | {before} | {after} | {} | {:.1} |",
+                        row.services,
+                        row.sockets,
+                        row.lost,
+                        row.seconds
+                    );
+                }
             }
         }
         if !self.skipped.is_empty() {
