@@ -11,6 +11,7 @@
 
 pub mod addr;
 pub mod csum;
+pub mod maglev;
 pub mod maps;
 pub mod nat;
 pub mod programs;

@@ -31,7 +31,10 @@ use crate::Addr;
 /// [`Frontend`] gained `ext_count`/`ext_local` and `flags` has a meaning (the north-south
 /// backend range at `EXT_SLOT_BASE`); the conntrack map `LB_CT` is new (its value with the
 /// SNAT fields and the `seen` timestamp, 56 bytes).
-pub const LAYOUT_VERSION: u32 = 3;
+///
+/// 4: the Maglev tables `LB_MAGLEV` ([`crate::maglev`]) are new, and [`META`] holds their
+/// size at [`META_MAGLEV_TABLE_SIZE`].
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
 pub const IPPROTO_TCP: u8 = 6;
@@ -72,6 +75,10 @@ pub const MAX_UDP_FLOWS: u32 = 1 << 16;
 pub const META_LEN: u32 = 4;
 /// Index in [`META`] of the layout version.
 pub const META_LAYOUT_VERSION: u32 = 0;
+/// Index in [`META`] of the Maglev table size `M` of `LB_MAGLEV` (`--maglev-table-size`),
+/// written by the agent before any table; 0 with `--lb-algorithm random` (the XDP program then
+/// picks external backends at random). Read by the XDP program for each new flow.
+pub const META_MAGLEV_TABLE_SIZE: u32 = 1;
 
 /// Key of [`FRONTENDS`]: where a client connects.
 #[repr(C)]
@@ -391,6 +398,16 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: crate::nat::MAX_CT,
         flags: 0,
         agent_writes: false,
+        sized_by_agent: false,
+    },
+    MapSpec {
+        name: crate::maglev::MAGLEV,
+        kind: MapKind::Hash,
+        key_size: size::<crate::maglev::MaglevKey>(),
+        value_size: size::<crate::maglev::MaglevChunk>(),
+        max_entries: crate::maglev::MAX_CHUNKS,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: true,
         sized_by_agent: false,
     },
 ];

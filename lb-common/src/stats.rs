@@ -87,9 +87,14 @@ pub const XDP_DROP_NO_PORT: u32 = 29;
 /// XDP: a connection-tracking entry had expired (idle, or closed TCP) and was replaced by a
 /// new flow.
 pub const XDP_CT_EXPIRED: u32 = 30;
+/// XDP: a new flow's backend came from the frontend's Maglev table (`--lb-algorithm maglev`).
+pub const XDP_MAGLEV: u32 = 31;
+/// XDP: `--lb-algorithm maglev`, but the frontend's table chunk was missing or named no
+/// external slot (while the agent rewrites it, or the table map is full): picked at random.
+pub const XDP_MAGLEV_MISS: u32 = 32;
 
 /// Number of counters.
-pub const COUNT: u32 = 31;
+pub const COUNT: u32 = 33;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -124,4 +129,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_err_fib",
     "xdp_drop_no_snat_port",
     "xdp_ct_expired",
+    "xdp_maglev",
+    "xdp_maglev_miss",
 ];

@@ -7,31 +7,40 @@
 //! that goes away goes first (frontend, then its slots and members), so a full map frees room
 //! before anything is added. Re-planning the same desired state gives no writes.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+};
 
 use lb_common::{
+    maglev::{MaglevKey, chunks as chunks_of},
     maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey},
     nat::{EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL},
 };
 
 use crate::desired::{Desired, DesiredFrontend, ExternalBackends};
-use crate::kernel::state::{KernelState, Op};
+use crate::kernel::state::{KernelState, Op, chunk_digest};
+use crate::maglev;
 
 /// Where an op goes when the batches of many frontends are written together, phase by
 /// phase (so each phase can be one batched syscall per map). Within every batch the ops
 /// already come in this order, so a stable sort by phase keeps each frontend's
-/// make-before-break order: removed frontends go first (frontend, slots, members), then
-/// memberships, slots, frontends, tail slots and ended memberships.
+/// make-before-break order: removed frontends go first (frontend, slots, tables, members),
+/// then memberships, slots, Maglev table chunks (which index the external slots), frontends,
+/// tail slots, tail table chunks and ended memberships.
 fn phase(op: &Op, removing: bool) -> u8 {
     match op {
         Op::DelFrontend(..) => 0,
         Op::DelSlot(_) if removing => 1,
-        Op::DelMember(_) if removing => 2,
-        Op::PutMember(_) => 3,
-        Op::PutSlot(..) => 4,
-        Op::PutFrontend(..) => 5,
-        Op::DelSlot(_) => 6,
-        Op::DelMember(_) => 7,
+        Op::DelTable(_) if removing => 2,
+        Op::DelMember(_) if removing => 3,
+        Op::PutMember(_) => 4,
+        Op::PutSlot(..) => 5,
+        Op::PutTable(..) => 6,
+        Op::PutFrontend(..) => 7,
+        Op::DelSlot(_) => 8,
+        Op::DelTable(_) => 9,
+        Op::DelMember(_) => 10,
     }
 }
 
@@ -42,11 +51,15 @@ pub fn by_phase(batches: &[Batch]) -> Vec<Op> {
         .flat_map(|batch| {
             // A batch that deletes a frontend or only cleans up an orphan id removes
             // everything it touches.
-            let removing = batch
+            let removing = batch.iter().all(|op| {
+                matches!(
+                    op,
+                    Op::DelFrontend(..) | Op::DelSlot(_) | Op::DelTable(_) | Op::DelMember(_)
+                )
+            }) && !batch.iter().any(|op| matches!(op, Op::PutFrontend(..)));
+            batch
                 .iter()
-                .all(|op| matches!(op, Op::DelFrontend(..) | Op::DelSlot(_) | Op::DelMember(_)))
-                && !batch.iter().any(|op| matches!(op, Op::PutFrontend(..)));
-            batch.iter().map(move |op| (phase(op, removing), *op))
+                .map(move |op| (phase(op, removing), op.clone()))
         })
         .collect();
     ops.sort_by_key(|(phase, _)| *phase);
@@ -131,6 +144,9 @@ impl KernelState {
         for (slot, _) in self.slots(id) {
             ops.push(Op::DelSlot(SlotKey { id, slot }));
         }
+        for &chunk in self.table(id).into_iter().flat_map(BTreeMap::keys) {
+            ops.push(Op::DelTable(MaglevKey { id, chunk }));
+        }
         let mut members: Vec<&Backend> = self.members(id).into_iter().flatten().collect();
         members.sort_unstable();
         for backend in members {
@@ -185,6 +201,25 @@ impl KernelState {
                 ops.push(Op::PutSlot(SlotKey { id, slot }, *backend));
             }
         }
+        // The Maglev table indexes the external slots just written; the frontend (its new
+        // `ext_count`) comes after it.
+        let empty_table = BTreeMap::new();
+        let table_now = self.table(id).unwrap_or(&empty_table);
+        let chunks = if self.maglev_size() == 0 {
+            Vec::new()
+        } else {
+            maglev::chunks(&maglev::table(&external, self.maglev_size()))
+        };
+        for (chunk, value) in (0u32..).zip(chunks) {
+            if table_now.get(&chunk) != Some(&chunk_digest(&value)) {
+                ops.push(Op::PutTable(MaglevKey { id, chunk }, Arc::new(value)));
+            }
+        }
+        let table_len = if external.is_empty() || self.maglev_size() == 0 {
+            0
+        } else {
+            chunks_of(self.maglev_size())
+        };
         let count = u32::try_from(assigned.len()).unwrap_or(u32::MAX);
         let ext_count = u32::try_from(external.len()).unwrap_or(u32::MAX);
         let value = Frontend {
@@ -213,6 +248,9 @@ impl KernelState {
             .chain(slots.range(EXT_SLOT_BASE.saturating_add(ext_count)..))
         {
             ops.push(Op::DelSlot(SlotKey { id, slot }));
+        }
+        for (&chunk, _) in table_now.range(table_len..) {
+            ops.push(Op::DelTable(MaglevKey { id, chunk }));
         }
         let mut ended: Vec<&Backend> = members
             .iter()
@@ -515,6 +553,103 @@ mod tests {
         let all: Vec<u32> = state.slots(value.id).map(|(s, _)| s).collect();
         assert_eq!(all, [0, 1, 2]);
         assert!(!state.members(value.id).unwrap().contains(&be(4)));
+    }
+
+    /// The backend of every table position, as XDP resolves it: the chunk entry, then the
+    /// external slot it names.
+    fn resolve_table(ops: &[Op], state: &KernelState, id: u32, m: u32) -> Vec<Backend> {
+        let mut chunks: BTreeMap<u32, &lb_common::maglev::MaglevChunk> = BTreeMap::new();
+        for op in ops {
+            if let Op::PutTable(key, chunk) = op
+                && key.id == id
+            {
+                chunks.insert(key.chunk, chunk);
+            }
+        }
+        let slots = state.slot_map(id).unwrap();
+        (0..m)
+            .map(|pos| {
+                let (chunk, at) = lb_common::maglev::position(pos, m);
+                let index = chunks[&chunk].entries[at as usize];
+                slots[&(EXT_SLOT_BASE + index)]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn maglev_tables_are_written_between_slots_and_frontend() {
+        use crate::desired::ExternalBackends;
+        let m = lb_common::maglev::DEFAULT_TABLE_SIZE;
+        let ext = |local: &[u8], remote: &[u8]| ExternalBackends {
+            policy_local: false,
+            local: local.iter().map(|&b| be(b)).collect(),
+            remote: remote.iter().map(|&b| be(b)).collect(),
+        };
+        let with = |external: ExternalBackends| {
+            let mut d = desired(&[(1, &[1, 2, 3], 0)]);
+            d.frontends.get_mut(&fkey(1)).unwrap().external = Some(external);
+            d
+        };
+        // Node a holds backend 3, node b backends 1 and 2: their external slots differ, their
+        // tables name the same backend at every position.
+        let mut a = KernelState::default().with_maglev_size(m);
+        let mut b = KernelState::default().with_maglev_size(m);
+        let ops_a = sync_by_phase(&mut a, &with(ext(&[3], &[1, 2])));
+        let ops_b = sync_by_phase(&mut b, &with(ext(&[1, 2], &[3])));
+        let tables = |ops: &[Op]| {
+            ops.iter()
+                .filter(|op| matches!(op, Op::PutTable(..)))
+                .count()
+        };
+        assert_eq!(tables(&ops_a), 16, "one write per chunk");
+        let last_slot = ops_a.iter().rposition(|op| matches!(op, Op::PutSlot(..)));
+        let first_table = ops_a.iter().position(|op| matches!(op, Op::PutTable(..)));
+        let frontend = ops_a
+            .iter()
+            .position(|op| matches!(op, Op::PutFrontend(..)));
+        assert!(
+            last_slot < first_table && first_table < frontend,
+            "{ops_a:?}"
+        );
+        let id_a = a.frontends()[&fkey(1)].id;
+        let id_b = b.frontends()[&fkey(1)].id;
+        let table_a = resolve_table(&ops_a, &a, id_a, m);
+        assert_eq!(table_a, resolve_table(&ops_b, &b, id_b, m));
+        // Backend 2 leaves: the changed chunks are rewritten before the frontend; the
+        // positions of backends 1 and 3 stay theirs but for a few (Maglev's disruption).
+        let ops = sync_by_phase(&mut a, &with(ext(&[3], &[1])));
+        let first_table = ops.iter().position(|op| matches!(op, Op::PutTable(..)));
+        let frontend = ops.iter().position(|op| matches!(op, Op::PutFrontend(..)));
+        assert!(first_table.is_some() && first_table < frontend, "{ops:?}");
+        let mut all = ops_a.clone();
+        all.extend(ops.iter().cloned());
+        let after = resolve_table(&all, &a, id_a, m);
+        let moved = table_a
+            .iter()
+            .zip(&after)
+            .filter(|(before, now)| **before != be(2) && before != now)
+            .count();
+        assert!(
+            moved * 100 <= m as usize,
+            "{moved} positions of staying backends moved"
+        );
+        assert!(!after.contains(&be(2)));
+        // No external backend: the table goes, after the frontend says ext_count 0.
+        let ops = sync_by_phase(&mut a, &with(ext(&[], &[])));
+        let frontend = ops.iter().position(|op| matches!(op, Op::PutFrontend(..)));
+        let first_del = ops.iter().position(|op| matches!(op, Op::DelTable(..)));
+        assert!(frontend < first_del, "{ops:?}");
+        assert!(a.table(id_a).is_none());
+        // Back with backends, then --lb-algorithm random: the tables go; then the frontend.
+        sync_by_phase(&mut a, &with(ext(&[3], &[1])));
+        assert_eq!(a.table(id_a).map(BTreeMap::len), Some(16));
+        let mut a = a.with_maglev_size(0);
+        let ops = sync_by_phase(&mut a, &with(ext(&[3], &[1])));
+        assert_eq!(ops.len(), 16, "only the table chunks go: {ops:?}");
+        assert!(a.table(id_a).is_none());
+        let mut b = b.with_maglev_size(m);
+        sync_by_phase(&mut b, &Desired::default());
+        assert_eq!(b.table_chunk_count(), 0);
     }
 
     #[test]

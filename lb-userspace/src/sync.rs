@@ -402,7 +402,7 @@ impl Syncer {
             let mut todo: Vec<Op> = group
                 .iter()
                 .filter(|op| !failed.contains(&op.id()))
-                .copied()
+                .cloned()
                 .collect();
             while !todo.is_empty() {
                 let (done, error) = match self.maps.apply_group(&todo) {
@@ -428,7 +428,7 @@ impl Syncer {
                 todo = todo[done + 1..]
                     .iter()
                     .filter(|op| op.id() != bad)
-                    .copied()
+                    .cloned()
                     .collect();
             }
         }

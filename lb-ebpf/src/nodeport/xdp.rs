@@ -15,7 +15,6 @@ use lb_common::{
         CT_CLOSING, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry, EXT_SLOT_BASE,
         FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES, ct_expired, snat_port,
     },
-    select::slot_for,
     stats,
 };
 
@@ -530,9 +529,7 @@ fn new_flow(
             pass(Some(stats::XDP_PASS_NO_BACKEND))
         });
     }
-    // SAFETY: helper call without arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let index = slot_for(random, frontend.ext_count);
+    let index = super::select::external_index(flow, frontend);
     let slot = SlotKey {
         id: frontend.id,
         slot: EXT_SLOT_BASE + index,

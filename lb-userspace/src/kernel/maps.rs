@@ -4,10 +4,13 @@
 use std::{os::fd::AsFd as _, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
-use lb_common::maps::{
-    AFFINITY, Affinity, AffinityKey, Backend, FRONTENDS, Frontend, FrontendKey, LAYOUT_VERSION,
-    MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, MemberKey, REVNAT, RevNat, RevNatKey,
-    SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
+use lb_common::{
+    maglev::{MAGLEV, MaglevChunk, MaglevKey},
+    maps::{
+        AFFINITY, Affinity, AffinityKey, Backend, FRONTENDS, Frontend, FrontendKey, LAYOUT_VERSION,
+        MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, META_MAGLEV_TABLE_SIZE, MemberKey,
+        REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
+    },
 };
 
 use aya::maps::IterableMap as _;
@@ -84,6 +87,8 @@ pub struct Maps {
     frontends: HashMap<MapData, FrontendKey, Frontend>,
     slots: HashMap<MapData, SlotKey, Backend>,
     members: HashMap<MapData, MemberKey, u32>,
+    /// Maglev table chunks (`--lb-algorithm maglev`).
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     revnat: HashMap<MapData, RevNatKey, RevNat>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     udp_flows: HashMap<MapData, UdpFlowKey, Backend>,
@@ -132,6 +137,7 @@ impl Maps {
             frontends,
             slots,
             members: typed(layout, MEMBERS)?,
+            maglev: typed(layout, MAGLEV)?,
             revnat: typed(layout, REVNAT)?,
             affinity: typed(layout, AFFINITY)?,
             udp_flows: typed(layout, UDP_FLOWS)?,
@@ -149,6 +155,14 @@ impl Maps {
     pub fn record_layout_version(&mut self) -> Result<(), MapsError> {
         self.meta
             .set(META_LAYOUT_VERSION, LAYOUT_VERSION, 0)
+            .map_err(|source| MapsError::Write { map: META, source })
+    }
+
+    /// Records the Maglev table size the XDP program hashes flows into (0: random choice).
+    /// Written before any table of that size.
+    pub fn record_maglev_table_size(&mut self, size: u32) -> Result<(), MapsError> {
+        self.meta
+            .set(META_MAGLEV_TABLE_SIZE, size, 0)
             .map_err(|source| MapsError::Write { map: META, source })
     }
 
@@ -170,7 +184,13 @@ impl Maps {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(read(MEMBERS))?;
-        Ok(KernelState::from_entries(frontends, slots, members))
+        let tables = self
+            .maglev
+            .iter()
+            .map(|entry| entry.map(|(key, chunk)| (key, super::state::chunk_digest(&chunk))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read(MAGLEV))?;
+        Ok(KernelState::from_entries(frontends, slots, members).with_tables(tables))
     }
 
     /// Applies writes that are all of the same kind (as the syncer groups
@@ -196,10 +216,15 @@ impl Maps {
                 self.capacities.frontends,
                 self.frontends.map().fd().as_fd(),
             ),
+            Op::PutTable(..) | Op::DelTable(_) => (
+                MAGLEV,
+                lb_common::maglev::MAX_CHUNKS,
+                self.maglev.map().fd().as_fd(),
+            ),
         };
         let deleting = matches!(
             first,
-            Op::DelMember(_) | Op::DelSlot(_) | Op::DelFrontend(..)
+            Op::DelMember(_) | Op::DelSlot(_) | Op::DelFrontend(..) | Op::DelTable(_)
         );
         let mut done = 0;
         for chunk in ops.chunks(BATCH) {
@@ -229,6 +254,14 @@ impl Maps {
                         let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) =
                             of!(Op::PutFrontend(k, v) => (*k, *v)).unzip();
                         sys::map_update_batch(fd, &keys, &values)
+                    }
+                    Op::PutTable(..) => {
+                        let (keys, values): (Vec<MaglevKey>, Vec<MaglevChunk>) =
+                            of!(Op::PutTable(k, v) => (*k, **v)).unzip();
+                        sys::map_update_batch(fd, &keys, &values)
+                    }
+                    Op::DelTable(_) => {
+                        sys::map_delete_batch(fd, &of!(Op::DelTable(k) => *k).collect::<Vec<_>>())
                     }
                     Op::DelMember(_) => {
                         sys::map_delete_batch(fd, &of!(Op::DelMember(k) => *k).collect::<Vec<_>>())
@@ -323,6 +356,7 @@ impl Maps {
             FRONTENDS => self.frontends.map(),
             SLOTS => self.slots.map(),
             MEMBERS => self.members.map(),
+            MAGLEV => self.maglev.map(),
             REVNAT => self.revnat.map(),
             AFFINITY => self.affinity.map(),
             UDP_FLOWS => self.udp_flows.map(),
@@ -340,6 +374,7 @@ impl Maps {
             (FRONTENDS, self.frontends.keys().count()),
             (SLOTS, self.slots.keys().count()),
             (MEMBERS, self.members.keys().count()),
+            (MAGLEV, self.maglev.keys().count()),
             (AFFINITY, sizes.affinity),
             (REVNAT, sizes.revnat),
             (UDP_FLOWS, sizes.udp_flows),
