@@ -14,6 +14,7 @@ pub mod csum;
 pub mod maglev;
 pub mod maps;
 pub mod nat;
+pub mod ns_affinity;
 pub mod programs;
 pub mod select;
 pub mod stats;

@@ -33,7 +33,8 @@ use crate::Addr;
 /// SNAT fields and the `seen` timestamp, 56 bytes).
 ///
 /// 4: the Maglev tables `LB_MAGLEV` ([`crate::maglev`]) are new, and [`META`] holds their
-/// size at [`META_MAGLEV_TABLE_SIZE`].
+/// size at [`META_MAGLEV_TABLE_SIZE`]; the north-south ClientIP affinity map
+/// `LB_NS_AFFINITY` ([`crate::ns_affinity`]) is new.
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -408,6 +409,16 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: crate::maglev::MAX_CHUNKS,
         flags: BPF_F_NO_PREALLOC,
         agent_writes: true,
+        sized_by_agent: false,
+    },
+    MapSpec {
+        name: crate::ns_affinity::NS_AFFINITY,
+        kind: MapKind::LruHash,
+        key_size: size::<crate::ns_affinity::NsAffinityKey>(),
+        value_size: size::<crate::ns_affinity::NsAffinity>(),
+        max_entries: crate::ns_affinity::MAX_NS_AFFINITY,
+        flags: 0,
+        agent_writes: false,
         sized_by_agent: false,
     },
 ];

@@ -92,9 +92,14 @@ pub const XDP_MAGLEV: u32 = 31;
 /// XDP: `--lb-algorithm maglev`, but the frontend's table chunk was missing or named no
 /// external slot (while the agent rewrites it, or the table map is full): picked at random.
 pub const XDP_MAGLEV_MISS: u32 = 32;
+/// XDP: a new flow of a frontend with ClientIP affinity went to the client's backend.
+pub const XDP_AFFINITY_HIT: u32 = 33;
+/// XDP: a new flow of a frontend with ClientIP affinity chose a backend (no entry for the
+/// client, or it had expired or its backend left) and recorded it.
+pub const XDP_AFFINITY_NEW: u32 = 34;
 
 /// Number of counters.
-pub const COUNT: u32 = 33;
+pub const COUNT: u32 = 35;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -131,4 +136,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_ct_expired",
     "xdp_maglev",
     "xdp_maglev_miss",
+    "xdp_affinity_hit",
+    "xdp_affinity_new",
 ];

@@ -1,16 +1,74 @@
 //! The backend of a new north-south flow: its position in the frontend's Maglev table with
 //! `--lb-algorithm maglev` (`lb_common::maglev`), else a random external slot.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::HashMap};
+use aya_ebpf::{
+    helpers::bpf_get_prandom_u32,
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
 use lb_common::{
     maglev::{CHUNK, MAX_CHUNKS, MaglevChunk, MaglevKey, flow_hash, position},
-    maps::{BPF_F_NO_PREALLOC, Frontend, META_MAGLEV_TABLE_SIZE},
-    select::slot_for,
+    maps::{BPF_F_NO_PREALLOC, Backend, Frontend, META_MAGLEV_TABLE_SIZE, SlotKey},
+    nat::EXT_SLOT_BASE,
+    ns_affinity::{MAX_NS_AFFINITY, NsAffinity, NsAffinityKey},
+    select::{affinity_fresh, slot_for},
     stats,
 };
 
 use super::Flow;
-use crate::maps::{LB_META, count};
+use crate::maps::{LB_META, LB_SLOTS, count};
+
+/// ClientIP affinity of external clients, (client address, frontend id) -> backend; written
+/// here (`lb_common::ns_affinity`).
+#[map]
+pub static LB_NS_AFFINITY: LruHashMap<NsAffinityKey, NsAffinity> =
+    LruHashMap::pinned(MAX_NS_AFFINITY, 0);
+
+/// The external slot index the client of `flow` sticks to (frontend with ClientIP
+/// affinity): its entry is fresh and its slot still holds its backend.
+// A BPF-to-BPF call of its own: its keys and values stay off the caller's frame.
+#[inline(never)]
+pub fn affinity_index(flow: &Flow, frontend: &Frontend, now: u64) -> Option<u32> {
+    let key = NsAffinityKey {
+        client: flow.src,
+        id: frontend.id,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let entry = unsafe { LB_NS_AFFINITY.get(&key) }.copied()?;
+    if !affinity_fresh(now, entry.last_used_ns, frontend.affinity_timeout_s)
+        || entry.index >= frontend.ext_count
+    {
+        return None;
+    }
+    let slot = SlotKey {
+        id: frontend.id,
+        slot: EXT_SLOT_BASE + entry.index,
+    };
+    // SAFETY: copied out at once.
+    let now_there = unsafe { LB_SLOTS.get(&slot) }.copied()?;
+    (now_there == entry.backend).then_some(entry.index)
+}
+
+/// Records that the client of `flow` uses external slot `index` (holding `backend`) of
+/// `frontend` as of `now`.
+// A BPF-to-BPF call of its own (see `affinity_index`).
+#[inline(never)]
+pub fn remember(flow: &Flow, frontend: &Frontend, index: u32, backend: &Backend, now: u64) {
+    let key = NsAffinityKey {
+        client: flow.src,
+        id: frontend.id,
+        _pad: 0,
+    };
+    let value = NsAffinity {
+        last_used_ns: now,
+        backend: *backend,
+        index,
+    };
+    if LB_NS_AFFINITY.insert(&key, &value, 0).is_err() {
+        count(stats::ERR_STICKY_UPDATE);
+    }
+}
 
 /// Maglev tables, (frontend id, chunk) -> [`CHUNK`] entries; written by the agent.
 #[map]

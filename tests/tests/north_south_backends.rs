@@ -1,0 +1,265 @@
+//! How the north-south datapath picks a backend for a new flow from outside the node:
+//! `--lb-algorithm maglev` on two nodes (the same flow reaches the same backend through
+//! either node, and a removed backend moves few other flows).
+//!
+//! ```text
+//! node-a (10.250.2.2, a0) ---- veth ---- (b0, 10.250.2.3) node-b
+//!   backends 10.202.0.11-13               backends 10.201.0.11-13
+//! ```
+//!
+//! The flows are crafted frames run through each agent's XDP program with
+//! `BPF_PROG_TEST_RUN` inside that node's namespace (so its FIB lookups see the node's
+//! routes); the backend is the translated frame's destination.
+
+use std::collections::BTreeMap;
+
+use lb_tests::{
+    Node, TempDir,
+    xdp::{
+        NsAgent, ProgFd, TCP, XDP_DROP, XDP_PASS, XDP_REDIRECT, in_netns, ipv4_destination,
+        ipv4_frame, sysctl, test_run,
+    },
+};
+
+const NODE_A: &str = "10.250.2.2";
+const NODE_B: &str = "10.250.2.3";
+
+/// Two nodes joined by a veth pair; each routes the other's pod range through it.
+struct TwoNodes {
+    a: Node,
+    b: Node,
+}
+
+impl TwoNodes {
+    fn new() -> Self {
+        let a = Node::new();
+        let b = Node::new();
+        a.client.ip(&[
+            "link",
+            "add",
+            "a0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "b0",
+            "netns",
+            &b.client.name,
+        ]);
+        for (node, dev, addr, far, via) in [
+            (&a, "a0", NODE_A, "10.201.0.0/24", NODE_B),
+            (&b, "b0", NODE_B, "10.202.0.0/24", NODE_A),
+        ] {
+            node.client
+                .ip(&["addr", "add", &format!("{addr}/24"), "dev", dev]);
+            node.client.ip(&["link", "set", dev, "up"]);
+            node.client.ip(&["route", "add", far, "via", via]);
+            sysctl(&node.client, &["net.ipv4.ip_forward=1"]);
+        }
+        Self { a, b }
+    }
+
+    /// `lb run --lb-algorithm maglev` on both nodes, from the manifests in `dir`.
+    fn agents(&self, dir: &TempDir, extra: &[&str]) -> (NsAgent, NsAgent) {
+        let start = |node: &Node, name: &str, iface: &str, ip: &str| {
+            let mut args = vec!["--node-name", name, "--xdp-iface", iface, "--node-ip", ip];
+            args.extend_from_slice(extra);
+            NsAgent::start(&node.client, &node.cgroup.path, &dir.0, &args)
+        };
+        (
+            start(&self.a, "node-a", "a0", NODE_A),
+            start(&self.b, "node-b", "b0", NODE_B),
+        )
+    }
+}
+
+/// A NodePort Service (eTP Cluster) with three endpoints on each node, minus `without`.
+fn spread_service(without: &[&str]) -> String {
+    let mut out = String::from(
+        "apiVersion: v1
+kind: Service
+metadata: {name: spread}
+spec:
+  type: NodePort
+  clusterIP: 10.96.70.1
+  ports: [{name: tcp, port: 80, targetPort: 8080, nodePort: 30100}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: spread-1, labels: {kubernetes.io/service-name: spread}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080}]
+endpoints:
+",
+    );
+    for (node, range) in [("node-a", "10.202.0"), ("node-b", "10.201.0")] {
+        for host in 11..=13 {
+            let addr = format!("{range}.{host}");
+            if !without.contains(&addr.as_str()) {
+                out.push_str(&format!("- {{addresses: [{addr}], nodeName: {node}}}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// The backend ("ADDR:PORT") each of `flows` (client, source port) reaches through the
+/// program `xdp` of the node in `ns` at `node_ip:30100`.
+fn backends_of(
+    node: &Node,
+    xdp: &ProgFd,
+    node_ip: &str,
+    flows: &[(String, u16)],
+) -> Vec<(u32, String)> {
+    let frames: Vec<Vec<u8>> = flows
+        .iter()
+        .map(|(client, sport)| ipv4_frame(client, *sport, node_ip, 30100, TCP))
+        .collect();
+    let prog = xdp.0;
+    in_netns(&node.client, move || {
+        // Borrow the descriptor on this thread without taking ownership of it.
+        let prog = std::mem::ManuallyDrop::new(ProgFd(prog));
+        frames
+            .iter()
+            .map(|frame| {
+                let (verdict, out) = test_run(&prog, frame);
+                (verdict, ipv4_destination(&out))
+            })
+            .collect()
+    })
+}
+
+/// Flows from five clients, `n` source ports from `first`.
+fn flows(first: u16, n: u16) -> Vec<(String, u16)> {
+    (0..n)
+        .map(|i| (format!("192.0.2.{}", 1 + i % 5), first + i))
+        .collect()
+}
+
+const ALL: [&str; 6] = [
+    "10.202.0.11:8080",
+    "10.202.0.12:8080",
+    "10.202.0.13:8080",
+    "10.201.0.11:8080",
+    "10.201.0.12:8080",
+    "10.201.0.13:8080",
+];
+
+#[test]
+fn maglev_sends_a_flow_to_the_same_backend_through_either_node() {
+    let nodes = TwoNodes::new();
+    let dir = TempDir::new("mg");
+    dir.write("spread.yaml", &spread_service(&[]));
+    let (a, b) = nodes.agents(&dir, &["--lb-algorithm", "maglev"]);
+    a.wait_for(&["10.250.2.2:30100/TCP"], &ALL);
+    b.wait_for(&["10.250.2.3:30100/TCP"], &ALL);
+    let (xdp_a, xdp_b) = (a.prog("xdp@a0"), b.prog("xdp@b0"));
+    let flows = flows(40_000, 120);
+    let via_a = backends_of(&nodes.a, &xdp_a, NODE_A, &flows);
+    let via_b = backends_of(&nodes.b, &xdp_b, NODE_B, &flows);
+    let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
+    for ((flow, (va, ba)), (vb, bb)) in flows.iter().zip(&via_a).zip(&via_b) {
+        for (node, verdict, backend) in [("a", va, ba), ("b", vb, bb)] {
+            assert!(
+                [XDP_PASS, XDP_REDIRECT].contains(verdict) && ALL.contains(&backend.as_str()),
+                "{flow:?} via node-{node}: verdict {verdict}, to {backend}\n{}",
+                a.lb(&["stats"])
+            );
+        }
+        assert_eq!(
+            ba, bb,
+            "{flow:?}: node-a and node-b picked different backends"
+        );
+        *spread.entry(ba.as_str()).or_default() += 1;
+    }
+    // 120 flows over six backends: every backend gets some (each has 1/6 of the table).
+    assert_eq!(spread.len(), 6, "{spread:?}");
+    for node in [&a, &b] {
+        assert_eq!(node.stat("xdp_maglev"), 120);
+        assert_eq!(node.stat("xdp_maglev_miss"), 0);
+    }
+}
+
+/// The control: with the default random choice the nodes agree on about one flow in six, so
+/// the test above measures Maglev, not a property of the topology.
+#[test]
+fn random_choice_differs_between_nodes() {
+    let nodes = TwoNodes::new();
+    let dir = TempDir::new("mg");
+    dir.write("spread.yaml", &spread_service(&[]));
+    let (a, b) = nodes.agents(&dir, &[]);
+    a.wait_for(&["10.250.2.2:30100/TCP"], &ALL);
+    b.wait_for(&["10.250.2.3:30100/TCP"], &ALL);
+    let flows = flows(42_000, 120);
+    let via_a = backends_of(&nodes.a, &a.prog("xdp@a0"), NODE_A, &flows);
+    let via_b = backends_of(&nodes.b, &b.prog("xdp@b0"), NODE_B, &flows);
+    let same = via_a.iter().zip(&via_b).filter(|(x, y)| x.1 == y.1).count();
+    assert!(same < 60, "{same} of 120 flows agree by chance");
+    assert_eq!(a.stat("xdp_maglev"), 0);
+}
+
+#[test]
+fn maglev_moves_few_flows_when_a_backend_goes() {
+    let nodes = TwoNodes::new();
+    let dir = TempDir::new("mg");
+    dir.write("spread.yaml", &spread_service(&[]));
+    let (a, b) = nodes.agents(&dir, &["--lb-algorithm", "maglev"]);
+    a.wait_for(&["10.250.2.2:30100/TCP"], &ALL);
+    b.wait_for(&["10.250.2.3:30100/TCP"], &ALL);
+    let (xdp_a, xdp_b) = (a.prog("xdp@a0"), b.prog("xdp@b0"));
+    // Node-b's table with all six backends.
+    let flows = flows(41_000, 300);
+    let before = backends_of(&nodes.b, &xdp_b, NODE_B, &flows);
+    // 10.201.0.12 leaves the Service.
+    let gone = "10.201.0.12:8080";
+    dir.write("spread.yaml", &spread_service(&["10.201.0.12"]));
+    for node in [&a, &b] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while node.lb(&["list"]).contains(gone) {
+            assert!(std::time::Instant::now() < deadline, "{gone} still listed");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    // The same flows as new ones on node-a (never seen there), with five backends.
+    let after = backends_of(&nodes.a, &xdp_a, NODE_A, &flows);
+    let (mut stayed, mut moved, mut of_gone) = (0, 0, 0);
+    for ((flow, (_, was)), (verdict, now)) in flows.iter().zip(&before).zip(&after) {
+        assert!(
+            [XDP_PASS, XDP_REDIRECT].contains(verdict) && ALL.contains(&now.as_str()),
+            "{flow:?}: verdict {verdict}, to {now}"
+        );
+        assert_ne!(now, gone, "{flow:?}: a new flow to the removed backend");
+        if was == gone {
+            of_gone += 1;
+        } else if was == now {
+            stayed += 1;
+        } else {
+            moved += 1;
+        }
+    }
+    // Maglev: the flows of the removed backend spread over the others; of the rest only a
+    // few percent move (2% of the positions of the staying backends in the unit tests).
+    assert!(of_gone > 0);
+    assert!(
+        moved * 100 <= (stayed + moved) * 5,
+        "{moved} of {} flows of staying backends moved",
+        stayed + moved
+    );
+    // On node-b, the tracked flows of the removed backend end (dropped: never another pod);
+    // the others keep their backend.
+    let again = backends_of(&nodes.b, &xdp_b, NODE_B, &flows);
+    for ((flow, (_, was)), (verdict, now)) in flows.iter().zip(&before).zip(&again) {
+        if was == gone {
+            assert_eq!(
+                *verdict, XDP_DROP,
+                "{flow:?}: a flow of the removed backend"
+            );
+        } else {
+            assert_eq!(now, was, "{flow:?}: an established flow moved");
+        }
+    }
+    eprintln!(
+        "{} flows: {of_gone} were on the removed backend, {stayed} kept theirs, {moved} moved",
+        flows.len()
+    );
+}
