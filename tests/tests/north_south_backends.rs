@@ -263,3 +263,138 @@ fn maglev_moves_few_flows_when_a_backend_goes() {
         flows.len()
     );
 }
+
+/// A NodePort Service with ClientIP affinity (eTP Local) and its endpoints on node-a, minus
+/// `without`.
+fn sticky_service(pods: &[(&str, &str)], timeout_s: u32) -> String {
+    let mut out = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: sticky}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.80.1
+  externalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout_s}}}}}
+  ports: [{{name: tcp, port: 80, targetPort: 8080, nodePort: 30110}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: sticky-1, labels: {{kubernetes.io/service-name: sticky}}}}
+addressType: IPv4
+ports: [{{name: tcp, port: 8080}}]
+endpoints:
+"
+    );
+    for (_, addr) in pods {
+        out.push_str(&format!("- {{addresses: [{addr}], nodeName: node-a}}\n"));
+    }
+    out
+}
+
+/// ClientIP affinity from outside: real TCP connections from an external client namespace
+/// (each from a new source port) to a NodePort, with Maglev on (which alone would spread
+/// them by source port).
+#[test]
+fn client_ip_affinity_keeps_an_external_client_on_one_pod() {
+    let mut node = Node::new();
+    let ext = lb_tests::Netns::new(lb_tests::unique("af"));
+    ext.ip(&[
+        "link",
+        "add",
+        "e0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "x0",
+        "netns",
+        &node.client.name,
+    ]);
+    ext.ip(&["addr", "add", "10.250.3.2/24", "dev", "e0"]);
+    ext.ip(&["link", "set", "e0", "up"]);
+    node.client
+        .ip(&["addr", "add", "10.250.3.1/24", "dev", "x0"]);
+    node.client.ip(&["link", "set", "x0", "up"]);
+    sysctl(&node.client, &["net.ipv4.ip_forward=1"]);
+    let mut pods = Vec::new();
+    for (n, name) in [(1u8, "pod1"), (2, "pod2"), (3, "pod3")] {
+        let pod = node.add_pod(n, name, &[8080], &[]);
+        pod.netns
+            .ip(&["route", "add", "default", "via", lb_tests::CLIENT_IP4]);
+        pods.push((name, pod.ip4.to_string()));
+    }
+    let pods: Vec<(&str, &str)> = pods.iter().map(|(n, a)| (*n, a.as_str())).collect();
+    let timeout_s = 2;
+    let dir = TempDir::new("af");
+    dir.write("sticky.yaml", &sticky_service(&pods, timeout_s));
+    let agent = NsAgent::start(
+        &node.client,
+        &node.cgroup.path,
+        &dir.0,
+        &[
+            "--node-name",
+            "node-a",
+            "--xdp-iface",
+            "x0",
+            "--node-ip",
+            "10.250.3.1",
+            "--lb-algorithm",
+            "maglev",
+        ],
+    );
+    agent.wait_for(&["10.250.3.1:30110/TCP"], &["10.200.0.13:8080"]);
+    let connect = |n: usize| {
+        let count = n.to_string();
+        let outcomes = lb_tests::run_client(
+            None,
+            &ext.path(),
+            &["tcp", "10.250.3.1:30110", "--count", &count],
+        );
+        let got = lb_tests::backends(&outcomes);
+        assert_eq!(got.len(), n, "{outcomes:?}");
+        got
+    };
+    // Eight connections, eight source ports: one pod (by chance with three pods: 3^-7).
+    let first = connect(8);
+    assert!(
+        first.iter().all(|p| *p == first[0]),
+        "affinity: {first:?}\n{}",
+        agent.lb(&["stats"])
+    );
+    assert_eq!(
+        (
+            agent.stat("xdp_affinity_new"),
+            agent.stat("xdp_affinity_hit")
+        ),
+        (1, 7)
+    );
+    // Its pod leaves the Service: the client moves to another one, and stays there.
+    let stuck = first[0].clone();
+    let rest: Vec<(&str, &str)> = pods.iter().copied().filter(|(n, _)| *n != stuck).collect();
+    let gone = pods
+        .iter()
+        .find(|(n, _)| *n == stuck)
+        .map(|(_, a)| *a)
+        .unwrap();
+    dir.write("sticky.yaml", &sticky_service(&rest, timeout_s));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while agent.lb(&["list"]).contains(&format!("{gone}:8080")) {
+        assert!(std::time::Instant::now() < deadline, "{gone} still listed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let moved = connect(6);
+    assert!(
+        moved.iter().all(|p| *p == moved[0] && *p != stuck),
+        "after {stuck} left: {moved:?}"
+    );
+    assert_eq!(agent.stat("xdp_affinity_new"), 2);
+    // Idle past the timeout: the next connection chooses afresh (and records it).
+    std::thread::sleep(std::time::Duration::from_millis(
+        u64::from(timeout_s) * 1000 + 500,
+    ));
+    connect(1);
+    assert_eq!(agent.stat("xdp_affinity_new"), 3);
+    assert_eq!(agent.stat("xdp_affinity_hit"), 7 + 5);
+}
