@@ -17,7 +17,7 @@ use lb_tests::{
     Node, TempDir,
     xdp::{
         NsAgent, ProgFd, TCP, XDP_DROP, XDP_PASS, XDP_REDIRECT, in_netns, ipv4_destination,
-        ipv4_frame, sysctl, test_run,
+        ipv4_frame, sysctl, test_run_timed,
     },
 };
 
@@ -111,6 +111,17 @@ fn backends_of(
     node_ip: &str,
     flows: &[(String, u16)],
 ) -> Vec<(u32, String)> {
+    timed_backends_of(node, xdp, node_ip, flows).0
+}
+
+/// [`backends_of`], and the mean run time of the program per flow (ns, as the kernel
+/// measures one test run).
+fn timed_backends_of(
+    node: &Node,
+    xdp: &ProgFd,
+    node_ip: &str,
+    flows: &[(String, u16)],
+) -> (Vec<(u32, String)>, u64) {
     let frames: Vec<Vec<u8>> = flows
         .iter()
         .map(|(client, sport)| ipv4_frame(client, *sport, node_ip, 30100, TCP))
@@ -119,13 +130,17 @@ fn backends_of(
     in_netns(&node.client, move || {
         // Borrow the descriptor on this thread without taking ownership of it.
         let prog = std::mem::ManuallyDrop::new(ProgFd(prog));
-        frames
+        let mut total = 0u64;
+        let picked = frames
             .iter()
             .map(|frame| {
-                let (verdict, out) = test_run(&prog, frame);
+                let (verdict, out, ns) = test_run_timed(&prog, frame);
+                total += u64::from(ns);
                 (verdict, ipv4_destination(&out))
             })
-            .collect()
+            .collect::<Vec<_>>();
+        let mean = total / (picked.len().max(1) as u64);
+        (picked, mean)
     })
 }
 
@@ -291,6 +306,72 @@ endpoints:
         out.push_str(&format!("- {{addresses: [{addr}], nodeName: node-a}}\n"));
     }
     out
+}
+
+/// What a new flow costs the XDP program with Maglev and with random choice: reported, not
+/// asserted (`cargo test ... -- --nocapture` prints it). Node-a runs maglev, node-b random,
+/// each with three local endpoints (eTP Local: DNAT and pass, no SNAT or FIB lookup, so the
+/// difference is the choice); rounds of fresh flows alternate between them.
+#[test]
+fn new_flow_cost_with_maglev_and_random() {
+    let nodes = TwoNodes::new();
+    let dir = TempDir::new("mg");
+    dir.write(
+        "spread.yaml",
+        &spread_service(&[]).replace(
+            "  type: NodePort\n",
+            "  type: NodePort\n  externalTrafficPolicy: Local\n",
+        ),
+    );
+    let a = NsAgent::start(
+        &nodes.a.client,
+        &nodes.a.cgroup.path,
+        &dir.0,
+        &[
+            "--node-name",
+            "node-a",
+            "--xdp-iface",
+            "a0",
+            "--node-ip",
+            NODE_A,
+            "--lb-algorithm",
+            "maglev",
+        ],
+    );
+    let b = NsAgent::start(
+        &nodes.b.client,
+        &nodes.b.cgroup.path,
+        &dir.0,
+        &[
+            "--node-name",
+            "node-b",
+            "--xdp-iface",
+            "b0",
+            "--node-ip",
+            NODE_B,
+        ],
+    );
+    a.wait_for(&["10.250.2.2:30100/TCP"], &ALL[..3]);
+    b.wait_for(&["10.250.2.3:30100/TCP"], &ALL[3..]);
+    let (xdp_a, xdp_b) = (a.prog("xdp@a0"), b.prog("xdp@b0"));
+    let (mut maglev, mut random) = (Vec::new(), Vec::new());
+    for round in 0..8u16 {
+        let flows = flows(20_000 + round * 500, 500);
+        let (picked, ns) = timed_backends_of(&nodes.a, &xdp_a, NODE_A, &flows);
+        assert!(picked.iter().all(|(v, _)| *v == XDP_PASS), "{picked:?}");
+        maglev.push(ns);
+        let (picked, ns) = timed_backends_of(&nodes.b, &xdp_b, NODE_B, &flows);
+        assert!(picked.iter().all(|(v, _)| *v == XDP_PASS), "{picked:?}");
+        random.push(ns);
+    }
+    assert_eq!(a.stat("xdp_maglev"), 4_000);
+    maglev.sort_unstable();
+    random.sort_unstable();
+    eprintln!(
+        "new flow, local backend (test-run, 8 rounds of 500 fresh flows, ns): maglev median {} \
+         [{}-{}], random median {} [{}-{}]",
+        maglev[4], maglev[0], maglev[7], random[4], random[0], random[7]
+    );
 }
 
 /// ClientIP affinity from outside: real TCP connections from an external client namespace

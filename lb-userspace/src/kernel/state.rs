@@ -49,6 +49,20 @@ impl Op {
     }
 }
 
+/// The plan's cache of Maglev tables: per frontend id, the table size and external backends
+/// (slot order) of the last table built for it, and its chunks' digests. A cache, not part of
+/// the kernel's state: it never makes two states unequal.
+#[derive(Clone, Debug, Default)]
+struct TableMemo(HashMap<u32, (u32, Vec<Backend>, Vec<u64>)>);
+
+impl PartialEq for TableMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TableMemo {}
+
 /// What the agent-written maps hold, as read from the kernel and kept current by [`Op`]s
 /// that succeeded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -63,6 +77,8 @@ pub struct KernelState {
     /// The Maglev table size `M` the plan builds tables of; 0: `--lb-algorithm random`, no
     /// tables (and the plan removes any).
     maglev_size: u32,
+    /// The plan's cache of built tables (see [`TableMemo`]).
+    memo: TableMemo,
     next_id: u32,
 }
 
@@ -139,9 +155,25 @@ impl KernelState {
         *self = Self {
             next_id,
             maglev_size: self.maglev_size,
+            memo: std::mem::take(&mut self.memo),
             ..fresh
         };
         differed
+    }
+
+    /// The chunk digests of the last table built for `id`, if it was built for table size
+    /// `size` and `external` backends.
+    pub fn memo_table(&self, id: u32, size: u32, external: &[Backend]) -> Option<&Vec<u64>> {
+        self.memo
+            .0
+            .get(&id)
+            .filter(|(m, backends, _)| *m == size && backends == external)
+            .map(|(_, _, digests)| digests)
+    }
+
+    /// Remembers the table built for `id`.
+    pub fn remember_table(&mut self, id: u32, size: u32, external: &[Backend], digests: Vec<u64>) {
+        self.memo.0.insert(id, (size, external.to_vec(), digests));
     }
 
     /// The Maglev table chunks of frontend `id` (chunk number -> digest), if it has any.
@@ -208,6 +240,7 @@ impl KernelState {
             Op::DelFrontend(key, _) => {
                 if let Some(old) = self.frontends.remove(&key) {
                     self.ids.remove(&old.id);
+                    self.memo.0.remove(&old.id);
                 }
             }
             Op::DelSlot(SlotKey { id, slot }) => {
