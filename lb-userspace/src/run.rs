@@ -203,7 +203,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         maps,
         state,
         node,
-        capacities.limits(),
+        crate::desired::Limits {
+            chunks_per_table: lb_common::maglev::chunks(maglev_size) as usize,
+            ..capacities.limits()
+        },
         health,
         metrics,
         Duration::from_secs(args.resync_period.max(1)),
