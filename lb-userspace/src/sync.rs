@@ -447,6 +447,8 @@ impl Syncer {
             .set(lb_common::maps::SLOTS, self.state.slot_count());
         m.map_fill
             .set(lb_common::maps::MEMBERS, self.state.member_count());
+        m.map_fill
+            .set(lb_common::maglev::MAGLEV, self.state.table_chunk_count());
         m.map_writes.inc_by(pass.writes);
         m.sync_duration.observe(elapsed.as_secs_f64());
         m.config_errors
