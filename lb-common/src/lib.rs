@@ -11,8 +11,10 @@
 
 pub mod addr;
 pub mod csum;
+pub mod maglev;
 pub mod maps;
 pub mod nat;
+pub mod ns_affinity;
 pub mod programs;
 pub mod select;
 pub mod stats;

@@ -40,6 +40,9 @@ use crate::Addr;
 /// [`SockXlate`], and an unconnected socket's first [`SOCK_FLOWS`] flows, Service ->
 /// backend), [`SOCKS`] holds the other sockets' (TCP, MPTCP); [`SOCK_OVERFLOW`] is new, and
 /// [`REVNAT`] and [`UDP_FLOWS`] hold only the flows of sockets that sent to more Services.
+/// Also 4: the Maglev tables `LB_MAGLEV` ([`crate::maglev`]) are new, and [`META`] holds their
+/// size at [`META_MAGLEV_TABLE_SIZE`]; the north-south ClientIP affinity map
+/// `LB_NS_AFFINITY` ([`crate::ns_affinity`]) is new.
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -83,6 +86,10 @@ pub const MAX_UDP_FLOWS: u32 = 1 << 16;
 pub const META_LEN: u32 = 4;
 /// Index in [`META`] of the layout version.
 pub const META_LAYOUT_VERSION: u32 = 0;
+/// Index in [`META`] of the Maglev table size `M` of `LB_MAGLEV` (`--maglev-table-size`),
+/// written by the agent before any table; 0 with `--lb-algorithm random` (the XDP program then
+/// picks external backends at random). Read by the XDP program for each new flow.
+pub const META_MAGLEV_TABLE_SIZE: u32 = 1;
 
 /// Key of [`FRONTENDS`]: where a client connects.
 #[repr(C)]
@@ -474,6 +481,26 @@ pub const SPECS: &[MapSpec] = &[
         max_entries: crate::nat::MAX_SRC_RANGES,
         flags: BPF_F_NO_PREALLOC,
         agent_writes: true,
+        sized_by_agent: false,
+    },
+    MapSpec {
+        name: crate::maglev::MAGLEV,
+        kind: MapKind::Hash,
+        key_size: size::<crate::maglev::MaglevKey>(),
+        value_size: size::<crate::maglev::MaglevChunk>(),
+        max_entries: crate::maglev::MAX_CHUNKS,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: true,
+        sized_by_agent: false,
+    },
+    MapSpec {
+        name: crate::ns_affinity::NS_AFFINITY,
+        kind: MapKind::LruHash,
+        key_size: size::<crate::ns_affinity::NsAffinityKey>(),
+        value_size: size::<crate::ns_affinity::NsAffinity>(),
+        max_entries: crate::ns_affinity::MAX_NS_AFFINITY,
+        flags: 0,
+        agent_writes: false,
         sized_by_agent: false,
     },
 ];

@@ -91,8 +91,19 @@ pub const XDP_CT_EXPIRED: u32 = 30;
 /// from a source outside them; dropped (kube-proxy's firewall chain drops it too).
 pub const XDP_DROP_SOURCE_RANGE: u32 = 31;
 
+/// XDP: a new flow's backend came from the frontend's Maglev table (`--lb-algorithm maglev`).
+pub const XDP_MAGLEV: u32 = 32;
+/// XDP: `--lb-algorithm maglev`, but the frontend's table chunk was missing or named no
+/// external slot (while the agent rewrites it, or the table map is full): picked at random.
+pub const XDP_MAGLEV_MISS: u32 = 33;
+/// XDP: a new flow of a frontend with ClientIP affinity went to the client's backend.
+pub const XDP_AFFINITY_HIT: u32 = 34;
+/// XDP: a new flow of a frontend with ClientIP affinity chose a backend (no entry for the
+/// client, or it had expired or its backend left) and recorded it.
+pub const XDP_AFFINITY_NEW: u32 = 35;
+
 /// Number of counters.
-pub const COUNT: u32 = 32;
+pub const COUNT: u32 = 36;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -128,4 +139,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_drop_no_snat_port",
     "xdp_ct_expired",
     "xdp_drop_source_range",
+    "xdp_maglev",
+    "xdp_maglev_miss",
+    "xdp_affinity_hit",
+    "xdp_affinity_new",
 ];

@@ -125,7 +125,8 @@ pub static LB_UDP_FLOWS: LruHashMap<UdpFlowKey, Backend> = LruHashMap::pinned(MA
 #[map]
 pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(lb_common::stats::COUNT, 0);
 
-/// Layout version and other agent facts; written by the agent, not read here.
+/// Layout version and other agent facts; written by the agent. The XDP program reads the
+/// Maglev table size (`META_MAGLEV_TABLE_SIZE`) for each new flow.
 #[map]
 pub static LB_META: Array<u32> = Array::pinned(META_LEN, 0);
 

@@ -74,6 +74,16 @@ pub struct RunArgs {
     /// a manifest's nodePort outside it is an error. What the API allocated is programmed.
     #[arg(long, value_name = "LOW-HIGH", default_value = "30000-32767")]
     pub nodeport_range: NodePortRange,
+    /// How a new flow from outside the node picks its backend (Cilium's names): `random`, or
+    /// `maglev` (consistent hashing: every node running lb with the same endpoints picks the
+    /// same backend for a flow).
+    #[arg(long, value_enum, value_name = "ALGORITHM", default_value = "random")]
+    pub lb_algorithm: crate::maglev::Algorithm,
+    /// Entries of each Maglev table (`--lb-algorithm maglev`): one of Cilium's primes 251,
+    /// 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071; well above 100 x the
+    /// largest backend count of a Service.
+    #[arg(long, value_name = "M", default_value = "16381", value_parser = crate::maglev::parse_table_size)]
+    pub maglev_table_size: u32,
     /// Address of `/healthz`; empty disables it.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,

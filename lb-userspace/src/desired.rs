@@ -145,6 +145,16 @@ impl DesiredFrontend {
         self.backends.len() + self.external.as_ref().map_or(0, ExternalBackends::len)
     }
 
+    /// The Maglev table chunks this frontend takes with `per_table` chunks a table: one table
+    /// for an external frontend with backends.
+    pub fn table_chunks(&self, per_table: usize) -> usize {
+        if self.external.as_ref().is_some_and(|e| !e.is_empty()) {
+            per_table
+        } else {
+            0
+        }
+    }
+
     /// Every backend of either range (the frontend's memberships).
     pub fn members(&self) -> BTreeSet<Backend> {
         let mut all = self.backends.clone();
@@ -191,6 +201,11 @@ impl DesiredError {
 pub struct Limits {
     pub frontends: usize,
     pub slots: usize,
+    /// Maglev table chunks each external frontend with backends takes (`--lb-algorithm
+    /// maglev`: `lb_common::maglev::chunks(M)`); 0 without tables.
+    pub chunks_per_table: usize,
+    /// Capacity of `LB_MAGLEV`, in chunks.
+    pub table_chunks: usize,
 }
 
 // Here rather than in kernel/, which knows nothing of desired states.
@@ -200,6 +215,7 @@ impl crate::kernel::Capacities {
         Limits {
             frontends: self.frontends as usize,
             slots: self.backends as usize,
+            ..Limits::default()
         }
     }
 }
@@ -209,6 +225,8 @@ impl Default for Limits {
         Self {
             frontends: MAX_FRONTENDS as usize,
             slots: MAX_SLOTS as usize,
+            chunks_per_table: 0,
+            table_chunks: lb_common::maglev::MAX_CHUNKS as usize,
         }
     }
 }
@@ -531,6 +549,8 @@ pub fn service_frontends(
 struct Merge {
     desired: Desired,
     slots: usize,
+    /// Maglev table chunks.
+    chunks: usize,
     errors: Vec<DesiredError>,
 }
 
@@ -584,6 +604,10 @@ impl Merge {
             kept.push((fkey, frontend));
         }
         let new_slots: usize = kept.iter().map(|(_, f)| f.slot_count()).sum();
+        let new_chunks: usize = kept
+            .iter()
+            .map(|(_, f)| f.table_chunks(limits.chunks_per_table))
+            .sum();
         let full = if self.desired.frontends.len() + kept.len() > limits.frontends {
             Some(format!(
                 "map {} is full ({} frontends; see --max-frontends)",
@@ -595,6 +619,14 @@ impl Merge {
                 "map {} is full ({} backend slots; see --max-backends)",
                 lb_common::maps::SLOTS,
                 limits.slots
+            ))
+        } else if self.chunks + new_chunks > limits.table_chunks {
+            Some(format!(
+                "map {} is full ({} Maglev table chunks, {} per external frontend at this \
+                 --maglev-table-size)",
+                lb_common::maglev::MAGLEV,
+                limits.table_chunks,
+                limits.chunks_per_table
             ))
         } else {
             None
@@ -609,6 +641,7 @@ impl Merge {
             return;
         }
         self.slots += new_slots;
+        self.chunks += new_chunks;
         self.desired.frontends.extend(kept);
         for claim in claims {
             self.desired.node_ports.insert(claim, key.clone());
@@ -735,6 +768,7 @@ mod tests {
         let limits = Limits {
             frontends: PARALLEL_SERVICES + 800,
             slots: usize::MAX,
+            ..Limits::default()
         };
         let mut one = Merge::default();
         for (key, service) in &snap.services {
@@ -1278,6 +1312,51 @@ spec: {clusterIP: 10.96.0.17, ports: [{port: 80}]}
     }
 
     #[test]
+    fn maglev_tables_count_against_their_map() {
+        // Two NodePort Services with an endpoint each: one external frontend each (the node's
+        // IPv4 address), so one table each; the ClusterIPs take none.
+        let snap = snapshot(
+            "
+kind: Service
+metadata: {name: a}
+spec: {type: NodePort, clusterIP: 10.96.0.18, ports: [{port: 80, nodePort: 30001}]}
+---
+kind: EndpointSlice
+metadata: {name: a, labels: {kubernetes.io/service-name: a}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [10.1.0.1]}]
+---
+kind: Service
+metadata: {name: b}
+spec: {type: NodePort, clusterIP: 10.96.0.19, ports: [{port: 80, nodePort: 30002}]}
+---
+kind: EndpointSlice
+metadata: {name: b, labels: {kubernetes.io/service-name: b}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [10.1.0.2]}]
+",
+        );
+        let limits = |table_chunks| Limits {
+            chunks_per_table: 16,
+            table_chunks,
+            ..Limits::default()
+        };
+        let (d, errors) = build(&snap, &node(), limits(32));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(d.frontends.len(), 4);
+        let (d, errors) = build(&snap, &node(), limits(31));
+        assert_eq!(d.frontends.len(), 2, "Service b refused whole");
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("map LB_MAGLEV is full (31 Maglev table chunks, 16 per external"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn capacity_limits_name_the_map() {
         let snap = snapshot(
             "
@@ -1302,6 +1381,7 @@ endpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.2]}]
             Limits {
                 frontends: 1,
                 slots: 10,
+                ..Limits::default()
             },
         );
         assert_eq!(d.frontends.len(), 1);
@@ -1317,6 +1397,7 @@ endpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.2]}]
             Limits {
                 frontends: 10,
                 slots: 1,
+                ..Limits::default()
             },
         );
         assert_eq!(d.frontends.len(), 1);

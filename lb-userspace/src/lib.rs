@@ -14,6 +14,7 @@ pub mod http;
 pub mod inspect;
 pub mod kernel;
 pub mod logging;
+pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod plan;

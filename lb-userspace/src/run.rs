@@ -118,7 +118,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .count();
     let mut maps = Maps::open(&layout)?;
     maps.record_layout_version()?;
-    let state = maps.read_state()?;
+    let maglev_size = match args.lb_algorithm {
+        crate::maglev::Algorithm::Random => 0,
+        crate::maglev::Algorithm::Maglev => args.maglev_table_size,
+    };
+    // Before any table of this size is written (tables of another size are rewritten by the
+    // first sync; until then a flow may get another backend than its table names).
+    maps.record_maglev_table_size(maglev_size)?;
+    let state = maps.read_state()?.with_maglev_size(maglev_size);
     tracing::info!(
         cgroup = %cgroup.display(),
         pin_path = %layout.root().display(),
@@ -196,7 +203,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         maps,
         state,
         node,
-        capacities.limits(),
+        crate::desired::Limits {
+            chunks_per_table: lb_common::maglev::chunks(maglev_size) as usize,
+            ..capacities.limits()
+        },
         health,
         metrics,
         Duration::from_secs(args.resync_period.max(1)),

@@ -406,7 +406,7 @@ impl Syncer {
                 group
                     .iter()
                     .filter(|op| !failed.contains(&op.id()))
-                    .copied()
+                    .cloned()
                     .collect::<Vec<Op>>()
                     .into()
             };
@@ -434,7 +434,7 @@ impl Syncer {
                 todo = todo[done + 1..]
                     .iter()
                     .filter(|op| !failed.contains(&op.id()))
-                    .copied()
+                    .cloned()
                     .collect::<Vec<Op>>()
                     .into();
             }
@@ -456,6 +456,8 @@ impl Syncer {
             .set(lb_common::maps::MEMBERS, self.state.member_count());
         m.map_fill
             .set(lb_common::nat::SRC_RANGES, self.state.range_count());
+        m.map_fill
+            .set(lb_common::maglev::MAGLEV, self.state.table_chunk_count());
         m.map_writes.inc_by(pass.writes);
         m.sync_duration.observe(elapsed.as_secs_f64());
         m.config_errors

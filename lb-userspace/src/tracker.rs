@@ -34,6 +34,8 @@ struct Entry {
     /// The node ports it holds.
     node_ports: Vec<NodePortClaim>,
     slots: usize,
+    /// Maglev table chunks of its frontends.
+    chunks: usize,
 }
 
 impl Entry {
@@ -68,6 +70,8 @@ pub struct Tracker {
     desired: Desired,
     problems: Vec<DesiredError>,
     slots: usize,
+    /// Maglev table chunks over all frontends.
+    chunks: usize,
     /// What the last update found changed.
     touched: BTreeSet<ObjectKey>,
 }
@@ -85,6 +89,7 @@ impl Tracker {
             desired: Desired::default(),
             problems: Vec::new(),
             slots: 0,
+            chunks: 0,
             touched: BTreeSet::new(),
         }
     }
@@ -184,14 +189,21 @@ impl Tracker {
                     .iter()
                     .any(|claim| self.desired.node_ports.contains_key(claim));
             let slots: usize = frontends.iter().map(|(_, f)| f.slot_count()).sum();
+            let per_table = self.limits.chunks_per_table;
+            let chunks: usize = frontends
+                .iter()
+                .map(|(_, f)| f.table_chunks(per_table))
+                .sum();
             let fits = self.desired.frontends.len() + frontends.len() <= self.limits.frontends
-                && self.slots + slots <= self.limits.slots;
+                && self.slots + slots <= self.limits.slots
+                && self.chunks + chunks <= self.limits.table_chunks;
             if conflict || !fits {
                 // Who wins depends on the order of all Services: let the full build decide.
                 self.rebuild(snapshot);
                 return Change::Full;
             }
             self.slots += slots;
+            self.chunks += chunks;
             let mut keys = Vec::with_capacity(frontends.len());
             for (fkey, frontend) in frontends {
                 dirty.insert(fkey);
@@ -207,6 +219,7 @@ impl Tracker {
                 frontends: keys,
                 node_ports: wants.node_ports,
                 slots,
+                chunks,
             };
             self.entries.insert(key.clone(), entry);
         }
@@ -216,6 +229,7 @@ impl Tracker {
     fn remove(&mut self, key: &ObjectKey, dirty: &mut BTreeSet<FrontendKey>) {
         if let Some(old) = self.entries.remove(key) {
             self.slots -= old.slots;
+            self.chunks -= old.chunks;
             for fkey in old.frontends {
                 self.desired.frontends.remove(&fkey);
                 dirty.insert(fkey);
@@ -230,11 +244,13 @@ impl Tracker {
     fn rebuild(&mut self, snapshot: &Snapshot) {
         let (desired, problems) = desired::build(snapshot, &self.node, self.limits);
         // Each Service's frontends as programmed (a refused port or Service has none).
-        let mut programmed: HashMap<&ObjectKey, (Vec<FrontendKey>, usize)> = HashMap::new();
+        let mut programmed: HashMap<&ObjectKey, (Vec<FrontendKey>, usize, usize)> = HashMap::new();
+        let per_table = self.limits.chunks_per_table;
         for (fkey, frontend) in &desired.frontends {
-            let (keys, slots) = programmed.entry(&frontend.service).or_default();
+            let (keys, slots, chunks) = programmed.entry(&frontend.service).or_default();
             keys.push(*fkey);
             *slots += frontend.slot_count();
+            *chunks += frontend.table_chunks(per_table);
         }
         let mut claimed: HashMap<&ObjectKey, Vec<NodePortClaim>> = HashMap::new();
         for (claim, holder) in &desired.node_ports {
@@ -242,7 +258,7 @@ impl Tracker {
         }
         self.entries.clear();
         for (key, service) in &snapshot.services {
-            let (frontends, slots) = programmed.remove(key).unwrap_or_default();
+            let (frontends, slots, chunks) = programmed.remove(key).unwrap_or_default();
             self.entries.insert(
                 key.clone(),
                 Entry {
@@ -251,10 +267,16 @@ impl Tracker {
                     frontends,
                     node_ports: claimed.remove(key).unwrap_or_default(),
                     slots,
+                    chunks,
                 },
             );
         }
         self.slots = desired.backend_count();
+        self.chunks = desired
+            .frontends
+            .values()
+            .map(|f| f.table_chunks(per_table))
+            .sum();
         self.desired = desired;
         self.problems = problems;
     }
@@ -413,8 +435,20 @@ mod tests {
         let seen = random_evolution(Limits {
             frontends: 12,
             slots: 30,
+            ..Limits::default()
         });
         assert!(seen.full_maps > 100 && seen.incremental > 100, "{seen:?}");
+    }
+
+    #[test]
+    fn random_evolution_with_a_full_maglev_map_matches_the_full_build() {
+        // Maglev tables of 2 chunks, room for 5: the table map fills before the others.
+        let seen = random_evolution(Limits {
+            chunks_per_table: 2,
+            table_chunks: 10,
+            ..Limits::default()
+        });
+        assert!(seen.full_maps > 50 && seen.incremental > 100, "{seen:?}");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! (or none, for what is not TCP/UDP over IP).
 
 pub mod parse;
+pub mod select;
 pub mod src_range;
 pub mod tc;
 pub mod xdp;

@@ -15,7 +15,6 @@ use lb_common::{
         CT_CLOSING, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry, EXT_SLOT_BASE,
         FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES, ct_expired, snat_port,
     },
-    select::slot_for,
     stats,
 };
 
@@ -518,9 +517,13 @@ fn new_flow(
             pass(Some(stats::XDP_PASS_NO_BACKEND))
         });
     }
-    // SAFETY: helper call without arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let index = slot_for(random, frontend.ext_count);
+    let sticky = frontend.affinity_timeout_s != 0;
+    let kept = if sticky {
+        super::select::affinity_index(flow, frontend, now)
+    } else {
+        None
+    };
+    let index = kept.unwrap_or_else(|| super::select::external_index(flow, frontend));
     let slot = SlotKey {
         id: frontend.id,
         slot: EXT_SLOT_BASE + index,
@@ -529,6 +532,15 @@ fn new_flow(
     let Some(backend) = (unsafe { LB_SLOTS.get(&slot) }).copied() else {
         return Err(pass(Some(stats::ERR_SLOT_MISSING)));
     };
+    if sticky {
+        // Refreshed by every new flow, as kube-proxy's `recent` match is.
+        super::select::remember(flow, frontend, index, &backend, now);
+        count(if kept.is_some() {
+            stats::XDP_AFFINITY_HIT
+        } else {
+            stats::XDP_AFFINITY_NEW
+        });
+    }
     // Field by field: a whole-struct literal would be built on the stack first.
     s.entry.addr = backend.addr;
     s.entry.port = backend.port;

@@ -7,10 +7,11 @@ use aya::maps::{
     Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key as LpmKey,
 };
 use lb_common::{
+    maglev::{MAGLEV, MaglevChunk, MaglevKey},
     maps::{
         AFFINITY, Affinity, AffinityKey, Backend, FRONTENDS, Frontend, FrontendKey, LAYOUT_VERSION,
-        MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, MemberKey, REVNAT, RevNat, RevNatKey,
-        SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
+        MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, META_MAGLEV_TABLE_SIZE, MemberKey,
+        REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
     },
     nat::{CT, CtEntry, CtKey, SRC_RANGE_PRESENT, SRC_RANGES, SrcRangeKey},
 };
@@ -102,6 +103,8 @@ pub struct Maps {
     frontends: HashMap<MapData, FrontendKey, Frontend>,
     slots: HashMap<MapData, SlotKey, Backend>,
     members: HashMap<MapData, MemberKey, u32>,
+    /// Maglev table chunks (`--lb-algorithm maglev`).
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     revnat: HashMap<MapData, RevNatKey, RevNat>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     udp_flows: HashMap<MapData, UdpFlowKey, Backend>,
@@ -155,6 +158,7 @@ impl Maps {
             frontends,
             slots,
             members: typed(layout, MEMBERS)?,
+            maglev: typed(layout, MAGLEV)?,
             revnat: typed(layout, REVNAT)?,
             affinity: typed(layout, AFFINITY)?,
             udp_flows: typed(layout, UDP_FLOWS)?,
@@ -174,6 +178,14 @@ impl Maps {
     pub fn record_layout_version(&mut self) -> Result<(), MapsError> {
         self.meta
             .set(META_LAYOUT_VERSION, LAYOUT_VERSION, 0)
+            .map_err(|source| MapsError::Write { map: META, source })
+    }
+
+    /// Records the Maglev table size the XDP program hashes flows into (0: random choice).
+    /// Written before any table of that size.
+    pub fn record_maglev_table_size(&mut self, size: u32) -> Result<(), MapsError> {
+        self.meta
+            .set(META_MAGLEV_TABLE_SIZE, size, 0)
             .map_err(|source| MapsError::Write { map: META, source })
     }
 
@@ -206,7 +218,13 @@ impl Maps {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(read(SRC_RANGES))?;
-        Ok(KernelState::from_entries(frontends, slots, members, ranges))
+        let tables = self
+            .maglev
+            .iter()
+            .map(|entry| entry.map(|(key, chunk)| (key, super::state::chunk_digest(&chunk))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read(MAGLEV))?;
+        Ok(KernelState::from_entries(frontends, slots, members, ranges).with_tables(tables))
     }
 
     /// Applies writes that are all of the same kind (as the syncer groups them) with
@@ -309,6 +327,35 @@ impl Maps {
                 (
                     FRONTENDS,
                     self.capacities.frontends,
+                    batch::write(
+                        &batch::Deletes { map, keys: &keys },
+                        keys.len(),
+                        batch::CHUNK,
+                        threads,
+                    ),
+                )
+            }
+            Op::PutTable(..) => {
+                let (keys, values): (Vec<MaglevKey>, Vec<MaglevChunk>) =
+                    of!(Op::PutTable(k, v) => (*k, **v)).unzip();
+                let map = self.maglev.map().fd().as_fd();
+                let target = batch::Updates {
+                    map,
+                    keys: &keys,
+                    values: &values,
+                };
+                (
+                    MAGLEV,
+                    lb_common::maglev::MAX_CHUNKS,
+                    batch::write(&target, keys.len(), batch::CHUNK, threads),
+                )
+            }
+            Op::DelTable(_) => {
+                let keys: Vec<MaglevKey> = of!(Op::DelTable(k) => *k).collect();
+                let map = self.maglev.map().fd().as_fd();
+                (
+                    MAGLEV,
+                    lb_common::maglev::MAX_CHUNKS,
                     batch::write(
                         &batch::Deletes { map, keys: &keys },
                         keys.len(),
@@ -437,6 +484,7 @@ impl Maps {
             FRONTENDS => self.frontends.map(),
             SLOTS => self.slots.map(),
             MEMBERS => self.members.map(),
+            MAGLEV => self.maglev.map(),
             REVNAT => self.revnat.map(),
             AFFINITY => self.affinity.map(),
             UDP_FLOWS => self.udp_flows.map(),
@@ -456,6 +504,7 @@ impl Maps {
             (FRONTENDS, self.frontends.keys().count()),
             (SLOTS, self.slots.keys().count()),
             (MEMBERS, self.members.keys().count()),
+            (MAGLEV, self.maglev.keys().count()),
             (AFFINITY, sizes.affinity),
             (REVNAT, sizes.revnat),
             (UDP_FLOWS, sizes.udp_flows),

@@ -3,9 +3,14 @@
 //! (crate::plan) turns the difference to the desired state into ops; this module knows
 //! nothing of desired states.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    hash::BuildHasher as _,
+    sync::Arc,
+};
 
 use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
     maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey},
     nat::SrcRangeKey,
 };
@@ -32,17 +37,27 @@ impl std::fmt::Display for RangeEntry {
 }
 
 /// One map write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutMember(MemberKey),
     PutSlot(SlotKey, Backend),
+    /// One chunk of a frontend's Maglev table (`LB_MAGLEV`); shared, as chunks are 4 KiB.
+    PutTable(MaglevKey, Arc<MaglevChunk>),
     PutFrontend(FrontendKey, Frontend),
     /// A frontend that goes away, with its id.
     DelFrontend(FrontendKey, u32),
     DelSlot(SlotKey),
+    DelTable(MaglevKey),
     DelMember(MemberKey),
     PutRange(RangeEntry),
     DelRange(RangeEntry),
+}
+
+/// A digest of a table chunk: the mirror keeps this instead of the 4 KiB chunk. Stable within
+/// one agent process only (it compares chunks, it is never stored).
+pub fn chunk_digest(chunk: &MaglevChunk) -> u64 {
+    // Fixed keys (not RandomState): digests of equal chunks must be equal.
+    std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(chunk.entries)
 }
 
 impl Op {
@@ -51,12 +66,27 @@ impl Op {
         match self {
             Self::PutMember(k) | Self::DelMember(k) => k.id,
             Self::PutSlot(k, _) | Self::DelSlot(k) => k.id,
+            Self::PutTable(k, _) | Self::DelTable(k) => k.id,
             Self::PutFrontend(_, f) => f.id,
             Self::DelFrontend(_, id) => *id,
             Self::PutRange(e) | Self::DelRange(e) => e.key.id,
         }
     }
 }
+
+/// The plan's cache of Maglev tables: per frontend id, the table size and external backends
+/// (slot order) of the last table built for it, and its chunks' digests. A cache, not part of
+/// the kernel's state: it never makes two states unequal.
+#[derive(Clone, Debug, Default)]
+struct TableMemo(HashMap<u32, (u32, Vec<Backend>, Vec<u64>)>);
+
+impl PartialEq for TableMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TableMemo {}
 
 /// What the agent-written maps hold, as read from the kernel and kept current by [`Op`]s
 /// that succeeded.
@@ -69,6 +99,13 @@ pub struct KernelState {
     members: HashMap<u32, HashSet<Backend>>,
     /// Frontend id -> its source ranges.
     ranges: HashMap<u32, BTreeSet<RangeEntry>>,
+    /// Frontend id -> its Maglev table chunks (chunk number -> [`chunk_digest`]).
+    tables: HashMap<u32, BTreeMap<u32, u64>>,
+    /// The Maglev table size `M` the plan builds tables of; 0: `--lb-algorithm random`, no
+    /// tables (and the plan removes any).
+    maglev_size: u32,
+    /// The plan's cache of built tables (see [`TableMemo`]).
+    memo: TableMemo,
     next_id: u32,
 }
 
@@ -103,6 +140,7 @@ impl KernelState {
             .chain(state.slots.keys())
             .chain(state.members.keys())
             .chain(state.ranges.keys())
+            .chain(state.tables.keys())
             .max()
             .copied()
             .unwrap_or(0);
@@ -110,16 +148,75 @@ impl KernelState {
         state
     }
 
+    /// Adds the Maglev table chunks read from `LB_MAGLEV` (key and [`chunk_digest`]).
+    #[must_use]
+    pub fn with_tables(mut self, chunks: impl IntoIterator<Item = (MaglevKey, u64)>) -> Self {
+        for (key, digest) in chunks {
+            self.tables
+                .entry(key.id)
+                .or_default()
+                .insert(key.chunk, digest);
+            if key.id >= self.next_id {
+                self.next_id = key.id.wrapping_add(1).max(1);
+            }
+        }
+        self
+    }
+
+    /// Plans Maglev tables of `size` entries for the external frontends (`--lb-algorithm
+    /// maglev`), or none with 0.
+    #[must_use]
+    pub fn with_maglev_size(mut self, size: u32) -> Self {
+        self.maglev_size = size;
+        self
+    }
+
+    /// The Maglev table size the plan uses (0: none).
+    pub fn maglev_size(&self) -> u32 {
+        self.maglev_size
+    }
+
     /// Takes the entries of `fresh` (just read from the maps), keeping the id counter so ids
-    /// stay unused; returns whether the entries differed.
+    /// stay unused, and the table size; returns whether the entries differed.
     pub fn replace_entries(&mut self, fresh: Self) -> bool {
         let next_id = self.next_id.max(fresh.next_id);
         let differed = self.frontends != fresh.frontends
             || self.slots != fresh.slots
             || self.members != fresh.members
-            || self.ranges != fresh.ranges;
-        *self = Self { next_id, ..fresh };
+            || self.ranges != fresh.ranges
+            || self.tables != fresh.tables;
+        *self = Self {
+            next_id,
+            maglev_size: self.maglev_size,
+            memo: std::mem::take(&mut self.memo),
+            ..fresh
+        };
         differed
+    }
+
+    /// The chunk digests of the last table built for `id`, if it was built for table size
+    /// `size` and `external` backends.
+    pub fn memo_table(&self, id: u32, size: u32, external: &[Backend]) -> Option<&Vec<u64>> {
+        self.memo
+            .0
+            .get(&id)
+            .filter(|(m, backends, _)| *m == size && backends == external)
+            .map(|(_, _, digests)| digests)
+    }
+
+    /// Remembers the table built for `id`.
+    pub fn remember_table(&mut self, id: u32, size: u32, external: &[Backend], digests: Vec<u64>) {
+        self.memo.0.insert(id, (size, external.to_vec(), digests));
+    }
+
+    /// The Maglev table chunks of frontend `id` (chunk number -> digest), if it has any.
+    pub fn table(&self, id: u32) -> Option<&BTreeMap<u32, u64>> {
+        self.tables.get(&id)
+    }
+
+    /// Entries of `LB_MAGLEV`.
+    pub fn table_chunk_count(&self) -> usize {
+        self.tables.values().map(BTreeMap::len).sum()
     }
 
     pub fn frontends(&self) -> &HashMap<FrontendKey, Frontend> {
@@ -163,6 +260,20 @@ impl KernelState {
             Op::PutSlot(SlotKey { id, slot }, backend) => {
                 self.slots.entry(id).or_default().insert(slot, backend);
             }
+            Op::PutTable(MaglevKey { id, chunk }, ref value) => {
+                self.tables
+                    .entry(id)
+                    .or_default()
+                    .insert(chunk, chunk_digest(value));
+            }
+            Op::DelTable(MaglevKey { id, chunk }) => {
+                if let Some(chunks) = self.tables.get_mut(&id) {
+                    chunks.remove(&chunk);
+                    if chunks.is_empty() {
+                        self.tables.remove(&id);
+                    }
+                }
+            }
             Op::PutFrontend(key, value) => {
                 if let Some(old) = self.frontends.insert(key, value) {
                     self.ids.remove(&old.id);
@@ -172,6 +283,7 @@ impl KernelState {
             Op::DelFrontend(key, _) => {
                 if let Some(old) = self.frontends.remove(&key) {
                     self.ids.remove(&old.id);
+                    self.memo.0.remove(&old.id);
                 }
             }
             Op::DelSlot(SlotKey { id, slot }) => {
@@ -262,6 +374,7 @@ impl KernelState {
             .keys()
             .chain(self.members.keys())
             .chain(self.ranges.keys())
+            .chain(self.tables.keys())
             .copied()
             .filter(|id| !self.ids.contains_key(id))
             .collect()
@@ -272,6 +385,7 @@ impl KernelState {
             || self.slots.contains_key(&id)
             || self.members.contains_key(&id)
             || self.ranges.contains_key(&id)
+            || self.tables.contains_key(&id)
     }
 
     /// A frontend id that is not in use. Ids grow and are not reused while the agent runs,
