@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 pub mod container;
 pub mod fake_api;
+pub mod north_south;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
