@@ -31,7 +31,9 @@ use crate::Addr;
 /// [`Frontend`] gained `ext_count`/`ext_local` and `flags` has a meaning (the north-south
 /// backend range at `EXT_SLOT_BASE`); the conntrack map `LB_CT` is new (its value with the
 /// SNAT fields and the `seen` timestamp, 56 bytes).
-pub const LAYOUT_VERSION: u32 = 3;
+///
+/// 4: `LB_STATS` has more counters (ICMP error translation, tc conntrack expiry).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
 pub const IPPROTO_TCP: u8 = 6;
