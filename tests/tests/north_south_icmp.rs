@@ -403,3 +403,187 @@ fn fragmentation_needed_from_a_router_reaches_the_pod() {
         agent.lb(&["stats"])
     );
 }
+
+#[test]
+fn a_fib_failure_is_logged_by_the_agent() {
+    let topo = TwoNodes::new();
+    let dir = TempDir::new("ni");
+    dir.write("services.yaml", FAR_SERVICE);
+    let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
+    agent.wait_for(&["10.250.2.2:30090/UDP"]);
+    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
+    // node-a loses its route to podb: a new SNAT flow finds no source address by FIB lookup.
+    topo.node_a
+        .client
+        .ip(&["route", "del", "10.201.0.0/24", "via", "10.250.2.3"]);
+    let failed = agent.stat("xdp_err_fib");
+    let packet = Pkt::new(EXT4, NODE4, UDP, 41_300, 30090).bytes();
+    let (verdict, out) = in_netns(&topo.node_a.client, move || test_run(xdp, &packet));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, Pkt::new(EXT4, NODE4, UDP, 41_300, 30090).bytes());
+    assert_eq!(agent.stat("xdp_err_fib"), failed + 1);
+    // The program's aya-log record reaches the agent's log.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+        if log.contains("xdp: FIB lookup failed") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no FIB failure in the agent log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(xdp) };
+}
+
+const BPF_MAP_LOOKUP_ELEM: i64 = 1;
+const BPF_MAP_UPDATE_ELEM: i64 = 2;
+const BPF_MAP_GET_NEXT_KEY: i64 = 4;
+/// `CtKey`: 40 bytes, `dir` at 37 (1 forward, 2 reply), source port at 32.
+const CT_KEY: usize = 40;
+/// `CtEntry`: 56 bytes, `seen` (u64, native order) at 48.
+const CT_VALUE: usize = 56;
+
+/// The pinned conntrack map of `agent`, as a descriptor.
+fn ct_map(agent: &NodeAgent) -> i32 {
+    let path = agent.pin_path.join("maps/LB_CT");
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let (fd, _) = lb_tests::north_south::bpf(7, &[(0, c.as_ptr() as u64, 8)]);
+    assert!(fd >= 0, "LB_CT: {}", std::io::Error::last_os_error());
+    fd as i32
+}
+
+/// Every entry of the conntrack map `fd`: (key, value).
+fn ct_entries(fd: i32) -> Vec<([u8; CT_KEY], [u8; CT_VALUE])> {
+    let mut out = Vec::new();
+    let mut key = [0u8; CT_KEY];
+    let mut first = true;
+    loop {
+        let mut next = [0u8; CT_KEY];
+        let key_ptr = if first { 0 } else { key.as_ptr() as u64 };
+        let (ret, _) = lb_tests::north_south::bpf(
+            BPF_MAP_GET_NEXT_KEY,
+            &[
+                (0, fd as u64, 4),
+                (8, key_ptr, 8),
+                (16, next.as_mut_ptr() as u64, 8),
+            ],
+        );
+        if ret != 0 {
+            return out;
+        }
+        first = false;
+        key = next;
+        let mut value = [0u8; CT_VALUE];
+        let (ret, _) = lb_tests::north_south::bpf(
+            BPF_MAP_LOOKUP_ELEM,
+            &[
+                (0, fd as u64, 4),
+                (8, key.as_ptr() as u64, 8),
+                (16, value.as_mut_ptr() as u64, 8),
+            ],
+        );
+        if ret == 0 {
+            out.push((key, value));
+        }
+    }
+}
+
+/// The entry of direction `dir` whose key has source port `sport`: (key, `seen`).
+fn ct_entry(fd: i32, dir: u8, sport: u16) -> ([u8; CT_KEY], u64) {
+    let (key, value) = ct_entries(fd)
+        .into_iter()
+        .find(|(k, _)| k[37] == dir && k[32..34] == sport.to_be_bytes())
+        .unwrap_or_else(|| panic!("no conntrack entry dir {dir} sport {sport}"));
+    let seen = u64::from_ne_bytes(value[48..56].try_into().expect("8 bytes"));
+    (key, seen)
+}
+
+/// Sets `seen` of the entry under `key`.
+fn set_seen(fd: i32, key: &[u8; CT_KEY], seen: u64) {
+    let mut value = [0u8; CT_VALUE];
+    let (ret, _) = lb_tests::north_south::bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        &[
+            (0, fd as u64, 4),
+            (8, key.as_ptr() as u64, 8),
+            (16, value.as_mut_ptr() as u64, 8),
+        ],
+    );
+    assert_eq!(ret, 0, "lookup: {}", std::io::Error::last_os_error());
+    value[48..56].copy_from_slice(&seen.to_ne_bytes());
+    let (ret, _) = lb_tests::north_south::bpf(
+        BPF_MAP_UPDATE_ELEM,
+        &[
+            (0, fd as u64, 4),
+            (8, key.as_ptr() as u64, 8),
+            (16, value.as_ptr() as u64, 8),
+        ],
+    );
+    assert_eq!(ret, 0, "update: {}", std::io::Error::last_os_error());
+}
+
+/// `bpf_ktime_get_coarse_ns()`'s clock, now.
+fn coarse_now() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    assert_eq!(ret, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent() {
+    let topo = Topology::new();
+    let dir = TempDir::new("ni");
+    dir.write("services.yaml", SERVICES);
+    let agent = NodeAgent::start(&topo, &dir.0);
+    agent.wait_for(&["10.250.2.2:30080/UDP"]);
+    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
+    let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    let ct = ct_map(&agent);
+    let client = "192.0.2.88";
+    let first = Pkt::new(client, NODE4, UDP, 41_400, 30080);
+    let (verdict, _) = test_run(xdp, &first.bytes());
+    assert_eq!(verdict, XDP_PASS);
+    let reply = Pkt::new("10.200.0.11", client, UDP, 8080, 41_400);
+    let translated = Pkt::new(NODE4, client, UDP, 30080, 41_400);
+    // A flow whose client has been quiet for 50 s (of UDP's 60) and whose pod last replied
+    // 2 s ago: a reply refreshes both entries.
+    let (fwd_key, _) = ct_entry(ct, 1, 41_400);
+    let (reply_key, _) = ct_entry(ct, 2, 8080);
+    let now = coarse_now();
+    set_seen(ct, &fwd_key, now - 50_000_000_000);
+    set_seen(ct, &reply_key, now - 2_000_000_000);
+    let (verdict, out) = test_run(tc, &reply.bytes());
+    assert_eq!((verdict, out), (TC_ACT_OK, translated.bytes()));
+    let (_, fwd_seen) = ct_entry(ct, 1, 41_400);
+    let (_, reply_seen) = ct_entry(ct, 2, 8080);
+    assert!(reply_seen >= now, "the reply entry was refreshed");
+    assert!(
+        fwd_seen >= now,
+        "the forward entry was refreshed by the reply"
+    );
+    // An expired reply entry is absent: the reply leaves untranslated, counted.
+    let expired = agent.stat("tc_ct_expired");
+    set_seen(ct, &reply_key, coarse_now() - 61_000_000_000);
+    let (verdict, out) = test_run(tc, &reply.bytes());
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, reply.bytes()),
+        "expired: untouched"
+    );
+    assert_eq!(agent.stat("tc_ct_expired"), expired + 1);
+    // SAFETY: our own descriptors, closed once.
+    unsafe {
+        libc::close(ct);
+        libc::close(xdp);
+        libc::close(tc);
+    }
+}

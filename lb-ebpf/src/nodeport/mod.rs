@@ -13,6 +13,7 @@
 //! Everything that is not for an external frontend passes untouched after one hash lookup
 //! (or none, for what is not TCP/UDP over IP).
 
+pub mod events;
 pub mod icmp;
 pub mod parse;
 pub mod tc;

@@ -20,7 +20,7 @@ use lb_common::{
 };
 
 use super::{
-    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, in_key, is_member,
+    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, events, in_key, is_member,
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, IP_MF, IP_OFFSET,
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, MAX_EXT_HEADERS, Skip, TCP_HLEN,
@@ -409,6 +409,7 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     let snat = s.entry.flags & CT_SNAT != 0;
     let mode = if snat { NAT_BOTH } else { NAT_DST };
     if rewrite(ctx, flow, mode, s).is_err() {
+        events::rewrite_failed(ctx, flow.l4 as u32);
         return pass(Some(stats::XDP_PASS_MALFORMED));
     }
     if !snat {
@@ -444,6 +445,7 @@ fn reply(ctx: &XdpContext, flow: &Flow, s: &mut Scratch) -> Verdict {
     }
     count(stats::XDP_REPLY_XLATED);
     if rewrite(ctx, flow, NAT_REPLY, s).is_err() {
+        events::rewrite_failed(ctx, flow.l4 as u32);
         return pass(Some(stats::XDP_PASS_MALFORMED));
     }
     forward(ctx, flow, true, s)
@@ -517,7 +519,10 @@ fn forward(ctx: &XdpContext, flow: &Flow, reply: bool, s: &mut Scratch) -> Verdi
             }
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => pass(Some(stats::XDP_PASS_NO_NEIGH)),
-        _ => pass(Some(stats::XDP_ERR_FIB)),
+        _ => {
+            events::fib_failed(ctx, ret as u32);
+            pass(Some(stats::XDP_ERR_FIB))
+        }
     }
 }
 
@@ -548,6 +553,7 @@ fn node_addr(ctx: &XdpContext, flow: &Flow, dst: Addr, s: &mut Scratch) -> Optio
         )
     };
     if ret != 0 {
+        events::fib_failed(ctx, ret as u32);
         return None;
     }
     // SAFETY: the helper filled the member of the family it was given.
@@ -646,6 +652,7 @@ fn new_flow(
         s.reply.nat_port = flow.sport;
         s.rkey.dst = node;
         if !alloc_port(s, flow.proto, now) {
+            events::no_snat_port(ctx, frontend.id);
             return Err(drop(stats::XDP_DROP_NO_PORT));
         }
         s.entry.nat_port = s.rkey.dport;
@@ -659,6 +666,7 @@ fn new_flow(
             let _gone = LB_CT.remove(&s.rkey);
         }
         let Some(p) = LB_CT.get_ptr(&s.ikey) else {
+            events::ct_insert_failed(ctx, frontend.id, flow.proto);
             return Err(drop(stats::XDP_ERR_CT_UPDATE));
         };
         // SAFETY: copied out at once.
@@ -667,6 +675,7 @@ fn new_flow(
     }
     if !snat && LB_CT.insert(&s.rkey, &s.reply, 0).is_err() {
         let _gone = LB_CT.remove(&s.ikey);
+        events::ct_insert_failed(ctx, frontend.id, flow.proto);
         return Err(drop(stats::XDP_ERR_CT_UPDATE));
     }
     Ok(())

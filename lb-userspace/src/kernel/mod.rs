@@ -14,6 +14,7 @@
 //! so a restart or an upgrade never detaches anything and never attaches twice.
 
 pub mod attach;
+pub mod ebpf_log;
 pub mod fs;
 pub mod maps;
 pub mod names;
