@@ -196,7 +196,31 @@ impl NodeAgent {
     pub fn start_on(node: &Node, manifests: &std::path::Path) -> Self {
         let pin_path = PathBuf::from("/sys/fs/bpf").join(unique("lbt"));
         let log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
-        let log_file = std::fs::File::create(&log).expect("log");
+        let child = Self::spawn(node, manifests, &pin_path, &log);
+        Self {
+            pin_path,
+            netns: node.client.path(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Stops the agent (its pins and links stay) and starts a new one on the same pins, which
+    /// adopts them; its log goes to a new file.
+    pub fn restart(&mut self, node: &Node, manifests: &std::path::Path) {
+        drop(self.child.take());
+        let _gone = std::fs::remove_file(&self.log);
+        self.log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
+        self.child = Some(Self::spawn(node, manifests, &self.pin_path, &self.log));
+    }
+
+    fn spawn(
+        node: &Node,
+        manifests: &std::path::Path,
+        pin_path: &std::path::Path,
+        log: &std::path::Path,
+    ) -> Proc {
+        let log_file = std::fs::File::create(log).expect("log");
         let child = die_with_parent(&mut Command::new("nsenter"))
             .arg(format!("--net={}", node.client.path().display()))
             .arg(lb_bin())
@@ -206,19 +230,14 @@ impl NodeAgent {
             .arg("--cgroup")
             .arg(&node.cgroup.path)
             .arg("--pin-path")
-            .arg(&pin_path)
+            .arg(pin_path)
             .args(["--node-name", "node-a", "--xdp-iface", "n0"])
             .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
             .spawn()
             .expect("spawn lb run");
-        Self {
-            pin_path,
-            netns: node.client.path(),
-            child: Some(Proc(child)),
-            log,
-        }
+        Proc(child)
     }
 
     pub fn lb(&self, args: &[&str]) -> String {

@@ -409,8 +409,12 @@ fn a_fib_failure_is_logged_by_the_agent() {
     let topo = TwoNodes::new();
     let dir = TempDir::new("ni");
     dir.write("services.yaml", FAR_SERVICE);
-    let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
+    let mut agent = NodeAgent::start_on(&topo.node_a, &dir.0);
     agent.wait_for(&["10.250.2.2:30090/UDP"]);
+    // A restarted agent adopts the pinned links by swapping its programs in: the programs
+    // that run then write to its own log buffer.
+    agent.restart(&topo.node_a, &dir.0);
+    wait_for_log(&agent, "xdp=Adopted");
     let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
     // node-a loses its route to podb: a new SNAT flow finds no source address by FIB lookup.
     topo.node_a
@@ -423,20 +427,25 @@ fn a_fib_failure_is_logged_by_the_agent() {
     assert_eq!(out, Pkt::new(EXT4, NODE4, UDP, 41_300, 30090).bytes());
     assert_eq!(agent.stat("xdp_err_fib"), failed + 1);
     // The program's aya-log record reaches the agent's log.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    wait_for_log(&agent, "xdp: FIB lookup failed");
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(xdp) };
+}
+
+/// Waits until the agent's log holds `text`.
+fn wait_for_log(agent: &NodeAgent, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-        if log.contains("xdp: FIB lookup failed") {
-            break;
+        if log.contains(text) {
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no FIB failure in the agent log:\n{log}"
+            "no {text:?} in the agent log:\n{log}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // SAFETY: our own descriptor, closed once.
-    unsafe { libc::close(xdp) };
 }
 
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
