@@ -43,6 +43,7 @@ use crate::Addr;
 /// Also 4: the Maglev tables `LB_MAGLEV` ([`crate::maglev`]) are new, and [`META`] holds their
 /// size at [`META_MAGLEV_TABLE_SIZE`]; the north-south ClientIP affinity map
 /// `LB_NS_AFFINITY` ([`crate::ns_affinity`]) is new.
+/// Also 4: `LB_STATS` has more counters (ICMP error translation, tc conntrack expiry).
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.

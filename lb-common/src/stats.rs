@@ -102,8 +102,26 @@ pub const XDP_AFFINITY_HIT: u32 = 34;
 /// client, or it had expired or its backend left) and recorded it.
 pub const XDP_AFFINITY_NEW: u32 = 35;
 
+/// XDP: an ICMP/ICMPv6 error about a reply lb sent from a frontend (e.g. a router's
+/// Fragmentation Needed or Packet Too Big on the way to the client) was translated for the
+/// flow's backend (quote and destination) and passed to it or sent on.
+pub const XDP_ICMP_XLATED: u32 = 36;
+/// XDP: an ICMP/ICMPv6 error from the backend's side of an SNAT'd flow (quoting a packet
+/// from this node's SNAT port) was translated for the client and sent on to it.
+pub const XDP_ICMP_REPLY_XLATED: u32 = 37;
+/// tc egress: an ICMP/ICMPv6 error made on this node about a DNAT'd packet (a pod's port
+/// unreachable, the node's Fragmentation Needed) got the frontend back (quote and source).
+pub const TC_ICMP_XLATED: u32 = 38;
+/// XDP: an ICMP/ICMPv6 error about TCP/UDP matched no live flow; passed untouched.
+pub const XDP_ICMP_NO_FLOW: u32 = 39;
+/// XDP: an ICMP/ICMPv6 error with a truncated or malformed quote; passed untouched.
+pub const XDP_ICMP_MALFORMED: u32 = 40;
+/// tc egress: a reply's connection-tracking entry had expired; the reply left untranslated
+/// (as XDP treats an expired entry as absent).
+pub const TC_CT_EXPIRED: u32 = 41;
+
 /// Number of counters.
-pub const COUNT: u32 = 36;
+pub const COUNT: u32 = 42;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -143,4 +161,10 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_maglev_miss",
     "xdp_affinity_hit",
     "xdp_affinity_new",
+    "xdp_icmp_xlated",
+    "xdp_icmp_reply_xlated",
+    "tc_icmp_xlated",
+    "xdp_icmp_no_flow",
+    "xdp_icmp_malformed",
+    "tc_ct_expired",
 ];

@@ -102,6 +102,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let capacities = args.capacity.capacities();
     let adopted_maps = object::check_pinned(&layout, capacities)?;
     let mut ebpf = object::load(&layout, capacities)?;
+    crate::kernel::ebpf_log::start(&mut ebpf);
     let attachments = attach::attach_or_adopt(&mut ebpf, &layout, &cgroup)?;
     for done in xdp::attach_or_adopt(&mut ebpf, &layout, &args.xdp_ifaces)? {
         tracing::info!(

@@ -942,3 +942,253 @@ fn sockaddr(addr: std::net::SocketAddr) -> ([u8; 28], libc::socklen_t) {
         }
     }
 }
+
+// ---- BPF_PROG_TEST_RUN: crafted packets through the programs the agent attached ----
+
+/// One `bpf(2)` call on a zeroed attribute buffer with `fields` (byte offset, value) set.
+pub fn bpf(cmd: i64, fields: &[(usize, u64, usize)]) -> (i64, [u8; 128]) {
+    let mut attr = [0u8; 128];
+    for &(off, value, len) in fields {
+        attr[off..off + len].copy_from_slice(&value.to_ne_bytes()[..len]);
+    }
+    // SAFETY: a 128-byte attribute (the kernel zero-fills the rest of union bpf_attr); the
+    // pointers in it point at live buffers of the stated sizes.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    (ret, attr)
+}
+
+pub const BPF_PROG_TEST_RUN: i64 = 10;
+pub const BPF_OBJ_GET: i64 = 7;
+pub const BPF_PROG_GET_FD_BY_ID: i64 = 13;
+pub const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+
+/// The program behind a pinned link, as a descriptor.
+pub fn prog_of_link(path: &std::path::Path) -> i32 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let (link, _) = bpf(BPF_OBJ_GET, &[(0, c.as_ptr() as u64, 8)]);
+    assert!(
+        link >= 0,
+        "BPF_OBJ_GET {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // struct bpf_link_info: type, id, prog_id, ...
+    let mut info = [0u8; 256];
+    let (ret, _) = bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        &[
+            (0, link as u64, 4),
+            (4, info.len() as u64, 4),
+            (8, info.as_mut_ptr() as u64, 8),
+        ],
+    );
+    assert_eq!(ret, 0, "link info: {}", std::io::Error::last_os_error());
+    let prog_id = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes"));
+    let (prog, _) = bpf(BPF_PROG_GET_FD_BY_ID, &[(0, u64::from(prog_id), 4)]);
+    assert!(prog >= 0, "prog fd: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(link as i32) };
+    prog as i32
+}
+
+/// Runs `packet` once through program `prog`; returns the verdict and the packet after.
+pub fn test_run(prog: i32, packet: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; packet.len() + 256];
+    let (ret, attr) = bpf(
+        BPF_PROG_TEST_RUN,
+        &[
+            (0, prog as u64, 4),
+            (8, packet.len() as u64, 4),
+            (12, out.len() as u64, 4),
+            (16, packet.as_ptr() as u64, 8),
+            (24, out.as_mut_ptr() as u64, 8),
+            (32, 1, 4),
+        ],
+    );
+    assert_eq!(ret, 0, "test run: {}", std::io::Error::last_os_error());
+    let retval = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
+    let size = u32::from_ne_bytes(attr[12..16].try_into().expect("4 bytes")) as usize;
+    out.truncate(size);
+    (retval, out)
+}
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_OK: u32 = 0;
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+/// The Internet checksum of `data` (RFC 1071), computed here independently of lb's code.
+pub fn checksum(chunks: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A crafted packet, built from fields with every checksum computed in full.
+#[derive(Clone)]
+pub struct Pkt {
+    pub vlan: Option<u16>,
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// IPv4 options (a multiple of 4 bytes).
+    pub ip_options: Vec<u8>,
+    /// IPv4 flags and fragment offset (host order).
+    pub frag: u16,
+    /// An IPv6 hop-by-hop options header before the L4 header.
+    pub hop_by_hop: bool,
+    /// Leave a UDP checksum at 0 (IPv4: "no checksum").
+    pub udp_no_checksum: bool,
+    /// TCP flags (SYN unless set).
+    pub tcp_flags: u8,
+}
+
+impl Pkt {
+    pub fn new(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Self {
+        Self {
+            vlan: None,
+            src: src.parse().expect("src"),
+            dst: dst.parse().expect("dst"),
+            sport,
+            dport,
+            proto,
+            ip_options: Vec::new(),
+            frag: 0x4000,
+            hop_by_hop: false,
+            udp_no_checksum: false,
+            tcp_flags: 0x02,
+        }
+    }
+
+    pub fn to(&self, dst: &str, dport: u16) -> Self {
+        Self {
+            dst: dst.parse().expect("dst"),
+            dport,
+            ..self.clone()
+        }
+    }
+
+    pub fn from(&self, src: &str, sport: u16) -> Self {
+        Self {
+            src: src.parse().expect("src"),
+            sport,
+            ..self.clone()
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let payload = b"hello, lb";
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == TCP {
+            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, self.tcp_flags]);
+            l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(payload);
+        let check_at = if self.proto == TCP { 16 } else { 6 };
+        let (src, dst) = match (self.src, self.dst) {
+            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+                (s.octets().to_vec(), d.octets().to_vec())
+            }
+            (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+                (s.octets().to_vec(), d.octets().to_vec())
+            }
+            _ => panic!("mixed families"),
+        };
+        let v6 = src.len() == 16;
+        let l4_len = l4.len() as u32;
+        let pseudo: Vec<u8> = if v6 {
+            [
+                &src[..],
+                &dst[..],
+                &l4_len.to_be_bytes(),
+                &[0, 0, 0, self.proto],
+            ]
+            .concat()
+        } else {
+            [
+                &src[..],
+                &dst[..],
+                &[0, self.proto],
+                &(l4_len as u16).to_be_bytes(),
+            ]
+            .concat()
+        };
+        if !(self.udp_no_checksum && self.proto == UDP) {
+            let mut c = checksum(&[&pseudo, &l4]);
+            if c == 0 && self.proto == UDP {
+                c = 0xffff;
+            }
+            l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+        if let Some(tag) = self.vlan {
+            frame.extend_from_slice(&[0x81, 0x00]);
+            frame.extend_from_slice(&tag.to_be_bytes());
+        }
+        if v6 {
+            frame.extend_from_slice(&[0x86, 0xdd]);
+            let mut ext = Vec::new();
+            let mut next = self.proto;
+            if self.hop_by_hop {
+                // Hop-by-hop: next header, length 0 (8 bytes), a PadN option of 4.
+                ext = vec![self.proto, 0, 1, 4, 0, 0, 0, 0];
+                next = 0;
+            }
+            let plen = (ext.len() + l4.len()) as u16;
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&plen.to_be_bytes());
+            frame.extend_from_slice(&[next, 64]);
+            frame.extend_from_slice(&src);
+            frame.extend_from_slice(&dst);
+            frame.extend_from_slice(&ext);
+        } else {
+            frame.extend_from_slice(&[0x08, 0x00]);
+            let ihl = 5 + self.ip_options.len() / 4;
+            let total = (ihl * 4 + l4.len()) as u16;
+            let mut ip = vec![0x40 | ihl as u8, 0];
+            ip.extend_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&[0x12, 0x34]);
+            ip.extend_from_slice(&self.frag.to_be_bytes());
+            ip.extend_from_slice(&[64, self.proto, 0, 0]);
+            ip.extend_from_slice(&src);
+            ip.extend_from_slice(&dst);
+            ip.extend_from_slice(&self.ip_options);
+            let c = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            frame.extend_from_slice(&ip);
+        }
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+/// The MAC address of `dev` in `ns`.
+pub fn mac(ns: &Netns, dev: &str) -> [u8; 6] {
+    let out = ns.ip(&["link", "show", "dev", dev]);
+    let text = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC for {dev}: {out}"));
+    let mut mac = [0u8; 6];
+    for (b, hex) in mac.iter_mut().zip(text.split(':')) {
+        *b = u8::from_str_radix(hex, 16).expect("hex");
+    }
+    mac
+}
+
+pub const XDP_REDIRECT: u32 = 4;

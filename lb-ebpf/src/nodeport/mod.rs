@@ -13,6 +13,8 @@
 //! Everything that is not for an external frontend passes untouched after one hash lookup
 //! (or none, for what is not TCP/UDP over IP).
 
+pub mod events;
+pub mod icmp;
 pub mod parse;
 pub mod select;
 pub mod src_range;
@@ -133,6 +135,16 @@ pub fn is_member(id: u32, backend: &Backend) -> bool {
         backend: *backend,
     };
     LB_MEMBERS.get_ptr(&key).is_some()
+}
+
+/// Sets `seen` of the entry under `key` (the other direction of a flow whose entry was just
+/// refreshed) to `now`, if it exists: either direction's packets keep the whole flow alive.
+#[inline(always)]
+pub fn touch(key: &CtKey, now: u64) {
+    if let Some(p) = LB_CT.get_ptr_mut(key) {
+        // SAFETY: a pointer into the map's value; a racing writer stores a timestamp too.
+        unsafe { (*p).seen = now };
+    }
 }
 
 /// The forward key for `flow` (client to frontend).

@@ -31,6 +31,10 @@ pub const MAX_EXT_HEADERS: usize = 4;
 pub const TCP_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 
+/// ICMP and ICMPv6 protocol numbers (errors about translated flows: `icmp`).
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
 /// Why a packet is not translated.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Skip {
@@ -40,6 +44,8 @@ pub enum Skip {
     Fragment,
     /// Truncated or malformed headers.
     Malformed,
+    /// An ICMP/ICMPv6 packet (outer header parsed): maybe an error about a translated flow.
+    Icmp,
 }
 
 /// What an IPv6 extension header walk step found.

@@ -8,20 +8,22 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    macros::map,
+    maps::PerCpuArray,
     programs::TcContext,
 };
 use lb_common::{
     Addr,
     maps::{IPPROTO_TCP, IPPROTO_UDP},
-    nat::CT_DIR_REPLY,
+    nat::{CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CtKey, ct_expired},
     stats,
 };
 
 use super::{
     Flow, LB_CT,
     parse::{
-        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPV4_HLEN,
-        IPV6_HLEN, ext_walk,
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, ext_walk,
     },
 };
 use crate::maps::count;
@@ -29,27 +31,74 @@ use crate::maps::count;
 /// The tc entry point's work: always lets the packet go on (translated or not).
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
-    if let Some(flow) = parse(ctx) {
-        let key = flow.ct_key(CT_DIR_REPLY);
-        // SAFETY: copied out at once.
-        if let Some(entry) = unsafe { LB_CT.get(&key) }.copied()
-            && snat_back(ctx, &flow, entry.addr, entry.port).is_some()
-        {
-            count(stats::TC_REPLY_XLATED);
+    let Some(f) = LB_NAT_TC_FLOW.get_ptr_mut(0) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: this CPU's value, used by this program run only (tc egress runs with bottom
+    // halves off, so XDP does not interleave on this CPU; it has its own map anyway).
+    let flow = unsafe { &mut *f };
+    if parse(ctx, flow).is_some() {
+        if flow.proto == IPPROTO_ICMP || flow.proto == IPPROTO_ICMPV6 {
+            return super::icmp::tc_error(ctx, flow);
         }
+        reply(ctx, flow);
     }
     TC_ACT_OK
+}
+
+/// The parsed packet, in map memory rather than on the program's stack (the ICMP path's
+/// call chain must fit 512 bytes); one per CPU, not pinned.
+#[map]
+static LB_NAT_TC_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+/// A backend's reply (`flow`) to a tracked flow gets its frontend back as source.
+// A BPF-to-BPF call of its own: its frame is not on the stack of the ICMP path.
+#[inline(never)]
+fn reply(ctx: &TcContext, flow: &Flow) {
+    let key = flow.ct_key(CT_DIR_REPLY);
+    let Some(p) = LB_CT.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: copied out at once.
+    let entry = unsafe { *p };
+    let now = super::xdp::now();
+    // An expired entry is absent, as in XDP: the flow has ended (a client packet would start
+    // a new one).
+    if ct_expired(entry.seen, now, flow.proto, entry.flags) {
+        count(stats::TC_CT_EXPIRED);
+        return;
+    }
+    if now.saturating_sub(entry.seen) > CT_REFRESH_NS {
+        // Replies keep the whole flow alive: this entry and the forward one.
+        // SAFETY: a pointer into the map's value (a racing refresh loses one timestamp,
+        // never the entry).
+        unsafe { (*p).seen = now };
+        let fwd = CtKey {
+            src: flow.dst,
+            dst: entry.addr,
+            sport: flow.dport,
+            dport: entry.port,
+            proto: flow.proto,
+            dir: CT_DIR_IN,
+            _pad: [0; 2],
+        };
+        super::touch(&fwd, now);
+    }
+    if snat_back(ctx, flow, entry.addr, entry.port).is_some() {
+        count(stats::TC_REPLY_XLATED);
+    }
 }
 
 fn load<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
     ctx.load::<[u8; N]>(off).ok()
 }
 
-/// Ethernet (+ one VLAN tag in the frame), IPv4 or IPv6, TCP or UDP; `None` for anything
-/// else (fragments included: they carry no ports, and a reply's first fragment is left alone
-/// like the rest).
-#[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Flow> {
+/// Ethernet (+ one VLAN tag in the frame), IPv4 or IPv6, TCP, UDP or ICMP/ICMPv6 (`l4` the
+/// ICMP header); `None` for anything else (fragments included: they carry no ports, and a
+/// reply's first fragment is left alone like the rest), into `out`.
+// A BPF-to-BPF call of its own: its frame is not on the stack of what follows.
+#[inline(never)]
+fn parse(ctx: &TcContext, out: &mut Flow) -> Option<()> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(load::<2>(ctx, 12)?);
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -89,20 +138,20 @@ fn parse(ctx: &TcContext) -> Option<Flow> {
         }
         _ => return None,
     };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    let icmp = if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != icmp {
         return None;
     }
     let ports = load::<4>(ctx, l4)?;
-    Some(Flow {
-        v6,
-        proto,
-        l3,
-        l4,
-        src,
-        dst,
-        sport: u16::from_ne_bytes([ports[0], ports[1]]),
-        dport: u16::from_ne_bytes([ports[2], ports[3]]),
-    })
+    out.v6 = v6;
+    out.proto = proto;
+    out.l3 = l3;
+    out.l4 = l4;
+    out.src = src;
+    out.dst = dst;
+    out.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    out.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    Some(())
 }
 
 /// Rewrites the source to `addr:port` (the frontend), with checksums.

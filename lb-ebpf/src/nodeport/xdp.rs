@@ -12,19 +12,20 @@ use lb_common::{
     Addr, csum,
     maps::{Backend, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, SlotKey},
     nat::{
-        CT_CLOSING, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry, EXT_SLOT_BASE,
+        CT_CLOSING, CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry, EXT_SLOT_BASE,
         FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES, ct_expired, snat_port,
     },
     stats,
 };
 
 use super::{
-    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, in_key, is_member,
+    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, events, in_key, is_member,
     parse::{
-        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPV4_HLEN,
-        IPV6_HLEN, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_walk, is_ext,
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_walk,
+        is_ext,
     },
-    reply_key, src_range,
+    reply_key, src_range, touch,
 };
 use crate::maps::{LB_FRONTENDS, LB_SLOTS, count};
 
@@ -59,6 +60,7 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
     let flow = unsafe { &mut *f };
     let verdict = match parse(ctx, flow) {
         Ok(()) => translate(ctx, flow),
+        Err(Skip::Icmp) => return super::icmp::xdp_error(ctx, flow),
         Err(Skip::Other) => pass(None),
         Err(Skip::Fragment) => pass(Some(stats::XDP_PASS_FRAGMENT)),
         Err(Skip::Malformed) => pass(Some(stats::XDP_PASS_MALFORMED)),
@@ -71,7 +73,7 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
 
 /// A pointer to `N` bytes at `off`, if the packet holds them.
 #[inline(always)]
-fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*mut [u8; N]> {
+pub(super) fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*mut [u8; N]> {
     // Offsets read back from map memory (`LB_NAT_FLOW`) are unknown to the verifier: bound
     // them before the pointer arithmetic.
     if off > MAX_OFF {
@@ -94,7 +96,7 @@ fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*mut [u8; N]> {
 
 /// Reads `N` bytes at `off`.
 #[inline(always)]
-fn read<const N: usize>(ctx: &XdpContext, off: usize) -> Result<[u8; N], Skip> {
+pub(super) fn read<const N: usize>(ctx: &XdpContext, off: usize) -> Result<[u8; N], Skip> {
     let p = bytes::<N>(ctx, off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds-checked against data_end just above; byte arrays have no alignment.
     Ok(unsafe { *p })
@@ -102,7 +104,11 @@ fn read<const N: usize>(ctx: &XdpContext, off: usize) -> Result<[u8; N], Skip> {
 
 /// Writes `N` bytes at `off` (which [`parse`] has already checked).
 #[inline(always)]
-fn write<const N: usize>(ctx: &XdpContext, off: usize, value: [u8; N]) -> Result<(), Skip> {
+pub(super) fn write<const N: usize>(
+    ctx: &XdpContext,
+    off: usize,
+    value: [u8; N],
+) -> Result<(), Skip> {
     let p = bytes::<N>(ctx, off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds-checked against data_end just above.
     unsafe { *p = value };
@@ -136,15 +142,19 @@ fn parse(ctx: &XdpContext, out: &mut Flow) -> Result<(), Skip> {
                 return Err(Skip::Malformed);
             }
             let proto = h[9];
-            if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            let icmp = proto == IPPROTO_ICMP;
+            if proto != IPPROTO_TCP && proto != IPPROTO_UDP && !icmp {
                 return Err(Skip::Other);
             }
             let frag = u16::from_be_bytes([h[6], h[7]]);
             if frag & (IP_MF | IP_OFFSET) != 0 {
-                return Err(Skip::Fragment);
+                return Err(if icmp { Skip::Other } else { Skip::Fragment });
             }
             let src = Addr::from_v4_octets([h[12], h[13], h[14], h[15]]);
             let dst = Addr::from_v4_octets([h[16], h[17], h[18], h[19]]);
+            if icmp {
+                return Err(icmp_found(out, false, l3, l3 + ihl, src, dst));
+            }
             (false, proto, l3 + ihl, src, dst)
         }
         ETH_P_IPV6 => {
@@ -159,6 +169,9 @@ fn parse(ctx: &XdpContext, out: &mut Flow) -> Result<(), Skip> {
             let (next, off) = ext_walk(h[6], l3 + IPV6_HLEN, |off| read::<2>(ctx, off).ok())?;
             if is_ext(next) {
                 return Err(Skip::Malformed);
+            }
+            if next == IPPROTO_ICMPV6 {
+                return Err(icmp_found(out, true, l3, off, addr16(src), addr16(dst)));
             }
             if next != IPPROTO_TCP && next != IPPROTO_UDP {
                 return Err(Skip::Other);
@@ -188,6 +201,20 @@ fn parse(ctx: &XdpContext, out: &mut Flow) -> Result<(), Skip> {
     Ok(())
 }
 
+/// Records an ICMP/ICMPv6 packet's outer header in `out` for `icmp::xdp_error`.
+#[inline(always)]
+fn icmp_found(out: &mut Flow, v6: bool, l3: usize, l4: usize, src: Addr, dst: Addr) -> Skip {
+    out.v6 = v6;
+    out.proto = if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    out.l3 = l3;
+    out.l4 = l4;
+    out.src = src;
+    out.dst = dst;
+    out.sport = 0;
+    out.dport = 0;
+    Skip::Icmp
+}
+
 /// TCP flags byte: FIN, SYN, RST, ACK.
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -199,7 +226,7 @@ const AF_INET6: u8 = 10;
 
 /// The clock of [`CtEntry::seen`].
 #[inline(always)]
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     // SAFETY: helper call without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
@@ -225,8 +252,9 @@ fn stale(entry: &CtEntry, proto: u8, flags: u8, now: u64) -> bool {
 
 /// Records this packet in its entry: a FIN or RST closes the flow, and `seen` moves on at
 /// most once per [`CT_REFRESH_NS`] (a map write per second, not per packet).
+/// Returns whether `seen` moved (then the flow's other entry is touched too).
 #[inline(always)]
-fn refresh(entry: *mut CtEntry, old: &CtEntry, tcp: u8, now: u64) {
+fn refresh(entry: *mut CtEntry, old: &CtEntry, tcp: u8, now: u64) -> bool {
     let flags = if tcp & (TCP_FIN | TCP_RST) != 0 {
         old.flags | CT_CLOSING
     } else {
@@ -239,25 +267,60 @@ fn refresh(entry: *mut CtEntry, old: &CtEntry, tcp: u8, now: u64) {
             (*entry).flags = flags;
             (*entry).seen = now;
         }
+        return true;
     }
+    false
 }
 
-/// Removes both entries of the flow of `flow` (client side) with forward entry `s.entry`
-/// (the reply key is built in `s.rkey`).
+/// The reply key of the flow of `flow` (client side) with forward entry `s.entry`, into
+/// `s.rkey`.
 #[inline(always)]
-fn remove_flow(flow: &Flow, s: &mut Scratch) {
+fn set_reply_key(flow: &Flow, s: &mut Scratch) {
     let backend = Backend::new(s.entry.addr, s.entry.port);
     s.rkey = reply_key(flow, &backend);
     if s.entry.flags & CT_SNAT != 0 {
         s.rkey.dst = s.entry.nat_addr;
         s.rkey.dport = s.entry.nat_port;
     }
+}
+
+/// Touches the reply entry of the flow of `flow` with forward entry `s.entry` (its `seen`
+/// becomes `s.now`).
+// A BPF-to-BPF call of its own: `translate`'s frame is at the limit of the call chain's
+// 512 bytes (its key would be built on that stack).
+#[inline(never)]
+fn touch_reply(flow: &Flow, s: &mut Scratch) {
+    set_reply_key(flow, s);
+    touch(&s.rkey, s.now);
+}
+
+/// Touches the forward entry (client to frontend) of the SNAT'd flow whose reply entry is
+/// `s.entry`.
+// A BPF-to-BPF call of its own: `reply`'s frame is on the longest call chain.
+#[inline(never)]
+fn touch_forward(proto: u8, s: &mut Scratch) {
+    // Field by field: a whole-struct literal would be built on the stack first.
+    s.ikey.src = s.entry.nat_addr;
+    s.ikey.dst = s.entry.addr;
+    s.ikey.sport = s.entry.nat_port;
+    s.ikey.dport = s.entry.port;
+    s.ikey.proto = proto;
+    s.ikey.dir = CT_DIR_IN;
+    s.ikey._pad = [0; 2];
+    touch(&s.ikey, s.now);
+}
+
+/// Removes both entries of the flow of `flow` (client side) with forward entry `s.entry`
+/// (the reply key is built in `s.rkey`).
+#[inline(always)]
+fn remove_flow(flow: &Flow, s: &mut Scratch) {
+    set_reply_key(flow, s);
     let _gone = LB_CT.remove(&s.rkey);
     let _gone = LB_CT.remove(&s.ikey);
 }
 
 /// Offsets above this are not translated (IPv6 extension headers of more than 16 KiB).
-const MAX_L4_OFF: usize = 0x4000;
+pub(super) const MAX_L4_OFF: usize = 0x4000;
 /// Largest offset [`bytes`] accepts.
 const MAX_OFF: usize = MAX_L4_OFF + 64;
 
@@ -304,7 +367,9 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
             remove_flow(flow, s);
             count(stats::XDP_CT_EXPIRED);
         } else {
-            refresh(p, &s.entry, tcp, now);
+            if refresh(p, &s.entry, tcp, now) {
+                touch_reply(flow, s);
+            }
             tracked = true;
         }
     }
@@ -332,6 +397,7 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     let snat = s.entry.flags & CT_SNAT != 0;
     let mode = if snat { NAT_BOTH } else { NAT_DST };
     if rewrite(ctx, flow, mode, s).is_err() {
+        events::rewrite_failed(ctx, flow.l4 as u32);
         return pass(Some(stats::XDP_PASS_MALFORMED));
     }
     if !snat {
@@ -361,9 +427,13 @@ fn reply(ctx: &XdpContext, flow: &Flow, s: &mut Scratch) -> Verdict {
     if s.entry.flags & CT_SNAT == 0 || ct_expired(s.entry.seen, now, flow.proto, s.entry.flags) {
         return pass(None);
     }
-    refresh(p, &s.entry, tcp_flags(ctx, flow), now);
+    if refresh(p, &s.entry, tcp_flags(ctx, flow), now) {
+        s.now = now;
+        touch_forward(flow.proto, s);
+    }
     count(stats::XDP_REPLY_XLATED);
     if rewrite(ctx, flow, NAT_REPLY, s).is_err() {
+        events::rewrite_failed(ctx, flow.l4 as u32);
         return pass(Some(stats::XDP_PASS_MALFORMED));
     }
     forward(ctx, flow, true, s)
@@ -437,8 +507,22 @@ fn forward(ctx: &XdpContext, flow: &Flow, reply: bool, s: &mut Scratch) -> Verdi
             }
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => pass(Some(stats::XDP_PASS_NO_NEIGH)),
-        _ => pass(Some(stats::XDP_ERR_FIB)),
+        _ => {
+            events::fib_failed(ctx, ret as u32);
+            pass(Some(stats::XDP_ERR_FIB))
+        }
     }
+}
+
+/// [`forward`] for a translated ICMP error (`icmp::xdp_error`): the action, its reason
+/// counted.
+#[inline(always)]
+pub(super) fn forward_verdict(ctx: &XdpContext, flow: &Flow, reply: bool, s: &mut Scratch) -> u32 {
+    let verdict = forward(ctx, flow, reply, s);
+    if let Some(stat) = verdict.stat {
+        count(stat);
+    }
+    verdict.action
 }
 
 /// This node's address for packets to `dst`, as the route chooses it (`BPF_FIB_LOOKUP_SRC`:
@@ -457,6 +541,7 @@ fn node_addr(ctx: &XdpContext, flow: &Flow, dst: Addr, s: &mut Scratch) -> Optio
         )
     };
     if ret != 0 {
+        events::fib_failed(ctx, ret as u32);
         return None;
     }
     // SAFETY: the helper filled the member of the family it was given.
@@ -568,6 +653,7 @@ fn new_flow(
         s.reply.nat_port = flow.sport;
         s.rkey.dst = node;
         if !alloc_port(s, flow.proto, now) {
+            events::no_snat_port(ctx, frontend.id);
             return Err(drop(stats::XDP_DROP_NO_PORT));
         }
         s.entry.nat_port = s.rkey.dport;
@@ -581,6 +667,7 @@ fn new_flow(
             let _gone = LB_CT.remove(&s.rkey);
         }
         let Some(p) = LB_CT.get_ptr(&s.ikey) else {
+            events::ct_insert_failed(ctx, frontend.id, flow.proto);
             return Err(drop(stats::XDP_ERR_CT_UPDATE));
         };
         // SAFETY: copied out at once.
@@ -589,6 +676,7 @@ fn new_flow(
     }
     if !snat && LB_CT.insert(&s.rkey, &s.reply, 0).is_err() {
         let _gone = LB_CT.remove(&s.ikey);
+        events::ct_insert_failed(ctx, frontend.id, flow.proto);
         return Err(drop(stats::XDP_ERR_CT_UPDATE));
     }
     Ok(())
