@@ -3,12 +3,16 @@
 //! `.md` and `.png`. Every comparison is a ratio within the run; each figure is the median of
 //! repeated runs with their spread.
 
+mod bpf;
+mod katran;
 mod measure;
+mod nodeport;
 mod plot;
 mod prog_cost;
 mod report;
 mod services;
 mod topology;
+mod xdp;
 
 use std::{
     collections::BTreeMap,
@@ -50,6 +54,8 @@ struct Plan {
     load_budget: Duration,
     /// Scales at which lb is also fed by the (stand-in) Kubernetes API.
     api_services: Vec<usize>,
+    /// Scales of the NodePort comparison (lb's XDP vs iptables NodePort rules).
+    nodeport_services: Vec<usize>,
 }
 
 impl Plan {
@@ -65,6 +71,7 @@ impl Plan {
                 change_repeats: 2,
                 load_budget: Duration::from_secs(30),
                 api_services: vec![1000],
+                nodeport_services: vec![1],
             }
         } else {
             Self {
@@ -77,6 +84,7 @@ impl Plan {
                 change_repeats: 5,
                 load_budget: Duration::from_secs(240),
                 api_services: vec![1000, 10_000],
+                nodeport_services: vec![1, 1000, 10_000],
             }
         }
     }
@@ -188,7 +196,32 @@ pub struct Bench {
     gave_up: Vec<(Mode, usize)>,
 }
 
-pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
+/// Parts of the bench `--only` can pick.
+pub const PARTS: [&str; 3] = ["clusterip", "xdp", "nodeport"];
+
+/// What to run: `only` (default: every part of [`PARTS`]); `katran_peer`: the Katran peer's
+/// directory (see `katran.rs`).
+pub struct Options {
+    pub quick: bool,
+    pub name: Option<String>,
+    pub only: Vec<String>,
+    pub katran_peer: Option<std::path::PathBuf>,
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let Options {
+        quick,
+        name,
+        only,
+        katran_peer,
+    } = options;
+    for part in &only {
+        anyhow::ensure!(
+            PARTS.contains(&part.as_str()),
+            "--only {part}: not one of {PARTS:?}"
+        );
+    }
+    let wants = |part: &str| only.is_empty() || only.iter().any(|p| p == part);
     cmd::prepare_privileged("the bench", crate::setup::For::All)?;
     let date = cmd::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))?
         .trim()
@@ -233,6 +266,8 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         memory: Vec::new(),
         api: Vec::new(),
         prog_cost: Vec::new(),
+        xdp: None,
+        nodeport: Vec::new(),
         skipped: Vec::new(),
     };
     let mut bench = Bench {
@@ -241,17 +276,37 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         gave_up: Vec::new(),
     };
     let started = Instant::now();
-    for n in bench.plan.services.clone() {
+    if wants("clusterip") {
+        for n in bench.plan.services.clone() {
+            eprintln!(
+                "bench: {n} Services ({:.0} s so far)",
+                started.elapsed().as_secs_f64()
+            );
+            bench.scale_point(n)?;
+        }
+        bench.throughput()?;
+        for n in bench.plan.api_services.clone() {
+            eprintln!("bench: lb on the API with {n} Services");
+            bench.api_source(n)?;
+        }
+    } else {
+        bench.results.params.services.clear();
+    }
+    if wants("xdp") {
         eprintln!(
-            "bench: {n} Services ({:.0} s so far)",
+            "bench: XDP per packet ({:.0} s so far)",
             started.elapsed().as_secs_f64()
         );
-        bench.scale_point(n)?;
+        bench.xdp(katran_peer.as_deref())?;
     }
-    bench.throughput()?;
-    for n in bench.plan.api_services.clone() {
-        eprintln!("bench: lb on the API with {n} Services");
-        bench.api_source(n)?;
+    if wants("nodeport") {
+        for n in bench.plan.nodeport_services.clone() {
+            eprintln!(
+                "bench: NodePort with {n} Services ({:.0} s so far)",
+                started.elapsed().as_secs_f64()
+            );
+            bench.nodeport_point(n)?;
+        }
     }
     let dir = cmd::root().join("bench/results");
     std::fs::create_dir_all(&dir)?;

@@ -146,6 +146,16 @@ impl Topology {
         )
     }
 
+    /// Runs `program args` in the client's namespace, outside lb's cgroup; returns stdout.
+    pub fn in_client_outside(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        crate::cmd::output(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.client.path().display()))
+                .arg(program)
+                .args(args),
+        )
+    }
+
     /// Runs a command in the node's network namespace with `input` on stdin; returns how long
     /// it took, or None if it did not finish within `budget` (then it is killed).
     pub fn in_node_timed(
