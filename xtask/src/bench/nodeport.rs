@@ -168,7 +168,7 @@ fn xdp_manifests(backends4: &[Ipv4Addr], backends6: &[Ipv6Addr]) -> String {
 /// caller's namespace) and pinned to `cpu`.
 fn on_pinned_thread_in<T: Send>(
     netns: &Netns,
-    cpu: usize,
+    cpu: Option<usize>,
     f: impl FnOnce() -> anyhow::Result<T> + Send,
 ) -> anyhow::Result<T> {
     let ns = std::fs::File::open(netns.path())?;
@@ -178,19 +178,62 @@ fn on_pinned_thread_in<T: Send>(
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 bail!("setns: {}", std::io::Error::last_os_error());
             }
-            // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            unsafe { libc::CPU_SET(cpu, &mut set) };
-            // SAFETY: this thread's affinity, with a set of the size passed.
-            if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) }
-                != 0
-            {
-                bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+            if let Some(cpu) = cpu {
+                // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+                let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                unsafe { libc::CPU_SET(cpu, &mut set) };
+                // SAFETY: this thread's affinity, with a set of the size passed.
+                if unsafe {
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
+                } != 0
+                {
+                    bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+                }
             }
             f()
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the measuring thread panicked"))?
+    })
+}
+
+/// Transmit checksum offload off on `dev` in `netns` (legacy `SIOCETHTOOL`
+/// `ETHTOOL_STXCSUM`): a veth otherwise hands locally made packets on with only the
+/// pseudo-header sum in the checksum field, which packets from a wire never have and which
+/// XDP's incremental checksum update cannot finish (see README, north-south).
+fn tx_checksum_off(netns: &Netns, dev: &str) -> anyhow::Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    on_pinned_thread_in(netns, None, || {
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        // SAFETY: a zeroed ifreq with the name and the data pointer set; the socket is ours
+        // and closed once.
+        unsafe {
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+                *d = s.cast_signed();
+            }
+            ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let ret = libc::ioctl(fd, SIOCETHTOOL, &raw mut ifr);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if ret != 0 {
+                bail!("SIOCETHTOOL on {dev}: {err}");
+            }
+        }
+        Ok(())
     })
 }
 
@@ -268,7 +311,7 @@ impl Bench {
         };
         // The last CPU, as the Katran peer pins itself.
         let cpu = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) - 1;
-        let results = on_pinned_thread_in(&topo.node, cpu, || {
+        let results = on_pinned_thread_in(&topo.node, Some(cpu), || {
             xdp::measure(&target, &plan, cpu, katran.as_ref())
         })?;
         self.results.xdp = Some(results);
@@ -290,6 +333,7 @@ impl Bench {
         for mode in [Mode::Direct, Mode::Lb, Mode::Iptables] {
             eprintln!("bench: NodePort, {} with {n} Services", mode.name());
             let topo = Topology::new(ENDPOINTS, &Servers::Echo)?;
+            tx_checksum_off(&topo.client, "c0")?;
             let set = ServiceSet::new(n, topo.backends.clone()).with_nodeports(NODE_NAME);
             let (agent, manifests) = match mode {
                 Mode::Lb => {
@@ -378,7 +422,8 @@ impl Bench {
             }
         }
         for &(i, proto, _, addr) in &points {
-            measure::rr_outside(&setups[i].topo, proto, addr, 50)?;
+            measure::rr_outside(&setups[i].topo, proto, addr, 50)
+                .with_context(|| format!("NodePort warm-up, {}", setups[i].mode.name()))?;
         }
         let mut runs: Vec<Vec<measure::Rr>> = vec![Vec::new(); points.len()];
         for round in 0..self.plan.repeats {

@@ -626,7 +626,7 @@ impl Results {
         }
         push_line!(
             md,
-            "\nPlots: `{0}-latency-tcp.png` and `{0}-latency-udp.png` (p50 vs N), `{0}-sync.png` (full sync vs N).",
+            "\nPlots (of the parts that ran): `{0}-latency-tcp.png` and `{0}-latency-udp.png` (p50 vs N), `{0}-sync.png` (full sync vs N), `{0}-nodeport-tcp.png` and `{0}-nodeport-udp.png` (NodePort p50 vs N).",
             self.name
         );
         md
