@@ -305,7 +305,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 "bench: NodePort with {n} Services ({:.0} s so far)",
                 started.elapsed().as_secs_f64()
             );
-            bench.nodeport_point(n)?;
+            // A scale that cannot be measured is reported, not fatal, in a full run (the
+            // other results stay); the quick run (CI) fails on it.
+            if let Err(e) = bench.nodeport_point(n) {
+                if quick {
+                    return Err(e);
+                }
+                bench.skip(format!("NodePort with {n} Services: {e:#}"));
+            }
         }
     }
     let dir = cmd::root().join("bench/results");

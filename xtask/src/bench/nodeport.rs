@@ -342,7 +342,9 @@ impl Bench {
                         std::fs::write(dir.0.join(file), text)?;
                     }
                     let frontends = (8 * n).max(1 << 16).next_power_of_two().to_string();
-                    let backends = (4 * n * set.backends.len())
+                    // About 60 slots a NodePort Service (ClusterIP and external ranges of
+                    // both ports, on each node address).
+                    let backends = (8 * n * set.backends.len())
                         .max(1 << 19)
                         .next_power_of_two()
                         .to_string();
