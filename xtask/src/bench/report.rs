@@ -439,125 +439,129 @@ impl Results {
             };
             push_line!(md, "| {what} | {measured} | {met} |");
         }
-        for (proto, title) in [
-            ("tcp", "TCP: connect() p50/p99 (µs) and transactions/s"),
-            (
-                "udp",
-                "UDP: request/response p50/p99 (µs) and transactions/s",
-            ),
-        ] {
-            push_line!(
-                md,
-                "\n## {title}\n\n| Services | mode | target | p50 | p99 | /s | p50 vs direct | lost |\n|---:|---|---|---:|---:|---:|---:|---:|"
-            );
-            for &n in &p.services {
-                for row in self
-                    .latency
-                    .iter()
-                    .filter(|r| r.services == n && r.proto == proto)
-                {
-                    let (p50, p99) = match (row.connect_p50_us, row.connect_p99_us) {
-                        (Some(a), Some(b)) => (a, b),
-                        _ => (row.transaction_p50_us, row.transaction_p99_us),
-                    };
-                    let vs = row.p50_vs_direct.map_or_else(
-                        || "-".to_owned(),
-                        |r| {
-                            format!(
-                                "{:+.1}% [{:+.1}..{:+.1}]",
-                                (r.median - 1.0) * 100.0,
-                                (r.min - 1.0) * 100.0,
-                                (r.max - 1.0) * 100.0
-                            )
-                        },
-                    );
-                    push_line!(
-                        md,
-                        "| {n} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} | {:.0} | {vs} | {} |",
-                        row.mode,
-                        row.target,
-                        p50.median,
-                        p50.min,
-                        p50.max,
-                        p99.median,
-                        row.per_second.median,
-                        row.lost
-                    );
+        // The ClusterIP part (not run under `--only xdp,nodeport`).
+        let clusterip = !self.params.services.is_empty();
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+        if clusterip {
+            for (proto, title) in [
+                ("tcp", "TCP: connect() p50/p99 (µs) and transactions/s"),
+                (
+                    "udp",
+                    "UDP: request/response p50/p99 (µs) and transactions/s",
+                ),
+            ] {
+                push_line!(
+                    md,
+                    "\n## {title}\n\n| Services | mode | target | p50 | p99 | /s | p50 vs direct | lost |\n|---:|---|---|---:|---:|---:|---:|---:|"
+                );
+                for &n in &p.services {
+                    for row in self
+                        .latency
+                        .iter()
+                        .filter(|r| r.services == n && r.proto == proto)
+                    {
+                        let (p50, p99) = match (row.connect_p50_us, row.connect_p99_us) {
+                            (Some(a), Some(b)) => (a, b),
+                            _ => (row.transaction_p50_us, row.transaction_p99_us),
+                        };
+                        let vs = row.p50_vs_direct.map_or_else(
+                            || "-".to_owned(),
+                            |r| {
+                                format!(
+                                    "{:+.1}% [{:+.1}..{:+.1}]",
+                                    (r.median - 1.0) * 100.0,
+                                    (r.min - 1.0) * 100.0,
+                                    (r.max - 1.0) * 100.0
+                                )
+                            },
+                        );
+                        push_line!(
+                            md,
+                            "| {n} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} | {:.0} | {vs} | {} |",
+                            row.mode,
+                            row.target,
+                            p50.median,
+                            p50.min,
+                            p50.max,
+                            p99.median,
+                            row.per_second.median,
+                            row.lost
+                        );
+                    }
                 }
             }
-        }
-        push_line!(
-            md,
-            "\n## Bulk TCP throughput (iperf3, one connection)\n\n| mode | Gbit/s | vs direct, paired |\n|---|---:|---:|"
-        );
-        for row in &self.throughput {
-            let vs = row.vs_direct.map_or_else(
-                || "-".to_owned(),
-                |r| {
-                    format!(
-                        "{:+.1}% [{:+.1}..{:+.1}]",
-                        (r.median - 1.0) * 100.0,
-                        (r.min - 1.0) * 100.0,
-                        (r.max - 1.0) * 100.0
-                    )
-                },
-            );
             push_line!(
                 md,
-                "| {} | {:.2} [{:.2}-{:.2}] | {vs} |",
-                row.mode,
-                row.gbps.median,
-                row.gbps.min,
-                row.gbps.max
+                "\n## Bulk TCP throughput (iperf3, one connection)\n\n| mode | Gbit/s | vs direct, paired |\n|---|---:|---:|"
             );
-        }
-        push_line!(
-            md,
-            "\n## Programming N Services from nothing (seconds)\n\n| Services | mode | sync | end to end | manifest load |\n|---:|---|---:|---:|---:|"
-        );
-        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
-        for row in &self.full_sync {
+            for row in &self.throughput {
+                let vs = row.vs_direct.map_or_else(
+                    || "-".to_owned(),
+                    |r| {
+                        format!(
+                            "{:+.1}% [{:+.1}..{:+.1}]",
+                            (r.median - 1.0) * 100.0,
+                            (r.min - 1.0) * 100.0,
+                            (r.max - 1.0) * 100.0
+                        )
+                    },
+                );
+                push_line!(
+                    md,
+                    "| {} | {:.2} [{:.2}-{:.2}] | {vs} |",
+                    row.mode,
+                    row.gbps.median,
+                    row.gbps.min,
+                    row.gbps.max
+                );
+            }
             push_line!(
                 md,
-                "| {} | {} | {} | {} | {} |",
-                row.services,
-                row.mode,
-                opt(row.seconds),
-                opt(row.end_to_end_seconds),
-                opt(row.manifest_load_seconds)
+                "\n## Programming N Services from nothing (seconds)\n\n| Services | mode | sync | end to end | manifest load |\n|---:|---|---:|---:|---:|"
             );
-        }
-        push_line!(
-            md,
-            "\n## One endpoint changed (ms)\n\n| Services | mode | change | in the kernel | end to end |\n|---:|---|---|---:|---:|"
-        );
-        for row in &self.endpoint_change {
-            let e2e = row
-                .end_to_end_ms
-                .map_or_else(|| "-".to_owned(), |s| format!("{:.1}", s.median));
+            for row in &self.full_sync {
+                push_line!(
+                    md,
+                    "| {} | {} | {} | {} | {} |",
+                    row.services,
+                    row.mode,
+                    opt(row.seconds),
+                    opt(row.end_to_end_seconds),
+                    opt(row.manifest_load_seconds)
+                );
+            }
             push_line!(
                 md,
-                "| {} | {} | {} | {:.2} [{:.2}-{:.2}] | {e2e} |",
-                row.services,
-                row.mode,
-                row.op,
-                row.ms.median,
-                row.ms.min,
-                row.ms.max
+                "\n## One endpoint changed (ms)\n\n| Services | mode | change | in the kernel | end to end |\n|---:|---|---|---:|---:|"
             );
-        }
-        push_line!(
-            md,
-            "\n## lb memory\n\n| Services | agent RSS (MiB) | BPF maps (MiB) |\n|---:|---:|---:|"
-        );
-        for row in &self.memory {
+            for row in &self.endpoint_change {
+                let e2e = row
+                    .end_to_end_ms
+                    .map_or_else(|| "-".to_owned(), |s| format!("{:.1}", s.median));
+                push_line!(
+                    md,
+                    "| {} | {} | {} | {:.2} [{:.2}-{:.2}] | {e2e} |",
+                    row.services,
+                    row.mode,
+                    row.op,
+                    row.ms.median,
+                    row.ms.min,
+                    row.ms.max
+                );
+            }
             push_line!(
                 md,
-                "| {} | {} | {} |",
-                row.services,
-                opt(row.agent_rss_mib),
-                opt(row.bpf_map_mib)
+                "\n## lb memory\n\n| Services | agent RSS (MiB) | BPF maps (MiB) |\n|---:|---:|---:|"
             );
+            for row in &self.memory {
+                push_line!(
+                    md,
+                    "| {} | {} | {} |",
+                    row.services,
+                    opt(row.agent_rss_mib),
+                    opt(row.bpf_map_mib)
+                );
+            }
         }
         if !self.api.is_empty() {
             push_line!(

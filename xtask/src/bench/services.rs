@@ -477,3 +477,42 @@ impl ServiceSet {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeport_rules_follow_kube_proxy() {
+        let set = ServiceSet::new(2, vec![backend_ip(0), backend_ip(1)]).with_nodeports("n");
+        let rules = set.iptables();
+        let services: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .collect();
+        // The ClusterIP rules first, the jump to KUBE-NODEPORTS for local addresses last.
+        assert_eq!(services.len(), 5);
+        assert!(services[4].contains("--dst-type LOCAL -j KUBE-NODEPORTS"));
+        let nodeports: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS"))
+            .collect();
+        assert_eq!(nodeports.len(), 4);
+        assert!(nodeports[0].contains("--dport 20000 -j KUBE-EXT-"));
+        assert!(nodeports[3].contains("-p udp --dport 20001"));
+        assert!(rules.contains("-j MASQUERADE --random-fully"));
+        let ext = nodeports[0].rsplit(' ').next().expect("chain");
+        assert!(rules.contains(&format!("-A {ext} -m comment")));
+        assert!(rules.contains(&format!("-A {ext} -j KUBE-SVC-")));
+        // lb's manifests: type NodePort, the nodePort, endpoints on the node.
+        let list: serde_json::Value =
+            serde_json::from_str(&set.manifest_file(0..2, &[])).expect("json");
+        let service = &list["items"][2];
+        assert_eq!(service["spec"]["type"], "NodePort");
+        assert_eq!(service["spec"]["ports"][1]["nodePort"], 20001);
+        assert_eq!(list["items"][1]["endpoints"][0]["nodeName"], "n");
+        // Without nodePorts: the ClusterIP set as before.
+        let plain = ServiceSet::new(1, vec![backend_ip(0)]);
+        assert!(!plain.iptables().contains("KUBE-NODEPORTS"));
+    }
+}
