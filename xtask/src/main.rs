@@ -55,6 +55,13 @@ enum Task {
         /// Name of the result files [default: the UTC start time].
         #[arg(long)]
         name: Option<String>,
+        /// Only these parts, comma-separated: clusterip, xdp, nodeport [default: all].
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// The Katran XDP peer's directory (build.sh, measure.py), measured beside lb's XDP
+        /// rows; needs KATRAN_MIRROR [default: $KATRAN_PEER, else Katran is not measured].
+        #[arg(long, value_name = "DIR")]
+        katran_peer: Option<std::path::PathBuf>,
     },
     /// Run each cargo-fuzz target (manifest parsing, API-object conversion) for a while from
     /// the seed corpus in fuzz/corpus; fails on a crash, hang or out-of-memory.
@@ -91,7 +98,17 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { filter } => test::run(filter.as_deref()),
         Task::Demo => demo::run(),
-        Task::Bench { quick, name } => bench::run(quick, name),
+        Task::Bench {
+            quick,
+            name,
+            only,
+            katran_peer,
+        } => bench::run(bench::Options {
+            quick,
+            name,
+            only,
+            katran_peer,
+        }),
         Task::Fuzz { seconds } => {
             setup::run()?;
             fuzz::run(seconds)

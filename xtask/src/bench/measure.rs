@@ -27,6 +27,26 @@ pub struct Rr {
 
 /// `count` request/responses from the client pod (in its cgroup) to `addr`.
 pub fn rr(topo: &Topology, proto: Proto, addr: SocketAddr, count: usize) -> anyhow::Result<Rr> {
+    rr_with(topo, proto, addr, count, true)
+}
+
+/// [`rr`] from the client's namespace outside lb's cgroup: a client outside the cluster.
+pub fn rr_outside(
+    topo: &Topology,
+    proto: Proto,
+    addr: SocketAddr,
+    count: usize,
+) -> anyhow::Result<Rr> {
+    rr_with(topo, proto, addr, count, false)
+}
+
+fn rr_with(
+    topo: &Topology,
+    proto: Proto,
+    addr: SocketAddr,
+    count: usize,
+    in_cgroup: bool,
+) -> anyhow::Result<Rr> {
     let sub = match proto {
         Proto::Tcp => "rr-tcp",
         Proto::Udp => "rr-udp",
@@ -43,7 +63,12 @@ pub fn rr(topo: &Topology, proto: Proto, addr: SocketAddr, count: usize) -> anyh
         args.extend(["--timeout-ms".into(), "200".into()]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = topo.in_client(bin.to_str().context("utf-8 path")?, &args)?;
+    let bin = bin.to_str().context("utf-8 path")?;
+    let out = if in_cgroup {
+        topo.in_client(bin, &args)?
+    } else {
+        topo.in_client_outside(bin, &args)?
+    };
     let report: Rr =
         serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))?;
     // Lost datagrams are counted and reported (the NAT peers lose some under load); more

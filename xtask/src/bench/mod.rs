@@ -3,13 +3,17 @@
 //! `.md` and `.png`. Every comparison is a ratio within the run; each figure is the median of
 //! repeated runs with their spread.
 
+mod bpf;
 mod churn;
+mod katran;
 mod measure;
+mod nodeport;
 mod plot;
 mod prog_cost;
 mod report;
 mod services;
 mod topology;
+mod xdp;
 
 use std::{
     collections::BTreeMap,
@@ -53,6 +57,8 @@ struct Plan {
     api_services: Vec<usize>,
     /// New unconnected UDP sockets of the churn check (at the first scale).
     churn_sockets: usize,
+    /// Scales of the NodePort comparison (lb's XDP vs iptables NodePort rules).
+    nodeport_services: Vec<usize>,
 }
 
 impl Plan {
@@ -69,6 +75,7 @@ impl Plan {
                 load_budget: Duration::from_secs(30),
                 api_services: vec![1000],
                 churn_sockets: 10_000,
+                nodeport_services: vec![1],
             }
         } else {
             Self {
@@ -82,6 +89,7 @@ impl Plan {
                 load_budget: Duration::from_secs(240),
                 api_services: vec![1000, 10_000],
                 churn_sockets: 1_000_000,
+                nodeport_services: vec![1, 1000, 10_000],
             }
         }
     }
@@ -193,7 +201,32 @@ pub struct Bench {
     gave_up: Vec<(Mode, usize)>,
 }
 
-pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
+/// Parts of the bench `--only` can pick.
+pub const PARTS: [&str; 3] = ["clusterip", "xdp", "nodeport"];
+
+/// What to run: `only` (default: every part of [`PARTS`]); `katran_peer`: the Katran peer's
+/// directory (see `katran.rs`).
+pub struct Options {
+    pub quick: bool,
+    pub name: Option<String>,
+    pub only: Vec<String>,
+    pub katran_peer: Option<std::path::PathBuf>,
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let Options {
+        quick,
+        name,
+        only,
+        katran_peer,
+    } = options;
+    for part in &only {
+        anyhow::ensure!(
+            PARTS.contains(&part.as_str()),
+            "--only {part}: not one of {PARTS:?}"
+        );
+    }
+    let wants = |part: &str| only.is_empty() || only.iter().any(|p| p == part);
     cmd::prepare_privileged("the bench", crate::setup::For::All)?;
     let date = cmd::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))?
         .trim()
@@ -239,6 +272,8 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         api: Vec::new(),
         prog_cost: Vec::new(),
         udp_churn: Vec::new(),
+        xdp: None,
+        nodeport: Vec::new(),
         skipped: Vec::new(),
     };
     let mut bench = Bench {
@@ -247,17 +282,44 @@ pub fn run(quick: bool, name: Option<String>) -> anyhow::Result<()> {
         gave_up: Vec::new(),
     };
     let started = Instant::now();
-    for n in bench.plan.services.clone() {
+    if wants("clusterip") {
+        for n in bench.plan.services.clone() {
+            eprintln!(
+                "bench: {n} Services ({:.0} s so far)",
+                started.elapsed().as_secs_f64()
+            );
+            bench.scale_point(n)?;
+        }
+        bench.throughput()?;
+        for n in bench.plan.api_services.clone() {
+            eprintln!("bench: lb on the API with {n} Services");
+            bench.api_source(n)?;
+        }
+    } else {
+        bench.results.params.services.clear();
+    }
+    if wants("xdp") {
         eprintln!(
-            "bench: {n} Services ({:.0} s so far)",
+            "bench: XDP per packet ({:.0} s so far)",
             started.elapsed().as_secs_f64()
         );
-        bench.scale_point(n)?;
+        bench.xdp(katran_peer.as_deref())?;
     }
-    bench.throughput()?;
-    for n in bench.plan.api_services.clone() {
-        eprintln!("bench: lb on the API with {n} Services");
-        bench.api_source(n)?;
+    if wants("nodeport") {
+        for n in bench.plan.nodeport_services.clone() {
+            eprintln!(
+                "bench: NodePort with {n} Services ({:.0} s so far)",
+                started.elapsed().as_secs_f64()
+            );
+            // A scale that cannot be measured is reported, not fatal, in a full run (the
+            // other results stay); the quick run (CI) fails on it.
+            if let Err(e) = bench.nodeport_point(n) {
+                if quick {
+                    return Err(e);
+                }
+                bench.skip(format!("NodePort with {n} Services: {e:#}"));
+            }
+        }
     }
     let dir = cmd::root().join("bench/results");
     std::fs::create_dir_all(&dir)?;

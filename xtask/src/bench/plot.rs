@@ -29,6 +29,10 @@ fn chart(
     series: &[Series],
     log_y: bool,
 ) -> anyhow::Result<()> {
+    // Parts of the bench not run (`--only`) leave a chart without points: no file.
+    if series.iter().all(|(_, _, p)| p.is_empty()) {
+        return Ok(());
+    }
     let points = series.iter().flat_map(|(_, _, p)| p.iter());
     let x_max = points.clone().map(|p| p.0).fold(1.0, f64::max) * 1.5;
     let y_max = points.clone().map(|p| p.1).fold(0.0, f64::max) * 1.2;
@@ -146,6 +150,43 @@ pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
         }
         chart(
             &dir.join(format!("{}-latency-{proto}.png", results.name)),
+            &format!("{what} vs Services"),
+            "µs",
+            &series,
+            false,
+        )?;
+    }
+    for (proto, what) in [
+        ("tcp", "NodePort from outside: TCP connect() p50"),
+        ("udp", "NodePort from outside: UDP request/response p50"),
+    ] {
+        let mut series: Vec<Series> = Vec::new();
+        for (mode, target, label, c) in [
+            ("direct", "pod", "direct to the pod", color("direct")),
+            ("lb-xdp", "last", "lb XDP, last Service", color("lb")),
+            (
+                "iptables",
+                "first",
+                "iptables, first Service",
+                RGBColor(230, 159, 0),
+            ),
+            (
+                "iptables",
+                "last",
+                "iptables, last Service",
+                color("iptables"),
+            ),
+        ] {
+            let data = results
+                .nodeport
+                .iter()
+                .filter(|r| r.mode == mode && r.target == target && r.proto == proto)
+                .map(|r| (to_f64(r.services.max(1)), Results::p50(r)))
+                .collect();
+            series.push((label.to_owned(), c, data));
+        }
+        chart(
+            &dir.join(format!("{}-nodeport-{proto}.png", results.name)),
             &format!("{what} vs Services"),
             "µs",
             &series,

@@ -25,6 +25,12 @@ pub struct Results {
     /// Per-socket LRU entries around a churn of new unconnected UDP sockets.
     #[serde(default)]
     pub udp_churn: Vec<super::churn::ChurnRow>,
+    /// lb's XDP programs per packet under test-run, beside Katran's.
+    #[serde(default)]
+    pub xdp: Option<super::xdp::XdpResults>,
+    /// NodePort from a client outside the cluster: lb's XDP vs iptables NodePort rules.
+    #[serde(default)]
+    pub nodeport: Vec<LatencyRow>,
     /// What could not be measured, and why.
     pub skipped: Vec<String>,
 }
@@ -218,7 +224,187 @@ impl Results {
                 Some(row.ms.median < 10.0),
             ));
         }
+        for (what, name) in [
+            ("miss", "c.miss.steady"),
+            ("established TCP flow", "b.est.steady"),
+            ("new TCP flow", "a.syn_new.steady"),
+        ] {
+            if let Some((lb, katran)) = self.xdp_pair(name) {
+                out.push((
+                    format!(
+                        "lb XDP {what} at or below Katran (`{name}`, net of the harness floor)"
+                    ),
+                    format!("{lb:.0} ns vs {katran:.0} ns: lb/Katran {:.2}", lb / katran),
+                    Some(lb <= katran),
+                ));
+            }
+        }
+        let np = |mode: &str, n: usize| {
+            self.nodeport
+                .iter()
+                .find(|r| {
+                    r.mode == mode && r.services == n && r.proto == "tcp" && r.target == "last"
+                })
+                .and_then(|r| r.connect_p50_us)
+        };
+        if let (Some(lb), Some(ipt)) = (np("lb-xdp", 10_000), np("iptables", 1)) {
+            out.push((
+                "lb NodePort TCP connect p50 at N=10 000 below iptables' at N=1".into(),
+                format!("{:.1} µs vs {:.1} µs", lb.median, ipt.median),
+                Some(lb.median < ipt.median),
+            ));
+        }
         out
+    }
+
+    /// lb's and Katran's IPv4 row `name`, net of their floors.
+    fn xdp_pair(&self, name: &str) -> Option<(f64, f64)> {
+        let xdp = self.xdp.as_ref()?;
+        let get = |peer: &str| {
+            xdp.rows
+                .iter()
+                .find(|r| r.peer == peer && r.family == "ipv4" && r.name == name)?
+                .net_of_floor
+        };
+        let (lb, katran) = (get("lb")?, get("katran")?);
+        (katran > 0.0).then_some((lb, katran))
+    }
+
+    fn xdp_markdown(&self, md: &mut String) {
+        let Some(xdp) = &self.xdp else {
+            return;
+        };
+        push_line!(
+            md,
+            "\n## XDP per packet under BPF_PROG_TEST_RUN: lb beside Katran\n\n\
+             Katran's frames and method (`../shared/peers/katran/README.md`): `single` = repeat=1, a fresh frame per call, \
+             median of {} kernel-reported durations; `steady` = a harness program restores the frame (and stamps a new flow \
+             number for new-flow rows) then tail-calls the program, repeat={} ({} for new-flow rows), harness floor \
+             subtracted; `direct` = plain repeat (the miss only). Median over {} runs [min-max]; \"net\" = minus the floor of \
+             its kind in the same run. lb: 10 local endpoints per frontend (DNAT, no SNAT; Katran: IPIP to 10 reals); \
+             its conntrack holds {} entries (2 per flow: LRU evictions in the long new-flow runs). Pinned to CPU {}; other \
+             processes used {:.1}% of the CPUs during lb's rounds{}. Katran: {}.\n",
+            xdp.single,
+            xdp.repeat,
+            xdp.syn_repeat,
+            xdp.runs,
+            xdp.ct_capacity,
+            xdp.pinned_cpu,
+            xdp.background_cpu_pct,
+            xdp.katran_background_cpu_pct
+                .map_or_else(String::new, |b| format!(" ({b:.1}% during Katran's)")),
+            xdp.katran
+        );
+        push_line!(
+            md,
+            "| family | row | verdict | lb ns | lb net | Katran ns | Katran net | lb/Katran (net) | lb counters per packet |\n|---|---|---|---:|---:|---:|---:|---:|---|"
+        );
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+        for row in xdp.rows.iter().filter(|r| r.peer == "lb") {
+            let katran = xdp
+                .rows
+                .iter()
+                .find(|k| k.peer == "katran" && k.family == row.family && k.name == row.name);
+            let ratio = match (row.net_of_floor, katran.and_then(|k| k.net_of_floor)) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".into(),
+            };
+            let counters = row
+                .counters
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            push_line!(
+                md,
+                "| {} | `{}` | {} | {:.0} [{:.0}-{:.0}] | {} | {} | {} | {ratio} | {counters} |",
+                row.family,
+                row.name,
+                row.verdict,
+                row.ns.median,
+                row.ns.min,
+                row.ns.max,
+                opt(row.net_of_floor),
+                katran.map_or_else(
+                    || "-".to_owned(),
+                    |k| format!("{:.0} [{:.0}-{:.0}]", k.ns.median, k.ns.min, k.ns.max)
+                ),
+                opt(katran.and_then(|k| k.net_of_floor)),
+            );
+        }
+        for k in xdp.rows.iter().filter(|k| {
+            k.peer == "katran"
+                && !xdp
+                    .rows
+                    .iter()
+                    .any(|r| r.peer == "lb" && r.family == k.family && r.name == k.name)
+        }) {
+            push_line!(
+                md,
+                "| {} | `{}` (Katran only) | {} | - | - | {:.0} [{:.0}-{:.0}] | {} | - | |",
+                k.family,
+                k.name,
+                k.verdict,
+                k.ns.median,
+                k.ns.min,
+                k.ns.max,
+                opt(k.net_of_floor)
+            );
+        }
+        push_line!(md, "\nWhat lb's rows do:\n");
+        let mut seen = std::collections::BTreeSet::new();
+        for row in xdp.rows.iter().filter(|r| r.peer == "lb") {
+            if seen.insert(row.name.clone()) {
+                push_line!(md, "- `{}`: {}", row.name, row.what);
+            }
+        }
+        push_line!(md, "\nVerdict checks (once before timing):\n\n```");
+        for c in &xdp.checks {
+            push_line!(md, "{c}");
+        }
+        push_line!(md, "```");
+    }
+
+    fn nodeport_markdown(&self, md: &mut String) {
+        if self.nodeport.is_empty() {
+            return;
+        }
+        push_line!(
+            md,
+            "\n## NodePort from outside the cluster: lb's XDP vs iptables NodePort rules\n\n\
+             A client namespace outside lb's cgroup reaches `10.200.0.1:nodePort` on the node (N Services, each a NodePort \
+             Service with TCP and UDP ports, 10 endpoints on this node; nodePorts 20000 onwards). lb-xdp: `lb run \
+             --xdp-iface` on the node's client-facing interface (DNAT in XDP, un-DNAT at tc egress, no SNAT for local \
+             endpoints). iptables: kube-proxy's NodePort rules (KUBE-SERVICES with the ClusterIP rules, then KUBE-NODEPORTS \
+             via `-m addrtype --dst-type LOCAL`, KUBE-EXT-* marking for masquerade, KUBE-SVC-*/KUBE-SEP-* DNAT, \
+             KUBE-POSTROUTING MASQUERADE). direct: the pod itself. TCP: connect() p50/p99 and connections/s (one short \
+             connection per transaction); UDP: request/response. Medians of interleaved rounds [min-max].\n\n\
+             | Services | proto | mode | target | p50 (µs) | p99 (µs) | /s | p50 vs direct | lost |\n|---:|---|---|---|---:|---:|---:|---:|---:|"
+        );
+        for row in &self.nodeport {
+            let (p50, p99) = match (row.connect_p50_us, row.connect_p99_us) {
+                (Some(a), Some(b)) => (a, b),
+                _ => (row.transaction_p50_us, row.transaction_p99_us),
+            };
+            let vs = row.p50_vs_direct.map_or_else(
+                || "-".to_owned(),
+                |r| format!("{:+.1}%", (r.median - 1.0) * 100.0),
+            );
+            push_line!(
+                md,
+                "| {} | {} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} | {:.0} | {vs} | {} |",
+                row.services,
+                row.proto,
+                row.mode,
+                row.target,
+                p50.median,
+                p50.min,
+                p50.max,
+                p99.median,
+                row.per_second.median,
+                row.lost
+            );
+        }
     }
 
     pub fn markdown(&self) -> String {
@@ -256,125 +442,129 @@ impl Results {
             };
             push_line!(md, "| {what} | {measured} | {met} |");
         }
-        for (proto, title) in [
-            ("tcp", "TCP: connect() p50/p99 (µs) and transactions/s"),
-            (
-                "udp",
-                "UDP: request/response p50/p99 (µs) and transactions/s",
-            ),
-        ] {
-            push_line!(
-                md,
-                "\n## {title}\n\n| Services | mode | target | p50 | p99 | /s | p50 vs direct | lost |\n|---:|---|---|---:|---:|---:|---:|---:|"
-            );
-            for &n in &p.services {
-                for row in self
-                    .latency
-                    .iter()
-                    .filter(|r| r.services == n && r.proto == proto)
-                {
-                    let (p50, p99) = match (row.connect_p50_us, row.connect_p99_us) {
-                        (Some(a), Some(b)) => (a, b),
-                        _ => (row.transaction_p50_us, row.transaction_p99_us),
-                    };
-                    let vs = row.p50_vs_direct.map_or_else(
-                        || "-".to_owned(),
-                        |r| {
-                            format!(
-                                "{:+.1}% [{:+.1}..{:+.1}]",
-                                (r.median - 1.0) * 100.0,
-                                (r.min - 1.0) * 100.0,
-                                (r.max - 1.0) * 100.0
-                            )
-                        },
-                    );
-                    push_line!(
-                        md,
-                        "| {n} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} | {:.0} | {vs} | {} |",
-                        row.mode,
-                        row.target,
-                        p50.median,
-                        p50.min,
-                        p50.max,
-                        p99.median,
-                        row.per_second.median,
-                        row.lost
-                    );
+        // The ClusterIP part (not run under `--only xdp,nodeport`).
+        let clusterip = !self.params.services.is_empty();
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+        if clusterip {
+            for (proto, title) in [
+                ("tcp", "TCP: connect() p50/p99 (µs) and transactions/s"),
+                (
+                    "udp",
+                    "UDP: request/response p50/p99 (µs) and transactions/s",
+                ),
+            ] {
+                push_line!(
+                    md,
+                    "\n## {title}\n\n| Services | mode | target | p50 | p99 | /s | p50 vs direct | lost |\n|---:|---|---|---:|---:|---:|---:|---:|"
+                );
+                for &n in &p.services {
+                    for row in self
+                        .latency
+                        .iter()
+                        .filter(|r| r.services == n && r.proto == proto)
+                    {
+                        let (p50, p99) = match (row.connect_p50_us, row.connect_p99_us) {
+                            (Some(a), Some(b)) => (a, b),
+                            _ => (row.transaction_p50_us, row.transaction_p99_us),
+                        };
+                        let vs = row.p50_vs_direct.map_or_else(
+                            || "-".to_owned(),
+                            |r| {
+                                format!(
+                                    "{:+.1}% [{:+.1}..{:+.1}]",
+                                    (r.median - 1.0) * 100.0,
+                                    (r.min - 1.0) * 100.0,
+                                    (r.max - 1.0) * 100.0
+                                )
+                            },
+                        );
+                        push_line!(
+                            md,
+                            "| {n} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} | {:.0} | {vs} | {} |",
+                            row.mode,
+                            row.target,
+                            p50.median,
+                            p50.min,
+                            p50.max,
+                            p99.median,
+                            row.per_second.median,
+                            row.lost
+                        );
+                    }
                 }
             }
-        }
-        push_line!(
-            md,
-            "\n## Bulk TCP throughput (iperf3, one connection)\n\n| mode | Gbit/s | vs direct, paired |\n|---|---:|---:|"
-        );
-        for row in &self.throughput {
-            let vs = row.vs_direct.map_or_else(
-                || "-".to_owned(),
-                |r| {
-                    format!(
-                        "{:+.1}% [{:+.1}..{:+.1}]",
-                        (r.median - 1.0) * 100.0,
-                        (r.min - 1.0) * 100.0,
-                        (r.max - 1.0) * 100.0
-                    )
-                },
-            );
             push_line!(
                 md,
-                "| {} | {:.2} [{:.2}-{:.2}] | {vs} |",
-                row.mode,
-                row.gbps.median,
-                row.gbps.min,
-                row.gbps.max
+                "\n## Bulk TCP throughput (iperf3, one connection)\n\n| mode | Gbit/s | vs direct, paired |\n|---|---:|---:|"
             );
-        }
-        push_line!(
-            md,
-            "\n## Programming N Services from nothing (seconds)\n\n| Services | mode | sync | end to end | manifest load |\n|---:|---|---:|---:|---:|"
-        );
-        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
-        for row in &self.full_sync {
+            for row in &self.throughput {
+                let vs = row.vs_direct.map_or_else(
+                    || "-".to_owned(),
+                    |r| {
+                        format!(
+                            "{:+.1}% [{:+.1}..{:+.1}]",
+                            (r.median - 1.0) * 100.0,
+                            (r.min - 1.0) * 100.0,
+                            (r.max - 1.0) * 100.0
+                        )
+                    },
+                );
+                push_line!(
+                    md,
+                    "| {} | {:.2} [{:.2}-{:.2}] | {vs} |",
+                    row.mode,
+                    row.gbps.median,
+                    row.gbps.min,
+                    row.gbps.max
+                );
+            }
             push_line!(
                 md,
-                "| {} | {} | {} | {} | {} |",
-                row.services,
-                row.mode,
-                opt(row.seconds),
-                opt(row.end_to_end_seconds),
-                opt(row.manifest_load_seconds)
+                "\n## Programming N Services from nothing (seconds)\n\n| Services | mode | sync | end to end | manifest load |\n|---:|---|---:|---:|---:|"
             );
-        }
-        push_line!(
-            md,
-            "\n## One endpoint changed (ms)\n\n| Services | mode | change | in the kernel | end to end |\n|---:|---|---|---:|---:|"
-        );
-        for row in &self.endpoint_change {
-            let e2e = row
-                .end_to_end_ms
-                .map_or_else(|| "-".to_owned(), |s| format!("{:.1}", s.median));
+            for row in &self.full_sync {
+                push_line!(
+                    md,
+                    "| {} | {} | {} | {} | {} |",
+                    row.services,
+                    row.mode,
+                    opt(row.seconds),
+                    opt(row.end_to_end_seconds),
+                    opt(row.manifest_load_seconds)
+                );
+            }
             push_line!(
                 md,
-                "| {} | {} | {} | {:.2} [{:.2}-{:.2}] | {e2e} |",
-                row.services,
-                row.mode,
-                row.op,
-                row.ms.median,
-                row.ms.min,
-                row.ms.max
+                "\n## One endpoint changed (ms)\n\n| Services | mode | change | in the kernel | end to end |\n|---:|---|---|---:|---:|"
             );
-        }
-        push_line!(
-            md,
-            "\n## lb memory\n\n| Services | agent RSS (MiB) | BPF maps (MiB) |\n|---:|---:|---:|"
-        );
-        for row in &self.memory {
+            for row in &self.endpoint_change {
+                let e2e = row
+                    .end_to_end_ms
+                    .map_or_else(|| "-".to_owned(), |s| format!("{:.1}", s.median));
+                push_line!(
+                    md,
+                    "| {} | {} | {} | {:.2} [{:.2}-{:.2}] | {e2e} |",
+                    row.services,
+                    row.mode,
+                    row.op,
+                    row.ms.median,
+                    row.ms.min,
+                    row.ms.max
+                );
+            }
             push_line!(
                 md,
-                "| {} | {} | {} |",
-                row.services,
-                opt(row.agent_rss_mib),
-                opt(row.bpf_map_mib)
+                "\n## lb memory\n\n| Services | agent RSS (MiB) | BPF maps (MiB) |\n|---:|---:|---:|"
             );
+            for row in &self.memory {
+                push_line!(
+                    md,
+                    "| {} | {} | {} |",
+                    row.services,
+                    opt(row.agent_rss_mib),
+                    opt(row.bpf_map_mib)
+                );
+            }
         }
         if !self.api.is_empty() {
             push_line!(
@@ -469,6 +659,8 @@ impl Results {
                 }
             }
         }
+        self.xdp_markdown(&mut md);
+        self.nodeport_markdown(&mut md);
         if !self.skipped.is_empty() {
             push_line!(md, "\n## Not measured\n");
             for s in &self.skipped {
@@ -477,7 +669,7 @@ impl Results {
         }
         push_line!(
             md,
-            "\nPlots: `{0}-latency-tcp.png` and `{0}-latency-udp.png` (p50 vs N), `{0}-sync.png` (full sync vs N).",
+            "\nPlots (of the parts that ran): `{0}-latency-tcp.png` and `{0}-latency-udp.png` (p50 vs N), `{0}-sync.png` (full sync vs N), `{0}-nodeport-tcp.png` and `{0}-nodeport-udp.png` (NodePort p50 vs N).",
             self.name
         );
         md

@@ -9,6 +9,9 @@ pub const TCP_TARGET: u16 = 8080;
 pub const UDP_TARGET: u16 = 8053;
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 53;
+/// Service `i`'s nodePort (TCP and UDP alike) in NodePort sets: 20000 onwards, so that
+/// 10 000 Services fit (lb runs with `--nodeport-range 20000-32767`).
+pub const NODEPORT_BASE: u16 = 20000;
 /// The pod CIDR (clients and backends live in it): traffic from it is not masqueraded.
 pub const CLUSTER_CIDR: &str = "10.200.0.0/14";
 
@@ -27,6 +30,8 @@ pub fn backend_ip(k: usize) -> Ipv4Addr {
 pub struct ServiceSet {
     pub n: usize,
     pub backends: Vec<Ipv4Addr>,
+    /// `type: NodePort` Services whose endpoints are on this node (`nodeName`), when set.
+    pub nodeport_node: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -73,7 +78,22 @@ fn chain_hash(s: &str) -> String {
 
 impl ServiceSet {
     pub fn new(n: usize, backends: Vec<Ipv4Addr>) -> Self {
-        Self { n, backends }
+        Self {
+            n,
+            backends,
+            nodeport_node: None,
+        }
+    }
+
+    /// The same set as `type: NodePort` Services (eTP Cluster), endpoints on node `node`.
+    pub fn with_nodeports(mut self, node: &str) -> Self {
+        self.nodeport_node = Some(node.to_owned());
+        self
+    }
+
+    /// Service `i`'s nodePort.
+    pub fn nodeport(i: usize) -> u16 {
+        NODEPORT_BASE.saturating_add(u16::try_from(i).unwrap_or(u16::MAX))
     }
 
     /// Service `i`'s ClusterIP: 10.96.0.1 onwards (the /12 holds a million).
@@ -118,10 +138,19 @@ impl ServiceSet {
                     "clusterIP": Self::vip(i).to_string(),
                     "ports": Proto::BOTH.iter().map(|p| {
                         let (port, target) = p.ports();
-                        serde_json::json!({"name": p.port_name(), "port": port, "targetPort": target, "protocol": p.lower().to_uppercase()})
+                        let mut port = serde_json::json!({"name": p.port_name(), "port": port, "targetPort": target, "protocol": p.lower().to_uppercase()});
+                        if self.nodeport_node.is_some() {
+                            port["nodePort"] = Self::nodeport(i).into();
+                        }
+                        port
                     }).collect::<Vec<_>>(),
                 },
             }));
+            if self.nodeport_node.is_some()
+                && let Some(service) = items.last_mut()
+            {
+                service["spec"]["type"] = "NodePort".into();
+            }
             let mut endpoints: Vec<Ipv4Addr> = self.backends.clone();
             if i == 0 {
                 endpoints.extend_from_slice(extra);
@@ -132,7 +161,13 @@ impl ServiceSet {
                 "metadata": {"name": format!("{name}-abcde"), "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
                 "addressType": "IPv4",
                 "ports": Proto::BOTH.iter().map(|p| serde_json::json!({"name": p.port_name(), "port": p.ports().1, "protocol": p.lower().to_uppercase()})).collect::<Vec<_>>(),
-                "endpoints": endpoints.iter().map(|ip| serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+                "endpoints": endpoints.iter().map(|ip| {
+                    let mut ep = serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}});
+                    if let Some(node) = &self.nodeport_node {
+                        ep["nodeName"] = node.clone().into();
+                    }
+                    ep
+                }).collect::<Vec<_>>(),
             }));
         }
         serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
@@ -227,7 +262,65 @@ impl ServiceSet {
                 Self::iptables_service(&mut rules, i, proto, &self.backends);
             }
         }
+        if self.nodeport_node.is_some() {
+            self.iptables_nodeports(&mut chains, &mut rules);
+        }
         chains + &rules + "COMMIT\n"
+    }
+
+    fn ext_chain(i: usize, proto: Proto) -> String {
+        format!(
+            "KUBE-EXT-{}",
+            chain_hash(&format!(
+                "ext default/{}:{}",
+                Self::name(i),
+                proto.port_name()
+            ))
+        )
+    }
+
+    /// NodePorts as kube-proxy's iptables proxier writes them (pkg/proxy/iptables/proxier.go):
+    /// KUBE-SERVICES ends with the jump to KUBE-NODEPORTS for local destinations
+    /// (`-m addrtype --dst-type LOCAL`); each nodePort jumps to its KUBE-EXT chain, which
+    /// marks the packet for masquerade (eTP Cluster) and goes on to the Service's KUBE-SVC
+    /// chain; KUBE-POSTROUTING masquerades what is marked.
+    fn iptables_nodeports(&self, chains: &mut String, rules: &mut String) {
+        chains.push_str(":KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
+        push_line!(
+            rules,
+            "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"
+        );
+        push_line!(
+            rules,
+            "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN"
+        );
+        push_line!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000");
+        push_line!(
+            rules,
+            "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+        );
+        for i in 0..self.n {
+            for proto in Proto::BOTH {
+                let ext = Self::ext_chain(i, proto);
+                let p = proto.lower();
+                let comment = format!("default/{}:{}", Self::name(i), proto.port_name());
+                push_line!(chains, ":{ext} - [0:0]");
+                push_line!(
+                    rules,
+                    "-A KUBE-NODEPORTS -m comment --comment \"{comment}\" -m {p} -p {p} --dport {} -j {ext}",
+                    Self::nodeport(i)
+                );
+                push_line!(
+                    rules,
+                    "-A {ext} -m comment --comment \"masquerade traffic for {comment} external destinations\" -j KUBE-MARK-MASQ"
+                );
+                push_line!(rules, "-A {ext} -j {}", Self::svc_chain(i, proto));
+            }
+        }
+        push_line!(
+            rules,
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+        );
     }
 
     /// `iptables-restore --noflush` input that gives Service `i`'s TCP port `endpoints`: the
@@ -382,5 +475,44 @@ impl ServiceSet {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeport_rules_follow_kube_proxy() {
+        let set = ServiceSet::new(2, vec![backend_ip(0), backend_ip(1)]).with_nodeports("n");
+        let rules = set.iptables();
+        let services: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .collect();
+        // The ClusterIP rules first, the jump to KUBE-NODEPORTS for local addresses last.
+        assert_eq!(services.len(), 5);
+        assert!(services[4].contains("--dst-type LOCAL -j KUBE-NODEPORTS"));
+        let nodeports: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS"))
+            .collect();
+        assert_eq!(nodeports.len(), 4);
+        assert!(nodeports[0].contains("--dport 20000 -j KUBE-EXT-"));
+        assert!(nodeports[3].contains("-p udp --dport 20001"));
+        assert!(rules.contains("-j MASQUERADE --random-fully"));
+        let ext = nodeports[0].rsplit(' ').next().expect("chain");
+        assert!(rules.contains(&format!("-A {ext} -m comment")));
+        assert!(rules.contains(&format!("-A {ext} -j KUBE-SVC-")));
+        // lb's manifests: type NodePort, the nodePort, endpoints on the node.
+        let list: serde_json::Value =
+            serde_json::from_str(&set.manifest_file(0..2, &[])).expect("json");
+        let service = &list["items"][2];
+        assert_eq!(service["spec"]["type"], "NodePort");
+        assert_eq!(service["spec"]["ports"][1]["nodePort"], 20001);
+        assert_eq!(list["items"][1]["endpoints"][0]["nodeName"], "n");
+        // Without nodePorts: the ClusterIP set as before.
+        let plain = ServiceSet::new(1, vec![backend_ip(0)]);
+        assert!(!plain.iptables().contains("KUBE-NODEPORTS"));
     }
 }

@@ -97,12 +97,20 @@ impl Topology {
         let cgroup = Cgroup::new(&id);
         let server = match servers {
             Servers::Echo => {
+                // One UDP socket per address: a reply leaves from the address its request
+                // came to, which conntrack (iptables, nftables) and lb's reply translation
+                // match on (a wildcard socket would answer from the first address).
+                let udp_addrs: Vec<String> = backends
+                    .iter()
+                    .flat_map(|ip| ["--udp-addr".to_owned(), ip.to_string()])
+                    .collect();
                 lb_tests::die_with_parent(&mut Command::new(crate::cmd::testpod_bin()))
                     .arg("--netns")
                     .arg(backend.path())
                     .args([
                         "serve", "--name", "backend", "--bench", "--tcp", "8080", "--udp", "8053",
                     ])
+                    .args(&udp_addrs)
                     .stdout(std::process::Stdio::piped())
                     .spawn()
                     .context("starting the echo server")?
@@ -142,6 +150,16 @@ impl Topology {
         crate::cmd::output(
             Command::new("sh")
                 .args(["-c", &script, "sh", program])
+                .args(args),
+        )
+    }
+
+    /// Runs `program args` in the client's namespace, outside lb's cgroup; returns stdout.
+    pub fn in_client_outside(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        crate::cmd::output(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.client.path().display()))
+                .arg(program)
                 .args(args),
         )
     }
