@@ -1,4 +1,5 @@
-//! PNG plots of a run: latency vs N for every mode, and full-sync time vs N.
+//! PNG plots of a run: latency vs N for every mode, full-sync time vs N, and the XDP cost
+//! per packet of lb beside Katran.
 
 use std::path::Path;
 
@@ -121,9 +122,111 @@ fn to_f64(n: usize) -> f64 {
     n
 }
 
+/// The XDP rows lb and Katran share (IPv4, net of their floors), as grouped bars: what one
+/// packet costs each, row by row.
+const XDP_BARS: [(&str, &str); 6] = [
+    ("c.miss.steady", "miss"),
+    ("b.est.steady", "established TCP"),
+    ("d.udp_est.steady", "established UDP"),
+    ("a.syn_new.steady", "new TCP flow"),
+    ("d.udp_new.steady", "new UDP flow"),
+    ("b.est.single", "established, 1st run"),
+];
+
+/// Writes `<dir>/<name>-xdp.png`: ns per packet of lb's and Katran's XDP programs (IPv4,
+/// median net of the floor) for the rows both have. No file without XDP rows.
+fn xdp_chart(results: &Results, dir: &Path) -> anyhow::Result<()> {
+    let Some(xdp) = &results.xdp else {
+        return Ok(());
+    };
+    let value = |peer: &str, name: &str| {
+        xdp.rows
+            .iter()
+            .find(|r| r.peer == peer && r.family == "ipv4" && r.name == name)
+            .and_then(|r| r.net_of_floor)
+    };
+    let bars: Vec<(&str, Option<f64>, Option<f64>)> = XDP_BARS
+        .iter()
+        .map(|(name, label)| (*label, value("lb", name), value("katran", name)))
+        .filter(|(_, lb, _)| lb.is_some())
+        .collect();
+    if bars.is_empty() {
+        return Ok(());
+    }
+    let y_max = bars
+        .iter()
+        .flat_map(|(_, a, b)| [*a, *b])
+        .flatten()
+        .fold(0.0, f64::max)
+        * 1.2;
+    let path = dir.join(format!("{}-xdp.png", results.name));
+    let root = BitMapBackend::new(&path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let labels: Vec<&str> = bars.iter().map(|(l, _, _)| *l).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "XDP cost per packet (test-run, IPv4, net of the floor)",
+            ("sans-serif", 24),
+        )
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0.0..to_f64(bars.len()), 0.0..y_max.max(1.0))
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(bars.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor();
+            if (x - i - 0.5).abs() < 0.01 && i >= 0.0 {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a small non-negative bar index"
+                )]
+                let i = i as usize;
+                labels.get(i).map_or_else(String::new, |l| (*l).to_owned())
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("ns per packet")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    for (peer, offset, c) in [("lb", 0.1, color("lb")), ("Katran", 0.5, color("katran"))] {
+        let rects: Vec<Rectangle<(f64, f64)>> = bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, lb, katran))| {
+                let v = if peer == "lb" { *lb } else { *katran }?;
+                let x = to_f64(i) + offset;
+                Some(Rectangle::new([(x, 0.0), (x + 0.4, v)], c.filled()))
+            })
+            .collect();
+        chart
+            .draw_series(rects)
+            .map_err(|e| anyhow!("{e}"))?
+            .label(peer)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
 /// Writes `<dir>/<name>-latency.png` and `<dir>/<name>-sync.png`.
 pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
     register_font()?;
+    xdp_chart(results, dir)?;
     for (proto, what) in [
         ("tcp", "TCP connect() p50"),
         ("udp", "UDP request/response p50"),
@@ -230,4 +333,24 @@ pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
         true,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed XDP run draws its bar chart (lb beside Katran).
+    #[test]
+    fn the_xdp_rows_of_a_committed_run_draw_a_chart() {
+        let json = include_str!("../../../bench/results/2026-11-30-xdp-nodeport.json");
+        let mut results: Results = serde_json::from_str(json).unwrap();
+        results.name = "plot-test".into();
+        let dir = std::env::temp_dir().join(format!("lb-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        register_font().unwrap();
+        xdp_chart(&results, &dir).unwrap();
+        let png = std::fs::read(dir.join("plot-test-xdp.png")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
 }
