@@ -1046,6 +1046,8 @@ pub struct Pkt {
     pub frag: u16,
     /// An IPv6 hop-by-hop options header before the L4 header.
     pub hop_by_hop: bool,
+    /// This many IPv6 destination-options headers (8 bytes each) after it.
+    pub dest_opts: u8,
     /// Leave a UDP checksum at 0 (IPv4: "no checksum").
     pub udp_no_checksum: bool,
     /// TCP flags (SYN unless set).
@@ -1064,6 +1066,7 @@ impl Pkt {
             ip_options: Vec::new(),
             frag: 0x4000,
             hop_by_hop: false,
+            dest_opts: 0,
             udp_no_checksum: false,
             tcp_flags: 0x02,
         }
@@ -1141,11 +1144,21 @@ impl Pkt {
         }
         if v6 {
             frame.extend_from_slice(&[0x86, 0xdd]);
+            // Built from the L4 header back: each header names the one after it.
             let mut ext = Vec::new();
             let mut next = self.proto;
+            for _ in 0..self.dest_opts {
+                // Destination options (60): next header, length 0 (8 bytes), a PadN of 4.
+                let mut header = vec![next, 0, 1, 4, 0, 0, 0, 0];
+                header.extend_from_slice(&ext);
+                ext = header;
+                next = 60;
+            }
             if self.hop_by_hop {
-                // Hop-by-hop: next header, length 0 (8 bytes), a PadN option of 4.
-                ext = vec![self.proto, 0, 1, 4, 0, 0, 0, 0];
+                // Hop-by-hop (0): the same layout.
+                let mut header = vec![next, 0, 1, 4, 0, 0, 0, 0];
+                header.extend_from_slice(&ext);
+                ext = header;
                 next = 0;
             }
             let plen = (ext.len() + l4.len()) as u16;

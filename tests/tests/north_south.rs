@@ -396,6 +396,14 @@ fn crafted_packets_through_test_run() {
     let mut hop6 = syn6.from("2001:db8::77", 40009);
     hop6.hop_by_hop = true;
     let udp6 = Pkt::new("2001:db8::77", NODE6, UDP, 40010, 30080);
+    // lb walks at most four IPv6 extension headers (`MAX_EXT_HEADERS`): four are translated,
+    // a fifth leaves the packet untouched (counted `xdp_pass_malformed`).
+    let mut four_ext6 = syn6.from("2001:db8::77", 40013);
+    four_ext6.hop_by_hop = true;
+    four_ext6.dest_opts = 3;
+    let mut five_ext6 = syn6.from("2001:db8::77", 40014);
+    five_ext6.hop_by_hop = true;
+    five_ext6.dest_opts = 4;
     type Expect = Box<dyn Fn(&Pkt) -> Pkt>;
     let cases: Vec<(&str, Pkt, u32, Expect)> = vec![
         (
@@ -446,12 +454,26 @@ fn crafted_packets_through_test_run() {
         ("IPv6 TCP", syn6, XDP_PASS, Box::new(dnat6)),
         ("IPv6 hop-by-hop header", hop6, XDP_PASS, Box::new(dnat6)),
         ("IPv6 UDP", udp6, XDP_PASS, Box::new(dnat6)),
+        (
+            "IPv6 with four extension headers",
+            four_ext6,
+            XDP_PASS,
+            Box::new(dnat6),
+        ),
     ];
     for (what, input, verdict, expect) in &cases {
         let (got, out) = test_run(xdp, &input.bytes());
         assert_eq!(got, *verdict, "{what}");
         assert_eq!(out, expect(input).bytes(), "{what}");
     }
+    let malformed = agent.stat("xdp_pass_malformed");
+    let (got, out) = test_run(xdp, &five_ext6.bytes());
+    assert_eq!(
+        (got, out),
+        (XDP_PASS, five_ext6.bytes()),
+        "five extension headers"
+    );
+    assert_eq!(agent.stat("xdp_pass_malformed"), malformed + 1);
     // eTP Local without a local endpoint: dropped.
     let (got, _) = test_run(xdp, &Pkt::new(client, NODE4, TCP, 40011, 30081).bytes());
     assert_eq!(got, XDP_DROP);

@@ -548,7 +548,7 @@ fn coarse_now() -> u64 {
 }
 
 #[test]
-fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent() {
+fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent_at_tc_and_xdp() {
     let topo = Topology::new();
     let dir = TempDir::new("ni");
     dir.write("services.yaml", SERVICES);
@@ -589,6 +589,21 @@ fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent() {
         "expired: untouched"
     );
     assert_eq!(agent.stat("tc_ct_expired"), expired + 1);
+    // A UDP flow idle past its 60 s at XDP: the entry counts as absent and the client's next
+    // datagram starts a new flow (to the one local pod again), with fresh entries.
+    let expired = agent.stat("xdp_ct_expired");
+    let new_flows = agent.stat("xdp_new_flow");
+    set_seen(ct, &fwd_key, coarse_now() - 61_000_000_000);
+    let (verdict, out) = test_run(xdp, &first.bytes());
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, first.to("10.200.0.11", 8080).bytes()),
+        "an idle UDP flow starts afresh"
+    );
+    assert_eq!(agent.stat("xdp_ct_expired"), expired + 1);
+    assert_eq!(agent.stat("xdp_new_flow"), new_flows + 1);
+    let (_, fwd_seen) = ct_entry(ct, 1, 41_400);
+    assert!(fwd_seen + 61_000_000_000 > coarse_now(), "fresh entry");
     // SAFETY: our own descriptors, closed once.
     unsafe {
         libc::close(ct);
