@@ -993,6 +993,13 @@ pub fn prog_of_link(path: &std::path::Path) -> i32 {
 
 /// Runs `packet` once through program `prog`; returns the verdict and the packet after.
 pub fn test_run(prog: i32, packet: &[u8]) -> (u32, Vec<u8>) {
+    let (verdict, out, _) = test_run_timed(prog, packet);
+    (verdict, out)
+}
+
+/// [`test_run`], also returning the kernel's measured run time of the program (ns; one run,
+/// so timer granularity included: average many).
+pub fn test_run_timed(prog: i32, packet: &[u8]) -> (u32, Vec<u8>, u32) {
     let mut out = vec![0u8; packet.len() + 256];
     let (ret, attr) = bpf(
         BPF_PROG_TEST_RUN,
@@ -1008,8 +1015,9 @@ pub fn test_run(prog: i32, packet: &[u8]) -> (u32, Vec<u8>) {
     assert_eq!(ret, 0, "test run: {}", std::io::Error::last_os_error());
     let retval = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
     let size = u32::from_ne_bytes(attr[12..16].try_into().expect("4 bytes")) as usize;
+    let duration = u32::from_ne_bytes(attr[36..40].try_into().expect("4 bytes"));
     out.truncate(size);
-    (retval, out)
+    (retval, out, duration)
 }
 
 pub const XDP_DROP: u32 = 1;

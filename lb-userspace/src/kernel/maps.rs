@@ -1,7 +1,10 @@
 //! The agent's handles on the pinned maps: reading what the kernel holds, applying
 //! [`Op`]s, and reading the counters.
 
-use std::{os::fd::AsFd as _, path::Path};
+use std::{
+    os::fd::{AsFd as _, BorrowedFd},
+    path::Path,
+};
 
 use aya::maps::{
     Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key as LpmKey,
@@ -247,154 +250,76 @@ impl Maps {
                 })
             };
         }
+        // Batched deletions of the keys of `ops` from one map.
+        macro_rules! del {
+            ($map:expr, $pat:pat => $key:expr) => {{
+                let keys: Vec<_> = of!($pat => $key).collect();
+                let map = $map.map().fd().as_fd();
+                batch::write(
+                    &batch::Deletes { map, keys: &keys },
+                    keys.len(),
+                    batch::CHUNK,
+                    threads,
+                )
+            }};
+        }
+        let backends = self.capacities.backends;
+        let frontends = self.capacities.frontends;
+        let chunks = lb_common::maglev::MAX_CHUNKS;
+        let ranges = lb_common::nat::MAX_SRC_RANGES;
         let (name, capacity, result) = match first {
             Op::PutMember(_) => {
                 let keys: Vec<MemberKey> = of!(Op::PutMember(k) => *k).collect();
                 let values = vec![MEMBER_PRESENT; keys.len()];
                 let map = self.members.map().fd().as_fd();
-                let target = batch::Updates {
-                    map,
-                    keys: &keys,
-                    values: &values,
-                };
-                (
-                    MEMBERS,
-                    self.capacities.backends,
-                    batch::write(&target, keys.len(), batch::CHUNK, threads),
-                )
+                (MEMBERS, backends, batch_put(map, &keys, &values, threads))
             }
             Op::PutSlot(..) => {
                 let (keys, values): (Vec<SlotKey>, Vec<Backend>) =
                     of!(Op::PutSlot(k, v) => (*k, *v)).unzip();
                 let map = self.slots.map().fd().as_fd();
-                let target = batch::Updates {
-                    map,
-                    keys: &keys,
-                    values: &values,
-                };
-                (
-                    SLOTS,
-                    self.capacities.backends,
-                    batch::write(&target, keys.len(), batch::CHUNK, threads),
-                )
+                (SLOTS, backends, batch_put(map, &keys, &values, threads))
             }
             Op::PutFrontend(..) => {
                 let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) =
                     of!(Op::PutFrontend(k, v) => (*k, *v)).unzip();
                 let map = self.frontends.map().fd().as_fd();
-                let target = batch::Updates {
-                    map,
-                    keys: &keys,
-                    values: &values,
-                };
                 (
                     FRONTENDS,
-                    self.capacities.frontends,
-                    batch::write(&target, keys.len(), batch::CHUNK, threads),
-                )
-            }
-            Op::DelMember(_) => {
-                let keys: Vec<MemberKey> = of!(Op::DelMember(k) => *k).collect();
-                let map = self.members.map().fd().as_fd();
-                (
-                    MEMBERS,
-                    self.capacities.backends,
-                    batch::write(
-                        &batch::Deletes { map, keys: &keys },
-                        keys.len(),
-                        batch::CHUNK,
-                        threads,
-                    ),
-                )
-            }
-            Op::DelSlot(_) => {
-                let keys: Vec<SlotKey> = of!(Op::DelSlot(k) => *k).collect();
-                let map = self.slots.map().fd().as_fd();
-                (
-                    SLOTS,
-                    self.capacities.backends,
-                    batch::write(
-                        &batch::Deletes { map, keys: &keys },
-                        keys.len(),
-                        batch::CHUNK,
-                        threads,
-                    ),
-                )
-            }
-            Op::DelFrontend(..) => {
-                let keys: Vec<FrontendKey> = of!(Op::DelFrontend(k, _) => *k).collect();
-                let map = self.frontends.map().fd().as_fd();
-                (
-                    FRONTENDS,
-                    self.capacities.frontends,
-                    batch::write(
-                        &batch::Deletes { map, keys: &keys },
-                        keys.len(),
-                        batch::CHUNK,
-                        threads,
-                    ),
+                    frontends,
+                    batch_put(map, &keys, &values, threads),
                 )
             }
             Op::PutTable(..) => {
                 let (keys, values): (Vec<MaglevKey>, Vec<MaglevChunk>) =
                     of!(Op::PutTable(k, v) => (*k, **v)).unzip();
                 let map = self.maglev.map().fd().as_fd();
-                let target = batch::Updates {
-                    map,
-                    keys: &keys,
-                    values: &values,
-                };
-                (
-                    MAGLEV,
-                    lb_common::maglev::MAX_CHUNKS,
-                    batch::write(&target, keys.len(), batch::CHUNK, threads),
-                )
-            }
-            Op::DelTable(_) => {
-                let keys: Vec<MaglevKey> = of!(Op::DelTable(k) => *k).collect();
-                let map = self.maglev.map().fd().as_fd();
-                (
-                    MAGLEV,
-                    lb_common::maglev::MAX_CHUNKS,
-                    batch::write(
-                        &batch::Deletes { map, keys: &keys },
-                        keys.len(),
-                        batch::CHUNK,
-                        threads,
-                    ),
-                )
+                (MAGLEV, chunks, batch_put(map, &keys, &values, threads))
             }
             Op::PutRange(_) => {
                 let keys: Vec<LpmKey<SrcRangeKey>> =
                     of!(Op::PutRange(e) => LpmKey::new(e.prefix_len, e.key)).collect();
                 let values = vec![SRC_RANGE_PRESENT; keys.len()];
                 let map = self.src_ranges.map().fd().as_fd();
-                let target = batch::Updates {
-                    map,
-                    keys: &keys,
-                    values: &values,
-                };
-                (
-                    SRC_RANGES,
-                    lb_common::nat::MAX_SRC_RANGES,
-                    batch::write(&target, keys.len(), batch::CHUNK, threads),
-                )
+                (SRC_RANGES, ranges, batch_put(map, &keys, &values, threads))
             }
-            Op::DelRange(_) => {
-                let keys: Vec<LpmKey<SrcRangeKey>> =
-                    of!(Op::DelRange(e) => LpmKey::new(e.prefix_len, e.key)).collect();
-                let map = self.src_ranges.map().fd().as_fd();
-                (
-                    SRC_RANGES,
-                    lb_common::nat::MAX_SRC_RANGES,
-                    batch::write(
-                        &batch::Deletes { map, keys: &keys },
-                        keys.len(),
-                        batch::CHUNK,
-                        threads,
-                    ),
-                )
-            }
+            Op::DelMember(_) => (
+                MEMBERS,
+                backends,
+                del!(self.members, Op::DelMember(k) => *k),
+            ),
+            Op::DelSlot(_) => (SLOTS, backends, del!(self.slots, Op::DelSlot(k) => *k)),
+            Op::DelFrontend(..) => (
+                FRONTENDS,
+                frontends,
+                del!(self.frontends, Op::DelFrontend(k, _) => *k),
+            ),
+            Op::DelTable(_) => (MAGLEV, chunks, del!(self.maglev, Op::DelTable(k) => *k)),
+            Op::DelRange(_) => (
+                SRC_RANGES,
+                ranges,
+                del!(self.src_ranges, Op::DelRange(e) => LpmKey::new(e.prefix_len, e.key)),
+            ),
         };
         result.map_err(|stopped| (stopped.index, map_error(name, capacity, stopped.error)))
     }
@@ -529,6 +454,21 @@ impl Maps {
             ct: self.ct.keys().count(),
         }
     }
+}
+
+/// Batched updates of `keys` to `values` in `map` ([`batch::write`]).
+fn batch_put<K: aya::Pod + Sync, V: aya::Pod + Sync>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    threads: usize,
+) -> Result<(), batch::Stopped> {
+    batch::write(
+        &batch::Updates { map, keys, values },
+        keys.len(),
+        batch::CHUNK,
+        threads,
+    )
 }
 
 #[cfg(test)]
