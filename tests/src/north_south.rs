@@ -381,6 +381,37 @@ impl Drop for NodeAgent {
 }
 
 /// node-b's address in [`TwoNodes`].
+/// A dual-stack NodePort Service (eTP Cluster, the default) whose only endpoint is podb on
+/// node-b.
+pub const FAR_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: far}
+spec:
+  type: NodePort
+  clusterIPs: [10.96.60.1, 'fd00:96::60:1']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30090}
+  - {name: udp, port: 80, targetPort: 8080, protocol: UDP, nodePort: 30090}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: far-1, labels: {kubernetes.io/service-name: far}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: [10.201.0.2], nodeName: node-b}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: far-2, labels: {kubernetes.io/service-name: far}}
+addressType: IPv6
+ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: ['fd00:201::2'], nodeName: node-b}
+";
+
 pub const NODE_B4: &str = "10.250.2.3";
 /// node-b's IPv6 address in [`TwoNodes`].
 pub const NODE_B6: &str = "fd00:250:2::3";

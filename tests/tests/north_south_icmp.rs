@@ -16,8 +16,8 @@ use std::{
 use lb_tests::{
     TempDir,
     north_south::{
-        EXT4, EXT6, NODE4, NODE6, NodeAgent, Pkt, TC_ACT_OK, TCP, Topology, TwoNodes, UDP,
-        XDP_PASS, XDP_REDIRECT, checksum, in_netns, mac, prog_of_link, test_run,
+        EXT4, EXT6, FAR_SERVICE, NODE4, NODE6, NodeAgent, Pkt, TC_ACT_OK, TCP, Topology, TwoNodes,
+        UDP, XDP_PASS, XDP_REDIRECT, checksum, in_netns, mac, prog_of_link, test_run,
     },
 };
 
@@ -62,36 +62,6 @@ ports:
 - {name: bulk, port: 8086}
 endpoints:
 - {addresses: ['fd00:200::11'], nodeName: node-a}
-";
-
-/// A dual-stack NodePort Service (eTP Cluster) whose only endpoint is podb on node-b.
-const FAR_SERVICE: &str = "apiVersion: v1
-kind: Service
-metadata: {name: far}
-spec:
-  type: NodePort
-  clusterIPs: [10.96.60.1, 'fd00:96::60:1']
-  ipFamilies: [IPv4, IPv6]
-  ipFamilyPolicy: RequireDualStack
-  ports:
-  - {name: tcp, port: 80, targetPort: 8080, nodePort: 30090}
-  - {name: udp, port: 80, targetPort: 8080, protocol: UDP, nodePort: 30090}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: far-1, labels: {kubernetes.io/service-name: far}}
-addressType: IPv4
-ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
-endpoints:
-- {addresses: [10.201.0.2], nodeName: node-b}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: far-2, labels: {kubernetes.io/service-name: far}}
-addressType: IPv6
-ports: [{name: tcp, port: 8080}, {name: udp, port: 8080, protocol: UDP}]
-endpoints:
-- {addresses: ['fd00:201::2'], nodeName: node-b}
 ";
 
 const ICMP: u8 = 1;
