@@ -24,6 +24,7 @@ use lb_tests::{Netns, Proc, TempDir, die_with_parent, unique};
 use super::{
     Bench, ENDPOINTS, Mode, PER_FILE,
     measure::{self, Spread},
+    pps,
     report::LatencyRow,
     services::{NODEPORT_BASE, Proto, ServiceSet},
     topology::{Servers, Topology},
@@ -166,7 +167,7 @@ fn xdp_manifests(backends4: &[Ipv4Addr], backends6: &[Ipv6Addr]) -> String {
 
 /// Runs `f` on a thread of its own inside `netns` (the FIB lookups of test-run happen in the
 /// caller's namespace) and pinned to `cpu`.
-fn on_pinned_thread_in<T: Send>(
+pub(super) fn on_pinned_thread_in<T: Send>(
     netns: &Netns,
     cpu: Option<usize>,
     f: impl FnOnce() -> anyhow::Result<T> + Send,
@@ -484,6 +485,28 @@ impl Bench {
                 p50_vs_direct,
                 lost: runs.iter().map(|r| r.errors).sum(),
             });
+        }
+        // Packets/s on the same topologies (see pps.rs): the last Service's NodePort, the
+        // pod for direct.
+        let targets: Vec<pps::Target<'_>> = setups
+            .iter()
+            .map(|s| pps::Target {
+                mode: s.mode,
+                topo: &s.topo,
+                dst: if s.mode == Mode::Direct {
+                    SocketAddrV4::new(s.topo.backends[0], Proto::Udp.ports().1)
+                } else {
+                    SocketAddrV4::new(NODE_IP, ServiceSet::nodeport(n - 1))
+                },
+            })
+            .collect();
+        match pps::measure(&targets, n, &pps::PpsPlan::new(self.results.quick)) {
+            Ok(rows) => self.results.nodeport_pps.extend(rows),
+            // As a scale that cannot be measured: reported in a full run, fatal in CI's.
+            Err(e) if !self.results.quick => {
+                self.skip(format!("NodePort packets/s with {n} Services: {e:#}"));
+            }
+            Err(e) => return Err(e),
         }
         Ok(())
     }

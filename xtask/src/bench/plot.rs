@@ -297,6 +297,40 @@ pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
         )?;
     }
     let mut series: Vec<Series> = Vec::new();
+    for (mode, flows, label, c) in [
+        ("direct", "one", "direct, one flow", color("direct")),
+        (
+            "direct",
+            "new",
+            "direct, new flows",
+            RGBColor(170, 170, 170),
+        ),
+        ("lb-xdp", "one", "lb XDP, one flow", color("lb")),
+        ("lb-xdp", "new", "lb XDP, new flows", RGBColor(86, 180, 233)),
+        ("iptables", "one", "iptables, one flow", color("iptables")),
+        (
+            "iptables",
+            "new",
+            "iptables, new flows",
+            RGBColor(230, 159, 0),
+        ),
+    ] {
+        let data = results
+            .nodeport_pps
+            .iter()
+            .filter(|r| r.mode == mode && r.flows == flows)
+            .map(|r| (to_f64(r.services.max(1)), r.delivered_pps.median / 1e3))
+            .collect();
+        series.push((label.to_owned(), c, data));
+    }
+    chart(
+        &dir.join(format!("{}-nodeport-pps.png", results.name)),
+        "NodePort from outside: UDP datagrams/s delivered to the pod vs Services",
+        "thousand datagrams/s (one sending CPU)",
+        &series,
+        false,
+    )?;
+    let mut series: Vec<Series> = Vec::new();
     let rows = |mode: &str, f: fn(&super::report::SyncRow) -> Option<f64>| -> Vec<(f64, f64)> {
         results
             .full_sync
