@@ -326,7 +326,7 @@ impl Bench {
     pub fn nodeport_point(&mut self, n: usize) -> anyhow::Result<()> {
         struct NpSetup {
             mode: Mode,
-            _agent: Option<XdpAgent>,
+            agent: Option<XdpAgent>,
             _manifests: Option<TempDir>,
             topo: Topology,
         }
@@ -396,7 +396,7 @@ impl Bench {
             };
             setups.push(NpSetup {
                 mode,
-                _agent: agent,
+                agent,
                 _manifests: manifests,
                 topo,
             });
@@ -498,6 +498,7 @@ impl Bench {
                 } else {
                     SocketAddrV4::new(NODE_IP, ServiceSet::nodeport(n - 1))
                 },
+                pin_path: s.agent.as_ref().map(|a| a.pin_path.as_path()),
             })
             .collect();
         match pps::measure(&targets, n, &pps::PpsPlan::new(self.results.quick)) {

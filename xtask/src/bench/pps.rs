@@ -20,7 +20,9 @@
 //! so the rate is what one CPU does with sender plus datapath: direct is the floor.
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -270,6 +272,13 @@ pub struct PpsRow {
     pub delivered_vs_direct: Option<Spread>,
     /// Seconds each run sent for.
     pub seconds: f64,
+    /// Datagrams counted at the pod over the timed runs.
+    #[serde(default)]
+    pub delivered_total: u64,
+    /// lb-xdp: what lb's XDP program counted over the same runs (`lb stats`, the `xdp_*`
+    /// events that moved): whether the datagrams were translated in XDP or passed on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xdp_events: BTreeMap<String, u64>,
 }
 
 /// Duration and rounds.
@@ -348,6 +357,41 @@ pub struct Target<'a> {
     pub mode: Mode,
     pub topo: &'a Topology,
     pub dst: SocketAddrV4,
+    /// lb's pin path (lb-xdp), to read its XDP counters.
+    pub pin_path: Option<&'a Path>,
+}
+
+/// `lb stats --json`'s `events`.
+fn lb_events(pin_path: &Path) -> anyhow::Result<serde_json::Value> {
+    let out = crate::cmd::output(
+        Command::new(crate::cmd::lb_bin())
+            .args(["stats", "--json", "--pin-path"])
+            .arg(pin_path),
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("lb stats --json")?;
+    Ok(json["events"].clone())
+}
+
+/// The `xdp_*` events that grew from `before` to `after` (`lb stats --json` `events`), added
+/// to `into`.
+pub fn add_xdp_deltas(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+    into: &mut BTreeMap<String, u64>,
+) {
+    let Some(after) = after.as_object() else {
+        return;
+    };
+    for (name, value) in after {
+        let was = before
+            .get(name)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let delta = value.as_u64().unwrap_or(0).saturating_sub(was);
+        if name.starts_with("xdp_") && delta > 0 {
+            *into.entry(name.clone()).or_default() += delta;
+        }
+    }
 }
 
 /// Floods every target with both kinds of traffic, `plan.repeats` interleaved rounds, and
@@ -366,9 +410,14 @@ pub fn measure(
         .collect();
     let duration = Duration::from_secs_f64(plan.seconds);
     let mut next = vec![0u64; points.len()];
-    let mut run = |k: usize, duration: Duration| -> anyhow::Result<(Sent, u64)> {
+    let mut events: Vec<BTreeMap<String, u64>> = vec![BTreeMap::new(); points.len()];
+    let mut run = |k: usize, duration: Duration, timed: bool| -> anyhow::Result<(Sent, u64)> {
         let (i, flows) = points[k];
         let t = &targets[i];
+        let lb_before = match t.pin_path {
+            Some(pin) if timed => Some(lb_events(pin)?),
+            _ => None,
+        };
         let before = sink_read(t.topo)?;
         let first = next[k];
         let sent = super::nodeport::on_pinned_thread_in(&t.topo.client, Some(cpu), || {
@@ -377,12 +426,15 @@ pub fn measure(
         // What is still queued (backlog, rings) arrives within this.
         std::thread::sleep(Duration::from_millis(30));
         let delivered = sink_read(t.topo)? - before;
+        if let (Some(pin), Some(lb_before)) = (t.pin_path, lb_before) {
+            add_xdp_deltas(&lb_before, &lb_events(pin)?, &mut events[k]);
+        }
         next[k] += sent.datagrams + u64::try_from(BATCH).unwrap_or(0);
         Ok((sent, delivered))
     };
     // Warm-up: neighbour entries, the one flow's state, the path's caches.
     for (k, &(i, flows)) in points.iter().enumerate() {
-        let (_, delivered) = run(k, Duration::from_millis(100))?;
+        let (_, delivered) = run(k, Duration::from_millis(100), false)?;
         if delivered == 0 {
             bail!(
                 "packets/s warm-up: nothing reached the pod ({}, {} flow(s), {})",
@@ -393,6 +445,7 @@ pub fn measure(
         }
     }
     let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); points.len()];
+    let mut delivered_total = vec![0u64; points.len()];
     for round in 0..plan.repeats {
         eprintln!(
             "bench: NodePort packets/s, {services} Services, round {}/{}",
@@ -400,7 +453,8 @@ pub fn measure(
             plan.repeats
         );
         for k in super::rotated(points.len(), round) {
-            let (sent, delivered) = run(k, duration)?;
+            let (sent, delivered) = run(k, duration, true)?;
+            delivered_total[k] += delivered;
             runs[k].push(rates(sent, delivered));
         }
     }
@@ -435,6 +489,8 @@ pub fn measure(
             dropped_percent: spread(|r| r.2 * 100.0),
             delivered_vs_direct: vs_direct,
             seconds: plan.seconds,
+            delivered_total: delivered_total[k],
+            xdp_events: std::mem::take(&mut events[k]),
         });
     }
     Ok(rows)
@@ -477,6 +533,33 @@ pub fn markdown(rows: &[PpsRow], md: &mut String) {
             r.delivered_pps.max / 1e3,
             r.dropped_percent.median,
         );
+    }
+    let notes: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.xdp_events.is_empty())
+        .map(|r| {
+            let events: Vec<String> = r
+                .xdp_events
+                .iter()
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            format!(
+                "- N = {}, {} flow(s): {} delivered; {}",
+                r.services,
+                r.flows,
+                r.delivered_total,
+                events.join(", ")
+            )
+        })
+        .collect();
+    if !notes.is_empty() {
+        push_line!(
+            md,
+            "\nlb's XDP counters over the timed runs (`lb stats`; every datagram should be translated and redirected in XDP):\n"
+        );
+        for note in notes {
+            push_line!(md, "{note}");
+        }
     }
 }
 
@@ -562,6 +645,21 @@ mod tests {
         // More counted than sent (a late datagram of an earlier run): no negative drops.
         assert!(rates(sent, 1_000_001).2.abs() < 1e-12);
         assert_eq!(rates(Sent::default(), 0), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn xdp_deltas_keep_the_xdp_events_that_grew() {
+        let before = serde_json::json!({"xdp_redirect": 10, "xdp_tracked": 5, "sock_connect": 1});
+        let after = serde_json::json!({"xdp_redirect": 110, "xdp_tracked": 5, "xdp_new_flow": 3, "sock_connect": 9});
+        let mut into = BTreeMap::from([("xdp_redirect".to_owned(), 1)]);
+        add_xdp_deltas(&before, &after, &mut into);
+        assert_eq!(
+            into,
+            BTreeMap::from([
+                ("xdp_new_flow".to_owned(), 3),
+                ("xdp_redirect".to_owned(), 101)
+            ])
+        );
     }
 
     #[test]
