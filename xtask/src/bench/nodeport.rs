@@ -488,10 +488,10 @@ impl Bench {
         }
         // Packets/s on the same topologies (see pps.rs): the last Service's NodePort, the
         // pod for direct.
-        let targets: Vec<pps::Target<'_>> = setups
-            .iter()
-            .map(|s| pps::Target {
-                mode: s.mode,
+        let mut targets: Vec<pps::Target<'_>> = Vec::new();
+        for s in &setups {
+            let target = |name, xdp_pass| pps::Target {
+                name,
                 topo: &s.topo,
                 dst: if s.mode == Mode::Direct {
                     SocketAddrV4::new(s.topo.backends[0], Proto::Udp.ports().1)
@@ -499,8 +499,17 @@ impl Bench {
                     SocketAddrV4::new(NODE_IP, ServiceSet::nodeport(n - 1))
                 },
                 pin_path: s.agent.as_ref().map(|a| a.pin_path.as_path()),
-            })
-            .collect();
+                xdp_pass,
+            };
+            match s.mode {
+                Mode::Direct => {
+                    targets.push(target(pps::DIRECT, false));
+                    targets.push(target("direct+xdp-pass", true));
+                }
+                Mode::Lb => targets.push(target("lb-xdp", false)),
+                m => targets.push(target(m.name(), false)),
+            }
+        }
         match pps::measure(&targets, n, &pps::PpsPlan::new(self.results.quick)) {
             Ok(rows) => self.results.nodeport_pps.extend(rows),
             // As a scale that cannot be measured: reported in a full run, fatal in CI's.

@@ -305,6 +305,18 @@ pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
             "direct, new flows",
             RGBColor(170, 170, 170),
         ),
+        (
+            "direct+xdp-pass",
+            "one",
+            "direct + XDP_PASS on n0, one flow",
+            RGBColor(0, 158, 115),
+        ),
+        (
+            "direct+xdp-pass",
+            "new",
+            "direct + XDP_PASS on n0, new flows",
+            RGBColor(120, 200, 170),
+        ),
         ("lb-xdp", "one", "lb XDP, one flow", color("lb")),
         ("lb-xdp", "new", "lb XDP, new flows", RGBColor(86, 180, 233)),
         ("iptables", "one", "iptables, one flow", color("iptables")),

@@ -22,6 +22,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::OwnedFd,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -30,7 +31,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{Mode, measure::Spread, topology::Topology};
+use super::{measure::Spread, topology::Topology};
 
 /// IPv4 header + UDP header + payload.
 pub const PACKET_LEN: usize = 46;
@@ -257,7 +258,8 @@ pub fn sink_count(save: &str) -> Option<u64> {
 /// One point of the packets/s comparison: medians of interleaved rounds.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PpsRow {
-    /// "direct", "lb-xdp" or "iptables".
+    /// "direct", "direct+xdp-pass" (direct with an XDP program that passes everything on the
+    /// node's client-facing veth), "lb-xdp" or "iptables".
     pub mode: String,
     pub services: usize,
     /// "one" (established path) or "new" (every datagram a new flow).
@@ -291,7 +293,7 @@ impl PpsPlan {
     pub fn new(quick: bool) -> Self {
         if quick {
             Self {
-                seconds: 0.8,
+                seconds: 0.6,
                 repeats: 3,
             }
         } else {
@@ -354,11 +356,37 @@ fn sink_read(topo: &Topology) -> anyhow::Result<u64> {
 
 /// One flood point: a mode's topology and the address it floods.
 pub struct Target<'a> {
-    pub mode: Mode,
+    /// The row's mode: "direct", "direct+xdp-pass", "lb-xdp", "iptables".
+    pub name: &'static str,
     pub topo: &'a Topology,
     pub dst: SocketAddrV4,
     /// lb's pin path (lb-xdp), to read its XDP counters.
     pub pin_path: Option<&'a Path>,
+    /// Attach an XDP program that passes everything to the node's `n0` for each run: what
+    /// any XDP program costs on veth (the frame is made into an XDP buffer and back).
+    pub xdp_pass: bool,
+}
+
+/// The mode name of direct access, the baseline of "vs direct".
+pub const DIRECT: &str = "direct";
+
+/// An XDP program that passes every packet: `r0 = XDP_PASS; exit`.
+fn xdp_pass_prog() -> anyhow::Result<OwnedFd> {
+    let mut asm = super::bpf::Asm::default();
+    asm.raw(0xb7, 0, 0, 0, 2).raw(0x95, 0, 0, 0, 0);
+    super::bpf::prog_load("lb_pass", &asm.finish()?)
+}
+
+/// Attaches `prog` to `n0` in the node's namespace of `topo`.
+fn attach_pass(topo: &Topology, prog: &OwnedFd) -> anyhow::Result<OwnedFd> {
+    super::nodeport::on_pinned_thread_in(&topo.node, None, || {
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c"n0".as_ptr()) };
+        if ifindex == 0 {
+            bail!("n0: {}", std::io::Error::last_os_error());
+        }
+        super::bpf::xdp_link(prog, ifindex)
+    })
 }
 
 /// `lb stats --json`'s `events`.
@@ -410,12 +438,21 @@ pub fn measure(
         .collect();
     let duration = Duration::from_secs_f64(plan.seconds);
     let mut next = vec![0u64; points.len()];
+    let pass_prog = if targets.iter().any(|t| t.xdp_pass) {
+        Some(xdp_pass_prog()?)
+    } else {
+        None
+    };
     let mut events: Vec<BTreeMap<String, u64>> = vec![BTreeMap::new(); points.len()];
     let mut run = |k: usize, duration: Duration, timed: bool| -> anyhow::Result<(Sent, u64)> {
         let (i, flows) = points[k];
         let t = &targets[i];
         let lb_before = match t.pin_path {
             Some(pin) if timed => Some(lb_events(pin)?),
+            _ => None,
+        };
+        let link = match &pass_prog {
+            Some(prog) if t.xdp_pass => Some(attach_pass(t.topo, prog)?),
             _ => None,
         };
         let before = sink_read(t.topo)?;
@@ -426,6 +463,7 @@ pub fn measure(
         // What is still queued (backlog, rings) arrives within this.
         std::thread::sleep(Duration::from_millis(30));
         let delivered = sink_read(t.topo)? - before;
+        drop(link);
         if let (Some(pin), Some(lb_before)) = (t.pin_path, lb_before) {
             add_xdp_deltas(&lb_before, &lb_events(pin)?, &mut events[k]);
         }
@@ -438,7 +476,7 @@ pub fn measure(
         if delivered == 0 {
             bail!(
                 "packets/s warm-up: nothing reached the pod ({}, {} flow(s), {})",
-                targets[i].mode.name(),
+                targets[i].name,
                 flows.name(),
                 targets[i].dst
             );
@@ -460,11 +498,11 @@ pub fn measure(
     }
     let mut rows = Vec::new();
     for (k, &(i, flows)) in points.iter().enumerate() {
-        let mode = targets[i].mode;
+        let name = targets[i].name;
         let direct = points
             .iter()
-            .position(|&(j, f)| targets[j].mode == Mode::Direct && f == flows);
-        let vs_direct = direct.filter(|_| mode != Mode::Direct).and_then(|d| {
+            .position(|&(j, f)| targets[j].name == DIRECT && f == flows);
+        let vs_direct = direct.filter(|_| name != DIRECT).and_then(|d| {
             Spread::of(
                 runs[k]
                     .iter()
@@ -478,10 +516,7 @@ pub fn measure(
             Spread::of(runs[k].iter().map(f).collect()).unwrap_or_default()
         };
         rows.push(PpsRow {
-            mode: match mode {
-                Mode::Lb => "lb-xdp".into(),
-                m => m.name().into(),
-            },
+            mode: name.into(),
             services,
             flows: flows.name().into(),
             offered_pps: spread(|r| r.0),
@@ -512,7 +547,11 @@ pub fn markdown(rows: &[PpsRow], md: &mut String) {
          one flow: every datagram from one source (established path: lb's flow-table hit, conntrack hit); new \
          flows: every datagram from a new source address:port (lb's flow insert, conntrack insert and NAT). \
          Delivered: counted by a drop rule in the pod's namespace (raw PREROUTING). Offered: accepted by \
-         `sendmmsg`; dropped = not delivered. Medians of interleaved rounds [min-max].\n\n\
+         `sendmmsg`; dropped = not delivered (on veth the sender's CPU runs the path to the pod inline, so the \
+         path slows the sender rather than dropping). direct+xdp-pass: direct with an XDP program that only \
+         returns XDP_PASS on the node's veth `n0` (lb-xdp's attachment point): what XDP on veth costs before any \
+         work (veth makes the frame an XDP buffer and back). lb's XDP rewrites DNAT-only flows (local endpoints) \
+         and passes them to the stack, which forwards them. Medians of interleaved rounds [min-max].\n\n\
          | Services | flows | mode | offered (kpps) | delivered (kpps) | dropped | delivered vs direct |\n\
          |---:|---|---|---:|---:|---:|---:|"
     );
@@ -555,7 +594,7 @@ pub fn markdown(rows: &[PpsRow], md: &mut String) {
     if !notes.is_empty() {
         push_line!(
             md,
-            "\nlb's XDP counters over the timed runs (`lb stats`; every datagram should be translated and redirected in XDP):\n"
+            "\nlb's XDP counters over the timed runs (`lb stats`; DNAT-only flows are rewritten in XDP and passed to the stack, `xdp_redirect` counts only SNAT'd and reply packets):\n"
         );
         for note in notes {
             push_line!(md, "{note}");
