@@ -399,4 +399,26 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(&png[1..4], b"PNG");
     }
+
+    /// The committed NodePort run has its packets/s rows (every mode, both kinds of flows,
+    /// each N) and draws their chart.
+    #[test]
+    fn the_packets_per_second_rows_of_a_committed_run_draw_a_chart() {
+        let json = include_str!("../../../bench/results/2026-11-30-nodeport-pps.json");
+        let mut results: Results = serde_json::from_str(json).unwrap();
+        assert_eq!(results.nodeport_pps.len(), 4 * 2 * 3);
+        assert!(
+            results
+                .nodeport_pps
+                .iter()
+                .all(|r| r.delivered_pps.median > 0.0)
+        );
+        results.name = "plot-pps-test".into();
+        let dir = std::env::temp_dir().join(format!("lb-plot-pps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write(&results, &dir).unwrap();
+        let png = std::fs::read(dir.join("plot-pps-test-nodeport-pps.png")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
 }
