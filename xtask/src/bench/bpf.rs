@@ -12,6 +12,7 @@ const BPF_OBJ_GET: i64 = 7;
 const BPF_PROG_TEST_RUN: i64 = 10;
 const BPF_PROG_GET_FD_BY_ID: i64 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+const BPF_LINK_CREATE: i64 = 28;
 
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
@@ -166,6 +167,22 @@ pub fn test_run(prog: &OwnedFd, packet: &[u8], repeat: u32) -> anyhow::Result<Ru
         out,
         ns: word(36),
     })
+}
+
+/// Attaches XDP program `prog` to interface `ifindex` of the calling thread's network
+/// namespace by a BPF link (driver mode where the driver has it, as veth does); detached when
+/// the returned descriptor closes.
+pub fn xdp_link(prog: &OwnedFd, ifindex: u32) -> anyhow::Result<OwnedFd> {
+    let (fd, _) = bpf(
+        BPF_LINK_CREATE,
+        &[
+            (0, fd_u64(prog), 4),
+            (4, u64::from(ifindex), 4),
+            (8, u64::from(BPF_XDP), 4),
+        ],
+    )
+    .context("BPF_LINK_CREATE (XDP)")?;
+    owned(fd)
 }
 
 /// A tiny BPF assembler: instructions with jumps to named labels.

@@ -9,6 +9,7 @@ mod katran;
 mod measure;
 mod nodeport;
 mod plot;
+mod pps;
 mod prog_cost;
 mod report;
 mod services;
@@ -274,6 +275,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         udp_churn: Vec::new(),
         xdp: None,
         nodeport: Vec::new(),
+        nodeport_pps: Vec::new(),
         skipped: Vec::new(),
     };
     let mut bench = Bench {

@@ -24,6 +24,7 @@ use lb_tests::{Netns, Proc, TempDir, die_with_parent, unique};
 use super::{
     Bench, ENDPOINTS, Mode, PER_FILE,
     measure::{self, Spread},
+    pps,
     report::LatencyRow,
     services::{NODEPORT_BASE, Proto, ServiceSet},
     topology::{Servers, Topology},
@@ -166,7 +167,7 @@ fn xdp_manifests(backends4: &[Ipv4Addr], backends6: &[Ipv6Addr]) -> String {
 
 /// Runs `f` on a thread of its own inside `netns` (the FIB lookups of test-run happen in the
 /// caller's namespace) and pinned to `cpu`.
-fn on_pinned_thread_in<T: Send>(
+pub(super) fn on_pinned_thread_in<T: Send>(
     netns: &Netns,
     cpu: Option<usize>,
     f: impl FnOnce() -> anyhow::Result<T> + Send,
@@ -325,7 +326,7 @@ impl Bench {
     pub fn nodeport_point(&mut self, n: usize) -> anyhow::Result<()> {
         struct NpSetup {
             mode: Mode,
-            _agent: Option<XdpAgent>,
+            agent: Option<XdpAgent>,
             _manifests: Option<TempDir>,
             topo: Topology,
         }
@@ -395,7 +396,7 @@ impl Bench {
             };
             setups.push(NpSetup {
                 mode,
-                _agent: agent,
+                agent,
                 _manifests: manifests,
                 topo,
             });
@@ -484,6 +485,38 @@ impl Bench {
                 p50_vs_direct,
                 lost: runs.iter().map(|r| r.errors).sum(),
             });
+        }
+        // Packets/s on the same topologies (see pps.rs): the last Service's NodePort, the
+        // pod for direct.
+        let mut targets: Vec<pps::Target<'_>> = Vec::new();
+        for s in &setups {
+            let target = |name, xdp_pass| pps::Target {
+                name,
+                topo: &s.topo,
+                dst: if s.mode == Mode::Direct {
+                    SocketAddrV4::new(s.topo.backends[0], Proto::Udp.ports().1)
+                } else {
+                    SocketAddrV4::new(NODE_IP, ServiceSet::nodeport(n - 1))
+                },
+                pin_path: s.agent.as_ref().map(|a| a.pin_path.as_path()),
+                xdp_pass,
+            };
+            match s.mode {
+                Mode::Direct => {
+                    targets.push(target(pps::DIRECT, false));
+                    targets.push(target("direct+xdp-pass", true));
+                }
+                Mode::Lb => targets.push(target("lb-xdp", false)),
+                m => targets.push(target(m.name(), false)),
+            }
+        }
+        match pps::measure(&targets, n, &pps::PpsPlan::new(self.results.quick)) {
+            Ok(rows) => self.results.nodeport_pps.extend(rows),
+            // As a scale that cannot be measured: reported in a full run, fatal in CI's.
+            Err(e) if !self.results.quick => {
+                self.skip(format!("NodePort packets/s with {n} Services: {e:#}"));
+            }
+            Err(e) => return Err(e),
         }
         Ok(())
     }

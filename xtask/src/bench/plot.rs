@@ -297,6 +297,52 @@ pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
         )?;
     }
     let mut series: Vec<Series> = Vec::new();
+    for (mode, flows, label, c) in [
+        ("direct", "one", "direct, one flow", color("direct")),
+        (
+            "direct",
+            "new",
+            "direct, new flows",
+            RGBColor(170, 170, 170),
+        ),
+        (
+            "direct+xdp-pass",
+            "one",
+            "direct + XDP_PASS on n0, one flow",
+            RGBColor(0, 158, 115),
+        ),
+        (
+            "direct+xdp-pass",
+            "new",
+            "direct + XDP_PASS on n0, new flows",
+            RGBColor(120, 200, 170),
+        ),
+        ("lb-xdp", "one", "lb XDP, one flow", color("lb")),
+        ("lb-xdp", "new", "lb XDP, new flows", RGBColor(86, 180, 233)),
+        ("iptables", "one", "iptables, one flow", color("iptables")),
+        (
+            "iptables",
+            "new",
+            "iptables, new flows",
+            RGBColor(230, 159, 0),
+        ),
+    ] {
+        let data = results
+            .nodeport_pps
+            .iter()
+            .filter(|r| r.mode == mode && r.flows == flows)
+            .map(|r| (to_f64(r.services.max(1)), r.delivered_pps.median / 1e3))
+            .collect();
+        series.push((label.to_owned(), c, data));
+    }
+    chart(
+        &dir.join(format!("{}-nodeport-pps.png", results.name)),
+        "NodePort from outside: UDP datagrams/s delivered to the pod vs Services",
+        "thousand datagrams/s (one sending CPU)",
+        &series,
+        false,
+    )?;
+    let mut series: Vec<Series> = Vec::new();
     let rows = |mode: &str, f: fn(&super::report::SyncRow) -> Option<f64>| -> Vec<(f64, f64)> {
         results
             .full_sync
@@ -350,6 +396,28 @@ mod tests {
         register_font().unwrap();
         xdp_chart(&results, &dir).unwrap();
         let png = std::fs::read(dir.join("plot-test-xdp.png")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
+
+    /// The committed NodePort run has its packets/s rows (every mode, both kinds of flows,
+    /// each N) and draws their chart.
+    #[test]
+    fn the_packets_per_second_rows_of_a_committed_run_draw_a_chart() {
+        let json = include_str!("../../../bench/results/2026-11-30-nodeport-pps.json");
+        let mut results: Results = serde_json::from_str(json).unwrap();
+        assert_eq!(results.nodeport_pps.len(), 4 * 2 * 3);
+        assert!(
+            results
+                .nodeport_pps
+                .iter()
+                .all(|r| r.delivered_pps.median > 0.0)
+        );
+        results.name = "plot-pps-test".into();
+        let dir = std::env::temp_dir().join(format!("lb-plot-pps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write(&results, &dir).unwrap();
+        let png = std::fs::read(dir.join("plot-pps-test-nodeport-pps.png")).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(&png[1..4], b"PNG");
     }

@@ -31,6 +31,9 @@ pub struct Results {
     /// NodePort from a client outside the cluster: lb's XDP vs iptables NodePort rules.
     #[serde(default)]
     pub nodeport: Vec<LatencyRow>,
+    /// NodePort packets/s from outside: a UDP flood counted at the pod.
+    #[serde(default)]
+    pub nodeport_pps: Vec<super::pps::PpsRow>,
     /// What could not be measured, and why.
     pub skipped: Vec<String>,
 }
@@ -661,6 +664,7 @@ impl Results {
         }
         self.xdp_markdown(&mut md);
         self.nodeport_markdown(&mut md);
+        super::pps::markdown(&self.nodeport_pps, &mut md);
         if !self.skipped.is_empty() {
             push_line!(md, "\n## Not measured\n");
             for s in &self.skipped {
@@ -669,7 +673,7 @@ impl Results {
         }
         push_line!(
             md,
-            "\nPlots (of the parts that ran): `{0}-latency-tcp.png` and `{0}-latency-udp.png` (p50 vs N), `{0}-sync.png` (full sync vs N), `{0}-nodeport-tcp.png` and `{0}-nodeport-udp.png` (NodePort p50 vs N).",
+            "\nPlots (of the parts that ran): `{0}-latency-tcp.png` and `{0}-latency-udp.png` (p50 vs N), `{0}-sync.png` (full sync vs N), `{0}-nodeport-tcp.png` and `{0}-nodeport-udp.png` (NodePort p50 vs N), `{0}-nodeport-pps.png` (NodePort packets/s vs N).",
             self.name
         );
         md

@@ -18,7 +18,8 @@ use lb_tests::{Cgroup, Netns, Proc, unique};
 pub struct Topology {
     pub client: Netns,
     pub node: Netns,
-    _backend: Netns,
+    /// The backend pod's namespace (the packets/s sink counts there).
+    pub backend: Netns,
     pub cgroup: Cgroup,
     pub backends: Vec<Ipv4Addr>,
     _servers: Vec<Proc>,
@@ -133,7 +134,7 @@ impl Topology {
         Ok(Self {
             client,
             node,
-            _backend: backend,
+            backend,
             cgroup,
             backends,
             _servers: vec![server],
