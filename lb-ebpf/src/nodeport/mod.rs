@@ -28,15 +28,16 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr,
-    maps::{BPF_F_NO_PREALLOC, Backend, MemberKey},
+    maps::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, Backend, MemberKey},
     nat::{CT_DIR_IN, CT_DIR_REPLY, CtEntry, CtKey, MAX_CT, MAX_SRC_RANGES, SrcRangeKey},
 };
 
 use crate::maps::LB_MEMBERS;
 
 /// Connection tracking, one entry per direction (`lb_common::nat`); written by both programs.
+/// Per-CPU LRU lists; the agent sets the capacity (`--max-ct-entries`).
 #[map]
-pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, 0);
+pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_NO_COMMON_LRU);
 
 /// Source ranges of LoadBalancer IPs (`lb_common::nat::SRC_RANGES`); written by the agent.
 #[map]
