@@ -148,6 +148,23 @@ pub fn touch(key: &CtKey, now: u64) {
     }
 }
 
+/// Copies the conntrack entry at `src` (a map value) into `dst`, eight bytes at a time. A
+/// plain `*dst = *src` between a map value and scratch memory compiles to a call of
+/// `memmove`, a byte loop of about 450 instructions for the 56 bytes, on every tracked
+/// packet.
+#[inline(always)]
+pub fn load_entry(dst: &mut CtEntry, src: *const CtEntry) {
+    const WORDS: usize = size_of::<CtEntry>() / 8;
+    let from = src.cast::<u64>();
+    let to = core::ptr::from_mut(dst).cast::<u64>();
+    for i in 0..WORDS {
+        // SAFETY: `CtEntry` is 56 bytes with 8-byte alignment (it holds a u64), so both hold
+        // `WORDS` aligned u64s; `src` points into a map value of that size. Volatile: LLVM
+        // would merge the loads back into a `memmove` call.
+        unsafe { to.add(i).write(from.add(i).read_volatile()) };
+    }
+}
+
 /// The forward key for `flow` (client to frontend).
 #[inline(always)]
 pub fn in_key(flow: &Flow) -> CtKey {

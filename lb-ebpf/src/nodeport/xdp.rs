@@ -19,7 +19,7 @@ use lb_common::{
 };
 
 use super::{
-    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, events, in_key, is_member,
+    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, events, in_key, is_member, load_entry,
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_walk,
@@ -384,8 +384,8 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     let mut stat = stats::XDP_TRACKED;
     let mut tracked = false;
     if let Some(p) = LB_CT.get_ptr_mut(&s.ikey) {
-        // SAFETY: copied out at once.
-        s.entry = unsafe { *p };
+        // Copied out at once.
+        load_entry(&mut s.entry, p);
         if stale(&s.entry, flow.proto, tcp, now) {
             remove_flow(flow, s);
             count(stats::XDP_CT_EXPIRED);
@@ -468,8 +468,8 @@ fn reply(ctx: &XdpContext, flow: &Flow) -> Verdict {
     let Some(p) = LB_CT.get_ptr_mut(&key) else {
         return pass(None);
     };
-    // SAFETY: copied out at once.
-    s.entry = unsafe { *p };
+    // Copied out at once.
+    load_entry(&mut s.entry, p);
     let now = now();
     if s.entry.flags & CT_SNAT == 0 || ct_expired(s.entry.seen, now, flow.proto, s.entry.flags) {
         return pass(None);
@@ -683,9 +683,17 @@ fn new_flow(
     s.entry.flags = 0;
     s.entry._pad = 0;
     s.entry.id = frontend.id;
-    s.entry.nat_addr = Addr::default();
-    s.entry.nat_port = 0;
-    s.entry._pad2 = [0; 2];
+    // Volatile: LLVM would merge these zero stores into a call of `memset`, a byte loop.
+    let nat = (&raw mut s.entry.nat_addr.0).cast::<u32>();
+    for i in 0..4 {
+        // SAFETY: the four words of `nat_addr`, in the scratch value.
+        unsafe { nat.add(i).write_volatile(0) };
+    }
+    // SAFETY: fields of the scratch value; `_pad2` follows the u16 `nat_port`, 2-aligned.
+    unsafe {
+        (&raw mut s.entry.nat_port).write_volatile(0);
+        (&raw mut s.entry._pad2).cast::<u16>().write_volatile(0);
+    }
     s.entry.seen = now;
     s.reply = s.entry;
     s.reply.epoch = 0;
@@ -722,8 +730,8 @@ fn new_flow(
             events::ct_insert_failed(ctx, frontend.id, flow.proto);
             return Err(drop(stats::XDP_ERR_CT_UPDATE));
         };
-        // SAFETY: copied out at once.
-        s.entry = unsafe { *p };
+        // Copied out at once.
+        load_entry(&mut s.entry, p);
         return Ok(());
     }
     if !snat && LB_CT.insert(&s.rkey, &s.reply, 0).is_err() {
