@@ -26,9 +26,9 @@ pub const CT: &str = "LB_CT";
 /// Default capacity of [`CT`], in entries (two per flow): `lb run --max-ct-entries` sets it
 /// when the map is created. LRU with one list per CPU
 /// ([`crate::maps::BPF_F_NO_COMMON_LRU`]), so the oldest flows of a CPU make room when that
-/// CPU's share (`capacity / CPUs`) is full. Preallocated: about 150 bytes of kernel memory per
-/// entry (key, value, hash and LRU nodes), so 512 Ki entries (256 Ki flows) take about
-/// 80 MiB. Cilium's default for TCP (`--bpf-ct-global-tcp-max`) is the same 512 Ki entries;
+/// CPU's share (`capacity / CPUs`) is full. Preallocated: 160 bytes of kernel memory per
+/// entry (key, value, hash and LRU nodes; the map's memlock as measured on kernel 6.18), so
+/// 512 Ki entries (256 Ki flows) take 80 MiB. Cilium's default for TCP (`--bpf-ct-global-tcp-max`) is the same 512 Ki entries;
 /// Katran's flow table defaults to 8 M flows (one entry per flow).
 pub const MAX_CT: u32 = 1 << 19;
 

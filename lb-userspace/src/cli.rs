@@ -151,7 +151,7 @@ pub struct CapacityArgs {
     /// Capacity of the north-south connection-tracking map `LB_CT`, in entries (two per
     /// flow through XDP), fixed when the maps are created; rounded up to a multiple of the
     /// CPUs, each of which evicts its own least recently used flows when its share is full.
-    /// About 150 bytes of kernel memory per entry, reserved up front (Cilium's
+    /// 160 bytes of kernel memory per entry, reserved up front (Cilium's
     /// `--bpf-ct-global-tcp-max`).
     #[arg(long, value_name = "N", default_value_t = lb_common::nat::MAX_CT,
           value_parser = clap::value_parser!(u32).range(1024..))]
