@@ -54,6 +54,11 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// `BPF_F_NO_PREALLOC`: the large service maps grow with use instead of reserving their full
 /// capacity up front.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// `BPF_F_NO_COMMON_LRU` (`include/uapi/linux/bpf.h`): an LRU hash map keeps one LRU list per
+/// CPU instead of one list behind a global lock; each CPU's list holds `max_entries / CPUs`
+/// entries (the kernel rounds `max_entries` up to a multiple of the possible CPUs). Cilium
+/// creates its conntrack maps this way (`LRU_MEM_FLAVOR`).
+pub const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 /// Pinned names, also the programs' map names (at most 15 bytes: `BPF_OBJ_NAME_LEN`).
 pub const FRONTENDS: &str = "LB_FRONTENDS";
@@ -91,6 +96,14 @@ pub const META_LAYOUT_VERSION: u32 = 0;
 /// written by the agent before any table; 0 with `--lb-algorithm random` (the XDP program then
 /// picks external backends at random). Read by the XDP program for each new flow.
 pub const META_MAGLEV_TABLE_SIZE: u32 = 1;
+/// Index in [`META`] of the member epoch: the agent adds 1 (wrapping) after every group of
+/// [`MEMBERS`] deletions, once they are in the map. The XDP program stamps a flow's
+/// conntrack entry with the epoch it last saw the flow's backend a member at
+/// ([`crate::nat::CtEntry::epoch`]) and looks [`MEMBERS`] up again only when the epoch has
+/// moved since, so that an established flow's packet costs one array read instead of a hash
+/// lookup while no backend leaves; a flow whose backend left is still dropped at its next
+/// packet after the deletion.
+pub const META_MEMBER_EPOCH: u32 = 2;
 
 /// Key of [`FRONTENDS`]: where a client connects.
 #[repr(C)]
@@ -469,9 +482,9 @@ pub const SPECS: &[MapSpec] = &[
         key_size: size::<crate::nat::CtKey>(),
         value_size: size::<crate::nat::CtEntry>(),
         max_entries: crate::nat::MAX_CT,
-        flags: 0,
+        flags: BPF_F_NO_COMMON_LRU,
         agent_writes: false,
-        sized_by_agent: false,
+        sized_by_agent: true,
     },
     MapSpec {
         name: crate::nat::SRC_RANGES,

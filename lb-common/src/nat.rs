@@ -23,9 +23,14 @@ use crate::Addr;
 /// Pinned name of the connection-tracking map.
 pub const CT: &str = "LB_CT";
 
-/// Connection-tracking entries (two per flow); LRU, so the oldest flows make room when it is
-/// full. 256 Ki entries are 128 Ki flows, about 20 MiB of kernel memory.
-pub const MAX_CT: u32 = 1 << 18;
+/// Default capacity of [`CT`], in entries (two per flow): `lb run --max-ct-entries` sets it
+/// when the map is created. LRU with one list per CPU
+/// ([`crate::maps::BPF_F_NO_COMMON_LRU`]), so the oldest flows of a CPU make room when that
+/// CPU's share (`capacity / CPUs`) is full. Preallocated: 160 bytes of kernel memory per
+/// entry (key, value, hash and LRU nodes; the map's memlock as measured on kernel 6.18), so
+/// 512 Ki entries (256 Ki flows) take 80 MiB. Cilium's default for TCP (`--bpf-ct-global-tcp-max`) is the same 512 Ki entries;
+/// Katran's flow table defaults to 8 M flows (one entry per flow).
+pub const MAX_CT: u32 = 1 << 19;
 
 /// First slot number of a frontend's external backends.
 pub const EXT_SLOT_BASE: u32 = 1 << 31;
@@ -135,7 +140,11 @@ pub struct CtEntry {
     /// the client's port ([`CT_DIR_REPLY`]).
     pub nat_port: u16,
     /// Always 0.
-    pub _pad2: [u8; 6],
+    pub _pad2: [u8; 2],
+    /// [`CT_DIR_IN`]: the member epoch (`crate::maps::META_MEMBER_EPOCH`) at which the
+    /// backend was last known to be a member of `id`; while the epoch stays, no member has
+    /// left and the membership lookup is skipped. 0 in [`CT_DIR_REPLY`] entries (unused).
+    pub epoch: u32,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, nanoseconds) of a recent packet in this
     /// direction, refreshed at most every [`CT_REFRESH_NS`]; an entry idle for longer than
     /// [`ct_timeout_ns`] is treated as absent.

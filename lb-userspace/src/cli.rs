@@ -148,6 +148,14 @@ pub struct CapacityArgs {
     /// Capacity of the backend maps (endpoints summed over all frontends).
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_SLOTS)]
     pub max_backends: u32,
+    /// Capacity of the north-south connection-tracking map `LB_CT`, in entries (two per
+    /// flow through XDP), fixed when the maps are created; rounded up to a multiple of the
+    /// CPUs, each of which evicts its own least recently used flows when its share is full.
+    /// 160 bytes of kernel memory per entry, reserved up front (Cilium's
+    /// `--bpf-ct-global-tcp-max`).
+    #[arg(long, value_name = "N", default_value_t = lb_common::nat::MAX_CT,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_ct_entries: u32,
 }
 
 impl CapacityArgs {
@@ -155,8 +163,16 @@ impl CapacityArgs {
         crate::kernel::Capacities {
             frontends: self.max_frontends,
             backends: self.max_backends,
+            ct: per_cpu_multiple(self.max_ct_entries, aya::util::nr_cpus().unwrap_or(1)),
         }
     }
+}
+
+/// `n` rounded up to a multiple of `cpus` (as the kernel sizes a per-CPU LRU map; down when
+/// that would overflow), so that a pinned map's capacity compares equal to the one asked.
+fn per_cpu_multiple(n: u32, cpus: usize) -> u32 {
+    let cpus = u32::try_from(cpus).unwrap_or(1).max(1);
+    n.checked_next_multiple_of(cpus).unwrap_or(n - n % cpus)
 }
 
 #[derive(Debug, Args)]
@@ -192,4 +208,19 @@ pub struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::per_cpu_multiple;
+
+    #[test]
+    fn ct_capacity_is_a_multiple_of_the_cpus() {
+        assert_eq!(per_cpu_multiple(524_288, 2), 524_288);
+        assert_eq!(per_cpu_multiple(1_025, 2), 1_026);
+        assert_eq!(per_cpu_multiple(1_024, 3), 1_026);
+        assert_eq!(per_cpu_multiple(1_024, 0), 1_024);
+        // Rounded down where rounding up would overflow, as the kernel does.
+        assert_eq!(per_cpu_multiple(u32::MAX, 2), u32::MAX - 1);
+    }
 }

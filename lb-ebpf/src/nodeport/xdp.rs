@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, csum,
-    maps::{Backend, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, SlotKey},
+    maps::{Backend, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, META_MEMBER_EPOCH, SlotKey},
     nat::{
         CT_CLOSING, CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry, EXT_SLOT_BASE,
         FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES, ct_expired, snat_port,
@@ -19,7 +19,7 @@ use lb_common::{
 };
 
 use super::{
-    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, events, in_key, is_member,
+    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, events, in_key, is_member, load_entry,
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_walk,
@@ -27,7 +27,7 @@ use super::{
     },
     reply_key, src_range, touch,
 };
-use crate::maps::{LB_FRONTENDS, LB_SLOTS, count};
+use crate::maps::{LB_FRONTENDS, LB_META, LB_SLOTS, count};
 
 /// The program's verdict on a packet, and the counter that says why (if any).
 struct Verdict {
@@ -41,6 +41,10 @@ const fn pass(stat: Option<u32>) -> Verdict {
         stat,
     }
 }
+
+/// [`translate`]'s action for a packet to no frontend (maybe a reply to an SNAT'd flow); never
+/// returned by the program.
+const NOT_FRONTEND: u32 = u32::MAX;
 
 const fn drop(stat: u32) -> Verdict {
     Verdict {
@@ -59,7 +63,12 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
     // preempted by another on the same CPU).
     let flow = unsafe { &mut *f };
     let verdict = match parse(ctx, flow) {
-        Ok(()) => translate(ctx, flow),
+        Ok(()) => match translate(ctx, flow) {
+            // Called from here, not from `translate`: the call chain through `reply` and
+            // `rewrite` then does not carry `translate`'s frame.
+            v if v.action == NOT_FRONTEND => reply(ctx, flow),
+            v => v,
+        },
         Err(Skip::Icmp) => return super::icmp::xdp_error(ctx, flow),
         Err(Skip::Other) => pass(None),
         Err(Skip::Fragment) => pass(Some(stats::XDP_PASS_FRAGMENT)),
@@ -224,6 +233,16 @@ const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+/// The member epoch (`lb_common::maps::META_MEMBER_EPOCH`) as the agent last wrote it.
+#[inline(always)]
+fn member_epoch() -> u32 {
+    LB_META
+        .get_ptr(META_MEMBER_EPOCH)
+        // SAFETY: a u32 in the map's value; volatile, so that it is read where it stands
+        // (before the membership lookup or the slot read that it guards).
+        .map_or(0, |p| unsafe { core::ptr::read_volatile(p) })
+}
+
 /// The clock of [`CtEntry::seen`].
 #[inline(always)]
 pub(super) fn now() -> u64 {
@@ -325,7 +344,8 @@ pub(super) const MAX_L4_OFF: usize = 0x4000;
 const MAX_OFF: usize = MAX_L4_OFF + 64;
 
 /// An external frontend's packet (`flow`) goes to its flow's backend, or a new one; a
-/// packet that is not for a frontend may be a backend's reply to an SNAT'd flow.
+/// packet that is not for a frontend gets [`NOT_FRONTEND`] (it may be a backend's reply to an
+/// SNAT'd flow: [`reply`]).
 ///
 /// The parsed flow comes through map memory on purpose: the verifier then sees its offsets
 /// as one bounded range instead of one state per path through the parser (IPv4 options,
@@ -336,11 +356,6 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     if flow.l3 > ETH_HLEN + VLAN_HLEN || flow.l4 > MAX_L4_OFF {
         return pass(Some(stats::XDP_PASS_MALFORMED));
     }
-    let Some(s) = LB_NAT_SCRATCH.get_ptr_mut(0) else {
-        return pass(None);
-    };
-    // SAFETY: as for `flow` in `ingress`.
-    let s = unsafe { &mut *s };
     let key = FrontendKey {
         addr: flow.dst,
         port: flow.dport,
@@ -349,11 +364,19 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     };
     // SAFETY: copied out at once; the agent replaces values whole.
     let Some(frontend) = (unsafe { LB_FRONTENDS.get(&key) }).copied() else {
-        return reply(ctx, flow, s);
+        return Verdict {
+            action: NOT_FRONTEND,
+            stat: None,
+        };
     };
     if frontend.flags & FRONTEND_EXTERNAL == 0 {
         return pass(None);
     }
+    let Some(s) = LB_NAT_SCRATCH.get_ptr_mut(0) else {
+        return pass(None);
+    };
+    // SAFETY: as for `flow` in `ingress`.
+    let s = unsafe { &mut *s };
     let now = now();
     s.now = now;
     let tcp = tcp_flags(ctx, flow);
@@ -361,8 +384,8 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     let mut stat = stats::XDP_TRACKED;
     let mut tracked = false;
     if let Some(p) = LB_CT.get_ptr_mut(&s.ikey) {
-        // SAFETY: copied out at once.
-        s.entry = unsafe { *p };
+        // Copied out at once.
+        load_entry(&mut s.entry, p);
         if stale(&s.entry, flow.proto, tcp, now) {
             remove_flow(flow, s);
             count(stats::XDP_CT_EXPIRED);
@@ -374,11 +397,9 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
         }
     }
     if tracked {
-        let backend = Backend::new(s.entry.addr, s.entry.port);
-        if !is_member(s.entry.id, &backend) {
-            // The backend left the Service: this flow ends here. Its entries go, so that a
-            // new flow on the same ports starts afresh.
-            remove_flow(flow, s);
+        // Read before the membership: a deletion after this read moves the epoch again.
+        let epoch = member_epoch();
+        if s.entry.epoch != epoch && !still_member(flow, s, epoch) {
             return drop(stats::XDP_DROP_STALE);
         }
     } else {
@@ -407,22 +428,48 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     forward(ctx, flow, false, s)
 }
 
+/// Whether the backend of the tracked flow of `flow` (forward entry `s.entry` under key
+/// `s.ikey`) is still a member of its frontend, looked up because the member epoch moved to
+/// `epoch` since the entry was stamped: if so the entry gets `epoch`, else the flow ends here
+/// (the backend left the Service) and its entries go, so that a new flow on the same ports
+/// starts afresh.
+// A BPF-to-BPF call of its own: `translate`'s frame is on the longest call chain, and this
+// runs only after a backend left some Service.
+#[inline(never)]
+fn still_member(flow: &Flow, s: &mut Scratch, epoch: u32) -> bool {
+    let backend = Backend::new(s.entry.addr, s.entry.port);
+    if !is_member(s.entry.id, &backend) {
+        remove_flow(flow, s);
+        return false;
+    }
+    if let Some(p) = LB_CT.get_ptr_mut(&s.ikey) {
+        // SAFETY: a pointer into the map's value (a racing stamp stores an epoch too).
+        unsafe { (*p).epoch = epoch };
+    }
+    true
+}
+
 /// A backend's reply to an SNAT'd flow (to this node's address and an allocated port) gets
 /// the frontend as source and the client as destination, and goes back out.
 // A BPF-to-BPF call of its own: inlined, its locals would share one 512-byte frame with
 // everything else and overflow it.
 #[inline(never)]
-fn reply(ctx: &XdpContext, flow: &Flow, s: &mut Scratch) -> Verdict {
+fn reply(ctx: &XdpContext, flow: &Flow) -> Verdict {
     // Allocated ports only: everything else misses here without a map lookup.
     if u16::from_be(flow.dport) < SNAT_PORT_MIN {
         return pass(None);
     }
+    let Some(s) = LB_NAT_SCRATCH.get_ptr_mut(0) else {
+        return pass(None);
+    };
+    // SAFETY: as for `flow` in `ingress`.
+    let s = unsafe { &mut *s };
     let key = flow.ct_key(CT_DIR_REPLY);
     let Some(p) = LB_CT.get_ptr_mut(&key) else {
         return pass(None);
     };
-    // SAFETY: copied out at once.
-    s.entry = unsafe { *p };
+    // Copied out at once.
+    load_entry(&mut s.entry, p);
     let now = now();
     if s.entry.flags & CT_SNAT == 0 || ct_expired(s.entry.seen, now, flow.proto, s.entry.flags) {
         return pass(None);
@@ -595,6 +642,10 @@ fn new_flow(
     s: &mut Scratch,
 ) -> Result<(), Verdict> {
     let now = s.now;
+    // Before the slot is read: a backend deleted after this read moves the epoch, and the
+    // flow's next packet looks its membership up. Kept in the entry at once (the fields
+    // below leave it), not on this frame, which is on the longest call chain.
+    s.entry.epoch = member_epoch();
     if frontend.ext_count == 0 {
         return Err(if frontend.flags & FRONTEND_ETP_LOCAL != 0 {
             drop(stats::XDP_DROP_NO_LOCAL)
@@ -632,11 +683,20 @@ fn new_flow(
     s.entry.flags = 0;
     s.entry._pad = 0;
     s.entry.id = frontend.id;
-    s.entry.nat_addr = Addr::default();
-    s.entry.nat_port = 0;
-    s.entry._pad2 = [0; 6];
+    // Volatile: LLVM would merge these zero stores into a call of `memset`, a byte loop.
+    let nat = (&raw mut s.entry.nat_addr.0).cast::<u32>();
+    for i in 0..4 {
+        // SAFETY: the four words of `nat_addr`, in the scratch value.
+        unsafe { nat.add(i).write_volatile(0) };
+    }
+    // SAFETY: fields of the scratch value; `_pad2` follows the u16 `nat_port`, 2-aligned.
+    unsafe {
+        (&raw mut s.entry.nat_port).write_volatile(0);
+        (&raw mut s.entry._pad2).cast::<u16>().write_volatile(0);
+    }
     s.entry.seen = now;
     s.reply = s.entry;
+    s.reply.epoch = 0;
     s.reply.addr = flow.dst;
     s.reply.port = flow.dport;
     s.rkey = reply_key(flow, &backend);
@@ -670,8 +730,8 @@ fn new_flow(
             events::ct_insert_failed(ctx, frontend.id, flow.proto);
             return Err(drop(stats::XDP_ERR_CT_UPDATE));
         };
-        // SAFETY: copied out at once.
-        s.entry = unsafe { *p };
+        // Copied out at once.
+        load_entry(&mut s.entry, p);
         return Ok(());
     }
     if !snat && LB_CT.insert(&s.rkey, &s.reply, 0).is_err() {

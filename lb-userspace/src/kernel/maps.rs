@@ -13,8 +13,9 @@ use lb_common::{
     maglev::{MAGLEV, MaglevChunk, MaglevKey},
     maps::{
         AFFINITY, Affinity, AffinityKey, Backend, FRONTENDS, Frontend, FrontendKey, LAYOUT_VERSION,
-        MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, META_MAGLEV_TABLE_SIZE, MemberKey,
-        REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS, UdpFlowKey,
+        MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, META_MAGLEV_TABLE_SIZE,
+        META_MEMBER_EPOCH, MemberKey, REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS,
+        UdpFlowKey,
     },
     nat::{CT, CtEntry, CtKey, SRC_RANGE_PRESENT, SRC_RANGES, SrcRangeKey},
 };
@@ -152,11 +153,13 @@ impl Maps {
     pub fn open(layout: &PinLayout) -> Result<Self, MapsError> {
         let frontends: HashMap<MapData, FrontendKey, Frontend> = typed(layout, FRONTENDS)?;
         let slots: HashMap<MapData, SlotKey, Backend> = typed(layout, SLOTS)?;
+        let ct: HashMap<MapData, CtKey, CtEntry> = typed(layout, CT)?;
         let capacity = |map: &MapData| map.info().map(|i| i.max_entries()).unwrap_or(0);
         Ok(Self {
             capacities: super::Capacities {
                 frontends: capacity(frontends.map()),
                 backends: capacity(slots.map()),
+                ct: capacity(ct.map()),
             },
             frontends,
             slots,
@@ -167,7 +170,7 @@ impl Maps {
             udp_flows: typed(layout, UDP_FLOWS)?,
             stats: typed(layout, STATS)?,
             meta: typed(layout, META)?,
-            ct: typed(layout, CT)?,
+            ct,
             src_ranges: typed(layout, SRC_RANGES)?,
         })
     }
@@ -321,7 +324,26 @@ impl Maps {
                 del!(self.src_ranges, Op::DelRange(e) => LpmKey::new(e.prefix_len, e.key)),
             ),
         };
+        // Deleted members (all of them, or some before a failure) end their flows: the XDP
+        // program looks a tracked flow's membership up again once the epoch has moved.
+        if matches!(first, Op::DelMember(_)) {
+            // On failure the whole group is reported undone: deleting again is harmless,
+            // and the retry moves the epoch.
+            self.bump_member_epoch().map_err(|e| (0, e))?;
+        }
         result.map_err(|stopped| (stopped.index, map_error(name, capacity, stopped.error)))
+    }
+
+    /// Adds 1 (wrapping) to the member epoch (`lb_common::maps::META_MEMBER_EPOCH`), after
+    /// [`MEMBERS`] deletions are in the map.
+    fn bump_member_epoch(&mut self) -> Result<(), MapsError> {
+        let epoch = self
+            .meta
+            .get(&META_MEMBER_EPOCH, 0)
+            .map_err(|source| MapsError::Read { map: META, source })?;
+        self.meta
+            .set(META_MEMBER_EPOCH, epoch.wrapping_add(1), 0)
+            .map_err(|source| MapsError::Write { map: META, source })
     }
 
     /// The datapath counters, summed over CPUs, indexed as `lb_common::stats`.

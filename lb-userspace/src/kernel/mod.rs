@@ -28,12 +28,16 @@ pub mod xdp;
 
 use std::path::{Path, PathBuf};
 
-/// The capacities of the agent-sized maps (`lb run --max-frontends`, `--max-backends`).
+/// The capacities of the agent-sized maps (`lb run --max-frontends`, `--max-backends`,
+/// `--max-ct-entries`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub frontends: u32,
     /// Backend slots over all frontends (and memberships, one each).
     pub backends: u32,
+    /// Connection-tracking entries (`LB_CT`, two per north-south flow), already a multiple
+    /// of the possible CPUs (the kernel rounds a per-CPU LRU map's capacity so).
+    pub ct: u32,
 }
 
 impl Default for Capacities {
@@ -41,6 +45,7 @@ impl Default for Capacities {
         Self {
             frontends: lb_common::maps::MAX_FRONTENDS,
             backends: lb_common::maps::MAX_SLOTS,
+            ct: lb_common::nat::MAX_CT,
         }
     }
 }
@@ -51,6 +56,7 @@ impl Capacities {
         match spec.name {
             lb_common::maps::FRONTENDS => self.frontends,
             lb_common::maps::SLOTS | lb_common::maps::MEMBERS => self.backends,
+            lb_common::nat::CT => self.ct,
             _ => spec.max_entries,
         }
     }

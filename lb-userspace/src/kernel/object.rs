@@ -139,10 +139,10 @@ fn check_shape(
             pin: layout.root().to_owned(),
             found: info.max_entries(),
             asked: capacities.of(spec),
-            flag: if spec.name == lb_common::maps::FRONTENDS {
-                "--max-frontends"
-            } else {
-                "--max-backends"
+            flag: match spec.name {
+                lb_common::maps::FRONTENDS => "--max-frontends",
+                lb_common::nat::CT => "--max-ct-entries",
+                _ => "--max-backends",
             },
         });
     }

@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use anyhow::{Context as _, bail};
 
 const BPF_MAP_CREATE: i64 = 0;
+const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_OBJ_GET: i64 = 7;
@@ -111,6 +112,31 @@ pub fn prog_load(name: &str, insns: &[[u8; 8]]) -> anyhow::Result<OwnedFd> {
             )
         }
     }
+}
+
+/// The map pinned at `path`.
+pub fn map_of_pin(path: &std::path::Path) -> anyhow::Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let (fd, _) = bpf(BPF_OBJ_GET, &[(0, ptr(c.as_ptr()), 8)])
+        .with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
+    owned(fd)
+}
+
+/// The sum over CPUs of the `u64` at `key` of a per-CPU array.
+pub fn per_cpu_sum(map: &OwnedFd, key: u32) -> anyhow::Result<u64> {
+    // One u64 per possible CPU; the kernel fills as many as there are.
+    let mut values = vec![0u64; 4096];
+    let key = key.to_ne_bytes();
+    bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        &[
+            (0, fd_u64(map), 4),
+            (8, ptr(key.as_ptr()), 8),
+            (16, ptr(values.as_mut_ptr()), 8),
+        ],
+    )
+    .context("BPF_MAP_LOOKUP_ELEM")?;
+    Ok(values.iter().sum())
 }
 
 /// The program behind the BPF link pinned at `path`.

@@ -260,7 +260,8 @@ impl Bench {
             .collect();
         let dir = TempDir::new("lb-bench-xdp");
         dir.write("services.json", &xdp_manifests(&backends4, &backends6));
-        let mut agent = XdpAgent::start(&topo, &dir.0, &[]);
+        let ct_entries = xdp::BENCH_CT_ENTRIES.to_string();
+        let mut agent = XdpAgent::start(&topo, &dir.0, &["--max-ct-entries", &ct_entries]);
         agent.wait_for(
             &[
                 format!("{}:80/TCP", xdp::VIP4),

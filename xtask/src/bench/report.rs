@@ -285,13 +285,15 @@ impl Results {
              number for new-flow rows) then tail-calls the program, repeat={} ({} for new-flow rows), harness floor \
              subtracted; `direct` = plain repeat (the miss only). Median over {} runs [min-max]; \"net\" = minus the floor of \
              its kind in the same run. lb: 10 local endpoints per frontend (DNAT, no SNAT; Katran: IPIP to 10 reals); \
-             its conntrack holds {} entries (2 per flow: LRU evictions in the long new-flow runs). Pinned to CPU {}; other \
+             its conntrack holds {} entries (2 per flow; one LRU list per CPU), the rows made {} (none evicted while that \
+             stays below the CPU's share). Pinned to CPU {}; other \
              processes used {:.1}% of the CPUs during lb's rounds{}. Katran: {}.\n",
             xdp.single,
             xdp.repeat,
             xdp.syn_repeat,
             xdp.runs,
             xdp.ct_capacity,
+            xdp.ct_entries_made,
             xdp.pinned_cpu,
             xdp.background_cpu_pct,
             xdp.katran_background_cpu_pct

@@ -135,7 +135,16 @@ pub struct XdpResults {
     pub syn_repeat: u32,
     /// lb's connection-tracking capacity (entries; two per flow).
     pub ct_capacity: u32,
+    /// Conntrack entries the rows created (two per new flow), all on the pinned CPU: below
+    /// `ct_capacity / cpus`, the per-CPU LRU never evicts during the run.
+    #[serde(default)]
+    pub ct_entries_made: u64,
 }
+
+/// `lb run --max-ct-entries` for the bench: 16 Mi entries are 8 Mi flows, 4 Mi per CPU list on
+/// this 2-CPU machine, as Katran's default flow table (`--lru-size 8000000` split over the
+/// CPUs); a full bench creates about 7.6 Mi entries on its CPU, so nothing is evicted.
+pub const BENCH_CT_ENTRIES: u32 = 1 << 24;
 
 fn csum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
@@ -492,24 +501,17 @@ pub struct LbTarget<'a> {
     pub snat: Option<(Ipv4Addr, Ipv4Addr)>,
 }
 
-/// lb's datapath counters (`lb stats --json`).
+/// lb's datapath counters, named as `lb stats` names them, read from the pinned `LB_STATS`
+/// directly: `lb stats` also counts every map's entries, which takes seconds once the bench
+/// has filled the conntrack with millions of flows (and the established flows would idle
+/// past their UDP timeout between rounds).
 pub fn lb_counters(pin_path: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
-    let out = std::process::Command::new(crate::cmd::lb_bin())
-        .args(["stats", "--json", "--pin-path"])
-        .arg(pin_path)
-        .output()
-        .context("lb stats")?;
-    ensure!(
-        out.status.success(),
-        "lb stats: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let events = v["events"].as_object().context("lb stats: no events")?;
-    Ok(events
+    let map = bpf::map_of_pin(&pin_path.join("maps").join(lb_common::maps::STATS))?;
+    lb_common::stats::NAMES
         .iter()
-        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-        .collect())
+        .zip(0u32..)
+        .map(|(name, i)| Ok(((*name).to_owned(), bpf::per_cpu_sum(&map, i)?)))
+        .collect()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -564,7 +566,8 @@ pub fn measure(
         single: plan.single,
         repeat: plan.repeat,
         syn_repeat: plan.syn_repeat,
-        ct_capacity: lb_common::nat::MAX_CT,
+        ct_capacity: BENCH_CT_ENTRIES,
+        ct_entries_made: 0,
         katran: "not measured: KATRAN_MIRROR unset (or --katran-peer not given)".into(),
         ..XdpResults::default()
     };
@@ -698,6 +701,12 @@ pub fn measure(
         }
     }
     results.background_cpu_pct = Spread::of(background).map_or(0.0, |s| s.median);
+    results.ct_entries_made = 2 * flows
+        .single
+        .values()
+        .chain(flows.steady.values())
+        .map(|&n| u64::from(n))
+        .sum::<u64>();
     let floor = |name: &str| -> Option<f64> {
         let k = rows.iter().position(|r| r.name == name)?;
         Spread::of(samples[k].clone()).map(|s| s.median)
