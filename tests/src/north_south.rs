@@ -40,6 +40,38 @@ pub struct Topology {
     pub servers: Vec<Proc>,
 }
 
+/// Waits until no IPv6 address in `namespaces` is tentative. Link-local addresses stay
+/// tentative (duplicate address detection) for a second or two after a link comes up, and
+/// neighbour discovery across the router fails meanwhile.
+pub fn wait_for_addresses(namespaces: &[&Netns]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for ns in namespaces {
+        while !ns
+            .ip(&["-6", "addr", "show", "tentative"])
+            .trim()
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{}: addresses stay tentative",
+                ns.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The value of counter `name` in `lb stats` output `stats`; panics naming it if absent.
+pub fn counter_in(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no counter {name} in:\n{stats}"))
+}
+
 pub fn sysctl(ns: &Netns, settings: &[&str]) {
     let mut args = vec!["ip", "netns", "exec", &ns.name, "sysctl", "-qw"];
     args.extend_from_slice(settings);
@@ -178,26 +210,9 @@ impl Topology {
             node,
             servers,
         };
-        // IPv6 link-local addresses stay tentative (duplicate address detection) for a
-        // second or two after a link comes up, and neighbour discovery across the router
-        // fails meanwhile: wait until every namespace has settled.
         let mut all: Vec<&Netns> = vec![&topo.ext, &topo.router, &topo.node.client];
         all.extend(topo.node.pods.iter().map(|p| &p.netns));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for ns in all {
-            while !ns
-                .ip(&["-6", "addr", "show", "tentative"])
-                .trim()
-                .is_empty()
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "{}: addresses stay tentative",
-                    ns.name
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        wait_for_addresses(&all);
         topo
     }
 
@@ -356,14 +371,7 @@ impl NodeAgent {
 
     /// A datapath counter from `lb stats`.
     pub fn stat(&self, name: &str) -> u64 {
-        let stats = self.lb(&["stats"]);
-        stats
-            .lines()
-            .find_map(|l| {
-                let mut words = l.split_whitespace();
-                (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("no counter {name} in:\n{stats}"))
+        counter_in(&self.lb(&["stats"]), name)
     }
 }
 
@@ -631,23 +639,7 @@ impl TwoNodes {
                 &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
             );
         }
-        // Link-local addresses stay tentative for a moment, and neighbour discovery fails
-        // meanwhile (see `Topology::new`).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for ns in [&ext, &router, &node_a.client, &node_b, &pod_b] {
-            while !ns
-                .ip(&["-6", "addr", "show", "tentative"])
-                .trim()
-                .is_empty()
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "{}: addresses stay tentative",
-                    ns.name
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        wait_for_addresses(&[&ext, &router, &node_a.client, &node_b, &pod_b]);
         // XDP on n0 sends both directions back out of n0: its peer needs NAPI.
         ethtool_set(&router, "r1", ETHTOOL_SGRO, 1);
         // The same for m0, for an agent on node-b.

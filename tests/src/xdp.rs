@@ -13,7 +13,7 @@ use std::{
 
 use crate::{Netns, Proc, die_with_parent, lb_bin, unique};
 
-use crate::north_south::{Pkt, prog_of_link, test_run_timed as run_timed};
+use crate::north_south::{Pkt, counter_in, prog_of_link, test_run_timed as run_timed};
 pub use crate::north_south::{TCP, UDP, XDP_DROP, XDP_PASS, XDP_REDIRECT, in_netns, sysctl};
 
 /// `lb run` inside a node's network namespace (as a hostNetwork DaemonSet pod would be),
@@ -98,14 +98,7 @@ impl NsAgent {
 
     /// A datapath counter from `lb stats`.
     pub fn stat(&self, name: &str) -> u64 {
-        let stats = self.lb(&["stats"]);
-        stats
-            .lines()
-            .find_map(|l| {
-                let mut words = l.split_whitespace();
-                (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("no counter {name} in:\n{stats}"))
+        counter_in(&self.lb(&["stats"]), name)
     }
 
     /// A descriptor of the program behind the pinned link `links/NAME` (`xdp@IF`, `tc@IF`).
