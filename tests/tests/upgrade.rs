@@ -247,11 +247,14 @@ fn live_sockets_and_flows_survive_an_upgrade_from_the_previous_release() {
         "upgrade from layout {PREVIOUS_LAYOUT}: version recorded {:?} after the start",
         started.elapsed()
     );
+    let log = agent.log_text();
     assert!(
-        agent.log_text().contains("upgrading the pinned maps"),
-        "the new agent says it upgrades:\n{}",
-        agent.log_text()
+        log.contains("upgrading the pinned maps"),
+        "the new agent says it upgrades:\n{log}"
     );
+    for line in log.lines().filter(|l| l.contains("upgrad") || l.contains("migrated")) {
+        eprintln!("agent: {line}");
+    }
 
     // Sockets opened before the upgrade.
     let out = tcp.go_on();

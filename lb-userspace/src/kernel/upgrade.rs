@@ -44,7 +44,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{MapData, MapError, MapInfo, MapType};
+use aya::{
+    maps::{Map, MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuValues},
+    sys::SyscallError,
+};
 use lb_common::maps::{LAYOUT_VERSION, MapSpec, SPECS};
 
 use super::{Capacities, PinLayout};
@@ -65,7 +68,7 @@ pub enum Pass {
 /// new layout; returns how many entries it wrote. Runs once per [`Pass`], and again after a
 /// crash, so it must be idempotent and must not overwrite entries already in the new map
 /// (the new programs may have written them: insert with `BPF_NOEXIST`).
-pub type Migration = fn(old: &MapData, new: &MapData, pass: Pass) -> Result<u64, MapError>;
+pub type Migration = fn(old: Map, new: Map, pass: Pass) -> Result<u64, MapError>;
 
 /// What a layout change does to one pinned map.
 #[derive(Clone, Copy, Debug)]
@@ -109,8 +112,38 @@ pub const CHANGES: &[Change] = &[];
 
 /// A [`Migration`] that carries nothing: the new map starts empty (counters restart from 0,
 /// which Prometheus reads as a counter reset).
-pub fn start_empty(_old: &MapData, _new: &MapData, _pass: Pass) -> Result<u64, MapError> {
+pub fn start_empty(_old: Map, _new: Map, _pass: Pass) -> Result<u64, MapError> {
     Ok(0)
+}
+
+/// A [`Migration`] for a per-CPU array of `u64` counters that grew (`LB_STATS` with counters
+/// appended, `lb_common::stats`): per index the old map has and per CPU, the new value becomes
+/// the larger of the two, in both passes. Idempotent, and never lowers what the new programs
+/// counted; what the old programs counted in the microseconds between the first pass and the
+/// takeover may be lost. Indexes keep their meaning (counters are appended, never renumbered).
+pub fn copy_counters(old: Map, new: Map, _pass: Pass) -> Result<u64, MapError> {
+    let old: PerCpuArray<MapData, u64> = PerCpuArray::try_from(old)?;
+    let mut new: PerCpuArray<MapData, u64> = PerCpuArray::try_from(new)?;
+    let mut written = 0;
+    for index in 0..old.len().min(new.len()) {
+        let before = old.get(&index, 0)?;
+        let now = new.get(&index, 0)?;
+        if before.iter().zip(now.iter()).all(|(b, n)| b <= n) {
+            continue;
+        }
+        let merged: Vec<u64> = before
+            .iter()
+            .zip(now.iter())
+            .map(|(b, n)| (*b).max(*n))
+            .collect();
+        let values = PerCpuValues::try_from(merged).map_err(|io_error| SyscallError {
+            call: "per-CPU values",
+            io_error,
+        })?;
+        new.set(index, values, 0)?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 /// A map's shape as the kernel reports it (or as a spec asks for it).
@@ -612,16 +645,17 @@ impl Prepared {
                 continue;
             };
             let old_path = aside_dir(layout, *from).join(map);
-            let old = MapData::from_pin(&old_path).map_err(|source| UpgradeError::Pinned {
-                path: old_path.clone(),
-                source,
-            })?;
-            let new_path = layout.map(map);
-            let new = MapData::from_pin(&new_path).map_err(|source| UpgradeError::Pinned {
-                path: new_path.clone(),
-                source,
-            })?;
-            let written = migrate(&old, &new, pass).map_err(|source| UpgradeError::Migrate {
+            let open = |path: &Path| {
+                MapData::from_pin(path)
+                    .and_then(Map::from_map_data)
+                    .map_err(|source| UpgradeError::Pinned {
+                        path: path.to_owned(),
+                        source,
+                    })
+            };
+            let old = open(&old_path)?;
+            let new = open(&layout.map(map))?;
+            let written = migrate(old, new, pass).map_err(|source| UpgradeError::Migrate {
                 map,
                 pass,
                 source,
@@ -714,7 +748,7 @@ mod tests {
     /// and the previous layout had OLD.
     const SPECS5: &[MapSpec] = &[spec(META, 4), spec(A, 8), spec(B, 16), spec(NEW, 8)];
 
-    fn migrate_b(_: &MapData, _: &MapData, _: Pass) -> Result<u64, MapError> {
+    fn migrate_b(_: Map, _: Map, _: Pass) -> Result<u64, MapError> {
         Ok(0)
     }
 
