@@ -4,7 +4,7 @@
 //! the same pins. Every socket opened before still shows the Service (getpeername of a TCP
 //! connection and of a connected UDP socket; the source of UDP replies, including a reply to
 //! a datagram sent before the upgrade and read after it), the flows keep their backend, new
-//! connections work, the programs are swapped into the pinned links (no second attachment),
+//! connections work, a first attempt that fails half-way is carried on by the next start, the programs are swapped into the pinned links (no second attachment),
 //! the pinned layout version is the current one, and `lb cleanup` leaves nothing.
 //!
 //! Topology: `lb_tests::north_south::Topology` (the node namespace holds the client cgroup's
@@ -239,6 +239,34 @@ fn live_sockets_and_flows_survive_an_upgrade_from_the_previous_release() {
 
     // The upgrade: the old agent stops (its pins and links stay), the current lb takes over.
     assert_eq!(agent.stop(), Some(0), "the previous lb exits 0 on SIGTERM");
+    // A first attempt fails half-way (after the cgroup links took the new programs, at an
+    // interface that does not exist): the previous version stays recorded, and the next start
+    // carries the upgrade on.
+    let failed = Command::new("nsenter")
+        .arg(format!("--net={}", agent.netns.display()))
+        .arg(lb_bin())
+        .arg("run")
+        .arg("--manifests")
+        .arg(&dir.0)
+        .arg("--cgroup")
+        .arg(&topo.node.cgroup.path)
+        .arg("--pin-path")
+        .arg(&agent.pin_path)
+        .args(["--node-name", "node-a", "--node-ip", NODE4])
+        .args(["--xdp-iface", "n0", "--xdp-iface", "lbnope0"])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .output()
+        .expect("lb run");
+    let failure = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success() && failure.contains("lbnope0"),
+        "the interrupted upgrade: {failure}"
+    );
+    assert_eq!(
+        pinned_layout_version(&agent.pin_path),
+        PREVIOUS_LAYOUT,
+        "an unfinished upgrade does not record the new version"
+    );
     agent.set_binary(&lb_bin());
     let started = Instant::now();
     agent.start_again();
@@ -252,7 +280,10 @@ fn live_sockets_and_flows_survive_an_upgrade_from_the_previous_release() {
         log.contains("upgrading the pinned maps"),
         "the new agent says it upgrades:\n{log}"
     );
-    for line in log.lines().filter(|l| l.contains("upgrad") || l.contains("migrated")) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("upgrad") || l.contains("migrated"))
+    {
         eprintln!("agent: {line}");
     }
 
