@@ -4,7 +4,12 @@
 //! The commit's tree is exported with `git archive` into `target/layout-N/src` and built there
 //! with the workspace's own target directory (`CARGO_TARGET_DIR`), so the registry
 //! dependencies of the main build are reused and only lb's own crates (and its eBPF object) are
-//! compiled again. That build leaves its `lb` at `target/release/lb`; it is copied to
+//! compiled again. Its `lb-common` and `lb-userspace` packages are renamed first
+//! ([`rename_packages`]): cargo names a workspace crate's artifacts by its path relative to the
+//! workspace root, the same in both trees, so without the rename the two builds would take
+//! each other's artifacts for fresh, among them lb-userspace's build-script output, the
+//! embedded eBPF object (seen: the old lb embedded the current programs, and the other way
+//! round). That build leaves its `lb` at `target/release/lb`; it is copied to
 //! `target/layout-N/lb` at once, and the main build, which runs after it, puts the current
 //! `lb` back (cargo links a binary into place on every build, also when it is fresh).
 
@@ -60,6 +65,7 @@ pub fn build() -> anyhow::Result<()> {
     ]))?;
     cmd::run(command("tar").arg("-xf").arg(&archive).arg("-C").arg(&src))?;
     std::fs::remove_file(&archive).with_context(|| format!("removing {}", archive.display()))?;
+    rename_packages(&src)?;
     // The same command as the main build (`cmd::build_demo`), so features resolve alike and
     // the dependencies' artifacts are shared.
     cmd::run(
@@ -78,5 +84,47 @@ pub fn build() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         bin().display()
     );
+    Ok(())
+}
+
+/// Renames the release tree's `lb-common` and `lb-userspace` packages (crate names kept:
+/// `lb_common` through the dependency key, `lb_userspace` through `[lib] name`), so that
+/// their artifacts, and the eBPF object the build script embeds, are never shared with the
+/// current tree's (module docs). Fails if a manifest does not read as expected.
+fn rename_packages(src: &std::path::Path) -> anyhow::Result<()> {
+    let suffix = format!("-layout{LAYOUT}");
+    let edits: [(&str, String, String); 3] = [
+        (
+            "Cargo.toml",
+            r#"lb-common = { path = "lb-common","#.to_owned(),
+            format!(r#"lb-common = {{ path = "lb-common", package = "lb-common{suffix}","#),
+        ),
+        (
+            "lb-common/Cargo.toml",
+            "name = \"lb-common\"\n".to_owned(),
+            format!("name = \"lb-common{suffix}\"\n"),
+        ),
+        (
+            "lb-userspace/Cargo.toml",
+            "name = \"lb-userspace\"\n".to_owned(),
+            format!("name = \"lb-userspace{suffix}\"\n"),
+        ),
+    ];
+    for (file, from, to) in edits {
+        let path = src.join(file);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if text.matches(&from).count() != 1 {
+            bail!("{}: expected one {from:?} to rename", path.display());
+        }
+        let mut text = text.replacen(&from, &to, 1);
+        if file == "lb-userspace/Cargo.toml" {
+            if text.matches("[lib]\n").count() != 1 {
+                bail!("{}: expected one [lib] section", path.display());
+            }
+            text = text.replacen("[lib]\n", "[lib]\nname = \"lb_userspace\"\n", 1);
+        }
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
