@@ -1,11 +1,13 @@
 //! An upgrade from the previous layout's release: the lb of layout 4 (main at 4c31145, built
 //! from that commit by `cargo xtask test`, `lb_tests::previous_lb_bin`) serves a Service with
 //! live sockets and north-south flows, stops (its pins stay), and the current lb starts on
-//! the same pins. Every socket opened before still shows the Service (getpeername of a TCP
-//! connection and of a connected UDP socket; the source of UDP replies, including a reply to
-//! a datagram sent before the upgrade and read after it), the flows keep their backend, new
-//! connections work, a first attempt that fails half-way is carried on by the next start, the programs are swapped into the pinned links (no second attachment),
-//! the pinned layout version is the current one, and `lb cleanup` leaves nothing.
+//! the same pins. A connection made to a pod directly still shows the pod; every socket opened
+//! through the Service still shows the Service (getpeername of a TCP connection and of a
+//! connected UDP socket; the source of UDP replies, including a reply to a datagram sent
+//! before the upgrade and read after it); connections and flows keep their backend; new
+//! connections work; a first attempt that fails half-way is carried on by the next start; the
+//! programs are swapped into the pinned links (no second attachment); the pinned layout
+//! version is the current one; and `lb cleanup` leaves nothing.
 //!
 //! Topology: `lb_tests::north_south::Topology` (the node namespace holds the client cgroup's
 //! sockets, pod1 and pod2 behind its bridge, and the external client behind a router).
@@ -24,6 +26,8 @@ use lb_tests::{
 };
 
 const SVC: &str = "10.96.71.1:80";
+/// pod1's address and port, one of the Service's endpoints.
+const POD1: &str = "10.200.0.11:8080";
 /// The layout version of the release the test upgrades from; the current lb's is the next
 /// (an lb upgrades from the previous layout only).
 const PREVIOUS_LAYOUT: u32 = 4;
@@ -191,6 +195,22 @@ fn live_sockets_and_flows_survive_an_upgrade_from_the_previous_release() {
             "readline",
         ],
     );
+    // A connection made to a pod directly (not through the Service) must keep showing the pod,
+    // whatever the new layout learns about that pod's Services.
+    let direct = HeldSocket::start(
+        &topo,
+        "TCP connection to a pod directly",
+        "tcp4",
+        &[
+            &format!("connect:{POD1}"),
+            "send",
+            "readline",
+            "pause",
+            "getpeername",
+            "send",
+            "readline",
+        ],
+    );
     // The second datagram's reply waits in the socket and is read after the upgrade.
     let unconnected = HeldSocket::start(
         &topo,
@@ -298,6 +318,16 @@ fn live_sockets_and_flows_survive_an_upgrade_from_the_previous_release() {
         "the TCP connection keeps its backend: {out:?}"
     );
     assert_shows_service(&out[6], "TCP getpeername (readline) after the upgrade");
+
+    let out = direct.go_on();
+    assert_eq!(out.len(), 7, "{out:?}");
+    for (i, when) in [(2, "before"), (4, "after"), (6, "after")] {
+        assert_eq!(
+            out[i].peer.as_deref(),
+            Some(POD1),
+            "a direct connection's getpeername {when} the upgrade shows the pod: {out:?}"
+        );
+    }
 
     let out = unconnected.go_on();
     assert_eq!(out.len(), 7, "{out:?}");
