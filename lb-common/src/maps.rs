@@ -44,7 +44,11 @@ use crate::Addr;
 /// size at [`META_MAGLEV_TABLE_SIZE`]; the north-south ClientIP affinity map
 /// `LB_NS_AFFINITY` ([`crate::ns_affinity`]) is new.
 /// Also 4: `LB_STATS` has more counters (ICMP error translation, tc conntrack expiry).
-pub const LAYOUT_VERSION: u32 = 4;
+///
+/// 5: (in progress) an agent of layout 5 takes over layout-4 pins in place, map by map, as
+/// the agent's declared change list says (`lb-userspace/src/kernel/upgrade.rs`, `CHANGES`:
+/// every change of a pinned map from here on gets an entry there).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
 pub const IPPROTO_TCP: u8 = 6;

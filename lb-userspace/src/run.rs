@@ -22,7 +22,7 @@ use crate::{
         names::Names,
         object,
         sock_destroy::{self, SockDestroyer},
-        xdp,
+        upgrade, xdp,
     },
     metrics::Metrics,
     model::{Node, Update},
@@ -98,11 +98,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let layout = PinLayout::new(&args.pin_path);
     fs::ensure_bpffs(layout.root())?;
 
-    // Kernel: check what a previous agent left, load, attach or adopt.
+    // Kernel: check what a previous agent left (the layout version: adopt, upgrade from the
+    // previous layout, or refuse), load, attach or adopt. The order of an upgrade's steps
+    // around the takeover of the links is kernel/upgrade.rs's (its module docs).
     let capacities = args.capacity.capacities();
+    let upgrading = upgrade::prepare(&layout, capacities)?;
     let adopted_maps = object::check_pinned(&layout, capacities)?;
     let mut ebpf = object::load(&layout, capacities)?;
     crate::kernel::ebpf_log::start(&mut ebpf);
+    upgrading.migrate(&layout, upgrade::Pass::BeforeSwap)?;
     let attachments = attach::attach_or_adopt(&mut ebpf, &layout, &cgroup)?;
     for done in xdp::attach_or_adopt(&mut ebpf, &layout, &args.xdp_ifaces)? {
         tracing::info!(
@@ -117,8 +121,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|(_, a)| *a == Attachment::Adopted)
         .count();
+    upgrading.migrate(&layout, upgrade::Pass::AfterSwap)?;
+    upgrading.remove_unused(&layout)?;
     let mut maps = Maps::open(&layout)?;
+    // Only now: a crash before this line leaves the previous version, and the next start
+    // carries the upgrade on.
     maps.record_layout_version()?;
+    upgrading.finish(&layout)?;
     let maglev_size = match args.lb_algorithm {
         crate::maglev::Algorithm::Random => 0,
         crate::maglev::Algorithm::Maglev => args.maglev_table_size,

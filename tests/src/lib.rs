@@ -196,6 +196,23 @@ pub fn lb_bin() -> PathBuf {
         .map_or_else(|| workspace_root().join("target/release/lb"), PathBuf::from)
 }
 
+/// The `lb` of the previous layout's release, which the upgrade test starts first:
+/// `$LB_PREVIOUS_BIN`, else `target/layout-4/lb`. `cargo xtask test` builds it (and `cargo
+/// xtask previous-release` alone); its absence fails the test, never skips it.
+pub fn previous_lb_bin() -> PathBuf {
+    let bin = std::env::var_os("LB_PREVIOUS_BIN").map_or_else(
+        || workspace_root().join("target/layout-4/lb"),
+        PathBuf::from,
+    );
+    assert!(
+        bin.is_file(),
+        "{} does not exist: build the previous release's lb with `cargo xtask previous-release` \
+         (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
 /// The test pod binary, built with this crate: `$LB_TESTPOD`, else next to the running
 /// test's `deps/` directory (where cargo puts the crate's binaries).
 pub fn testpod_bin() -> PathBuf {

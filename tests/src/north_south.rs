@@ -232,6 +232,9 @@ pub struct NodeAgent {
     cgroup: PathBuf,
     /// The arguments after the cgroup: node name, `--xdp-iface`, anything else.
     extra: Vec<String>,
+    /// The `lb` it runs ([`lb_bin`] unless [`NodeAgent::start_binary`] or
+    /// [`NodeAgent::set_binary`] chose another, e.g. the previous release).
+    bin: PathBuf,
 }
 
 impl NodeAgent {
@@ -241,6 +244,11 @@ impl NodeAgent {
 
     /// `lb run` in node `node`'s namespace (node-a, `--xdp-iface n0`).
     pub fn start_on(node: &Node, manifests: &std::path::Path) -> Self {
+        Self::start_binary(node, manifests, &lb_bin())
+    }
+
+    /// [`NodeAgent::start_on`] with the `lb` at `bin`.
+    pub fn start_binary(node: &Node, manifests: &std::path::Path, bin: &Path) -> Self {
         let mut agent = Self {
             pin_path: PathBuf::from("/sys/fs/bpf").join(unique("lbt")),
             netns: node.client.path(),
@@ -251,6 +259,7 @@ impl NodeAgent {
             extra: ["--node-name", "node-a", "--xdp-iface", "n0"]
                 .map(str::to_owned)
                 .to_vec(),
+            bin: bin.to_owned(),
         };
         agent.spawn();
         agent
@@ -267,6 +276,7 @@ impl NodeAgent {
             manifests: manifests.to_owned(),
             cgroup: cgroup.to_owned(),
             extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+            bin: lb_bin(),
         };
         agent.spawn();
         agent
@@ -288,6 +298,11 @@ impl NodeAgent {
         self.spawn();
     }
 
+    /// The `lb` that [`NodeAgent::start_again`] runs and [`NodeAgent::lb`] asks from now on.
+    pub fn set_binary(&mut self, bin: &Path) {
+        bin.clone_into(&mut self.bin);
+    }
+
     /// The agent's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -302,7 +317,7 @@ impl NodeAgent {
             .expect("log");
         let child = die_with_parent(&mut Command::new("nsenter"))
             .arg(format!("--net={}", self.netns.display()))
-            .arg(lb_bin())
+            .arg(&self.bin)
             .arg("run")
             .arg("--manifests")
             .arg(&self.manifests)
@@ -343,7 +358,7 @@ impl NodeAgent {
     }
 
     pub fn lb(&self, args: &[&str]) -> String {
-        let out = Command::new(lb_bin())
+        let out = Command::new(&self.bin)
             .args(args)
             .arg("--pin-path")
             .arg(&self.pin_path)

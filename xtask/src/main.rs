@@ -13,6 +13,7 @@ mod cmd;
 mod demo;
 mod fuzz;
 mod image;
+mod previous;
 mod setup;
 mod test;
 
@@ -44,6 +45,9 @@ enum Task {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Build the lb release of the previous layout version (the upgrade test's starting
+    /// point; `cargo xtask test` does this) at target/layout-N/lb.
+    PreviousRelease,
     /// Set up, build, and show lb on the seed's Services with network-namespace "pods".
     Demo,
     /// Measure lb against direct pod access and kube-proxy-style iptables/nftables rules;
@@ -97,6 +101,10 @@ fn main() -> anyhow::Result<()> {
             image::run(&tag)
         }
         Task::Test { filter } => test::run(filter.as_deref()),
+        Task::PreviousRelease => {
+            setup::run()?;
+            previous::build()
+        }
         Task::Demo => demo::run(),
         Task::Bench {
             quick,

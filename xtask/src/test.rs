@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cmd::{self, command},
-    setup,
+    previous, setup,
 };
 
 pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
@@ -57,6 +57,9 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
             ])
             .env("AYA_BUILD_SKIP", "1"),
     )?;
+    // Before the main build: it leaves its lb at target/release/lb, which the main build
+    // then replaces with the current one.
+    previous::build()?;
     cmd::build_release()?;
     integration(filter)
 }
@@ -77,6 +80,7 @@ fn integration(filter: Option<&str>) -> anyhow::Result<()> {
         .args(filter)
         .env("LB_BIN", cmd::lb_bin())
         .env("LB_TESTPOD", cmd::testpod_bin())
+        .env("LB_PREVIOUS_BIN", previous::bin())
         .stdout(std::process::Stdio::piped());
     eprintln!("+ {}", cmd::describe(&cargo));
     let mut child = cargo.spawn().context("starting cargo test")?;

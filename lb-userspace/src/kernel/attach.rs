@@ -249,7 +249,23 @@ pub fn cleanup(layout: &PinLayout, cgroup: Option<&Path>) -> Result<Cleaned, Att
     for path in entries(&layout.maps_dir())? {
         remove(&path, &mut cleaned)?;
     }
-    for dir in [links_dir, layout.maps_dir(), layout.root().to_owned()] {
+    // Whatever else an lb of any layout version left: the maps an unfinished upgrade moved
+    // aside (`upgrade-from-N/`, kernel/upgrade.rs), any other pin or directory of pins.
+    let mut dirs = vec![links_dir, layout.maps_dir()];
+    for path in entries(layout.root())? {
+        if path.is_dir() {
+            if !dirs.contains(&path) {
+                for pin in entries(&path)? {
+                    remove(&pin, &mut cleaned)?;
+                }
+                dirs.push(path);
+            }
+        } else {
+            remove(&path, &mut cleaned)?;
+        }
+    }
+    dirs.push(layout.root().to_owned());
+    for dir in dirs {
         match std::fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

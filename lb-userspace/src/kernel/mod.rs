@@ -24,6 +24,7 @@ pub mod object;
 pub mod sock_destroy;
 pub mod state;
 pub mod sys;
+pub mod upgrade;
 pub mod xdp;
 
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapError, MapInfo, MapType},
 };
-use lb_common::maps::{LAYOUT_VERSION, MapKind, MapSpec, SPECS};
+use lb_common::maps::{MapKind, MapSpec, SPECS};
 
 use super::{Capacities, PinLayout};
 
@@ -43,18 +43,6 @@ pub enum LoadError {
         found: String,
         expected: String,
     },
-    #[error(
-        "pinned maps under {pin} have layout version {found}, this lb uses {expected}; nothing \
-         was changed and the running datapath keeps serving. To upgrade, run `lb cleanup \
-         --pin-path {pin}` and start this lb (new connections are translated at once; \
-         established connections keep flowing, but sockets opened before show their pod in \
-         getpeername and UDP replies)"
-    )]
-    Version {
-        pin: PathBuf,
-        found: u32,
-        expected: u32,
-    },
     #[error("reading pinned map {path}")]
     Pinned {
         path: PathBuf,
@@ -77,7 +65,8 @@ pub enum LoadError {
     MissingMap(&'static str),
 }
 
-fn map_type(kind: MapKind) -> MapType {
+/// The aya map type of `kind`.
+pub(crate) fn map_type(kind: MapKind) -> MapType {
     match kind {
         MapKind::Hash => MapType::Hash,
         MapKind::LruHash => MapType::LruHash,
@@ -149,27 +138,10 @@ fn check_shape(
     Ok(())
 }
 
-/// Checks the stored layout version, then every pinned map that exists against this build's
-/// specs. The version comes first: maps of another version differ in shape too, and "another
-/// version of lb made these" is the message that says what to do. Returns how many maps were
-/// found (0: a fresh start).
+/// Checks every pinned map of this build's specs that exists (after `upgrade::prepare` has
+/// checked the layout version and moved aside what an upgrade replaces). Returns how many maps
+/// were found (0: a fresh start).
 pub fn check_pinned(layout: &PinLayout, capacities: Capacities) -> Result<usize, LoadError> {
-    let meta = layout.map(lb_common::maps::META);
-    if meta.exists() {
-        let version =
-            super::maps::read_layout_version(&meta).map_err(|source| LoadError::Pinned {
-                path: meta.clone(),
-                source,
-            })?;
-        // 0: the maps were created but the agent stopped before it recorded the version.
-        if version != 0 && version != LAYOUT_VERSION {
-            return Err(LoadError::Version {
-                pin: layout.root().to_owned(),
-                found: version,
-                expected: LAYOUT_VERSION,
-            });
-        }
-    }
     let mut found = 0;
     for spec in SPECS {
         let path = layout.map(spec.name);

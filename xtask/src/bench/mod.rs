@@ -608,7 +608,16 @@ impl Bench {
         let lb_points: Vec<_> = points
             .iter()
             .filter(|p| setups[p.0].mode == Mode::Lb)
-            .map(|&(i, proto, target, addr)| (&setups[i].topo, proto, target, addr))
+            .filter_map(|&(i, proto, target, addr)| {
+                let agent = setups[i].programmed.agent.as_ref()?;
+                Some((
+                    &setups[i].topo,
+                    agent.pin_path.as_path(),
+                    proto,
+                    target,
+                    addr,
+                ))
+            })
             .collect();
         self.prog_cost(n, &lb_points)?;
         if Some(&n) == self.plan.services.first() {
@@ -633,19 +642,22 @@ impl Bench {
         Ok(())
     }
 
-    /// lb's programs' run time per call at each of lb's points, over `repeats` runs.
+    /// lb's programs' run time per call at each of lb's points (the programs of the agent
+    /// pinned at the point's pin path), over `repeats` runs.
     fn prog_cost(
         &mut self,
         n: usize,
-        points: &[(&Topology, Proto, &'static str, SocketAddr)],
+        points: &[(&Topology, &std::path::Path, Proto, &'static str, SocketAddr)],
     ) -> anyhow::Result<()> {
         let _enabled = prog_cost::Enabled::new()?;
-        for &(topo, proto, target, addr) in points {
+        for &(topo, pin_path, proto, target, addr) in points {
+            // Only this agent's programs: another lb on the machine must not skew the figures.
+            let ids = prog_cost::agent_programs(pin_path)?;
             let mut per_call: BTreeMap<String, (Vec<f64>, u64)> = BTreeMap::new();
             for _ in 0..self.plan.repeats {
-                let before = prog_cost::read()?;
+                let before = prog_cost::read(&ids)?;
                 rr(topo, proto, addr, self.plan.transactions)?;
-                for (program, ns, calls) in prog_cost::delta(&before, &prog_cost::read()?) {
+                for (program, ns, calls) in prog_cost::delta(&before, &prog_cost::read(&ids)?) {
                     let (runs, total) = per_call.entry(program).or_default();
                     runs.push(ns);
                     *total += calls;

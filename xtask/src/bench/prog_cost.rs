@@ -5,11 +5,12 @@
 //! must not pay.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::fd::{FromRawFd as _, OwnedFd},
+    path::Path,
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 
 use crate::cmd;
 
@@ -63,18 +64,51 @@ pub struct Counters {
     pub run_cnt: u64,
 }
 
-/// lb's programs (named `lb_*`) now, summed by name.
-pub fn read() -> anyhow::Result<BTreeMap<String, Counters>> {
-    let out = cmd::output(cmd::command("bpftool").args(["--json", "prog", "show"]))?;
-    parse(&out)
+/// The ids of the programs of one agent: those in the links pinned under `pin_path/links`
+/// (its cgroup hooks, XDP and tc), read with bpftool. Another lb on the machine (a test, a
+/// second bench) runs programs of the same names, which must not count.
+pub fn agent_programs(pin_path: &Path) -> anyhow::Result<BTreeSet<u64>> {
+    let dir = pin_path.join("links");
+    let mut ids = BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        let out = cmd::output(
+            cmd::command("bpftool")
+                .args(["--json", "link", "show", "pinned"])
+                .arg(&path),
+        )?;
+        ids.insert(link_program(&out).with_context(|| format!("link {}", path.display()))?);
+    }
+    if ids.is_empty() {
+        bail!("no pinned links under {}", dir.display());
+    }
+    Ok(ids)
 }
 
-fn parse(json: &str) -> anyhow::Result<BTreeMap<String, Counters>> {
+/// The program id of `bpftool --json link show` output for one link.
+fn link_program(json: &str) -> anyhow::Result<u64> {
+    let link: serde_json::Value =
+        serde_json::from_str(json).context("parsing `bpftool --json link show`")?;
+    link["prog_id"].as_u64().context("no prog_id")
+}
+
+/// The programs `ids` (an agent's, [`agent_programs`]) now, summed by name.
+pub fn read(ids: &BTreeSet<u64>) -> anyhow::Result<BTreeMap<String, Counters>> {
+    let out = cmd::output(cmd::command("bpftool").args(["--json", "prog", "show"]))?;
+    parse(&out, ids)
+}
+
+fn parse(json: &str, ids: &BTreeSet<u64>) -> anyhow::Result<BTreeMap<String, Counters>> {
     let progs: Vec<serde_json::Value> =
         serde_json::from_str(json).context("parsing `bpftool --json prog show`")?;
     let mut by_name: BTreeMap<String, Counters> = BTreeMap::new();
     for prog in &progs {
-        let Some(name) = prog["name"].as_str().filter(|n| n.starts_with("lb_")) else {
+        if !prog["id"].as_u64().is_some_and(|id| ids.contains(&id)) {
+            continue;
+        }
+        let Some(name) = prog["name"].as_str() else {
             continue;
         };
         let c = by_name.entry(name.to_owned()).or_default();
@@ -107,22 +141,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sums_lb_programs_by_name_and_takes_deltas() {
+    fn sums_the_agents_programs_by_name_and_takes_deltas() {
+        // Programs 1 and 3 are the agent's; 4 is another agent's lb_connect4.
+        let ids = BTreeSet::from([1, 3]);
         let before = parse(
             r#"[{"id":1,"name":"lb_connect4","run_time_ns":1000,"run_cnt":2},
                 {"id":2,"name":"other","run_time_ns":5,"run_cnt":1},
-                {"id":3,"name":"lb_recvmsg4"}]"#,
+                {"id":3,"name":"lb_recvmsg4"},
+                {"id":4,"name":"lb_connect4","run_time_ns":7000,"run_cnt":7}]"#,
+            &ids,
         )
         .unwrap();
         assert_eq!(before.len(), 2);
         let after = parse(
             r#"[{"id":1,"name":"lb_connect4","run_time_ns":5000,"run_cnt":6},
-                {"id":3,"name":"lb_recvmsg4"}]"#,
+                {"id":3,"name":"lb_recvmsg4"},
+                {"id":4,"name":"lb_connect4","run_time_ns":99000,"run_cnt":8}]"#,
+            &ids,
         )
         .unwrap();
         assert_eq!(
             delta(&before, &after),
             vec![("lb_connect4".to_owned(), 1000.0, 4)]
         );
+    }
+
+    #[test]
+    fn a_links_program() {
+        let json = r#"{"id":7,"type":"cgroup","prog_id":42,"cgroup_id":1,"attach_type":"cgroup_inet4_connect"}"#;
+        assert_eq!(link_program(json).unwrap(), 42);
+        assert!(link_program(r#"{"id":7}"#).is_err());
     }
 }

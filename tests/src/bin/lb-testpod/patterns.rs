@@ -433,6 +433,16 @@ fn step(fd: RawFd, step: &str, timeout: Duration, out: &mut Vec<Outcome>) -> any
                 Err(e) => Outcome::failed(&e),
             });
         }
+        // Holds the socket open until the driving test says go on: "paused" on stderr, then
+        // one line read from stdin (tests/tests/upgrade.rs swaps the agent meanwhile).
+        "pause" => {
+            let mut err = std::io::stderr().lock();
+            writeln!(err, "paused").and_then(|()| err.flush())?;
+            drop(err);
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            out.push(Outcome::default());
+        }
         _ => bail!("unknown step {step:?}"),
     }
     Ok(())
