@@ -44,7 +44,13 @@ use crate::Addr;
 /// size at [`META_MAGLEV_TABLE_SIZE`]; the north-south ClientIP affinity map
 /// `LB_NS_AFFINITY` ([`crate::ns_affinity`]) is new.
 /// Also 4: `LB_STATS` has more counters (ICMP error translation, tc conntrack expiry).
-pub const LAYOUT_VERSION: u32 = 4;
+///
+/// 5: `LB_CT` keeps a flow to a backend on this node in one entry keyed by the client
+/// (`nat::CT_DIR_CLIENT`, the frontend in its `nat_addr`/`nat_port`) instead of a forward and
+/// a reply entry. Entries of layout 4 keep their meaning and layout-5 programs still read
+/// them (a second flow of a client port and SNAT'd flows are stored that way), so an upgrade
+/// keeps `LB_CT` as it is.
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
 pub const IPPROTO_TCP: u8 = 6;
