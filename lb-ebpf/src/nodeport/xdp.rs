@@ -43,10 +43,6 @@ const fn pass(stat: Option<u32>) -> Verdict {
     }
 }
 
-/// [`translate`]'s action for a packet to no frontend (maybe a reply to an SNAT'd flow); never
-/// returned by the program.
-const NOT_FRONTEND: u32 = u32::MAX;
-
 const fn drop(stat: u32) -> Verdict {
     Verdict {
         action: xdp_action::XDP_DROP,
@@ -64,12 +60,29 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
     // preempted by another on the same CPU).
     let flow = unsafe { &mut *f };
     let verdict = match parse(ctx, flow) {
-        Ok(()) => match translate(ctx, flow) {
-            // Called from here, not from `translate`: the call chain through `reply` and
-            // `rewrite` then does not carry `translate`'s frame.
-            v if v.action == NOT_FRONTEND => reply(ctx, flow),
-            v => v,
-        },
+        Ok(()) => {
+            if flow.l3 > ETH_HLEN + VLAN_HLEN || flow.l4 > MAX_L4_OFF {
+                pass(Some(stats::XDP_PASS_MALFORMED))
+            } else {
+                // Looked up here, before any other call: a packet to no frontend and to no
+                // allocated SNAT port (everything but replies of SNAT'd flows) leaves at once.
+                let key = FrontendKey {
+                    addr: flow.dst,
+                    port: flow.dport,
+                    proto: flow.proto,
+                    _pad: 0,
+                };
+                match LB_FRONTENDS.get_ptr(&key) {
+                    Some(frontend) => translate(ctx, flow, frontend),
+                    None if u16::from_be(flow.dport) < SNAT_PORT_MIN => {
+                        return xdp_action::XDP_PASS;
+                    }
+                    // Called from here, not from `translate`: the call chain through
+                    // `reply` and `rewrite` then does not carry `translate`'s frame.
+                    None => reply(ctx, flow),
+                }
+            }
+        }
         Err(Skip::Icmp) => return super::icmp::xdp_error(ctx, flow),
         Err(Skip::Other) => pass(None),
         Err(Skip::Fragment) => pass(Some(stats::XDP_PASS_FRAGMENT)),
@@ -377,32 +390,17 @@ pub(super) const MAX_L4_OFF: usize = 0x4000;
 /// Largest offset [`bytes`] accepts.
 const MAX_OFF: usize = MAX_L4_OFF + 64;
 
-/// An external frontend's packet (`flow`) goes to its flow's backend, or a new one; a
-/// packet that is not for a frontend gets [`NOT_FRONTEND`] (it may be a backend's reply to an
-/// SNAT'd flow: [`reply`]).
+/// A packet (`flow`) to `frontend` (a value of `LB_FRONTENDS`) goes to its flow's backend if
+/// the frontend is external, to a new one if it has none yet.
 ///
 /// The parsed flow comes through map memory on purpose: the verifier then sees its offsets
 /// as one bounded range instead of one state per path through the parser (IPv4 options,
 /// VLAN, IPv6 extension headers), and verifies what follows once instead of per path.
 // A BPF-to-BPF call of its own (see `reply`).
 #[inline(never)]
-fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
-    if flow.l3 > ETH_HLEN + VLAN_HLEN || flow.l4 > MAX_L4_OFF {
-        return pass(Some(stats::XDP_PASS_MALFORMED));
-    }
-    let key = FrontendKey {
-        addr: flow.dst,
-        port: flow.dport,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once; the agent replaces values whole.
-    let Some(frontend) = (unsafe { LB_FRONTENDS.get(&key) }).copied() else {
-        return Verdict {
-            action: NOT_FRONTEND,
-            stat: None,
-        };
-    };
+fn translate(ctx: &XdpContext, flow: &Flow, frontend: *const Frontend) -> Verdict {
+    // SAFETY: a map value, copied out at once; the agent replaces values whole.
+    let frontend = unsafe { *frontend };
     if frontend.flags & FRONTEND_EXTERNAL == 0 {
         return pass(None);
     }
