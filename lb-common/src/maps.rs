@@ -45,9 +45,14 @@ use crate::Addr;
 /// `LB_NS_AFFINITY` ([`crate::ns_affinity`]) is new.
 /// Also 4: `LB_STATS` has more counters (ICMP error translation, tc conntrack expiry).
 ///
-/// 5: (in progress) an agent of layout 5 takes over layout-4 pins in place, map by map, as
-/// the agent's declared change list says (`lb-userspace/src/kernel/upgrade.rs`, `CHANGES`:
-/// every change of a pinned map from here on gets an entry there).
+/// 5: an agent of layout 5 takes over layout-4 pins in place, map by map, as the agent's
+/// declared change list says (`lb-userspace/src/kernel/upgrade.rs`, `CHANGES`: every change of
+/// a pinned map from here on gets an entry there).
+/// Also 5: `LB_CT` keeps a flow to a backend on this node in one entry keyed by the client
+/// (`nat::CT_DIR_CLIENT`, the frontend in its `nat_addr`/`nat_port`) instead of a forward and
+/// a reply entry. Entries of layout 4 keep their meaning and layout-5 programs still read
+/// them (a second flow of a client port and SNAT'd flows are stored that way), so an upgrade
+/// keeps `LB_CT` as it is.
 pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.

@@ -4,8 +4,10 @@
 //! Traffic from outside the node to an external frontend (NodePort, externalIP, LoadBalancer
 //! IP; see [`crate::maps::Frontend::flags`]) is translated per packet: the XDP program on each
 //! `--xdp-iface` rewrites the destination to a backend (DNAT) and records the flow in [`CT`],
-//! one entry per direction as Cilium's `bpf/lib/conntrack.h` does; the tc egress program on the
-//! same interface finds the reply's entry and restores the frontend as its source. A flow to a
+//! in one entry keyed by the client ([`CT_DIR_CLIENT`]); the tc egress program on the same
+//! interface finds it from the reply and restores the frontend as its source. SNAT'd flows
+//! (and a second flow of one client port) have one entry per direction, as Cilium's
+//! `bpf/lib/conntrack.h` keeps them. A flow to a
 //! backend on another node (`externalTrafficPolicy: Cluster`) is also SNAT'd to this node's
 //! address and a port of [`SNAT_PORT_MIN`]..=[`SNAT_PORT_MAX`] ([`CT_SNAT`]); its reply comes
 //! back through XDP, which translates it and sends both directions out by FIB lookup. Entries
@@ -23,7 +25,8 @@ use crate::Addr;
 /// Pinned name of the connection-tracking map.
 pub const CT: &str = "LB_CT";
 
-/// Default capacity of [`CT`], in entries (two per flow): `lb run --max-ct-entries` sets it
+/// Default capacity of [`CT`], in entries (one per flow to a backend on this node, two per
+/// SNAT'd flow): `lb run --max-ct-entries` sets it
 /// when the map is created. LRU with one list per CPU
 /// ([`crate::maps::BPF_F_NO_COMMON_LRU`]), so the oldest flows of a CPU make room when that
 /// CPU's share (`capacity / CPUs`) is full. Preallocated: 160 bytes of kernel memory per
@@ -95,6 +98,31 @@ pub const SRC_RANGE_FULL: u32 = 32 + 128;
 pub const CT_DIR_IN: u8 = 1;
 /// [`CtKey::dir`]: a backend's reply to a client, as it leaves through an `--xdp-iface`.
 pub const CT_DIR_REPLY: u8 = 2;
+/// [`CtKey::dir`]: the one entry of a flow to a backend on this node (no SNAT), keyed by what
+/// both directions know: the client's address and port and the protocol ([`client_key`]);
+/// `dst` and `dport` are 0. Its [`CtEntry`] holds the backend (`addr`, `port`) and the
+/// frontend (`nat_addr`, `nat_port`): a client packet matches it when its destination is that
+/// frontend, a reply when its source is that backend. A second live flow of the same client
+/// address and port (to another frontend) cannot share the key and gets a [`CT_DIR_IN`] and a
+/// [`CT_DIR_REPLY`] entry instead, as SNAT'd flows and every flow of layout 4 have; readers
+/// look the client entry up first and those second. Layout 5 (layout 4 had two entries per
+/// flow, which these programs still read).
+pub const CT_DIR_CLIENT: u8 = 3;
+
+/// The [`CT_DIR_CLIENT`] key of a flow from client `addr`:`port` (network order) over
+/// `proto`.
+#[inline(always)]
+pub const fn client_key(addr: Addr, port: u16, proto: u8) -> CtKey {
+    CtKey {
+        src: addr,
+        dst: Addr([0; 4]),
+        sport: port,
+        dport: 0,
+        proto,
+        dir: CT_DIR_CLIENT,
+        _pad: [0; 2],
+    }
+}
 
 /// Key of [`CT`]: a packet's 5-tuple as it is seen before translation, and its direction.
 #[repr(C)]
@@ -110,7 +138,7 @@ pub struct CtKey {
     pub dport: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
-    /// [`CT_DIR_IN`] or [`CT_DIR_REPLY`].
+    /// [`CT_DIR_IN`], [`CT_DIR_REPLY`] or [`CT_DIR_CLIENT`].
     pub dir: u8,
     /// Always 0.
     pub _pad: [u8; 2],
@@ -121,8 +149,8 @@ const _: () = assert!(size_of::<CtKey>() == 40);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtEntry {
-    /// [`CT_DIR_IN`]: the backend (new destination). [`CT_DIR_REPLY`]: the frontend (new
-    /// source).
+    /// [`CT_DIR_IN`] and [`CT_DIR_CLIENT`]: the backend (new destination). [`CT_DIR_REPLY`]:
+    /// the frontend (new source).
     pub addr: Addr,
     /// Port of `addr`, network byte order.
     pub port: u16,
@@ -133,15 +161,16 @@ pub struct CtEntry {
     /// [`crate::maps::Frontend::id`] when the flow began; the flow ends when its backend is no
     /// longer a member of this id (the backend left the Service).
     pub id: u32,
-    /// With [`CT_SNAT`] only. [`CT_DIR_IN`]: this node's address the flow leaves with (new
-    /// source). [`CT_DIR_REPLY`]: the client (new destination).
+    /// With [`CT_SNAT`]: [`CT_DIR_IN`]: this node's address the flow leaves with (new
+    /// source); [`CT_DIR_REPLY`]: the client (new destination). [`CT_DIR_CLIENT`] (never
+    /// SNAT'd): the frontend (the reply's new source). Otherwise 0.
     pub nat_addr: Addr,
-    /// Port of `nat_addr`, network byte order: the allocated source port ([`CT_DIR_IN`]) or
-    /// the client's port ([`CT_DIR_REPLY`]).
+    /// Port of `nat_addr`, network byte order: the allocated source port ([`CT_DIR_IN`]), the
+    /// client's port ([`CT_DIR_REPLY`]) or the frontend's port ([`CT_DIR_CLIENT`]).
     pub nat_port: u16,
     /// Always 0.
     pub _pad2: [u8; 2],
-    /// [`CT_DIR_IN`]: the member epoch (`crate::maps::META_MEMBER_EPOCH`) at which the
+    /// [`CT_DIR_IN`] and [`CT_DIR_CLIENT`]: the member epoch (`crate::maps::META_MEMBER_EPOCH`) at which the
     /// backend was last known to be a member of `id`; while the epoch stays, no member has
     /// left and the membership lookup is skipped. 0 in [`CT_DIR_REPLY`] entries (unused).
     pub epoch: u32,
@@ -220,6 +249,28 @@ mod tests {
                 seen[i as usize] = p;
             }
         }
+    }
+
+    #[test]
+    fn client_keys_hold_the_client_only() {
+        let client = Addr::from_v4_octets([192, 0, 2, 1]);
+        let tcp = crate::maps::IPPROTO_TCP;
+        let key = client_key(client, 40_000u16.to_be(), tcp);
+        assert_eq!(
+            key,
+            CtKey {
+                src: client,
+                dst: Addr::default(),
+                sport: 40_000u16.to_be(),
+                dport: 0,
+                proto: tcp,
+                dir: CT_DIR_CLIENT,
+                _pad: [0; 2],
+            }
+        );
+        // Never equal to a forward or reply key of the same client.
+        assert_ne!(key.dir, CT_DIR_IN);
+        assert_ne!(key.dir, CT_DIR_REPLY);
     }
 
     #[test]

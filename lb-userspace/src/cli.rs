@@ -148,8 +148,8 @@ pub struct CapacityArgs {
     /// Capacity of the backend maps (endpoints summed over all frontends).
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_SLOTS)]
     pub max_backends: u32,
-    /// Capacity of the north-south connection-tracking map `LB_CT`, in entries (two per
-    /// flow through XDP), fixed when the maps are created; rounded up to a multiple of the
+    /// Capacity of the north-south connection-tracking map `LB_CT`, in entries (one per
+    /// flow through XDP to a local backend, two per SNAT'd flow), fixed when the maps are created; rounded up to a multiple of the
     /// CPUs, each of which evicts its own least recently used flows when its share is full.
     /// 160 bytes of kernel memory per entry, reserved up front (Cilium's
     /// `--bpf-ct-global-tcp-max`).

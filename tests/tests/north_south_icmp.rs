@@ -421,10 +421,14 @@ fn wait_for_log(agent: &NodeAgent, text: &str) {
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
 const BPF_MAP_GET_NEXT_KEY: i64 = 4;
-/// `CtKey`: 40 bytes, `dir` at 37 (1 forward, 2 reply), source port at 32.
+/// `CtKey`: 40 bytes, `dir` at 37 (1 forward, 2 reply, 3 client), source port at 32.
 const CT_KEY: usize = 40;
 /// `CtEntry`: 56 bytes, `seen` (u64, native order) at 48.
 const CT_VALUE: usize = 56;
+/// `lb_common::nat::CT_DIR_IN`, `CT_DIR_REPLY`, `CT_DIR_CLIENT`.
+const CT_DIR_IN: u8 = 1;
+const CT_DIR_REPLY: u8 = 2;
+const CT_DIR_CLIENT: u8 = 3;
 
 /// The pinned conntrack map of `agent`, as a descriptor.
 fn ct_map(agent: &NodeAgent) -> i32 {
@@ -481,6 +485,37 @@ fn ct_entry(fd: i32, dir: u8, sport: u16) -> ([u8; CT_KEY], u64) {
     (key, seen)
 }
 
+/// Stores `value` under `key` in the conntrack map `fd`.
+fn ct_put(fd: i32, key: &[u8; CT_KEY], value: &[u8; CT_VALUE]) {
+    let (ret, _) = lb_tests::north_south::bpf(
+        BPF_MAP_UPDATE_ELEM,
+        &[
+            (0, fd as u64, 4),
+            (8, key.as_ptr() as u64, 8),
+            (16, value.as_ptr() as u64, 8),
+        ],
+    );
+    assert_eq!(ret, 0, "update: {}", std::io::Error::last_os_error());
+}
+
+/// A conntrack key (`CtKey`) of IPv4 addresses.
+fn ct_key(src: &str, dst: &str, sport: u16, dport: u16, proto: u8, dir: u8) -> [u8; CT_KEY] {
+    let addr = |a: &str| {
+        a.parse::<std::net::Ipv4Addr>()
+            .expect("IPv4")
+            .to_ipv6_mapped()
+            .octets()
+    };
+    let mut k = [0u8; CT_KEY];
+    k[..16].copy_from_slice(&addr(src));
+    k[16..32].copy_from_slice(&addr(dst));
+    k[32..34].copy_from_slice(&sport.to_be_bytes());
+    k[34..36].copy_from_slice(&dport.to_be_bytes());
+    k[36] = proto;
+    k[37] = dir;
+    k
+}
+
 /// Sets `seen` of the entry under `key`.
 fn set_seen(fd: i32, key: &[u8; CT_KEY], seen: u64) {
     let mut value = [0u8; CT_VALUE];
@@ -533,25 +568,23 @@ fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent_at_tc_a
     assert_eq!(verdict, XDP_PASS);
     let reply = Pkt::new("10.200.0.11", client, UDP, 8080, 41_400);
     let translated = Pkt::new(NODE4, client, UDP, 30080, 41_400);
-    // A flow whose client has been quiet for 50 s (of UDP's 60) and whose pod last replied
-    // 2 s ago: a reply refreshes both entries.
-    let (fwd_key, _) = ct_entry(ct, 1, 41_400);
-    let (reply_key, _) = ct_entry(ct, 2, 8080);
+    // A flow to a pod on this node has one entry, keyed by the client (direction 3).
+    let flow_entries = ct_entries(ct)
+        .into_iter()
+        .filter(|(k, _)| k[32..34] == 41_400u16.to_be_bytes() || k[32..34] == 8080u16.to_be_bytes())
+        .count();
+    assert_eq!(flow_entries, 1, "one conntrack entry per DNAT'd flow");
+    // A flow whose client has been quiet for 50 s (of UDP's 60): a reply refreshes it.
+    let (key, _) = ct_entry(ct, CT_DIR_CLIENT, 41_400);
     let now = coarse_now();
-    set_seen(ct, &fwd_key, now - 50_000_000_000);
-    set_seen(ct, &reply_key, now - 2_000_000_000);
+    set_seen(ct, &key, now - 50_000_000_000);
     let (verdict, out) = test_run(tc, &reply.bytes());
     assert_eq!((verdict, out), (TC_ACT_OK, translated.bytes()));
-    let (_, fwd_seen) = ct_entry(ct, 1, 41_400);
-    let (_, reply_seen) = ct_entry(ct, 2, 8080);
-    assert!(reply_seen >= now, "the reply entry was refreshed");
-    assert!(
-        fwd_seen >= now,
-        "the forward entry was refreshed by the reply"
-    );
-    // An expired reply entry is absent: the reply leaves untranslated, counted.
+    let (_, seen) = ct_entry(ct, CT_DIR_CLIENT, 41_400);
+    assert!(seen >= now, "the flow's entry was refreshed by the reply");
+    // An expired entry is absent: the reply leaves untranslated, counted.
     let expired = agent.stat("tc_ct_expired");
-    set_seen(ct, &reply_key, coarse_now() - 61_000_000_000);
+    set_seen(ct, &key, coarse_now() - 61_000_000_000);
     let (verdict, out) = test_run(tc, &reply.bytes());
     assert_eq!(
         (verdict, out),
@@ -560,10 +593,10 @@ fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent_at_tc_a
     );
     assert_eq!(agent.stat("tc_ct_expired"), expired + 1);
     // A UDP flow idle past its 60 s at XDP: the entry counts as absent and the client's next
-    // datagram starts a new flow (to the one local pod again), with fresh entries.
+    // datagram starts a new flow (to the one local pod again), with a fresh entry.
     let expired = agent.stat("xdp_ct_expired");
     let new_flows = agent.stat("xdp_new_flow");
-    set_seen(ct, &fwd_key, coarse_now() - 61_000_000_000);
+    set_seen(ct, &key, coarse_now() - 61_000_000_000);
     let (verdict, out) = test_run(xdp, &first.bytes());
     assert_eq!(
         (verdict, out),
@@ -572,8 +605,134 @@ fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent_at_tc_a
     );
     assert_eq!(agent.stat("xdp_ct_expired"), expired + 1);
     assert_eq!(agent.stat("xdp_new_flow"), new_flows + 1);
-    let (_, fwd_seen) = ct_entry(ct, 1, 41_400);
-    assert!(fwd_seen + 61_000_000_000 > coarse_now(), "fresh entry");
+    let (_, seen) = ct_entry(ct, CT_DIR_CLIENT, 41_400);
+    assert!(seen + 61_000_000_000 > coarse_now(), "fresh entry");
+    // SAFETY: our own descriptors, closed once.
+    unsafe {
+        libc::close(ct);
+        libc::close(xdp);
+        libc::close(tc);
+    }
+}
+
+/// A second flow of one client address and port (to another frontend) cannot share the
+/// first's client entry and gets a forward and a reply entry, as every flow of layout 4 has;
+/// both kinds are translated in both directions and kept alive by replies, so that flows made
+/// by programs of layout 4 survive an upgrade to these programs.
+#[test]
+fn second_flows_of_a_client_port_and_flows_of_layout_4_keep_two_entries() {
+    let topo = Topology::new();
+    let dir = TempDir::new("n2");
+    dir.write("services.yaml", SERVICES);
+    let agent = NodeAgent::start(&topo, &dir.0);
+    agent.wait_for(&["10.250.2.2:30080/UDP", "10.250.2.2:30085/UDP"]);
+    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
+    let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    let ct = ct_map(&agent);
+    let pod = "10.200.0.11";
+    let client = "192.0.2.90";
+    // One client port, two frontends: the first flow takes the client entry, the second
+    // gets two entries.
+    let first = Pkt::new(client, NODE4, UDP, 41_500, 30080);
+    let second = Pkt::new(client, NODE4, UDP, 41_500, 30085);
+    assert_eq!(
+        test_run(xdp, &first.bytes()),
+        (XDP_PASS, first.to(pod, 8080).bytes())
+    );
+    assert_eq!(
+        test_run(xdp, &second.bytes()),
+        (XDP_PASS, second.to(pod, 9999).bytes())
+    );
+    let _ = ct_entry(ct, CT_DIR_CLIENT, 41_500);
+    let (fwd_key, _) = ct_entry(ct, CT_DIR_IN, 41_500);
+    let (reply_key, _) = ct_entry(ct, CT_DIR_REPLY, 9999);
+    // Each flow's next packet is tracked (not a new flow), to its own pod port.
+    let (tracked, new_flows) = (agent.stat("xdp_tracked"), agent.stat("xdp_new_flow"));
+    for (p, port) in [(&first, 8080), (&second, 9999)] {
+        assert_eq!(
+            test_run(xdp, &p.bytes()),
+            (XDP_PASS, p.to(pod, port).bytes())
+        );
+    }
+    assert_eq!(agent.stat("xdp_tracked"), tracked + 2);
+    assert_eq!(agent.stat("xdp_new_flow"), new_flows);
+    // Each reply gets its own frontend back.
+    for (port, node_port) in [(8080, 30080), (9999, 30085)] {
+        let reply = Pkt::new(pod, client, UDP, port, 41_500);
+        assert_eq!(
+            test_run(tc, &reply.bytes()),
+            (
+                TC_ACT_OK,
+                Pkt::new(NODE4, client, UDP, node_port, 41_500).bytes()
+            ),
+            "reply from pod port {port}"
+        );
+    }
+    // A reply keeps the second flow alive: its reply entry and its forward entry.
+    let now = coarse_now();
+    set_seen(ct, &fwd_key, now - 50_000_000_000);
+    set_seen(ct, &reply_key, now - 2_000_000_000);
+    let reply = Pkt::new(pod, client, UDP, 9999, 41_500);
+    assert_eq!(test_run(tc, &reply.bytes()).0, TC_ACT_OK);
+    assert!(
+        ct_entry(ct, CT_DIR_REPLY, 9999).1 >= now,
+        "reply entry refreshed"
+    );
+    assert!(
+        ct_entry(ct, CT_DIR_IN, 41_500).1 >= now,
+        "forward entry refreshed"
+    );
+
+    // A flow as layout 4's programs stored it (forward and reply entry, no client entry),
+    // with the frontend id and member epoch of a live flow to the same frontend.
+    let (_, live) = ct_entries(ct)
+        .into_iter()
+        .find(|(k, _)| k[37] == CT_DIR_CLIENT && k[32..34] == 41_500u16.to_be_bytes())
+        .expect("the first flow's client entry");
+    let old_client = "192.0.2.91";
+    let mut fwd = live;
+    fwd[24..44].fill(0);
+    fwd[48..56].copy_from_slice(&coarse_now().to_ne_bytes());
+    let mut back = fwd;
+    back[..16].copy_from_slice(&ct_key(NODE4, NODE4, 0, 0, 0, 0)[..16]);
+    back[16..18].copy_from_slice(&30080u16.to_be_bytes());
+    back[44..48].fill(0);
+    ct_put(
+        ct,
+        &ct_key(old_client, NODE4, 41_600, 30080, UDP, CT_DIR_IN),
+        &fwd,
+    );
+    ct_put(
+        ct,
+        &ct_key(pod, old_client, 8080, 41_600, UDP, CT_DIR_REPLY),
+        &back,
+    );
+    let (tracked, new_flows) = (agent.stat("xdp_tracked"), agent.stat("xdp_new_flow"));
+    let old = Pkt::new(old_client, NODE4, UDP, 41_600, 30080);
+    assert_eq!(
+        test_run(xdp, &old.bytes()),
+        (XDP_PASS, old.to(pod, 8080).bytes())
+    );
+    assert_eq!(
+        agent.stat("xdp_tracked"),
+        tracked + 1,
+        "a layout-4 flow is tracked"
+    );
+    assert_eq!(agent.stat("xdp_new_flow"), new_flows);
+    let reply = Pkt::new(pod, old_client, UDP, 8080, 41_600);
+    assert_eq!(
+        test_run(tc, &reply.bytes()),
+        (
+            TC_ACT_OK,
+            Pkt::new(NODE4, old_client, UDP, 30080, 41_600).bytes()
+        )
+    );
+    assert!(
+        !ct_entries(ct)
+            .iter()
+            .any(|(k, _)| k[37] == CT_DIR_CLIENT && k[32..34] == 41_600u16.to_be_bytes()),
+        "no client entry made for a layout-4 flow"
+    );
     // SAFETY: our own descriptors, closed once.
     unsafe {
         libc::close(ct);

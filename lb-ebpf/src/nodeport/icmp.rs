@@ -352,6 +352,24 @@ enum Found {
 #[inline(never)]
 fn lookup(e: &mut IcmpError, s: &mut Scratch) -> Found {
     let now = xdp::now();
+    // The flow's client entry, if the quote came from its frontend.
+    super::set_client_key(&mut s.ikey, e.dst, e.dport, e.proto);
+    if let Some(p) = LB_CT.get_ptr(&s.ikey) {
+        // SAFETY: copied out at once.
+        s.entry = unsafe { *p };
+        if s.entry.nat_addr == e.src
+            && s.entry.nat_port == e.sport
+            && !ct_expired(s.entry.seen, now, e.proto, s.entry.flags)
+        {
+            e.new_odst = s.entry.addr;
+            e.new_src = s.entry.addr;
+            e.new_sport = s.entry.port;
+            e.new_osrc = e.osrc;
+            e.new_dst = e.dst;
+            e.new_dport = e.dport;
+            return Found::Forward;
+        }
+    }
     s.ikey = quote_key(e, CT_DIR_IN);
     if let Some(p) = LB_CT.get_ptr(&s.ikey) {
         // SAFETY: copied out at once.
@@ -463,7 +481,20 @@ pub fn tc_error(ctx: &TcContext, flow: &Flow) -> i32 {
     if outer(e, flow).is_none() || parse_quote(ctx, e).is_err() || e.odst != e.src {
         return TC_ACT_OK;
     }
-    // Field by field: a whole-struct literal would be built on the stack first.
+    // The flow's client entry (the quote goes from the client to its backend)...
+    super::set_client_key(&mut e.key, e.src, e.sport, e.proto);
+    if let Some(p) = LB_CT.get_ptr(&e.key) {
+        // SAFETY: copied out at once.
+        e.entry = unsafe { *p };
+        if e.entry.addr == e.dst && e.entry.port == e.dport && e.entry.flags & CT_SNAT == 0 {
+            // The reply's new source, as a reply entry holds it.
+            e.entry.addr = e.entry.nat_addr;
+            e.entry.port = e.entry.nat_port;
+            return tc_translate(ctx, e);
+        }
+    }
+    // ... or its reply entry. Field by field: a whole-struct literal would be built on the
+    // stack first.
     e.key.src = e.dst;
     e.key.dst = e.src;
     e.key.sport = e.dport;
@@ -476,8 +507,17 @@ pub fn tc_error(ctx: &TcContext, flow: &Flow) -> i32 {
     };
     // SAFETY: copied out at once.
     e.entry = unsafe { *p };
-    if e.entry.flags & CT_SNAT != 0 || ct_expired(e.entry.seen, xdp::now(), e.proto, e.entry.flags)
-    {
+    if e.entry.flags & CT_SNAT != 0 {
+        return TC_ACT_OK;
+    }
+    tc_translate(ctx, e)
+}
+
+/// [`tc_error`] with the flow's entry in `e.entry` (the frontend in `addr`, `port`): a live
+/// entry's frontend goes into the error.
+#[inline(always)]
+fn tc_translate(ctx: &TcContext, e: &mut IcmpError) -> i32 {
+    if ct_expired(e.entry.seen, xdp::now(), e.proto, e.entry.flags) {
         return TC_ACT_OK;
     }
     e.new_osrc = e.entry.addr;

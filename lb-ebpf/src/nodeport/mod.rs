@@ -29,12 +29,15 @@ use aya_ebpf::{
 use lb_common::{
     Addr,
     maps::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, Backend, MemberKey},
-    nat::{CT_DIR_IN, CT_DIR_REPLY, CtEntry, CtKey, MAX_CT, MAX_SRC_RANGES, SrcRangeKey},
+    nat::{
+        CT_DIR_CLIENT, CT_DIR_IN, CT_DIR_REPLY, CtEntry, CtKey, MAX_CT, MAX_SRC_RANGES, SrcRangeKey,
+    },
 };
 
 use crate::maps::LB_MEMBERS;
 
-/// Connection tracking, one entry per direction (`lb_common::nat`); written by both programs.
+/// Connection tracking (`lb_common::nat`): one client entry per flow to a local backend, a
+/// forward and a reply entry per SNAT'd flow; written by both programs.
 /// Per-CPU LRU lists; the agent sets the capacity (`--max-ct-entries`).
 #[map]
 pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_NO_COMMON_LRU);
@@ -163,6 +166,25 @@ pub fn load_entry(dst: &mut CtEntry, src: *const CtEntry) {
         // would merge the loads back into a `memmove` call.
         unsafe { to.add(i).write(from.add(i).read_volatile()) };
     }
+}
+
+/// Sets `key` to the client key (`lb_common::nat::client_key`) of client `addr`:`port` over
+/// `proto`, field by field: the key built whole would be zeroed by a call of `memset` (a
+/// byte loop) on the stack and then copied.
+#[inline(always)]
+pub fn set_client_key(key: &mut CtKey, addr: Addr, port: u16, proto: u8) {
+    key.src = addr;
+    let dst = (&raw mut key.dst.0).cast::<u32>();
+    for i in 0..4 {
+        // SAFETY: the four words of `key.dst`. Volatile: LLVM would merge the stores back
+        // into a `memset` call.
+        unsafe { dst.add(i).write_volatile(0) };
+    }
+    key.sport = port;
+    key.dport = 0;
+    key.proto = proto;
+    key.dir = CT_DIR_CLIENT;
+    key._pad = [0; 2];
 }
 
 /// The forward key for `flow` (client to frontend).

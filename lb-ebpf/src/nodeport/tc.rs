@@ -15,7 +15,7 @@ use aya_ebpf::{
 use lb_common::{
     Addr,
     maps::{IPPROTO_TCP, IPPROTO_UDP},
-    nat::{CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CtKey, ct_expired},
+    nat::{CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtKey, client_key, ct_expired},
     stats,
 };
 
@@ -55,6 +55,29 @@ static LB_NAT_TC_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 // A BPF-to-BPF call of its own: its frame is not on the stack of the ICMP path.
 #[inline(never)]
 fn reply(ctx: &TcContext, flow: &Flow) {
+    // The flow's one entry, keyed by the client, when the reply comes from its backend.
+    let key = client_key(flow.dst, flow.dport, flow.proto);
+    if let Some(p) = LB_CT.get_ptr_mut(&key) {
+        // SAFETY: copied out at once.
+        let entry = unsafe { *p };
+        if entry.addr == flow.src && entry.port == flow.sport && entry.flags & CT_SNAT == 0 {
+            let now = super::xdp::now();
+            if ct_expired(entry.seen, now, flow.proto, entry.flags) {
+                count(stats::TC_CT_EXPIRED);
+                return;
+            }
+            if now.saturating_sub(entry.seen) > CT_REFRESH_NS {
+                // SAFETY: a pointer into the map's value (a racing refresh loses one
+                // timestamp, never the entry).
+                unsafe { (*p).seen = now };
+            }
+            if snat_back(ctx, flow, entry.nat_addr, entry.nat_port).is_some() {
+                count(stats::TC_REPLY_XLATED);
+            }
+            return;
+        }
+    }
+    // A reply entry: a second flow of the client's port, or a flow of layout 4.
     let key = flow.ct_key(CT_DIR_REPLY);
     let Some(p) = LB_CT.get_ptr_mut(&key) else {
         return;

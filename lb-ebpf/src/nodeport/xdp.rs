@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
         BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, bpf_fib_lookup, xdp_action,
     },
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect},
@@ -12,8 +12,9 @@ use lb_common::{
     Addr, csum,
     maps::{Backend, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, META_MEMBER_EPOCH, SlotKey},
     nat::{
-        CT_CLOSING, CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry, EXT_SLOT_BASE,
-        FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES, ct_expired, snat_port,
+        CT_CLOSING, CT_DIR_CLIENT, CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry,
+        EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES,
+        ct_expired, snat_port,
     },
     stats,
 };
@@ -25,7 +26,7 @@ use super::{
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_walk,
         is_ext,
     },
-    reply_key, src_range, touch,
+    reply_key, set_client_key, src_range, touch,
 };
 use crate::maps::{LB_FRONTENDS, LB_META, LB_SLOTS, count};
 
@@ -41,10 +42,6 @@ const fn pass(stat: Option<u32>) -> Verdict {
         stat,
     }
 }
-
-/// [`translate`]'s action for a packet to no frontend (maybe a reply to an SNAT'd flow); never
-/// returned by the program.
-const NOT_FRONTEND: u32 = u32::MAX;
 
 const fn drop(stat: u32) -> Verdict {
     Verdict {
@@ -63,12 +60,29 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
     // preempted by another on the same CPU).
     let flow = unsafe { &mut *f };
     let verdict = match parse(ctx, flow) {
-        Ok(()) => match translate(ctx, flow) {
-            // Called from here, not from `translate`: the call chain through `reply` and
-            // `rewrite` then does not carry `translate`'s frame.
-            v if v.action == NOT_FRONTEND => reply(ctx, flow),
-            v => v,
-        },
+        Ok(()) => {
+            if flow.l3 > ETH_HLEN + VLAN_HLEN || flow.l4 > MAX_L4_OFF {
+                pass(Some(stats::XDP_PASS_MALFORMED))
+            } else {
+                // Looked up here, before any other call: a packet to no frontend and to no
+                // allocated SNAT port (everything but replies of SNAT'd flows) leaves at once.
+                let key = FrontendKey {
+                    addr: flow.dst,
+                    port: flow.dport,
+                    proto: flow.proto,
+                    _pad: 0,
+                };
+                match LB_FRONTENDS.get_ptr(&key) {
+                    Some(frontend) => translate(ctx, flow, frontend),
+                    None if u16::from_be(flow.dport) < SNAT_PORT_MIN => {
+                        return xdp_action::XDP_PASS;
+                    }
+                    // Called from here, not from `translate`: the call chain through
+                    // `reply` and `rewrite` then does not carry `translate`'s frame.
+                    None => reply(ctx, flow),
+                }
+            }
+        }
         Err(Skip::Icmp) => return super::icmp::xdp_error(ctx, flow),
         Err(Skip::Other) => pass(None),
         Err(Skip::Fragment) => pass(Some(stats::XDP_PASS_FRAGMENT)),
@@ -329,13 +343,46 @@ fn touch_forward(proto: u8, s: &mut Scratch) {
     touch(&s.ikey, s.now);
 }
 
-/// Removes both entries of the flow of `flow` (client side) with forward entry `s.entry`
-/// (the reply key is built in `s.rkey`).
+/// Removes the entries of the flow of `flow` (client side) with forward entry `s.entry`
+/// under `s.ikey`: a client entry is the flow's only one, a forward entry has a reply entry
+/// (its key is built in `s.rkey`).
 #[inline(always)]
 fn remove_flow(flow: &Flow, s: &mut Scratch) {
-    set_reply_key(flow, s);
-    let _gone = LB_CT.remove(&s.rkey);
+    if s.ikey.dir != CT_DIR_CLIENT {
+        set_reply_key(flow, s);
+        let _gone = LB_CT.remove(&s.rkey);
+    }
     let _gone = LB_CT.remove(&s.ikey);
+}
+
+/// The entry of the flow of `flow` (client side), its key left in `s.ikey`: the client entry
+/// ([`CT_DIR_CLIENT`]) if it is this flow's (its frontend is the packet's destination), else
+/// the forward entry ([`CT_DIR_IN`]: an SNAT'd flow, a second flow of the client's port, or
+/// a flow of layout 4).
+///
+/// `opening`: the packet opens a TCP connection (SYN without ACK) to a frontend without
+/// backends on other nodes. Without a client entry it is a new flow, and the forward key is
+/// not looked up (a cache-cold miss in a large map, a quarter of a new flow's cost): such a
+/// forward entry of the same 5-tuple can only be a second flow of the client's port whose
+/// holder has ended or a flow of layout 4, caught in its handshake (a retransmitted SYN,
+/// which may go to another backend: the first one's SYN-ACK never reached the client), or a
+/// closed flow opened again.
+#[inline(always)]
+fn lookup_flow(flow: &Flow, s: &mut Scratch, opening: bool) -> Option<*mut CtEntry> {
+    set_client_key(&mut s.ikey, flow.src, flow.sport, flow.proto);
+    match LB_CT.get_ptr_mut(&s.ikey) {
+        Some(p) => {
+            // SAFETY: fields read once from the map value.
+            let (addr, port) = unsafe { ((*p).nat_addr, (*p).nat_port) };
+            if addr == flow.dst && port == flow.dport {
+                return Some(p);
+            }
+        }
+        None if opening => return None,
+        None => {}
+    }
+    s.ikey = in_key(flow);
+    LB_CT.get_ptr_mut(&s.ikey)
 }
 
 /// Offsets above this are not translated (IPv6 extension headers of more than 16 KiB).
@@ -343,32 +390,17 @@ pub(super) const MAX_L4_OFF: usize = 0x4000;
 /// Largest offset [`bytes`] accepts.
 const MAX_OFF: usize = MAX_L4_OFF + 64;
 
-/// An external frontend's packet (`flow`) goes to its flow's backend, or a new one; a
-/// packet that is not for a frontend gets [`NOT_FRONTEND`] (it may be a backend's reply to an
-/// SNAT'd flow: [`reply`]).
+/// A packet (`flow`) to `frontend` (a value of `LB_FRONTENDS`) goes to its flow's backend if
+/// the frontend is external, to a new one if it has none yet.
 ///
 /// The parsed flow comes through map memory on purpose: the verifier then sees its offsets
 /// as one bounded range instead of one state per path through the parser (IPv4 options,
 /// VLAN, IPv6 extension headers), and verifies what follows once instead of per path.
 // A BPF-to-BPF call of its own (see `reply`).
 #[inline(never)]
-fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
-    if flow.l3 > ETH_HLEN + VLAN_HLEN || flow.l4 > MAX_L4_OFF {
-        return pass(Some(stats::XDP_PASS_MALFORMED));
-    }
-    let key = FrontendKey {
-        addr: flow.dst,
-        port: flow.dport,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once; the agent replaces values whole.
-    let Some(frontend) = (unsafe { LB_FRONTENDS.get(&key) }).copied() else {
-        return Verdict {
-            action: NOT_FRONTEND,
-            stat: None,
-        };
-    };
+fn translate(ctx: &XdpContext, flow: &Flow, frontend: *const Frontend) -> Verdict {
+    // SAFETY: a map value, copied out at once; the agent replaces values whole.
+    let frontend = unsafe { *frontend };
     if frontend.flags & FRONTEND_EXTERNAL == 0 {
         return pass(None);
     }
@@ -380,17 +412,19 @@ fn translate(ctx: &XdpContext, flow: &Flow) -> Verdict {
     let now = now();
     s.now = now;
     let tcp = tcp_flags(ctx, flow);
-    s.ikey = in_key(flow);
     let mut stat = stats::XDP_TRACKED;
     let mut tracked = false;
-    if let Some(p) = LB_CT.get_ptr_mut(&s.ikey) {
+    // SNAT'd flows have forward entries only: a SYN to a frontend with remote backends may
+    // be a retransmission of one (its SYN-ACK late rather than lost).
+    let opening = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN && frontend.ext_local >= frontend.ext_count;
+    if let Some(p) = lookup_flow(flow, s, opening) {
         // Copied out at once.
         load_entry(&mut s.entry, p);
         if stale(&s.entry, flow.proto, tcp, now) {
             remove_flow(flow, s);
             count(stats::XDP_CT_EXPIRED);
         } else {
-            if refresh(p, &s.entry, tcp, now) {
+            if refresh(p, &s.entry, tcp, now) && s.ikey.dir != CT_DIR_CLIENT {
                 touch_reply(flow, s);
             }
             tracked = true;
@@ -630,9 +664,10 @@ fn alloc_port(s: &mut Scratch, proto: u8, now: u64) -> bool {
     false
 }
 
-/// Chooses a backend for a new flow and records the flow (both directions) in `s.entry` and
-/// the map: a backend on this node as it is, one on another node with SNAT to this node's
-/// address and a free port.
+/// Chooses a backend for a new flow and records the flow in `s.entry` and the map: a backend
+/// on this node as it is (one client entry, or a forward and a reply entry when another flow
+/// holds the client's), one on another node with SNAT to this node's address and a free port
+/// (a forward and a reply entry).
 // A BPF-to-BPF call of its own (see `reply`).
 #[inline(never)]
 fn new_flow(
@@ -695,13 +730,16 @@ fn new_flow(
         (&raw mut s.entry._pad2).cast::<u16>().write_volatile(0);
     }
     s.entry.seen = now;
+    // This node's backends come first in the external range; the others need SNAT.
+    let snat = index >= frontend.ext_local;
+    if !snat && client_entry(flow, s, now) {
+        return Ok(());
+    }
     s.reply = s.entry;
     s.reply.epoch = 0;
     s.reply.addr = flow.dst;
     s.reply.port = flow.dport;
     s.rkey = reply_key(flow, &backend);
-    // This node's backends come first in the external range; the others need SNAT.
-    let snat = index >= frontend.ext_local;
     if snat {
         let Some(node) = node_addr(ctx, flow, backend.addr, s) else {
             return Err(pass(Some(stats::XDP_ERR_FIB)));
@@ -740,6 +778,44 @@ fn new_flow(
         return Err(drop(stats::XDP_ERR_CT_UPDATE));
     }
     Ok(())
+}
+
+/// Stores the new flow of `flow` to a backend on this node (`s.entry`, without the frontend
+/// yet) as its one client entry ([`CT_DIR_CLIENT`], key left in `s.ikey`), or follows the
+/// entry another CPU stored for it a moment ago (into `s.entry`). False when the key is held
+/// by another live flow of the client's address and port (to another frontend): the flow
+/// then gets a forward and a reply entry (`s.ikey` the forward key, `s.entry` as it came).
+#[inline(always)]
+fn client_entry(flow: &Flow, s: &mut Scratch, now: u64) -> bool {
+    s.entry.nat_addr = flow.dst;
+    s.entry.nat_port = flow.dport;
+    set_client_key(&mut s.ikey, flow.src, flow.sport, flow.proto);
+    if LB_CT
+        .insert(&s.ikey, &s.entry, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return true;
+    }
+    if let Some(p) = LB_CT.get_ptr(&s.ikey) {
+        // SAFETY: fields read once from the map value.
+        let (addr, port, seen, flags) =
+            unsafe { ((*p).nat_addr, (*p).nat_port, (*p).seen, (*p).flags) };
+        if addr == flow.dst && port == flow.dport {
+            // Another CPU recorded this flow a moment ago: follow it.
+            load_entry(&mut s.entry, p);
+            return true;
+        }
+        // The key's flow has ended: this one takes it over.
+        if ct_expired(seen, now, flow.proto, flags)
+            && LB_CT.insert(&s.ikey, &s.entry, u64::from(BPF_ANY)).is_ok()
+        {
+            return true;
+        }
+    }
+    s.entry.nat_addr = Addr::default();
+    s.entry.nat_port = 0;
+    s.ikey = in_key(flow);
+    false
 }
 
 /// Writes `addr` at `addr_off` and `port` at `port_off`, folding the changes into the IPv4

@@ -144,7 +144,7 @@ pub struct ConnTableSizes {
     pub revnat: usize,
     pub affinity: usize,
     pub udp_flows: usize,
-    /// `LB_CT` (two entries per north-south flow).
+    /// `LB_CT` (one entry per north-south flow to a local backend, two per SNAT'd flow).
     pub ct: usize,
 }
 

@@ -36,7 +36,8 @@ pub struct Capacities {
     pub frontends: u32,
     /// Backend slots over all frontends (and memberships, one each).
     pub backends: u32,
-    /// Connection-tracking entries (`LB_CT`, two per north-south flow), already a multiple
+    /// Connection-tracking entries (`LB_CT`, one per north-south flow to a local
+    /// backend, two per SNAT'd flow), already a multiple
     /// of the possible CPUs (the kernel rounds a per-CPU LRU map's capacity so).
     pub ct: u32,
 }

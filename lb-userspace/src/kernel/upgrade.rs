@@ -105,10 +105,16 @@ pub struct Change {
 /// What changed from layout [`PREVIOUS_LAYOUT`] to [`LAYOUT_VERSION`], map by map, reviewed
 /// with every change of `lb_common::maps` or `lb_common::nat`. A map not listed here must be
 /// unchanged in shape and meaning.
-///
-/// Empty on this branch: the layout-5 entries of the socket-path and XDP work are added
-/// where those changes land.
-pub const CHANGES: &[Change] = &[];
+pub const CHANGES: &[Change] = &[Change {
+    map: lb_common::nat::CT,
+    what: "a flow to a backend on this node is one entry keyed by the client (CT_DIR_CLIENT)",
+    step: Step::Keep {
+        why: "key and value sizes are unchanged; layout-5 programs still read layout-4 forward \
+              and reply entries (SNAT'd flows and a client port's second flow are still \
+              stored that way), and the layout-4 programs that run until the swap only make \
+              such entries",
+    },
+}];
 
 /// A [`Migration`] that carries nothing: the new map starts empty (counters restart from 0,
 /// which Prometheus reads as a counter reset).

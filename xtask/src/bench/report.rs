@@ -285,7 +285,7 @@ impl Results {
              number for new-flow rows) then tail-calls the program, repeat={} ({} for new-flow rows), harness floor \
              subtracted; `direct` = plain repeat (the miss only). Median over {} runs [min-max]; \"net\" = minus the floor of \
              its kind in the same run. lb: 10 local endpoints per frontend (DNAT, no SNAT; Katran: IPIP to 10 reals); \
-             its conntrack holds {} entries (2 per flow; one LRU list per CPU), the rows made {} (none evicted while that \
+             its conntrack holds {} entries (1 per flow to a local backend; one LRU list per CPU), the rows made {} (none evicted while that \
              stays below the CPU's share). Pinned to CPU {}; other \
              processes used {:.1}% of the CPUs during lb's rounds{}. Katran: {}.\n",
             xdp.single,

@@ -133,7 +133,7 @@ pub struct XdpResults {
     pub single: usize,
     pub repeat: u32,
     pub syn_repeat: u32,
-    /// lb's connection-tracking capacity (entries; two per flow).
+    /// lb's connection-tracking capacity (entries; one per flow to a local backend).
     pub ct_capacity: u32,
     /// Conntrack entries the rows created (two per new flow), all on the pinned CPU: below
     /// `ct_capacity / cpus`, the per-CPU LRU never evicts during the run.
@@ -141,9 +141,10 @@ pub struct XdpResults {
     pub ct_entries_made: u64,
 }
 
-/// `lb run --max-ct-entries` for the bench: 16 Mi entries are 8 Mi flows, 4 Mi per CPU list on
-/// this 2-CPU machine, as Katran's default flow table (`--lru-size 8000000` split over the
-/// CPUs); a full bench creates about 7.6 Mi entries on its CPU, so nothing is evicted.
+/// `lb run --max-ct-entries` for the bench: 16 Mi entries, 8 Mi per CPU list on this 2-CPU
+/// machine (one entry per flow to a local backend, so twice Katran's default flow table,
+/// `--lru-size 8000000` split over the CPUs: a larger hash table, no advantage to lb); a full
+/// bench creates about 3.8 Mi entries on its CPU, so nothing is evicted.
 pub const BENCH_CT_ENTRIES: u32 = 1 << 24;
 
 fn csum(data: &[u8]) -> u16 {
@@ -701,7 +702,8 @@ pub fn measure(
         }
     }
     results.background_cpu_pct = Spread::of(background).map_or(0.0, |s| s.median);
-    results.ct_entries_made = 2 * flows
+    // One client entry per flow to a local backend (`lb_common::nat::CT_DIR_CLIENT`).
+    results.ct_entries_made = flows
         .single
         .values()
         .chain(flows.steady.values())
@@ -1050,7 +1052,7 @@ fn rows(target: &LbTarget<'_>) -> Vec<Row> {
         let est = Expect::Dnat { new: false };
         add(
             "a.syn_new.single",
-            "TCP SYN, new flow per packet: choose a backend, 2 conntrack inserts, DNAT; first run (repeat=1, fresh frame)",
+            "TCP SYN, new flow per packet: choose a backend, 1 conntrack insert, DNAT; first run (repeat=1, fresh frame)",
             Kind::Single,
             &syn_single,
             true,
