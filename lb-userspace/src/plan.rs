@@ -461,10 +461,12 @@ fn reverse_entry(service: RevNat, state: u32) -> Reverse {
 /// it without storage need their storage first); a pending entry (or one in a state this
 /// agent does not know) no longer wanted is deleted and one wanted for another frontend is
 /// rewritten pending (no socket went without storage through a pending entry). Entries left
-/// pending or draining then need the socket walk, and [`reverse_after_walk`].
+/// pending or draining then need the socket walk, and [`reverse_after_walk`]. New entries
+/// stop at `capacity` entries in all (the backends past it keep socket storage).
 pub fn reverse_step(
     current: &BTreeMap<FrontendKey, Reverse>,
     wanted: &BTreeMap<FrontendKey, RevNat>,
+    capacity: usize,
 ) -> ReverseWrites {
     let mut out = ReverseWrites::default();
     for (key, entry) in current {
@@ -483,10 +485,15 @@ pub fn reverse_step(
             },
         }
     }
+    let mut room = capacity.saturating_sub(current.len());
     for (key, service) in wanted {
+        if room == 0 {
+            break;
+        }
         if !current.contains_key(key) {
             out.put
                 .push((*key, reverse_entry(*service, REVERSE_PENDING)));
+            room -= 1;
         }
     }
     out
@@ -1125,7 +1132,7 @@ mod tests {
         };
         let mut walks = Vec::new();
         for _ in 0..10 {
-            let first = reverse_step(map, wanted);
+            let first = reverse_step(map, wanted, usize::MAX);
             apply(map, &first);
             if !map
                 .values()
@@ -1174,6 +1181,26 @@ mod tests {
         let walks = settle(&mut map, &BTreeMap::new());
         assert_eq!(walks, [[(rkey(1), entry(s(2), REVERSE_DRAINING))].into()]);
         assert!(map.is_empty());
+    }
+
+    #[test]
+    fn new_entries_stop_at_the_capacity() {
+        let s = RevNat {
+            addr: Addr::from_v4_octets([10, 96, 0, 1]),
+            port: 80u16.to_be(),
+            _pad: [0; 2],
+            id: 1,
+        };
+        let current: BTreeMap<_, _> = [(rkey(1), entry(s, REVERSE_ACTIVE))].into();
+        let wanted: BTreeMap<_, _> = (1..=5).map(|n| (rkey(n), s)).collect();
+        let step = reverse_step(&current, &wanted, 3);
+        assert_eq!(
+            step.put,
+            [
+                (rkey(2), entry(s, REVERSE_PENDING)),
+                (rkey(3), entry(s, REVERSE_PENDING))
+            ]
+        );
     }
 
     #[test]

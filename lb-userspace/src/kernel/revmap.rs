@@ -45,16 +45,16 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError};
 use aya_obj::generated::bpf_cmd;
 use lb_common::maps::{
-    Backend, FrontendKey, IPPROTO_TCP, REVERSE, REVERSE_ACTIVE, REVERSE_DRAINING, REVERSE_PENDING,
-    RevNat, Reverse, SOCK_CONNECTED, SOCK_DIRECT, SOCKS, SockXlate,
+    Backend, FrontendKey, IPPROTO_TCP, MAX_REVERSE, REVERSE, REVERSE_ACTIVE, REVERSE_DRAINING,
+    REVERSE_PENDING, RevNat, Reverse, SOCK_CONNECTED, SOCK_DIRECT, SOCKS, SockXlate,
 };
 
 use super::{
     PinLayout,
     netns::{self, Netns},
     sock_destroy::{
-        AF_INET, AF_INET6, DiagSock, bpf, fd_u32, lookup, open_diag_in, pidfd_getfd, socket_owners,
-        zeroed_attr,
+        AF_INET, AF_INET6, DiagSock, DiagSocket, bpf, fd_u32, lookup, open_diag_in, pidfd_getfd,
+        socket_owners, zeroed_attr,
     },
 };
 use crate::plan::{self, ReverseWrites};
@@ -243,7 +243,7 @@ impl Worker {
     /// ([`plan::reverse_after_walk`]).
     fn round(&mut self, wanted: &BTreeMap<FrontendKey, RevNat>) -> Result<Round, RoundError> {
         let current = self.reverse.all()?;
-        let first = plan::reverse_step(&current, wanted);
+        let first = plan::reverse_step(&current, wanted, MAX_REVERSE as usize);
         self.apply(&first)?;
         let current = if first.is_empty() {
             current
@@ -334,15 +334,37 @@ impl Worker {
         if candidates.is_empty() {
             return Ok(0);
         }
+        // A socket its application closed is an orphan (inode 0, finishing its FIN
+        // handshake): nobody can call getpeername on it.
+        candidates.retain(|s| s.inode != 0);
         let inodes: HashSet<u64> = candidates.iter().map(|s| s.inode).collect();
-        let owners: StdHashMap<u64, (u32, i32)> = socket_owners(&ns.pids, &inodes);
+        let mut owners: StdHashMap<u64, (u32, i32)> = socket_owners(&ns.pids, &inodes);
+        if owners.len() < inodes.len() {
+            // Held by a process outside the cgroup (passed to it, or a process that never
+            // ran lb's programs): every process is searched, and storage on a socket whose
+            // hooks do not run changes nothing.
+            let missing: HashSet<u64> = inodes
+                .iter()
+                .filter(|i| !owners.contains_key(i))
+                .copied()
+                .collect();
+            owners.extend(socket_owners(&all_pids(), &missing));
+        }
         let mut written = 0;
         for candidate in &candidates {
             let Some(&(pid, fd)) = owners.get(&candidate.inode) else {
-                // No process of the cgroup holds it: closed by its application (an orphan
-                // finishing its FIN handshake: nobody can call getpeername on it), or closed
-                // since the dump.
-                tracing::debug!(netns = %where_, inode = candidate.inode, "no owner; skipped");
+                // Not found in any process: closed since the dump (then the next dump no
+                // longer has it, or has it as an orphan), or in flight in a
+                // descriptor-passing message. Storage cannot be written on a live one, so
+                // the entry must not change state yet: the round fails and is retried.
+                if still_held(&mut sock, candidate)
+                    .map_err(walk_err(format!("{where_} tcp dump")))?
+                {
+                    return Err(RoundError::Walk {
+                        what: format!("{where_} socket inode {}", candidate.inode),
+                        source: io::Error::from(io::ErrorKind::NotFound),
+                    });
+                }
                 continue;
             };
             let backend = candidate.peer_backend();
@@ -386,6 +408,26 @@ impl Worker {
         }
         Ok(written)
     }
+}
+
+/// Whether `candidate` is still in its namespace's sockets, held by an application (not an
+/// orphan). `sock` is a `sock_diag` socket of that namespace.
+fn still_held(sock: &mut DiagSocket, candidate: &DiagSock) -> io::Result<bool> {
+    Ok(sock
+        .dump(candidate.family, IPPROTO_TCP, TCP_PEER_STATES)?
+        .iter()
+        .any(|s| s.inode == candidate.inode && s.inode != 0))
+}
+
+/// Every process id in `/proc`.
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The inode of descriptor `fd` (a socket's, as `sock_diag` and `/proc/PID/fd` name it).
