@@ -69,13 +69,17 @@ impl Holder {
         }
     }
 
-    fn command(&mut self, line: &str) -> Vec<Held> {
+    /// Sends `line`; returns the report as it is (errors included).
+    fn report(&mut self, line: &str) -> Report {
         writeln!(self.stdin, "{line}").expect("write to hold");
         self.stdin.flush().expect("flush");
         let mut out = String::new();
         self.stdout.read_line(&mut out).expect("read hold");
-        let report: Report =
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("hold output {out:?}: {e}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("hold output {out:?}: {e}"))
+    }
+
+    fn command(&mut self, line: &str) -> Vec<Held> {
+        let report = self.report(line);
         assert!(report.error.is_none(), "{line}: {report:?}");
         for held in &report.held {
             assert!(held.error.is_none(), "{held:?}");
@@ -472,4 +476,67 @@ fn an_agent_stopped_mid_protocol_finishes_it_on_start() {
     assert_eq!(peers_to(&held, &p2), std::slice::from_ref(&p2), "{held:?}");
     assert_eq!(peers_to(&held, "10.96.0.82:80"), ["10.96.0.82:80"]);
     assert!(held.iter().all(|h| h.backend.is_some()), "{held:?}");
+}
+
+#[test]
+fn a_socket_without_storage_to_a_removed_backend_is_reset_with_the_flag() {
+    let node = node(2);
+    let dir = TempDir::new("rev");
+    dir.write(
+        "web.yaml",
+        &svc("web", "10.96.0.91", &[ip(&node, 1), ip(&node, 2)]),
+    );
+    let agent = Agent::start_manifests_with(
+        &node.cgroup.path,
+        &dir.0,
+        &["--close-tcp-to-removed-backends"],
+        Duration::from_secs(20),
+    );
+    wait_entries(
+        &agent,
+        &[
+            (&pod_addr(&node, 1), "10.96.0.91:80", ACTIVE),
+            (&pod_addr(&node, 2), "10.96.0.91:80", ACTIVE),
+        ],
+    );
+    let before = counter(&agent, "connect_no_storage");
+    let mut hold = Holder::start(&node);
+    let mut to_pod1 = None;
+    for i in 0..40 {
+        let held = hold.open("10.96.0.91:80");
+        if held[i].backend.as_deref() == Some("pod1") {
+            to_pod1 = Some(i);
+            break;
+        }
+    }
+    let to_pod1 = to_pod1.expect("a socket to pod1");
+    let opened = hold.show().len();
+    assert_eq!(
+        counter(&agent, "connect_no_storage") - before,
+        f64::from(u32::try_from(opened).expect("count"))
+    );
+    // pod1 leaves: its socket (no storage: the reverse entry names the Service) is reset,
+    // the others stay.
+    dir.write("web.yaml", &svc("web", "10.96.0.91", &[ip(&node, 2)]));
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let report = hold.report("show");
+        let reset: Vec<usize> = report
+            .held
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.error.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        if !reset.is_empty() {
+            assert_eq!(reset, [to_pod1], "{report:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod1's socket was not reset: {report:?}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -525,11 +525,11 @@ impl Bench {
         for (i, setup) in setups.iter().enumerate() {
             for proto in Proto::BOTH {
                 let (port, target_port) = proto.ports();
-                if setup.mode == Mode::Lb {
+                if setup.mode == Mode::Lb && proto == Proto::Tcp {
                     // The backend pod on an address no Service uses, with lb's programs
                     // attached: what lb costs a connect() that is not to a Service (the
                     // "miss"); and a backend directly: a connect to an address with a reverse
-                    // entry (layout 5: it gets socket storage marked direct).
+                    // entry (layout 5, TCP only: it gets socket storage marked direct).
                     points.push((
                         i,
                         proto,
@@ -540,6 +540,15 @@ impl Bench {
                         i,
                         proto,
                         "backend",
+                        SocketAddrV4::new(setup.topo.backends[0], target_port).into(),
+                    ));
+                } else if setup.mode == Mode::Lb {
+                    // UDP has no reverse entries: a backend directly is a miss (the echo
+                    // server's UDP sockets are bound to the backend addresses only).
+                    points.push((
+                        i,
+                        proto,
+                        "pod",
                         SocketAddrV4::new(setup.topo.backends[0], target_port).into(),
                     ));
                 }
