@@ -8,7 +8,7 @@
 //! before anything is added. Re-planning the same desired state gives no writes.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet, btree_map::Entry},
     sync::Arc,
 };
 
@@ -409,13 +409,17 @@ pub fn reverse_wanted(desired: &Desired, state: &KernelState) -> BTreeMap<Fronte
             if desired.frontends.contains_key(&rkey) {
                 continue;
             }
-            let rank = |f: &DesiredFrontend, k: &FrontendKey| {
-                (f.service.clone(), u16::from_be(k.port), *k)
-            };
-            match best.get(&rkey) {
-                Some((f, k)) if rank(f, k) <= rank(want, key) => {}
-                _ => {
-                    best.insert(rkey, (want, *key));
+            match best.entry(rkey) {
+                Entry::Vacant(slot) => {
+                    slot.insert((want, *key));
+                }
+                Entry::Occupied(mut slot) => {
+                    let (f, k) = slot.get();
+                    if (&want.service, u16::from_be(key.port), key)
+                        < (&f.service, u16::from_be(k.port), k)
+                    {
+                        slot.insert((want, *key));
+                    }
                 }
             }
         }
