@@ -53,6 +53,9 @@ use crate::Addr;
 /// a reply entry. Entries of layout 4 keep their meaning and layout-5 programs still read
 /// them (a second flow of a client port and SNAT'd flows are stored that way), so an upgrade
 /// keeps `LB_CT` as it is.
+/// Also 5: [`REVERSE`] (backend -> the one frontend whose connects write no socket storage) is
+/// new, and [`SockXlate::flags`] has [`SOCK_DIRECT`]. Layout-4 entries keep their meaning: a
+/// layout-4 socket always has storage, and a socket with storage never reads [`REVERSE`].
 pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -79,6 +82,7 @@ pub const DGRAMS: &str = "LB_DGRAMS";
 pub const REVNAT: &str = "LB_REVNAT";
 pub const UDP_FLOWS: &str = "LB_UDP_FLOWS";
 pub const STATS: &str = "LB_STATS";
+pub const REVERSE: &str = "LB_REVERSE";
 pub const META: &str = "LB_META";
 
 /// Frontends: one per (Service IP, port, protocol). The default capacity, as Cilium's
@@ -97,6 +101,9 @@ pub const MAX_AFFINITY: u32 = 1 << 16;
 pub const MAX_REVNAT: u32 = 1 << 16;
 /// Unconnected UDP (socket, frontend) pairs beyond a socket's [`SOCK_FLOWS`] own; LRU.
 pub const MAX_UDP_FLOWS: u32 = 1 << 16;
+/// Reverse entries (backend address, port, protocol -> one frontend): at most one per
+/// backend, so the slots' default capacity.
+pub const MAX_REVERSE: u32 = MAX_SLOTS;
 /// Entries of [`META`].
 pub const META_LEN: u32 = 4;
 /// Index in [`META`] of the layout version.
@@ -300,7 +307,8 @@ pub struct SockXlate {
     /// The Service address and port it connected to, and the frontend id; meaningful with
     /// [`SOCK_CONNECTED`].
     pub service: RevNat,
-    /// [`SOCK_CONNECTED`] | [`SOCK_DATAGRAMS`] | [`SOCK_OVERFLOW`]; other bits 0.
+    /// [`SOCK_CONNECTED`] | [`SOCK_DATAGRAMS`] | [`SOCK_OVERFLOW`] | [`SOCK_DIRECT`]; other
+    /// bits 0.
     pub flags: u32,
 }
 const _: () = assert!(size_of::<SockXlate>() == 48);
@@ -326,6 +334,11 @@ const _: () = assert!(size_of::<DgramXlate>() == 48 + 48 * SOCK_FLOWS);
 /// `backend` (TCP, connected UDP, MPTCP: then it is the MPTCP socket's entry, not the
 /// subflow's). Cleared by a connect() to an address that is not a Service.
 pub const SOCK_CONNECTED: u32 = 1;
+/// [`SockXlate::flags`]: the socket's last connect() went to a backend address that has a
+/// [`REVERSE`] entry, directly (not through a Service), or it was connected so before the
+/// entry was written (the agent marks it, see [`Reverse`]). Only a marker: what matters is
+/// that the socket has storage, so getpeername does not read [`REVERSE`] for it.
+pub const SOCK_DIRECT: u32 = 8;
 /// [`SockXlate::flags`]: the socket sent datagrams to a Service with sendmsg (unconnected
 /// UDP): its [`DgramXlate::flows`] hold them. Never cleared.
 pub const SOCK_DATAGRAMS: u32 = 2;
@@ -345,6 +358,43 @@ pub struct UdpFlowKey {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<UdpFlowKey>() == 32);
+
+/// Value of [`REVERSE`], keyed by a [`FrontendKey`] that holds a backend's address, port and
+/// protocol ([`IPPROTO_TCP`] only): the one frontend (`service`) whose TCP connects to this
+/// backend write no socket storage while `state` is [`REVERSE_ACTIVE`]; getpeername of a TCP
+/// socket without storage whose peer is this backend shows `service`.
+///
+/// Written by the agent (`lb-userspace/src/kernel/revmap.rs`), only where the choice is
+/// deterministic (the ClusterIP frontend of the lowest Service and port claiming the
+/// backend), in this order, so that every socket stays exact:
+/// - new: [`REVERSE_PENDING`] (connects through the Service create storage as before; direct
+///   connects to the backend get storage marked [`SOCK_DIRECT`]; getpeername ignores the
+///   entry), then the agent gives every live socket already connected to the backend
+///   without storage (a direct one) [`SOCK_DIRECT`] storage, then [`REVERSE_ACTIVE`];
+/// - going away or changing: [`REVERSE_DRAINING`] (connects create storage again; getpeername
+///   still answers from the entry), then the agent gives every live socket connected to the
+///   backend without storage (through `service`) the Service translation as storage, then
+///   deletes the entry.
+///
+/// The programs only read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Reverse {
+    /// The frontend's address, port and id (the id is compared on connect).
+    pub service: RevNat,
+    /// [`REVERSE_PENDING`], [`REVERSE_ACTIVE`] or [`REVERSE_DRAINING`].
+    pub state: u32,
+}
+const _: () = assert!(size_of::<Reverse>() == 28);
+
+/// [`Reverse::state`]: written, live sockets not yet marked; connects create storage,
+/// getpeername ignores the entry.
+pub const REVERSE_PENDING: u32 = 1;
+/// [`Reverse::state`]: connects through `service` to this backend write no storage.
+pub const REVERSE_ACTIVE: u32 = 2;
+/// [`Reverse::state`]: about to go; connects create storage, getpeername still answers for
+/// sockets without storage.
+pub const REVERSE_DRAINING: u32 = 3;
 
 /// Map types, for the agent's shape check of pinned maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -466,6 +516,16 @@ pub const SPECS: &[MapSpec] = &[
         sized_by_agent: false,
     },
     MapSpec {
+        name: REVERSE,
+        kind: MapKind::Hash,
+        key_size: size::<FrontendKey>(),
+        value_size: size::<Reverse>(),
+        max_entries: MAX_REVERSE,
+        flags: BPF_F_NO_PREALLOC,
+        agent_writes: true,
+        sized_by_agent: false,
+    },
+    MapSpec {
         name: STATS,
         kind: MapKind::PerCpuArray,
         key_size: size::<u32>(),
@@ -532,7 +592,7 @@ pub const SPECS: &[MapSpec] = &[
 mod pod {
     use super::{
         Affinity, AffinityKey, Backend, DgramXlate, Frontend, FrontendKey, MemberKey, RevNat,
-        RevNatKey, SlotKey, SockFlow, SockXlate, UdpFlowKey,
+        RevNatKey, Reverse, SlotKey, SockFlow, SockXlate, UdpFlowKey,
     };
 
     // SAFETY: all of these are #[repr(C)], made of integers only, with every padding byte an
@@ -562,6 +622,8 @@ mod pod {
     unsafe impl aya::Pod for SockFlow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DgramXlate {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Reverse {}
 }
 
 #[cfg(test)]

@@ -120,8 +120,19 @@ pub const XDP_ICMP_MALFORMED: u32 = 40;
 /// (as XDP treats an expired entry as absent).
 pub const TC_CT_EXPIRED: u32 = 41;
 
+/// connect: translated without writing socket storage (the backend's `LB_REVERSE` entry is
+/// active for this frontend; getpeername answers from it). Also counted in
+/// [`CONNECT_XLATED`].
+pub const CONNECT_NO_STORAGE: u32 = 42;
+/// connect: a direct connect (not through a Service) to a backend address that has an
+/// `LB_REVERSE` entry got socket storage marked `SOCK_DIRECT`, so getpeername shows the pod.
+pub const CONNECT_DIRECT_MARKED: u32 = 43;
+/// getpeername: a socket without storage was shown its Service from `LB_REVERSE`. Also
+/// counted in [`GETPEERNAME_XLATED`].
+pub const GETPEERNAME_REVERSE: u32 = 44;
+
 /// Number of counters.
-pub const COUNT: u32 = 42;
+pub const COUNT: u32 = 45;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -167,4 +178,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_icmp_no_flow",
     "xdp_icmp_malformed",
     "tc_ct_expired",
+    "connect_no_storage",
+    "connect_direct_marked",
+    "getpeername_reverse",
 ];

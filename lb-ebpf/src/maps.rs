@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     Affinity, AffinityKey, BPF_F_NO_PREALLOC, Backend, DgramXlate, Frontend, FrontendKey,
-    MAX_AFFINITY, MAX_FRONTENDS, MAX_MEMBERS, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS, META_LEN,
-    MemberKey, RevNat, RevNatKey, SlotKey, SockXlate, UdpFlowKey,
+    MAX_AFFINITY, MAX_FRONTENDS, MAX_MEMBERS, MAX_REVERSE, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS,
+    META_LEN, MemberKey, RevNat, RevNatKey, Reverse, SlotKey, SockXlate, UdpFlowKey,
 };
 
 /// Service frontends; written by the agent.
@@ -28,6 +28,13 @@ pub static LB_SLOTS: HashMap<SlotKey, Backend> = HashMap::pinned(MAX_SLOTS, BPF_
 /// Which backends belong to a frontend now; written by the agent.
 #[map]
 pub static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(MAX_MEMBERS, BPF_F_NO_PREALLOC);
+
+/// TCP backend -> the one frontend whose connects to it write no socket storage, and which
+/// getpeername shows for a socket without storage whose peer is that backend
+/// (`lb_common::maps::Reverse`, with its protocol); written by the agent.
+#[map]
+pub static LB_REVERSE: HashMap<FrontendKey, Reverse> =
+    HashMap::pinned(MAX_REVERSE, BPF_F_NO_PREALLOC);
 
 /// ClientIP affinity; written here, on connect/sendmsg.
 #[map]

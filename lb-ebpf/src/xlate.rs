@@ -12,8 +12,9 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Affinity, AffinityKey, Backend, DgramXlate, FLOW_REVERSE, Frontend, FrontendKey,
-        IPPROTO_TCP, IPPROTO_UDP, MemberKey, RevNat, RevNatKey, SOCK_CONNECTED, SOCK_DATAGRAMS,
-        SOCK_OVERFLOW, SlotKey, SockFlow, SockXlate, UdpFlowKey,
+        IPPROTO_TCP, IPPROTO_UDP, MemberKey, REVERSE_ACTIVE, REVERSE_DRAINING, RevNat, RevNatKey,
+        SOCK_CONNECTED, SOCK_DATAGRAMS, SOCK_DIRECT, SOCK_OVERFLOW, SlotKey, SockFlow, SockXlate,
+        UdpFlowKey,
     },
     select::{affinity_fresh, slot_for},
     stats,
@@ -21,8 +22,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        LB_AFFINITY, LB_DGRAMS, LB_FRONTENDS, LB_MEMBERS, LB_REVNAT, LB_SLOTS, LB_SOCKS,
-        LB_UDP_FLOWS, count, ctx_sock,
+        LB_AFFINITY, LB_DGRAMS, LB_FRONTENDS, LB_MEMBERS, LB_REVERSE, LB_REVNAT, LB_SLOTS,
+        LB_SOCKS, LB_UDP_FLOWS, count, ctx_sock,
     },
     sock::{self, Family},
 };
@@ -116,11 +117,13 @@ fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
 }
 
 /// connect() to a Service: the backend, remembered in the socket's storage for getpeername
-/// and recvmsg. Returns the backend and the counter to bump.
+/// and recvmsg, unless the backend's `LB_REVERSE` entry answers for this frontend. Returns
+/// the backend and the counter to bump.
 ///
 /// A TCP socket's storage is the application's socket in `LB_SOCKS`: for MPTCP the connect
 /// hook runs on the first subflow, while the application calls getpeername on the MPTCP
-/// socket, so the entry goes on that one. A UDP socket's is in `LB_DGRAMS`.
+/// socket, so the entry goes on that one (MPTCP sockets always get storage). A UDP socket's
+/// is in `LB_DGRAMS`.
 #[inline(always)]
 fn connect(
     ctx: &SockAddrContext,
@@ -131,26 +134,67 @@ fn connect(
     if key.proto == IPPROTO_UDP {
         return connect_udp(ctx, key, frontend, service);
     }
-    let sk = if key.proto == IPPROTO_TCP {
-        app_socket(ctx)
-    } else {
-        ctx_sock(ctx)
-    };
-    let state = LB_SOCKS.get_ptr_on(sk, true);
     let backend = choose(ctx, key, frontend, None)?;
+    let xlate = SockXlate {
+        backend,
+        service,
+        flags: SOCK_CONNECTED,
+    };
+    let sk = ctx_sock(ctx);
+    let state = if key.proto == IPPROTO_TCP {
+        // SAFETY: helper call on the context's socket; it returns the subflow's MPTCP socket
+        // or null (not a subflow).
+        let msk = unsafe { bpf_skc_to_mptcp_sock(sk) };
+        if !msk.is_null() {
+            LB_SOCKS.get_ptr_on(msk.cast(), true)
+        } else if reverse_answers(&backend, key, frontend.id) {
+            // getpeername answers from the reverse entry: nothing to write, unless the socket
+            // has storage from an earlier connect (then storage answers, so it must say this).
+            if let Some(state) = LB_SOCKS.get_ptr_on(sk, false) {
+                // SAFETY: this socket's own storage, written under the socket lock.
+                unsafe { *state = xlate };
+            }
+            count(stats::CONNECT_NO_STORAGE);
+            return Ok((backend, stats::CONNECT_XLATED));
+        } else {
+            LB_SOCKS.get_ptr_on(sk, true)
+        }
+    } else {
+        LB_SOCKS.get_ptr_on(sk, true)
+    };
     match state {
         // SAFETY: this socket's own storage, written under the socket lock that every hook
         // runs with.
-        Some(state) => unsafe {
-            *state = SockXlate {
-                backend,
-                service,
-                flags: SOCK_CONNECTED,
-            };
-        },
+        Some(state) => unsafe { *state = xlate },
         None => count(stats::ERR_REVNAT_UPDATE),
     }
     Ok((backend, stats::CONNECT_XLATED))
+}
+
+/// The `LB_REVERSE` key of a TCP backend.
+#[inline(always)]
+fn reverse_key(addr: lb_common::Addr, port: u16) -> FrontendKey {
+    FrontendKey {
+        addr,
+        port,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+/// Whether a TCP connect through frontend `key` (id `id`) to `backend` may skip socket
+/// storage: the backend's reverse entry is active and names this frontend (address, port and
+/// id: an id a restarted agent reused for another frontend before a stale entry drained
+/// does not match).
+#[inline(always)]
+fn reverse_answers(backend: &Backend, key: &FrontendKey, id: u32) -> bool {
+    // SAFETY: the value is read at once; the agent replaces values whole.
+    unsafe { LB_REVERSE.get(&reverse_key(backend.addr, backend.port)) }.is_some_and(|entry| {
+        entry.state == REVERSE_ACTIVE
+            && entry.service.id == id
+            && entry.service.addr == key.addr
+            && entry.service.port == key.port
+    })
 }
 
 /// connect() of a UDP socket to a Service. A socket that already sent datagrams to this
@@ -331,9 +375,29 @@ fn datagram_backend(
 #[inline(always)]
 fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
     if key.proto != IPPROTO_UDP {
-        if hook == Hook::Connect
-            && let Some(state) = LB_SOCKS.get_ptr(ctx, false)
+        if hook != Hook::Connect {
+            return;
+        }
+        // SAFETY: the value is only tested for presence.
+        if key.proto == IPPROTO_TCP
+            && unsafe { LB_REVERSE.get(&reverse_key(key.addr, key.port)) }.is_some()
         {
+            // A direct connect to a backend that has a reverse entry (in any state): the
+            // socket gets storage, so getpeername shows the pod, not the entry's Service.
+            match LB_SOCKS.get_ptr_on(app_socket(ctx), true) {
+                Some(state) => {
+                    // SAFETY: this socket's own storage, written under the socket lock.
+                    unsafe {
+                        *state = SockXlate {
+                            flags: SOCK_DIRECT,
+                            ..SockXlate::default()
+                        };
+                    }
+                    count(stats::CONNECT_DIRECT_MARKED);
+                }
+                None => count(stats::ERR_REVNAT_UPDATE),
+            }
+        } else if let Some(state) = LB_SOCKS.get_ptr(ctx, false) {
             // SAFETY: this socket's own storage, written under the socket lock.
             unsafe { (*state).flags &= !SOCK_CONNECTED };
         }
@@ -538,11 +602,17 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
             None => None,
         }
     } else {
-        let Some(state) = LB_SOCKS.get_ptr(ctx, false) else {
-            return SYS_PROCEED;
-        };
-        // SAFETY: as above.
-        connected_service(unsafe { &*state }, F::addr(sa), sock::port(sa))
+        match LB_SOCKS.get_ptr(ctx, false) {
+            // SAFETY: as above.
+            Some(state) => connected_service(unsafe { &*state }, F::addr(sa), sock::port(sa)),
+            // A plain TCP socket without storage (not MPTCP: those always have it, and their
+            // protocol is not TCP here) may have been connected through a Service whose
+            // reverse entry answers for its peer.
+            None if sock::protocol(sa) == u32::from(IPPROTO_TCP) => {
+                reverse_peer(F::addr(sa), sock::port(sa))
+            }
+            None => return SYS_PROCEED,
+        }
     };
     if let Some(service) = service
         && F::set_addr(sa, service.addr).is_ok()
@@ -554,6 +624,20 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
         });
     }
     SYS_PROCEED
+}
+
+/// The Service of a TCP socket without storage whose peer is `addr`:`port`: the peer's
+/// reverse entry, active or draining (a pending one does not answer yet: the sockets
+/// connected to the backend directly before it was written may not be marked yet).
+#[inline(always)]
+fn reverse_peer(addr: lb_common::Addr, port: u16) -> Option<RevNat> {
+    // SAFETY: the value is copied out at once; the agent replaces values whole.
+    let entry = unsafe { LB_REVERSE.get(&reverse_key(addr, port)) }.copied()?;
+    if entry.state != REVERSE_ACTIVE && entry.state != REVERSE_DRAINING {
+        return None;
+    }
+    count(stats::GETPEERNAME_REVERSE);
+    Some(entry.service)
 }
 
 /// The Service of a connected socket whose peer (or datagram source) is its backend.

@@ -8,20 +8,23 @@
 //! before anything is added. Re-planning the same desired state gives no writes.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet, btree_map::Entry},
     sync::Arc,
 };
 
 use lb_common::{
     maglev::{MaglevChunk, MaglevKey},
-    maps::{Backend, Frontend, FrontendKey, MemberKey, SlotKey},
+    maps::{
+        Backend, Frontend, FrontendKey, IPPROTO_TCP, MemberKey, REVERSE_ACTIVE, REVERSE_DRAINING,
+        REVERSE_PENDING, RevNat, Reverse, SlotKey,
+    },
     nat::{
         EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, FRONTEND_SRC_RANGES, SrcRangeKey,
         src_range_prefix,
     },
 };
 
-use crate::desired::{Desired, DesiredFrontend, ExternalBackends};
+use crate::desired::{Desired, DesiredFrontend, ExternalBackends, FrontendKind};
 use crate::kernel::state::{KernelState, Op, RangeEntry, chunk_digest};
 use crate::maglev;
 use crate::model::Cidr;
@@ -380,6 +383,146 @@ fn assign_slots(in_use: &[Option<Backend>], want: &BTreeSet<Backend>) -> Vec<Bac
         .collect()
 }
 
+/// The `LB_REVERSE` entries the kernel should hold, for `desired` with the frontend ids of
+/// `state` (the kernel's, after the pass's writes): for each TCP backend (address, port),
+/// the ClusterIP frontend of the lowest (namespace, name, port, frontend key) that has it
+/// among its backends. A connect through that frontend to that backend then writes no socket
+/// storage (getpeername answers from the entry); a connect through any other frontend to it
+/// writes storage as before. Backends whose address and port are themselves a frontend get
+/// none (a connect to them is translated, so "direct" cannot be told from "through").
+pub fn reverse_wanted(desired: &Desired, state: &KernelState) -> BTreeMap<FrontendKey, RevNat> {
+    let mut best: BTreeMap<FrontendKey, (&DesiredFrontend, FrontendKey)> = BTreeMap::new();
+    for (key, want) in &desired.frontends {
+        if key.proto != IPPROTO_TCP || want.kind != FrontendKind::ClusterIp {
+            continue;
+        }
+        if state.frontends().get(key).is_none_or(|f| f.count == 0) {
+            continue; // not (yet) in the kernel: no connect reaches a backend through it
+        }
+        for backend in &want.backends {
+            let rkey = FrontendKey {
+                addr: backend.addr,
+                port: backend.port,
+                proto: IPPROTO_TCP,
+                _pad: 0,
+            };
+            if desired.frontends.contains_key(&rkey) {
+                continue;
+            }
+            match best.entry(rkey) {
+                Entry::Vacant(slot) => {
+                    slot.insert((want, *key));
+                }
+                Entry::Occupied(mut slot) => {
+                    let (f, k) = slot.get();
+                    if (&want.service, u16::from_be(key.port), key)
+                        < (&f.service, u16::from_be(k.port), k)
+                    {
+                        slot.insert((want, *key));
+                    }
+                }
+            }
+        }
+    }
+    best.into_iter()
+        .filter_map(|(rkey, (_, key))| {
+            let id = state.frontends().get(&key)?.id;
+            Some((
+                rkey,
+                RevNat {
+                    addr: key.addr,
+                    port: key.port,
+                    _pad: [0; 2],
+                    id,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Writes to `LB_REVERSE` ([`lb_common::maps::Reverse`] states): entries to put and keys to
+/// delete, in that order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReverseWrites {
+    pub put: Vec<(FrontendKey, Reverse)>,
+    pub delete: Vec<FrontendKey>,
+}
+
+impl ReverseWrites {
+    pub fn is_empty(&self) -> bool {
+        self.put.is_empty() && self.delete.is_empty()
+    }
+}
+
+fn reverse_entry(service: RevNat, state: u32) -> Reverse {
+    Reverse { service, state }
+}
+
+/// The first half of a round of the reverse-entry protocol, from what `LB_REVERSE` holds
+/// (`current`) to `wanted` ([`reverse_wanted`]): a new entry is written
+/// [`REVERSE_PENDING`]; an active entry no longer wanted, or wanted for another frontend,
+/// becomes [`REVERSE_DRAINING`] (never deleted or changed at once: sockets connected through
+/// it without storage need their storage first); a pending entry (or one in a state this
+/// agent does not know) no longer wanted is deleted and one wanted for another frontend is
+/// rewritten pending (no socket went without storage through a pending entry). Entries left
+/// pending or draining then need the socket walk, and [`reverse_after_walk`]. New entries
+/// stop at `capacity` entries in all (the backends past it keep socket storage).
+pub fn reverse_step(
+    current: &BTreeMap<FrontendKey, Reverse>,
+    wanted: &BTreeMap<FrontendKey, RevNat>,
+    capacity: usize,
+) -> ReverseWrites {
+    let mut out = ReverseWrites::default();
+    for (key, entry) in current {
+        let want = wanted.get(key);
+        match entry.state {
+            REVERSE_ACTIVE if want != Some(&entry.service) => out
+                .put
+                .push((*key, reverse_entry(entry.service, REVERSE_DRAINING))),
+            REVERSE_ACTIVE | REVERSE_DRAINING => {}
+            _ => match want {
+                Some(service) if *service == entry.service && entry.state == REVERSE_PENDING => {}
+                Some(service) => out
+                    .put
+                    .push((*key, reverse_entry(*service, REVERSE_PENDING))),
+                None => out.delete.push(*key),
+            },
+        }
+    }
+    let mut room = capacity.saturating_sub(current.len());
+    for (key, service) in wanted {
+        if room == 0 {
+            break;
+        }
+        if !current.contains_key(key) {
+            out.put
+                .push((*key, reverse_entry(*service, REVERSE_PENDING)));
+            room -= 1;
+        }
+    }
+    out
+}
+
+/// The second half of a round, once every live socket of the pending and draining entries
+/// in `current` was given its storage: draining entries go; pending entries still wanted as
+/// they are become [`REVERSE_ACTIVE`].
+pub fn reverse_after_walk(
+    current: &BTreeMap<FrontendKey, Reverse>,
+    wanted: &BTreeMap<FrontendKey, RevNat>,
+) -> ReverseWrites {
+    let mut out = ReverseWrites::default();
+    for (key, entry) in current {
+        match entry.state {
+            REVERSE_DRAINING => out.delete.push(*key),
+            REVERSE_PENDING if wanted.get(key) == Some(&entry.service) => out
+                .put
+                .push((*key, reverse_entry(entry.service, REVERSE_ACTIVE))),
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -410,7 +553,7 @@ mod tests {
                 DesiredFrontend {
                     service: ObjectKey::new("default", format!("s{f}")),
                     port_name: String::new(),
-                    kind: crate::desired::FrontendKind::ClusterIp,
+                    kind: FrontendKind::ClusterIp,
                     policy: crate::desired::TrafficPolicy::default(),
                     affinity_timeout_s: affinity,
                     backends: backends.iter().map(|&b| be(b)).collect(),
@@ -910,5 +1053,202 @@ mod tests {
                 sync_by_phase(&mut state, &desired(&spec));
             }
         }
+    }
+
+    fn rkey(n: u8) -> FrontendKey {
+        let b = be(n);
+        FrontendKey {
+            addr: b.addr,
+            port: b.port,
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        }
+    }
+
+    fn service_of(state: &KernelState, f: u8) -> RevNat {
+        let key = fkey(f);
+        RevNat {
+            addr: key.addr,
+            port: key.port,
+            _pad: [0; 2],
+            id: state.frontends()[&key].id,
+        }
+    }
+
+    #[test]
+    fn reverse_entries_name_the_lowest_service_of_each_backend() {
+        let mut state = KernelState::default();
+        // s1 and s2 share backend 2; s3 has none; backend 1 is s1's only.
+        let mut d = desired(&[(1, &[1, 2], 0), (2, &[2, 3], 0), (3, &[], 0)]);
+        // A UDP frontend and a NodePort frontend never get entries.
+        let mut udp = d.frontends[&fkey(2)].clone();
+        udp.backends = [be(4)].into();
+        d.frontends.insert(
+            FrontendKey {
+                proto: lb_common::maps::IPPROTO_UDP,
+                ..fkey(4)
+            },
+            udp.clone(),
+        );
+        let mut node_port = udp;
+        node_port.kind = FrontendKind::NodePort;
+        node_port.backends = [be(5)].into();
+        d.frontends.insert(fkey(5), node_port);
+        sync(&mut state, &d);
+        let wanted = reverse_wanted(&d, &state);
+        let expect: BTreeMap<FrontendKey, RevNat> = [
+            (rkey(1), service_of(&state, 1)),
+            (rkey(2), service_of(&state, 1)),
+            (rkey(3), service_of(&state, 2)),
+        ]
+        .into();
+        assert_eq!(wanted, expect);
+    }
+
+    #[test]
+    fn a_backend_that_is_a_frontend_gets_no_entry() {
+        let mut state = KernelState::default();
+        let mut d = desired(&[(1, &[1], 0)]);
+        let mut other = d.frontends[&fkey(1)].clone();
+        other.service = ObjectKey::new("default", "z");
+        d.frontends.insert(rkey(1), other);
+        sync(&mut state, &d);
+        assert!(!reverse_wanted(&d, &state).contains_key(&rkey(1)));
+    }
+
+    fn entry(service: RevNat, state: u32) -> Reverse {
+        Reverse { service, state }
+    }
+
+    /// Runs rounds (step, walk, after-walk) until nothing changes; returns the states seen
+    /// by each walk.
+    fn settle(
+        map: &mut BTreeMap<FrontendKey, Reverse>,
+        wanted: &BTreeMap<FrontendKey, RevNat>,
+    ) -> Vec<BTreeMap<FrontendKey, Reverse>> {
+        let apply = |map: &mut BTreeMap<FrontendKey, Reverse>, w: &ReverseWrites| {
+            for (k, e) in &w.put {
+                map.insert(*k, *e);
+            }
+            for k in &w.delete {
+                map.remove(k);
+            }
+        };
+        let mut walks = Vec::new();
+        for _ in 0..10 {
+            let first = reverse_step(map, wanted, usize::MAX);
+            apply(map, &first);
+            if !map
+                .values()
+                .any(|e| matches!(e.state, REVERSE_PENDING | REVERSE_DRAINING))
+            {
+                if first.is_empty() {
+                    return walks;
+                }
+                continue;
+            }
+            walks.push(map.clone());
+            let second = reverse_after_walk(map, wanted);
+            apply(map, &second);
+        }
+        panic!("did not settle: {map:?}");
+    }
+
+    #[test]
+    fn reverse_protocol_pends_activates_drains_and_deletes() {
+        let s = |id: u32| RevNat {
+            addr: Addr::from_v4_octets([10, 96, 0, 1]),
+            port: 80u16.to_be(),
+            _pad: [0; 2],
+            id,
+        };
+        let mut map = BTreeMap::new();
+        // New: pending during the walk, then active.
+        let wanted: BTreeMap<_, _> = [(rkey(1), s(1))].into();
+        let walks = settle(&mut map, &wanted);
+        assert_eq!(walks, [[(rkey(1), entry(s(1), REVERSE_PENDING))].into()]);
+        assert_eq!(map, [(rkey(1), entry(s(1), REVERSE_ACTIVE))].into());
+        // Same again: nothing to do.
+        assert!(settle(&mut map, &wanted).is_empty());
+        // Changed frontend: drained under the old one, then pending under the new one.
+        let wanted: BTreeMap<_, _> = [(rkey(1), s(2))].into();
+        let walks = settle(&mut map, &wanted);
+        assert_eq!(
+            walks,
+            [
+                [(rkey(1), entry(s(1), REVERSE_DRAINING))].into(),
+                [(rkey(1), entry(s(2), REVERSE_PENDING))].into()
+            ]
+        );
+        assert_eq!(map, [(rkey(1), entry(s(2), REVERSE_ACTIVE))].into());
+        // Gone: drained, then deleted.
+        let walks = settle(&mut map, &BTreeMap::new());
+        assert_eq!(walks, [[(rkey(1), entry(s(2), REVERSE_DRAINING))].into()]);
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn new_entries_stop_at_the_capacity() {
+        let s = RevNat {
+            addr: Addr::from_v4_octets([10, 96, 0, 1]),
+            port: 80u16.to_be(),
+            _pad: [0; 2],
+            id: 1,
+        };
+        let current: BTreeMap<_, _> = [(rkey(1), entry(s, REVERSE_ACTIVE))].into();
+        let wanted: BTreeMap<_, _> = (1..=5).map(|n| (rkey(n), s)).collect();
+        let step = reverse_step(&current, &wanted, 3);
+        assert_eq!(
+            step.put,
+            [
+                (rkey(2), entry(s, REVERSE_PENDING)),
+                (rkey(3), entry(s, REVERSE_PENDING))
+            ]
+        );
+    }
+
+    #[test]
+    fn states_left_by_a_stopped_agent_are_finished() {
+        let s = |id: u32| RevNat {
+            addr: Addr::from_v4_octets([10, 96, 0, 1]),
+            port: 80u16.to_be(),
+            _pad: [0; 2],
+            id,
+        };
+        // Pending still wanted: walked, activated. Pending no longer wanted: deleted without
+        // a walk. Draining: walked, deleted, even if wanted again (then pending anew).
+        let mut map: BTreeMap<_, _> = [
+            (rkey(1), entry(s(1), REVERSE_PENDING)),
+            (rkey(2), entry(s(1), REVERSE_PENDING)),
+            (rkey(3), entry(s(1), REVERSE_DRAINING)),
+            (rkey(4), entry(s(1), 77)),
+        ]
+        .into();
+        let wanted: BTreeMap<_, _> = [(rkey(1), s(1)), (rkey(3), s(1))].into();
+        let walks = settle(&mut map, &wanted);
+        assert_eq!(
+            walks[0],
+            [
+                (rkey(1), entry(s(1), REVERSE_PENDING)),
+                (rkey(3), entry(s(1), REVERSE_DRAINING)),
+            ]
+            .into()
+        );
+        assert_eq!(
+            walks[1],
+            [
+                (rkey(1), entry(s(1), REVERSE_ACTIVE)),
+                (rkey(3), entry(s(1), REVERSE_PENDING)),
+            ]
+            .into()
+        );
+        assert_eq!(
+            map,
+            [
+                (rkey(1), entry(s(1), REVERSE_ACTIVE)),
+                (rkey(3), entry(s(1), REVERSE_ACTIVE)),
+            ]
+            .into()
+        );
     }
 }

@@ -21,6 +21,7 @@ use crate::{
         maps::Maps,
         names::Names,
         object,
+        revmap::ReverseMap,
         sock_destroy::{self, SockDestroyer},
         upgrade, xdp,
     },
@@ -203,6 +204,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     })
     .ok();
+    // Without the reverse-map thread every TCP connect keeps its socket storage: slower,
+    // exact all the same.
+    let reverse_map = ReverseMap::start(&layout, cgroup.clone())
+        .map_err(|e| {
+            tracing::error!(
+                error = format!("{:#}", anyhow::Error::from(e)),
+                "TCP connects to Services will keep socket storage"
+            );
+        })
+        .ok();
     let service_health = Arc::new(ServiceHealth::default());
     tokio::spawn(service_health::serve(
         service_health.clone(),
@@ -223,6 +234,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     if let Some(destroyer) = sock_destroyer {
         syncer = syncer.with_sock_destroyer(destroyer);
+    }
+    if let Some(reverse) = reverse_map {
+        syncer = syncer.with_reverse_map(reverse);
     }
     syncer = syncer.with_service_health(service_health);
     // Names for inspection are a convenience: without them the datapath serves all the same.

@@ -21,6 +21,7 @@ use crate::{
     kernel::{
         maps::Maps,
         names::{FrontendKind, Names, ServiceName},
+        revmap::ReverseMap,
         sock_destroy::SockDestroyer,
         state::{KernelState, Op},
     },
@@ -52,6 +53,9 @@ pub struct Syncer {
     known_problems: BTreeSet<String>,
     /// Closes the sockets connected to backends the writes removed (none: nobody does).
     sock_destroyer: Option<SockDestroyer>,
+    /// The reverse-map thread, and whether it has the entries of the current state.
+    reverse: Option<ReverseMap>,
+    reverse_sent: bool,
     /// The `healthCheckNodePort` answers, when served.
     service_health: Option<Arc<ServiceHealth>>,
     /// The last snapshot received (synced or coalesced), to count what each one changes.
@@ -221,6 +225,8 @@ impl Syncer {
             resync_period,
             known_problems: BTreeSet::new(),
             sock_destroyer: None,
+            reverse: None,
+            reverse_sent: false,
             service_health: None,
             received: Arc::new(Snapshot::default()),
             latency: ProgrammingLatency::new(SystemTime::now()),
@@ -248,6 +254,13 @@ impl Syncer {
     /// deleted it, to close the sockets lb connected to that backend.
     pub fn with_sock_destroyer(mut self, destroyer: SockDestroyer) -> Self {
         self.sock_destroyer = Some(destroyer);
+        self
+    }
+
+    /// Hands the wanted `LB_REVERSE` entries ([`plan::reverse_wanted`]) to `reverse` after
+    /// every pass that wrote something (and after the first).
+    pub fn with_reverse_map(mut self, reverse: ReverseMap) -> Self {
+        self.reverse = Some(reverse);
         self
     }
 
@@ -362,6 +375,13 @@ impl Syncer {
         if let Some(destroyer) = &self.sock_destroyer {
             // Non-blocking: the sockets are closed on the destroyer's thread.
             destroyer.backends_removed(std::mem::take(&mut pass.removed));
+        }
+        if let Some(reverse) = &self.reverse
+            && (pass.writes > 0 || !self.reverse_sent)
+        {
+            // Non-blocking: the entries are written on the reverse-map thread.
+            reverse.wanted(plan::reverse_wanted(self.tracker.desired(), &self.state));
+            self.reverse_sent = true;
         }
         self.plan_all = pass.failed_frontends > 0;
         drop(batches);

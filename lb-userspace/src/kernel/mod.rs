@@ -21,6 +21,7 @@ pub mod maps;
 pub mod names;
 pub mod netns;
 pub mod object;
+pub mod revmap;
 pub mod sock_destroy;
 pub mod state;
 pub mod sys;

@@ -51,8 +51,8 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 use lb_common::{
     Addr,
     maps::{
-        Backend, DGRAMS, DgramXlate, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, SOCK_CONNECTED,
-        SOCKS, SockXlate,
+        Backend, DGRAMS, DgramXlate, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, REVERSE,
+        SOCK_CONNECTED, SOCKS, SockXlate,
     },
 };
 
@@ -91,8 +91,8 @@ const TCPF_CLOSE_WAIT: u32 = 1 << 8;
 const UDP_STATES: u32 = TCPF_ESTABLISHED;
 const TCP_STATES: u32 = TCPF_ESTABLISHED | TCPF_SYN_SENT | TCPF_CLOSE_WAIT;
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+pub(super) const AF_INET: u8 = 2;
+pub(super) const AF_INET6: u8 = 10;
 
 /// What the agent could not set up.
 #[derive(Debug, thiserror::Error)]
@@ -144,12 +144,18 @@ impl SockDestroyer {
                 path: layout.map(MEMBERS).display().to_string(),
                 source,
             })?;
+        let reverse =
+            super::revmap::ReverseReader::open(layout).map_err(|source| SockDestroyError::Map {
+                path: layout.map(REVERSE).display().to_string(),
+                source,
+            })?;
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             settings,
             socks,
             dgrams,
             members,
+            reverse,
             metrics,
             home: None,
         };
@@ -180,6 +186,8 @@ struct Worker {
     dgrams: MapData,
     /// `LB_MEMBERS`: a pair that is a member again by the time of the pass keeps its sockets.
     members: HashMap<MapData, MemberKey, u32>,
+    /// `LB_REVERSE`: the Service of TCP sockets connected without storage.
+    reverse: super::revmap::ReverseReader,
     metrics: SockMetrics,
     /// This thread's namespace when it started (the agent's), to return to after each
     /// `setns`.
@@ -273,19 +281,9 @@ impl Worker {
         }
     }
 
-    /// A sock_diag netlink socket in `ns` (the thread enters `ns` to create it, then returns
-    /// home: the socket keeps the namespace it was created in).
+    /// A sock_diag netlink socket in `ns` ([`open_diag_in`]).
     fn open_in(&self, ns: &Netns) -> io::Result<DiagSocket> {
-        ns.enter()?;
-        let sock = DiagSocket::new();
-        if let Some(home) = &self.home
-            && let Err(e) = home.enter()
-        {
-            // Every later namespace is entered explicitly, so nothing depends on where this
-            // thread stays; say it all the same.
-            tracing::warn!(error = %e, "returning to the agent's network namespace");
-        }
-        sock
+        open_diag_in(ns, self.home.as_ref())
     }
 
     fn pass(&self, removed: &HashSet<MemberKey>) {
@@ -380,7 +378,7 @@ impl Worker {
                 // No process of the cgroup holds it (passed elsewhere, or closed meanwhile).
                 continue;
             };
-            let xlate = match self.storage_of(*proto, pid, fd) {
+            let xlate = match self.storage_of(*proto, pid, fd, candidate.peer_backend()) {
                 Ok(Some(xlate)) => xlate,
                 Ok(None) => continue, // not translated by lb: connected to the pod directly
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue, // gone
@@ -427,24 +425,57 @@ impl Worker {
     /// What lb connected the socket to that process `pid` holds as descriptor `fd`: its
     /// `LB_SOCKS` value (TCP) or the connected part of its `LB_DGRAMS` value (UDP), looked up
     /// through a copy of the descriptor (the maps are keyed by a socket descriptor of the
-    /// caller).
-    fn storage_of(&self, proto: u8, pid: u32, fd: i32) -> io::Result<Option<SockXlate>> {
+    /// caller). A TCP socket without storage whose peer `peer` has an active or draining
+    /// `LB_REVERSE` entry was connected through that entry's frontend ([`super::revmap`]).
+    fn storage_of(
+        &self,
+        proto: u8,
+        pid: u32,
+        fd: i32,
+        peer: Backend,
+    ) -> io::Result<Option<SockXlate>> {
         let copy = pidfd_getfd(pid, fd)?;
         if proto == IPPROTO_UDP {
             let mut value = DgramXlate::default();
             let found = lookup(&self.dgrams, copy.as_raw_fd(), &mut value)?;
-            Ok(found.then_some(value.conn))
-        } else {
-            let mut value = SockXlate::default();
-            let found = lookup(&self.socks, copy.as_raw_fd(), &mut value)?;
-            Ok(found.then_some(value))
+            return Ok(found.then_some(value.conn));
         }
+        let mut value = SockXlate::default();
+        if lookup(&self.socks, copy.as_raw_fd(), &mut value)? {
+            return Ok(Some(value));
+        }
+        if let Some(service) = self.reverse.answer(&peer) {
+            return Ok(Some(SockXlate {
+                backend: peer,
+                service,
+                flags: SOCK_CONNECTED,
+            }));
+        }
+        // The entry may have been drained since the first lookup: then the socket has
+        // storage now (the agent writes it before deleting the entry).
+        let found = lookup(&self.socks, copy.as_raw_fd(), &mut value)?;
+        Ok(found.then_some(value))
     }
+}
+
+/// A sock_diag netlink socket in `ns`: the calling thread enters `ns` to create it, then
+/// returns to `home` (the socket keeps the namespace it was created in).
+pub(super) fn open_diag_in(ns: &Netns, home: Option<&Netns>) -> io::Result<DiagSocket> {
+    ns.enter()?;
+    let sock = DiagSocket::new();
+    if let Some(home) = home
+        && let Err(e) = home.enter()
+    {
+        // Every later namespace is entered explicitly, so nothing depends on where this
+        // thread stays; say it all the same.
+        tracing::warn!(error = %e, "returning to the agent's network namespace");
+    }
+    sock
 }
 
 /// `BPF_MAP_LOOKUP_ELEM` of socket `key` in socket-storage map `map` into `value`: whether
 /// the socket has an entry.
-fn lookup<V: aya::Pod>(map: &MapData, key: i32, value: &mut V) -> io::Result<bool> {
+pub(super) fn lookup<V: aya::Pod>(map: &MapData, key: i32, value: &mut V) -> io::Result<bool> {
     let mut attr = zeroed_attr();
     attr.__bindgen_anon_2.map_fd = fd_u32(map.fd().as_fd())?;
     attr.__bindgen_anon_2.key = std::ptr::from_ref(&key) as u64;
@@ -458,7 +489,7 @@ fn lookup<V: aya::Pod>(map: &MapData, key: i32, value: &mut V) -> io::Result<boo
 
 /// Where each socket inode of `wanted` is open: (pid, descriptor), searched in `pids`'
 /// `/proc/PID/fd`.
-fn socket_owners(
+pub(super) fn socket_owners(
     pids: &[u32],
     wanted: &HashSet<u64>,
 ) -> std::collections::HashMap<u64, (u32, i32)> {
@@ -501,7 +532,7 @@ fn socket_inode(link: &str) -> Option<u64> {
 
 /// A copy of descriptor `fd` of process `pid` (`pidfd_open` + `pidfd_getfd`; needs
 /// `CAP_SYS_PTRACE` over the process).
-fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+pub(super) fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
     let new_fd = |rc: libc::c_long| -> io::Result<OwnedFd> {
         let raw = libc::c_int::try_from(rc).map_err(|_| io::Error::last_os_error())?;
         if raw < 0 {
@@ -520,12 +551,12 @@ fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
 
 /// One socket of a dump.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct DiagSock {
-    family: u8,
+pub(super) struct DiagSock {
+    pub(super) family: u8,
     /// Its `inet_diag_sockid` as the kernel sent it: the key of `SOCK_DESTROY`.
     id: [u8; SOCKID_LEN],
     /// `idiag_inode`: the socket's inode, as `/proc/PID/fd` links name it.
-    inode: u64,
+    pub(super) inode: u64,
 }
 
 impl DiagSock {
@@ -556,7 +587,7 @@ impl DiagSock {
     }
 
     /// The peer as a [`Backend`].
-    fn peer_backend(&self) -> Backend {
+    pub(super) fn peer_backend(&self) -> Backend {
         let (addr, port) = self.peer();
         Backend::new(addr, port)
     }
@@ -577,18 +608,18 @@ impl DiagSock {
 }
 
 /// A zeroed `bpf_attr`: the kernel rejects non-zero bytes past the fields a command uses.
-fn zeroed_attr() -> bpf_attr {
+pub(super) fn zeroed_attr() -> bpf_attr {
     // SAFETY: bpf_attr is a union of integer structs; all zeroes is valid.
     unsafe { std::mem::zeroed() }
 }
 
-fn fd_u32(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+pub(super) fn fd_u32(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
     u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 /// `bpf(cmd, attr)`; the return value (a new descriptor for some commands) as a descriptor
 /// when positive.
-fn bpf(cmd: bpf_cmd, attr: &bpf_attr) -> io::Result<Option<OwnedFd>> {
+pub(super) fn bpf(cmd: bpf_cmd, attr: &bpf_attr) -> io::Result<Option<OwnedFd>> {
     // SAFETY: the bpf syscall reads `size_of::<bpf_attr>()` bytes of a live, zero-initialised
     // bpf_attr.
     let rc = unsafe {
@@ -609,14 +640,14 @@ fn bpf(cmd: bpf_cmd, attr: &bpf_attr) -> io::Result<Option<OwnedFd>> {
 }
 
 /// A `NETLINK_SOCK_DIAG` socket, bound for good to the namespace it was created in.
-struct DiagSocket {
+pub(super) struct DiagSocket {
     fd: OwnedFd,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl DiagSocket {
-    fn new() -> io::Result<Self> {
+    pub(super) fn new() -> io::Result<Self> {
         // SAFETY: plain socket creation; the descriptor is owned below.
         let raw = unsafe {
             libc::socket(
@@ -684,7 +715,7 @@ impl DiagSocket {
     }
 
     /// The sockets of `family`/`proto` in `states`.
-    fn dump(&mut self, family: u8, proto: u8, states: u32) -> io::Result<Vec<DiagSock>> {
+    pub(super) fn dump(&mut self, family: u8, proto: u8, states: u32) -> io::Result<Vec<DiagSock>> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         self.send(&dump_request(seq, family, proto, states))?;

@@ -105,16 +105,41 @@ pub struct Change {
 /// What changed from layout [`PREVIOUS_LAYOUT`] to [`LAYOUT_VERSION`], map by map, reviewed
 /// with every change of `lb_common::maps` or `lb_common::nat`. A map not listed here must be
 /// unchanged in shape and meaning.
-pub const CHANGES: &[Change] = &[Change {
-    map: lb_common::nat::CT,
-    what: "a flow to a backend on this node is one entry keyed by the client (CT_DIR_CLIENT)",
-    step: Step::Keep {
-        why: "key and value sizes are unchanged; layout-5 programs still read layout-4 forward \
+pub const CHANGES: &[Change] = &[
+    Change {
+        map: lb_common::maps::REVERSE,
+        what: "new: TCP backend -> the one frontend whose connects write no socket storage",
+        step: Step::Create,
+    },
+    Change {
+        map: lb_common::maps::STATS,
+        what: "three counters appended (connect_no_storage, connect_direct_marked, \
+               getpeername_reverse)",
+        step: Step::Replace {
+            migrate: copy_counters,
+        },
+    },
+    Change {
+        map: lb_common::maps::SOCKS,
+        what: "SockXlate::flags has SOCK_DIRECT",
+        step: Step::Keep {
+            why: "layout-4 programs never set SOCK_DIRECT and always create storage on a \
+                  Service connect; a socket with storage never reads LB_REVERSE, and \
+                  LB_REVERSE gets entries only after the first sync, when the layout-5 \
+                  programs are attached",
+        },
+    },
+    Change {
+        map: lb_common::nat::CT,
+        what: "a flow to a backend on this node is one entry keyed by the client (CT_DIR_CLIENT)",
+        step: Step::Keep {
+            why: "key and value sizes are unchanged; layout-5 programs still read layout-4 forward \
               and reply entries (SNAT'd flows and a client port's second flow are still \
               stored that way), and the layout-4 programs that run until the swap only make \
               such entries",
+        },
     },
-}];
+];
 
 /// A [`Migration`] that carries nothing: the new map starts empty (counters restart from 0,
 /// which Prometheus reads as a counter reset).

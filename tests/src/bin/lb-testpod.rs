@@ -21,6 +21,9 @@ use serde::Serialize;
 // Socket patterns: its own file (src/bin would make a binary of any file beside this one).
 #[path = "lb-testpod/patterns.rs"]
 mod patterns;
+// Held TCP sockets for the reverse-map tests (tests/tests/reverse_map.rs).
+#[path = "lb-testpod/hold.rs"]
+mod hold;
 
 #[derive(Parser)]
 struct Cli {
@@ -133,6 +136,9 @@ enum Command {
         timeout_ms: u64,
         steps: Vec<String>,
     },
+    /// Hold TCP sockets opened on command (`open ADDR` lines on stdin) and report their
+    /// getpeername and answering pod after each command line, as JSON lines.
+    Hold,
     /// Serve the line protocol over MPTCP (dual-stack) on `port` until killed.
     ServeMptcp {
         #[arg(long)]
@@ -681,6 +687,7 @@ fn main() -> anyhow::Result<()> {
             steps,
         } => patterns::run(socket, Duration::from_millis(timeout_ms), &steps)?,
         Command::ServeMptcp { name, port } => return patterns::serve_mptcp(&name, port),
+        Command::Hold => return hold::run(),
         // --- end of socket patterns ---
     };
     print_json(&outcomes)

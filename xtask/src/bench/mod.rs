@@ -42,6 +42,8 @@ const ENDPOINTS: usize = 10;
 const PER_FILE: usize = 1000;
 /// An endpoint address added and removed again to measure one change.
 const EXTRA_ENDPOINT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 201, 0, 250);
+/// An address of the backend pod that no Service has as an endpoint: lb's connect "miss".
+const NON_BACKEND: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 201, 0, 251);
 
 /// How big and how long.
 struct Plan {
@@ -511,14 +513,38 @@ impl Bench {
                 });
             }
         }
+        for setup in &setups {
+            // The backend pod answers on every address of its namespace.
+            setup
+                .topo
+                .backend
+                .ip(&["addr", "add", &format!("{NON_BACKEND}/16"), "dev", "b0"]);
+        }
         // Every (mode, proto, target) measured once per round.
         let mut points: Vec<(usize, Proto, &'static str, SocketAddr)> = Vec::new();
         for (i, setup) in setups.iter().enumerate() {
             for proto in Proto::BOTH {
                 let (port, target_port) = proto.ports();
-                if setup.mode == Mode::Lb {
-                    // The pod directly, with lb's programs attached: what lb costs a connect()
-                    // that is not to a Service.
+                if setup.mode == Mode::Lb && proto == Proto::Tcp {
+                    // The backend pod on an address no Service uses, with lb's programs
+                    // attached: what lb costs a connect() that is not to a Service (the
+                    // "miss"); and a backend directly: a connect to an address with a reverse
+                    // entry (layout 5, TCP only: it gets socket storage marked direct).
+                    points.push((
+                        i,
+                        proto,
+                        "pod",
+                        SocketAddrV4::new(NON_BACKEND, target_port).into(),
+                    ));
+                    points.push((
+                        i,
+                        proto,
+                        "backend",
+                        SocketAddrV4::new(setup.topo.backends[0], target_port).into(),
+                    ));
+                } else if setup.mode == Mode::Lb {
+                    // UDP has no reverse entries: a backend directly is a miss (the echo
+                    // server's UDP sockets are bound to the backend addresses only).
                     points.push((
                         i,
                         proto,

@@ -597,7 +597,8 @@ impl Results {
                  Measured in a pass of its own after the latency rounds (the statistics cost two clock reads per run). \
                  \"of direct p50\": run time per transaction over direct's p50 in this run (TCP: connect() alone, \
                  which runs only `lb_connect4`). \"x connect miss\": ns per call over `lb_connect4`'s on a \
-                 TCP connect to the pod (not a Service) at the same N, the unit of issue 11's targets.\n\n\
+                 TCP connect to the pod at an address that is no Service's backend (target \"pod\") at the same N, the unit of issue 11's targets; \
+                 target \"backend\": a backend pod connected to directly (layout 5: socket storage marked direct).\n\n\
                  | Services | proto | target | program | ns per call | calls per transaction | of direct p50 | x connect miss |\n|---:|---|---|---|---:|---:|---:|---:|"
             );
             for row in &self.prog_cost {
