@@ -166,13 +166,22 @@ pub fn attach_or_adopt(
     }
     let links_dir = layout.links_dir();
     std::fs::create_dir_all(&links_dir).map_err(io_err("creating", &links_dir))?;
-    let mut done = Vec::with_capacity(ifaces.len());
+    if let Some(missing) = ifaces.iter().find(|iface| ifindex(iface).is_none()) {
+        return Err(XdpError::NoSuchInterface(missing.clone()));
+    }
+    // Every tc program before any XDP program: on an upgrade, the new tc program reads every
+    // kind of conntrack entry the previous XDP program makes, but the previous tc program
+    // cannot un-NAT replies of flows the new XDP program makes (a layout-5 one-entry flow is
+    // unknown to layout 4's tc). Replies may leave by another interface than their flow came
+    // in on, so the order holds across interfaces, and a failure half-way (an interface that
+    // cannot take tc) leaves the previous XDP programs, which the new tc programs serve.
+    let mut tcs = Vec::with_capacity(ifaces.len());
     for iface in ifaces {
-        if ifindex(iface).is_none() {
-            return Err(XdpError::NoSuchInterface(iface.clone()));
-        }
+        tcs.push(attach_tc(ebpf, layout, iface)?);
+    }
+    let mut done = Vec::with_capacity(ifaces.len());
+    for (iface, tc) in ifaces.iter().zip(tcs) {
         let (xdp, mode) = attach_xdp(ebpf, layout, iface)?;
-        let tc = attach_tc(ebpf, layout, iface)?;
         done.push(IfaceAttachment {
             iface: iface.clone(),
             xdp,
