@@ -22,16 +22,24 @@
 //!
 //! [`GRACE`] covers a connect whose hook read the old state but whose socket is not yet in
 //! the kernel's socket tables (the dump cannot see it): the hook and the hashing happen in
-//! the same `connect()` call. A round that fails anywhere (a namespace not entered, a dump,
-//! a storage write) leaves the states as they are and is retried: a pending entry only
-//! costs storage on connects, a draining one keeps answering. An agent that starts finds the
-//! states its predecessor left and finishes them the same way, after its first sync.
+//! the same `connect()` call. A round's outcome is per backend: a backend with a socket the
+//! walk could not give its storage (held by no process the agent can see: a kernel socket,
+//! an io_uring fixed file, a descriptor in flight in `SCM_RIGHTS`, a process outside the
+//! agent's PID namespace; or a namespace not walked, a failed write) keeps its entry's state
+//! and is retried ([`RETRY`]), counted in `lb_reverse_entries_stuck` and named in a warning
+//! ([`STUCK_LOG_EVERY`]); the other backends move on. A pending entry only costs storage on
+//! connects, a draining one keeps answering. An agent that starts finds the states its
+//! predecessor left and finishes them the same way, after its first sync.
 //!
-//! The socket walk is `sock_destroy`'s ([`super::sock_destroy`]): per network namespace of
-//! the cgroup's processes, a `sock_diag` dump, then the descriptor of each candidate through
-//! `pidfd_getfd(2)`, whose storage is written with `BPF_MAP_UPDATE_ELEM` (`BPF_NOEXIST`: a
-//! socket that got storage meanwhile keeps it). It runs on this module's own thread; the
-//! sync loop only hands it the wanted entries ([`crate::plan::reverse_wanted`]).
+//! The socket walk uses `sock_destroy`'s parts ([`super::sock_destroy`]): per network
+//! namespace of the node ([`netns::on_node`]: named ones and every process's; a socket lives
+//! where it was made), a `sock_diag` dump, keeping the sockets of lb's cgroup subtree (their
+//! `INET_DIAG_CGROUP_ID`: getpeername runs lb's program only for those), then the descriptor
+//! of each candidate through `pidfd_getfd(2)` (looked for again if it moved since the scan),
+//! whose storage is written with `BPF_MAP_UPDATE_ELEM` (`BPF_NOEXIST`: a socket that got
+//! storage meanwhile keeps it). It runs on this module's own thread; the sync loop only hands
+//! it the wanted entries ([`crate::plan::reverse_wanted`]) through a one-entry slot (the
+//! newest replaces any it has not started on; equal ones are not handed over).
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, HashSet},
@@ -545,7 +553,10 @@ impl Worker {
         let deadline = Instant::now() + WALK_BUDGET;
         let scope = CgroupScope::read(&self.cgroup);
         let own = Netns::open(Path::new("/proc/self/ns/net")).ok();
-        let namespaces = netns::in_cgroup_subtree(&self.cgroup, own);
+        // Every namespace of the node, not only those of the subtree's processes: a socket
+        // lives where it was made (a process may have made it after a setns, and gone back),
+        // and the cgroup id tells which of them lb's programs run for.
+        let namespaces = netns::on_node(own);
         let mut walked = Walked::default();
         for (i, ns) in namespaces.iter().enumerate() {
             if Instant::now() >= deadline {
