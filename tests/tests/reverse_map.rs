@@ -682,3 +682,32 @@ fn a_direct_socket_made_in_another_namespace_is_found() {
     assert_eq!(peer_of(&held, 1), Some(p1.clone()), "{held:?}");
     assert!(held.iter().all(|h| h.backend.as_deref() == Some("pod1")));
 }
+
+#[test]
+fn a_socket_whose_descriptor_keeps_moving_is_never_skipped() {
+    let node = node(1);
+    let dir = TempDir::new("rev");
+    let p1 = pod_addr(&node, 1);
+    dir.write("web.yaml", &svc("web", "10.96.0.131", &[]));
+    let agent = Agent::start(&node.cgroup.path, &dir.0);
+    let mut hold = Holder::start(&node);
+    // Direct sockets to pod1 before it is a backend, each with its only descriptor moving
+    // to another number every 100 µs: the walk's scan and its pidfd_getfd see different
+    // numbers (EBADF, or another file), as after a fork whose parent closes its copy.
+    for _ in 0..4 {
+        hold.open(&p1);
+    }
+    for i in 0..4 {
+        let report = hold.report(&format!("churn {i}"));
+        assert!(report.error.is_none(), "{report:?}");
+    }
+    dir.write("web.yaml", &svc("web", "10.96.0.131", &[ip(&node, 1)]));
+    wait_entries(&agent, &[(&p1, "10.96.0.131:80", ACTIVE)]);
+    for i in 0..4 {
+        let report = hold.report(&format!("unchurn {i}"));
+        assert!(report.error.is_none(), "{report:?}");
+    }
+    let held = hold.show();
+    assert_eq!(peers_to(&held, &p1), vec![p1.clone(); 4], "{held:?}");
+    assert!(held.iter().all(|h| h.backend.as_deref() == Some("pod1")));
+}

@@ -6,14 +6,21 @@
 //! the network namespace at path NETNS (the socket lives there; the process returns to its
 //! own namespace); `stash I` puts socket I (0-based) in flight: sent to this process over a
 //! Unix socket with `SCM_RIGHTS` and every descriptor of it closed, so that no process holds
-//! it (reported with an error until `unstash I` receives it back); `show` only reports. EOF
-//! ends it.
+//! it (reported with an error until `unstash I` receives it back); `churn I` moves socket
+//! I's only descriptor to another number every 100 µs (`dup`, then `close` of the old one,
+//! as after `dup2` or a fork whose parent closes its copy) until `unchurn I`; `show` only
+//! reports. EOF ends it.
 
 use std::{
     fs::File,
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
     time::Duration,
 };
 
@@ -38,6 +45,9 @@ struct Conn {
     live: Option<Live>,
     /// While stashed: the receiving end of the Unix socket the TCP socket is in flight on.
     flight: Option<OwnedFd>,
+    /// While churning: the stop flag of the thread moving the descriptor, and the thread
+    /// (it returns the descriptor's last number).
+    churn: Option<(Arc<AtomicBool>, JoinHandle<i32>)>,
 }
 
 struct Live {
@@ -60,6 +70,7 @@ impl Conn {
             to,
             live: Some(Live::new(stream)?),
             flight: None,
+            churn: None,
         })
     }
 
@@ -92,13 +103,57 @@ impl Conn {
         Ok(())
     }
 
+    /// Keeps moving the socket's only descriptor (the reader's copy is closed).
+    fn churn(&mut self) -> anyhow::Result<()> {
+        let Live { stream, reader } = self.live.take().context("not live")?;
+        drop(reader);
+        let mut fd = stream.into_raw_fd();
+        let stop = Arc::new(AtomicBool::new(false));
+        let theirs = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !theirs.load(Ordering::Relaxed) {
+                // SAFETY: dup of a descriptor this thread alone uses, then close of the old
+                // number; the socket always has one.
+                let new = unsafe { libc::dup(fd) };
+                if new >= 0 {
+                    // SAFETY: as above.
+                    unsafe { libc::close(fd) };
+                    fd = new;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            fd
+        });
+        self.churn = Some((stop, thread));
+        Ok(())
+    }
+
+    fn unchurn(&mut self) -> anyhow::Result<()> {
+        let (stop, thread) = self.churn.take().context("not churning")?;
+        stop.store(true, Ordering::Relaxed);
+        let fd = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("churn thread panicked"))?;
+        // SAFETY: the socket's only descriptor, handed back by the thread that owned it.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        self.live = Some(Live::new(stream)?);
+        Ok(())
+    }
+
     fn show(&mut self) -> Held {
         let Some(live) = &mut self.live else {
             return Held {
                 to: self.to.to_string(),
                 peer: None,
                 backend: None,
-                error: Some("in flight".to_owned()),
+                error: Some(
+                    if self.churn.is_some() {
+                        "churning"
+                    } else {
+                        "in flight"
+                    }
+                    .to_owned(),
+                ),
             };
         };
         let peer = live.stream.peer_addr();
@@ -227,6 +282,20 @@ pub fn run() -> anyhow::Result<()> {
                 .context("no such socket")?;
             if let Err(e) = conn.stash() {
                 opened = Some(format!("stash {i}: {e:#}"));
+            }
+        } else if let Some(i) = line.strip_prefix("churn ") {
+            let conn = conns
+                .get_mut(i.parse::<usize>()?)
+                .context("no such socket")?;
+            if let Err(e) = conn.churn() {
+                opened = Some(format!("churn {i}: {e:#}"));
+            }
+        } else if let Some(i) = line.strip_prefix("unchurn ") {
+            let conn = conns
+                .get_mut(i.parse::<usize>()?)
+                .context("no such socket")?;
+            if let Err(e) = conn.unchurn() {
+                opened = Some(format!("unchurn {i}: {e:#}"));
             }
         } else if let Some(i) = line.strip_prefix("unstash ") {
             let conn = conns
