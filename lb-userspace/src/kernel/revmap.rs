@@ -26,7 +26,7 @@
 //! walk could not give its storage (held by no process the agent can see: a kernel socket,
 //! an io_uring fixed file, a descriptor in flight in `SCM_RIGHTS`, a process outside the
 //! agent's PID namespace; or a namespace not walked, a failed write) keeps its entry's state
-//! and is retried ([`RETRY`]), counted in `lb_reverse_entries_stuck` and named in a warning
+//! and is retried ([`RETRY`], doubling up to [`RETRY_MAX`] while nothing moves), counted in `lb_reverse_entries_stuck` and named in a warning
 //! ([`STUCK_LOG_EVERY`]); the other backends move on. A pending entry only costs storage on
 //! connects, a draining one keeps answering. An agent that starts finds the states its
 //! predecessor left and finishes them the same way, after its first sync.
@@ -73,8 +73,10 @@ use crate::plan::{self, ReverseWrites};
 pub const GRACE: Duration = Duration::from_secs(1);
 /// The longest one walk over every namespace may take; a walk that takes longer failed.
 const WALK_BUDGET: Duration = Duration::from_secs(5);
-/// The wait before a failed round is tried again.
+/// The wait before a failed round, or stuck entries, are tried again.
 const RETRY: Duration = Duration::from_secs(2);
+/// The longest wait before stuck entries are tried again.
+const RETRY_MAX: Duration = Duration::from_secs(16);
 
 /// TCP states (include/net/tcp_states.h) in which a socket may still be held by an
 /// application that calls getpeername: every connected state.
@@ -247,6 +249,7 @@ impl ReverseMap {
             home: None,
             stuck: StdHashMap::new(),
             stuck_gauge: stuck,
+            retry: RETRY,
         };
         let theirs = slot.clone();
         std::thread::Builder::new()
@@ -283,6 +286,8 @@ struct Worker {
     /// and when that was last logged.
     stuck: StdHashMap<Backend, StuckSince>,
     stuck_gauge: Gauge,
+    /// The wait before stuck entries are walked again.
+    retry: Duration,
 }
 
 /// How long a stuck backend goes between two warnings.
@@ -398,7 +403,11 @@ impl Worker {
             Newer::TimedOut | Newer::Closed => return,
         };
         loop {
-            let wait = match self.round(&wanted) {
+            let round = self.round(&wanted);
+            if matches!(&round, Ok(r) if r.progressed || r.stuck == 0) {
+                self.retry = RETRY;
+            }
+            let wait = match round {
                 Ok(Round {
                     progressed: true,
                     stuck: 0,
@@ -407,9 +416,18 @@ impl Worker {
                     progressed: false,
                     stuck: 0,
                 }) => None,
-                Ok(Round { progressed, .. }) => {
-                    // Stuck entries are walked again after the wait; the others moved on.
-                    Some(if progressed { Duration::ZERO } else { RETRY })
+                Ok(Round {
+                    progressed: true, ..
+                }) => Some(Duration::ZERO),
+                Ok(Round {
+                    progressed: false, ..
+                }) => {
+                    // Only stuck entries are left: walked again after the wait, which
+                    // doubles up to RETRY_MAX while nothing moves (a socket that stays out
+                    // of reach, such as a kernel socket, costs a walk every RETRY_MAX).
+                    let wait = self.retry;
+                    self.retry = (self.retry * 2).min(RETRY_MAX);
+                    Some(wait)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?RETRY, "reverse entries: round failed; states kept");
@@ -417,7 +435,10 @@ impl Worker {
                 }
             };
             match slot.wait_newer(seen, wait) {
-                Newer::Entries(newer, generation) => (wanted, seen) = (newer, generation),
+                Newer::Entries(newer, generation) => {
+                    (wanted, seen) = (newer, generation);
+                    self.retry = RETRY;
+                }
                 Newer::TimedOut => {}
                 Newer::Closed => return,
             }
@@ -511,7 +532,7 @@ impl Worker {
                     state = entry.map_or("", |e| if e.state == REVERSE_PENDING { "pending" } else { "draining" }),
                     stuck_for_s = now.duration_since(since.since).as_secs(),
                     reason = %why,
-                    retry_in = ?RETRY,
+                    retry_in = ?self.retry,
                     "reverse entry stuck: a socket to the backend could not be given its storage; the entry keeps its state"
                 );
             } else if due {
