@@ -97,6 +97,9 @@ pub struct Metrics {
     pub manifest_loads: ManifestLoads,
     pub source: SourceMetrics,
     pub sockets: SockMetrics,
+    /// `LB_REVERSE` entries left pending or draining because a socket of their backend
+    /// could not be given its storage (set by the reverse-map thread).
+    pub reverse_stuck: Gauge,
     /// How full each map is (see [`Metrics::register_map_fill`]).
     pub map_fill: Arc<MapFill>,
 }
@@ -145,6 +148,7 @@ impl Metrics {
         let manifest_loads = ManifestLoads::default();
         let source = SourceMetrics::default();
         let sockets = SockMetrics::default();
+        let reverse_stuck = Gauge::default();
         registry.register(
             "services",
             "Load-balanced Services programmed in the kernel",
@@ -240,6 +244,11 @@ impl Metrics {
             "Seconds the last pass closing sockets of removed backends took",
             sockets.pass_seconds.clone(),
         );
+        registry.register(
+            "reverse_entries_stuck",
+            "LB_REVERSE entries kept pending or draining because a socket to their backend could not be given its storage (retried; see the log)",
+            reverse_stuck.clone(),
+        );
         Self {
             registry,
             services,
@@ -256,6 +265,7 @@ impl Metrics {
             manifest_loads,
             source,
             sockets,
+            reverse_stuck,
             map_fill: Arc::new(MapFill::default()),
         }
     }

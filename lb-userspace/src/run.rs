@@ -206,7 +206,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .ok();
     // Without the reverse-map thread every TCP connect keeps its socket storage: slower,
     // exact all the same.
-    let reverse_map = ReverseMap::start(&layout, cgroup.clone())
+    let reverse_map = ReverseMap::start(&layout, cgroup.clone(), metrics.reverse_stuck.clone())
         .map_err(|e| {
             tracing::error!(
                 error = format!("{:#}", anyhow::Error::from(e)),

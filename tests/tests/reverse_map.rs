@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{Agent, Node, Proc, TempDir, die_with_parent, service_manifest, testpod_bin};
+use lb_tests::{
+    Agent, Cgroup, Node, Proc, TempDir, die_with_parent, service_manifest, testpod_bin, unique,
+};
 use serde::Deserialize;
 
 /// States of `lb_common::maps::Reverse`.
@@ -50,10 +52,15 @@ struct Holder {
 
 impl Holder {
     fn start(node: &Node) -> Self {
+        Self::start_in(node, &node.cgroup.path)
+    }
+
+    /// `lb-testpod hold` in the node's client namespace and cgroup `cgroup`.
+    fn start_in(node: &Node, cgroup: &std::path::Path) -> Self {
         let mut cmd = Command::new(testpod_bin());
         die_with_parent(&mut cmd)
             .arg("--cgroup")
-            .arg(&node.cgroup.path)
+            .arg(cgroup)
             .arg("--netns")
             .arg(node.client.path())
             .arg("hold")
@@ -194,6 +201,11 @@ fn write_entry(agent: &Agent, entry: &Entry, id: u32) {
 
 /// Waits until the entries are exactly `want` (backend, service, state), sorted by backend.
 fn wait_entries(agent: &Agent, want: &[(&str, &str, u32)]) {
+    wait_entries_within(agent, want, SETTLE);
+}
+
+/// [`wait_entries`] for up to `within`.
+fn wait_entries_within(agent: &Agent, want: &[(&str, &str, u32)], within: Duration) {
     let want: Vec<Entry> = want
         .iter()
         .map(|(b, s, state)| Entry {
@@ -202,7 +214,7 @@ fn wait_entries(agent: &Agent, want: &[(&str, &str, u32)]) {
             state: *state,
         })
         .collect();
-    let deadline = Instant::now() + SETTLE;
+    let deadline = Instant::now() + within;
     loop {
         let got = reverse_entries(agent);
         if got == want {
@@ -210,7 +222,7 @@ fn wait_entries(agent: &Agent, want: &[(&str, &str, u32)]) {
         }
         assert!(
             Instant::now() < deadline,
-            "LB_REVERSE is {got:?}, not {want:?} after {SETTLE:?}\n{}",
+            "LB_REVERSE is {got:?}, not {want:?} after {within:?}\n{}",
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -539,4 +551,170 @@ fn a_socket_without_storage_to_a_removed_backend_is_reset_with_the_flag() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `lb_reverse_entries_stuck`.
+fn stuck(agent: &Agent) -> f64 {
+    agent.metric("lb_reverse_entries_stuck").unwrap_or(-1.0)
+}
+
+/// The peer of held socket `i`.
+fn peer_of(held: &[Held], i: usize) -> Option<String> {
+    held.get(i).and_then(|h| h.peer.clone())
+}
+
+#[test]
+fn a_socket_the_walk_cannot_reach_holds_only_its_own_backend() {
+    let node = node(2);
+    let dir = TempDir::new("rev");
+    let (p1, p2) = (pod_addr(&node, 1), pod_addr(&node, 2));
+    dir.write("web.yaml", &svc("web", "10.96.0.101", &[]));
+    let agent = Agent::start(&node.cgroup.path, &dir.0);
+    let mut hold = Holder::start(&node);
+    // Direct sockets to both pods before they are backends (no storage), the one to pod1
+    // then in flight in an SCM_RIGHTS message: held by no process.
+    hold.open(&p1);
+    hold.open(&p2);
+    let report = hold.report("stash 0");
+    assert!(report.error.is_none(), "{report:?}");
+    assert_eq!(report.held[0].error.as_deref(), Some("in flight"));
+    dir.write(
+        "web.yaml",
+        &svc("web", "10.96.0.101", &[ip(&node, 1), ip(&node, 2)]),
+    );
+    // pod2's entry goes on; pod1's stays pending while its socket is out of reach.
+    wait_entries(
+        &agent,
+        &[
+            (&p1, "10.96.0.101:80", PENDING),
+            (&p2, "10.96.0.101:80", ACTIVE),
+        ],
+    );
+    let deadline = Instant::now() + SETTLE;
+    while stuck(&agent) != 1.0 {
+        assert!(Instant::now() < deadline, "{}", agent.metrics_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = agent.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("reverse entry stuck"))
+        .collect();
+    assert!(
+        !warnings.is_empty() && warnings.iter().all(|l| l.contains(&p1)),
+        "{log}"
+    );
+    // Retries (after 2 s, then 4 s, each with the 1 s grace) but one warning: rate-limited.
+    std::thread::sleep(Duration::from_secs(7));
+    let log = agent.log_text();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("reverse entry stuck"))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(reverse_entries(&agent)[0].state, PENDING);
+    assert_eq!(peer_of(&hold.report("show").held, 1), Some(p2.clone()));
+    // Back in a process: the next retry (at most 16 s away, the backoff's cap) marks it
+    // and the entry goes on.
+    let report = hold.report("unstash 0");
+    assert!(report.error.is_none(), "{report:?}");
+    wait_entries_within(
+        &agent,
+        &[
+            (&p1, "10.96.0.101:80", ACTIVE),
+            (&p2, "10.96.0.101:80", ACTIVE),
+        ],
+        Duration::from_secs(25),
+    );
+    let deadline = Instant::now() + SETTLE;
+    while stuck(&agent) != 0.0 {
+        assert!(Instant::now() < deadline, "{}", agent.metrics_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    hold.open("10.96.0.101:80");
+    let held = hold.show();
+    assert_eq!(peer_of(&held, 0), Some(p1));
+    assert_eq!(peer_of(&held, 1), Some(p2));
+    assert_eq!(peer_of(&held, 2).as_deref(), Some("10.96.0.101:80"));
+}
+
+#[test]
+fn a_socket_out_of_reach_in_another_cgroup_holds_nothing() {
+    let node = node(1);
+    let dir = TempDir::new("rev");
+    let p1 = pod_addr(&node, 1);
+    dir.write("web.yaml", &svc("web", "10.96.0.111", &[]));
+    let agent = Agent::start(&node.cgroup.path, &dir.0);
+    // A process of a cgroup outside lb's (its getpeername never runs lb's program), its
+    // socket to pod1 in flight.
+    let elsewhere = Cgroup::new(&unique("revx"));
+    let mut hold = Holder::start_in(&node, &elsewhere.path);
+    hold.open(&p1);
+    // A process of lb's cgroup in the same namespace (so that the namespace is walked even
+    // by a walk limited to the namespaces of the cgroup's processes), with a direct socket
+    // of its own to pod1.
+    let mut inside = Holder::start(&node);
+    inside.open(&p1);
+    let report = hold.report("stash 0");
+    assert!(report.error.is_none(), "{report:?}");
+    dir.write("web.yaml", &svc("web", "10.96.0.111", &[ip(&node, 1)]));
+    wait_entries(&agent, &[(&p1, "10.96.0.111:80", ACTIVE)]);
+    assert_eq!(stuck(&agent), 0.0);
+    let report = hold.report("unstash 0");
+    assert!(report.error.is_none(), "{report:?}");
+    assert_eq!(peer_of(&hold.show(), 0), Some(p1.clone()));
+    assert_eq!(peer_of(&inside.show(), 0), Some(p1));
+}
+
+#[test]
+fn a_direct_socket_made_in_another_namespace_is_found() {
+    let node = node(2);
+    let dir = TempDir::new("rev");
+    let p1 = pod_addr(&node, 1);
+    dir.write("web.yaml", &svc("web", "10.96.0.121", &[]));
+    let agent = Agent::start(&node.cgroup.path, &dir.0);
+    let mut hold = Holder::start(&node);
+    // From pod2's namespace (where no process of the cgroup is) straight to pod1, then
+    // back: the socket lives in pod2's namespace, held by a process of the client's.
+    let pod2_ns = node.pods[1].netns.path();
+    let held = hold.command(&format!("open-in {} {p1}", pod2_ns.display()));
+    assert_eq!(peer_of(&held, 0), Some(p1.clone()));
+    hold.open(&p1);
+    dir.write("web.yaml", &svc("web", "10.96.0.121", &[ip(&node, 1)]));
+    wait_entries(&agent, &[(&p1, "10.96.0.121:80", ACTIVE)]);
+    let held = hold.show();
+    assert_eq!(peer_of(&held, 0), Some(p1.clone()), "{held:?}");
+    assert_eq!(peer_of(&held, 1), Some(p1.clone()), "{held:?}");
+    assert!(held.iter().all(|h| h.backend.as_deref() == Some("pod1")));
+}
+
+#[test]
+fn a_socket_whose_descriptor_keeps_moving_is_never_skipped() {
+    let node = node(1);
+    let dir = TempDir::new("rev");
+    let p1 = pod_addr(&node, 1);
+    dir.write("web.yaml", &svc("web", "10.96.0.131", &[]));
+    let agent = Agent::start(&node.cgroup.path, &dir.0);
+    let mut hold = Holder::start(&node);
+    // Direct sockets to pod1 before it is a backend, each with its only descriptor moving
+    // to another number every 100 µs: the walk's scan and its pidfd_getfd see different
+    // numbers (EBADF, or another file), as after a fork whose parent closes its copy.
+    for _ in 0..4 {
+        hold.open(&p1);
+    }
+    for i in 0..4 {
+        let report = hold.report(&format!("churn {i}"));
+        assert!(report.error.is_none(), "{report:?}");
+    }
+    dir.write("web.yaml", &svc("web", "10.96.0.131", &[ip(&node, 1)]));
+    wait_entries(&agent, &[(&p1, "10.96.0.131:80", ACTIVE)]);
+    for i in 0..4 {
+        let report = hold.report(&format!("unchurn {i}"));
+        assert!(report.error.is_none(), "{report:?}");
+    }
+    let held = hold.show();
+    assert_eq!(peers_to(&held, &p1), vec![p1.clone(); 4], "{held:?}");
+    assert!(held.iter().all(|h| h.backend.as_deref() == Some("pod1")));
 }

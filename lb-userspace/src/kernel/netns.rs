@@ -7,7 +7,7 @@
 //! each process in it names the namespace (nsfs: one inode per namespace).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
@@ -142,31 +142,7 @@ pub struct Found {
 /// (`/proc/PID/ns/net`) and every named one (`/run/netns/*`, which may hold no process),
 /// each looked at once. Namespaces this process may not enter are skipped.
 pub fn with_address(ip: std::net::IpAddr) -> Vec<Found> {
-    let mut seen = std::collections::HashSet::new();
-    let mut candidates = Vec::new();
-    let named = std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path());
-    let procs = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .map(|e| e.path().join("ns/net"));
-    for path in named.chain(procs) {
-        if let Ok(ns) = Netns::open(&path)
-            && seen.insert(ns.id)
-        {
-            candidates.push(ns);
-        }
-    }
+    let candidates = on_node([]);
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -189,6 +165,89 @@ pub fn with_address(ip: std::net::IpAddr) -> Vec<Found> {
             .join()
             .unwrap_or_default()
     })
+}
+
+/// Every network namespace on this node that this process can open: `extra` (the agent's
+/// own), every named one (`/run/netns/*`, which may hold no process) and every process's
+/// (`/proc/PID/ns/net`), each opened once (deduplicated by nsfs identity) and with the
+/// processes found in it. A socket lives in the namespace it was created in, whoever holds
+/// it and wherever that process is now (a process may `setns` back and forth), so a walk
+/// over sockets that must not miss one walks all of them.
+pub fn on_node(extra: impl IntoIterator<Item = Netns>) -> Vec<Netns> {
+    let mut index: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut found: Vec<Netns> = Vec::new();
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Netns::open(&e.path()).ok());
+    for ns in extra.into_iter().chain(named) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = index.entry(ns.id) {
+            slot.insert(found.len());
+            found.push(ns);
+        }
+    }
+    let pids = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    for pid in pids {
+        add_process(&mut index, &mut found, pid);
+    }
+    found
+}
+
+/// Adds process `pid` to the namespace it is in, opening that namespace if new.
+fn add_process(index: &mut HashMap<(u64, u64), usize>, found: &mut Vec<Netns>, pid: u32) {
+    let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    // stat first: most processes share a namespace already seen, and a stat is cheaper than
+    // an open.
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return;
+    };
+    if let Some(&i) = index.get(&(meta.dev(), meta.ino())) {
+        found[i].pids.push(pid);
+        return;
+    }
+    // The descriptor's identity is what counts (the pid may have been reused).
+    let Ok(mut ns) = Netns::open(&path) else {
+        return;
+    };
+    if let Some(&i) = index.get(&ns.id) {
+        found[i].pids.push(pid);
+    } else {
+        ns.pids.push(pid);
+        index.insert(ns.id, found.len());
+        found.push(ns);
+    }
+}
+
+/// The cgroup v2 ids (directory inodes, as `bpf_get_current_cgroup_id()` and
+/// `INET_DIAG_CGROUP_ID` give them) of every cgroup of the subtree at `root`, itself
+/// included.
+pub fn cgroup_ids(root: &Path) -> HashSet<u64> {
+    cgroup_dirs(root)
+        .iter()
+        .filter_map(|dir| std::fs::metadata(dir).ok())
+        .map(|meta| meta.ino())
+        .collect()
+}
+
+/// The root of the cgroup v2 hierarchy that `cgroup` is in: its highest ancestor on the
+/// same file system.
+pub fn cgroup_hierarchy_root(cgroup: &Path) -> PathBuf {
+    let mut root = cgroup.to_owned();
+    let Ok(dev) = std::fs::metadata(cgroup).map(|m| m.dev()) else {
+        return root;
+    };
+    while let Some(parent) = root.parent() {
+        if std::fs::metadata(parent).map(|m| m.dev()).ok() != Some(dev) {
+            break;
+        }
+        root = parent.to_owned();
+    }
+    root
 }
 
 /// Every cgroup directory of the subtree at `root` (itself included). Directories that vanish
@@ -231,27 +290,7 @@ pub fn in_cgroup_subtree(root: &Path, extra: impl IntoIterator<Item = Netns>) ->
             continue;
         };
         for pid in parse_procs(&procs) {
-            let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-            // stat first: most processes share a namespace already seen, and a stat is
-            // cheaper than an open.
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
-            };
-            if let Some(&i) = index.get(&(meta.dev(), meta.ino())) {
-                found[i].pids.push(pid);
-                continue;
-            }
-            // The descriptor's identity is what counts (the pid may have been reused).
-            let Ok(mut ns) = Netns::open(&path) else {
-                continue;
-            };
-            if let Some(&i) = index.get(&ns.id) {
-                found[i].pids.push(pid);
-            } else {
-                ns.pids.push(pid);
-                index.insert(ns.id, found.len());
-                found.push(ns);
-            }
+            add_process(&mut index, &mut found, pid);
         }
     }
     found
@@ -289,5 +328,37 @@ mod tests {
         let _gone = std::fs::remove_dir_all(&dir);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].pids, [std::process::id()]);
+    }
+
+    #[test]
+    fn every_namespace_on_the_node_is_found_once_with_its_processes() {
+        let Ok(own) = Netns::current_thread() else {
+            return; // no /proc (not Linux): nothing to check
+        };
+        let id = own.id;
+        let found = on_node([own]);
+        assert_eq!(found[0].id, id, "extra comes first");
+        let mut ids: Vec<_> = found.iter().map(|ns| ns.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), found.len(), "each namespace once");
+        assert!(
+            found
+                .iter()
+                .any(|ns| ns.id == id && ns.pids.contains(&std::process::id())),
+            "this process, in its own namespace"
+        );
+    }
+
+    #[test]
+    fn cgroup_ids_are_directory_inodes() {
+        let dir = std::env::temp_dir().join(format!("lb-cgroup-ids-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).expect("mkdir");
+        let ids = cgroup_ids(&dir);
+        let ino = |p: &Path| std::fs::metadata(p).expect("stat").ino();
+        let want: HashSet<u64> = [ino(&dir), ino(&dir.join("a")), ino(&dir.join("a/b"))].into();
+        assert!(cgroup_hierarchy_root(&dir.join("a/b")).exists());
+        let _gone = std::fs::remove_dir_all(&dir);
+        assert_eq!(ids, want);
     }
 }

@@ -22,23 +22,31 @@
 //!
 //! [`GRACE`] covers a connect whose hook read the old state but whose socket is not yet in
 //! the kernel's socket tables (the dump cannot see it): the hook and the hashing happen in
-//! the same `connect()` call. A round that fails anywhere (a namespace not entered, a dump,
-//! a storage write) leaves the states as they are and is retried: a pending entry only
-//! costs storage on connects, a draining one keeps answering. An agent that starts finds the
-//! states its predecessor left and finishes them the same way, after its first sync.
+//! the same `connect()` call. A round's outcome is per backend: a backend with a socket the
+//! walk could not give its storage (held by no process the agent can see: a kernel socket,
+//! an io_uring fixed file, a descriptor in flight in `SCM_RIGHTS`, a process outside the
+//! agent's PID namespace; or a namespace not walked, a failed write) keeps its entry's state
+//! and is retried ([`RETRY`], doubling up to [`RETRY_MAX`] while nothing moves), counted in `lb_reverse_entries_stuck` and named in a warning
+//! ([`STUCK_LOG_EVERY`]); the other backends move on. A pending entry only costs storage on
+//! connects, a draining one keeps answering. An agent that starts finds the states its
+//! predecessor left and finishes them the same way, after its first sync.
 //!
-//! The socket walk is `sock_destroy`'s ([`super::sock_destroy`]): per network namespace of
-//! the cgroup's processes, a `sock_diag` dump, then the descriptor of each candidate through
-//! `pidfd_getfd(2)`, whose storage is written with `BPF_MAP_UPDATE_ELEM` (`BPF_NOEXIST`: a
-//! socket that got storage meanwhile keeps it). It runs on this module's own thread; the
-//! sync loop only hands it the wanted entries ([`crate::plan::reverse_wanted`]).
+//! The socket walk uses `sock_destroy`'s parts ([`super::sock_destroy`]): per network
+//! namespace of the node ([`netns::on_node`]: named ones and every process's; a socket lives
+//! where it was made), a `sock_diag` dump, keeping the sockets of lb's cgroup subtree (their
+//! `INET_DIAG_CGROUP_ID`: getpeername runs lb's program only for those), then the descriptor
+//! of each candidate through `pidfd_getfd(2)` (looked for again if it moved since the scan),
+//! whose storage is written with `BPF_MAP_UPDATE_ELEM` (`BPF_NOEXIST`: a socket that got
+//! storage meanwhile keeps it). It runs on this module's own thread; the sync loop only hands
+//! it the wanted entries ([`crate::plan::reverse_wanted`]) through a one-entry slot (the
+//! newest replaces any it has not started on; equal ones are not handed over).
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     io,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, Condvar, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -48,6 +56,7 @@ use lb_common::maps::{
     Backend, FrontendKey, IPPROTO_TCP, MAX_REVERSE, REVERSE, REVERSE_ACTIVE, REVERSE_DRAINING,
     REVERSE_PENDING, RevNat, Reverse, SOCK_CONNECTED, SOCK_DIRECT, SOCKS, SockXlate,
 };
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::{
     PinLayout,
@@ -64,8 +73,10 @@ use crate::plan::{self, ReverseWrites};
 pub const GRACE: Duration = Duration::from_secs(1);
 /// The longest one walk over every namespace may take; a walk that takes longer failed.
 const WALK_BUDGET: Duration = Duration::from_secs(5);
-/// The wait before a failed round is tried again.
+/// The wait before a failed round, or stuck entries, are tried again.
 const RETRY: Duration = Duration::from_secs(2);
+/// The longest wait before stuck entries are tried again.
+const RETRY_MAX: Duration = Duration::from_secs(16);
 
 /// TCP states (include/net/tcp_states.h) in which a socket may still be held by an
 /// application that calls getpeername: every connected state.
@@ -129,40 +140,138 @@ fn key_of(backend: &Backend) -> FrontendKey {
     }
 }
 
-/// The sync loop's handle on the reverse-map thread.
+/// The latest wanted entries, handed from the sync loop to the reverse-map thread: one slot,
+/// not a queue (a round takes the grace and a walk, during which several sync passes may
+/// hand over entries; only the newest matters).
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    latest: Option<Arc<Wanted>>,
+    /// Bumped at every change of `latest`.
+    generation: u64,
+    /// The sync loop's handle is gone: the thread stops.
+    closed: bool,
+}
+
+/// The entries `LB_REVERSE` should hold: backend key -> frontend.
+type Wanted = BTreeMap<FrontendKey, RevNat>;
+
+/// What [`Slot::wait_newer`] found.
+enum Newer {
+    Entries(Arc<Wanted>, u64),
+    TimedOut,
+    Closed,
+}
+
+impl Slot {
+    /// Replaces the wanted entries; whether they differ from the latest ones (equal ones
+    /// wake nobody).
+    fn put(&self, wanted: Wanted) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.latest.as_deref() == Some(&wanted) {
+            return false;
+        }
+        state.latest = Some(Arc::new(wanted));
+        state.generation += 1;
+        drop(state);
+        self.changed.notify_all();
+        true
+    }
+
+    fn close(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
+        self.changed.notify_all();
+    }
+
+    /// The entries if newer than generation `seen`, waiting for them up to `wait` (`None`:
+    /// for ever).
+    fn wait_newer(&self, seen: u64, wait: Option<Duration>) -> Newer {
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if state.closed {
+                return Newer::Closed;
+            }
+            if state.generation != seen
+                && let Some(latest) = &state.latest
+            {
+                return Newer::Entries(latest.clone(), state.generation);
+            }
+            state = match deadline {
+                None => self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Newer::TimedOut;
+                    }
+                    self.changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// The sync loop's handle on the reverse-map thread. Dropping it stops the thread.
 pub struct ReverseMap {
-    tx: mpsc::Sender<BTreeMap<FrontendKey, RevNat>>,
+    slot: Arc<Slot>,
 }
 
 impl ReverseMap {
     /// Starts the thread. It does nothing before the first [`ReverseMap::wanted`] (an agent
-    /// that starts must not drain entries its first sync still wants).
-    pub fn start(layout: &PinLayout, cgroup: PathBuf) -> Result<Self, RevmapError> {
+    /// that starts must not drain entries its first sync still wants). `stuck` is set to the
+    /// number of entries whose last socket walk could not finish (`lb_reverse_entries_stuck`).
+    pub fn start(layout: &PinLayout, cgroup: PathBuf, stuck: Gauge) -> Result<Self, RevmapError> {
         let map_err = |name: &str| {
             let path = layout.map(name).display().to_string();
             move |source| RevmapError::Map { path, source }
         };
         let reverse = ReverseReader::open(layout).map_err(map_err(REVERSE))?;
         let socks = MapData::from_pin(layout.map(SOCKS)).map_err(map_err(SOCKS))?;
-        let (tx, rx) = mpsc::channel();
+        let slot = Arc::new(Slot::default());
         let worker = Worker {
             reverse,
             socks,
             cgroup,
             home: None,
+            stuck: StdHashMap::new(),
+            stuck_gauge: stuck,
+            retry: RETRY,
         };
+        let theirs = slot.clone();
         std::thread::Builder::new()
             .name("revmap".into())
-            .spawn(move || worker.run(&rx))
+            .spawn(move || worker.run(&theirs))
             .map_err(RevmapError::Thread)?;
-        Ok(Self { tx })
+        Ok(Self { slot })
     }
 
-    /// The entries `LB_REVERSE` should hold now. Returns at once.
+    /// The entries `LB_REVERSE` should hold now. Returns at once; entries equal to the last
+    /// ones handed over change nothing, and newer ones replace older ones the thread has not
+    /// started on.
     pub fn wanted(&self, wanted: BTreeMap<FrontendKey, RevNat>) {
-        if self.tx.send(wanted).is_err() {
-            tracing::error!("the reverse-map thread has stopped; TCP connects keep socket storage");
+        if self.slot.put(wanted) {
+            tracing::debug!("reverse entries handed to the reverse-map thread");
         }
+    }
+}
+
+impl Drop for ReverseMap {
+    fn drop(&mut self) {
+        self.slot.close();
     }
 }
 
@@ -173,75 +282,172 @@ struct Worker {
     cgroup: PathBuf,
     /// This thread's namespace when it started (the agent's).
     home: Option<Netns>,
+    /// The backends whose entries are stuck (their last walk could not finish): since when,
+    /// and when that was last logged.
+    stuck: StdHashMap<Backend, StuckSince>,
+    stuck_gauge: Gauge,
+    /// The wait before stuck entries are walked again.
+    retry: Duration,
+}
+
+/// How long a stuck backend goes between two warnings.
+const STUCK_LOG_EVERY: Duration = Duration::from_secs(300);
+/// The most stuck backends named in the log per round (the rest are counted).
+const STUCK_LOG_MAX: usize = 10;
+
+#[derive(Clone, Copy, Debug)]
+struct StuckSince {
+    since: Instant,
+    logged: Option<Instant>,
 }
 
 /// What a round did.
-enum Round {
-    /// Every entry is as wanted, active.
-    Settled,
+#[derive(Debug, Default)]
+struct Round {
     /// Writes were made; another round may have more to do.
-    Progressed,
+    progressed: bool,
+    /// Entries left pending or draining because some socket of their backend could not be
+    /// given its storage.
+    stuck: usize,
 }
 
-/// Why a round stopped.
-#[derive(Debug, thiserror::Error)]
-enum RoundError {
-    #[error("LB_REVERSE: {0}")]
-    Map(#[from] MapError),
-    #[error("{what}: {source}")]
-    Walk {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{0} network namespaces not reached within the walk budget")]
-    Deadline(usize),
+/// What a walk did: sockets given storage, and the backends some of whose sockets could
+/// not be (with why: the first reason met).
+#[derive(Debug, Default)]
+struct Walked {
+    written: u64,
+    stuck: BTreeMap<Backend, String>,
 }
 
-fn walk_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RoundError {
-    let what = what.into();
-    move |source| RoundError::Walk { what, source }
+impl Walked {
+    fn stick(&mut self, backend: Backend, why: impl FnOnce() -> String) {
+        self.stuck.entry(backend).or_insert_with(why);
+    }
+
+    /// Every backend of `walking` is stuck (a namespace was not walked: any of them may
+    /// have sockets there).
+    fn stick_all(&mut self, walking: &BTreeMap<Backend, Reverse>, why: &str) {
+        for backend in walking.keys() {
+            self.stick(*backend, || why.to_owned());
+        }
+    }
+}
+
+/// `current` without the entries of `stuck` backends: what [`plan::reverse_after_walk`] may
+/// move on (a stuck pending entry stays pending, a stuck draining one keeps answering).
+fn settled(
+    current: &BTreeMap<FrontendKey, Reverse>,
+    stuck: &BTreeMap<Backend, String>,
+) -> BTreeMap<FrontendKey, Reverse> {
+    current
+        .iter()
+        .filter(|(k, _)| !stuck.contains_key(&Backend::new(k.addr, k.port)))
+        .map(|(k, e)| (*k, *e))
+        .collect()
+}
+
+/// Which sockets lb's programs run for: those whose cgroup is in the subtree lb attaches to.
+/// getpeername never reads `LB_REVERSE` for a socket of another cgroup, so such a socket
+/// needs no storage (and one the agent cannot reach holds nothing up).
+#[derive(Debug, Default)]
+struct CgroupScope {
+    /// The subtree's cgroup ids.
+    inside: HashSet<u64>,
+    /// Every other cgroup id of the hierarchy.
+    outside: HashSet<u64>,
+}
+
+impl CgroupScope {
+    fn read(cgroup: &Path) -> Self {
+        let inside = netns::cgroup_ids(cgroup);
+        let outside = netns::cgroup_ids(&netns::cgroup_hierarchy_root(cgroup))
+            .into_iter()
+            .filter(|id| !inside.contains(id))
+            .collect();
+        Self { inside, outside }
+    }
+
+    /// Whether the programs may run for a socket of cgroup `id`: yes if it is in the
+    /// subtree, if the kernel did not say, or if the id is no cgroup found when the scope
+    /// was read (a cgroup removed since the socket was made, whose programs still run for
+    /// it, or one made since).
+    fn includes(&self, id: Option<u64>) -> bool {
+        id.is_none_or(|id| self.inside.contains(&id) || !self.outside.contains(&id))
+    }
+}
+
+/// A socket's `ip:port` for logs.
+fn show(backend: &Backend) -> String {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(backend.addr.0) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(octets);
+    let port = u16::from_be(backend.port);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => format!("{v4}:{port}"),
+        None => format!("[{v6}]:{port}"),
+    }
 }
 
 impl Worker {
-    fn run(mut self, rx: &mpsc::Receiver<BTreeMap<FrontendKey, RevNat>>) {
+    fn run(mut self, slot: &Slot) {
         match Netns::current_thread() {
             Ok(home) => self.home = Some(home),
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the agent's network namespace; reverse entries stay pending");
             }
         }
-        let Ok(mut wanted) = rx.recv() else { return };
+        let (mut wanted, mut seen) = match slot.wait_newer(0, None) {
+            Newer::Entries(wanted, generation) => (wanted, generation),
+            Newer::TimedOut | Newer::Closed => return,
+        };
         loop {
-            while let Ok(newer) = rx.try_recv() {
-                wanted = newer;
+            let round = self.round(&wanted);
+            if matches!(&round, Ok(r) if r.progressed || r.stuck == 0) {
+                self.retry = RETRY;
             }
-            let wait = match self.round(&wanted) {
-                Ok(Round::Progressed) => continue,
-                Ok(Round::Settled) => None,
+            let wait = match round {
+                Ok(Round {
+                    progressed: true,
+                    stuck: 0,
+                }) => Some(Duration::ZERO),
+                Ok(Round {
+                    progressed: false,
+                    stuck: 0,
+                }) => None,
+                Ok(Round {
+                    progressed: true, ..
+                }) => Some(Duration::ZERO),
+                Ok(Round {
+                    progressed: false, ..
+                }) => {
+                    // Only stuck entries are left: walked again after the wait, which
+                    // doubles up to RETRY_MAX while nothing moves (a socket that stays out
+                    // of reach, such as a kernel socket, costs a walk every RETRY_MAX).
+                    let wait = self.retry;
+                    self.retry = (self.retry * 2).min(RETRY_MAX);
+                    Some(wait)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?RETRY, "reverse entries: round failed; states kept");
                     Some(RETRY)
                 }
             };
-            let next = match wait {
-                None => rx.recv().map_err(|_| ()),
-                Some(wait) => match rx.recv_timeout(wait) {
-                    Ok(newer) => Ok(newer),
-                    Err(mpsc::RecvTimeoutError::Timeout) => Ok(wanted.clone()),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
-                },
-            };
-            match next {
-                Ok(newer) => wanted = newer,
-                Err(()) => return,
+            match slot.wait_newer(seen, wait) {
+                Newer::Entries(newer, generation) => {
+                    (wanted, seen) = (newer, generation);
+                    self.retry = RETRY;
+                }
+                Newer::TimedOut => {}
+                Newer::Closed => return,
             }
         }
     }
 
     /// One round: the first writes ([`plan::reverse_step`]), the walk, the second writes
-    /// ([`plan::reverse_after_walk`]).
-    fn round(&mut self, wanted: &BTreeMap<FrontendKey, RevNat>) -> Result<Round, RoundError> {
+    /// ([`plan::reverse_after_walk`]) for the backends whose sockets were all handled.
+    fn round(&mut self, wanted: &BTreeMap<FrontendKey, RevNat>) -> Result<Round, MapError> {
         let current = self.reverse.all()?;
         let first = plan::reverse_step(&current, wanted, MAX_REVERSE as usize);
         self.apply(&first)?;
@@ -256,17 +462,18 @@ impl Worker {
             .map(|(k, e)| (Backend::new(k.addr, k.port), *e))
             .collect();
         if walking.is_empty() {
-            return Ok(if first.is_empty() {
-                Round::Settled
-            } else {
-                Round::Progressed
+            self.report_stuck(&walking, &BTreeMap::new());
+            return Ok(Round {
+                progressed: !first.is_empty(),
+                stuck: 0,
             });
         }
         std::thread::sleep(GRACE);
         let started = Instant::now();
-        let written = self.walk(&walking)?;
-        let second = plan::reverse_after_walk(&current, wanted);
+        let walked = self.walk(&walking);
+        let second = plan::reverse_after_walk(&settled(&current, &walked.stuck), wanted);
         self.apply(&second)?;
+        self.report_stuck(&walking, &walked.stuck);
         tracing::info!(
             pending = walking
                 .values()
@@ -278,11 +485,70 @@ impl Worker {
                 .count(),
             activated = second.put.len(),
             deleted = second.delete.len(),
-            sockets_marked = written,
+            stuck = walked.stuck.len(),
+            sockets_marked = walked.written,
             walk_ms = started.elapsed().as_secs_f64() * 1e3,
             "reverse entries updated"
         );
-        Ok(Round::Progressed)
+        Ok(Round {
+            progressed: !first.is_empty() || !second.is_empty(),
+            stuck: walked.stuck.len(),
+        })
+    }
+
+    /// Sets `lb_reverse_entries_stuck` and warns about stuck backends: when one first gets
+    /// stuck, then every [`STUCK_LOG_EVERY`] while it stays so (at most [`STUCK_LOG_MAX`]
+    /// named per round).
+    fn report_stuck(
+        &mut self,
+        walking: &BTreeMap<Backend, Reverse>,
+        stuck: &BTreeMap<Backend, String>,
+    ) {
+        let now = Instant::now();
+        let before = std::mem::take(&mut self.stuck);
+        for backend in before.keys().filter(|b| !stuck.contains_key(b)) {
+            if before[backend].logged.is_some() {
+                tracing::info!(backend = %show(backend), "reverse entry no longer stuck");
+            }
+        }
+        let mut named = 0;
+        let mut unnamed = 0;
+        for (backend, why) in stuck {
+            let mut since = before.get(backend).copied().unwrap_or(StuckSince {
+                since: now,
+                logged: None,
+            });
+            let due = since
+                .logged
+                .is_none_or(|at| now.duration_since(at) >= STUCK_LOG_EVERY);
+            if due && named < STUCK_LOG_MAX {
+                named += 1;
+                since.logged = Some(now);
+                let entry = walking.get(backend);
+                tracing::warn!(
+                    backend = %show(backend),
+                    service = %entry.map(|e| show(&Backend::new(e.service.addr, e.service.port))).unwrap_or_default(),
+                    frontend_id = entry.map_or(0, |e| e.service.id),
+                    state = entry.map_or("", |e| if e.state == REVERSE_PENDING { "pending" } else { "draining" }),
+                    stuck_for_s = now.duration_since(since.since).as_secs(),
+                    reason = %why,
+                    retry_in = ?self.retry,
+                    "reverse entry stuck: a socket to the backend could not be given its storage; the entry keeps its state"
+                );
+            } else if due {
+                unnamed += 1;
+            }
+            self.stuck.insert(*backend, since);
+        }
+        if unnamed > 0 {
+            tracing::warn!(
+                more = unnamed,
+                stuck = stuck.len(),
+                "more reverse entries stuck (see lb_reverse_entries_stuck)"
+            );
+        }
+        self.stuck_gauge
+            .set(i64::try_from(stuck.len()).unwrap_or(i64::MAX));
     }
 
     fn apply(&mut self, writes: &ReverseWrites) -> Result<(), MapError> {
@@ -299,115 +565,213 @@ impl Worker {
         Ok(())
     }
 
-    /// Gives every live TCP socket of the cgroup's namespaces whose peer is a backend of
+    /// Gives every live TCP socket of the cgroup subtree whose peer is a backend of
     /// `walking` and that has no storage what getpeername must show from now on: the pod
     /// (a pending entry: the socket was connected directly) or the entry's Service (a
-    /// draining entry: it was connected through it). Returns how many sockets got storage.
-    fn walk(&self, walking: &BTreeMap<Backend, Reverse>) -> Result<u64, RoundError> {
+    /// draining entry: it was connected through it). Says which backends had a socket it
+    /// could not handle.
+    fn walk(&self, walking: &BTreeMap<Backend, Reverse>) -> Walked {
         let deadline = Instant::now() + WALK_BUDGET;
+        let scope = CgroupScope::read(&self.cgroup);
         let own = Netns::open(Path::new("/proc/self/ns/net")).ok();
-        let namespaces = netns::in_cgroup_subtree(&self.cgroup, own);
-        let mut written = 0;
+        // Every namespace of the node, not only those of the subtree's processes: a socket
+        // lives where it was made (a process may have made it after a setns, and gone back),
+        // and the cgroup id tells which of them lb's programs run for.
+        let namespaces = netns::on_node(own);
+        let mut walked = Walked::default();
         for (i, ns) in namespaces.iter().enumerate() {
             if Instant::now() >= deadline {
-                return Err(RoundError::Deadline(namespaces.len() - i));
+                let left = namespaces.len() - i;
+                walked.stick_all(
+                    walking,
+                    &format!("{left} network namespaces not reached within {WALK_BUDGET:?}"),
+                );
+                break;
             }
-            written += self.walk_in(ns, walking)?;
+            self.walk_in(ns, walking, &scope, deadline, &mut walked);
         }
-        Ok(written)
+        walked
     }
 
-    fn walk_in(&self, ns: &Netns, walking: &BTreeMap<Backend, Reverse>) -> Result<u64, RoundError> {
+    fn walk_in(
+        &self,
+        ns: &Netns,
+        walking: &BTreeMap<Backend, Reverse>,
+        scope: &CgroupScope,
+        deadline: Instant,
+        walked: &mut Walked,
+    ) {
         let where_ = ns.path.display().to_string();
-        let mut sock = open_diag_in(ns, self.home.as_ref()).map_err(walk_err(&where_))?;
+        let mut sock = match open_diag_in(ns, self.home.as_ref()) {
+            Ok(sock) => sock,
+            Err(e) => return walked.stick_all(walking, &format!("{where_}: {e}")),
+        };
         let mut candidates: Vec<DiagSock> = Vec::new();
         for family in [AF_INET, AF_INET6] {
-            let socks = sock
-                .dump(family, IPPROTO_TCP, TCP_PEER_STATES)
-                .map_err(walk_err(format!("{where_} tcp dump")))?;
-            candidates.extend(
-                socks
-                    .into_iter()
-                    .filter(|s| walking.contains_key(&s.peer_backend())),
-            );
+            match sock.dump(family, IPPROTO_TCP, TCP_PEER_STATES) {
+                Ok(socks) => candidates.extend(socks.into_iter().filter(|s| {
+                    walking.contains_key(&s.peer_backend())
+                        // A socket its application closed is an orphan (inode 0, finishing
+                        // its FIN handshake): nobody can call getpeername on it.
+                        && s.inode != 0
+                        && scope.includes(s.cgroup)
+                })),
+                Err(e) => return walked.stick_all(walking, &format!("{where_} tcp dump: {e}")),
+            }
         }
         if candidates.is_empty() {
-            return Ok(0);
+            return;
         }
-        // A socket its application closed is an orphan (inode 0, finishing its FIN
-        // handshake): nobody can call getpeername on it.
-        candidates.retain(|s| s.inode != 0);
         let inodes: HashSet<u64> = candidates.iter().map(|s| s.inode).collect();
-        let mut owners: StdHashMap<u64, (u32, i32)> = socket_owners(&ns.pids, &inodes);
-        if owners.len() < inodes.len() {
-            // Held by a process outside the cgroup (passed to it, or a process that never
-            // ran lb's programs): every process is searched, and storage on a socket whose
-            // hooks do not run changes nothing.
-            let missing: HashSet<u64> = inodes
-                .iter()
-                .filter(|i| !owners.contains_key(i))
-                .copied()
-                .collect();
-            owners.extend(socket_owners(&all_pids(), &missing));
-        }
-        let mut written = 0;
+        let mut owners = find_owners(ns, &inodes);
         for candidate in &candidates {
-            let Some(&(pid, fd)) = owners.get(&candidate.inode) else {
-                // Not found in any process: closed since the dump (then the next dump no
-                // longer has it, or has it as an orphan), or in flight in a
-                // descriptor-passing message. Storage cannot be written on a live one, so
-                // the entry must not change state yet: the round fails and is retried.
-                if still_held(&mut sock, candidate)
-                    .map_err(walk_err(format!("{where_} tcp dump")))?
-                {
-                    return Err(RoundError::Walk {
-                        what: format!("{where_} socket inode {}", candidate.inode),
-                        source: io::Error::from(io::ErrorKind::NotFound),
-                    });
-                }
-                continue;
-            };
             let backend = candidate.peer_backend();
+            if walked.stuck.contains_key(&backend) {
+                continue; // its entry stays as it is anyway
+            }
+            if Instant::now() >= deadline {
+                walked.stick(backend, || {
+                    format!("{where_}: walk budget of {WALK_BUDGET:?} spent")
+                });
+                continue;
+            }
             let Some(entry) = walking.get(&backend) else {
                 continue;
             };
-            let value = if entry.state == REVERSE_PENDING {
-                SockXlate {
-                    flags: SOCK_DIRECT,
-                    ..SockXlate::default()
-                }
-            } else {
-                SockXlate {
-                    backend,
-                    service: entry.service,
-                    flags: SOCK_CONNECTED,
-                }
-            };
-            let copy = match pidfd_getfd(pid, fd) {
-                Ok(copy) => copy,
-                // The process or descriptor is gone since the scan.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EBADF)) => continue,
-                Err(e) => return Err(walk_err(format!("{where_} pid {pid} fd {fd}"))(e)),
-            };
-            // The descriptor may have been closed and its number reused since the scan.
-            if inode_of(copy.as_raw_fd()) != Some(candidate.inode) {
-                continue;
-            }
-            let mut existing = SockXlate::default();
-            if lookup(&self.socks, copy.as_raw_fd(), &mut existing)
-                .map_err(walk_err(format!("{where_} pid {pid} fd {fd} lookup")))?
-            {
-                continue; // has storage: the storage answers, not the entry
-            }
-            match create_storage(&self.socks, copy.as_raw_fd(), &value) {
-                Ok(()) => written += 1,
-                // Got storage from its own connect meanwhile: that one is right.
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(walk_err(format!("{where_} pid {pid} fd {fd} update"))(e)),
+            match self.give_storage(ns, &mut sock, candidate, entry, &mut owners) {
+                Ok(true) => walked.written += 1,
+                Ok(false) => {}
+                Err(why) => walked.stick(backend, || format!("{where_}: {why}")),
             }
         }
-        Ok(written)
     }
+
+    /// Writes `candidate`'s storage (see [`Worker::walk`]) unless it has some: whether it
+    /// wrote. A socket that cannot be reached and is still held is an error: its backend's
+    /// entry must keep its state.
+    fn give_storage(
+        &self,
+        ns: &Netns,
+        sock: &mut DiagSocket,
+        candidate: &DiagSock,
+        entry: &Reverse,
+        owners: &mut StdHashMap<u64, (u32, i32)>,
+    ) -> Result<bool, String> {
+        let inode = candidate.inode;
+        let found = reach(
+            inode,
+            owners.get(&inode).copied(),
+            || find_owners(ns, &[inode].into()).get(&inode).copied(),
+            |pid, fd| {
+                let copy = pidfd_getfd(pid, fd)?;
+                let inode = inode_of(copy.as_raw_fd());
+                Ok((copy, inode))
+            },
+            || still_held(sock, candidate),
+        )?;
+        let Reached::Open(copy, (pid, fd)) = found else {
+            return Ok(false); // closed meanwhile: nobody calls getpeername on it any more
+        };
+        owners.insert(inode, (pid, fd));
+        let value = if entry.state == REVERSE_PENDING {
+            SockXlate {
+                flags: SOCK_DIRECT,
+                ..SockXlate::default()
+            }
+        } else {
+            SockXlate {
+                backend: candidate.peer_backend(),
+                service: entry.service,
+                flags: SOCK_CONNECTED,
+            }
+        };
+        let mut existing = SockXlate::default();
+        if lookup(&self.socks, copy.as_raw_fd(), &mut existing)
+            .map_err(|e| format!("pid {pid} fd {fd} lookup: {e}"))?
+        {
+            return Ok(false); // has storage: the storage answers, not the entry
+        }
+        match create_storage(&self.socks, copy.as_raw_fd(), &value) {
+            Ok(()) => Ok(true),
+            // Got storage from its own connect meanwhile: that one is right.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(format!("pid {pid} fd {fd} update: {e}")),
+        }
+    }
+}
+
+/// How many times a socket's descriptor is looked for again after it was not found or had
+/// moved (closed by one process while another holds it, `dup2` and close, fork and close).
+const RESCANS: usize = 2;
+
+/// What [`reach`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Reached<H> {
+    /// A handle on the socket, and where it was found.
+    Open(H, (u32, i32)),
+    /// The socket is no longer held by any application.
+    Gone,
+}
+
+/// Reaches socket `inode` through a process descriptor: `owner` (where a scan found it),
+/// `open` (a copy of a process's descriptor and the copy's inode), `rescan` (where it is
+/// now) and `still_held` (whether an application still holds it). A descriptor that moved
+/// since the scan (`ESRCH`: the process exited, `EBADF`: the number was closed, another
+/// inode: the number was reused) is looked for again, never taken as done; a socket that is
+/// still held but cannot be reached is an error.
+fn reach<H>(
+    inode: u64,
+    mut owner: Option<(u32, i32)>,
+    mut rescan: impl FnMut() -> Option<(u32, i32)>,
+    mut open: impl FnMut(u32, i32) -> io::Result<(H, Option<u64>)>,
+    mut still_held: impl FnMut() -> io::Result<bool>,
+) -> Result<Reached<H>, String> {
+    for attempt in 0..=RESCANS {
+        if let Some((pid, fd)) = owner {
+            match open(pid, fd) {
+                Ok((handle, found)) if found == Some(inode) => {
+                    return Ok(Reached::Open(handle, (pid, fd)));
+                }
+                Ok(_) => {} // the number names another file now
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EBADF)) => {}
+                Err(e) => return Err(format!("pid {pid} fd {fd}: {e}")),
+            }
+        }
+        // Not found, or moved: closed (then the dump no longer has it, or as an orphan),
+        // or held somewhere else now.
+        if !still_held().map_err(|e| format!("tcp dump: {e}"))? {
+            return Ok(Reached::Gone);
+        }
+        if attempt < RESCANS {
+            owner = rescan();
+        }
+    }
+    Err(match owner {
+        None => format!(
+            "socket inode {inode} is held by no process the agent can see (a kernel socket, an io_uring fixed file, in flight in SCM_RIGHTS, or a process outside its PID namespace)"
+        ),
+        Some((pid, fd)) => {
+            format!(
+                "socket inode {inode} moved again while its descriptor was taken (last pid {pid} fd {fd})"
+            )
+        }
+    })
+}
+
+/// Where the sockets `inodes` are open: first among `ns`'s processes, then, for those not
+/// found, every process (a socket passed to a process elsewhere, or made in `ns` by a
+/// process that left it).
+fn find_owners(ns: &Netns, inodes: &HashSet<u64>) -> StdHashMap<u64, (u32, i32)> {
+    let mut owners = socket_owners(&ns.pids, inodes);
+    if owners.len() < inodes.len() {
+        let missing: HashSet<u64> = inodes
+            .iter()
+            .filter(|i| !owners.contains_key(i))
+            .copied()
+            .collect();
+        owners.extend(socket_owners(&all_pids(), &missing));
+    }
+    owners
 }
 
 /// Whether `candidate` is still in its namespace's sockets, held by an application (not an
@@ -447,4 +811,218 @@ fn create_storage(map: &MapData, key: i32, value: &SockXlate) -> io::Result<()> 
     attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_ref(value) as u64;
     attr.__bindgen_anon_2.flags = BPF_NOEXIST;
     bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &attr).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use lb_common::Addr;
+
+    use super::*;
+
+    fn backend(last: u8) -> Backend {
+        Backend::new(Addr::from_v4_octets([10, 0, 0, last]), 8080u16.to_be())
+    }
+
+    fn service(id: u32) -> RevNat {
+        RevNat {
+            addr: Addr::from_v4_octets([10, 96, 0, 1]),
+            port: 80u16.to_be(),
+            _pad: [0; 2],
+            id,
+        }
+    }
+
+    #[test]
+    fn the_slot_keeps_only_the_latest_entries_and_skips_equal_ones() {
+        let slot = Slot::default();
+        let mut wanted = Wanted::new();
+        assert!(slot.put(wanted.clone()));
+        assert!(!slot.put(wanted.clone()), "nothing changed: no wake-up");
+        wanted.insert(key_of(&backend(1)), service(1));
+        assert!(slot.put(wanted.clone()));
+        wanted.insert(key_of(&backend(2)), service(1));
+        assert!(slot.put(wanted.clone()));
+        // Three hand-overs, one wake-up with the newest.
+        let Newer::Entries(got, generation) = slot.wait_newer(0, None) else {
+            panic!("entries expected");
+        };
+        assert_eq!(*got, wanted);
+        assert!(matches!(
+            slot.wait_newer(generation, Some(Duration::from_millis(1))),
+            Newer::TimedOut
+        ));
+        assert!(!slot.put(wanted));
+        slot.close();
+        assert!(matches!(slot.wait_newer(generation, None), Newer::Closed));
+    }
+
+    #[test]
+    fn a_waiting_thread_wakes_for_new_entries() {
+        let slot = Arc::new(Slot::default());
+        let theirs = slot.clone();
+        let waiter = std::thread::spawn(move || match theirs.wait_newer(0, None) {
+            Newer::Entries(got, _) => got.len(),
+            _ => usize::MAX,
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        slot.put([(key_of(&backend(1)), service(1))].into());
+        assert_eq!(waiter.join().expect("join"), 1);
+    }
+
+    #[test]
+    fn stuck_backends_keep_their_states_and_the_others_move_on() {
+        let entry = |state| Reverse {
+            service: service(1),
+            state,
+        };
+        let current: BTreeMap<FrontendKey, Reverse> = [
+            (key_of(&backend(1)), entry(REVERSE_PENDING)),
+            (key_of(&backend(2)), entry(REVERSE_PENDING)),
+            (key_of(&backend(3)), entry(REVERSE_DRAINING)),
+            (key_of(&backend(4)), entry(REVERSE_DRAINING)),
+        ]
+        .into();
+        let wanted: Wanted = [
+            (key_of(&backend(1)), service(1)),
+            (key_of(&backend(2)), service(1)),
+        ]
+        .into();
+        let stuck: BTreeMap<Backend, String> = [
+            (backend(1), "in flight".to_owned()),
+            (backend(3), "kernel socket".to_owned()),
+        ]
+        .into();
+        let second = plan::reverse_after_walk(&settled(&current, &stuck), &wanted);
+        assert_eq!(
+            second.put,
+            [(key_of(&backend(2)), entry(REVERSE_ACTIVE))],
+            "only the walked pending entry becomes active"
+        );
+        assert_eq!(
+            second.delete,
+            [key_of(&backend(4))],
+            "only the walked draining entry goes"
+        );
+        // Nothing stuck: everything moves.
+        let all = plan::reverse_after_walk(&settled(&current, &BTreeMap::new()), &wanted);
+        assert_eq!((all.put.len(), all.delete.len()), (2, 2));
+    }
+
+    #[test]
+    fn sockets_of_cgroups_outside_the_subtree_are_skipped() {
+        let scope = CgroupScope {
+            inside: [10, 11].into(),
+            outside: [1, 20].into(),
+        };
+        assert!(scope.includes(Some(10)));
+        assert!(scope.includes(Some(11)));
+        assert!(!scope.includes(Some(1)), "the root cgroup (kernel sockets)");
+        assert!(!scope.includes(Some(20)), "a sibling cgroup");
+        assert!(scope.includes(Some(99)), "removed or new cgroup: walked");
+        assert!(scope.includes(None), "kernel without the attribute: walked");
+    }
+
+    /// A fake process table for [`reach`]: (pid, fd) -> inode, and whether the socket is
+    /// still in the dump.
+    struct Table {
+        fds: RefCell<StdHashMap<(u32, i32), u64>>,
+        held: bool,
+    }
+
+    impl Table {
+        fn open(&self, pid: u32, fd: i32) -> io::Result<((u32, i32), Option<u64>)> {
+            match self.fds.borrow().get(&(pid, fd)) {
+                Some(inode) => Ok(((pid, fd), Some(*inode))),
+                None if pid == 666 => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+                None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+            }
+        }
+
+        fn find(&self, inode: u64) -> Option<(u32, i32)> {
+            self.fds
+                .borrow()
+                .iter()
+                .find(|(_, i)| **i == inode)
+                .map(|(k, _)| *k)
+        }
+    }
+
+    fn reach_in(table: &Table, owner: Option<(u32, i32)>) -> Result<Reached<(u32, i32)>, String> {
+        reach(
+            7,
+            owner,
+            || table.find(7),
+            |pid, fd| table.open(pid, fd),
+            || Ok(table.held),
+        )
+    }
+
+    #[test]
+    fn a_descriptor_that_moved_is_looked_for_again_never_taken_as_done() {
+        // Found where the scan saw it.
+        let table = Table {
+            fds: RefCell::new([((100, 3), 7)].into()),
+            held: true,
+        };
+        assert_eq!(
+            reach_in(&table, Some((100, 3))),
+            Ok(Reached::Open((100, 3), (100, 3)))
+        );
+        // fork, then the parent closed it: EBADF at the parent, found at the child.
+        let table = Table {
+            fds: RefCell::new([((101, 3), 7)].into()),
+            held: true,
+        };
+        assert_eq!(
+            reach_in(&table, Some((100, 3))),
+            Ok(Reached::Open((101, 3), (101, 3)))
+        );
+        // dup2 to 9 and close 3, 3 reused by another socket: inode mismatch, found at 9.
+        let table = Table {
+            fds: RefCell::new([((100, 3), 8), ((100, 9), 7)].into()),
+            held: true,
+        };
+        assert_eq!(
+            reach_in(&table, Some((100, 3))),
+            Ok(Reached::Open((100, 9), (100, 9)))
+        );
+        // The process exited (ESRCH) and the socket with it.
+        let table = Table {
+            fds: RefCell::new(StdHashMap::new()),
+            held: false,
+        };
+        assert_eq!(reach_in(&table, Some((666, 3))), Ok(Reached::Gone));
+        // The process exited but the socket lives on out of sight (passed in flight): stuck.
+        let table = Table {
+            fds: RefCell::new(StdHashMap::new()),
+            held: true,
+        };
+        let err = reach_in(&table, Some((666, 3))).expect_err("stuck");
+        assert!(err.contains("no process"), "{err}");
+        // Never found: a kernel socket or an io_uring fixed file.
+        assert!(reach_in(&table, None).is_err());
+        // Another error (EPERM: a process the agent may not ptrace) is a failure too.
+        let eperm = reach(
+            7,
+            Some((1, 3)),
+            || None,
+            |_, _| -> io::Result<((), Option<u64>)> {
+                Err(io::Error::from_raw_os_error(libc::EPERM))
+            },
+            || Ok(true),
+        );
+        assert!(eperm.is_err());
+    }
+
+    #[test]
+    fn backends_show_as_address_and_port() {
+        assert_eq!(show(&backend(7)), "10.0.0.7:8080");
+        let v6 = Backend::new(
+            Addr::from_v6_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            443u16.to_be(),
+        );
+        assert_eq!(show(&v6), "[fd00::1]:443");
+    }
 }

@@ -557,6 +557,9 @@ pub(super) struct DiagSock {
     id: [u8; SOCKID_LEN],
     /// `idiag_inode`: the socket's inode, as `/proc/PID/fd` links name it.
     pub(super) inode: u64,
+    /// The socket's cgroup v2 id (`INET_DIAG_CGROUP_ID`, the inode of its cgroup directory),
+    /// if the kernel sent it.
+    pub(super) cgroup: Option<u64>,
 }
 
 impl DiagSock {
@@ -865,7 +868,12 @@ fn nlmsg_error(payload: &[u8]) -> Option<i32> {
     Some(-error)
 }
 
-/// A `struct inet_diag_msg` (attributes, if any, are not asked for and not read).
+/// `INET_DIAG_CGROUP_ID` (include/uapi/linux/inet_diag.h): the cgroup v2 id of the socket
+/// (the cgroup whose programs run for it), a u64 the kernel adds to every full socket's
+/// answer (net/ipv4/inet_diag.c `inet_diag_msg_attrs_fill`, since 5.7; not requested).
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+/// A `struct inet_diag_msg` and, from its attributes, the cgroup id.
 fn parse_diag_msg(payload: &[u8]) -> Option<DiagSock> {
     let header = payload.get(..DIAG_MSG_LEN)?;
     let mut id = [0; SOCKID_LEN];
@@ -874,7 +882,25 @@ fn parse_diag_msg(payload: &[u8]) -> Option<DiagSock> {
         family: header[0],
         id,
         inode: u64::from(u32_at(header, DIAG_MSG_LEN - 4)?),
+        cgroup: cgroup_attr(payload.get(align4(DIAG_MSG_LEN)..).unwrap_or_default()),
     })
+}
+
+/// The `INET_DIAG_CGROUP_ID` value among netlink attributes (`struct nlattr`: len u16,
+/// type u16, then the value, each attribute 4-aligned).
+fn cgroup_attr(mut attrs: &[u8]) -> Option<u64> {
+    while let (Some(len), Some(kind)) = (u16_at(attrs, 0), u16_at(attrs, 2)) {
+        let len = usize::from(len);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        // NLA_TYPE_MASK: the top two bits are flags.
+        if kind & 0x3fff == INET_DIAG_CGROUP_ID && len >= 12 {
+            return Some(u64::from_ne_bytes(attrs.get(4..12)?.try_into().ok()?));
+        }
+        attrs = attrs.get(align4(len)..).unwrap_or_default();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -963,6 +989,31 @@ mod tests {
             (Addr::from_v4_octets([10, 0, 0, 7]), 5353u16.to_be())
         );
         assert_eq!(socks[1].cookie(), 6);
+        // The attribute diag_message adds is type 13 (INET_DIAG_PEERS-like), not the cgroup.
+        assert_eq!(socks[0].cgroup, None);
+    }
+
+    #[test]
+    fn dumps_give_the_cgroup_id_after_other_attributes() {
+        let id = sockid_v4([10, 0, 0, 7], 5353, 1);
+        let mut body = vec![AF_INET, 1, 0, 0];
+        body.extend_from_slice(&id);
+        body.extend_from_slice(&[0; 16]);
+        body.extend_from_slice(&7u32.to_ne_bytes()); // idiag_inode
+        // INET_DIAG_SHUTDOWN (u8, padded to 8 bytes), INET_DIAG_PAD (empty), then the id.
+        body.extend_from_slice(&[5, 0, 8, 0, 0, 0, 0, 0]);
+        body.extend_from_slice(&[4, 0, 14, 0]);
+        body.extend_from_slice(&12u16.to_ne_bytes());
+        body.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        body.extend_from_slice(&0x1_0000_2345u64.to_ne_bytes());
+        let datagram = message(SOCK_DIAG_BY_FAMILY, 2, 9, &body);
+        let socks: Vec<DiagSock> = messages(&datagram)
+            .filter_map(|m| parse_diag_msg(m.payload))
+            .collect();
+        assert_eq!(socks[0].cgroup, Some(0x1_0000_2345));
+        assert_eq!(socks[0].inode, 7);
+        // A truncated attribute gives none.
+        assert_eq!(cgroup_attr(&[12, 0, 21, 0, 1, 2]), None);
     }
 
     #[test]
@@ -988,11 +1039,13 @@ mod tests {
             family: AF_INET,
             id: sockid_v4([10, 0, 0, 7], 5353, 1),
             inode: 1,
+            cgroup: None,
         };
         let elsewhere = DiagSock {
             family: AF_INET,
             id: sockid_v4([10, 0, 0, 9], 80, 2),
             inode: 2,
+            cgroup: None,
         };
         let cases = [
             (
@@ -1052,6 +1105,7 @@ mod tests {
             family: AF_INET6,
             id,
             inode: 0,
+            cgroup: None,
         };
         assert_eq!(sock.peer().0, Addr::from_v4_octets([10, 0, 0, 7]));
     }
