@@ -246,26 +246,17 @@ fn snat_udp_flow_survives_endpoint_changes_and_restart_and_ends_with_its_backend
 /// The closing timeout of a flow's conntrack entry (`lb_common::nat::CT_TIMEOUT_CLOSING_NS`).
 const CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The external client connects to a NodePort whose backend is on this node, sends a request
-/// and half-closes (`shutdown(SHUT_WR)`, as `nc -N` or an HTTP/1.0 client does); the server
-/// answers 12 s later, after the closing timeout. The reply must still leave with the
-/// frontend as its source: the client's socket accepts data only from the address and port
-/// it connected to (a reply with the pod's address would be answered with a reset), so
-/// receiving the answer on it is the proof.
-#[test]
-fn half_closed_local_tcp_flow_gets_its_late_reply_from_the_frontend() {
-    let topo = Topology::new();
-    let dir = TempDir::new("nsf");
-    let pod1 = [("10.200.0.11", "node-a")];
-    dir.write("services.yaml", &service(&pod1));
-    let agent = NodeAgent::start(&topo, &dir.0);
-    set_endpoints(&agent, &dir, &pod1);
-    let xlated = agent.stat("tc_reply_xlated");
-    let expired = agent.stat("tc_ct_expired");
-    let delay = CLOSING_TIMEOUT + Duration::from_secs(2);
-    let target: SocketAddr = format!("{NODE4}:30100").parse().expect("address");
+/// The external client (in `ext`) connects to `target`, sends a request and half-closes
+/// (`shutdown(SHUT_WR)`, as `nc -N` or an HTTP/1.0 client does); the server answers after
+/// `delay`. Returns the answer (or the read's error), how long it took after the FIN, and the
+/// socket's peer right after connecting.
+fn half_closed_request(
+    ext: &lb_tests::Netns,
+    target: SocketAddr,
+    delay: Duration,
+) -> (Result<String, String>, Duration, Option<SocketAddr>) {
     let ms = delay.as_millis();
-    let (answer, waited, peer) = in_netns(&topo.ext, move || {
+    in_netns(ext, move || {
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
             .unwrap_or_else(|e| panic!("connect {target}: {e}"));
         stream
@@ -283,7 +274,27 @@ fn half_closed_local_tcp_flow_gets_its_late_reply_from_the_frontend() {
             .read_to_string(&mut answer)
             .map_err(|e| e.to_string());
         (read.map(|_| answer), start.elapsed(), peer)
-    });
+    })
+}
+
+/// The external client connects to a NodePort whose backend is on this node, sends a request
+/// and half-closes; the server answers 12 s later, after the closing timeout. The reply must
+/// still leave with the frontend as its source: the client's socket accepts data only from
+/// the address and port it connected to (a reply with the pod's address would be answered
+/// with a reset), so receiving the answer on it is the proof.
+#[test]
+fn half_closed_local_tcp_flow_gets_its_late_reply_from_the_frontend() {
+    let topo = Topology::new();
+    let dir = TempDir::new("nsf");
+    let pod1 = [("10.200.0.11", "node-a")];
+    dir.write("services.yaml", &service(&pod1));
+    let agent = NodeAgent::start(&topo, &dir.0);
+    set_endpoints(&agent, &dir, &pod1);
+    let xlated = agent.stat("tc_reply_xlated");
+    let expired = agent.stat("tc_ct_expired");
+    let target: SocketAddr = format!("{NODE4}:30100").parse().expect("address");
+    let (answer, waited, peer) =
+        half_closed_request(&topo.ext, target, CLOSING_TIMEOUT + Duration::from_secs(2));
     let answer = answer.unwrap_or_else(|e| {
         panic!(
             "the half-closed flow's late reply did not arrive: {e}\n{}",
@@ -306,6 +317,41 @@ fn half_closed_local_tcp_flow_gets_its_late_reply_from_the_frontend() {
         agent.stat("tc_ct_expired"),
         expired,
         "no reply found its flow expired\n{}",
+        agent.lb(&["stats"])
+    );
+}
+
+/// The same through SNAT to podb on node-b (two entries per flow: the client's FIN closes the
+/// forward entry, the reply entry keeps the established timeout), as before the per-side FIN
+/// bits of one-entry flows.
+#[test]
+fn half_closed_snat_tcp_flow_gets_its_late_reply_from_the_frontend() {
+    let topo = TwoNodes::new();
+    let dir = TempDir::new("nsf");
+    let podb = [("10.201.0.2", "node-b")];
+    dir.write("services.yaml", &service(&podb));
+    let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
+    set_endpoints(&agent, &dir, &podb);
+    let xlated = agent.stat("xdp_reply_xlated");
+    let target: SocketAddr = format!("{NODE4}:30100").parse().expect("address");
+    let (answer, waited, peer) =
+        half_closed_request(&topo.ext, target, CLOSING_TIMEOUT + Duration::from_secs(2));
+    let answer = answer.unwrap_or_else(|e| {
+        panic!(
+            "the half-closed flow's late reply did not arrive: {e}\n{}",
+            agent.lb(&["stats"])
+        )
+    });
+    eprintln!("after {waited:?} the client got {answer:?} from {peer:?}");
+    assert!(
+        answer.starts_with(&format!("podb {NODE4}:")),
+        "the reply of podb (which saw node-a's address), got {answer:?}"
+    );
+    assert!(waited > CLOSING_TIMEOUT, "answered after {waited:?}");
+    assert_eq!(peer, Some(target), "the socket's peer is the frontend");
+    assert!(
+        agent.stat("xdp_reply_xlated") > xlated,
+        "{}",
         agent.lb(&["stats"])
     );
 }
