@@ -154,7 +154,7 @@ pub struct CtEntry {
     pub addr: Addr,
     /// Port of `addr`, network byte order.
     pub port: u16,
-    /// [`CT_SNAT`], [`CT_CLOSING`].
+    /// [`CT_SNAT`], [`CT_CLOSING`], [`CT_FIN_CLIENT`], [`CT_FIN_BACKEND`].
     pub flags: u8,
     /// Always 0.
     pub _pad: u8,
@@ -185,14 +185,26 @@ const _: () = assert!(size_of::<CtEntry>() == 56);
 /// node's address and an allocated port as source (`externalTrafficPolicy: Cluster`), and
 /// XDP forwards both directions itself (FIB lookup and redirect).
 pub const CT_SNAT: u8 = 1;
-/// [`CtEntry::flags`]: a TCP FIN or RST was seen in this direction; the entry expires after
-/// [`CT_TIMEOUT_CLOSING_NS`].
+/// [`CtEntry::flags`]: the flow is closed; the entry expires after [`CT_TIMEOUT_CLOSING_NS`]
+/// without traffic. Set by a TCP RST from either side; in an entry of one direction
+/// ([`CT_DIR_IN`], [`CT_DIR_REPLY`]: SNAT'd flows, a client port's second flow, layout 4) also
+/// by a FIN in that direction, as in layout 4, where the flow's other entry keeps the
+/// established timeout and touches this one. A [`CT_DIR_CLIENT`] entry serves both
+/// directions, so a FIN there sets [`CT_FIN_CLIENT`] or [`CT_FIN_BACKEND`] instead.
 pub const CT_CLOSING: u8 = 2;
+/// [`CtEntry::flags`] of a [`CT_DIR_CLIENT`] entry: the client sent a FIN (set by XDP). Alone,
+/// the flow is half-closed and keeps the established timeout: the backend may still answer
+/// (a request followed by `shutdown(SHUT_WR)`, as `nc -N` or an HTTP/1.0 client does).
+/// Layout 5 (layout 4 never set it).
+pub const CT_FIN_CLIENT: u8 = 4;
+/// [`CtEntry::flags`] of a [`CT_DIR_CLIENT`] entry: the backend sent a FIN (set by tc egress).
+/// With [`CT_FIN_CLIENT`] the flow is closed ([`ct_closed`]). Layout 5.
+pub const CT_FIN_BACKEND: u8 = 8;
 
-/// Idle lifetime of a TCP entry without FIN/RST (Cilium's `CT_CONNECTION_LIFETIME_TCP`,
-/// 6 h).
+/// Idle lifetime of a TCP entry that is not closed (Cilium's `CT_CONNECTION_LIFETIME_TCP`,
+/// 6 h), half-closed ones included.
 pub const CT_TIMEOUT_TCP_NS: u64 = 21_600 * 1_000_000_000;
-/// Lifetime of a TCP entry after FIN or RST (Cilium's `CT_CLOSE_TIMEOUT`, 10 s).
+/// Lifetime of a closed TCP entry ([`ct_closed`]; Cilium's `CT_CLOSE_TIMEOUT`, 10 s).
 pub const CT_TIMEOUT_CLOSING_NS: u64 = 10 * 1_000_000_000;
 /// Idle lifetime of a UDP entry (Cilium's `CT_CONNECTION_LIFETIME_NONTCP`, 60 s).
 pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
@@ -200,11 +212,54 @@ pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
 /// packet).
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
+/// TCP flags byte (offset 13 of the TCP header): FIN.
+pub const TCP_FIN: u8 = 0x01;
+/// TCP flags byte: RST.
+pub const TCP_RST: u8 = 0x04;
+
+/// Whether an entry with `flags` stands for a closed TCP flow: an RST seen ([`CT_CLOSING`]),
+/// or a FIN seen from both sides ([`CT_FIN_CLIENT`] and [`CT_FIN_BACKEND`]). A flow closed in
+/// one direction only is not: its other direction still carries data.
+///
+/// The per-direction rule is conntrack's: Cilium keeps `tx_closing` and `rx_closing` in its
+/// `ct_entry` and gives an entry its close timeout only when `ct_entry_alive` (`!rx_closing
+/// || !tx_closing`) is false (`bpf/lib/conntrack.h`); Linux's `nf_conntrack_proto_tcp.c`
+/// moves to `TCP_CONNTRACK_CLOSE` (10 s) on an RST from either side, and keeps a half-closed
+/// flow in `FIN_WAIT` / `CLOSE_WAIT` (2 min / 60 s, refreshed by every packet). lb follows
+/// Cilium for the half-closed timeout (the established one), so that a backend answering a
+/// half-closed request after minutes of work is still translated.
+pub const fn ct_closed(flags: u8) -> bool {
+    flags & CT_CLOSING != 0
+        || flags & (CT_FIN_CLIENT | CT_FIN_BACKEND) == CT_FIN_CLIENT | CT_FIN_BACKEND
+}
+
+/// Whether either side of the flow of an entry with `flags` has sent a FIN or RST: then a
+/// client's SYN (without ACK) opens a new flow on the same ports rather than retransmitting
+/// the old one's.
+pub const fn ct_closing_seen(flags: u8) -> bool {
+    flags & (CT_CLOSING | CT_FIN_CLIENT | CT_FIN_BACKEND) != 0
+}
+
+/// The flags of an entry (`flags`) after a TCP packet with flags byte `tcp` passed: an RST
+/// closes the flow ([`CT_CLOSING`]); a FIN sets `fin`, the bit of the packet's side:
+/// [`CT_FIN_CLIENT`] (a client packet, XDP) or [`CT_FIN_BACKEND`] (a backend's, tc egress) for
+/// a [`CT_DIR_CLIENT`] entry, [`CT_CLOSING`] for an entry of one direction. 0 for UDP (`tcp`
+/// 0) leaves `flags` as they are.
+pub const fn ct_flags_after(flags: u8, tcp: u8, fin: u8) -> u8 {
+    if tcp & TCP_RST != 0 {
+        flags | CT_CLOSING
+    } else if tcp & TCP_FIN != 0 {
+        flags | fin
+    } else {
+        flags
+    }
+}
+
 /// How long an entry of protocol `proto` with `flags` lives without traffic, in nanoseconds.
 pub const fn ct_timeout_ns(proto: u8, flags: u8) -> u64 {
     if proto != crate::maps::IPPROTO_TCP {
         CT_TIMEOUT_UDP_NS
-    } else if flags & CT_CLOSING != 0 {
+    } else if ct_closed(flags) {
         CT_TIMEOUT_CLOSING_NS
     } else {
         CT_TIMEOUT_TCP_NS
@@ -286,17 +341,181 @@ mod tests {
         let s = 1_000;
         let tcp = crate::maps::IPPROTO_TCP;
         let udp = crate::maps::IPPROTO_UDP;
-        assert!(!ct_expired(s, s + CT_TIMEOUT_UDP_NS, udp, 0));
-        assert!(ct_expired(s, s + CT_TIMEOUT_UDP_NS + 1, udp, 0));
-        assert!(!ct_expired(s, s + CT_TIMEOUT_UDP_NS + 1, tcp, 0));
-        assert!(ct_expired(
-            s,
-            s + CT_TIMEOUT_CLOSING_NS + 1,
-            tcp,
-            CT_CLOSING
-        ));
+        let both = CT_FIN_CLIENT | CT_FIN_BACKEND;
+        // (name, protocol, flags, idle ns, expired)
+        let cases: &[(&str, u8, u8, u64, bool)] = &[
+            ("udp within its timeout", udp, 0, CT_TIMEOUT_UDP_NS, false),
+            ("udp past its timeout", udp, 0, CT_TIMEOUT_UDP_NS + 1, true),
+            (
+                "udp ignores tcp state bits",
+                udp,
+                both,
+                CT_TIMEOUT_UDP_NS,
+                false,
+            ),
+            (
+                "tcp established past udp's",
+                tcp,
+                0,
+                CT_TIMEOUT_UDP_NS + 1,
+                false,
+            ),
+            (
+                "tcp established at its timeout",
+                tcp,
+                0,
+                CT_TIMEOUT_TCP_NS,
+                false,
+            ),
+            (
+                "tcp established past it",
+                tcp,
+                0,
+                CT_TIMEOUT_TCP_NS + 1,
+                true,
+            ),
+            (
+                "snat established",
+                tcp,
+                CT_SNAT,
+                CT_TIMEOUT_CLOSING_NS + 1,
+                false,
+            ),
+            // One-entry flows: one side's FIN is a half-close, not the end.
+            (
+                "client fin only",
+                tcp,
+                CT_FIN_CLIENT,
+                CT_TIMEOUT_CLOSING_NS + 1,
+                false,
+            ),
+            (
+                "client fin only, 11 s",
+                tcp,
+                CT_FIN_CLIENT,
+                11_000_000_000,
+                false,
+            ),
+            (
+                "client fin only, past tcp",
+                tcp,
+                CT_FIN_CLIENT,
+                CT_TIMEOUT_TCP_NS + 1,
+                true,
+            ),
+            (
+                "backend fin only",
+                tcp,
+                CT_FIN_BACKEND,
+                CT_TIMEOUT_CLOSING_NS + 1,
+                false,
+            ),
+            (
+                "both fins, within closing",
+                tcp,
+                both,
+                CT_TIMEOUT_CLOSING_NS,
+                false,
+            ),
+            (
+                "both fins, past closing",
+                tcp,
+                both,
+                CT_TIMEOUT_CLOSING_NS + 1,
+                true,
+            ),
+            // An RST (either side), and a FIN of a one-direction entry (layout 4 too).
+            (
+                "closing, within",
+                tcp,
+                CT_CLOSING,
+                CT_TIMEOUT_CLOSING_NS,
+                false,
+            ),
+            (
+                "closing, past",
+                tcp,
+                CT_CLOSING,
+                CT_TIMEOUT_CLOSING_NS + 1,
+                true,
+            ),
+            (
+                "rst after client fin",
+                tcp,
+                CT_CLOSING | CT_FIN_CLIENT,
+                CT_TIMEOUT_CLOSING_NS + 1,
+                true,
+            ),
+            (
+                "snat closing",
+                tcp,
+                CT_SNAT | CT_CLOSING,
+                CT_TIMEOUT_CLOSING_NS + 1,
+                true,
+            ),
+        ];
+        for &(name, proto, flags, idle, want) in cases {
+            assert_eq!(ct_expired(s, s + idle, proto, flags), want, "{name}");
+        }
         // A clock read before `seen` (another CPU refreshed it) is not expiry.
         assert!(!ct_expired(s, 0, tcp, CT_CLOSING));
+    }
+
+    #[test]
+    fn close_flags_by_packet() {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        // (name, flags before, tcp flags byte, the entry's FIN bit, flags after)
+        let cases: &[(&str, u8, u8, u8, u8)] = &[
+            ("ack changes nothing", 0, ACK, CT_FIN_CLIENT, 0),
+            ("udp (no tcp byte)", CT_SNAT, 0, CT_CLOSING, CT_SNAT),
+            ("client fin", 0, TCP_FIN | ACK, CT_FIN_CLIENT, CT_FIN_CLIENT),
+            (
+                "backend fin",
+                0,
+                TCP_FIN | ACK,
+                CT_FIN_BACKEND,
+                CT_FIN_BACKEND,
+            ),
+            (
+                "backend fin after client's",
+                CT_FIN_CLIENT,
+                TCP_FIN | ACK,
+                CT_FIN_BACKEND,
+                CT_FIN_CLIENT | CT_FIN_BACKEND,
+            ),
+            ("client rst", 0, TCP_RST, CT_FIN_CLIENT, CT_CLOSING),
+            ("backend rst", 0, TCP_RST | ACK, CT_FIN_BACKEND, CT_CLOSING),
+            (
+                "one-direction fin",
+                CT_SNAT,
+                TCP_FIN | ACK,
+                CT_CLOSING,
+                CT_SNAT | CT_CLOSING,
+            ),
+            (
+                "syn changes nothing",
+                CT_FIN_CLIENT,
+                SYN,
+                CT_FIN_CLIENT,
+                CT_FIN_CLIENT,
+            ),
+        ];
+        for &(name, flags, tcp, fin, want) in cases {
+            assert_eq!(ct_flags_after(flags, tcp, fin), want, "{name}");
+        }
+        // The close rule over those: only both FINs or an RST close.
+        let closed = |tcp_client: u8, tcp_backend: u8| {
+            let f = ct_flags_after(0, tcp_client, CT_FIN_CLIENT);
+            ct_closed(ct_flags_after(f, tcp_backend, CT_FIN_BACKEND))
+        };
+        assert!(!closed(TCP_FIN, 0), "half-closed by the client");
+        assert!(!closed(0, TCP_FIN), "half-closed by the backend");
+        assert!(closed(TCP_FIN, TCP_FIN), "closed by both");
+        assert!(closed(TCP_RST, 0) && closed(0, TCP_RST), "reset by either");
+        // Any close opens the ports to a new flow's SYN; nothing else does.
+        assert!(ct_closing_seen(CT_FIN_CLIENT) && ct_closing_seen(CT_FIN_BACKEND));
+        assert!(ct_closing_seen(CT_CLOSING) && !ct_closing_seen(CT_SNAT));
     }
 }
 

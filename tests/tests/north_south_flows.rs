@@ -4,14 +4,21 @@
 //! this node and one on another node (SNAT); and when its own backend leaves the Service, the
 //! flow ends (the client sees a reset or a timeout), never answered by another pod.
 //!
+//! A half-closed flow (the client sends its request, then its FIN) to a backend on this node
+//! gets its late reply translated: one side's FIN does not close the flow's one entry.
+//!
 //! Topologies: `lb_tests::north_south` (`Topology`: pod1 and pod2 on the agent's node;
 //! `TwoNodes`: podb behind node-b).
 
-use std::time::{Duration, Instant};
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
     TempDir,
-    north_south::{FlowClient, NODE4, NodeAgent, Topology, TwoNodes},
+    north_south::{EXT4, FlowClient, NODE4, NodeAgent, Topology, TwoNodes, in_netns},
 };
 
 /// A NodePort Service (eTP Cluster), TCP and UDP on 30100, with endpoints `endpoints`
@@ -234,4 +241,117 @@ fn snat_tcp_flow_survives_endpoint_changes_and_restart_and_ends_with_its_backend
 #[test]
 fn snat_udp_flow_survives_endpoint_changes_and_restart_and_ends_with_its_backend() {
     snat_flow_survives_then_ends(true);
+}
+
+/// The closing timeout of a flow's conntrack entry (`lb_common::nat::CT_TIMEOUT_CLOSING_NS`).
+const CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The external client (in `ext`) connects to `target`, sends a request and half-closes
+/// (`shutdown(SHUT_WR)`, as `nc -N` or an HTTP/1.0 client does); the server answers after
+/// `delay`. Returns the answer (or the read's error), how long it took after the FIN, and the
+/// socket's peer right after connecting.
+fn half_closed_request(
+    ext: &lb_tests::Netns,
+    target: SocketAddr,
+    delay: Duration,
+) -> (Result<String, String>, Duration, Option<SocketAddr>) {
+    let ms = delay.as_millis();
+    in_netns(ext, move || {
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connect {target}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        stream
+            .write_all(format!("after-eof {ms}\n").as_bytes())
+            .expect("request");
+        // Read now: once both sides have closed, getpeername fails (ENOTCONN).
+        let peer = stream.peer_addr().ok();
+        stream.shutdown(Shutdown::Write).expect("half-close");
+        let start = Instant::now();
+        let mut answer = String::new();
+        let read = stream
+            .read_to_string(&mut answer)
+            .map_err(|e| e.to_string());
+        (read.map(|_| answer), start.elapsed(), peer)
+    })
+}
+
+/// The external client connects to a NodePort whose backend is on this node, sends a request
+/// and half-closes; the server answers 12 s later, after the closing timeout. The reply must
+/// still leave with the frontend as its source: the client's socket accepts data only from
+/// the address and port it connected to (a reply with the pod's address would be answered
+/// with a reset), so receiving the answer on it is the proof.
+#[test]
+fn half_closed_local_tcp_flow_gets_its_late_reply_from_the_frontend() {
+    let topo = Topology::new();
+    let dir = TempDir::new("nsf");
+    let pod1 = [("10.200.0.11", "node-a")];
+    dir.write("services.yaml", &service(&pod1));
+    let agent = NodeAgent::start(&topo, &dir.0);
+    set_endpoints(&agent, &dir, &pod1);
+    let xlated = agent.stat("tc_reply_xlated");
+    let expired = agent.stat("tc_ct_expired");
+    let target: SocketAddr = format!("{NODE4}:30100").parse().expect("address");
+    let (answer, waited, peer) =
+        half_closed_request(&topo.ext, target, CLOSING_TIMEOUT + Duration::from_secs(2));
+    let answer = answer.unwrap_or_else(|e| {
+        panic!(
+            "the half-closed flow's late reply did not arrive: {e}\n{}",
+            agent.lb(&["stats"])
+        )
+    });
+    eprintln!("after {waited:?} the client got {answer:?} from {peer:?}");
+    assert!(
+        answer.starts_with(&format!("pod1 {EXT4}:")),
+        "the reply of pod1 (which saw the client's own address), got {answer:?}"
+    );
+    assert!(waited > CLOSING_TIMEOUT, "answered after {waited:?}");
+    assert_eq!(peer, Some(target), "the socket's peer is the frontend");
+    assert!(
+        agent.stat("tc_reply_xlated") > xlated,
+        "{}",
+        agent.lb(&["stats"])
+    );
+    assert_eq!(
+        agent.stat("tc_ct_expired"),
+        expired,
+        "no reply found its flow expired\n{}",
+        agent.lb(&["stats"])
+    );
+}
+
+/// The same through SNAT to podb on node-b (two entries per flow: the client's FIN closes the
+/// forward entry, the reply entry keeps the established timeout), as before the per-side FIN
+/// bits of one-entry flows.
+#[test]
+fn half_closed_snat_tcp_flow_gets_its_late_reply_from_the_frontend() {
+    let topo = TwoNodes::new();
+    let dir = TempDir::new("nsf");
+    let podb = [("10.201.0.2", "node-b")];
+    dir.write("services.yaml", &service(&podb));
+    let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
+    set_endpoints(&agent, &dir, &podb);
+    let xlated = agent.stat("xdp_reply_xlated");
+    let target: SocketAddr = format!("{NODE4}:30100").parse().expect("address");
+    let (answer, waited, peer) =
+        half_closed_request(&topo.ext, target, CLOSING_TIMEOUT + Duration::from_secs(2));
+    let answer = answer.unwrap_or_else(|e| {
+        panic!(
+            "the half-closed flow's late reply did not arrive: {e}\n{}",
+            agent.lb(&["stats"])
+        )
+    });
+    eprintln!("after {waited:?} the client got {answer:?} from {peer:?}");
+    assert!(
+        answer.starts_with(&format!("podb {NODE4}:")),
+        "the reply of podb (which saw node-a's address), got {answer:?}"
+    );
+    assert!(waited > CLOSING_TIMEOUT, "answered after {waited:?}");
+    assert_eq!(peer, Some(target), "the socket's peer is the frontend");
+    assert!(
+        agent.stat("xdp_reply_xlated") > xlated,
+        "{}",
+        agent.lb(&["stats"])
+    );
 }

@@ -740,3 +740,164 @@ fn second_flows_of_a_client_port_and_flows_of_layout_4_keep_two_entries() {
         libc::close(tc);
     }
 }
+
+/// `CtEntry::flags` (`lb_common::nat`), at byte 18 of the value: `CT_CLOSING`,
+/// `CT_FIN_CLIENT`, `CT_FIN_BACKEND`.
+const CT_CLOSING: u8 = 2;
+const CT_FIN_CLIENT: u8 = 4;
+const CT_FIN_BACKEND: u8 = 8;
+/// TCP flags: FIN, RST, PSH, ACK.
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+/// The flags of the client entry of client port `sport`.
+fn ct_flags(fd: i32, sport: u16) -> u8 {
+    ct_entries(fd)
+        .into_iter()
+        .find(|(k, _)| k[37] == CT_DIR_CLIENT && k[32..34] == sport.to_be_bytes())
+        .map_or_else(
+            || panic!("no client entry for port {sport}"),
+            |(_, v)| v[18],
+        )
+}
+
+/// A TCP flow to a pod on this node has one conntrack entry for both directions, so a FIN
+/// closes only its own side (`CT_FIN_CLIENT` from XDP, `CT_FIN_BACKEND` from tc): a backend
+/// answering a half-closed request after the 10 s closing timeout is still translated, and
+/// the flow closes (10 s) once both sides sent their FIN, or at once after an RST from either;
+/// a SYN on the ports of a closing flow opens a new one. Byte for byte through test-run.
+#[test]
+fn a_half_closed_tcp_flow_keeps_its_translation_until_both_sides_close() {
+    let topo = Topology::new();
+    let dir = TempDir::new("nh");
+    dir.write("services.yaml", SERVICES);
+    let agent = NodeAgent::start(&topo, &dir.0);
+    agent.wait_for(&["10.250.2.2:30080/TCP"]);
+    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
+    let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    let ct = ct_map(&agent);
+    let pod = "10.200.0.11";
+    let client = "192.0.2.92";
+    let with = |p: &Pkt, flags: u8| {
+        let mut p = p.clone();
+        p.tcp_flags = flags;
+        p
+    };
+    // The client opens, sends its request and half-closes.
+    let syn = Pkt::new(client, NODE4, TCP, 41_600, 30080);
+    assert_eq!(
+        test_run(xdp, &syn.bytes()),
+        (XDP_PASS, syn.to(pod, 8080).bytes())
+    );
+    let fin = with(&syn, FIN | ACK);
+    assert_eq!(
+        test_run(xdp, &fin.bytes()),
+        (XDP_PASS, fin.to(pod, 8080).bytes()),
+        "the client's FIN"
+    );
+    assert_eq!(ct_flags(ct, 41_600), CT_FIN_CLIENT, "half-closed");
+    // The server works for 11 s (past the closing timeout), then answers.
+    let (key, _) = ct_entry(ct, CT_DIR_CLIENT, 41_600);
+    set_seen(ct, &key, coarse_now() - 11_000_000_000);
+    let expired = agent.stat("tc_ct_expired");
+    let data = with(&Pkt::new(pod, client, TCP, 8080, 41_600), PSH | ACK);
+    assert_eq!(
+        test_run(tc, &data.bytes()),
+        (TC_ACT_OK, data.from(NODE4, 30080).bytes()),
+        "the late reply of a half-closed flow leaves from the frontend"
+    );
+    assert_eq!(agent.stat("tc_ct_expired"), expired);
+    // The server's FIN closes the flow: still translated, then the closing timeout applies.
+    let server_fin = with(&data, FIN | ACK);
+    assert_eq!(
+        test_run(tc, &server_fin.bytes()),
+        (TC_ACT_OK, server_fin.from(NODE4, 30080).bytes())
+    );
+    assert_eq!(ct_flags(ct, 41_600), CT_FIN_CLIENT | CT_FIN_BACKEND);
+    set_seen(ct, &key, coarse_now() - 11_000_000_000);
+    assert_eq!(
+        test_run(tc, &server_fin.bytes()),
+        (TC_ACT_OK, server_fin.bytes()),
+        "closed by both sides and idle past 10 s: gone"
+    );
+    assert_eq!(agent.stat("tc_ct_expired"), expired + 1);
+
+    // An RST from the server closes a flow at once (no FIN from the client needed).
+    let syn = Pkt::new(client, NODE4, TCP, 41_601, 30080);
+    assert_eq!(test_run(xdp, &syn.bytes()).0, XDP_PASS);
+    let rst = with(&Pkt::new(pod, client, TCP, 8080, 41_601), RST | ACK);
+    assert_eq!(
+        test_run(tc, &rst.bytes()),
+        (TC_ACT_OK, rst.from(NODE4, 30080).bytes())
+    );
+    assert_eq!(ct_flags(ct, 41_601), CT_CLOSING);
+    let (key, _) = ct_entry(ct, CT_DIR_CLIENT, 41_601);
+    set_seen(ct, &key, coarse_now() - 11_000_000_000);
+    let expired = agent.stat("tc_ct_expired");
+    assert_eq!(test_run(tc, &rst.bytes()), (TC_ACT_OK, rst.bytes()));
+    assert_eq!(agent.stat("tc_ct_expired"), expired + 1);
+
+    // A flow half-closed by the server: a client's SYN on its ports is a new flow (the old
+    // entry is replaced), not a retransmission.
+    let syn = Pkt::new(client, NODE4, TCP, 41_602, 30080);
+    assert_eq!(test_run(xdp, &syn.bytes()).0, XDP_PASS);
+    let server_fin = with(&Pkt::new(pod, client, TCP, 8080, 41_602), FIN | ACK);
+    assert_eq!(test_run(tc, &server_fin.bytes()).0, TC_ACT_OK);
+    assert_eq!(ct_flags(ct, 41_602), CT_FIN_BACKEND);
+    let (expired, new_flows) = (agent.stat("xdp_ct_expired"), agent.stat("xdp_new_flow"));
+    assert_eq!(
+        test_run(xdp, &syn.bytes()),
+        (XDP_PASS, syn.to(pod, 8080).bytes())
+    );
+    assert_eq!(agent.stat("xdp_ct_expired"), expired + 1);
+    assert_eq!(agent.stat("xdp_new_flow"), new_flows + 1);
+    assert_eq!(ct_flags(ct, 41_602), 0, "a fresh entry");
+
+    // A flow of two entries (here: as layout 4 stored it) closes per entry as before: the
+    // client's FIN marks the forward entry closing, the reply entry keeps the established
+    // timeout, so a late reply is translated and touches the forward entry.
+    let old_client = "192.0.2.93";
+    let (_, live) = ct_entries(ct)
+        .into_iter()
+        .find(|(k, _)| k[37] == CT_DIR_CLIENT && k[32..34] == 41_602u16.to_be_bytes())
+        .expect("a live client entry");
+    let mut fwd = live;
+    fwd[24..44].fill(0);
+    fwd[48..56].copy_from_slice(&coarse_now().to_ne_bytes());
+    let mut back = fwd;
+    back[..16].copy_from_slice(&ct_key(NODE4, NODE4, 0, 0, 0, 0)[..16]);
+    back[16..18].copy_from_slice(&30080u16.to_be_bytes());
+    back[44..48].fill(0);
+    let fwd_key = ct_key(old_client, NODE4, 41_603, 30080, TCP, CT_DIR_IN);
+    ct_put(ct, &fwd_key, &fwd);
+    ct_put(
+        ct,
+        &ct_key(pod, old_client, 8080, 41_603, TCP, CT_DIR_REPLY),
+        &back,
+    );
+    let fin = with(&Pkt::new(old_client, NODE4, TCP, 41_603, 30080), FIN | ACK);
+    assert_eq!(
+        test_run(xdp, &fin.bytes()),
+        (XDP_PASS, fin.to(pod, 8080).bytes())
+    );
+    let fwd_flags = ct_entries(ct)
+        .into_iter()
+        .find(|(k, _)| *k == fwd_key)
+        .map(|(_, v)| v[18]);
+    assert_eq!(fwd_flags, Some(CT_CLOSING), "the forward entry closes");
+    set_seen(ct, &fwd_key, coarse_now() - 11_000_000_000);
+    let data = with(&Pkt::new(pod, old_client, TCP, 8080, 41_603), PSH | ACK);
+    assert_eq!(
+        test_run(tc, &data.bytes()),
+        (TC_ACT_OK, data.from(NODE4, 30080).bytes()),
+        "the late reply of a two-entry flow"
+    );
+    // SAFETY: our own descriptors, closed once.
+    unsafe {
+        libc::close(xdp);
+        libc::close(tc);
+        libc::close(ct);
+    }
+}

@@ -15,7 +15,10 @@ use aya_ebpf::{
 use lb_common::{
     Addr,
     maps::{IPPROTO_TCP, IPPROTO_UDP},
-    nat::{CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtKey, client_key, ct_expired},
+    nat::{
+        CT_DIR_IN, CT_DIR_REPLY, CT_FIN_BACKEND, CT_REFRESH_NS, CT_SNAT, CtKey, client_key,
+        ct_expired, ct_flags_after,
+    },
     stats,
 };
 
@@ -66,7 +69,18 @@ fn reply(ctx: &TcContext, flow: &Flow) {
                 count(stats::TC_CT_EXPIRED);
                 return;
             }
-            if now.saturating_sub(entry.seen) > CT_REFRESH_NS {
+            // The backend's FIN half-closes the flow (`CT_FIN_BACKEND`; closed once the
+            // client's FIN is in too), an RST closes it.
+            let flags = ct_flags_after(entry.flags, tcp_flags(ctx, flow), CT_FIN_BACKEND);
+            if flags != entry.flags {
+                // SAFETY: a pointer into the map's value. XDP writes this byte only when it
+                // changes too (a client's FIN or RST); a race of the two loses at most one
+                // FIN bit (the flow keeps the established timeout, never its translation).
+                unsafe {
+                    (*p).flags = flags;
+                    (*p).seen = now;
+                }
+            } else if now.saturating_sub(entry.seen) > CT_REFRESH_NS {
                 // SAFETY: a pointer into the map's value (a racing refresh loses one
                 // timestamp, never the entry).
                 unsafe { (*p).seen = now };
@@ -110,6 +124,15 @@ fn reply(ctx: &TcContext, flow: &Flow) {
     if snat_back(ctx, flow, entry.addr, entry.port).is_some() {
         count(stats::TC_REPLY_XLATED);
     }
+}
+
+/// The TCP flags byte of `flow`'s packet (0 for UDP or a short packet).
+#[inline(always)]
+fn tcp_flags(ctx: &TcContext, flow: &Flow) -> u8 {
+    if flow.proto != IPPROTO_TCP {
+        return 0;
+    }
+    load::<1>(ctx, flow.l4 + 13).map_or(0, |b| b[0])
 }
 
 fn load<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {

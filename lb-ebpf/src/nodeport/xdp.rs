@@ -12,9 +12,9 @@ use lb_common::{
     Addr, csum,
     maps::{Backend, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, META_MEMBER_EPOCH, SlotKey},
     nat::{
-        CT_CLOSING, CT_DIR_CLIENT, CT_DIR_IN, CT_DIR_REPLY, CT_REFRESH_NS, CT_SNAT, CtEntry,
-        EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES,
-        ct_expired, snat_port,
+        CT_CLOSING, CT_DIR_CLIENT, CT_DIR_IN, CT_DIR_REPLY, CT_FIN_CLIENT, CT_REFRESH_NS, CT_SNAT,
+        CtEntry, EXT_SLOT_BASE, FRONTEND_ETP_LOCAL, FRONTEND_EXTERNAL, SNAT_PORT_MIN, SNAT_TRIES,
+        ct_closing_seen, ct_expired, ct_flags_after, snat_port,
     },
     stats,
 };
@@ -238,10 +238,8 @@ fn icmp_found(out: &mut Flow, v6: bool, l3: usize, l4: usize, src: Addr, dst: Ad
     Skip::Icmp
 }
 
-/// TCP flags byte: FIN, SYN, RST, ACK.
-const TCP_FIN: u8 = 0x01;
+/// TCP flags byte: SYN, ACK (FIN and RST: `lb_common::nat`).
 const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 /// Address families for `bpf_fib_lookup`.
 const AF_INET: u8 = 2;
@@ -276,28 +274,33 @@ fn tcp_flags(ctx: &XdpContext, flow: &Flow) -> u8 {
 }
 
 /// Whether an existing entry no longer stands for this packet's flow: idle past its
-/// timeout, or closed and the client opens the same 5-tuple again (a SYN).
+/// timeout, or closing (a FIN or RST from either side) and the client opens the same
+/// 5-tuple again (a SYN).
 #[inline(always)]
 fn stale(entry: &CtEntry, proto: u8, flags: u8, now: u64) -> bool {
     ct_expired(entry.seen, now, proto, entry.flags)
-        || (entry.flags & CT_CLOSING != 0 && flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        || (ct_closing_seen(entry.flags) && flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
-/// Records this packet in its entry: a FIN or RST closes the flow, and `seen` moves on at
-/// most once per [`CT_REFRESH_NS`] (a map write per second, not per packet).
+/// Records this packet in its entry: a FIN sets `fin` (`CT_FIN_CLIENT` in a client entry,
+/// which serves both directions; `CT_CLOSING` in an entry of one direction), an RST closes
+/// the flow (`lb_common::nat::ct_flags_after`), and `seen` moves on at most once per
+/// [`CT_REFRESH_NS`] (a map write per second, not per packet).
 /// Returns whether `seen` moved (then the flow's other entry is touched too).
 #[inline(always)]
-fn refresh(entry: *mut CtEntry, old: &CtEntry, tcp: u8, now: u64) -> bool {
-    let flags = if tcp & (TCP_FIN | TCP_RST) != 0 {
-        old.flags | CT_CLOSING
-    } else {
-        old.flags
-    };
-    if flags != old.flags || now.saturating_sub(old.seen) > CT_REFRESH_NS {
+fn refresh(entry: *mut CtEntry, old: &CtEntry, tcp: u8, fin: u8, now: u64) -> bool {
+    let flags = ct_flags_after(old.flags, tcp, fin);
+    let changed = flags != old.flags;
+    if changed || now.saturating_sub(old.seen) > CT_REFRESH_NS {
         // SAFETY: a pointer into the map's value; concurrent writers store the same kind of
-        // value (a racing refresh loses one timestamp, never the entry).
+        // value (a racing refresh loses one timestamp, never the entry). `flags` is written
+        // only when it changes: tc egress sets `CT_FIN_BACKEND` in the same byte, and a
+        // refresh writing back its older copy could drop that bit (the flow would then keep
+        // the established timeout, as half-closed: longer, never a lost translation).
         unsafe {
-            (*entry).flags = flags;
+            if changed {
+                (*entry).flags = flags;
+            }
             (*entry).seen = now;
         }
         return true;
@@ -424,7 +427,9 @@ fn translate(ctx: &XdpContext, flow: &Flow, frontend: *const Frontend) -> Verdic
             remove_flow(flow, s);
             count(stats::XDP_CT_EXPIRED);
         } else {
-            if refresh(p, &s.entry, tcp, now) && s.ikey.dir != CT_DIR_CLIENT {
+            let client = s.ikey.dir == CT_DIR_CLIENT;
+            let fin = if client { CT_FIN_CLIENT } else { CT_CLOSING };
+            if refresh(p, &s.entry, tcp, fin, now) && !client {
                 touch_reply(flow, s);
             }
             tracked = true;
@@ -508,7 +513,7 @@ fn reply(ctx: &XdpContext, flow: &Flow) -> Verdict {
     if s.entry.flags & CT_SNAT == 0 || ct_expired(s.entry.seen, now, flow.proto, s.entry.flags) {
         return pass(None);
     }
-    if refresh(p, &s.entry, tcp_flags(ctx, flow), now) {
+    if refresh(p, &s.entry, tcp_flags(ctx, flow), CT_CLOSING, now) {
         s.now = now;
         touch_forward(flow.proto, s);
     }

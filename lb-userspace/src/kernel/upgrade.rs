@@ -131,12 +131,17 @@ pub const CHANGES: &[Change] = &[
     },
     Change {
         map: lb_common::nat::CT,
-        what: "a flow to a backend on this node is one entry keyed by the client (CT_DIR_CLIENT)",
+        what: "a flow to a backend on this node is one entry keyed by the client (CT_DIR_CLIENT); \
+               CtEntry::flags gains CT_FIN_CLIENT and CT_FIN_BACKEND (bits 2 and 3, a client \
+               entry's per-side FIN), and CT_CLOSING now means closed (an RST, or a FIN in a \
+               one-direction entry)",
         step: Step::Keep {
             why: "key and value sizes are unchanged; layout-5 programs still read layout-4 forward \
               and reply entries (SNAT'd flows and a client port's second flow are still \
               stored that way), and the layout-4 programs that run until the swap only make \
-              such entries",
+              such entries; layout-4 programs never set bits 2 and 3, and set CT_CLOSING only \
+              on a FIN or RST in the direction of their one-direction entry, which layout 5 \
+              still reads as that entry's close (10 s), as layout 4 did",
         },
     },
 ];

@@ -4,7 +4,9 @@
 //!
 //! Servers speak a line protocol: every line received is answered with the pod's name and a
 //! newline, so one connection can carry many requests (keep-alive). A first line starting
-//! with `GET ` gets an HTTP/1.1 response with the name as body, for curl.
+//! with `GET ` gets an HTTP/1.1 response with the name as body, for curl. A line
+//! `after-eof MS` is answered only after the client half-closed (its FIN: `shutdown(SHUT_WR)`)
+//! and `MS` milliseconds more; then the server closes too (tests/tests/north_south_flows.rs).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -218,6 +220,16 @@ fn serve_tcp(listener: TcpListener, name: String, show_client: bool) {
                     let _closing = write.write_all(
                         format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
                     );
+                    return;
+                }
+                if let Some(ms) = line
+                    .strip_prefix("after-eof ")
+                    .and_then(|ms| ms.trim().parse::<u64>().ok())
+                {
+                    // A half-closed request: read to the client's FIN, wait, answer, close.
+                    while let Some(Ok(_)) = lines.next() {}
+                    std::thread::sleep(Duration::from_millis(ms));
+                    let _closing = write.write_all(format!("{name}\n").as_bytes());
                     return;
                 }
                 if write.write_all(format!("{name}\n").as_bytes()).is_err() {
