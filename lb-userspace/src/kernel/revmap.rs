@@ -32,6 +32,12 @@
 //! `pidfd_getfd(2)`, whose storage is written with `BPF_MAP_UPDATE_ELEM` (`BPF_NOEXIST`: a
 //! socket that got storage meanwhile keeps it). It runs on this module's own thread; the
 //! sync loop only hands it the wanted entries ([`crate::plan::reverse_wanted`]).
+//!
+//! This thread also keeps `LB_REV_FILTER` ([`lb_common::maps::REVERSE_FILTER`]): the bit of
+//! every key is set before an entry with that key is written, and a bit is cleared only at
+//! the start of a later round, from the entries then in the map. So a clear bit always means
+//! "no entry", and the programs' miss (a connect or getpeername to an address without an
+//! entry) reads one array word instead of looking `LB_REVERSE` up.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, HashSet},
@@ -42,11 +48,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use aya_obj::generated::bpf_cmd;
 use lb_common::maps::{
     Backend, FrontendKey, IPPROTO_TCP, MAX_REVERSE, REVERSE, REVERSE_ACTIVE, REVERSE_DRAINING,
-    REVERSE_PENDING, RevNat, Reverse, SOCK_CONNECTED, SOCK_DIRECT, SOCKS, SockXlate,
+    REVERSE_FILTER, REVERSE_FILTER_WORDS, REVERSE_PENDING, RevNat, Reverse, SOCK_CONNECTED,
+    SOCK_DIRECT, SOCKS, SockXlate, reverse_filter_bit,
 };
 
 use super::{
@@ -129,6 +136,22 @@ fn key_of(backend: &Backend) -> FrontendKey {
     }
 }
 
+/// The word index and mask of `key`'s bit in `LB_REV_FILTER`.
+fn filter_bit(key: &FrontendKey) -> (usize, u64) {
+    let bit = reverse_filter_bit(&key.addr, key.port);
+    ((bit / 64) as usize, 1 << (bit % 64))
+}
+
+/// The words of `LB_REV_FILTER` with exactly the bits of `keys` set.
+fn filter_words<'a>(keys: impl IntoIterator<Item = &'a FrontendKey>) -> Vec<u64> {
+    let mut words = vec![0; REVERSE_FILTER_WORDS as usize];
+    for key in keys {
+        let (word, mask) = filter_bit(key);
+        words[word] |= mask;
+    }
+    words
+}
+
 /// The sync loop's handle on the reverse-map thread.
 pub struct ReverseMap {
     tx: mpsc::Sender<BTreeMap<FrontendKey, RevNat>>,
@@ -144,9 +167,14 @@ impl ReverseMap {
         };
         let reverse = ReverseReader::open(layout).map_err(map_err(REVERSE))?;
         let socks = MapData::from_pin(layout.map(SOCKS)).map_err(map_err(SOCKS))?;
+        let filter = MapData::from_pin(layout.map(REVERSE_FILTER))
+            .and_then(|data| Array::try_from(Map::Array(data)))
+            .map_err(map_err(REVERSE_FILTER))?;
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             reverse,
+            filter,
+            mirror: None,
             socks,
             cgroup,
             home: None,
@@ -168,6 +196,11 @@ impl ReverseMap {
 
 struct Worker {
     reverse: ReverseReader,
+    /// `LB_REV_FILTER`.
+    filter: Array<MapData, u64>,
+    /// What `LB_REV_FILTER` holds, as this thread last wrote it (the only writer); `None`
+    /// until a [`Worker::filter_sync`] succeeded (at start: whatever a predecessor left).
+    mirror: Option<Vec<u64>>,
     /// `LB_SOCKS`, written through a copy of a client's socket descriptor.
     socks: MapData,
     cgroup: PathBuf,
@@ -211,6 +244,14 @@ impl Worker {
                 tracing::error!(error = %e, "cannot open the agent's network namespace; reverse entries stay pending");
             }
         }
+        // Entries a stopped agent left answer with their bits set, before the first sync.
+        if let Err(e) = self
+            .reverse
+            .all()
+            .and_then(|current| self.filter_sync(&current))
+        {
+            tracing::warn!(error = %e, "LB_REV_FILTER: not rebuilt at start; retried each round");
+        }
         let Ok(mut wanted) = rx.recv() else { return };
         loop {
             while let Ok(newer) = rx.try_recv() {
@@ -243,6 +284,7 @@ impl Worker {
     /// ([`plan::reverse_after_walk`]).
     fn round(&mut self, wanted: &BTreeMap<FrontendKey, RevNat>) -> Result<Round, RoundError> {
         let current = self.reverse.all()?;
+        self.filter_sync(&current)?;
         let first = plan::reverse_step(&current, wanted, MAX_REVERSE as usize);
         self.apply(&first)?;
         let current = if first.is_empty() {
@@ -285,7 +327,57 @@ impl Worker {
         Ok(Round::Progressed)
     }
 
+    /// Makes `LB_REV_FILTER` hold exactly the bits of `current` (what `LB_REVERSE` holds
+    /// now; only this thread writes it): the bits of entries deleted since are cleared.
+    fn filter_sync(&mut self, current: &BTreeMap<FrontendKey, Reverse>) -> Result<(), MapError> {
+        let needed = filter_words(current.keys());
+        for (i, word) in needed.iter().enumerate() {
+            if self.mirror.as_ref().and_then(|m| m.get(i)) == Some(word) {
+                continue;
+            }
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "below REVERSE_FILTER_WORDS"
+            )]
+            self.filter.set(i as u32, word, 0)?;
+            if let Some(mirror) = &mut self.mirror {
+                mirror[i] = *word;
+            }
+        }
+        self.mirror = Some(needed);
+        Ok(())
+    }
+
+    /// Sets the filter bit of every key in `keys` that is not set yet, before entries with
+    /// those keys are written.
+    fn filter_set<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a FrontendKey>,
+    ) -> Result<(), MapError> {
+        for key in keys {
+            let (i, mask) = filter_bit(key);
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "below REVERSE_FILTER_WORDS"
+            )]
+            let index = i as u32;
+            let word = match &self.mirror {
+                Some(mirror) => mirror[i],
+                None => self.filter.get(&index, 0)?,
+            };
+            if word & mask != 0 {
+                continue;
+            }
+            self.filter.set(index, word | mask, 0)?;
+            if let Some(mirror) = &mut self.mirror {
+                mirror[i] = word | mask;
+            }
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, writes: &ReverseWrites) -> Result<(), MapError> {
+        self.filter_set(writes.put.iter().map(|(key, _)| key))?;
         let map = &mut self.reverse.map;
         for (key, entry) in &writes.put {
             map.insert(key, entry, 0)?;
@@ -447,4 +539,34 @@ fn create_storage(map: &MapData, key: i32, value: &SockXlate) -> io::Result<()> 
     attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_ref(value) as u64;
     attr.__bindgen_anon_2.flags = BPF_NOEXIST;
     bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &attr).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::Addr;
+
+    use super::*;
+
+    fn key(last: u8, port: u16) -> FrontendKey {
+        FrontendKey {
+            addr: Addr::from_v4_octets([10, 244, 0, last]),
+            port: port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        }
+    }
+
+    /// The words hold exactly the keys' bits, as the programs test them.
+    #[test]
+    fn filter_words_hold_exactly_the_keys() {
+        let keys = [key(1, 80), key(2, 80), key(1, 8080)];
+        let words = filter_words(&keys);
+        for k in &keys {
+            let bit = reverse_filter_bit(&k.addr, k.port);
+            assert_ne!(words[(bit >> 6) as usize] & (1 << (bit & 63)), 0);
+        }
+        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
+        assert!((1..=3).contains(&set));
+        assert!(filter_words(&[]).iter().all(|w| *w == 0));
+    }
 }

@@ -682,7 +682,9 @@ impl Bench {
             let mut per_call: BTreeMap<String, (Vec<f64>, u64)> = BTreeMap::new();
             for _ in 0..self.plan.repeats {
                 let before = prog_cost::read(&ids)?;
-                rr(topo, proto, addr, self.plan.transactions)?;
+                // With a getpeername() per TCP connection: its program's cost on each kind
+                // of socket (the miss: "pod", an untranslated socket).
+                measure::rr_getpeername(topo, proto, addr, self.plan.transactions)?;
                 for (program, ns, calls) in prog_cost::delta(&before, &prog_cost::read(&ids)?) {
                     let (runs, total) = per_call.entry(program).or_default();
                     runs.push(ns);
