@@ -64,7 +64,10 @@ use super::{
         socket_owners, zeroed_attr,
     },
 };
-use crate::plan::{self, ReverseWrites};
+use crate::{
+    plan::{self, ReverseWrites},
+    revindex::ReverseDelta,
+};
 
 /// How long after writing pending or draining states the sockets are walked: a connect
 /// whose hook read the earlier state is in the socket tables by then.
@@ -152,9 +155,19 @@ fn filter_words<'a>(keys: impl IntoIterator<Item = &'a FrontendKey>) -> Vec<u64>
     words
 }
 
+/// Brings the thread's copy of the wanted entries up to date.
+fn apply_delta(wanted: &mut BTreeMap<FrontendKey, RevNat>, delta: ReverseDelta) {
+    for (key, entry) in delta {
+        match entry {
+            Some(service) => wanted.insert(key, service),
+            None => wanted.remove(&key),
+        };
+    }
+}
+
 /// The sync loop's handle on the reverse-map thread.
 pub struct ReverseMap {
-    tx: mpsc::Sender<BTreeMap<FrontendKey, RevNat>>,
+    tx: mpsc::Sender<ReverseDelta>,
 }
 
 impl ReverseMap {
@@ -186,9 +199,10 @@ impl ReverseMap {
         Ok(Self { tx })
     }
 
-    /// The entries `LB_REVERSE` should hold now. Returns at once.
-    pub fn wanted(&self, wanted: BTreeMap<FrontendKey, RevNat>) {
-        if self.tx.send(wanted).is_err() {
+    /// How the entries `LB_REVERSE` should hold changed (the first call: all of them, from
+    /// none). Returns at once.
+    pub fn wanted(&self, delta: ReverseDelta) {
+        if self.tx.send(delta).is_err() {
             tracing::error!("the reverse-map thread has stopped; TCP connects keep socket storage");
         }
     }
@@ -237,7 +251,7 @@ fn walk_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RoundError {
 }
 
 impl Worker {
-    fn run(mut self, rx: &mpsc::Receiver<BTreeMap<FrontendKey, RevNat>>) {
+    fn run(mut self, rx: &mpsc::Receiver<ReverseDelta>) {
         match Netns::current_thread() {
             Ok(home) => self.home = Some(home),
             Err(e) => {
@@ -252,10 +266,12 @@ impl Worker {
         {
             tracing::warn!(error = %e, "LB_REV_FILTER: not rebuilt at start; retried each round");
         }
-        let Ok(mut wanted) = rx.recv() else { return };
+        let mut wanted = BTreeMap::new();
+        let Ok(first) = rx.recv() else { return };
+        apply_delta(&mut wanted, first);
         loop {
             while let Ok(newer) = rx.try_recv() {
-                wanted = newer;
+                apply_delta(&mut wanted, newer);
             }
             let wait = match self.round(&wanted) {
                 Ok(Round::Progressed) => continue,
@@ -266,15 +282,16 @@ impl Worker {
                 }
             };
             let next = match wait {
-                None => rx.recv().map_err(|_| ()),
+                None => rx.recv().map(Some).map_err(|_| ()),
                 Some(wait) => match rx.recv_timeout(wait) {
-                    Ok(newer) => Ok(newer),
-                    Err(mpsc::RecvTimeoutError::Timeout) => Ok(wanted.clone()),
+                    Ok(newer) => Ok(Some(newer)),
+                    Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
                     Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
                 },
             };
             match next {
-                Ok(newer) => wanted = newer,
+                Ok(Some(newer)) => apply_delta(&mut wanted, newer),
+                Ok(None) => {}
                 Err(()) => return,
             }
         }
