@@ -171,8 +171,9 @@ pub struct ReverseMap {
 }
 
 impl ReverseMap {
-    /// Starts the thread. It does nothing before the first [`ReverseMap::wanted`] (an agent
-    /// that starts must not drain entries its first sync still wants).
+    /// Starts the thread. Before the first [`ReverseMap::wanted`] it only rebuilds
+    /// `LB_REV_FILTER` from the entries it finds, and changes no entry (an agent that starts
+    /// must not drain entries its first sync still wants).
     pub fn start(layout: &PinLayout, cgroup: PathBuf) -> Result<Self, RevmapError> {
         let map_err = |name: &str| {
             let path = layout.map(name).display().to_string();
