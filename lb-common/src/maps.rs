@@ -56,6 +56,10 @@ use crate::Addr;
 /// Also 5: [`REVERSE`] (backend -> the one frontend whose connects write no socket storage) is
 /// new, and [`SockXlate::flags`] has [`SOCK_DIRECT`]. Layout-4 entries keep their meaning: a
 /// layout-4 socket always has storage, and a socket with storage never reads [`REVERSE`].
+/// Also 5: [`REVERSE_FILTER`] is new: a bit per hash of a backend's address and port
+/// ([`reverse_filter_bit`]), set by the agent before it writes a [`REVERSE`] entry with that
+/// key and cleared only once no entry has it, so that a connect or getpeername to an
+/// address with no entry (the miss) reads one array word instead of a second hash lookup.
 pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -83,6 +87,7 @@ pub const REVNAT: &str = "LB_REVNAT";
 pub const UDP_FLOWS: &str = "LB_UDP_FLOWS";
 pub const STATS: &str = "LB_STATS";
 pub const REVERSE: &str = "LB_REVERSE";
+pub const REVERSE_FILTER: &str = "LB_REV_FILTER";
 pub const META: &str = "LB_META";
 
 /// Frontends: one per (Service IP, port, protocol). The default capacity, as Cilium's
@@ -104,6 +109,12 @@ pub const MAX_UDP_FLOWS: u32 = 1 << 16;
 /// Reverse entries (backend address, port, protocol -> one frontend): at most one per
 /// backend, so the slots' default capacity.
 pub const MAX_REVERSE: u32 = MAX_SLOTS;
+/// log2 of the bits of [`REVERSE_FILTER`]: 2^21 bits (256 KiB), so that with the usual few
+/// thousand backends a miss finds its bit clear almost always (at [`MAX_REVERSE`] entries
+/// about one address in five still finds it set, and pays the [`REVERSE`] lookup).
+pub const REVERSE_FILTER_BITS_LOG2: u32 = 21;
+/// Entries (64-bit words) of [`REVERSE_FILTER`].
+pub const REVERSE_FILTER_WORDS: u32 = 1 << (REVERSE_FILTER_BITS_LOG2 - 6);
 /// Entries of [`META`].
 pub const META_LEN: u32 = 4;
 /// Index in [`META`] of the layout version.
@@ -396,6 +407,28 @@ pub const REVERSE_ACTIVE: u32 = 2;
 /// sockets without storage.
 pub const REVERSE_DRAINING: u32 = 3;
 
+/// The bit of [`REVERSE_FILTER`] for a TCP backend `addr`:`port` (port in network byte
+/// order, as in [`FrontendKey`]): `0..2^REVERSE_FILTER_BITS_LOG2`, word `bit / 64`, bit
+/// `bit % 64` of that word. One function for both sides, so the agent sets exactly the bit
+/// the programs test.
+///
+/// A multiplicative (Fibonacci) hash over the address words and the port, with a shift
+/// between rounds so that high input bits (the last octets of an IPv4 address, in network
+/// order) reach every output bit; the top bits of the last product are the index.
+#[inline(always)]
+#[must_use]
+pub fn reverse_filter_bit(addr: &Addr, port: u16) -> u32 {
+    const K: u32 = 0x9e37_79b1;
+    let mut h = u32::from(port);
+    let mut i = 0;
+    while i < 4 {
+        h = (h ^ addr.0[i]).wrapping_mul(K);
+        h ^= h >> 16;
+        i += 1;
+    }
+    h.wrapping_mul(K) >> (32 - REVERSE_FILTER_BITS_LOG2)
+}
+
 /// Map types, for the agent's shape check of pinned maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapKind {
@@ -526,6 +559,16 @@ pub const SPECS: &[MapSpec] = &[
         sized_by_agent: false,
     },
     MapSpec {
+        name: REVERSE_FILTER,
+        kind: MapKind::Array,
+        key_size: size::<u32>(),
+        value_size: size::<u64>(),
+        max_entries: REVERSE_FILTER_WORDS,
+        flags: 0,
+        agent_writes: true,
+        sized_by_agent: false,
+    },
+    MapSpec {
         name: STATS,
         kind: MapKind::PerCpuArray,
         key_size: size::<u32>(),
@@ -644,5 +687,34 @@ mod tests {
                 assert_ne!(a.name, b.name);
             }
         }
+    }
+
+    /// Pod addresses of a /16 on one port, and one address on many ports, spread over the
+    /// filter's bits: a miss to an address without an entry finds its bit clear nearly
+    /// always while entries are few.
+    #[test]
+    fn reverse_filter_bits_spread() {
+        let bits = |keys: &mut dyn Iterator<Item = (Addr, u16)>| {
+            let mut words = [0u64; REVERSE_FILTER_WORDS as usize];
+            let (mut n, mut distinct) = (0, 0);
+            for (addr, port) in keys {
+                let bit = reverse_filter_bit(&addr, port);
+                let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                if words[word] & mask == 0 {
+                    distinct += 1;
+                }
+                words[word] |= mask;
+                n += 1;
+            }
+            (n, distinct)
+        };
+        let v4 = |a: u8, b: u8| Addr::from_v4_octets([10, 244, a, b]);
+        let (n, distinct) = bits(
+            &mut (0..=255u8).flat_map(|a| (0..=255u8).map(move |b| (v4(a, b), 8080u16.to_be()))),
+        );
+        // Expected distinct bits for 65 536 random keys in 2^21 bits: about 64 525.
+        assert!(distinct > n * 97 / 100, "{distinct} of {n}");
+        let (n, distinct) = bits(&mut (1..=10_000u16).map(|p| (v4(1, 1), p.to_be())));
+        assert!(distinct > n * 99 / 100, "{distinct} of {n}");
     }
 }

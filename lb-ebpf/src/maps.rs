@@ -13,7 +13,8 @@ use aya_ebpf::{
 use lb_common::maps::{
     Affinity, AffinityKey, BPF_F_NO_PREALLOC, Backend, DgramXlate, Frontend, FrontendKey,
     MAX_AFFINITY, MAX_FRONTENDS, MAX_MEMBERS, MAX_REVERSE, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS,
-    META_LEN, MemberKey, RevNat, RevNatKey, Reverse, SlotKey, SockXlate, UdpFlowKey,
+    META_LEN, MemberKey, REVERSE_FILTER_WORDS, RevNat, RevNatKey, Reverse, SlotKey, SockXlate,
+    UdpFlowKey,
 };
 
 /// Service frontends; written by the agent.
@@ -35,6 +36,12 @@ pub static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(MAX_MEMBERS, BP
 #[map]
 pub static LB_REVERSE: HashMap<FrontendKey, Reverse> =
     HashMap::pinned(MAX_REVERSE, BPF_F_NO_PREALLOC);
+
+/// One bit per hash of a TCP backend's address and port (`lb_common::maps::reverse_filter_bit`),
+/// set while `LB_REVERSE` may hold an entry with that key; written by the agent. A clear bit
+/// answers "no reverse entry" with one array read, which the verifier inlines.
+#[map]
+pub static LB_REV_FILTER: Array<u64> = Array::pinned(REVERSE_FILTER_WORDS, 0);
 
 /// ClientIP affinity; written here, on connect/sendmsg.
 #[map]

@@ -14,7 +14,7 @@ use lb_common::{
         Affinity, AffinityKey, Backend, DgramXlate, FLOW_REVERSE, Frontend, FrontendKey,
         IPPROTO_TCP, IPPROTO_UDP, MemberKey, REVERSE_ACTIVE, REVERSE_DRAINING, RevNat, RevNatKey,
         SOCK_CONNECTED, SOCK_DATAGRAMS, SOCK_DIRECT, SOCK_OVERFLOW, SlotKey, SockFlow, SockXlate,
-        UdpFlowKey,
+        UdpFlowKey, reverse_filter_bit,
     },
     select::{affinity_fresh, slot_for},
     stats,
@@ -22,8 +22,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        LB_AFFINITY, LB_DGRAMS, LB_FRONTENDS, LB_MEMBERS, LB_REVERSE, LB_REVNAT, LB_SLOTS,
-        LB_SOCKS, LB_UDP_FLOWS, count, ctx_sock,
+        LB_AFFINITY, LB_DGRAMS, LB_FRONTENDS, LB_MEMBERS, LB_REV_FILTER, LB_REVERSE, LB_REVNAT,
+        LB_SLOTS, LB_SOCKS, LB_UDP_FLOWS, count, ctx_sock,
     },
     sock::{self, Family},
 };
@@ -180,6 +180,17 @@ fn reverse_key(addr: lb_common::Addr, port: u16) -> FrontendKey {
         proto: IPPROTO_TCP,
         _pad: 0,
     }
+}
+
+/// Whether `LB_REVERSE` may hold an entry for TCP backend `addr`:`port`: its bit in
+/// `LB_REV_FILTER` (the agent sets it before writing such an entry and clears it only after
+/// the last one went). A clear bit is exact ("no entry"); a set one only means "look".
+#[inline(always)]
+fn reverse_may_have(addr: &lb_common::Addr, port: u16) -> bool {
+    let bit = reverse_filter_bit(addr, port);
+    LB_REV_FILTER
+        .get(bit >> 6)
+        .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
 }
 
 /// Whether a TCP connect through frontend `key` (id `id`) to `backend` may skip socket
@@ -371,7 +382,8 @@ fn datagram_backend(
 /// must show it, as kube-proxy's separate conntrack entries would: the entry goes, until the
 /// socket sends through the Service again. A connect() also ends the socket's connection to
 /// a Service (getpeername shows the new peer). Sockets lb never translated have no storage
-/// and pay one empty lookup.
+/// and pay one empty lookup; a TCP connect first reads its address's `LB_REV_FILTER` bit (an
+/// array word), and looks `LB_REVERSE` up only where the bit is set.
 #[inline(always)]
 fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
     if key.proto != IPPROTO_UDP {
@@ -380,6 +392,7 @@ fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
         }
         // SAFETY: the value is only tested for presence.
         if key.proto == IPPROTO_TCP
+            && reverse_may_have(&key.addr, key.port)
             && unsafe { LB_REVERSE.get(&reverse_key(key.addr, key.port)) }.is_some()
         {
             // A direct connect to a backend that has a reverse entry (in any state): the
@@ -631,6 +644,9 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
 /// connected to the backend directly before it was written may not be marked yet).
 #[inline(always)]
 fn reverse_peer(addr: lb_common::Addr, port: u16) -> Option<RevNat> {
+    if !reverse_may_have(&addr, port) {
+        return None;
+    }
     // SAFETY: the value is copied out at once; the agent replaces values whole.
     let entry = unsafe { LB_REVERSE.get(&reverse_key(addr, port)) }.copied()?;
     if entry.state != REVERSE_ACTIVE && entry.state != REVERSE_DRAINING {

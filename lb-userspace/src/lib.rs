@@ -18,6 +18,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod revindex;
 pub mod run;
 pub mod service_health;
 pub mod source;

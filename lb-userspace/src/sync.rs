@@ -56,6 +56,8 @@ pub struct Syncer {
     /// The reverse-map thread, and whether it has the entries of the current state.
     reverse: Option<ReverseMap>,
     reverse_sent: bool,
+    /// The wanted reverse entries, updated with each pass's touched frontends only.
+    reverse_index: crate::revindex::ReverseIndex,
     /// The `healthCheckNodePort` answers, when served.
     service_health: Option<Arc<ServiceHealth>>,
     /// The last snapshot received (synced or coalesced), to count what each one changes.
@@ -226,6 +228,7 @@ impl Syncer {
             known_problems: BTreeSet::new(),
             sock_destroyer: None,
             reverse: None,
+            reverse_index: crate::revindex::ReverseIndex::default(),
             reverse_sent: false,
             service_health: None,
             received: Arc::new(Snapshot::default()),
@@ -257,8 +260,9 @@ impl Syncer {
         self
     }
 
-    /// Hands the wanted `LB_REVERSE` entries ([`plan::reverse_wanted`]) to `reverse` after
-    /// every pass that wrote something (and after the first).
+    /// Hands the changes of the wanted `LB_REVERSE` entries ([`plan::reverse_wanted`], kept
+    /// by [`crate::revindex::ReverseIndex`]) to `reverse` after every pass that changed them
+    /// (and after the first).
     pub fn with_reverse_map(mut self, reverse: ReverseMap) -> Self {
         self.reverse = Some(reverse);
         self
@@ -376,12 +380,25 @@ impl Syncer {
             // Non-blocking: the sockets are closed on the destroyer's thread.
             destroyer.backends_removed(std::mem::take(&mut pass.removed));
         }
-        if let Some(reverse) = &self.reverse
-            && (pass.writes > 0 || !self.reverse_sent)
-        {
-            // Non-blocking: the entries are written on the reverse-map thread.
-            reverse.wanted(plan::reverse_wanted(self.tracker.desired(), &self.state));
-            self.reverse_sent = true;
+        if let Some(reverse) = &self.reverse {
+            // Only the frontends this pass changed (desired or written) are looked at again,
+            // unless it planned everything.
+            let delta = if planned_all || !self.reverse_sent {
+                self.reverse_index
+                    .rebuild(self.tracker.desired(), &self.state)
+            } else {
+                let touched = dirty
+                    .iter()
+                    .copied()
+                    .chain(pass.frontends.iter().map(|(key, _)| *key));
+                self.reverse_index
+                    .update(self.tracker.desired(), &self.state, touched)
+            };
+            if !delta.is_empty() || !self.reverse_sent {
+                // Non-blocking: the entries are written on the reverse-map thread.
+                reverse.wanted(delta);
+                self.reverse_sent = true;
+            }
         }
         self.plan_all = pass.failed_frontends > 0;
         drop(batches);

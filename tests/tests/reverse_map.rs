@@ -148,6 +148,9 @@ fn reverse_entries(agent: &Agent) -> Vec<Entry> {
         .as_array()
         .expect("entries")
         .iter()
+        // An entry the agent deleted between bpftool's key walk and its lookup comes with
+        // `"value": {"error": ...}` instead of bytes: it is gone.
+        .filter(|e| e["value"].is_array())
         .map(|e| {
             let key = bytes_of(&e["key"]);
             let value = bytes_of(&e["value"]);

@@ -164,7 +164,7 @@ pub fn build_demo() -> anyhow::Result<()> {
 
 /// The start of the privileged tasks that drive lb themselves (demo, bench): root, the test
 /// harness pointed at this build's binaries, interrupts cleaned up after, then setup and
-/// the build for `purpose`.
+/// the build for `purpose` (skipped when `LB_XTASK_PREBUILT` is set).
 pub fn prepare_privileged(what: &str, purpose: crate::setup::For) -> anyhow::Result<()> {
     require_root(what)?;
     // SAFETY: no other thread exists yet (the signal thread starts below); the harness reads
@@ -175,6 +175,11 @@ pub fn prepare_privileged(what: &str, purpose: crate::setup::For) -> anyhow::Res
     }
     lb_tests::cleanup_on_signal();
     crate::setup::run_for(purpose)?;
+    if std::env::var_os("LB_XTASK_PREBUILT").is_some() {
+        // The binaries in target/release as they are (comparing two builds in one session:
+        // swap them between runs).
+        return Ok(());
+    }
     match purpose {
         crate::setup::For::Demo => build_demo(),
         crate::setup::For::All => build_release(),

@@ -38,8 +38,15 @@
 //! of each candidate through `pidfd_getfd(2)` (looked for again if it moved since the scan),
 //! whose storage is written with `BPF_MAP_UPDATE_ELEM` (`BPF_NOEXIST`: a socket that got
 //! storage meanwhile keeps it). It runs on this module's own thread; the sync loop only hands
-//! it the wanted entries ([`crate::plan::reverse_wanted`]) through a one-entry slot (the
-//! newest replaces any it has not started on; equal ones are not handed over).
+//! it the changes of the wanted entries ([`crate::revindex::ReverseIndex`]) through a slot
+//! that holds at most one pending change per backend (a later change of a backend replaces an
+//! earlier one the thread has not taken; nothing is handed over when nothing changed).
+//!
+//! This thread also keeps `LB_REV_FILTER` ([`lb_common::maps::REVERSE_FILTER`]): the bit of
+//! every key is set before an entry with that key is written, and a bit is cleared only at
+//! the start of a later round, from the entries then in the map. So a clear bit always means
+//! "no entry", and the programs' miss (a connect or getpeername to an address without an
+//! entry) reads one array word instead of looking `LB_REVERSE` up.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, HashSet},
@@ -50,11 +57,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use aya_obj::generated::bpf_cmd;
 use lb_common::maps::{
     Backend, FrontendKey, IPPROTO_TCP, MAX_REVERSE, REVERSE, REVERSE_ACTIVE, REVERSE_DRAINING,
-    REVERSE_PENDING, RevNat, Reverse, SOCK_CONNECTED, SOCK_DIRECT, SOCKS, SockXlate,
+    REVERSE_FILTER, REVERSE_FILTER_WORDS, REVERSE_PENDING, RevNat, Reverse, SOCK_CONNECTED,
+    SOCK_DIRECT, SOCKS, SockXlate, reverse_filter_bit,
 };
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -66,7 +74,10 @@ use super::{
         socket_owners, zeroed_attr,
     },
 };
-use crate::plan::{self, ReverseWrites};
+use crate::{
+    plan::{self, ReverseWrites},
+    revindex::ReverseDelta,
+};
 
 /// How long after writing pending or draining states the sockets are walked: a connect
 /// whose hook read the earlier state is in the socket tables by then.
@@ -140,9 +151,11 @@ fn key_of(backend: &Backend) -> FrontendKey {
     }
 }
 
-/// The latest wanted entries, handed from the sync loop to the reverse-map thread: one slot,
-/// not a queue (a round takes the grace and a walk, during which several sync passes may
-/// hand over entries; only the newest matters).
+/// The changes of the wanted entries, handed from the sync loop to the reverse-map thread:
+/// one slot, not a queue (a round takes the grace and a walk, during which several sync
+/// passes may hand over changes). It holds at most one change per backend key: a later
+/// change of a key replaces an earlier one the thread has not taken, so it never grows past
+/// the number of backends.
 #[derive(Default)]
 struct Slot {
     state: Mutex<SlotState>,
@@ -151,33 +164,35 @@ struct Slot {
 
 #[derive(Default)]
 struct SlotState {
-    latest: Option<Arc<Wanted>>,
-    /// Bumped at every change of `latest`.
-    generation: u64,
+    /// Changes not yet taken by the thread (key -> the entry it should have; `None`: none).
+    /// `Some` (even empty) once the first sync handed its wanted set over.
+    pending: Option<BTreeMap<FrontendKey, Option<RevNat>>>,
+    /// The first hand-over happened (later empty ones wake nobody).
+    started: bool,
     /// The sync loop's handle is gone: the thread stops.
     closed: bool,
 }
 
-/// The entries `LB_REVERSE` should hold: backend key -> frontend.
-type Wanted = BTreeMap<FrontendKey, RevNat>;
-
 /// What [`Slot::wait_newer`] found.
 enum Newer {
-    Entries(Arc<Wanted>, u64),
+    Changes(BTreeMap<FrontendKey, Option<RevNat>>),
     TimedOut,
     Closed,
 }
 
 impl Slot {
-    /// Replaces the wanted entries; whether they differ from the latest ones (equal ones
-    /// wake nobody).
-    fn put(&self, wanted: Wanted) -> bool {
+    /// Adds `delta` to the pending changes; whether anything was handed over (an empty delta
+    /// after the first wakes nobody).
+    fn put(&self, delta: ReverseDelta) -> bool {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.latest.as_deref() == Some(&wanted) {
+        if delta.is_empty() && state.started {
             return false;
         }
-        state.latest = Some(Arc::new(wanted));
-        state.generation += 1;
+        state.started = true;
+        state
+            .pending
+            .get_or_insert_with(BTreeMap::new)
+            .extend(delta);
         drop(state);
         self.changed.notify_all();
         true
@@ -191,19 +206,16 @@ impl Slot {
         self.changed.notify_all();
     }
 
-    /// The entries if newer than generation `seen`, waiting for them up to `wait` (`None`:
-    /// for ever).
-    fn wait_newer(&self, seen: u64, wait: Option<Duration>) -> Newer {
+    /// Takes the pending changes, waiting for them up to `wait` (`None`: for ever).
+    fn wait_newer(&self, wait: Option<Duration>) -> Newer {
         let deadline = wait.map(|w| Instant::now() + w);
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             if state.closed {
                 return Newer::Closed;
             }
-            if state.generation != seen
-                && let Some(latest) = &state.latest
-            {
-                return Newer::Entries(latest.clone(), state.generation);
+            if let Some(changes) = state.pending.take() {
+                return Newer::Changes(changes);
             }
             state = match deadline {
                 None => self
@@ -225,15 +237,45 @@ impl Slot {
     }
 }
 
+/// The word index and mask of `key`'s bit in `LB_REV_FILTER`.
+fn filter_bit(key: &FrontendKey) -> (usize, u64) {
+    let bit = reverse_filter_bit(&key.addr, key.port);
+    ((bit / 64) as usize, 1 << (bit % 64))
+}
+
+/// The words of `LB_REV_FILTER` with exactly the bits of `keys` set.
+fn filter_words<'a>(keys: impl IntoIterator<Item = &'a FrontendKey>) -> Vec<u64> {
+    let mut words = vec![0; REVERSE_FILTER_WORDS as usize];
+    for key in keys {
+        let (word, mask) = filter_bit(key);
+        words[word] |= mask;
+    }
+    words
+}
+
+/// Brings the thread's copy of the wanted entries up to date.
+fn apply_delta(
+    wanted: &mut BTreeMap<FrontendKey, RevNat>,
+    delta: impl IntoIterator<Item = (FrontendKey, Option<RevNat>)>,
+) {
+    for (key, entry) in delta {
+        match entry {
+            Some(service) => wanted.insert(key, service),
+            None => wanted.remove(&key),
+        };
+    }
+}
+
 /// The sync loop's handle on the reverse-map thread. Dropping it stops the thread.
 pub struct ReverseMap {
     slot: Arc<Slot>,
 }
 
 impl ReverseMap {
-    /// Starts the thread. It does nothing before the first [`ReverseMap::wanted`] (an agent
-    /// that starts must not drain entries its first sync still wants). `stuck` is set to the
-    /// number of entries whose last socket walk could not finish (`lb_reverse_entries_stuck`).
+    /// Starts the thread. Before the first [`ReverseMap::wanted`] it only rebuilds
+    /// `LB_REV_FILTER` from the entries it finds, and changes no entry (an agent that starts
+    /// must not drain entries its first sync still wants). `stuck` is set to the number of
+    /// entries whose last socket walk could not finish (`lb_reverse_entries_stuck`).
     pub fn start(layout: &PinLayout, cgroup: PathBuf, stuck: Gauge) -> Result<Self, RevmapError> {
         let map_err = |name: &str| {
             let path = layout.map(name).display().to_string();
@@ -241,9 +283,14 @@ impl ReverseMap {
         };
         let reverse = ReverseReader::open(layout).map_err(map_err(REVERSE))?;
         let socks = MapData::from_pin(layout.map(SOCKS)).map_err(map_err(SOCKS))?;
+        let filter = MapData::from_pin(layout.map(REVERSE_FILTER))
+            .and_then(|data| Array::try_from(Map::Array(data)))
+            .map_err(map_err(REVERSE_FILTER))?;
         let slot = Arc::new(Slot::default());
         let worker = Worker {
             reverse,
+            filter,
+            mirror: None,
             socks,
             cgroup,
             home: None,
@@ -259,12 +306,11 @@ impl ReverseMap {
         Ok(Self { slot })
     }
 
-    /// The entries `LB_REVERSE` should hold now. Returns at once; entries equal to the last
-    /// ones handed over change nothing, and newer ones replace older ones the thread has not
-    /// started on.
-    pub fn wanted(&self, wanted: BTreeMap<FrontendKey, RevNat>) {
-        if self.slot.put(wanted) {
-            tracing::debug!("reverse entries handed to the reverse-map thread");
+    /// How the entries `LB_REVERSE` should hold changed (the first call: all of them, from
+    /// none). Returns at once; the changes join those the thread has not taken yet.
+    pub fn wanted(&self, delta: ReverseDelta) {
+        if self.slot.put(delta) {
+            tracing::debug!("reverse entry changes handed to the reverse-map thread");
         }
     }
 }
@@ -277,6 +323,11 @@ impl Drop for ReverseMap {
 
 struct Worker {
     reverse: ReverseReader,
+    /// `LB_REV_FILTER`.
+    filter: Array<MapData, u64>,
+    /// What `LB_REV_FILTER` holds, as this thread last wrote it (the only writer); `None`
+    /// until a [`Worker::filter_sync`] succeeded (at start: whatever a predecessor left).
+    mirror: Option<Vec<u64>>,
     /// `LB_SOCKS`, written through a copy of a client's socket descriptor.
     socks: MapData,
     cgroup: PathBuf,
@@ -398,10 +449,19 @@ impl Worker {
                 tracing::error!(error = %e, "cannot open the agent's network namespace; reverse entries stay pending");
             }
         }
-        let (mut wanted, mut seen) = match slot.wait_newer(0, None) {
-            Newer::Entries(wanted, generation) => (wanted, generation),
+        // Entries a stopped agent left answer with their bits set, before the first sync.
+        if let Err(e) = self
+            .reverse
+            .all()
+            .and_then(|current| self.filter_sync(&current))
+        {
+            tracing::warn!(error = %e, "LB_REV_FILTER: not rebuilt at start; retried each round");
+        }
+        let mut wanted = BTreeMap::new();
+        match slot.wait_newer(None) {
+            Newer::Changes(first) => apply_delta(&mut wanted, first),
             Newer::TimedOut | Newer::Closed => return,
-        };
+        }
         loop {
             let round = self.round(&wanted);
             if matches!(&round, Ok(r) if r.progressed || r.stuck == 0) {
@@ -434,9 +494,9 @@ impl Worker {
                     Some(RETRY)
                 }
             };
-            match slot.wait_newer(seen, wait) {
-                Newer::Entries(newer, generation) => {
-                    (wanted, seen) = (newer, generation);
+            match slot.wait_newer(wait) {
+                Newer::Changes(newer) => {
+                    apply_delta(&mut wanted, newer);
                     self.retry = RETRY;
                 }
                 Newer::TimedOut => {}
@@ -449,6 +509,7 @@ impl Worker {
     /// ([`plan::reverse_after_walk`]) for the backends whose sockets were all handled.
     fn round(&mut self, wanted: &BTreeMap<FrontendKey, RevNat>) -> Result<Round, MapError> {
         let current = self.reverse.all()?;
+        self.filter_sync(&current)?;
         let first = plan::reverse_step(&current, wanted, MAX_REVERSE as usize);
         self.apply(&first)?;
         let current = if first.is_empty() {
@@ -551,7 +612,57 @@ impl Worker {
             .set(i64::try_from(stuck.len()).unwrap_or(i64::MAX));
     }
 
+    /// Makes `LB_REV_FILTER` hold exactly the bits of `current` (what `LB_REVERSE` holds
+    /// now; only this thread writes it): the bits of entries deleted since are cleared.
+    fn filter_sync(&mut self, current: &BTreeMap<FrontendKey, Reverse>) -> Result<(), MapError> {
+        let needed = filter_words(current.keys());
+        for (i, word) in needed.iter().enumerate() {
+            if self.mirror.as_ref().and_then(|m| m.get(i)) == Some(word) {
+                continue;
+            }
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "below REVERSE_FILTER_WORDS"
+            )]
+            self.filter.set(i as u32, word, 0)?;
+            if let Some(mirror) = &mut self.mirror {
+                mirror[i] = *word;
+            }
+        }
+        self.mirror = Some(needed);
+        Ok(())
+    }
+
+    /// Sets the filter bit of every key in `keys` that is not set yet, before entries with
+    /// those keys are written.
+    fn filter_set<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a FrontendKey>,
+    ) -> Result<(), MapError> {
+        for key in keys {
+            let (i, mask) = filter_bit(key);
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "below REVERSE_FILTER_WORDS"
+            )]
+            let index = i as u32;
+            let word = match &self.mirror {
+                Some(mirror) => mirror[i],
+                None => self.filter.get(&index, 0)?,
+            };
+            if word & mask != 0 {
+                continue;
+            }
+            self.filter.set(index, word | mask, 0)?;
+            if let Some(mirror) = &mut self.mirror {
+                mirror[i] = word | mask;
+            }
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, writes: &ReverseWrites) -> Result<(), MapError> {
+        self.filter_set(writes.put.iter().map(|(key, _)| key))?;
         let map = &mut self.reverse.map;
         for (key, entry) in &writes.put {
             map.insert(key, entry, 0)?;
@@ -835,39 +946,44 @@ mod tests {
     }
 
     #[test]
-    fn the_slot_keeps_only_the_latest_entries_and_skips_equal_ones() {
+    fn the_slot_keeps_one_pending_change_per_backend_and_skips_empty_ones() {
         let slot = Slot::default();
-        let mut wanted = Wanted::new();
-        assert!(slot.put(wanted.clone()));
-        assert!(!slot.put(wanted.clone()), "nothing changed: no wake-up");
-        wanted.insert(key_of(&backend(1)), service(1));
-        assert!(slot.put(wanted.clone()));
-        wanted.insert(key_of(&backend(2)), service(1));
-        assert!(slot.put(wanted.clone()));
-        // Three hand-overs, one wake-up with the newest.
-        let Newer::Entries(got, generation) = slot.wait_newer(0, None) else {
-            panic!("entries expected");
+        assert!(
+            slot.put(Vec::new()),
+            "the first hand-over counts even when empty"
+        );
+        assert!(!slot.put(Vec::new()), "nothing changed: no wake-up");
+        assert!(slot.put(vec![(key_of(&backend(1)), Some(service(1)))]));
+        assert!(slot.put(vec![(key_of(&backend(2)), Some(service(1)))]));
+        assert!(slot.put(vec![(key_of(&backend(1)), None)]));
+        // Four hand-overs, one wake-up with one change per backend, the latest.
+        let Newer::Changes(got) = slot.wait_newer(None) else {
+            panic!("changes expected");
         };
-        assert_eq!(*got, wanted);
+        let want: BTreeMap<_, _> = [
+            (key_of(&backend(1)), None),
+            (key_of(&backend(2)), Some(service(1))),
+        ]
+        .into();
+        assert_eq!(got, want);
         assert!(matches!(
-            slot.wait_newer(generation, Some(Duration::from_millis(1))),
+            slot.wait_newer(Some(Duration::from_millis(1))),
             Newer::TimedOut
         ));
-        assert!(!slot.put(wanted));
         slot.close();
-        assert!(matches!(slot.wait_newer(generation, None), Newer::Closed));
+        assert!(matches!(slot.wait_newer(None), Newer::Closed));
     }
 
     #[test]
-    fn a_waiting_thread_wakes_for_new_entries() {
+    fn a_waiting_thread_wakes_for_new_changes() {
         let slot = Arc::new(Slot::default());
         let theirs = slot.clone();
-        let waiter = std::thread::spawn(move || match theirs.wait_newer(0, None) {
-            Newer::Entries(got, _) => got.len(),
+        let waiter = std::thread::spawn(move || match theirs.wait_newer(None) {
+            Newer::Changes(got) => got.len(),
             _ => usize::MAX,
         });
         std::thread::sleep(Duration::from_millis(20));
-        slot.put([(key_of(&backend(1)), service(1))].into());
+        slot.put(vec![(key_of(&backend(1)), Some(service(1)))]);
         assert_eq!(waiter.join().expect("join"), 1);
     }
 
@@ -884,7 +1000,7 @@ mod tests {
             (key_of(&backend(4)), entry(REVERSE_DRAINING)),
         ]
         .into();
-        let wanted: Wanted = [
+        let wanted: BTreeMap<FrontendKey, RevNat> = [
             (key_of(&backend(1)), service(1)),
             (key_of(&backend(2)), service(1)),
         ]
@@ -1024,5 +1140,28 @@ mod tests {
             443u16.to_be(),
         );
         assert_eq!(show(&v6), "[fd00::1]:443");
+    }
+
+    fn key(last: u8, port: u16) -> FrontendKey {
+        FrontendKey {
+            addr: Addr::from_v4_octets([10, 244, 0, last]),
+            port: port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        }
+    }
+
+    /// The words hold exactly the keys' bits, as the programs test them.
+    #[test]
+    fn filter_words_hold_exactly_the_keys() {
+        let keys = [key(1, 80), key(2, 80), key(1, 8080)];
+        let words = filter_words(&keys);
+        for k in &keys {
+            let bit = reverse_filter_bit(&k.addr, k.port);
+            assert_ne!(words[(bit >> 6) as usize] & (1 << (bit & 63)), 0);
+        }
+        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
+        assert!((1..=3).contains(&set));
+        assert!(filter_words(&[]).iter().all(|w| *w == 0));
     }
 }

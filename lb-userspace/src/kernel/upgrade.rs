@@ -112,6 +112,11 @@ pub const CHANGES: &[Change] = &[
         step: Step::Create,
     },
     Change {
+        map: lb_common::maps::REVERSE_FILTER,
+        what: "new: a bit per hash of a TCP backend that may have an LB_REVERSE entry",
+        step: Step::Create,
+    },
+    Change {
         map: lb_common::maps::STATS,
         what: "three counters appended (connect_no_storage, connect_direct_marked, \
                getpeername_reverse)",

@@ -69,6 +69,11 @@ enum Command {
         addr: SocketAddr,
         #[arg(long, default_value_t = 1000)]
         count: usize,
+        /// Also call getpeername() once on each connected socket (the bench's program-cost
+        /// pass: what `lb_getpeername*` costs on each kind of socket; it adds to the
+        /// transaction's time).
+        #[arg(long)]
+        getpeername: bool,
     },
     /// Benchmark: `count` UDP 1-byte request/responses, each from a new socket.
     RrUdp {
@@ -561,7 +566,7 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn rr_tcp(addr: SocketAddr, count: usize) -> RrReport {
+fn rr_tcp(addr: SocketAddr, count: usize, getpeername: bool) -> RrReport {
     use std::io::Read as _;
     let mut connects = Vec::with_capacity(count);
     let mut transactions = Vec::with_capacity(count);
@@ -572,6 +577,9 @@ fn rr_tcp(addr: SocketAddr, count: usize) -> RrReport {
         let result = TcpStream::connect(addr).and_then(|mut s| {
             let connected = t0.elapsed();
             s.set_nodelay(true)?;
+            if getpeername {
+                s.peer_addr()?;
+            }
             s.write_all(b"x")?;
             let mut byte = [0u8; 1];
             s.read_exact(&mut byte)?;
@@ -651,7 +659,11 @@ fn main() -> anyhow::Result<()> {
             udp_addrs,
             show_client,
         } => return serve(&name, &tcp, &udp, bench, &udp_addrs, show_client),
-        Command::RrTcp { addr, count } => return print_json(&rr_tcp(addr, count)),
+        Command::RrTcp {
+            addr,
+            count,
+            getpeername,
+        } => return print_json(&rr_tcp(addr, count, getpeername)),
         Command::RrUdp {
             addr,
             count,

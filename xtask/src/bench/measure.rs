@@ -27,7 +27,18 @@ pub struct Rr {
 
 /// `count` request/responses from the client pod (in its cgroup) to `addr`.
 pub fn rr(topo: &Topology, proto: Proto, addr: SocketAddr, count: usize) -> anyhow::Result<Rr> {
-    rr_with(topo, proto, addr, count, true)
+    rr_with(topo, proto, addr, count, true, false)
+}
+
+/// [`rr`] whose TCP client also calls getpeername() once per connection (for the
+/// program-cost pass; its latency figures include that call).
+pub fn rr_getpeername(
+    topo: &Topology,
+    proto: Proto,
+    addr: SocketAddr,
+    count: usize,
+) -> anyhow::Result<Rr> {
+    rr_with(topo, proto, addr, count, true, proto == Proto::Tcp)
 }
 
 /// [`rr`] from the client's namespace outside lb's cgroup: a client outside the cluster.
@@ -37,7 +48,7 @@ pub fn rr_outside(
     addr: SocketAddr,
     count: usize,
 ) -> anyhow::Result<Rr> {
-    rr_with(topo, proto, addr, count, false)
+    rr_with(topo, proto, addr, count, false, false)
 }
 
 fn rr_with(
@@ -46,6 +57,7 @@ fn rr_with(
     addr: SocketAddr,
     count: usize,
     in_cgroup: bool,
+    getpeername: bool,
 ) -> anyhow::Result<Rr> {
     let sub = match proto {
         Proto::Tcp => "rr-tcp",
@@ -58,6 +70,9 @@ fn rr_with(
         "--count".into(),
         count.to_string(),
     ];
+    if getpeername {
+        args.push("--getpeername".into());
+    }
     if proto == Proto::Udp {
         // A lost datagram costs this much of the run's wall time.
         args.extend(["--timeout-ms".into(), "200".into()]);
