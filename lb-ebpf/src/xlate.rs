@@ -397,7 +397,15 @@ fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
         {
             // A direct connect to a backend that has a reverse entry (in any state): the
             // socket gets storage, so getpeername shows the pod, not the entry's Service.
-            match LB_SOCKS.get_ptr_on(app_socket(ctx), true) {
+            let app = app_socket(ctx);
+            if app != ctx_sock(ctx) && LB_SOCKS.get_ptr_on(app, false).is_some() {
+                // A subflow that the MPTCP path manager adds to a connection lb already
+                // handled (`__mptcp_subflow_connect` connects it to the connection's peer,
+                // the backend, in the connection's cgroup): what the application connected
+                // to stands.
+                return;
+            }
+            match LB_SOCKS.get_ptr_on(app, true) {
                 Some(state) => {
                     // SAFETY: this socket's own storage, written under the socket lock.
                     unsafe {

@@ -464,6 +464,122 @@ fn mptcp_getpeername_shows_the_service() {
     assert_eq!(out[3].peer.as_deref(), Some(webm.as_str()), "{out:?}");
 }
 
+/// Waits (up to 10 s) until `LB_REVERSE` holds an active entry `backend` -> `service` (both
+/// `ip:port`, IPv4): from then on a Service connect to that backend writes no socket storage.
+fn wait_for_active_reverse_entry(f: &Fixture, backend: &str, service: &str) {
+    const ACTIVE: u32 = 2;
+    let map = f.agent.pin_path.join("maps/LB_REVERSE");
+    let addr_port = |b: &[u8]| {
+        format!(
+            "{}:{}",
+            std::net::Ipv4Addr::new(b[12], b[13], b[14], b[15]),
+            u16::from_be_bytes([b[16], b[17]])
+        )
+    };
+    let bytes = |v: &serde_json::Value| -> Option<Vec<u8>> {
+        v.as_array()?
+            .iter()
+            .map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&map)
+            .output()
+            .expect("bpftool");
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let found = json.as_array().into_iter().flatten().any(|e| {
+            match (bytes(&e["key"]), bytes(&e["value"])) {
+                (Some(k), Some(v)) if k.len() >= 18 && v.len() >= 28 => {
+                    addr_port(&k) == backend
+                        && addr_port(&v) == service
+                        && u32::from_ne_bytes([v[24], v[25], v[26], v[27]]) == ACTIVE
+                }
+                _ => false,
+            }
+        });
+        if found {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no active LB_REVERSE entry {backend} -> {service}: {json}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_mptcp_subflow_added_later_keeps_the_service_in_getpeername() {
+    // The client's path manager adds a second subflow from another address of the client
+    // (`__mptcp_subflow_connect`: a kernel connect to the connection's peer, the backend, in
+    // the connection's cgroup). The connect hook sees a direct connect to a backend that has a
+    // reverse entry; it must leave the connection's translation alone.
+    let f = start_with(true);
+    let pod1 = &f.node.pods[0];
+    f.node
+        .client
+        .ip(&["addr", "add", "10.200.0.9/24", "dev", "br0"]);
+    f.node
+        .client
+        .ip(&["mptcp", "limits", "set", "subflow", "2"]);
+    f.node.client.ip(&[
+        "mptcp",
+        "endpoint",
+        "add",
+        "10.200.0.9",
+        "dev",
+        "br0",
+        "subflow",
+    ]);
+    pod1.netns.ip(&[
+        "mptcp",
+        "limits",
+        "set",
+        "subflow",
+        "2",
+        "add_addr_accepted",
+        "2",
+    ]);
+    // The reverse entry of pod1's MPTCP port is active once a Service connect writes no
+    // storage; connects before then still get storage, and the test would not test the case.
+    wait_for_active_reverse_entry(&f, &format!("{}:{MPTCP_PORT}", pod1.ip4), WEBM);
+    let out = f.steps(
+        "mptcp4",
+        &[
+            &format!("connect:{WEBM}"),
+            "send",
+            "readline",
+            "sleep:500",
+            "getpeername",
+            "mptcp",
+            "send",
+            "readline",
+        ],
+    );
+    assert_answer(&out[2], Some("pod1m"), WEBM, &out);
+    assert_eq!(out[4].peer.as_deref(), Some(WEBM), "{out:?}");
+    assert_eq!(out[5].backend.as_deref(), Some("mptcp"), "{out:?}");
+    assert_answer(&out[7], Some("pod1m"), WEBM, &out);
+    let mib = lb_tests::sh(&[
+        "nsenter",
+        &format!("--net={}", f.node.client.path().display()),
+        "nstat",
+        "-az",
+        "MPTcpExtMPJoinSynAckRx",
+    ]);
+    let joined: u64 = mib
+        .lines()
+        .find_map(|l| l.strip_prefix("MPTcpExtMPJoinSynAckRx"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(joined >= 1, "the path manager added no subflow: {mib}");
+}
+
 #[test]
 fn v4_mapped_addresses_on_dual_stack_sockets() {
     // An AF_INET6 socket reaches a v4 Service by its mapped address, or by an AF_INET address

@@ -433,6 +433,13 @@ fn step(fd: RawFd, step: &str, timeout: Duration, out: &mut Vec<Outcome>) -> any
                 Err(e) => Outcome::failed(&e),
             });
         }
+        // Holds the socket open for a while (e.g. for the MPTCP path manager to add a
+        // subflow): "sleep:MS".
+        "sleep" => {
+            let ms: u64 = arg.parse().with_context(|| format!("step {step:?}"))?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            out.push(Outcome::default());
+        }
         // Holds the socket open until the driving test says go on: "paused" on stderr, then
         // one line read from stdin (tests/tests/upgrade.rs swaps the agent meanwhile).
         "pause" => {
