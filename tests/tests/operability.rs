@@ -638,7 +638,16 @@ fn prometheus_rules_parse_and_a_full_map_fires_its_alert_in_a_real_prometheus() 
     let rules_dir = deploy.join("prometheus");
     // The rules parse, and each alert fires on series that provoke it (promtool's unit tests).
     let checked = promtool(&rules_dir, &["check", "rules", "lb-rules.yaml"]);
-    assert!(checked.contains("SUCCESS: 7 rules found"), "{checked}");
+    let alerts = std::fs::read_to_string(rules_dir.join("lb-rules.yaml"))
+        .expect("read rules")
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- alert:"))
+        .count();
+    assert_eq!(alerts, 8, "alert rules in lb-rules.yaml");
+    assert!(
+        checked.contains(&format!("SUCCESS: {alerts} rules found")),
+        "{checked}"
+    );
     promtool(&rules_dir, &["test", "rules", "lb-rules-test.yaml"]);
 
     // A real lb with a full frontend map (4 Services in a map of 4).
