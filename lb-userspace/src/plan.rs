@@ -8,14 +8,14 @@
 //! before anything is added. Re-planning the same desired state gives no writes.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::Arc,
 };
 
 use lb_common::{
     maglev::{MaglevChunk, MaglevKey},
     maps::{
-        Backend, Frontend, FrontendKey, IPPROTO_TCP, MemberKey, REVERSE_ACTIVE, REVERSE_DRAINING,
+        Backend, Frontend, FrontendKey, MemberKey, REVERSE_ACTIVE, REVERSE_DRAINING,
         REVERSE_PENDING, RevNat, Reverse, SlotKey,
     },
     nat::{
@@ -24,7 +24,7 @@ use lb_common::{
     },
 };
 
-use crate::desired::{Desired, DesiredFrontend, ExternalBackends, FrontendKind};
+use crate::desired::{Desired, DesiredFrontend, ExternalBackends};
 use crate::kernel::state::{KernelState, Op, RangeEntry, chunk_digest};
 use crate::maglev;
 use crate::model::Cidr;
@@ -390,7 +390,17 @@ fn assign_slots(in_use: &[Option<Backend>], want: &BTreeSet<Backend>) -> Vec<Bac
 /// storage (getpeername answers from the entry); a connect through any other frontend to it
 /// writes storage as before. Backends whose address and port are themselves a frontend get
 /// none (a connect to them is translated, so "direct" cannot be told from "through").
+///
+/// The agent keeps this set up to date incrementally (`crate::revindex::ReverseIndex`); this
+/// whole computation is the rule's statement and the index's test oracle, built for tests only.
+#[cfg(test)]
 pub fn reverse_wanted(desired: &Desired, state: &KernelState) -> BTreeMap<FrontendKey, RevNat> {
+    use std::collections::btree_map::Entry;
+
+    use lb_common::maps::IPPROTO_TCP;
+
+    use crate::desired::FrontendKind;
+
     let mut best: BTreeMap<FrontendKey, (&DesiredFrontend, FrontendKey)> = BTreeMap::new();
     for (key, want) in &desired.frontends {
         if key.proto != IPPROTO_TCP || want.kind != FrontendKind::ClusterIp {
@@ -527,10 +537,10 @@ pub fn reverse_after_walk(
 mod tests {
     use std::collections::HashMap;
 
-    use lb_common::Addr;
+    use lb_common::{Addr, maps::IPPROTO_TCP};
 
     use super::*;
-    use crate::model::ObjectKey;
+    use crate::{desired::FrontendKind, model::ObjectKey};
 
     fn fkey(n: u8) -> FrontendKey {
         FrontendKey {

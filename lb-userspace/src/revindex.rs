@@ -1,10 +1,10 @@
-//! [`crate::plan::reverse_wanted`], kept up to date pass by pass: a pass recomputes the
+//! `crate::plan::reverse_wanted` (test-only), kept up to date pass by pass: a pass recomputes the
 //! reverse entries of the frontends it touched only, and hands the reverse-map thread the
 //! entries that changed, so that a one-Service change costs the sync loop the same at 10
 //! and at 100 000 Services (issue 11: "one changed file with 10 000 Services loaded reaches
 //! the kernel within 50 ms").
 //!
-//! The choice is [`crate::plan::reverse_wanted`]'s, which stays the reference (the tests
+//! The choice is that of `crate::plan::reverse_wanted` (built for tests only), which stays the reference (the tests
 //! compare the two after every change): per TCP backend (address, port), the TCP ClusterIP
 //! frontend in the kernel with a non-zero count of the lowest (namespace, name, port,
 //! frontend key) that has it among its backends; none for a backend whose address and port

@@ -260,7 +260,7 @@ impl Syncer {
         self
     }
 
-    /// Hands the changes of the wanted `LB_REVERSE` entries ([`plan::reverse_wanted`], kept
+    /// Hands the changes of the wanted `LB_REVERSE` entries (`plan::reverse_wanted`, kept
     /// by [`crate::revindex::ReverseIndex`]) to `reverse` after every pass that changed them
     /// (and after the first).
     pub fn with_reverse_map(mut self, reverse: ReverseMap) -> Self {
