@@ -58,6 +58,10 @@ fn node_name(flag: Option<&str>) -> String {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // First: a SIGTERM during start-up (kubelet stopping a pod that is still starting, a
+    // restart right after attachment) is then held until start-up is done and ends the
+    // agent cleanly, instead of killing it between two kernel steps by the default action.
+    let stop = StopSignals::install()?;
     if !args.manifests.is_empty() && args.kubeconfig.is_some() {
         bail!("--manifests and --kubeconfig: lb reads one source; pass one of them");
     }
@@ -252,7 +256,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .spawn(move || syncer.run(&updates))
         .context("starting the syncer")?;
 
-    wait_for_signal().await?;
+    stop.wait().await;
     tracing::info!("stopping; the datapath stays attached and keeps serving");
     let _syncer_gone = updates_tx.send(Update::Shutdown);
     // The syncer finishes its current pass; the watcher thread ends with the process.
@@ -318,13 +322,27 @@ fn start_manifests(
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment [`StopSignals::install`] returns: one that
+/// arrives before [`StopSignals::wait`] is kept and ends the wait at once.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    /// Until SIGTERM or SIGINT (at once if one came since [`StopSignals::install`]).
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

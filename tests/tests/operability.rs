@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{Agent, Cgroup, TempDir, unique};
+use lb_tests::{Agent, Cgroup, TempDir, die_with_parent, lb_bin, unique};
 
 /// A Service on `cluster_ip:port/TCP` with one EndpointSlice of `backends` on `target`,
 /// the slice annotated with `trigger` as its last-change-trigger-time when given.
@@ -160,6 +160,86 @@ fn write_services(dir: &TempDir, n: u8) {
             ),
         );
     }
+}
+
+/// `lb cleanup` of `pins` and `cgroup` when dropped.
+struct CleanUp<'a> {
+    pins: std::path::PathBuf,
+    cgroup: &'a std::path::Path,
+}
+
+impl Drop for CleanUp<'_> {
+    fn drop(&mut self) {
+        let _cleaned = Command::new(lb_bin())
+            .arg("cleanup")
+            .arg("--pin-path")
+            .arg(&self.pins)
+            .arg("--cgroup")
+            .arg(self.cgroup)
+            .output();
+    }
+}
+
+/// SIGTERM while the agent still loads its programs (a kubelet stopping a pod that is
+/// starting): the agent finishes starting and exits 0, not killed between two kernel steps.
+#[test]
+fn sigterm_during_start_up_ends_the_agent_cleanly() {
+    let cgroup = Cgroup::new(&unique("sig"));
+    let dir = TempDir::new("sig");
+    write_services(&dir, 1);
+    let cleanup = CleanUp {
+        pins: std::path::PathBuf::from("/sys/fs/bpf").join(unique("lbt")),
+        cgroup: &cgroup.path,
+    };
+    let log = std::env::temp_dir().join(format!("{}.log", unique("lb-agent")));
+    let log_file = std::fs::File::create(&log).expect("log");
+    let mut child = die_with_parent(&mut Command::new(lb_bin()))
+        .arg("run")
+        .arg("--manifests")
+        .arg(&dir.0)
+        .arg("--cgroup")
+        .arg(&cgroup.path)
+        .arg("--pin-path")
+        .arg(&cleanup.pins)
+        .args(["--node-name", "node-a"])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .stdout(log_file.try_clone().expect("log fd"))
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn lb run");
+    // The pin directory appears when the maps are created, before the programs load and
+    // attach: the signal lands in the middle of start-up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cleanup.pins.exists() {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "lb run exited: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(Instant::now() < deadline, "no pins");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _gone = child.kill();
+            panic!("lb run did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _gone = std::fs::remove_file(&log);
+    assert_eq!(status.code(), Some(0), "{status}: {text}");
+    assert!(text.contains("datapath ready"), "{text}");
+    assert!(
+        text.contains("stopping; the datapath stays attached"),
+        "{text}"
+    );
 }
 
 #[test]
