@@ -22,13 +22,15 @@ pub const RECVMSG6: &str = "lb_recvmsg6";
 pub const GETPEERNAME4: &str = "lb_getpeername4";
 /// `cgroup/getpeername6`: the same for IPv6.
 pub const GETPEERNAME6: &str = "lb_getpeername6";
+/// `cgroup/sock_release`: a closing UDP socket's `LB_UDP_SOCKS` entry goes with it.
+pub const SOCK_RELEASE: &str = "lb_sock_release";
 /// XDP on the `--xdp-iface` interfaces: the north-south datapath's ingress.
 pub const XDP: &str = "lb_xdp";
 /// tc egress on the same interfaces: reverse translation of replies.
 pub const TC_EGRESS: &str = "lb_tc_egress";
 
 /// Every name, for checks.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     CONNECT4,
     CONNECT6,
     SENDMSG4,
@@ -37,6 +39,7 @@ pub const ALL: [&str; 10] = [
     RECVMSG6,
     GETPEERNAME4,
     GETPEERNAME6,
+    SOCK_RELEASE,
     XDP,
     TC_EGRESS,
 ];

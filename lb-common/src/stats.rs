@@ -130,9 +130,18 @@ pub const CONNECT_DIRECT_MARKED: u32 = 43;
 /// getpeername: a socket without storage was shown its Service from `LB_REVERSE`. Also
 /// counted in [`GETPEERNAME_XLATED`].
 pub const GETPEERNAME_REVERSE: u32 = 44;
+/// connect/sendmsg: a UDP socket's first translation found its `LB_UDP_SOCKS` slot held by
+/// another open socket, so its state went to socket storage (`LB_DGRAMS`) instead: exact
+/// all the same, at the cost of the kernel's allocation.
+pub const UDP_SOCKS_TAKEN: u32 = 45;
+/// connect/sendmsg: a UDP socket claimed its `LB_UDP_SOCKS` slot. Minus
+/// [`UDP_SOCKS_RELEASED`]: the slots held now.
+pub const UDP_SOCKS_CLAIMED: u32 = 46;
+/// sock_release: a closing UDP socket freed its `LB_UDP_SOCKS` slot.
+pub const UDP_SOCKS_RELEASED: u32 = 47;
 
 /// Number of counters.
-pub const COUNT: u32 = 45;
+pub const COUNT: u32 = 48;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -181,4 +190,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "connect_no_storage",
     "connect_direct_marked",
     "getpeername_reverse",
+    "udp_socks_taken",
+    "udp_socks_claimed",
+    "udp_socks_released",
 ];

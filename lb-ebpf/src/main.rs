@@ -2,10 +2,12 @@
 //!
 //! Attached to the agent's cgroup: `connect4/6` (TCP and connected UDP) and `sendmsg4/6`
 //! (unconnected UDP) send a Service address to a backend; `recvmsg4/6` and `getpeername4/6`
-//! show the Service address back to the client. Each entry point is a thin wrapper over
+//! show the Service address back to the client; `sock_release` deletes a closing UDP
+//! socket's state. Each entry point is a thin wrapper over
 //! [`xlate`], which does the work and returns what happened; the entry point turns that into
 //! the syscall's verdict.
 #![no_std]
+#![feature(asm_experimental_arch)]
 #![no_main]
 #![expect(
     clippy::needless_borrows_for_generic_args,
@@ -18,8 +20,8 @@ mod sock;
 mod xlate;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 
 use crate::{
@@ -65,6 +67,13 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     xlate::reverse::<V6>(&ctx, Reverse::GetPeerName)
+}
+
+/// A socket closes: a UDP socket's `LB_UDP_SOCKS` entry goes with it. Never refuses.
+#[cgroup_sock(sock_release)]
+pub fn lb_sock_release(ctx: SockContext) -> i32 {
+    xlate::released(&ctx);
+    1
 }
 
 /// North-south: packets from outside the node to external frontends (`nodeport::xdp`).

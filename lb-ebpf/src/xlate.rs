@@ -7,14 +7,14 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval, generated::bpf_skc_to_mptcp_sock,
     },
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use lb_common::{
     maps::{
         Affinity, AffinityKey, Backend, DgramXlate, FLOW_REVERSE, Frontend, FrontendKey,
         IPPROTO_TCP, IPPROTO_UDP, MemberKey, REVERSE_ACTIVE, REVERSE_DRAINING, RevNat, RevNatKey,
         SOCK_CONNECTED, SOCK_DATAGRAMS, SOCK_DIRECT, SOCK_OVERFLOW, SlotKey, SockFlow, SockXlate,
-        UdpFlowKey, reverse_filter_bit,
+        UdpFlowKey, reverse_filter_bit, udp_sock_slot,
     },
     select::{affinity_fresh, slot_for},
     stats,
@@ -23,7 +23,7 @@ use lb_common::{
 use crate::{
     maps::{
         LB_AFFINITY, LB_DGRAMS, LB_FRONTENDS, LB_MEMBERS, LB_REV_FILTER, LB_REVERSE, LB_REVNAT,
-        LB_SLOTS, LB_SOCKS, LB_UDP_FLOWS, count, ctx_sock,
+        LB_SLOTS, LB_SOCKS, LB_UDP_FLOWS, LB_UDP_OWNERS, LB_UDP_SOCKS, count, ctx_sock,
     },
     sock::{self, Family},
 };
@@ -123,7 +123,7 @@ fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
 /// A TCP socket's storage is the application's socket in `LB_SOCKS`: for MPTCP the connect
 /// hook runs on the first subflow, while the application calls getpeername on the MPTCP
 /// socket, so the entry goes on that one (MPTCP sockets always get storage). A UDP socket's
-/// is in `LB_DGRAMS`.
+/// state is its `LB_UDP_SOCKS` entry ([`dgram_state`]).
 #[inline(always)]
 fn connect(
     ctx: &SockAddrContext,
@@ -218,13 +218,14 @@ fn connect_udp(
     frontend: &Frontend,
     service: RevNat,
 ) -> Result<(Backend, u32), u32> {
-    let state = LB_DGRAMS.get_ptr(ctx, true);
+    let cookie = socket_cookie(ctx);
+    let state = dgram_state(ctx, cookie);
     let backend = if frontend.affinity_timeout_s != 0 {
         choose_with_affinity(ctx, frontend)?
     } else {
-        // SAFETY: this socket's own storage, read under the socket lock.
+        // SAFETY: this socket's own entry, read under the socket lock.
         let current = state.map(|state| unsafe { &*state });
-        match current.and_then(|state| datagram_backend(ctx, state, key, frontend)) {
+        match current.and_then(|state| datagram_backend(cookie, state, key, frontend)) {
             Some(backend) => {
                 count(stats::UDP_FLOW_HIT);
                 backend
@@ -232,17 +233,132 @@ fn connect_udp(
             None => pick(frontend)?,
         }
     };
+    let conn = SockXlate {
+        backend,
+        service,
+        flags: SOCK_CONNECTED,
+    };
     match state {
         // SAFETY: as above; the socket's own value.
         Some(state) => unsafe {
-            let conn = &mut (*state).conn;
-            conn.backend = backend;
-            conn.service = service;
-            conn.flags |= SOCK_CONNECTED;
+            let current = &mut (*state).conn;
+            current.backend = backend;
+            current.service = service;
+            current.flags |= SOCK_CONNECTED;
         },
-        None => count(stats::ERR_REVNAT_UPDATE),
+        None => dgram_insert(
+            ctx,
+            cookie,
+            &DgramXlate {
+                conn,
+                ..DgramXlate::default()
+            },
+        ),
     }
     Ok((backend, stats::CONNECT_XLATED))
+}
+
+/// The socket cookie of the context's socket (the kernel gives it one on first use).
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper call on the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The `LB_UDP_OWNERS` entry of the slot of the socket with cookie `cookie`.
+#[inline(always)]
+fn udp_owner(cookie: u64) -> Option<*mut u64> {
+    LB_UDP_OWNERS.get_ptr_mut(udp_sock_slot(cookie))
+}
+
+/// The UDP socket's state: in its `LB_UDP_SOCKS` slot if it owns it (`cookie`, the
+/// socket's, is the slot's owner), else its `LB_DGRAMS` storage (a socket whose slot another
+/// socket held, or one translated before an upgrade from layout 4). `None`: lb never
+/// translated this socket. The pointer is valid while the program runs; only the socket's
+/// own syscalls write the state, under the socket lock, and the slot is freed only when the
+/// socket closes.
+#[inline(always)]
+fn dgram_state(ctx: &SockAddrContext, cookie: u64) -> Option<*mut DgramXlate> {
+    if let Some(owner) = udp_owner(cookie)
+        // SAFETY: a pointer into the array's value, read once.
+        && unsafe { *owner } == cookie
+    {
+        return LB_UDP_SOCKS.get_ptr_mut(udp_sock_slot(cookie));
+    }
+    LB_DGRAMS.get_ptr(ctx, false)
+}
+
+/// A UDP socket's first state, `value`: its `LB_UDP_SOCKS` slot when free (claimed with a
+/// compare-and-exchange of the slot's owner, 0 -> the socket's cookie: two sockets of one
+/// slot racing here cannot both win), else its `LB_DGRAMS` storage (the kernel allocates it).
+/// Without either (memory) the socket is translated all the same, and its replies show the
+/// backend (counted as `err_revnat_update`).
+#[inline(always)]
+fn dgram_insert(ctx: &SockAddrContext, cookie: u64, value: &DgramXlate) {
+    let slot = udp_sock_slot(cookie);
+    if let Some(owner) = LB_UDP_OWNERS.get_ptr_mut(slot)
+        && let Some(state) = LB_UDP_SOCKS.get_ptr_mut(slot)
+        // SAFETY: an aligned u64 in the array's value, valid while the program runs.
+        && unsafe { claim(owner, cookie) }
+    {
+        // SAFETY: the slot is this socket's now; only its own syscalls touch the state.
+        unsafe { *state = *value };
+        count(stats::UDP_SOCKS_CLAIMED);
+        return;
+    }
+    count(stats::UDP_SOCKS_TAKEN);
+    match LB_DGRAMS.get_ptr(ctx, true) {
+        // SAFETY: this socket's own storage, written under the socket lock.
+        Some(state) => unsafe { *state = *value },
+        None => count(stats::ERR_REVNAT_UPDATE),
+    }
+}
+
+/// Sets `*owner` from 0 to `cookie` atomically (BPF `cmpxchg_64`: Rust's BPF target has no
+/// compare-and-exchange, though the kernel has had the instruction since 5.12); whether it
+/// was 0.
+///
+/// # Safety
+/// `owner` points to an aligned u64 in a map value, valid while the program runs.
+#[inline(always)]
+unsafe fn claim(owner: *mut u64, cookie: u64) -> bool {
+    let mut previous: u64 = 0;
+    // SAFETY: one atomic instruction on the caller's valid, aligned pointer; r0 holds the
+    // expected value (0) in and the value found out.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({owner} + 0, r0, {cookie})",
+            owner = in(reg) owner,
+            cookie = in(reg) cookie,
+            inout("r0") previous,
+            options(nostack),
+        );
+    }
+    previous == 0
+}
+
+/// sock_release of a UDP socket: its `LB_UDP_SOCKS` slot, if it owns one, is free again (the
+/// next owner writes the whole state). Other sockets return at once.
+#[inline(always)]
+pub fn released(ctx: &SockContext) {
+    // SAFETY: the context's socket is valid for the program's run.
+    if unsafe { (*ctx.sock).protocol } != u32::from(IPPROTO_UDP) {
+        return;
+    }
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(owner) = udp_owner(cookie) else {
+        return;
+    };
+    // SAFETY: an aligned u64 in the array's value, valid while the program runs. Only the
+    // owner changes a held slot's owner (another socket's claim needs 0), so the read and
+    // the store need no atomic pair; each is one 64-bit access.
+    unsafe {
+        if owner.read_volatile() == cookie {
+            owner.write_volatile(0);
+            count(stats::UDP_SOCKS_RELEASED);
+        }
+    }
 }
 
 /// The socket the application holds: the MPTCP socket of an MPTCP subflow, else the
@@ -271,12 +387,22 @@ fn send(
     frontend: &Frontend,
     service: RevNat,
 ) -> Result<(Backend, u32), u32> {
-    let Some(state) = LB_DGRAMS.get_ptr(ctx, true) else {
-        // No storage (memory): translated all the same, its replies show the backend.
-        count(stats::ERR_REVNAT_UPDATE);
-        return Ok((choose(ctx, key, frontend, None)?, stats::SENDMSG_XLATED));
+    let cookie = socket_cookie(ctx);
+    let Some(state) = dgram_state(ctx, cookie) else {
+        // The socket's first datagram through lb: its state is this one flow, written once.
+        let backend = choose(ctx, key, frontend, None)?;
+        let mut value = DgramXlate::default();
+        value.conn.flags = SOCK_DATAGRAMS;
+        value.flows[0] = SockFlow {
+            frontend: *key,
+            backend,
+            id: frontend.id,
+            flags: FLOW_REVERSE,
+        };
+        dgram_insert(ctx, cookie, &value);
+        return Ok((backend, stats::SENDMSG_XLATED));
     };
-    // SAFETY: this socket's own storage, read and written under the socket lock.
+    // SAFETY: this socket's own entry, read and written under the socket lock.
     let state = unsafe { &mut *state };
     if state.conn.flags & SOCK_CONNECTED != 0
         && state.conn.service.addr == key.addr
@@ -286,8 +412,6 @@ fn send(
     }
     let Some(slot) = own_flow(state, key) else {
         state.conn.flags |= SOCK_OVERFLOW;
-        // SAFETY: helper call on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let backend = choose(ctx, key, frontend, Some(cookie))?;
         remember_datagram(cookie, &backend, &service);
         // Replies from this backend now answer for this Service (the LRU entry), not for
@@ -348,7 +472,7 @@ fn own_flow(state: &DgramXlate, key: &FrontendKey) -> Option<usize> {
 /// entry in `LB_UDP_FLOWS`), while that backend is still a member of the frontend.
 #[inline(always)]
 fn datagram_backend(
-    ctx: &SockAddrContext,
+    cookie: u64,
     state: &DgramXlate,
     key: &FrontendKey,
     frontend: &Frontend,
@@ -362,8 +486,7 @@ fn datagram_backend(
     }
     if state.conn.flags & SOCK_OVERFLOW != 0 {
         let fkey = UdpFlowKey {
-            // SAFETY: helper call on the program's own context.
-            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            cookie,
             frontend: *key,
             _pad: 0,
         };
@@ -424,10 +547,11 @@ fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
         }
         return;
     }
-    let Some(state) = LB_DGRAMS.get_ptr(ctx, false) else {
+    let cookie = socket_cookie(ctx);
+    let Some(state) = dgram_state(ctx, cookie) else {
         return;
     };
-    // SAFETY: this socket's own storage, read and written under the socket lock.
+    // SAFETY: this socket's own entry, read and written under the socket lock.
     let state = unsafe { &mut *state };
     let flags = state.conn.flags;
     if hook == Hook::Connect && flags & SOCK_CONNECTED != 0 {
@@ -447,8 +571,7 @@ fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
     }
     if flags & SOCK_OVERFLOW != 0 {
         let rkey = RevNatKey {
-            // SAFETY: helper call on the program's own context.
-            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            cookie,
             addr: key.addr,
             port: key.port,
             _pad: [0; 6],
@@ -597,8 +720,8 @@ pub enum Reverse {
 }
 
 /// recvmsg/getpeername: a backend address the client sees becomes the Service address it
-/// asked for. The socket's storage (`LB_DGRAMS` for UDP, `LB_SOCKS` for the others) is the
-/// gate: a socket without it was never translated and is left alone at once. A connected
+/// asked for. The socket's state ([`dgram_state`] for UDP, `LB_SOCKS` storage for the
+/// others) is the gate: a socket without it was never translated and is left alone at once. A connected
 /// socket's peer comes from the storage; a recvmsg source that is not the connected backend
 /// is looked for among the socket's own flows (the one that last sent to that backend
 /// answers), and in `LB_REVNAT` only if the socket has [`SOCK_OVERFLOW`]. getpeername reads
@@ -609,7 +732,8 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
     let sa = ctx.sock_addr;
     // recvmsg runs for UDP only; getpeername for every socket, whose protocol picks the map.
     let service = if hook == Reverse::RecvMsg || sock::protocol(sa) == u32::from(IPPROTO_UDP) {
-        let Some(state) = LB_DGRAMS.get_ptr(ctx, false) else {
+        let cookie = socket_cookie(ctx);
+        let Some(state) = dgram_state(ctx, cookie) else {
             return SYS_PROCEED;
         };
         // SAFETY: this socket's own storage; the socket's own syscalls write it, under the
@@ -619,7 +743,7 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
         let port = sock::port(sa);
         match connected_service(&state.conn, addr, port) {
             Some(service) => Some(service),
-            None if hook == Reverse::RecvMsg => reverse_datagram(ctx, state, addr, port),
+            None if hook == Reverse::RecvMsg => reverse_datagram(cookie, state, addr, port),
             None => None,
         }
     } else {
@@ -675,7 +799,7 @@ fn connected_service(conn: &SockXlate, addr: lb_common::Addr, port: u16) -> Opti
 /// backend, else its overflow entry.
 #[inline(always)]
 fn reverse_datagram(
-    ctx: &SockAddrContext,
+    cookie: u64,
     state: &DgramXlate,
     addr: lb_common::Addr,
     port: u16,
@@ -698,8 +822,7 @@ fn reverse_datagram(
     }
     if state.conn.flags & SOCK_OVERFLOW != 0 {
         let key = RevNatKey {
-            // SAFETY: helper call on the program's own context.
-            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            cookie,
             addr,
             port,
             _pad: [0; 6],

@@ -229,6 +229,7 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
                 "revnat": entries(lb_common::maps::REVNAT),
                 "affinity": entries(lb_common::maps::AFFINITY),
                 "udp_flows": entries(lb_common::maps::UDP_FLOWS),
+                "udp_socks": entries(lb_common::maps::UDP_SOCKS),
                 "ct": entries(lb_common::nat::CT),
             },
         });

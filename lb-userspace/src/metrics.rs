@@ -477,6 +477,7 @@ impl Collector for MapFillCollector {
         self.fill.set(lb_common::maps::AFFINITY, sizes.affinity);
         self.fill.set(lb_common::maps::REVNAT, sizes.revnat);
         self.fill.set(lb_common::maps::UDP_FLOWS, sizes.udp_flows);
+        self.fill.set(lb_common::maps::UDP_SOCKS, sizes.udp_socks);
         self.fill.set(lb_common::nat::CT, sizes.ct);
         let fills = self.fill.fills();
         let gauge = prometheus_client::metrics::MetricType::Gauge;

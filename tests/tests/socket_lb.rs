@@ -441,7 +441,8 @@ fn restart_keeps_serving_and_adopts_without_a_second_attachment() {
     );
     let mut agent = Agent::start(&node.cgroup.path, &dir.0);
     let attached = attached_programs(&node.cgroup.path);
-    assert_eq!(attached.len(), 8, "{attached:?}");
+    // Four sock_addr hooks of each family and the release hook.
+    assert_eq!(attached.len(), 9, "{attached:?}");
     assert_eq!(agent.stop(), Some(0), "SIGTERM exits 0");
     // No agent: the datapath keeps serving from the pinned links and maps.
     assert_eq!(
@@ -454,12 +455,12 @@ fn restart_keeps_serving_and_adopts_without_a_second_attachment() {
         .len(),
         2
     );
-    assert_eq!(attached_programs(&node.cgroup.path).len(), 8);
+    assert_eq!(attached_programs(&node.cgroup.path).len(), 9);
     // A new agent adopts: same number of attachments, no map writes for an unchanged world.
     agent.restart();
     assert_eq!(
         attached_programs(&node.cgroup.path).len(),
-        8,
+        9,
         "no second attachment"
     );
     assert!(
@@ -468,7 +469,7 @@ fn restart_keeps_serving_and_adopts_without_a_second_attachment() {
         agent.metrics_text()
     );
     assert!(
-        agent.log_text().contains("links_adopted=8"),
+        agent.log_text().contains("links_adopted=9"),
         "{}",
         agent.log_text()
     );

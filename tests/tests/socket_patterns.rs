@@ -808,6 +808,38 @@ fn one_socket_sending_to_more_services_than_its_storage_keeps() {
     }
 }
 
+#[test]
+fn a_udp_socket_whose_slot_is_held_keeps_its_state_in_storage() {
+    // Two open sockets whose cookies pick the same LB_UDP_SOCKS slot: the first holds it,
+    // the second's state goes to socket storage, and both see the Service on their answers.
+    let f = start();
+    let counter = |name: &str| {
+        let out = f.agent.lb(&["stats", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lb stats json");
+        json["events"][name].as_u64().expect(name)
+    };
+    let taken = counter("udp_socks_taken");
+    let bits = lb_common::maps::MAX_UDP_SOCKS.trailing_zeros().to_string();
+    let same_slot = format!("same-slot:{bits}");
+    let sendto = format!("sendto:{DNS3}");
+    let out = f.steps(
+        "udp4",
+        &[
+            &sendto, "recvfrom", &same_slot, &sendto, "recvfrom", &sendto, "recvfrom",
+        ],
+    );
+    assert_answer(&out[1], None, DNS3, &out);
+    assert!(out[2].error.is_none(), "{out:?}");
+    assert_answer(&out[4], None, DNS3, &out);
+    // Its flow stays: the same backend again, from storage.
+    assert_answer(&out[6], out[4].backend.as_deref(), DNS3, &out);
+    assert_eq!(
+        counter("udp_socks_taken"),
+        taken + 1,
+        "one socket fell back"
+    );
+}
+
 /// Entries of a pinned map of the agent.
 fn map_entries(agent: &Agent, map: &str) -> usize {
     let path = agent.pin_path.join("maps").join(map);
@@ -825,11 +857,42 @@ fn map_entries(agent: &Agent, map: &str) -> usize {
     entries.as_array().map_or(0, Vec::len)
 }
 
+/// The `LB_UDP_OWNERS` slots held by a socket (an array: every index is there, a held one is
+/// not 0).
+fn held_udp_slots(agent: &Agent) -> usize {
+    let path = agent.pin_path.join("maps/LB_UDP_OWNERS");
+    let out = std::process::Command::new("bpftool")
+        .args(["--json", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool map dump: {out:?}");
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    entries
+        .as_array()
+        .expect("an array dump")
+        .iter()
+        .filter(|e| {
+            e["value"]
+                .as_array()
+                .is_some_and(|bytes| bytes.iter().any(|b| b != "0x00"))
+        })
+        .count()
+}
+
 #[test]
 fn unconnected_udp_sockets_leave_no_entries_behind() {
     // 10 000 new sockets, each one datagram to a Service and its answer: their flows live
-    // in their socket storage and go with them, so the LRU maps hold what they held before.
+    // in their LB_UDP_SOCKS slot, which the socket's close frees, so the slots held and the
+    // LRU maps are what they were before.
     let f = start();
+    let counter = |name: &str| {
+        let out = f.agent.lb(&["stats", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lb stats json");
+        json["events"][name].as_u64().expect(name)
+    };
+    let claimed = counter("udp_socks_claimed");
+    let held = held_udp_slots(&f.agent);
     let before: Vec<usize> = ["LB_REVNAT", "LB_UDP_FLOWS"]
         .iter()
         .map(|m| map_entries(&f.agent, m))
@@ -850,6 +913,18 @@ fn unconnected_udp_sockets_leave_no_entries_behind() {
         .map(|m| map_entries(&f.agent, m))
         .collect();
     assert_eq!(after, before, "LB_REVNAT and LB_UDP_FLOWS entries");
+    assert_eq!(held_udp_slots(&f.agent), held, "LB_UDP_OWNERS slots held");
+    // Each socket had a slot (none fell back to socket storage), and each freed it.
+    assert!(
+        counter("udp_socks_claimed") >= claimed + count,
+        "slots claimed"
+    );
+    assert_eq!(counter("udp_socks_taken"), 0);
+    assert_eq!(
+        counter("udp_socks_claimed") - counter("udp_socks_released"),
+        u64::try_from(held).expect("count"),
+        "claims minus releases"
+    );
     // And such a socket still sees the Service on its answers.
     let out = f.steps("udp4", &["sendto:10.96.0.21:53", "recvfrom"]);
     assert_answer(&out[1], None, DNS3, &out);

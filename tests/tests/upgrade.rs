@@ -373,9 +373,10 @@ fn live_sockets_and_flows_survive_an_upgrade_from_the_previous_release() {
     let fresh = FlowClient::tcp(&topo.ext, None, &nodeport).expect("a new NodePort TCP flow");
     first(fresh.ask(), "a new NodePort TCP flow");
 
-    // The programs were swapped into the pinned links: one per hook, no second attachment.
+    // The programs were swapped into the pinned links: one per hook, no second attachment;
+    // the release hook is new in layout 5, attached by the upgrade.
     let programs = attached_programs(&topo.node.cgroup.path);
-    assert_eq!(programs.len(), 8, "{programs:?}");
+    assert_eq!(programs.len(), 9, "{programs:?}");
     assert!(
         !agent.pin_path.join("upgrade-from-4").exists(),
         "nothing left aside after the upgrade"

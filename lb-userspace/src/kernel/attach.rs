@@ -10,9 +10,14 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, links::FdLink,
+    },
 };
-use aya_obj::{generated::bpf_attach_type, programs::CgroupSockAddrAttachType};
+use aya_obj::{
+    generated::bpf_attach_type,
+    programs::{CgroupSockAddrAttachType, CgroupSockAttachType},
+};
 
 use lb_common::programs;
 
@@ -22,42 +27,57 @@ use super::{PinLayout, sys};
 #[derive(Clone, Copy, Debug)]
 pub struct Hook {
     pub program: &'static str,
-    pub attach: CgroupSockAddrAttachType,
+    pub attach: HookAttach,
 }
 
-/// Every program lb attaches to the cgroup, by its name (lb-common's `programs`).
-pub const HOOKS: [Hook; 8] = [
+/// The cgroup hook of a program, by its program type.
+#[derive(Clone, Copy, Debug)]
+pub enum HookAttach {
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`: connect, sendmsg, recvmsg, getpeername.
+    SockAddr(CgroupSockAddrAttachType),
+    /// `BPF_PROG_TYPE_CGROUP_SOCK`: socket creation and release.
+    Sock(CgroupSockAttachType),
+}
+
+/// Every program lb attaches to the cgroup, by its name (lb-common's `programs`). The release
+/// hook comes first: from the moment a sendmsg program can write a socket's `LB_UDP_SOCKS`
+/// entry, the hook that deletes it is attached (an upgrade from layout 4 attaches it new).
+pub const HOOKS: [Hook; 9] = [
+    Hook {
+        program: programs::SOCK_RELEASE,
+        attach: HookAttach::Sock(CgroupSockAttachType::SockRelease),
+    },
     Hook {
         program: programs::CONNECT4,
-        attach: CgroupSockAddrAttachType::Connect4,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::Connect4),
     },
     Hook {
         program: programs::CONNECT6,
-        attach: CgroupSockAddrAttachType::Connect6,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::Connect6),
     },
     Hook {
         program: programs::SENDMSG4,
-        attach: CgroupSockAddrAttachType::UDPSendMsg4,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4),
     },
     Hook {
         program: programs::SENDMSG6,
-        attach: CgroupSockAddrAttachType::UDPSendMsg6,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::UDPSendMsg6),
     },
     Hook {
         program: programs::RECVMSG4,
-        attach: CgroupSockAddrAttachType::UDPRecvMsg4,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg4),
     },
     Hook {
         program: programs::RECVMSG6,
-        attach: CgroupSockAddrAttachType::UDPRecvMsg6,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg6),
     },
     Hook {
         program: programs::GETPEERNAME4,
-        attach: CgroupSockAddrAttachType::GetPeerName4,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::GetPeerName4),
     },
     Hook {
         program: programs::GETPEERNAME6,
-        attach: CgroupSockAddrAttachType::GetPeerName6,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::GetPeerName6),
     },
 ];
 
@@ -110,7 +130,57 @@ pub enum Attachment {
 }
 
 fn kernel_attach_type(hook: &Hook) -> u32 {
-    bpf_attach_type::from(hook.attach) as u32
+    match hook.attach {
+        HookAttach::SockAddr(attach) => bpf_attach_type::from(attach) as u32,
+        HookAttach::Sock(attach) => bpf_attach_type::from(attach) as u32,
+    }
+}
+
+/// Loads `hook`'s program as its program type.
+fn load(program: &mut Program, hook: &Hook) -> Result<(), ProgramError> {
+    match hook.attach {
+        HookAttach::SockAddr(_) => <&mut CgroupSockAddr>::try_from(program)?.load(),
+        HookAttach::Sock(_) => <&mut CgroupSock>::try_from(program)?.load(),
+    }
+}
+
+/// Attaches `hook`'s loaded program to `cgroup` with a bpf_link (to be pinned at
+/// `link_path`); the link.
+fn attach_link(
+    program: &mut Program,
+    hook: &Hook,
+    cgroup: &File,
+    link_path: &Path,
+) -> Result<FdLink, AttachError> {
+    let program_error = |source| AttachError::Program {
+        program: hook.program,
+        source,
+    };
+    let link_error = |e: aya::programs::links::LinkError| AttachError::Io {
+        what: "converting link",
+        path: link_path.to_owned(),
+        source: io::Error::other(e),
+    };
+    // A cgroup bpf_link always runs beside other programs of the cgroup (the kernel attaches
+    // links as BPF_F_ALLOW_MULTI) and takes no flags: `Single` passes none.
+    match hook.attach {
+        HookAttach::SockAddr(_) => {
+            let program = <&mut CgroupSockAddr>::try_from(program).map_err(program_error)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error)?;
+            let link = program.take_link(id).map_err(program_error)?;
+            link.try_into().map_err(link_error)
+        }
+        HookAttach::Sock(_) => {
+            let program = <&mut CgroupSock>::try_from(program).map_err(program_error)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error)?;
+            let link = program.take_link(id).map_err(program_error)?;
+            link.try_into().map_err(link_error)
+        }
+    }
 }
 
 /// Loads every program and attaches it to `cgroup`, or adopts the pinned link a previous
@@ -140,12 +210,10 @@ pub fn attach_or_adopt(
             program: hook.program,
             source,
         };
-        let program: &mut CgroupSockAddr = ebpf
+        let program = ebpf
             .program_mut(hook.program)
-            .ok_or(AttachError::MissingProgram(hook.program))?
-            .try_into()
-            .map_err(program_error)?;
-        program.load().map_err(program_error)?;
+            .ok_or(AttachError::MissingProgram(hook.program))?;
+        load(program, &hook).map_err(program_error)?;
         let link_path = layout.link(hook.program);
         if link_path.exists() {
             let link = sys::obj_get(&link_path).map_err(|source| AttachError::Io {
@@ -186,19 +254,7 @@ pub fn attach_or_adopt(
             })?;
             done.push((hook, Attachment::Adopted));
         } else {
-            // A cgroup bpf_link always runs beside other programs of the cgroup (the kernel
-            // attaches links as BPF_F_ALLOW_MULTI) and takes no flags: `Single` passes none.
-            let id = program
-                .attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(program_error)?;
-            let link = program.take_link(id).map_err(program_error)?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| AttachError::Io {
-                    what: "converting link",
-                    path: link_path.clone(),
-                    source: io::Error::other(e),
-                })?;
+            let link = attach_link(program, &hook, &cgroup_file, &link_path)?;
             // Dropping the pinned link closes our descriptor; the pin keeps it attached.
             drop(link.pin(&link_path).map_err(|e| AttachError::Io {
                 what: "pinning link",

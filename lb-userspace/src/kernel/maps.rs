@@ -12,10 +12,10 @@ use aya::maps::{
 use lb_common::{
     maglev::{MAGLEV, MaglevChunk, MaglevKey},
     maps::{
-        AFFINITY, Affinity, AffinityKey, Backend, FRONTENDS, Frontend, FrontendKey, LAYOUT_VERSION,
-        MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, META_MAGLEV_TABLE_SIZE,
+        AFFINITY, Affinity, AffinityKey, Backend, DgramXlate, FRONTENDS, Frontend, FrontendKey,
+        LAYOUT_VERSION, MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, META_MAGLEV_TABLE_SIZE,
         META_MEMBER_EPOCH, MemberKey, REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS,
-        UdpFlowKey,
+        UDP_SOCKS, UdpFlowKey,
     },
     nat::{CT, CtEntry, CtKey, SRC_RANGE_PRESENT, SRC_RANGES, SrcRangeKey},
 };
@@ -112,6 +112,9 @@ pub struct Maps {
     revnat: HashMap<MapData, RevNatKey, RevNat>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     udp_flows: HashMap<MapData, UdpFlowKey, Backend>,
+    /// UDP sockets lb translated, a slot per socket cookie (its capacity only: the slots in
+    /// use come from the counters).
+    udp_socks: Array<MapData, DgramXlate>,
     stats: PerCpuArray<MapData, u64>,
     meta: Array<MapData, u32>,
     /// The north-south connection tracking (read for its fill only).
@@ -144,6 +147,10 @@ pub struct ConnTableSizes {
     pub revnat: usize,
     pub affinity: usize,
     pub udp_flows: usize,
+    /// `LB_UDP_SOCKS` slots held (one per open UDP socket that lb translated and that owns
+    /// its slot): the `udp_socks_claimed` counter minus `udp_socks_released`, not an
+    /// iteration (the array has a value at every index).
+    pub udp_socks: usize,
     /// `LB_CT` (one entry per north-south flow to a local backend, two per SNAT'd flow).
     pub ct: usize,
 }
@@ -168,6 +175,7 @@ impl Maps {
             revnat: typed(layout, REVNAT)?,
             affinity: typed(layout, AFFINITY)?,
             udp_flows: typed(layout, UDP_FLOWS)?,
+            udp_socks: typed(layout, UDP_SOCKS)?,
             stats: typed(layout, STATS)?,
             meta: typed(layout, META)?,
             ct,
@@ -435,6 +443,7 @@ impl Maps {
             REVNAT => self.revnat.map(),
             AFFINITY => self.affinity.map(),
             UDP_FLOWS => self.udp_flows.map(),
+            UDP_SOCKS => self.udp_socks.map(),
             CT => self.ct.map(),
             SRC_RANGES => self.src_ranges.map(),
             _ => return 0,
@@ -455,6 +464,7 @@ impl Maps {
             (AFFINITY, sizes.affinity),
             (REVNAT, sizes.revnat),
             (UDP_FLOWS, sizes.udp_flows),
+            (UDP_SOCKS, sizes.udp_socks),
             (CT, sizes.ct),
             (SRC_RANGES, self.src_ranges.keys().count()),
         ]
@@ -467,12 +477,27 @@ impl Maps {
         .collect()
     }
 
+    /// `LB_UDP_SOCKS` slots held now: claims minus releases, summed over the CPUs (0 if the
+    /// counters cannot be read).
+    fn udp_socks_held(&self) -> usize {
+        let total = |index: u32| -> u64 {
+            self.stats
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        let held = total(lb_common::stats::UDP_SOCKS_CLAIMED)
+            .saturating_sub(total(lb_common::stats::UDP_SOCKS_RELEASED));
+        usize::try_from(held).unwrap_or(usize::MAX)
+    }
+
     /// Entries in the per-connection maps (an iteration each: for inspection, not hot paths).
     pub fn conn_table_sizes(&self) -> ConnTableSizes {
         ConnTableSizes {
             revnat: self.revnat.keys().count(),
             affinity: self.affinity.keys().count(),
             udp_flows: self.udp_flows.keys().count(),
+            udp_socks: self.udp_socks_held(),
             ct: self.ct.keys().count(),
         }
     }

@@ -17,8 +17,9 @@
 //! "program_type tracing is NOT available"). Both routes reach one network namespace at a time
 //! (a socket iterator walks the namespace it was created in, a netlink socket talks to its
 //! own), so either way lb enters each namespace.
-//! What lb translated a socket to is in its `LB_SOCKS` (TCP) or `LB_DGRAMS` (UDP) storage. A
-//! `sock_diag` dump returns it
+//! What lb translated a UDP socket to is in `LB_UDP_SOCKS`, keyed by the socket cookie that
+//! the dump reports. A TCP socket's (and a UDP socket's when `LB_UDP_SOCKS` was full) is in
+//! its `LB_SOCKS` or `LB_DGRAMS` socket storage. A `sock_diag` dump returns storage
 //! for TCP only (`INET_DIAG_REQ_SK_BPF_STORAGES` is filled for connection sockets, not UDP:
 //! measured on 6.18), so lb reads it the way the map is keyed, by the socket itself: per
 //! namespace, dump the connected UDP (and, with the flag, TCP) sockets of both families; the
@@ -46,13 +47,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use lb_common::{
     Addr,
     maps::{
         Backend, DGRAMS, DgramXlate, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, REVERSE,
-        SOCK_CONNECTED, SOCKS, SockXlate,
+        SOCK_CONNECTED, SOCKS, SockXlate, UDP_OWNERS, UDP_SOCKS,
     },
 };
 
@@ -144,6 +145,18 @@ impl SockDestroyer {
                 path: layout.map(MEMBERS).display().to_string(),
                 source,
             })?;
+        let udp_socks = Map::from_map_data(open(UDP_SOCKS)?)
+            .and_then(Array::<MapData, DgramXlate>::try_from)
+            .map_err(|source| SockDestroyError::Map {
+                path: layout.map(UDP_SOCKS).display().to_string(),
+                source,
+            })?;
+        let udp_owners = Map::from_map_data(open(UDP_OWNERS)?)
+            .and_then(Array::<MapData, u64>::try_from)
+            .map_err(|source| SockDestroyError::Map {
+                path: layout.map(UDP_OWNERS).display().to_string(),
+                source,
+            })?;
         let reverse =
             super::revmap::ReverseReader::open(layout).map_err(|source| SockDestroyError::Map {
                 path: layout.map(REVERSE).display().to_string(),
@@ -154,6 +167,8 @@ impl SockDestroyer {
             settings,
             socks,
             dgrams,
+            udp_owners,
+            udp_socks,
             members,
             reverse,
             metrics,
@@ -184,6 +199,10 @@ struct Worker {
     /// descriptor.
     socks: MapData,
     dgrams: MapData,
+    /// `LB_UDP_OWNERS` and `LB_UDP_SOCKS`: a UDP socket's state in the slot its cookie
+    /// picks, if the socket owns the slot.
+    udp_owners: Array<MapData, u64>,
+    udp_socks: Array<MapData, DgramXlate>,
     /// `LB_MEMBERS`: a pair that is a member again by the time of the pass keeps its sockets.
     members: HashMap<MapData, MemberKey, u32>,
     /// `LB_REVERSE`: the Service of TCP sockets connected without storage.
@@ -378,7 +397,14 @@ impl Worker {
                 // No process of the cgroup holds it (passed elsewhere, or closed meanwhile).
                 continue;
             };
-            let xlate = match self.storage_of(*proto, pid, fd, candidate.peer_backend()) {
+            let found = self.storage_of(
+                *proto,
+                candidate.cookie(),
+                pid,
+                fd,
+                candidate.peer_backend(),
+            );
+            let xlate = match found {
                 Ok(Some(xlate)) => xlate,
                 Ok(None) => continue, // not translated by lb: connected to the pod directly
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue, // gone
@@ -422,18 +448,32 @@ impl Worker {
         }
     }
 
-    /// What lb connected the socket to that process `pid` holds as descriptor `fd`: its
-    /// `LB_SOCKS` value (TCP) or the connected part of its `LB_DGRAMS` value (UDP), looked up
-    /// through a copy of the descriptor (the maps are keyed by a socket descriptor of the
-    /// caller). A TCP socket without storage whose peer `peer` has an active or draining
+    /// What lb connected the socket to that process `pid` holds as descriptor `fd` (socket
+    /// cookie `cookie`): its `LB_SOCKS` value (TCP) or the connected part of its
+    /// `LB_UDP_SOCKS` value (UDP, by cookie) or else of its `LB_DGRAMS` value, the storage
+    /// maps looked up through a copy of the descriptor (they are keyed by a socket
+    /// descriptor of the caller). A TCP socket without storage whose peer `peer` has an active or draining
     /// `LB_REVERSE` entry was connected through that entry's frontend ([`super::revmap`]).
     fn storage_of(
         &self,
         proto: u8,
+        cookie: u64,
         pid: u32,
         fd: i32,
         peer: Backend,
     ) -> io::Result<Option<SockXlate>> {
+        if proto == IPPROTO_UDP {
+            // The owner before and after the state: the same socket's state, not a slot that
+            // changed hands in between.
+            let slot = lb_common::maps::udp_sock_slot(cookie);
+            let owner = |owners: &Array<MapData, u64>| owners.get(&slot, 0);
+            if owner(&self.udp_owners).map_err(io::Error::other)? == cookie {
+                let state = self.udp_socks.get(&slot, 0).map_err(io::Error::other)?;
+                if owner(&self.udp_owners).map_err(io::Error::other)? == cookie {
+                    return Ok(Some(state.conn));
+                }
+            }
+        }
         let copy = pidfd_getfd(pid, fd)?;
         if proto == IPPROTO_UDP {
             let mut value = DgramXlate::default();

@@ -117,9 +117,32 @@ pub const CHANGES: &[Change] = &[
         step: Step::Create,
     },
     Change {
+        map: lb_common::maps::UDP_OWNERS,
+        what: "new: which open UDP socket (cookie) owns each LB_UDP_SOCKS slot",
+        step: Step::Create,
+    },
+    Change {
+        map: lb_common::maps::UDP_SOCKS,
+        what: "new: a UDP socket's state in a slot picked by its cookie, freed by the new \
+               sock_release program when the socket closes (LB_DGRAMS holds it only when \
+               another socket holds the slot)",
+        step: Step::Create,
+    },
+    Change {
+        map: lb_common::maps::DGRAMS,
+        what: "new UDP sockets keep their state in LB_UDP_SOCKS; LB_DGRAMS only when their \
+               slot is taken",
+        step: Step::Keep {
+            why: "same value; the layout-5 programs read a socket's LB_UDP_SOCKS entry first and \
+                  its LB_DGRAMS storage next, so the sockets the layout-4 programs translated \
+                  keep their state, and a socket never has both (its first translation writes \
+                  one of the two and later ones update that one)",
+        },
+    },
+    Change {
         map: lb_common::maps::STATS,
-        what: "three counters appended (connect_no_storage, connect_direct_marked, \
-               getpeername_reverse)",
+        what: "six counters appended (connect_no_storage, connect_direct_marked, \
+               getpeername_reverse, udp_socks_taken, udp_socks_claimed, udp_socks_released)",
         step: Step::Replace {
             migrate: copy_counters,
         },

@@ -1,7 +1,8 @@
 //! Unconnected-UDP socket churn: many new sockets, one datagram each to a Service and its
-//! answer, and the entry counts of lb's per-socket LRU maps before and after. Socket state
-//! that lives in socket storage goes with the socket, so the counts should return to where
-//! they were (issue 11: no per-socket entry outlives its socket). Reported, not asserted.
+//! answer, and the entry counts of lb's per-socket maps before and after: the LRU maps, and
+//! the `LB_UDP_OWNERS` slots held (a socket's state lives in its slot, which its close frees).
+//! The counts should return to where they were (issue 11: no per-socket entry outlives its
+//! socket). Reported, not asserted.
 
 use std::net::SocketAddr;
 
@@ -12,7 +13,8 @@ use super::{measure, services::Proto, topology::Topology};
 use crate::cmd;
 
 /// The maps a socket's flows could leave entries in (`lb_common::maps::REVNAT`, `UDP_FLOWS`).
-const MAPS: [&str; 2] = ["LB_REVNAT", "LB_UDP_FLOWS"];
+/// And the slots of `LB_UDP_SOCKS` held ([`OWNERS`]).
+const MAPS: [&str; 3] = ["LB_REVNAT", "LB_UDP_FLOWS", OWNERS];
 
 /// One churn run.
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,7 +29,10 @@ pub struct ChurnRow {
     pub seconds: f64,
 }
 
-/// Entries of pinned map `name` under `pin_path`.
+/// The array whose entries that are not 0 count (the slots held).
+const OWNERS: &str = "LB_UDP_OWNERS";
+
+/// Entries of pinned map `name` under `pin_path` (of an array: those that are not 0).
 fn entries(pin_path: &std::path::Path, name: &str) -> anyhow::Result<usize> {
     let path = pin_path.join("maps").join(name);
     let out = cmd::output(
@@ -37,7 +42,17 @@ fn entries(pin_path: &std::path::Path, name: &str) -> anyhow::Result<usize> {
     )?;
     let list: Vec<serde_json::Value> =
         serde_json::from_str(&out).with_context(|| format!("bpftool map dump {name}"))?;
-    Ok(list.len())
+    if name != OWNERS {
+        return Ok(list.len());
+    }
+    Ok(list
+        .iter()
+        .filter(|e| {
+            e["value"]
+                .as_array()
+                .is_some_and(|bytes| bytes.iter().any(|b| b != "0x00"))
+        })
+        .count())
 }
 
 /// `sockets` new UDP sockets from the client pod to `addr`, with entry counts around them.

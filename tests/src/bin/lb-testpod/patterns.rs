@@ -512,13 +512,59 @@ fn recvmmsg(fd: RawFd, max: usize, out: &mut Vec<Outcome>) -> usize {
 }
 
 /// Runs `steps` on one new socket of `kind`; one outcome per step (recvmmsg: per datagram).
+/// `same-slot:BITS` keeps the socket open and goes on with a new socket of the same kind
+/// whose cookie has the same low BITS bits (lb's `LB_UDP_SOCKS` slot of the first): it opens
+/// and closes sockets until one has (an error outcome if none did in 64 rounds of cookies).
 pub fn run(kind: Kind, timeout: Duration, steps: &[String]) -> anyhow::Result<Vec<Outcome>> {
-    let fd = open(kind, timeout).context("opening the socket")?;
+    let mut fd = open(kind, timeout).context("opening the socket")?;
+    let mut held = Vec::new();
     let mut out = Vec::new();
     for s in steps {
+        if let Some(bits) = s.strip_prefix("same-slot:") {
+            let bits: u32 = bits.parse().context("same-slot:BITS")?;
+            let mask = (1u64 << bits) - 1;
+            let want = cookie(fd.as_raw_fd())? & mask;
+            let mut found = None;
+            for _ in 0..(64u64 << bits) {
+                let next = open(kind, timeout).context("opening a socket")?;
+                if cookie(next.as_raw_fd())? & mask == want {
+                    found = Some(next);
+                    break;
+                }
+            }
+            match found {
+                Some(next) => {
+                    held.push(std::mem::replace(&mut fd, next));
+                    out.push(Outcome::default());
+                }
+                None => out.push(Outcome {
+                    error: Some("no socket with that slot".to_owned()),
+                    ..Outcome::default()
+                }),
+            }
+            continue;
+        }
         step(fd.as_raw_fd(), s, timeout, &mut out)?;
     }
+    drop(held);
     Ok(out)
+}
+
+/// The socket's cookie (`SO_COOKIE`; the kernel gives it one on first use).
+fn cookie(fd: RawFd) -> std::io::Result<u64> {
+    let mut value = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local u64 and its size.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    })?;
+    Ok(value)
 }
 
 /// Serves the line protocol over MPTCP on [::]:`port` (dual-stack; plain TCP clients are
