@@ -67,6 +67,10 @@ enum Command {
     /// a time; prints latency percentiles as JSON.
     RrTcp {
         addr: SocketAddr,
+        /// More addresses: transaction i goes to the (i mod n)-th of ADDR and these (a
+        /// direct client spreading over the pods as a Service does).
+        #[arg(long)]
+        spread: Vec<SocketAddr>,
         #[arg(long, default_value_t = 1000)]
         count: usize,
         /// Also call getpeername() once on each connected socket (the bench's program-cost
@@ -78,6 +82,9 @@ enum Command {
     /// Benchmark: `count` UDP 1-byte request/responses, each from a new socket.
     RrUdp {
         addr: SocketAddr,
+        /// More addresses, as for `rr-tcp`.
+        #[arg(long)]
+        spread: Vec<SocketAddr>,
         #[arg(long, default_value_t = 1000)]
         count: usize,
         /// How long to wait for each response before counting it lost (milliseconds).
@@ -566,13 +573,14 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn rr_tcp(addr: SocketAddr, count: usize, getpeername: bool) -> RrReport {
+/// `count` TCP transactions, the i-th to `addrs[i % addrs.len()]` (`addrs` is not empty).
+fn rr_tcp(addrs: &[SocketAddr], count: usize, getpeername: bool) -> RrReport {
     use std::io::Read as _;
     let mut connects = Vec::with_capacity(count);
     let mut transactions = Vec::with_capacity(count);
     let mut first_error = None;
     let started = std::time::Instant::now();
-    for _ in 0..count {
+    for addr in addrs.iter().cycle().take(count) {
         let t0 = std::time::Instant::now();
         let result = TcpStream::connect(addr).and_then(|mut s| {
             let connected = t0.elapsed();
@@ -605,12 +613,13 @@ fn rr_tcp(addr: SocketAddr, count: usize, getpeername: bool) -> RrReport {
     )
 }
 
-fn rr_udp(addr: SocketAddr, count: usize, timeout: Duration) -> RrReport {
+/// `count` UDP transactions, each from a new socket, the i-th to `addrs[i % addrs.len()]`.
+fn rr_udp(addrs: &[SocketAddr], count: usize, timeout: Duration) -> RrReport {
     let mut transactions = Vec::with_capacity(count);
     let mut first_error = None;
     let started = std::time::Instant::now();
     let mut buf = [0u8; 16];
-    for _ in 0..count {
+    for &addr in addrs.iter().cycle().take(count) {
         let t0 = std::time::Instant::now();
         let result = udp_socket(addr).and_then(|s| {
             s.set_read_timeout(Some(timeout))?;
@@ -661,15 +670,21 @@ fn main() -> anyhow::Result<()> {
         } => return serve(&name, &tcp, &udp, bench, &udp_addrs, show_client),
         Command::RrTcp {
             addr,
+            spread,
             count,
             getpeername,
-        } => return print_json(&rr_tcp(addr, count, getpeername)),
+        } => {
+            let addrs: Vec<SocketAddr> = std::iter::once(addr).chain(spread).collect();
+            return print_json(&rr_tcp(&addrs, count, getpeername));
+        }
         Command::RrUdp {
             addr,
+            spread,
             count,
             timeout_ms,
         } => {
-            return print_json(&rr_udp(addr, count, Duration::from_millis(timeout_ms)));
+            let addrs: Vec<SocketAddr> = std::iter::once(addr).chain(spread).collect();
+            return print_json(&rr_udp(&addrs, count, Duration::from_millis(timeout_ms)));
         }
         Command::Tcp {
             addr,

@@ -27,7 +27,18 @@ pub struct Rr {
 
 /// `count` request/responses from the client pod (in its cgroup) to `addr`.
 pub fn rr(topo: &Topology, proto: Proto, addr: SocketAddr, count: usize) -> anyhow::Result<Rr> {
-    rr_with(topo, proto, addr, count, true, false)
+    rr_with(topo, proto, &[addr], count, true, false)
+}
+
+/// [`rr`] over several addresses: the i-th transaction to the (i mod n)-th (`addrs` is not
+/// empty; a direct client spreading over the pods as a Service does).
+pub fn rr_spread(
+    topo: &Topology,
+    proto: Proto,
+    addrs: &[SocketAddr],
+    count: usize,
+) -> anyhow::Result<Rr> {
+    rr_with(topo, proto, addrs, count, true, false)
 }
 
 /// [`rr`] whose TCP client also calls getpeername() once per connection (for the
@@ -38,7 +49,7 @@ pub fn rr_getpeername(
     addr: SocketAddr,
     count: usize,
 ) -> anyhow::Result<Rr> {
-    rr_with(topo, proto, addr, count, true, proto == Proto::Tcp)
+    rr_with(topo, proto, &[addr], count, true, proto == Proto::Tcp)
 }
 
 /// [`rr`] from the client's namespace outside lb's cgroup: a client outside the cluster.
@@ -48,13 +59,13 @@ pub fn rr_outside(
     addr: SocketAddr,
     count: usize,
 ) -> anyhow::Result<Rr> {
-    rr_with(topo, proto, addr, count, false, false)
+    rr_with(topo, proto, &[addr], count, false, false)
 }
 
 fn rr_with(
     topo: &Topology,
     proto: Proto,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     count: usize,
     in_cgroup: bool,
     getpeername: bool,
@@ -64,12 +75,16 @@ fn rr_with(
         Proto::Udp => "rr-udp",
     };
     let bin = crate::cmd::testpod_bin();
+    let (&addr, more) = addrs.split_first().context("no address")?;
     let mut args = vec![
         sub.to_owned(),
         addr.to_string(),
         "--count".into(),
         count.to_string(),
     ];
+    for other in more {
+        args.extend(["--spread".into(), other.to_string()]);
+    }
     if getpeername {
         args.push("--getpeername".into());
     }

@@ -502,8 +502,10 @@ impl Bench {
         let mut setups: Vec<Setup> = Vec::new();
         for mode in Mode::ALL {
             eprintln!("bench: programming {} with {n} Services", mode.name());
-            let topo = Topology::new(ENDPOINTS, &Servers::Echo)?;
-            let set = ServiceSet::new(n, topo.backends.clone());
+            // The backend pod holds the common endpoints and the last Service's own.
+            let topo = Topology::new(2 * ENDPOINTS, &Servers::Echo)?;
+            let (common, own) = topo.backends.split_at(ENDPOINTS);
+            let set = ServiceSet::new(n, common.to_vec()).with_own_last(own.to_vec());
             if let Some(programmed) = self.program(mode, &topo, &set, n > 1)? {
                 setups.push(Setup {
                     mode,
@@ -553,10 +555,13 @@ impl Bench {
                     ));
                 }
                 if setup.mode == Mode::Direct {
+                    // Each transaction to the next pod: the same spread over the pods as a
+                    // Service's random pick, so the pods' caches and sockets are as warm
+                    // either way and the difference is what the path costs.
                     points.push((
                         i,
                         proto,
-                        "pod",
+                        "pods",
                         SocketAddrV4::new(setup.topo.backends[0], target_port).into(),
                     ));
                 } else {
@@ -572,12 +577,38 @@ impl Bench {
                         "last",
                         SocketAddrV4::new(ServiceSet::vip(n - 1), port).into(),
                     ));
+                    if setup.mode == Mode::Lb && proto == Proto::Tcp && n > 2 {
+                        // A Service whose endpoints other Services share (the first, which
+                        // sorts first, owns their reverse entries): its connects keep
+                        // socket storage.
+                        points.push((
+                            i,
+                            proto,
+                            "shared",
+                            SocketAddrV4::new(ServiceSet::vip(1), port).into(),
+                        ));
+                    }
                 }
             }
         }
+        // A point's run: a direct point goes to every pod (of the common endpoints) in turn.
+        let run = |i: usize, proto: Proto, addr: SocketAddr, count: usize| {
+            let topo = &setups[i].topo;
+            if setups[i].mode == Mode::Direct {
+                let pods: Vec<SocketAddr> = setups[i]
+                    .set
+                    .backends
+                    .iter()
+                    .map(|pod| SocketAddrV4::new(*pod, addr.port()).into())
+                    .collect();
+                measure::rr_spread(topo, proto, &pods, count)
+            } else {
+                rr(topo, proto, addr, count)
+            }
+        };
         for &(i, proto, _, addr) in &points {
             // Warm up: neighbour tables, caches, conntrack.
-            rr(&setups[i].topo, proto, addr, 50)?;
+            run(i, proto, addr, 50)?;
         }
         let mut runs: Vec<Vec<measure::Rr>> = vec![Vec::new(); points.len()];
         for round in 0..self.plan.repeats {
@@ -589,7 +620,7 @@ impl Bench {
             // Each round starts at another point, so no mode is always measured first.
             for k in rotated(points.len(), round) {
                 let (i, proto, _, addr) = points[k];
-                runs[k].push(rr(&setups[i].topo, proto, addr, self.plan.transactions)?);
+                runs[k].push(run(i, proto, addr, self.plan.transactions)?);
             }
         }
         #[expect(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]

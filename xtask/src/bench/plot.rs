@@ -233,7 +233,7 @@ pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
     ] {
         let mut series: Vec<Series> = Vec::new();
         for (mode, target, label) in [
-            ("direct", "pod", "direct to the pod"),
+            ("direct", "pods", "direct to the pods"),
             ("lb", "last", "lb"),
             ("iptables", "first", "iptables, first Service"),
             ("iptables", "last", "iptables, last Service"),

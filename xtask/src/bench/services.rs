@@ -1,6 +1,7 @@
 //! The generated Service set every mode serves: N Services, each with a TCP port (80 ->
-//! 8080) and a UDP port (53 -> 8053) and the same E endpoints, as lb manifests,
-//! kube-proxy-style iptables-restore input and kube-proxy-style nftables input.
+//! 8080) and a UDP port (53 -> 8053) and E endpoints (the same E for all, or the last
+//! Service's own: [`ServiceSet::with_own_last`]), as lb manifests, kube-proxy-style
+//! iptables-restore input and kube-proxy-style nftables input.
 
 use std::net::Ipv4Addr;
 
@@ -29,7 +30,10 @@ pub fn backend_ip(k: usize) -> Ipv4Addr {
 #[derive(Clone, Debug)]
 pub struct ServiceSet {
     pub n: usize,
+    /// Every Service's endpoints (but the last's, when it has its own).
     pub backends: Vec<Ipv4Addr>,
+    /// The last Service's own endpoints (with N > 1), which no other Service shares.
+    pub last_backends: Option<Vec<Ipv4Addr>>,
     /// `type: NodePort` Services whose endpoints are on this node (`nodeName`), when set.
     pub nodeport_node: Option<String>,
 }
@@ -81,7 +85,24 @@ impl ServiceSet {
         Self {
             n,
             backends,
+            last_backends: None,
             nodeport_node: None,
+        }
+    }
+
+    /// The last Service (of N > 1) gets endpoints of its own, `backends`, as most Services
+    /// of a cluster have (lb's reverse map then answers for its connects); the others share
+    /// the common ones.
+    pub fn with_own_last(mut self, backends: Vec<Ipv4Addr>) -> Self {
+        self.last_backends = Some(backends);
+        self
+    }
+
+    /// Service `i`'s endpoints.
+    pub fn endpoints(&self, i: usize) -> &[Ipv4Addr] {
+        match &self.last_backends {
+            Some(own) if self.n > 1 && i == self.n - 1 => own,
+            _ => &self.backends,
         }
     }
 
@@ -151,7 +172,7 @@ impl ServiceSet {
             {
                 service["spec"]["type"] = "NodePort".into();
             }
-            let mut endpoints: Vec<Ipv4Addr> = self.backends.clone();
+            let mut endpoints: Vec<Ipv4Addr> = self.endpoints(i).to_vec();
             if i == 0 {
                 endpoints.extend_from_slice(extra);
             }
@@ -246,7 +267,7 @@ impl ServiceSet {
         for i in 0..self.n {
             for proto in Proto::BOTH {
                 push_line!(chains, ":{} - [0:0]", Self::svc_chain(i, proto));
-                for ip in &self.backends {
+                for ip in self.endpoints(i) {
                     push_line!(chains, ":{} - [0:0]", Self::sep_chain(i, proto, *ip));
                 }
                 let (port, _) = proto.ports();
@@ -259,7 +280,7 @@ impl ServiceSet {
                     proto.port_name(),
                     Self::svc_chain(i, proto)
                 );
-                Self::iptables_service(&mut rules, i, proto, &self.backends);
+                Self::iptables_service(&mut rules, i, proto, self.endpoints(i));
             }
         }
         if self.nodeport_node.is_some() {
@@ -434,7 +455,7 @@ impl ServiceSet {
         let mut elements = Vec::with_capacity(self.n * 2);
         for i in 0..self.n {
             for proto in Proto::BOTH {
-                Self::nft_service(&mut out, i, proto, &self.backends, true);
+                Self::nft_service(&mut out, i, proto, self.endpoints(i), true);
                 let (port, _) = proto.ports();
                 elements.push(format!(
                     "{} . {} . {port} : goto {}",
