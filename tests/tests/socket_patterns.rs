@@ -813,11 +813,7 @@ fn a_udp_socket_whose_slot_is_held_keeps_its_state_in_storage() {
     // Two open sockets whose cookies pick the same LB_UDP_SOCKS slot: the first holds it,
     // the second's state goes to socket storage, and both see the Service on their answers.
     let f = start();
-    let counter = |name: &str| {
-        let out = f.agent.lb(&["stats", "--json"]);
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lb stats json");
-        json["events"][name].as_u64().expect(name)
-    };
+    let counter = |name: &str| event_count(&f.agent, name);
     let taken = counter("udp_socks_taken");
     let bits = lb_common::maps::MAX_UDP_SOCKS.trailing_zeros().to_string();
     let same_slot = format!("same-slot:{bits}");
@@ -857,6 +853,13 @@ fn map_entries(agent: &Agent, map: &str) -> usize {
     entries.as_array().map_or(0, Vec::len)
 }
 
+/// The agent's event counter `name` (`lb stats --json`).
+fn event_count(agent: &Agent, name: &str) -> u64 {
+    let out = agent.lb(&["stats", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lb stats json");
+    json["events"][name].as_u64().expect(name)
+}
+
 /// The `LB_UDP_OWNERS` slots held by a socket (an array: every index is there, a held one is
 /// not 0).
 fn held_udp_slots(agent: &Agent) -> usize {
@@ -886,11 +889,7 @@ fn unconnected_udp_sockets_leave_no_entries_behind() {
     // in their LB_UDP_SOCKS slot, which the socket's close frees, so the slots held and the
     // LRU maps are what they were before.
     let f = start();
-    let counter = |name: &str| {
-        let out = f.agent.lb(&["stats", "--json"]);
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lb stats json");
-        json["events"][name].as_u64().expect(name)
-    };
+    let counter = |name: &str| event_count(&f.agent, name);
     let claimed = counter("udp_socks_claimed");
     let held = held_udp_slots(&f.agent);
     let before: Vec<usize> = ["LB_REVNAT", "LB_UDP_FLOWS"]

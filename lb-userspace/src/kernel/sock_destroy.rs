@@ -139,24 +139,22 @@ impl SockDestroyer {
         };
         let socks = open(SOCKS)?;
         let dgrams = open(DGRAMS)?;
-        let members = Map::from_map_data(open(MEMBERS)?)
-            .and_then(HashMap::<MapData, MemberKey, u32>::try_from)
-            .map_err(|source| SockDestroyError::Map {
-                path: layout.map(MEMBERS).display().to_string(),
-                source,
-            })?;
-        let udp_socks = Map::from_map_data(open(UDP_SOCKS)?)
-            .and_then(Array::<MapData, DgramXlate>::try_from)
-            .map_err(|source| SockDestroyError::Map {
-                path: layout.map(UDP_SOCKS).display().to_string(),
-                source,
-            })?;
-        let udp_owners = Map::from_map_data(open(UDP_OWNERS)?)
-            .and_then(Array::<MapData, u64>::try_from)
-            .map_err(|source| SockDestroyError::Map {
-                path: layout.map(UDP_OWNERS).display().to_string(),
-                source,
-            })?;
+        // A pinned map as aya's typed handle `T`.
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            layout: &PinLayout,
+            name: &str,
+            data: MapData,
+        ) -> Result<T, SockDestroyError> {
+            Map::from_map_data(data)
+                .and_then(T::try_from)
+                .map_err(|source| SockDestroyError::Map {
+                    path: layout.map(name).display().to_string(),
+                    source,
+                })
+        }
+        let members: HashMap<MapData, MemberKey, u32> = typed(layout, MEMBERS, open(MEMBERS)?)?;
+        let udp_socks: Array<MapData, DgramXlate> = typed(layout, UDP_SOCKS, open(UDP_SOCKS)?)?;
+        let udp_owners: Array<MapData, u64> = typed(layout, UDP_OWNERS, open(UDP_OWNERS)?)?;
         let reverse =
             super::revmap::ReverseReader::open(layout).map_err(|source| SockDestroyError::Map {
                 path: layout.map(REVERSE).display().to_string(),
