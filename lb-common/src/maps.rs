@@ -124,13 +124,19 @@ pub const MAX_UDP_FLOWS: u32 = 1 << 16;
 /// The slots: [`UDP_OWNERS`] holds at each index the cookie of the open UDP socket that owns
 /// it, 0 for a free slot (the kernel's cookies start at 1); [`UDP_SOCKS`] at the same index
 /// the owner's [`DgramXlate`]. A socket claims its free slot with an atomic
-/// compare-and-exchange of the owner (0 -> its cookie) on its first translation and then
-/// writes the whole state; the `sock_release` program sets the owner back to 0 when the
-/// socket closes. Only the owner reads the state, after checking the owner; the agent reads
-/// it the same way. The owners are an array of their own so that the check every UDP socket
+/// compare-and-exchange of the owner (0 -> its cookie with [`UDP_SLOT_CLAIMING`]) on its
+/// first translation, writes the whole state, then stores its plain cookie; the
+/// `sock_release` program sets the owner back to 0 when the socket closes. Only the owner
+/// reads the state, after checking the owner; the agent reads the owner, the state and the
+/// owner again, and takes the state only if both reads are the cookie it looks for. The owners are an array of their own so that the check every UDP socket
 /// makes (sent to a Service or not) reads 8 bytes, of which neighbouring sockets share a
 /// cache line, rather than a 240-byte state.
 pub const MAX_UDP_SOCKS: u32 = 1 << 16;
+
+/// An [`UDP_OWNERS`] value with this bit set is a socket cookie (the rest) still writing its
+/// state into the slot it just claimed: no one's yet for the agent, which compares the whole
+/// value with a cookie. Kernel cookies are a 64-bit count from 1 and never reach it.
+pub const UDP_SLOT_CLAIMING: u64 = 1 << 63;
 
 /// The [`UDP_SOCKS`] slot of the socket with cookie `cookie`: its low bits. The kernel hands
 /// out socket cookies in increasing order (`gen_cookie_next`, per-CPU batches), so sockets

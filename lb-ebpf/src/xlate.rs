@@ -14,7 +14,7 @@ use lb_common::{
         Affinity, AffinityKey, Backend, DgramXlate, FLOW_REVERSE, Frontend, FrontendKey,
         IPPROTO_TCP, IPPROTO_UDP, MemberKey, REVERSE_ACTIVE, REVERSE_DRAINING, RevNat, RevNatKey,
         SOCK_CONNECTED, SOCK_DATAGRAMS, SOCK_DIRECT, SOCK_OVERFLOW, SlotKey, SockFlow, SockXlate,
-        UdpFlowKey, reverse_filter_bit, udp_sock_slot,
+        UDP_SLOT_CLAIMING, UdpFlowKey, reverse_filter_bit, udp_sock_slot,
     },
     select::{affinity_fresh, slot_for},
     stats,
@@ -289,8 +289,9 @@ fn dgram_state(ctx: &SockAddrContext, cookie: u64) -> Option<*mut DgramXlate> {
 }
 
 /// A UDP socket's first state, `value`: its `LB_UDP_SOCKS` slot when free (claimed with a
-/// compare-and-exchange of the slot's owner, 0 -> the socket's cookie: two sockets of one
-/// slot racing here cannot both win), else its `LB_DGRAMS` storage (the kernel allocates it).
+/// compare-and-exchange of the slot's owner, 0 -> the socket's cookie marked
+/// [`UDP_SLOT_CLAIMING`] until the state is written: two sockets of one slot racing here
+/// cannot both win), else its `LB_DGRAMS` storage (the kernel allocates it).
 /// Without either (memory) the socket is translated all the same, and its replies show the
 /// backend (counted as `err_revnat_update`).
 #[inline(always)]
@@ -299,10 +300,15 @@ fn dgram_insert(ctx: &SockAddrContext, cookie: u64, value: &DgramXlate) {
     if let Some(owner) = LB_UDP_OWNERS.get_ptr_mut(slot)
         && let Some(state) = LB_UDP_SOCKS.get_ptr_mut(slot)
         // SAFETY: an aligned u64 in the array's value, valid while the program runs.
-        && unsafe { claim(owner, cookie) }
+        && unsafe { claim(owner, cookie | UDP_SLOT_CLAIMING) }
     {
-        // SAFETY: the slot is this socket's now; only its own syscalls touch the state.
-        unsafe { *state = *value };
+        // SAFETY: the slot is this socket's now; only its own syscalls touch the state. The
+        // owner says so only once the state is whole: the agent, which reads owner, state
+        // and owner again, never takes the previous owner's state for this socket's.
+        unsafe {
+            *state = *value;
+            owner.write_volatile(cookie);
+        }
         count(stats::UDP_SOCKS_CLAIMED);
         return;
     }
@@ -314,22 +320,22 @@ fn dgram_insert(ctx: &SockAddrContext, cookie: u64, value: &DgramXlate) {
     }
 }
 
-/// Sets `*owner` from 0 to `cookie` atomically (BPF `cmpxchg_64`: Rust's BPF target has no
+/// Sets `*owner` from 0 to `claimant` atomically (BPF `cmpxchg_64`: Rust's BPF target has no
 /// compare-and-exchange, though the kernel has had the instruction since 5.12); whether it
 /// was 0.
 ///
 /// # Safety
 /// `owner` points to an aligned u64 in a map value, valid while the program runs.
 #[inline(always)]
-unsafe fn claim(owner: *mut u64, cookie: u64) -> bool {
+unsafe fn claim(owner: *mut u64, claimant: u64) -> bool {
     let mut previous: u64 = 0;
     // SAFETY: one atomic instruction on the caller's valid, aligned pointer; r0 holds the
     // expected value (0) in and the value found out.
     unsafe {
         core::arch::asm!(
-            "r0 = cmpxchg_64({owner} + 0, r0, {cookie})",
+            "r0 = cmpxchg_64({owner} + 0, r0, {claimant})",
             owner = in(reg) owner,
-            cookie = in(reg) cookie,
+            claimant = in(reg) claimant,
             inout("r0") previous,
             options(nostack),
         );

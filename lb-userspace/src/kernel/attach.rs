@@ -39,29 +39,17 @@ pub enum HookAttach {
     Sock(CgroupSockAttachType),
 }
 
-/// Every program lb attaches to the cgroup, by its name (lb-common's `programs`). The release
-/// hook comes first: from the moment a sendmsg program can write a socket's `LB_UDP_SOCKS`
-/// entry, the hook that deletes it is attached (an upgrade from layout 4 attaches it new).
+/// Every program lb attaches to the cgroup, by its name (lb-common's `programs`), in the
+/// order the links are attached or taken over. The release hook first: from the moment a
+/// connect or sendmsg program can claim a socket's `LB_UDP_SOCKS` slot, the hook that frees it
+/// is attached (an upgrade from layout 4 attaches it new). Then the readers (recvmsg,
+/// getpeername), then the writers (connect, sendmsg): during an upgrade's takeover the new
+/// readers, which read a socket's slot and then its storage, already run when the first new
+/// writer puts a socket's state in a slot, which the old readers would not see.
 pub const HOOKS: [Hook; 9] = [
     Hook {
         program: programs::SOCK_RELEASE,
         attach: HookAttach::Sock(CgroupSockAttachType::SockRelease),
-    },
-    Hook {
-        program: programs::CONNECT4,
-        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::Connect4),
-    },
-    Hook {
-        program: programs::CONNECT6,
-        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::Connect6),
-    },
-    Hook {
-        program: programs::SENDMSG4,
-        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4),
-    },
-    Hook {
-        program: programs::SENDMSG6,
-        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::UDPSendMsg6),
     },
     Hook {
         program: programs::RECVMSG4,
@@ -78,6 +66,22 @@ pub const HOOKS: [Hook; 9] = [
     Hook {
         program: programs::GETPEERNAME6,
         attach: HookAttach::SockAddr(CgroupSockAddrAttachType::GetPeerName6),
+    },
+    Hook {
+        program: programs::CONNECT4,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::Connect4),
+    },
+    Hook {
+        program: programs::CONNECT6,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::Connect6),
+    },
+    Hook {
+        program: programs::SENDMSG4,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4),
+    },
+    Hook {
+        program: programs::SENDMSG6,
+        attach: HookAttach::SockAddr(CgroupSockAddrAttachType::UDPSendMsg6),
     },
 ];
 
@@ -205,6 +209,17 @@ pub fn attach_or_adopt(
         source,
     })?;
     let mut done = Vec::with_capacity(HOOKS.len());
+    // Every program is loaded (verified, milliseconds each) before the first link changes
+    // hands, so that the takeover below is a few syscalls long.
+    for hook in HOOKS {
+        let program = ebpf
+            .program_mut(hook.program)
+            .ok_or(AttachError::MissingProgram(hook.program))?;
+        load(program, &hook).map_err(|source| AttachError::Program {
+            program: hook.program,
+            source,
+        })?;
+    }
     for hook in HOOKS {
         let program_error = |source| AttachError::Program {
             program: hook.program,
@@ -213,7 +228,6 @@ pub fn attach_or_adopt(
         let program = ebpf
             .program_mut(hook.program)
             .ok_or(AttachError::MissingProgram(hook.program))?;
-        load(program, &hook).map_err(program_error)?;
         let link_path = layout.link(hook.program);
         if link_path.exists() {
             let link = sys::obj_get(&link_path).map_err(|source| AttachError::Io {

@@ -15,7 +15,7 @@ use lb_common::{
         AFFINITY, Affinity, AffinityKey, Backend, DgramXlate, FRONTENDS, Frontend, FrontendKey,
         LAYOUT_VERSION, MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, META_MAGLEV_TABLE_SIZE,
         META_MEMBER_EPOCH, MemberKey, REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS,
-        UDP_SOCKS, UdpFlowKey,
+        UDP_OWNERS, UDP_SOCKS, UdpFlowKey,
     },
     nat::{CT, CtEntry, CtKey, SRC_RANGE_PRESENT, SRC_RANGES, SrcRangeKey},
 };
@@ -112,9 +112,10 @@ pub struct Maps {
     revnat: HashMap<MapData, RevNatKey, RevNat>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     udp_flows: HashMap<MapData, UdpFlowKey, Backend>,
-    /// UDP sockets lb translated, a slot per socket cookie (its capacity only: the slots in
-    /// use come from the counters).
+    /// UDP sockets lb translated, a slot per socket cookie (its capacity only), and the
+    /// slots' owners (their count is the fill).
     udp_socks: Array<MapData, DgramXlate>,
+    udp_owners: Array<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
     meta: Array<MapData, u32>,
     /// The north-south connection tracking (read for its fill only).
@@ -148,8 +149,7 @@ pub struct ConnTableSizes {
     pub affinity: usize,
     pub udp_flows: usize,
     /// `LB_UDP_SOCKS` slots held (one per open UDP socket that lb translated and that owns
-    /// its slot): the `udp_socks_claimed` counter minus `udp_socks_released`, not an
-    /// iteration (the array has a value at every index).
+    /// its slot): the owners in `LB_UDP_OWNERS` that are not 0.
     pub udp_socks: usize,
     /// `LB_CT` (one entry per north-south flow to a local backend, two per SNAT'd flow).
     pub ct: usize,
@@ -176,6 +176,7 @@ impl Maps {
             affinity: typed(layout, AFFINITY)?,
             udp_flows: typed(layout, UDP_FLOWS)?,
             udp_socks: typed(layout, UDP_SOCKS)?,
+            udp_owners: typed(layout, UDP_OWNERS)?,
             stats: typed(layout, STATS)?,
             meta: typed(layout, META)?,
             ct,
@@ -477,18 +478,13 @@ impl Maps {
         .collect()
     }
 
-    /// `LB_UDP_SOCKS` slots held now: claims minus releases, summed over the CPUs (0 if the
-    /// counters cannot be read).
+    /// `LB_UDP_SOCKS` slots held now: the owners that are not 0 (`LB_UDP_OWNERS` read in
+    /// batches, 512 KiB); 0 if it cannot be read. Not the claim and release counters: per-CPU
+    /// counters can lose an increment to preemption, and the difference would drift.
     fn udp_socks_held(&self) -> usize {
-        let total = |index: u32| -> u64 {
-            self.stats
-                .get(&index, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
-        let held = total(lb_common::stats::UDP_SOCKS_CLAIMED)
-            .saturating_sub(total(lb_common::stats::UDP_SOCKS_RELEASED));
-        usize::try_from(held).unwrap_or(usize::MAX)
+        let len = self.udp_owners.len();
+        super::sys::array_values::<u64>(self.udp_owners.map().fd().as_fd(), len)
+            .map_or(0, |owners| owners.iter().filter(|o| **o != 0).count())
     }
 
     /// Entries in the per-connection maps (an iteration each: for inspection, not hot paths).

@@ -17,9 +17,9 @@
 //! "program_type tracing is NOT available"). Both routes reach one network namespace at a time
 //! (a socket iterator walks the namespace it was created in, a netlink socket talks to its
 //! own), so either way lb enters each namespace.
-//! What lb translated a UDP socket to is in `LB_UDP_SOCKS`, keyed by the socket cookie that
-//! the dump reports. A TCP socket's (and a UDP socket's when `LB_UDP_SOCKS` was full) is in
-//! its `LB_SOCKS` or `LB_DGRAMS` socket storage. A `sock_diag` dump returns storage
+//! What lb translated a UDP socket to is in its `LB_UDP_SOCKS` slot, picked by the socket
+//! cookie that the dump reports. A TCP socket's (and a UDP socket's whose slot another socket
+//! held) is in its `LB_SOCKS` or `LB_DGRAMS` socket storage. A `sock_diag` dump returns storage
 //! for TCP only (`INET_DIAG_REQ_SK_BPF_STORAGES` is filled for connection sockets, not UDP:
 //! measured on 6.18), so lb reads it the way the map is keyed, by the socket itself: per
 //! namespace, dump the connected UDP (and, with the flag, TCP) sockets of both families; the

@@ -32,8 +32,8 @@
 //! from what it finds (a moved-aside pin says its map was already replaced) and runs the rest.
 //! Migrations must therefore be idempotent and never overwrite an entry the new programs wrote
 //! (insert if absent). Between steps 4's first and last link update, some hooks run old and
-//! some new programs for a few microseconds; what the old ones write to a replaced map in that
-//! window is carried by step 5.
+//! some new programs for a few microseconds (every program is loaded before the first
+//! update); what the old ones write to a replaced map in that window is carried by step 5.
 //!
 //! The precedent for replacing an incompatible pinned map only after the new programs are
 //! attached is Cilium's loader (`pkg/bpf`, `commitMapPins`).
@@ -135,8 +135,11 @@ pub const CHANGES: &[Change] = &[
         step: Step::Keep {
             why: "same value; the layout-5 programs read a socket's LB_UDP_SOCKS entry first and \
                   its LB_DGRAMS storage next, so the sockets the layout-4 programs translated \
-                  keep their state, and a socket never has both (its first translation writes \
-                  one of the two and later ones update that one)",
+                  keep their state; the takeover swaps the readers (recvmsg, getpeername) \
+                  before the writers (attach.rs HOOKS), so a slot is never written while an \
+                  old reader runs. A socket gets both only if, in the microseconds between the \
+                  first and the last writer's swap, a new connect gives it a slot and an old \
+                  sendmsg then storage: that datagram's replies show the backend",
         },
     },
     Change {

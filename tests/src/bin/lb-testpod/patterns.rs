@@ -515,12 +515,19 @@ fn recvmmsg(fd: RawFd, max: usize, out: &mut Vec<Outcome>) -> usize {
 /// `same-slot:BITS` keeps the socket open and goes on with a new socket of the same kind
 /// whose cookie has the same low BITS bits (lb's `LB_UDP_SOCKS` slot of the first): it opens
 /// and closes sockets until one has (an error outcome if none did in 64 rounds of cookies).
+/// `reused-slot:BITS` does the same but closes the socket first (the new one gets its slot
+/// after it).
 pub fn run(kind: Kind, timeout: Duration, steps: &[String]) -> anyhow::Result<Vec<Outcome>> {
     let mut fd = open(kind, timeout).context("opening the socket")?;
     let mut held = Vec::new();
     let mut out = Vec::new();
     for s in steps {
-        if let Some(bits) = s.strip_prefix("same-slot:") {
+        let (keep, bits) = match (s.strip_prefix("same-slot:"), s.strip_prefix("reused-slot:")) {
+            (Some(bits), _) => (true, Some(bits)),
+            (None, Some(bits)) => (false, Some(bits)),
+            (None, None) => (true, None),
+        };
+        if let Some(bits) = bits {
             let bits: u32 = bits.parse().context("same-slot:BITS")?;
             let mask = (1u64 << bits) - 1;
             let want = cookie(fd.as_raw_fd())? & mask;
@@ -534,7 +541,10 @@ pub fn run(kind: Kind, timeout: Duration, steps: &[String]) -> anyhow::Result<Ve
             }
             match found {
                 Some(next) => {
-                    held.push(std::mem::replace(&mut fd, next));
+                    let previous = std::mem::replace(&mut fd, next);
+                    if keep {
+                        held.push(previous);
+                    }
                     out.push(Outcome::default());
                 }
                 None => out.push(Outcome {
