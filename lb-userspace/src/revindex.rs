@@ -10,7 +10,10 @@
 //! frontend key) that has it among its backends; none for a backend whose address and port
 //! are themselves a frontend.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use lb_common::maps::{FrontendKey, IPPROTO_TCP, RevNat};
 
@@ -18,8 +21,9 @@ use crate::desired::{Desired, FrontendKind};
 use crate::kernel::state::KernelState;
 use crate::model::ObjectKey;
 
-/// What orders the frontends claiming one backend: the lowest wins.
-type Rank = (ObjectKey, u16, FrontendKey);
+/// What orders the frontends claiming one backend: the lowest wins. Unique per frontend (it
+/// ends with the frontend's key), shared by the claim and every backend's set of claimants.
+type Rank = Arc<(ObjectKey, u16, FrontendKey)>;
 
 /// One frontend's claim: its rank, the entry it would be (address, port, id), and the
 /// backends it claims.
@@ -36,8 +40,10 @@ pub type ReverseDelta = Vec<(FrontendKey, Option<RevNat>)>;
 #[derive(Default)]
 pub struct ReverseIndex {
     claims: HashMap<FrontendKey, Claim>,
-    /// Per backend key, the frontends claiming it (usually one).
-    claimants: HashMap<FrontendKey, Vec<FrontendKey>>,
+    /// Per backend key, the ranks of the frontends claiming it (usually one; 100 000 when
+    /// every Service shares the backend), lowest first: adding, removing and finding the
+    /// owner are logarithmic.
+    claimants: HashMap<FrontendKey, BTreeSet<Rank>>,
     /// The wanted entries, as last handed out.
     wanted: BTreeMap<FrontendKey, RevNat>,
 }
@@ -60,7 +66,7 @@ impl ReverseIndex {
 
     /// Recomputes everything (the first pass, a full plan); returns the changes.
     pub fn rebuild(&mut self, desired: &Desired, state: &KernelState) -> ReverseDelta {
-        let keys: Vec<FrontendKey> = self
+        let keys: std::collections::HashSet<FrontendKey> = self
             .claims
             .keys()
             .copied()
@@ -84,9 +90,9 @@ impl ReverseIndex {
             affected.push(backend_key(key.addr, key.port));
             if let Some(old) = self.claims.remove(&key) {
                 for b in &old.backends {
-                    if let Some(list) = self.claimants.get_mut(b) {
-                        list.retain(|k| *k != key);
-                        if list.is_empty() {
+                    if let Some(set) = self.claimants.get_mut(b) {
+                        set.remove(&old.rank);
+                        if set.is_empty() {
                             self.claimants.remove(b);
                         }
                     }
@@ -107,17 +113,15 @@ impl ReverseIndex {
                 .iter()
                 .map(|b| backend_key(b.addr, b.port))
                 .collect();
+            let rank: Rank = Arc::new((want.service.clone(), u16::from_be(key.port), key));
             for b in &backends {
-                let list = self.claimants.entry(*b).or_default();
-                if !list.contains(&key) {
-                    list.push(key);
-                }
+                self.claimants.entry(*b).or_default().insert(rank.clone());
                 affected.push(*b);
             }
             self.claims.insert(
                 key,
                 Claim {
-                    rank: (want.service.clone(), u16::from_be(key.port), key),
+                    rank,
                     service: RevNat {
                         addr: key.addr,
                         port: key.port,
@@ -149,12 +153,8 @@ impl ReverseIndex {
         if desired.frontends.contains_key(b) {
             return None;
         }
-        self.claimants
-            .get(b)?
-            .iter()
-            .filter_map(|k| self.claims.get(k))
-            .min_by(|x, y| x.rank.cmp(&y.rank))
-            .map(|c| c.service)
+        let lowest = self.claimants.get(b)?.first()?;
+        self.claims.get(&lowest.2).map(|c| c.service)
     }
 }
 
