@@ -77,6 +77,9 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// `BPF_F_NO_PREALLOC`: the large service maps grow with use instead of reserving their full
 /// capacity up front.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// `BPF_F_MMAPABLE` (`include/uapi/linux/bpf.h`, kernel 5.5): an array whose values user space
+/// can `mmap(2)` and read without a syscall per element.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_NO_COMMON_LRU` (`include/uapi/linux/bpf.h`): an LRU hash map keeps one LRU list per
 /// CPU instead of one list behind a global lock; each CPU's list holds `max_entries / CPUs`
 /// entries (the kernel rounds `max_entries` up to a multiple of the possible CPUs). Cilium
@@ -578,7 +581,8 @@ pub const SPECS: &[MapSpec] = &[
         key_size: size::<u32>(),
         value_size: size::<u64>(),
         max_entries: MAX_UDP_SOCKS,
-        flags: 0,
+        // The agent counts the slots held by reading the owners through a mapping.
+        flags: BPF_F_MMAPABLE,
         agent_writes: false,
         sized_by_agent: false,
     },

@@ -11,10 +11,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::maps::{
-    Affinity, AffinityKey, BPF_F_NO_PREALLOC, Backend, DgramXlate, Frontend, FrontendKey,
-    MAX_AFFINITY, MAX_FRONTENDS, MAX_MEMBERS, MAX_REVERSE, MAX_REVNAT, MAX_SLOTS, MAX_UDP_FLOWS,
-    MAX_UDP_SOCKS, META_LEN, MemberKey, REVERSE_FILTER_WORDS, RevNat, RevNatKey, Reverse, SlotKey,
-    SockXlate, UdpFlowKey,
+    Affinity, AffinityKey, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend, DgramXlate, Frontend,
+    FrontendKey, MAX_AFFINITY, MAX_FRONTENDS, MAX_MEMBERS, MAX_REVERSE, MAX_REVNAT, MAX_SLOTS,
+    MAX_UDP_FLOWS, MAX_UDP_SOCKS, META_LEN, MemberKey, REVERSE_FILTER_WORDS, RevNat, RevNatKey,
+    Reverse, SlotKey, SockXlate, UdpFlowKey,
 };
 
 /// Service frontends; written by the agent.
@@ -129,8 +129,9 @@ pub static LB_DGRAMS: PinnedSkStorage<DgramXlate> = PinnedSkStorage::new();
 /// UDP socket slots, indexed by `udp_sock_slot(cookie)`: the cookie of the socket owning the
 /// slot, 0 when free (`lb_common::maps::MAX_UDP_SOCKS` has the protocol); claimed here on the
 /// socket's first connect or sendmsg to a Service, freed by `lb_sock_release` when it closes.
+/// Mappable: the agent counts the slots held through a read-only mapping.
 #[map]
-pub static LB_UDP_OWNERS: Array<u64> = Array::pinned(MAX_UDP_SOCKS, 0);
+pub static LB_UDP_OWNERS: Array<u64> = Array::pinned(MAX_UDP_SOCKS, BPF_F_MMAPABLE);
 
 /// The state (`DgramXlate`) of the socket owning the same index of `LB_UDP_OWNERS`: what lb
 /// did with it, for getpeername/recvmsg/sendmsg; written here, whole when the socket claims

@@ -113,9 +113,9 @@ pub struct Maps {
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     udp_flows: HashMap<MapData, UdpFlowKey, Backend>,
     /// UDP sockets lb translated, a slot per socket cookie (its capacity only), and the
-    /// slots' owners (their count is the fill).
+    /// slots' owners, mapped (those not 0 are the fill; `None` if the mapping failed).
     udp_socks: Array<MapData, DgramXlate>,
-    udp_owners: Array<MapData, u64>,
+    udp_owners: Option<super::mapped::MappedU64s>,
     stats: PerCpuArray<MapData, u64>,
     meta: Array<MapData, u32>,
     /// The north-south connection tracking (read for its fill only).
@@ -176,7 +176,12 @@ impl Maps {
             affinity: typed(layout, AFFINITY)?,
             udp_flows: typed(layout, UDP_FLOWS)?,
             udp_socks: typed(layout, UDP_SOCKS)?,
-            udp_owners: typed(layout, UDP_OWNERS)?,
+            udp_owners: {
+                let owners: Array<MapData, u64> = typed(layout, UDP_OWNERS)?;
+                super::mapped::MappedU64s::new(owners.map(), owners.len())
+                    .map_err(|e| tracing::warn!(error = %e, "LB_UDP_OWNERS not mapped: its fill reads 0"))
+                    .ok()
+            },
             stats: typed(layout, STATS)?,
             meta: typed(layout, META)?,
             ct,
@@ -478,13 +483,14 @@ impl Maps {
         .collect()
     }
 
-    /// `LB_UDP_SOCKS` slots held now: the owners that are not 0 (`LB_UDP_OWNERS` read in
-    /// batches, 512 KiB); 0 if it cannot be read. Not the claim and release counters: per-CPU
-    /// counters can lose an increment to preemption, and the difference would drift.
+    /// `LB_UDP_SOCKS` slots held now: the owners that are not 0 (`LB_UDP_OWNERS`, 512 KiB read
+    /// through its mapping, tens of microseconds); 0 if it is not mapped. Not the claim and
+    /// release counters: per-CPU counters can lose an increment to preemption, and the
+    /// difference would drift.
     fn udp_socks_held(&self) -> usize {
-        let len = self.udp_owners.len();
-        super::sys::array_values::<u64>(self.udp_owners.map().fd().as_fd(), len)
-            .map_or(0, |owners| owners.iter().filter(|o| **o != 0).count())
+        self.udp_owners
+            .as_ref()
+            .map_or(0, super::mapped::MappedU64s::count_nonzero)
     }
 
     /// Entries in the per-connection maps (an iteration each: for inspection, not hot paths).

@@ -17,6 +17,7 @@ pub mod attach;
 pub mod batch;
 pub mod ebpf_log;
 pub mod fs;
+pub mod mapped;
 pub mod maps;
 pub mod names;
 pub mod netns;

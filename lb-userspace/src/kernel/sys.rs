@@ -229,49 +229,6 @@ pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<
     )
 }
 
-/// The values of array map `map` (of `len` entries, keys `u32`), in index order, read with
-/// `BPF_MAP_LOOKUP_BATCH` (a few syscalls instead of one per index). A value the programs
-/// change meanwhile is read as it is at its turn.
-pub fn array_values<V: aya::Pod + Default + Clone>(
-    map: BorrowedFd<'_>,
-    len: u32,
-) -> io::Result<Vec<V>> {
-    let n = len as usize;
-    let mut keys = vec![0u32; n];
-    let mut values = vec![V::default(); n];
-    let mut done = 0usize;
-    // The kernel's cursor: where the previous call stopped (none before the first call).
-    let mut cursor: Option<u32> = None;
-    let mut next = 0u32;
-    while done < n {
-        let mut attr = zeroed();
-        let previous = cursor;
-        attr.batch.in_batch = previous
-            .as_ref()
-            .map_or(0, |c| std::ptr::from_ref(c) as u64);
-        attr.batch.out_batch = (&raw mut next) as u64;
-        attr.batch.keys = keys[done..].as_mut_ptr() as u64;
-        attr.batch.values = values[done..].as_mut_ptr() as u64;
-        attr.batch.count = u32::try_from(n - done).unwrap_or(u32::MAX);
-        attr.batch.map_fd = raw(map);
-        let result = bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
-        // SAFETY: `count` is a plain integer the kernel updated in place.
-        let copied = unsafe { attr.batch.count } as usize;
-        done += copied.min(n - done);
-        match result {
-            Ok(_) => cursor = Some(next),
-            // The end of the map.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e),
-        }
-        if copied == 0 {
-            break;
-        }
-    }
-    values.truncate(done);
-    Ok(values)
-}
-
 /// `BPF_MAP_UPDATE_ELEM` (`BPF_ANY`): `key -> value`.
 pub fn map_update_elem<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
