@@ -821,7 +821,8 @@ fn a_udp_socket_whose_slot_is_held_keeps_its_state_in_storage() {
     let out = f.steps(
         "udp4",
         &[
-            &sendto, "recvfrom", &same_slot, &sendto, "recvfrom", &sendto, "recvfrom",
+            &sendto, "recvfrom", &same_slot, &sendto, "recvfrom", &sendto, "recvfrom", "back",
+            &sendto, "recvfrom",
         ],
     );
     assert_answer(&out[1], None, DNS3, &out);
@@ -829,6 +830,9 @@ fn a_udp_socket_whose_slot_is_held_keeps_its_state_in_storage() {
     assert_answer(&out[4], None, DNS3, &out);
     // Its flow stays: the same backend again, from storage.
     assert_answer(&out[6], out[4].backend.as_deref(), DNS3, &out);
+    // And the first socket, in the slot, keeps its own flow beside it.
+    assert!(out[7].error.is_none(), "{out:?}");
+    assert_answer(&out[9], out[1].backend.as_deref(), DNS3, &out);
     assert_eq!(
         counter("udp_socks_taken"),
         taken + 1,

@@ -140,7 +140,8 @@ enum Command {
     /// `fastopen-connect:ADDR`, `send`, `sendto:ADDR`, `fastopen:ADDR` (sendto with
     /// MSG_FASTOPEN), `sendmsg:ADDR`, `sendmmsg:ADDR,ADDR,..`, `recv`, `recvfrom`, `recvmsg`,
     /// `recvmmsg:N` (one outcome per datagram), `quiet:MS` (recvfrom expecting nothing),
-    /// `readline` (TCP), `getpeername`, `mptcp` (is the connection MPTCP end to end), `pause`
+    /// `readline` (TCP), `getpeername`, `mptcp` (is the connection MPTCP end to end),
+    /// `same-slot:BITS`, `reused-slot:BITS`, `back` (lb's UDP slots: see patterns.rs), `pause`
     /// ("paused" on stderr, then wait for a line on stdin: the socket stays open meanwhile).
     Steps {
         #[arg(long, value_enum)]

@@ -516,7 +516,8 @@ fn recvmmsg(fd: RawFd, max: usize, out: &mut Vec<Outcome>) -> usize {
 /// whose cookie has the same low BITS bits (lb's `LB_UDP_SOCKS` slot of the first): it opens
 /// and closes sockets until one has (an error outcome if none did in 64 rounds of cookies).
 /// `reused-slot:BITS` does the same but closes the socket first (the new one gets its slot
-/// after it).
+/// after it). `back` goes on with the socket `same-slot` kept last (the current one is kept
+/// in its place).
 pub fn run(kind: Kind, timeout: Duration, steps: &[String]) -> anyhow::Result<Vec<Outcome>> {
     let mut fd = open(kind, timeout).context("opening the socket")?;
     let mut held = Vec::new();
@@ -549,6 +550,19 @@ pub fn run(kind: Kind, timeout: Duration, steps: &[String]) -> anyhow::Result<Ve
                 }
                 None => out.push(Outcome {
                     error: Some("no socket with that slot".to_owned()),
+                    ..Outcome::default()
+                }),
+            }
+            continue;
+        }
+        if s == "back" {
+            match held.pop() {
+                Some(previous) => {
+                    held.push(std::mem::replace(&mut fd, previous));
+                    out.push(Outcome::default());
+                }
+                None => out.push(Outcome {
+                    error: Some("no socket kept".to_owned()),
                     ..Outcome::default()
                 }),
             }
