@@ -279,11 +279,12 @@ fn udp_owner(cookie: u64) -> Option<*mut u64> {
 /// socket closes.
 #[inline(always)]
 fn dgram_state(ctx: &SockAddrContext, cookie: u64) -> Option<*mut DgramXlate> {
-    if let Some(owner) = udp_owner(cookie)
+    let slot = udp_sock_slot(cookie);
+    if let Some(owner) = LB_UDP_OWNERS.get_ptr_mut(slot)
         // SAFETY: a pointer into the array's value, read once.
         && unsafe { *owner } == cookie
     {
-        return LB_UDP_SOCKS.get_ptr_mut(udp_sock_slot(cookie));
+        return LB_UDP_SOCKS.get_ptr_mut(slot);
     }
     LB_DGRAMS.get_ptr(ctx, false)
 }

@@ -542,18 +542,7 @@ mod tests {
     use super::*;
     use crate::{desired::FrontendKind, model::ObjectKey};
 
-    fn fkey(n: u8) -> FrontendKey {
-        FrontendKey {
-            addr: Addr::from_v4_octets([10, 96, 0, n]),
-            port: 80u16.to_be(),
-            proto: 6,
-            _pad: 0,
-        }
-    }
-
-    fn be(n: u8) -> Backend {
-        Backend::new(Addr::from_v4_octets([10, 1, 0, n]), 8080u16.to_be())
-    }
+    use crate::test_support::{be, fkey};
 
     fn desired(frontends: &[(u8, &[u8], u32)]) -> Desired {
         let mut d = Desired::default();

@@ -162,24 +162,11 @@ impl ReverseIndex {
 mod tests {
     use std::collections::BTreeSet;
 
-    use lb_common::{Addr, maps::Backend};
-
     use super::*;
     use crate::desired::DesiredFrontend;
     use crate::plan::reverse_wanted;
 
-    fn fkey(n: u8) -> FrontendKey {
-        FrontendKey {
-            addr: Addr::from_v4_octets([10, 96, 0, n]),
-            port: 80u16.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: 0,
-        }
-    }
-
-    fn be(n: u8) -> Backend {
-        Backend::new(Addr::from_v4_octets([10, 1, 0, n]), 8080u16.to_be())
-    }
+    use crate::test_support::{be, fkey};
 
     fn frontend(service: &str, kind: FrontendKind, backends: &[u8]) -> DesiredFrontend {
         DesiredFrontend {

@@ -82,7 +82,7 @@ fn open(path: &Path) -> Result<Map, MapsError> {
     Map::from_map_data(data).map_err(wrap)
 }
 
-fn typed<T: TryFrom<Map, Error = MapError>>(
+pub(super) fn typed<T: TryFrom<Map, Error = MapError>>(
     layout: &PinLayout,
     name: &str,
 ) -> Result<T, MapsError> {

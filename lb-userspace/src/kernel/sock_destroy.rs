@@ -47,7 +47,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use lb_common::{
     Addr,
@@ -104,6 +104,8 @@ pub enum SockDestroyError {
         #[source]
         source: MapError,
     },
+    #[error(transparent)]
+    Maps(#[from] super::maps::MapsError),
     #[error("starting the socket-closing thread")]
     Thread(#[source] io::Error),
 }
@@ -139,22 +141,9 @@ impl SockDestroyer {
         };
         let socks = open(SOCKS)?;
         let dgrams = open(DGRAMS)?;
-        // A pinned map as aya's typed handle `T`.
-        fn typed<T: TryFrom<Map, Error = MapError>>(
-            layout: &PinLayout,
-            name: &str,
-            data: MapData,
-        ) -> Result<T, SockDestroyError> {
-            Map::from_map_data(data)
-                .and_then(T::try_from)
-                .map_err(|source| SockDestroyError::Map {
-                    path: layout.map(name).display().to_string(),
-                    source,
-                })
-        }
-        let members: HashMap<MapData, MemberKey, u32> = typed(layout, MEMBERS, open(MEMBERS)?)?;
-        let udp_socks: Array<MapData, DgramXlate> = typed(layout, UDP_SOCKS, open(UDP_SOCKS)?)?;
-        let udp_owners: Array<MapData, u64> = typed(layout, UDP_OWNERS, open(UDP_OWNERS)?)?;
+        let members: HashMap<MapData, MemberKey, u32> = super::maps::typed(layout, MEMBERS)?;
+        let udp_socks: Array<MapData, DgramXlate> = super::maps::typed(layout, UDP_SOCKS)?;
+        let udp_owners: Array<MapData, u64> = super::maps::typed(layout, UDP_OWNERS)?;
         let reverse =
             super::revmap::ReverseReader::open(layout).map_err(|source| SockDestroyError::Map {
                 path: layout.map(REVERSE).display().to_string(),
