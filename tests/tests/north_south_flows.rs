@@ -277,6 +277,36 @@ fn half_closed_request(
     })
 }
 
+/// From `ext`, a request to the NodePort (`NODE4`:30100) half-closed at once, answered after
+/// the closing timeout: the answer must arrive, start with `prefix` (`who` says which pod and
+/// which source it saw), come from the frontend, and move `agent`'s counter `xlated`.
+fn assert_late_reply_from_the_frontend(
+    agent: &NodeAgent,
+    ext: &lb_tests::Netns,
+    prefix: &str,
+    who: &str,
+    xlated: &str,
+) {
+    let before = agent.stat(xlated);
+    let target: SocketAddr = format!("{NODE4}:30100").parse().expect("address");
+    let (answer, waited, peer) =
+        half_closed_request(ext, target, CLOSING_TIMEOUT + Duration::from_secs(2));
+    let answer = answer.unwrap_or_else(|e| {
+        panic!(
+            "the half-closed flow's late reply did not arrive: {e}\n{}",
+            agent.lb(&["stats"])
+        )
+    });
+    eprintln!("after {waited:?} the client got {answer:?} from {peer:?}");
+    assert!(
+        answer.starts_with(prefix),
+        "the reply of {who}, got {answer:?}"
+    );
+    assert!(waited > CLOSING_TIMEOUT, "answered after {waited:?}");
+    assert_eq!(peer, Some(target), "the socket's peer is the frontend");
+    assert!(agent.stat(xlated) > before, "{}", agent.lb(&["stats"]));
+}
+
 /// The external client connects to a NodePort whose backend is on this node, sends a request
 /// and half-closes; the server answers 12 s later, after the closing timeout. The reply must
 /// still leave with the frontend as its source: the client's socket accepts data only from
@@ -290,28 +320,13 @@ fn half_closed_local_tcp_flow_gets_its_late_reply_from_the_frontend() {
     dir.write("services.yaml", &service(&pod1));
     let agent = NodeAgent::start(&topo, &dir.0);
     set_endpoints(&agent, &dir, &pod1);
-    let xlated = agent.stat("tc_reply_xlated");
     let expired = agent.stat("tc_ct_expired");
-    let target: SocketAddr = format!("{NODE4}:30100").parse().expect("address");
-    let (answer, waited, peer) =
-        half_closed_request(&topo.ext, target, CLOSING_TIMEOUT + Duration::from_secs(2));
-    let answer = answer.unwrap_or_else(|e| {
-        panic!(
-            "the half-closed flow's late reply did not arrive: {e}\n{}",
-            agent.lb(&["stats"])
-        )
-    });
-    eprintln!("after {waited:?} the client got {answer:?} from {peer:?}");
-    assert!(
-        answer.starts_with(&format!("pod1 {EXT4}:")),
-        "the reply of pod1 (which saw the client's own address), got {answer:?}"
-    );
-    assert!(waited > CLOSING_TIMEOUT, "answered after {waited:?}");
-    assert_eq!(peer, Some(target), "the socket's peer is the frontend");
-    assert!(
-        agent.stat("tc_reply_xlated") > xlated,
-        "{}",
-        agent.lb(&["stats"])
+    assert_late_reply_from_the_frontend(
+        &agent,
+        &topo.ext,
+        &format!("pod1 {EXT4}:"),
+        "pod1 (which saw the client's own address)",
+        "tc_reply_xlated",
     );
     assert_eq!(
         agent.stat("tc_ct_expired"),
@@ -332,26 +347,11 @@ fn half_closed_snat_tcp_flow_gets_its_late_reply_from_the_frontend() {
     dir.write("services.yaml", &service(&podb));
     let agent = NodeAgent::start_on(&topo.node_a, &dir.0);
     set_endpoints(&agent, &dir, &podb);
-    let xlated = agent.stat("xdp_reply_xlated");
-    let target: SocketAddr = format!("{NODE4}:30100").parse().expect("address");
-    let (answer, waited, peer) =
-        half_closed_request(&topo.ext, target, CLOSING_TIMEOUT + Duration::from_secs(2));
-    let answer = answer.unwrap_or_else(|e| {
-        panic!(
-            "the half-closed flow's late reply did not arrive: {e}\n{}",
-            agent.lb(&["stats"])
-        )
-    });
-    eprintln!("after {waited:?} the client got {answer:?} from {peer:?}");
-    assert!(
-        answer.starts_with(&format!("podb {NODE4}:")),
-        "the reply of podb (which saw node-a's address), got {answer:?}"
-    );
-    assert!(waited > CLOSING_TIMEOUT, "answered after {waited:?}");
-    assert_eq!(peer, Some(target), "the socket's peer is the frontend");
-    assert!(
-        agent.stat("xdp_reply_xlated") > xlated,
-        "{}",
-        agent.lb(&["stats"])
+    assert_late_reply_from_the_frontend(
+        &agent,
+        &topo.ext,
+        &format!("podb {NODE4}:"),
+        "podb (which saw node-a's address)",
+        "xdp_reply_xlated",
     );
 }

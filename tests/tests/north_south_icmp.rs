@@ -141,15 +141,24 @@ fn port_unreachable(v6: bool) -> (u8, u8, [u8; 4]) {
     if v6 { (1, 4, [0; 4]) } else { (3, 3, [0; 4]) }
 }
 
-#[test]
-fn icmp_errors_through_test_run() {
+/// The one-node topology serving [`SERVICES`], its agent once `frontends` are programmed,
+/// and the descriptors of the agent's attached XDP and tc programs (for test-run). Bound in
+/// this order, the agent goes before its manifests and its topology.
+fn start_for_test_run(name: &str, frontends: &[&str]) -> (Topology, TempDir, NodeAgent, i32, i32) {
     let topo = Topology::new();
-    let dir = TempDir::new("ni");
+    let dir = TempDir::new(name);
     dir.write("services.yaml", SERVICES);
     let agent = NodeAgent::start(&topo, &dir.0);
-    agent.wait_for(&["10.250.2.2:30080/TCP", "[fd00:250:2::2]:30080/UDP"]);
+    agent.wait_for(frontends);
     let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
     let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    (topo, dir, agent, xdp, tc)
+}
+
+#[test]
+fn icmp_errors_through_test_run() {
+    let (_topo, _dir, agent, xdp, tc) =
+        start_for_test_run("ni", &["10.250.2.2:30080/TCP", "[fd00:250:2::2]:30080/UDP"]);
     let client4 = "192.0.2.77";
     let client6 = "2001:db8::77";
     for (client, node, pod, router) in [
@@ -554,13 +563,7 @@ fn coarse_now() -> u64 {
 
 #[test]
 fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent_at_tc_and_xdp() {
-    let topo = Topology::new();
-    let dir = TempDir::new("ni");
-    dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start(&topo, &dir.0);
-    agent.wait_for(&["10.250.2.2:30080/UDP"]);
-    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
-    let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    let (_topo, _dir, agent, xdp, tc) = start_for_test_run("ni", &["10.250.2.2:30080/UDP"]);
     let ct = ct_map(&agent);
     let client = "192.0.2.88";
     let first = Pkt::new(client, NODE4, UDP, 41_400, 30080);
@@ -621,13 +624,8 @@ fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent_at_tc_a
 /// by programs of layout 4 survive an upgrade to these programs.
 #[test]
 fn second_flows_of_a_client_port_and_flows_of_layout_4_keep_two_entries() {
-    let topo = Topology::new();
-    let dir = TempDir::new("n2");
-    dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start(&topo, &dir.0);
-    agent.wait_for(&["10.250.2.2:30080/UDP", "10.250.2.2:30085/UDP"]);
-    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
-    let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    let (_topo, _dir, agent, xdp, tc) =
+        start_for_test_run("n2", &["10.250.2.2:30080/UDP", "10.250.2.2:30085/UDP"]);
     let ct = ct_map(&agent);
     let pod = "10.200.0.11";
     let client = "192.0.2.90";
@@ -770,13 +768,7 @@ fn ct_flags(fd: i32, sport: u16) -> u8 {
 /// a SYN on the ports of a closing flow opens a new one. Byte for byte through test-run.
 #[test]
 fn a_half_closed_tcp_flow_keeps_its_translation_until_both_sides_close() {
-    let topo = Topology::new();
-    let dir = TempDir::new("nh");
-    dir.write("services.yaml", SERVICES);
-    let agent = NodeAgent::start(&topo, &dir.0);
-    agent.wait_for(&["10.250.2.2:30080/TCP"]);
-    let xdp = prog_of_link(&agent.pin_path.join("links/xdp@n0"));
-    let tc = prog_of_link(&agent.pin_path.join("links/tc@n0"));
+    let (_topo, _dir, agent, xdp, tc) = start_for_test_run("nh", &["10.250.2.2:30080/TCP"]);
     let ct = ct_map(&agent);
     let pod = "10.200.0.11";
     let client = "192.0.2.92";

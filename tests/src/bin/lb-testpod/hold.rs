@@ -276,33 +276,21 @@ pub fn run() -> anyhow::Result<()> {
                 Ok(conn) => conns.push(conn),
                 Err(e) => opened = Some(format!("connect {to} in {netns}: {e:#}")),
             }
-        } else if let Some(i) = line.strip_prefix("stash ") {
+        } else if let Some((verb, i)) = line
+            .split_once(' ')
+            .filter(|(verb, _)| ["stash", "unstash", "churn", "unchurn"].contains(verb))
+        {
             let conn = conns
                 .get_mut(i.parse::<usize>()?)
                 .context("no such socket")?;
-            if let Err(e) = conn.stash() {
-                opened = Some(format!("stash {i}: {e:#}"));
-            }
-        } else if let Some(i) = line.strip_prefix("churn ") {
-            let conn = conns
-                .get_mut(i.parse::<usize>()?)
-                .context("no such socket")?;
-            if let Err(e) = conn.churn() {
-                opened = Some(format!("churn {i}: {e:#}"));
-            }
-        } else if let Some(i) = line.strip_prefix("unchurn ") {
-            let conn = conns
-                .get_mut(i.parse::<usize>()?)
-                .context("no such socket")?;
-            if let Err(e) = conn.unchurn() {
-                opened = Some(format!("unchurn {i}: {e:#}"));
-            }
-        } else if let Some(i) = line.strip_prefix("unstash ") {
-            let conn = conns
-                .get_mut(i.parse::<usize>()?)
-                .context("no such socket")?;
-            if let Err(e) = conn.unstash() {
-                opened = Some(format!("unstash {i}: {e:#}"));
+            let done = match verb {
+                "stash" => conn.stash(),
+                "unstash" => conn.unstash(),
+                "churn" => conn.churn(),
+                _ => conn.unchurn(),
+            };
+            if let Err(e) = done {
+                opened = Some(format!("{verb} {i}: {e:#}"));
             }
         }
         let held: Vec<Held> = conns.iter_mut().map(Conn::show).collect();
