@@ -10,19 +10,24 @@
 //! make-before-break order: members, then slots, then the frontend with its count, then the
 //! tail slots and members it no longer needs. The programs only read them.
 //!
-//! The programs write the per-connection state: [`SOCKS`] (socket storage of TCP and MPTCP
-//! sockets: what a connected socket was sent to, to show the Service address back; it lives
-//! and dies with the socket), [`UDP_SOCKS`] (the same for UDP sockets, a slot per socket
-//! cookie, with an unconnected socket's first [`SOCK_FLOWS`] flows, Service -> backend, for
-//! its later datagrams and for recvmsg; freed by the `sock_release` program with the
-//! socket; [`DGRAMS`], socket storage of the same value, when another socket holds the
-//! slot), [`REVNAT`] and [`UDP_FLOWS`] (the same for the flows
-//! of a socket that sent to more Services than that: the overflow, LRU) and [`AFFINITY`]
-//! (ClientIP session affinity). The agent never writes them.
+//! The programs write the per-connection state, which lives and dies with the socket: a
+//! TCP socket's in its [`TCP_SOCKS`] slot (picked by the socket cookie, owned as
+//! [`TCP_OWNERS`] says, freed by the `sock_release` program when the socket closes), or in its
+//! [`SOCKS`] socket storage when another socket holds the slot (and always for MPTCP): what a
+//! connected socket was sent to, to show the Service address back. A socket connected through
+//! a Service to a backend whose [`REVERSE`] entry answers for that Service has neither. A UDP
+//! socket's in its [`UDP_SOCKS`] slot (owned as [`UDP_OWNERS`] says), with an unconnected
+//! socket's first [`SOCK_FLOWS`] flows, Service -> backend, for its later datagrams and for
+//! recvmsg, or in [`DGRAMS`] (socket storage of the same value) when another socket holds the
+//! slot; [`REVNAT`] and [`UDP_FLOWS`] the flows of a socket that sent to more Services than
+//! that (the overflow, LRU); [`AFFINITY`] ClientIP session affinity. The agent never writes
+//! them, except the [`SOCKS`] storage it gives sockets whose backend's [`REVERSE`] entry is
+//! about to stop answering for them.
 //!
-//! [`SOCKS`] (TCP) and [`UDP_SOCKS`] or [`DGRAMS`] (UDP) are the gate of the reverse hooks: a
-//! socket without an entry there was never translated, and recvmsg/getpeername leave it alone without any other lookup; [`REVNAT`]
-//! is read only for sockets whose entry has [`SOCK_OVERFLOW`].
+//! A socket's slot, then its storage, is the gate of the reverse hooks: a socket with neither
+//! was never translated (or, for TCP, answers from [`REVERSE`]), and recvmsg/getpeername leave
+//! it alone without any other lookup; [`REVNAT`] is read only for sockets whose state has
+//! [`SOCK_OVERFLOW`].
 
 use crate::Addr;
 
@@ -67,6 +72,10 @@ use crate::Addr;
 /// state of sockets whose slot another socket held and of those translated before the
 /// upgrade; the programs read the slot first, then [`DGRAMS`], so layout-4 sockets keep their
 /// state.
+/// Also 5: a TCP socket's [`SockXlate`] goes the same way in its [`TCP_SOCKS`] slot (owned as
+/// [`TCP_OWNERS`] says) instead of [`SOCKS`], which now holds the state of MPTCP sockets, of
+/// TCP sockets whose slot another socket held, of those the agent gives state for a draining
+/// [`REVERSE`] entry, and of those translated before the upgrade.
 pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -97,6 +106,8 @@ pub const REVNAT: &str = "LB_REVNAT";
 pub const UDP_FLOWS: &str = "LB_UDP_FLOWS";
 pub const UDP_SOCKS: &str = "LB_UDP_SOCKS";
 pub const UDP_OWNERS: &str = "LB_UDP_OWNERS";
+pub const TCP_SOCKS: &str = "LB_TCP_SOCKS";
+pub const TCP_OWNERS: &str = "LB_TCP_OWNERS";
 pub const STATS: &str = "LB_STATS";
 pub const REVERSE: &str = "LB_REVERSE";
 pub const REVERSE_FILTER: &str = "LB_REV_FILTER";
@@ -118,39 +129,41 @@ pub const MAX_AFFINITY: u32 = 1 << 16;
 pub const MAX_REVNAT: u32 = 1 << 16;
 /// Unconnected UDP (socket, frontend) pairs beyond a socket's [`SOCK_FLOWS`] own; LRU.
 pub const MAX_UDP_FLOWS: u32 = 1 << 16;
-/// Slots of [`UDP_SOCKS`] and [`UDP_OWNERS`] (a power of two: a socket's slot is its
-/// cookie's low bits, see [`udp_sock_slot`]); 240 + 8 bytes each, 15.5 MiB. A socket whose
-/// slot another open socket holds keeps its state in [`DGRAMS`] (socket storage, which the
-/// kernel allocates and charges per socket: about 0.8 µs more on the first datagram,
-/// measured with `perf` on 6.18), exact all the same.
+/// Slots of each socket-slot table, [`UDP_SOCKS`] with [`UDP_OWNERS`] and [`TCP_SOCKS`] with
+/// [`TCP_OWNERS`] (a power of two: a socket's slot is its cookie's low bits, see
+/// [`sock_slot`]). UDP: 240 + 8 bytes each, 15.5 MiB; TCP: 48 + 8 bytes each, 3.5 MiB. A
+/// socket whose slot another open socket holds keeps its state in socket storage instead
+/// ([`DGRAMS`], [`SOCKS`]), which the kernel allocates and charges per socket: about 0.7 µs
+/// more on the connect or first datagram (measured with `perf` on 6.18), exact all the same.
 ///
-/// The slots: [`UDP_OWNERS`] holds at each index the cookie of the open UDP socket that owns
-/// it, 0 for a free slot (the kernel's cookies start at 1); [`UDP_SOCKS`] at the same index
-/// the owner's [`DgramXlate`]. A socket claims its free slot with an atomic
-/// compare-and-exchange of the owner (0 -> its cookie with [`UDP_SLOT_CLAIMING`]) on its
-/// first translation, writes the whole state, then stores its plain cookie; the
-/// `sock_release` program sets the owner back to 0 when the socket closes. Only the owner
-/// reads the state, after checking the owner; the agent reads the owner, the state and the
-/// owner again, and takes the state only if both reads are the cookie it looks for. The owners are an array of their own so that the check every UDP socket
-/// makes (sent to a Service or not) reads 8 bytes, of which neighbouring sockets share a
-/// cache line, rather than a 240-byte state.
-pub const MAX_UDP_SOCKS: u32 = 1 << 16;
+/// The slots: an owners array holds at each index the cookie of the open socket that owns
+/// it, 0 for a free slot (the kernel's cookies start at 1); the state array at the same
+/// index holds the owner's state. A socket claims its free slot with an atomic
+/// compare-and-exchange of the owner (0 -> its cookie with [`SLOT_CLAIMING`]) on its first
+/// translation, writes the whole state, then stores its plain cookie; the `sock_release`
+/// program sets the owner back to 0 when the socket closes. Only the owner reads the state,
+/// after checking the owner; the agent reads the owner, the state and the owner again, and
+/// takes the state only if both reads are the cookie it looks for. The owners are an array
+/// of their own so that the check every socket makes (translated or not) reads 8 bytes, of
+/// which neighbouring sockets share a cache line, rather than a whole state.
+pub const SOCK_SLOTS: u32 = 1 << 16;
 
-/// An [`UDP_OWNERS`] value with this bit set is a socket cookie (the rest) still writing its
-/// state into the slot it just claimed: no one's yet for the agent, which compares the whole
-/// value with a cookie. Kernel cookies are a 64-bit count from 1 and never reach it.
-pub const UDP_SLOT_CLAIMING: u64 = 1 << 63;
+/// An owner ([`UDP_OWNERS`], [`TCP_OWNERS`]) with this bit set is a socket cookie (the rest)
+/// still writing its state into the slot it just claimed: no one's yet for the agent, which
+/// compares the whole value with a cookie. Kernel cookies are a 64-bit count from 1 and
+/// never reach it.
+pub const SLOT_CLAIMING: u64 = 1 << 63;
 
-/// The [`UDP_SOCKS`] slot of the socket with cookie `cookie`: its low bits. The kernel hands
-/// out socket cookies in increasing order (`gen_cookie_next`, per-CPU batches), so sockets
-/// made one after another use neighbouring slots, and a slot comes round again only after
-/// [`MAX_UDP_SOCKS`] newer cookies.
-pub const fn udp_sock_slot(cookie: u64) -> u32 {
+/// The slot ([`UDP_SOCKS`], [`TCP_SOCKS`]) of the socket with cookie `cookie`: its low bits.
+/// The kernel hands out socket cookies in increasing order (`gen_cookie_next`, per-CPU
+/// batches), so sockets made one after another use neighbouring slots, and a slot comes
+/// round again only after [`SOCK_SLOTS`] newer cookies.
+pub const fn sock_slot(cookie: u64) -> u32 {
     #[expect(
         clippy::cast_possible_truncation,
         reason = "the mask keeps the low 16 bits"
     )]
-    let slot = (cookie & (MAX_UDP_SOCKS as u64 - 1)) as u32;
+    let slot = (cookie & (SOCK_SLOTS as u64 - 1)) as u32;
     slot
 }
 /// Reverse entries (backend address, port, protocol -> one frontend): at most one per
@@ -353,10 +366,12 @@ const _: () = assert!(size_of::<SockFlow>() == 48);
 /// separate, untranslated flow), set again by its next datagram through the Service.
 pub const FLOW_REVERSE: u32 = 1;
 
-/// Value of [`SOCKS`] (socket storage, keyed by the socket itself): what lb did with one
-/// TCP or MPTCP socket, for getpeername. A socket without an entry was never translated.
-/// Written only by the socket's own syscalls, under the socket lock; freed by the kernel
-/// with the socket. Also the connected part of a UDP socket's [`DgramXlate`].
+/// What lb did with one TCP or MPTCP socket, for getpeername: the value of its [`TCP_SOCKS`]
+/// slot, or of its [`SOCKS`] storage (keyed by the socket itself). A socket with neither was
+/// never translated, or answers from [`REVERSE`]. Written only by the socket's own syscalls,
+/// under the socket lock (and by the agent into the storage of a socket whose [`REVERSE`]
+/// entry is about to stop answering); gone with the socket. Also the connected part of a UDP
+/// socket's [`DgramXlate`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockXlate {
@@ -372,7 +387,7 @@ pub struct SockXlate {
 const _: () = assert!(size_of::<SockXlate>() == 48);
 
 /// What lb did with one UDP socket, for getpeername, recvmsg and its later sends: in its
-/// [`UDP_SOCKS`] slot ([`MAX_UDP_SOCKS`] says how slots are owned), or in its [`DGRAMS`] storage when another socket
+/// [`UDP_SOCKS`] slot ([`SOCK_SLOTS`] says how slots are owned), or in its [`DGRAMS`] storage when another socket
 /// held the slot (and for sockets layout 4 translated). Apart from [`SOCKS`] so that a TCP
 /// socket's storage is only the small [`SockXlate`]. Written only by the socket's own
 /// syscalls, under the socket lock; the `sock_release` program frees the slot when the
@@ -395,7 +410,8 @@ pub const SOCK_CONNECTED: u32 = 1;
 /// [`SockXlate::flags`]: the socket's last connect() went to a backend address that has a
 /// [`REVERSE`] entry, directly (not through a Service), or it was connected so before the
 /// entry was written (the agent marks it, see [`Reverse`]). Only a marker: what matters is
-/// that the socket has storage, so getpeername does not read [`REVERSE`] for it.
+/// that the socket has state (a slot or storage), so getpeername does not read [`REVERSE`]
+/// for it.
 pub const SOCK_DIRECT: u32 = 8;
 /// [`SockXlate::flags`]: the socket sent datagrams to a Service with sendmsg (unconnected
 /// UDP): its [`DgramXlate::flows`] hold them. Never cleared.
@@ -419,20 +435,22 @@ const _: () = assert!(size_of::<UdpFlowKey>() == 32);
 
 /// Value of [`REVERSE`], keyed by a [`FrontendKey`] that holds a backend's address, port and
 /// protocol ([`IPPROTO_TCP`] only): the one frontend (`service`) whose TCP connects to this
-/// backend write no socket storage while `state` is [`REVERSE_ACTIVE`]; getpeername of a TCP
-/// socket without storage whose peer is this backend shows `service`.
+/// backend write no per-socket state (no [`TCP_SOCKS`] slot, no [`SOCKS`] storage) while
+/// `state` is [`REVERSE_ACTIVE`]; getpeername of a TCP socket without state whose peer is
+/// this backend shows `service`. Below, "state" is a socket's slot or storage; the agent
+/// gives a socket state only as [`SOCKS`] storage.
 ///
 /// Written by the agent (`lb-userspace/src/kernel/revmap.rs`), only where the choice is
 /// deterministic (the ClusterIP frontend of the lowest Service and port claiming the
 /// backend), in this order, so that every socket stays exact:
-/// - new: [`REVERSE_PENDING`] (connects through the Service create storage as before; direct
-///   connects to the backend get storage marked [`SOCK_DIRECT`]; getpeername ignores the
+/// - new: [`REVERSE_PENDING`] (connects through the Service write state as before; direct
+///   connects to the backend get state marked [`SOCK_DIRECT`]; getpeername ignores the
 ///   entry), then the agent gives every live socket already connected to the backend
-///   without storage (a direct one) [`SOCK_DIRECT`] storage, then [`REVERSE_ACTIVE`];
-/// - going away or changing: [`REVERSE_DRAINING`] (connects create storage again; getpeername
-///   still answers from the entry), then the agent gives every live socket connected to the
-///   backend without storage (through `service`) the Service translation as storage, then
-///   deletes the entry.
+///   without state (a direct one) [`SOCK_DIRECT`] storage, then [`REVERSE_ACTIVE`];
+/// - going away or changing: [`REVERSE_DRAINING`] (connects write state again; getpeername
+///   still answers for sockets without state), then the agent gives every live socket
+///   connected to the backend without state (through `service`) the Service translation as
+///   storage, then deletes the entry.
 ///
 /// The programs only read it.
 #[repr(C)]
@@ -445,13 +463,13 @@ pub struct Reverse {
 }
 const _: () = assert!(size_of::<Reverse>() == 28);
 
-/// [`Reverse::state`]: written, live sockets not yet marked; connects create storage,
+/// [`Reverse::state`]: written, live sockets not yet marked; connects write state,
 /// getpeername ignores the entry.
 pub const REVERSE_PENDING: u32 = 1;
-/// [`Reverse::state`]: connects through `service` to this backend write no storage.
+/// [`Reverse::state`]: connects through `service` to this backend write no state.
 pub const REVERSE_ACTIVE: u32 = 2;
-/// [`Reverse::state`]: about to go; connects create storage, getpeername still answers for
-/// sockets without storage.
+/// [`Reverse::state`]: about to go; connects write state, getpeername still answers for
+/// sockets without state.
 pub const REVERSE_DRAINING: u32 = 3;
 
 /// The bit of [`REVERSE_FILTER`] for a TCP backend `addr`:`port` (port in network byte
@@ -580,7 +598,7 @@ pub const SPECS: &[MapSpec] = &[
         kind: MapKind::Array,
         key_size: size::<u32>(),
         value_size: size::<u64>(),
-        max_entries: MAX_UDP_SOCKS,
+        max_entries: SOCK_SLOTS,
         // The agent counts the slots held by reading the owners through a mapping.
         flags: BPF_F_MMAPABLE,
         agent_writes: false,
@@ -591,7 +609,28 @@ pub const SPECS: &[MapSpec] = &[
         kind: MapKind::Array,
         key_size: size::<u32>(),
         value_size: size::<DgramXlate>(),
-        max_entries: MAX_UDP_SOCKS,
+        max_entries: SOCK_SLOTS,
+        flags: 0,
+        agent_writes: false,
+        sized_by_agent: false,
+    },
+    MapSpec {
+        name: TCP_OWNERS,
+        kind: MapKind::Array,
+        key_size: size::<u32>(),
+        value_size: size::<u64>(),
+        max_entries: SOCK_SLOTS,
+        // As UDP_OWNERS: read through a mapping.
+        flags: BPF_F_MMAPABLE,
+        agent_writes: false,
+        sized_by_agent: false,
+    },
+    MapSpec {
+        name: TCP_SOCKS,
+        kind: MapKind::Array,
+        key_size: size::<u32>(),
+        value_size: size::<SockXlate>(),
+        max_entries: SOCK_SLOTS,
         flags: 0,
         agent_writes: false,
         sized_by_agent: false,

@@ -120,14 +120,15 @@ pub const XDP_ICMP_MALFORMED: u32 = 40;
 /// (as XDP treats an expired entry as absent).
 pub const TC_CT_EXPIRED: u32 = 41;
 
-/// connect: translated without writing socket storage (the backend's `LB_REVERSE` entry is
-/// active for this frontend; getpeername answers from it). Also counted in
-/// [`CONNECT_XLATED`].
+/// connect: translated without writing per-socket state, neither a slot nor socket storage
+/// (the backend's `LB_REVERSE` entry is active for this frontend; getpeername answers from
+/// it). Also counted in [`CONNECT_XLATED`].
 pub const CONNECT_NO_STORAGE: u32 = 42;
 /// connect: a direct connect (not through a Service) to a backend address that has an
-/// `LB_REVERSE` entry got socket storage marked `SOCK_DIRECT`, so getpeername shows the pod.
+/// `LB_REVERSE` entry got state (a slot or storage) marked `SOCK_DIRECT`, so getpeername
+/// shows the pod.
 pub const CONNECT_DIRECT_MARKED: u32 = 43;
-/// getpeername: a socket without storage was shown its Service from `LB_REVERSE`. Also
+/// getpeername: a socket without state was shown its Service from `LB_REVERSE`. Also
 /// counted in [`GETPEERNAME_XLATED`].
 pub const GETPEERNAME_REVERSE: u32 = 44;
 /// connect/sendmsg: a UDP socket's first translation found its `LB_UDP_SOCKS` slot held by
@@ -139,9 +140,18 @@ pub const UDP_SOCKS_TAKEN: u32 = 45;
 pub const UDP_SOCKS_CLAIMED: u32 = 46;
 /// sock_release: a closing UDP socket freed its `LB_UDP_SOCKS` slot.
 pub const UDP_SOCKS_RELEASED: u32 = 47;
+/// connect: a TCP socket that needs state found its `LB_TCP_SOCKS` slot held by another open
+/// socket, so its state went to socket storage (`LB_SOCKS`) instead: exact all the same, at
+/// the cost of the kernel's allocation.
+pub const TCP_SOCKS_TAKEN: u32 = 48;
+/// connect: a TCP socket claimed its `LB_TCP_SOCKS` slot. Minus [`TCP_SOCKS_RELEASED`]: the
+/// slots held now.
+pub const TCP_SOCKS_CLAIMED: u32 = 49;
+/// sock_release: a closing TCP socket freed its `LB_TCP_SOCKS` slot.
+pub const TCP_SOCKS_RELEASED: u32 = 50;
 
 /// Number of counters.
-pub const COUNT: u32 = 48;
+pub const COUNT: u32 = 51;
 
 /// Counter names, indexed by number.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -193,4 +203,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "udp_socks_taken",
     "udp_socks_claimed",
     "udp_socks_released",
+    "tcp_socks_taken",
+    "tcp_socks_claimed",
+    "tcp_socks_released",
 ];

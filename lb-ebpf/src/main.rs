@@ -2,8 +2,8 @@
 //!
 //! Attached to the agent's cgroup: `connect4/6` (TCP and connected UDP) and `sendmsg4/6`
 //! (unconnected UDP) send a Service address to a backend; `recvmsg4/6` and `getpeername4/6`
-//! show the Service address back to the client; `sock_release` deletes a closing UDP
-//! socket's state. Each entry point is a thin wrapper over
+//! show the Service address back to the client; `sock_release` frees a closing socket's
+//! slot. Each entry point is a thin wrapper over
 //! [`xlate`], which does the work and returns what happened; the entry point turns that into
 //! the syscall's verdict.
 #![no_std]
@@ -16,6 +16,7 @@
 
 mod maps;
 mod nodeport;
+mod slots;
 mod sock;
 mod xlate;
 
@@ -69,7 +70,8 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     xlate::reverse::<V6>(&ctx, Reverse::GetPeerName)
 }
 
-/// A socket closes: a UDP socket's `LB_UDP_SOCKS` entry goes with it. Never refuses.
+/// A socket closes: its `LB_TCP_SOCKS` or `LB_UDP_SOCKS` slot, if it owns one, is free again.
+/// Never refuses.
 #[cgroup_sock(sock_release)]
 pub fn lb_sock_release(ctx: SockContext) -> i32 {
     xlate::released(&ctx);

@@ -13,8 +13,8 @@ use aya_ebpf::{
 use lb_common::maps::{
     Affinity, AffinityKey, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend, DgramXlate, Frontend,
     FrontendKey, MAX_AFFINITY, MAX_FRONTENDS, MAX_MEMBERS, MAX_REVERSE, MAX_REVNAT, MAX_SLOTS,
-    MAX_UDP_FLOWS, MAX_UDP_SOCKS, META_LEN, MemberKey, REVERSE_FILTER_WORDS, RevNat, RevNatKey,
-    Reverse, SlotKey, SockXlate, UdpFlowKey,
+    MAX_UDP_FLOWS, META_LEN, MemberKey, REVERSE_FILTER_WORDS, RevNat, RevNatKey, Reverse,
+    SOCK_SLOTS, SlotKey, SockXlate, UdpFlowKey,
 };
 
 /// Service frontends; written by the agent.
@@ -114,10 +114,25 @@ pub fn ctx_sock(ctx: &SockAddrContext) -> *mut c_void {
 }
 
 /// TCP/MPTCP socket -> what lb did with it (`SockXlate`: the connected backend and Service),
-/// for getpeername; written here, on connect to a Service. Freed by the kernel with the
-/// socket.
+/// as `LB_TCP_SOCKS`, for MPTCP sockets, TCP sockets whose slot there another socket held,
+/// and those translated before an upgrade from layout 4; written here, on such a socket's
+/// connect to a Service or to a backend with a reverse entry, and by the agent for sockets
+/// whose backend's reverse entry stops answering. Freed by the kernel with the socket.
 #[btf_map]
 pub static LB_SOCKS: PinnedSkStorage<SockXlate> = PinnedSkStorage::new();
+
+/// TCP socket slots, indexed by `sock_slot(cookie)`: the cookie of the socket owning the
+/// slot, 0 when free (`lb_common::maps::SOCK_SLOTS` has the protocol); claimed here on the
+/// socket's first connect that needs state, freed by `lb_sock_release` when it closes.
+/// Mappable: the agent counts the slots held through a read-only mapping.
+#[map]
+pub static LB_TCP_OWNERS: Array<u64> = Array::pinned(SOCK_SLOTS, BPF_F_MMAPABLE);
+
+/// The state (`SockXlate`) of the TCP socket owning the same index of `LB_TCP_OWNERS`, for
+/// getpeername and its later connects; written here, whole when the socket claims the slot.
+/// A socket whose slot is held keeps its state in `LB_SOCKS` instead.
+#[map]
+pub static LB_TCP_SOCKS: Array<SockXlate> = Array::pinned(SOCK_SLOTS, 0);
 
 /// UDP socket -> what lb did with it (`DgramXlate`), as `LB_UDP_SOCKS`, for the sockets whose
 /// slot there another socket held, and those translated before an upgrade from layout 4;
@@ -126,18 +141,18 @@ pub static LB_SOCKS: PinnedSkStorage<SockXlate> = PinnedSkStorage::new();
 #[btf_map]
 pub static LB_DGRAMS: PinnedSkStorage<DgramXlate> = PinnedSkStorage::new();
 
-/// UDP socket slots, indexed by `udp_sock_slot(cookie)`: the cookie of the socket owning the
-/// slot, 0 when free (`lb_common::maps::MAX_UDP_SOCKS` has the protocol); claimed here on the
+/// UDP socket slots, indexed by `sock_slot(cookie)`: the cookie of the socket owning the
+/// slot, 0 when free (`lb_common::maps::SOCK_SLOTS` has the protocol); claimed here on the
 /// socket's first connect or sendmsg to a Service, freed by `lb_sock_release` when it closes.
 /// Mappable: the agent counts the slots held through a read-only mapping.
 #[map]
-pub static LB_UDP_OWNERS: Array<u64> = Array::pinned(MAX_UDP_SOCKS, BPF_F_MMAPABLE);
+pub static LB_UDP_OWNERS: Array<u64> = Array::pinned(SOCK_SLOTS, BPF_F_MMAPABLE);
 
 /// The state (`DgramXlate`) of the socket owning the same index of `LB_UDP_OWNERS`: what lb
 /// did with it, for getpeername/recvmsg/sendmsg; written here, whole when the socket claims
 /// the slot. A socket whose slot is held keeps its state in `LB_DGRAMS` instead.
 #[map]
-pub static LB_UDP_SOCKS: Array<DgramXlate> = Array::pinned(MAX_UDP_SOCKS, 0);
+pub static LB_UDP_SOCKS: Array<DgramXlate> = Array::pinned(SOCK_SLOTS, 0);
 
 /// Unconnected UDP socket and backend -> Service, for recvmsg; written here, on sendmsg to a
 /// Service, deleted on a direct connect/sendmsg to the backend. Read only for sockets whose

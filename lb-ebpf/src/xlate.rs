@@ -14,7 +14,7 @@ use lb_common::{
         Affinity, AffinityKey, Backend, DgramXlate, FLOW_REVERSE, Frontend, FrontendKey,
         IPPROTO_TCP, IPPROTO_UDP, MemberKey, REVERSE_ACTIVE, REVERSE_DRAINING, RevNat, RevNatKey,
         SOCK_CONNECTED, SOCK_DATAGRAMS, SOCK_DIRECT, SOCK_OVERFLOW, SlotKey, SockFlow, SockXlate,
-        UDP_SLOT_CLAIMING, UdpFlowKey, reverse_filter_bit, udp_sock_slot,
+        UdpFlowKey, reverse_filter_bit,
     },
     select::{affinity_fresh, slot_for},
     stats,
@@ -23,10 +23,30 @@ use lb_common::{
 use crate::{
     maps::{
         LB_AFFINITY, LB_DGRAMS, LB_FRONTENDS, LB_MEMBERS, LB_REV_FILTER, LB_REVERSE, LB_REVNAT,
-        LB_SLOTS, LB_SOCKS, LB_UDP_FLOWS, LB_UDP_OWNERS, LB_UDP_SOCKS, count, ctx_sock,
+        LB_SLOTS, LB_SOCKS, LB_TCP_OWNERS, LB_TCP_SOCKS, LB_UDP_FLOWS, LB_UDP_OWNERS, LB_UDP_SOCKS,
+        count, ctx_sock,
     },
+    slots::Slots,
     sock::{self, Family},
 };
+
+/// The TCP socket slots: `LB_TCP_OWNERS` and `LB_TCP_SOCKS`.
+#[inline(always)]
+fn tcp_slots() -> Slots<SockXlate> {
+    Slots {
+        owners: &LB_TCP_OWNERS,
+        states: &LB_TCP_SOCKS,
+    }
+}
+
+/// The UDP socket slots: `LB_UDP_OWNERS` and `LB_UDP_SOCKS`.
+#[inline(always)]
+fn udp_slots() -> Slots<DgramXlate> {
+    Slots {
+        owners: &LB_UDP_OWNERS,
+        states: &LB_UDP_SOCKS,
+    }
+}
 
 /// Return values of a cgroup sock_addr program.
 const SYS_REJECT: i32 = 0;
@@ -116,14 +136,15 @@ fn try_forward<F: Family>(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     Verdict::Translated(stat)
 }
 
-/// connect() to a Service: the backend, remembered in the socket's storage for getpeername
-/// and recvmsg, unless the backend's `LB_REVERSE` entry answers for this frontend. Returns
-/// the backend and the counter to bump.
+/// connect() to a Service: the backend, remembered in the socket's state for getpeername
+/// unless the backend's `LB_REVERSE` entry answers for this frontend. Returns the backend and
+/// the counter to bump.
 ///
-/// A TCP socket's storage is the application's socket in `LB_SOCKS`: for MPTCP the connect
-/// hook runs on the first subflow, while the application calls getpeername on the MPTCP
-/// socket, so the entry goes on that one (MPTCP sockets always get storage). A UDP socket's
-/// state is its `LB_UDP_SOCKS` entry ([`dgram_state`]).
+/// A TCP socket's state is its `LB_TCP_SOCKS` slot, else its `LB_SOCKS` storage
+/// ([`tcp_state`]). For MPTCP the connect hook runs on the first subflow, while the
+/// application calls getpeername on the MPTCP socket, so the state goes on that one, always
+/// as storage (the hook has no cookie of it). A UDP socket's state is its `LB_UDP_SOCKS`
+/// entry ([`dgram_state`]).
 #[inline(always)]
 fn connect(
     ctx: &SockAddrContext,
@@ -141,34 +162,71 @@ fn connect(
         flags: SOCK_CONNECTED,
     };
     let sk = ctx_sock(ctx);
-    let state = if key.proto == IPPROTO_TCP {
-        // SAFETY: helper call on the context's socket; it returns the subflow's MPTCP socket
-        // or null (not a subflow).
-        let msk = unsafe { bpf_skc_to_mptcp_sock(sk) };
-        if !msk.is_null() {
-            LB_SOCKS.get_ptr_on(msk.cast(), true)
-        } else if reverse_answers(&backend, key, frontend.id) {
-            // getpeername answers from the reverse entry: nothing to write, unless the socket
-            // has storage from an earlier connect (then storage answers, so it must say this).
-            if let Some(state) = LB_SOCKS.get_ptr_on(sk, false) {
-                // SAFETY: this socket's own storage, written under the socket lock.
-                unsafe { *state = xlate };
+    if key.proto != IPPROTO_TCP {
+        store(LB_SOCKS.get_ptr_on(sk, true), &xlate);
+        return Ok((backend, stats::CONNECT_XLATED));
+    }
+    // SAFETY: helper call on the context's socket; it returns the subflow's MPTCP socket or
+    // null (not a subflow).
+    let msk = unsafe { bpf_skc_to_mptcp_sock(sk) };
+    if !msk.is_null() {
+        store(LB_SOCKS.get_ptr_on(msk.cast(), true), &xlate);
+        return Ok((backend, stats::CONNECT_XLATED));
+    }
+    let cookie = socket_cookie(ctx);
+    match tcp_state(sk, cookie) {
+        // A socket with state from an earlier connect (one that failed, or a disconnect):
+        // its state answers getpeername, so it must say this connect.
+        Some(state) => {
+            // SAFETY: this socket's own state, written under the socket lock that every hook
+            // runs with.
+            unsafe { *state = xlate };
+            if reverse_answers(&backend, key, frontend.id) {
+                count(stats::CONNECT_NO_STORAGE);
             }
-            count(stats::CONNECT_NO_STORAGE);
-            return Ok((backend, stats::CONNECT_XLATED));
-        } else {
-            LB_SOCKS.get_ptr_on(sk, true)
         }
-    } else {
-        LB_SOCKS.get_ptr_on(sk, true)
-    };
-    match state {
-        // SAFETY: this socket's own storage, written under the socket lock that every hook
-        // runs with.
-        Some(state) => unsafe { *state = xlate },
-        None => count(stats::ERR_REVNAT_UPDATE),
+        // getpeername answers from the reverse entry: nothing to write.
+        None if reverse_answers(&backend, key, frontend.id) => count(stats::CONNECT_NO_STORAGE),
+        None => tcp_insert(sk, cookie, &xlate),
     }
     Ok((backend, stats::CONNECT_XLATED))
+}
+
+/// Writes `xlate` to a socket's storage, or counts that the kernel had none to give.
+#[inline(always)]
+fn store(state: Option<*mut SockXlate>, xlate: &SockXlate) {
+    match state {
+        // SAFETY: the socket's own storage, written under the socket lock that every hook
+        // runs with.
+        Some(state) => unsafe { *state = *xlate },
+        None => count(stats::ERR_REVNAT_UPDATE),
+    }
+}
+
+/// The TCP socket `sk`'s state (`cookie` is its cookie): its `LB_TCP_SOCKS` slot if it owns
+/// it, else its `LB_SOCKS` storage (a socket whose slot another socket held, one the agent
+/// gave state, or one translated before an upgrade from layout 4). `None`: no state. The
+/// pointer is valid while the program runs; only the socket's own syscalls write a slot's
+/// state, under the socket lock, and the slot is freed only when the socket closes.
+#[inline(always)]
+fn tcp_state(sk: *mut c_void, cookie: u64) -> Option<*mut SockXlate> {
+    tcp_slots()
+        .owned(cookie)
+        .or_else(|| LB_SOCKS.get_ptr_on(sk, false))
+}
+
+/// A TCP socket's first state, `value`: its `LB_TCP_SOCKS` slot when free, else its
+/// `LB_SOCKS` storage (the kernel allocates it). Without either (memory) the socket is
+/// translated all the same, and getpeername shows the backend (counted as
+/// `err_revnat_update`).
+#[inline(always)]
+fn tcp_insert(sk: *mut c_void, cookie: u64, value: &SockXlate) {
+    if tcp_slots().claim(cookie, value) {
+        count(stats::TCP_SOCKS_CLAIMED);
+        return;
+    }
+    count(stats::TCP_SOCKS_TAKEN);
+    store(LB_SOCKS.get_ptr_on(sk, true), value);
 }
 
 /// The `LB_REVERSE` key of a TCP backend.
@@ -193,10 +251,10 @@ fn reverse_may_have(addr: &lb_common::Addr, port: u16) -> bool {
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
 }
 
-/// Whether a TCP connect through frontend `key` (id `id`) to `backend` may skip socket
-/// storage: the backend's reverse entry is active and names this frontend (address, port and
-/// id: an id a restarted agent reused for another frontend before a stale entry drained
-/// does not match).
+/// Whether a TCP connect through frontend `key` (id `id`) to `backend` may skip per-socket
+/// state (no slot, no storage): the backend's reverse entry is active and names this frontend
+/// (address, port and id: an id a restarted agent reused for another frontend before a stale
+/// entry drained does not match).
 #[inline(always)]
 fn reverse_answers(backend: &Backend, key: &FrontendKey, id: u32) -> bool {
     // SAFETY: the value is read at once; the agent replaces values whole.
@@ -265,12 +323,6 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// The `LB_UDP_OWNERS` entry of the slot of the socket with cookie `cookie`.
-#[inline(always)]
-fn udp_owner(cookie: u64) -> Option<*mut u64> {
-    LB_UDP_OWNERS.get_ptr_mut(udp_sock_slot(cookie))
-}
-
 /// The UDP socket's state: in its `LB_UDP_SOCKS` slot if it owns it (`cookie`, the
 /// socket's, is the slot's owner), else its `LB_DGRAMS` storage (a socket whose slot another
 /// socket held, or one translated before an upgrade from layout 4). `None`: lb never
@@ -279,37 +331,18 @@ fn udp_owner(cookie: u64) -> Option<*mut u64> {
 /// socket closes.
 #[inline(always)]
 fn dgram_state(ctx: &SockAddrContext, cookie: u64) -> Option<*mut DgramXlate> {
-    let slot = udp_sock_slot(cookie);
-    if let Some(owner) = LB_UDP_OWNERS.get_ptr_mut(slot)
-        // SAFETY: a pointer into the array's value, read once.
-        && unsafe { *owner } == cookie
-    {
-        return LB_UDP_SOCKS.get_ptr_mut(slot);
-    }
-    LB_DGRAMS.get_ptr(ctx, false)
+    udp_slots()
+        .owned(cookie)
+        .or_else(|| LB_DGRAMS.get_ptr(ctx, false))
 }
 
-/// A UDP socket's first state, `value`: its `LB_UDP_SOCKS` slot when free (claimed with a
-/// compare-and-exchange of the slot's owner, 0 -> the socket's cookie marked
-/// [`UDP_SLOT_CLAIMING`] until the state is written: two sockets of one slot racing here
-/// cannot both win), else its `LB_DGRAMS` storage (the kernel allocates it).
-/// Without either (memory) the socket is translated all the same, and its replies show the
-/// backend (counted as `err_revnat_update`).
+/// A UDP socket's first state, `value`: its `LB_UDP_SOCKS` slot when free (see
+/// [`Slots::claim`]), else its `LB_DGRAMS` storage (the kernel allocates it). Without either
+/// (memory) the socket is translated all the same, and its replies show the backend (counted
+/// as `err_revnat_update`).
 #[inline(always)]
 fn dgram_insert(ctx: &SockAddrContext, cookie: u64, value: &DgramXlate) {
-    let slot = udp_sock_slot(cookie);
-    if let Some(owner) = LB_UDP_OWNERS.get_ptr_mut(slot)
-        && let Some(state) = LB_UDP_SOCKS.get_ptr_mut(slot)
-        // SAFETY: an aligned u64 in the array's value, valid while the program runs.
-        && unsafe { claim(owner, cookie | UDP_SLOT_CLAIMING) }
-    {
-        // SAFETY: the slot is this socket's now; only its own syscalls touch the state. The
-        // owner says so only once the state is whole: the agent, which reads owner, state
-        // and owner again, never takes the previous owner's state for this socket's.
-        unsafe {
-            *state = *value;
-            owner.write_volatile(cookie);
-        }
+    if udp_slots().claim(cookie, value) {
         count(stats::UDP_SOCKS_CLAIMED);
         return;
     }
@@ -321,50 +354,24 @@ fn dgram_insert(ctx: &SockAddrContext, cookie: u64, value: &DgramXlate) {
     }
 }
 
-/// Sets `*owner` from 0 to `claimant` atomically (BPF `cmpxchg_64`: Rust's BPF target has no
-/// compare-and-exchange, though the kernel has had the instruction since 5.12); whether it
-/// was 0.
-///
-/// # Safety
-/// `owner` points to an aligned u64 in a map value, valid while the program runs.
-#[inline(always)]
-unsafe fn claim(owner: *mut u64, claimant: u64) -> bool {
-    let mut previous: u64 = 0;
-    // SAFETY: one atomic instruction on the caller's valid, aligned pointer; r0 holds the
-    // expected value (0) in and the value found out.
-    unsafe {
-        core::arch::asm!(
-            "r0 = cmpxchg_64({owner} + 0, r0, {claimant})",
-            owner = in(reg) owner,
-            claimant = in(reg) claimant,
-            inout("r0") previous,
-            options(nostack),
-        );
-    }
-    previous == 0
-}
-
-/// sock_release of a UDP socket: its `LB_UDP_SOCKS` slot, if it owns one, is free again (the
-/// next owner writes the whole state). Other sockets return at once.
+/// sock_release: a closing TCP or UDP socket's slot, if it owns one, is free again (the next
+/// owner writes the whole state). Other sockets return at once.
 #[inline(always)]
 pub fn released(ctx: &SockContext) {
     // SAFETY: the context's socket is valid for the program's run.
-    if unsafe { (*ctx.sock).protocol } != u32::from(IPPROTO_UDP) {
+    let protocol = unsafe { (*ctx.sock).protocol };
+    let tcp = protocol == u32::from(IPPROTO_TCP);
+    if !tcp && protocol != u32::from(IPPROTO_UDP) {
         return;
     }
     // SAFETY: helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(owner) = udp_owner(cookie) else {
-        return;
-    };
-    // SAFETY: an aligned u64 in the array's value, valid while the program runs. Only the
-    // owner changes a held slot's owner (another socket's claim needs 0), so the read and
-    // the store need no atomic pair; each is one 64-bit access.
-    unsafe {
-        if owner.read_volatile() == cookie {
-            owner.write_volatile(0);
-            count(stats::UDP_SOCKS_RELEASED);
+    if tcp {
+        if tcp_slots().release(cookie) {
+            count(stats::TCP_SOCKS_RELEASED);
         }
+    } else if udp_slots().release(cookie) {
+        count(stats::UDP_SOCKS_RELEASED);
     }
 }
 
@@ -511,45 +518,33 @@ fn datagram_backend(
 /// as a Service backend (its `LB_REVNAT` entry) now talks to it directly, so replies from it
 /// must show it, as kube-proxy's separate conntrack entries would: the entry goes, until the
 /// socket sends through the Service again. A connect() also ends the socket's connection to
-/// a Service (getpeername shows the new peer). Sockets lb never translated have no storage
-/// and pay one empty lookup; a TCP connect first reads its address's `LB_REV_FILTER` bit (an
-/// array word), and looks `LB_REVERSE` up only where the bit is set.
+/// a Service (getpeername shows the new peer). Sockets lb never translated have no state and
+/// pay one slot owner's read and one empty storage lookup; a TCP connect first reads its
+/// address's `LB_REV_FILTER` bit (an array word), and looks `LB_REVERSE` up only where the
+/// bit is set.
 #[inline(always)]
 fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
     if key.proto != IPPROTO_UDP {
         if hook != Hook::Connect {
             return;
         }
+        let sk = ctx_sock(ctx);
+        if key.proto != IPPROTO_TCP {
+            if let Some(state) = LB_SOCKS.get_ptr_on(sk, false) {
+                // SAFETY: this socket's own storage, written under the socket lock.
+                unsafe { (*state).flags &= !SOCK_CONNECTED };
+            }
+            return;
+        }
         // SAFETY: the value is only tested for presence.
-        if key.proto == IPPROTO_TCP
-            && reverse_may_have(&key.addr, key.port)
+        if reverse_may_have(&key.addr, key.port)
             && unsafe { LB_REVERSE.get(&reverse_key(key.addr, key.port)) }.is_some()
         {
             // A direct connect to a backend that has a reverse entry (in any state): the
-            // socket gets storage, so getpeername shows the pod, not the entry's Service.
-            let app = app_socket(ctx);
-            if app != ctx_sock(ctx) && LB_SOCKS.get_ptr_on(app, false).is_some() {
-                // A subflow that the MPTCP path manager adds to a connection lb already
-                // handled (`__mptcp_subflow_connect` connects it to the connection's peer,
-                // the backend, in the connection's cgroup): what the application connected
-                // to stands.
-                return;
-            }
-            match LB_SOCKS.get_ptr_on(app, true) {
-                Some(state) => {
-                    // SAFETY: this socket's own storage, written under the socket lock.
-                    unsafe {
-                        *state = SockXlate {
-                            flags: SOCK_DIRECT,
-                            ..SockXlate::default()
-                        };
-                    }
-                    count(stats::CONNECT_DIRECT_MARKED);
-                }
-                None => count(stats::ERR_REVNAT_UPDATE),
-            }
-        } else if let Some(state) = LB_SOCKS.get_ptr(ctx, false) {
-            // SAFETY: this socket's own storage, written under the socket lock.
+            // socket gets state, so getpeername shows the pod, not the entry's Service.
+            direct_to_backend(ctx, sk);
+        } else if let Some(state) = tcp_state(sk, socket_cookie(ctx)) {
+            // SAFETY: this socket's own state, written under the socket lock.
             unsafe { (*state).flags &= !SOCK_CONNECTED };
         }
         return;
@@ -587,6 +582,35 @@ fn direct(ctx: &SockAddrContext, key: &FrontendKey, hook: Hook) {
             count(stats::REVNAT_CLEARED_DIRECT);
         }
     }
+}
+
+/// A TCP connect of socket `sk` straight to a backend address that has a reverse entry: its
+/// state says [`SOCK_DIRECT`] (and no longer [`SOCK_CONNECTED`]), so that getpeername shows
+/// the pod.
+#[inline(always)]
+fn direct_to_backend(ctx: &SockAddrContext, sk: *mut c_void) {
+    let marked = SockXlate {
+        flags: SOCK_DIRECT,
+        ..SockXlate::default()
+    };
+    let app = app_socket(ctx);
+    if app != sk {
+        if LB_SOCKS.get_ptr_on(app, false).is_some() {
+            // A subflow that the MPTCP path manager adds to a connection lb already handled
+            // (`__mptcp_subflow_connect` connects it to the connection's peer, the backend,
+            // in the connection's cgroup): what the application connected to stands.
+            return;
+        }
+        store(LB_SOCKS.get_ptr_on(app, true), &marked);
+    } else {
+        let cookie = socket_cookie(ctx);
+        match tcp_state(sk, cookie) {
+            // SAFETY: this socket's own state, written under the socket lock.
+            Some(state) => unsafe { *state = marked },
+            None => tcp_insert(sk, cookie, &marked),
+        }
+    }
+    count(stats::CONNECT_DIRECT_MARKED);
 }
 
 /// An unconnected UDP socket with more Services than its own flows: (socket, backend) ->
@@ -727,12 +751,13 @@ pub enum Reverse {
 }
 
 /// recvmsg/getpeername: a backend address the client sees becomes the Service address it
-/// asked for. The socket's state ([`dgram_state`] for UDP, `LB_SOCKS` storage for the
-/// others) is the gate: a socket without it was never translated and is left alone at once. A connected
-/// socket's peer comes from the storage; a recvmsg source that is not the connected backend
+/// asked for. The socket's state ([`dgram_state`] for UDP, [`tcp_state`] for TCP, `LB_SOCKS`
+/// storage for the others) is the gate: a socket without it was never translated (a TCP
+/// socket may answer from its peer's reverse entry) and is left alone at once. A connected
+/// socket's peer comes from the state; a recvmsg source that is not the connected backend
 /// is looked for among the socket's own flows (the one that last sent to that backend
 /// answers), and in `LB_REVNAT` only if the socket has [`SOCK_OVERFLOW`]. getpeername reads
-/// neither: a peer exists only after connect(), which the storage records. Always lets the
+/// neither: a peer exists only after connect(), which the state records. Always lets the
 /// syscall proceed (these hooks cannot refuse).
 #[inline(always)]
 pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
@@ -753,16 +778,21 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
             None if hook == Reverse::RecvMsg => reverse_datagram(cookie, state, addr, port),
             None => None,
         }
+    } else if sock::protocol(sa) == u32::from(IPPROTO_TCP) {
+        // A plain TCP socket (not MPTCP: those always have storage, and their protocol is not
+        // TCP here). One without state may have been connected through a Service whose
+        // reverse entry answers for its peer.
+        let addr = F::addr(sa);
+        let port = sock::port(sa);
+        match tcp_state(ctx_sock(ctx), socket_cookie(ctx)) {
+            // SAFETY: as above.
+            Some(state) => connected_service(unsafe { &*state }, addr, port),
+            None => reverse_peer(addr, port),
+        }
     } else {
         match LB_SOCKS.get_ptr(ctx, false) {
             // SAFETY: as above.
             Some(state) => connected_service(unsafe { &*state }, F::addr(sa), sock::port(sa)),
-            // A plain TCP socket without storage (not MPTCP: those always have it, and their
-            // protocol is not TCP here) may have been connected through a Service whose
-            // reverse entry answers for its peer.
-            None if sock::protocol(sa) == u32::from(IPPROTO_TCP) => {
-                reverse_peer(F::addr(sa), sock::port(sa))
-            }
             None => return SYS_PROCEED,
         }
     };
@@ -778,7 +808,7 @@ pub fn reverse<F: Family>(ctx: &SockAddrContext, hook: Reverse) -> i32 {
     SYS_PROCEED
 }
 
-/// The Service of a TCP socket without storage whose peer is `addr`:`port`: the peer's
+/// The Service of a TCP socket without state whose peer is `addr`:`port`: the peer's
 /// reverse entry, active or draining (a pending one does not answer yet: the sockets
 /// connected to the backend directly before it was written may not be marked yet).
 #[inline(always)]

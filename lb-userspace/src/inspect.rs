@@ -230,6 +230,7 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
                 "affinity": entries(lb_common::maps::AFFINITY),
                 "udp_flows": entries(lb_common::maps::UDP_FLOWS),
                 "udp_socks": entries(lb_common::maps::UDP_SOCKS),
+                "tcp_socks": entries(lb_common::maps::TCP_SOCKS),
                 "ct": entries(lb_common::nat::CT),
             },
         });

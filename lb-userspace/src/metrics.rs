@@ -478,6 +478,7 @@ impl Collector for MapFillCollector {
         self.fill.set(lb_common::maps::REVNAT, sizes.revnat);
         self.fill.set(lb_common::maps::UDP_FLOWS, sizes.udp_flows);
         self.fill.set(lb_common::maps::UDP_SOCKS, sizes.udp_socks);
+        self.fill.set(lb_common::maps::TCP_SOCKS, sizes.tcp_socks);
         self.fill.set(lb_common::nat::CT, sizes.ct);
         let fills = self.fill.fills();
         let gauge = prometheus_client::metrics::MetricType::Gauge;

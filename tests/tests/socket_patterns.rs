@@ -815,7 +815,7 @@ fn a_udp_socket_whose_slot_is_held_keeps_its_state_in_storage() {
     let f = start();
     let counter = |name: &str| event_count(&f.agent, name);
     let taken = counter("udp_socks_taken");
-    let bits = lb_common::maps::MAX_UDP_SOCKS.trailing_zeros().to_string();
+    let bits = lb_common::maps::SOCK_SLOTS.trailing_zeros().to_string();
     let same_slot = format!("same-slot:{bits}");
     let sendto = format!("sendto:{DNS3}");
     let out = f.steps(
@@ -838,6 +838,83 @@ fn a_udp_socket_whose_slot_is_held_keeps_its_state_in_storage() {
         taken + 1,
         "one socket fell back"
     );
+}
+
+#[test]
+fn a_tcp_socket_whose_slot_is_held_keeps_its_state_in_storage() {
+    // WEB1's connects to pod1 need state (WEB, the lower Service, owns pod1's reverse entry).
+    // Two open sockets whose cookies pick the same LB_TCP_SOCKS slot: the first holds it, the
+    // second's state goes to socket storage, and both show the Service they connected to.
+    let f = start();
+    let counter = |name: &str| event_count(&f.agent, name);
+    let (claimed, taken) = (counter("tcp_socks_claimed"), counter("tcp_socks_taken"));
+    let bits = lb_common::maps::SOCK_SLOTS.trailing_zeros().to_string();
+    let same_slot = format!("same-slot:{bits}");
+    let connect = format!("connect:{WEB1}");
+    let out = f.steps(
+        "tcp4",
+        &[
+            &connect,
+            "send",
+            "readline",
+            &same_slot,
+            &connect,
+            "send",
+            "readline",
+            "back",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[2], Some("pod1"), WEB1, &out);
+    assert!(out[3].error.is_none(), "{out:?}");
+    assert_answer(&out[6], Some("pod1"), WEB1, &out);
+    assert!(out[7].error.is_none(), "{out:?}");
+    assert_eq!(out[8].peer.as_deref(), Some(WEB1), "{out:?}");
+    assert_eq!(
+        counter("tcp_socks_claimed"),
+        claimed + 1,
+        "the first claimed"
+    );
+    assert_eq!(
+        counter("tcp_socks_taken"),
+        taken + 1,
+        "the second fell back"
+    );
+}
+
+#[test]
+fn a_tcp_slot_freed_by_a_closed_socket_carries_nothing_to_the_next() {
+    // A socket connected through WEB1 (state in its slot) closes; a new socket gets the slot
+    // and connects to the same pod directly: it shows the pod, and its own connect through
+    // the Service afterwards (a second socket) claims a free slot again.
+    let f = start();
+    let pod1 = f.pod(1);
+    let counter = |name: &str| event_count(&f.agent, name);
+    let (released, taken) = (counter("tcp_socks_released"), counter("tcp_socks_taken"));
+    let bits = lb_common::maps::SOCK_SLOTS.trailing_zeros();
+    let reused = format!("reused-slot:{bits}");
+    let out = f.steps(
+        "tcp4",
+        &[
+            &format!("connect:{WEB1}"),
+            "send",
+            "readline",
+            &reused,
+            &format!("connect:{pod1}"),
+            "send",
+            "readline",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[2], Some("pod1"), WEB1, &out);
+    assert!(out[3].error.is_none(), "{out:?}");
+    assert_answer(&out[6], Some("pod1"), &pod1, &out);
+    assert_eq!(out[7].peer.as_deref(), Some(pod1.as_str()), "{out:?}");
+    assert!(
+        counter("tcp_socks_released") > released,
+        "the close freed the slot"
+    );
+    assert_eq!(counter("tcp_socks_taken"), taken, "no socket fell back");
 }
 
 /// Entries of a pinned map of the agent.
@@ -865,7 +942,7 @@ fn a_udp_slot_freed_by_a_closed_socket_carries_nothing_to_the_next() {
     let f = start();
     let pod1 = f.pod(1);
     let taken = event_count(&f.agent, "udp_socks_taken");
-    let bits = lb_common::maps::MAX_UDP_SOCKS.trailing_zeros();
+    let bits = lb_common::maps::SOCK_SLOTS.trailing_zeros();
     let reused = format!("reused-slot:{bits}");
     let direct = format!("sendto:{pod1}");
     let via = format!("sendto:{DNS}");
@@ -890,10 +967,10 @@ fn event_count(agent: &Agent, name: &str) -> u64 {
     json["events"][name].as_u64().expect(name)
 }
 
-/// The `LB_UDP_OWNERS` slots held by a socket (an array: every index is there, a held one is
-/// not 0).
-fn held_udp_slots(agent: &Agent) -> usize {
-    let path = agent.pin_path.join("maps/LB_UDP_OWNERS");
+/// The slots of owners array `owners` (`LB_UDP_OWNERS`, `LB_TCP_OWNERS`) held by a socket (an
+/// array: every index is there, a held one is not 0).
+fn held_slots(agent: &Agent, owners: &str) -> usize {
+    let path = agent.pin_path.join("maps").join(owners);
     let out = std::process::Command::new("bpftool")
         .args(["--json", "map", "dump", "pinned"])
         .arg(&path)
@@ -921,7 +998,7 @@ fn unconnected_udp_sockets_leave_no_entries_behind() {
     let f = start();
     let counter = |name: &str| event_count(&f.agent, name);
     let claimed = counter("udp_socks_claimed");
-    let held = held_udp_slots(&f.agent);
+    let held = held_slots(&f.agent, "LB_UDP_OWNERS");
     let before: Vec<usize> = ["LB_REVNAT", "LB_UDP_FLOWS"]
         .iter()
         .map(|m| map_entries(&f.agent, m))
@@ -942,7 +1019,11 @@ fn unconnected_udp_sockets_leave_no_entries_behind() {
         .map(|m| map_entries(&f.agent, m))
         .collect();
     assert_eq!(after, before, "LB_REVNAT and LB_UDP_FLOWS entries");
-    assert_eq!(held_udp_slots(&f.agent), held, "LB_UDP_OWNERS slots held");
+    assert_eq!(
+        held_slots(&f.agent, "LB_UDP_OWNERS"),
+        held,
+        "LB_UDP_OWNERS slots held"
+    );
     // Each socket had a slot (none fell back to socket storage), and each freed it.
     assert!(
         counter("udp_socks_claimed") >= claimed + count,
@@ -952,4 +1033,31 @@ fn unconnected_udp_sockets_leave_no_entries_behind() {
     // And such a socket still sees the Service on its answers.
     let out = f.steps("udp4", &["sendto:10.96.0.21:53", "recvfrom"]);
     assert_answer(&out[1], None, DNS3, &out);
+}
+
+#[test]
+fn tcp_sockets_that_need_state_leave_no_slots_behind() {
+    // 2 000 connections through WEB1, whose connects to pod1 need state (WEB owns pod1's
+    // reverse entry): each claims its LB_TCP_SOCKS slot and its close frees it, so the slots
+    // held are what they were before, and no socket fell back to storage.
+    let f = start();
+    let counter = |name: &str| event_count(&f.agent, name);
+    let claimed = counter("tcp_socks_claimed");
+    let held = held_slots(&f.agent, "LB_TCP_OWNERS");
+    let count = 2_000;
+    let out = f.node.client(&["tcp", WEB1, "--count", &count.to_string()]);
+    assert_eq!(out.len(), count, "one outcome per connection");
+    for o in &out {
+        assert_answer(o, Some("pod1"), WEB1, &out[..1]);
+    }
+    assert_eq!(
+        held_slots(&f.agent, "LB_TCP_OWNERS"),
+        held,
+        "LB_TCP_OWNERS slots held"
+    );
+    assert!(
+        counter("tcp_socks_claimed") >= claimed + count as u64,
+        "slots claimed"
+    );
+    assert_eq!(counter("tcp_socks_taken"), 0);
 }

@@ -14,8 +14,8 @@ use lb_common::{
     maps::{
         AFFINITY, Affinity, AffinityKey, Backend, DgramXlate, FRONTENDS, Frontend, FrontendKey,
         LAYOUT_VERSION, MEMBER_PRESENT, MEMBERS, META, META_LAYOUT_VERSION, META_MAGLEV_TABLE_SIZE,
-        META_MEMBER_EPOCH, MemberKey, REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, UDP_FLOWS,
-        UDP_OWNERS, UDP_SOCKS, UdpFlowKey,
+        META_MEMBER_EPOCH, MemberKey, REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, SockXlate,
+        TCP_OWNERS, TCP_SOCKS, UDP_FLOWS, UDP_OWNERS, UDP_SOCKS, UdpFlowKey,
     },
     nat::{CT, CtEntry, CtKey, SRC_RANGE_PRESENT, SRC_RANGES, SrcRangeKey},
 };
@@ -116,6 +116,9 @@ pub struct Maps {
     /// slots' owners, mapped (those not 0 are the fill; `None` if the mapping failed).
     udp_socks: Array<MapData, DgramXlate>,
     udp_owners: Option<super::mapped::MappedU64s>,
+    /// The same for TCP sockets.
+    tcp_socks: Array<MapData, SockXlate>,
+    tcp_owners: Option<super::mapped::MappedU64s>,
     stats: PerCpuArray<MapData, u64>,
     meta: Array<MapData, u32>,
     /// The north-south connection tracking (read for its fill only).
@@ -151,6 +154,8 @@ pub struct ConnTableSizes {
     /// `LB_UDP_SOCKS` slots held (one per open UDP socket that lb translated and that owns
     /// its slot): the owners in `LB_UDP_OWNERS` that are not 0.
     pub udp_socks: usize,
+    /// `LB_TCP_SOCKS` slots held, the same way (`LB_TCP_OWNERS`).
+    pub tcp_socks: usize,
     /// `LB_CT` (one entry per north-south flow to a local backend, two per SNAT'd flow).
     pub ct: usize,
 }
@@ -176,12 +181,9 @@ impl Maps {
             affinity: typed(layout, AFFINITY)?,
             udp_flows: typed(layout, UDP_FLOWS)?,
             udp_socks: typed(layout, UDP_SOCKS)?,
-            udp_owners: {
-                let owners: Array<MapData, u64> = typed(layout, UDP_OWNERS)?;
-                super::mapped::MappedU64s::new(owners.map(), owners.len())
-                    .map_err(|e| tracing::warn!(error = %e, "LB_UDP_OWNERS not mapped: its fill reads 0"))
-                    .ok()
-            },
+            udp_owners: mapped_owners(layout, UDP_OWNERS)?,
+            tcp_socks: typed(layout, TCP_SOCKS)?,
+            tcp_owners: mapped_owners(layout, TCP_OWNERS)?,
             stats: typed(layout, STATS)?,
             meta: typed(layout, META)?,
             ct,
@@ -450,6 +452,7 @@ impl Maps {
             AFFINITY => self.affinity.map(),
             UDP_FLOWS => self.udp_flows.map(),
             UDP_SOCKS => self.udp_socks.map(),
+            TCP_SOCKS => self.tcp_socks.map(),
             CT => self.ct.map(),
             SRC_RANGES => self.src_ranges.map(),
             _ => return 0,
@@ -471,6 +474,7 @@ impl Maps {
             (REVNAT, sizes.revnat),
             (UDP_FLOWS, sizes.udp_flows),
             (UDP_SOCKS, sizes.udp_socks),
+            (TCP_SOCKS, sizes.tcp_socks),
             (CT, sizes.ct),
             (SRC_RANGES, self.src_ranges.keys().count()),
         ]
@@ -483,14 +487,12 @@ impl Maps {
         .collect()
     }
 
-    /// `LB_UDP_SOCKS` slots held now: the owners that are not 0 (`LB_UDP_OWNERS`, 512 KiB read
-    /// through its mapping, tens of microseconds); 0 if it is not mapped. Not the claim and
-    /// release counters: per-CPU counters can lose an increment to preemption, and the
-    /// difference would drift.
-    fn udp_socks_held(&self) -> usize {
-        self.udp_owners
-            .as_ref()
-            .map_or(0, super::mapped::MappedU64s::count_nonzero)
+    /// Slots held now in the table whose owners are `owners`: the owners that are not 0 (512
+    /// KiB read through its mapping, tens of microseconds); 0 if it is not mapped. Not the
+    /// claim and release counters: per-CPU counters can lose an increment to preemption, and
+    /// the difference would drift.
+    fn slots_held(owners: Option<&super::mapped::MappedU64s>) -> usize {
+        owners.map_or(0, super::mapped::MappedU64s::count_nonzero)
     }
 
     /// Entries in the per-connection maps (an iteration each: for inspection, not hot paths).
@@ -499,10 +501,23 @@ impl Maps {
             revnat: self.revnat.keys().count(),
             affinity: self.affinity.keys().count(),
             udp_flows: self.udp_flows.keys().count(),
-            udp_socks: self.udp_socks_held(),
+            udp_socks: Self::slots_held(self.udp_owners.as_ref()),
+            tcp_socks: Self::slots_held(self.tcp_owners.as_ref()),
             ct: self.ct.keys().count(),
         }
     }
+}
+
+/// The owners array `name` (`LB_UDP_OWNERS`, `LB_TCP_OWNERS`) mapped read-only, for counting
+/// the slots held; `None` (logged: that fill then reads 0) if the mapping fails.
+fn mapped_owners(
+    layout: &PinLayout,
+    name: &'static str,
+) -> Result<Option<super::mapped::MappedU64s>, MapsError> {
+    let owners: Array<MapData, u64> = typed(layout, name)?;
+    Ok(super::mapped::MappedU64s::new(owners.map(), owners.len())
+        .map_err(|e| tracing::warn!(map = name, error = %e, "owners not mapped: its fill reads 0"))
+        .ok())
 }
 
 /// Batched updates of `keys` to `values` in `map` ([`batch::write`]).

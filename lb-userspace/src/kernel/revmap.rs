@@ -1,22 +1,23 @@
 //! The reverse map `LB_REVERSE`: TCP backend -> the one frontend whose connects to it write
-//! no socket storage, so that a TCP connect to a Service usually costs a few map lookups
-//! instead of a socket-storage allocation (DEVELOPERS.md, "Layout 5").
+//! no per-socket state, so that a TCP connect to a Service usually costs a few map lookups
+//! and no write (DEVELOPERS.md, "Layout 5").
 //!
-//! A socket without storage shows, in getpeername, the Service of its peer's entry. That is
-//! exact only if every TCP socket of the cgroup whose peer is the backend and that has no
-//! storage was connected through that Service, for as long as the entry answers. The
-//! programs keep it so for new connects (a direct connect to an address with an entry, in
-//! any state, gets storage marked `SOCK_DIRECT`; a connect through any other frontend gets
-//! storage); this thread keeps it so for the sockets that lived before a change, with the
-//! states of [`lb_common::maps::Reverse`]:
+//! "State" is a socket's `LB_TCP_SOCKS` slot or its `LB_SOCKS` storage (the programs write
+//! either; this thread writes only storage). A socket without state shows, in getpeername,
+//! the Service of its peer's entry. That is exact only if every TCP socket of the cgroup whose
+//! peer is the backend and that has no state was connected through that Service, for as long
+//! as the entry answers. The programs keep it so for new connects (a direct connect to an
+//! address with an entry, in any state, gets state marked `SOCK_DIRECT`; a connect through
+//! any other frontend gets state); this thread keeps it so for the sockets that lived before
+//! a change, with the states of [`lb_common::maps::Reverse`]:
 //!
-//! - a new entry is written `PENDING` (getpeername ignores it, connects through it create
-//!   storage); after [`GRACE`], every live TCP socket whose peer is the backend and that has
-//!   no storage (connected to the pod directly before the entry existed) gets `SOCK_DIRECT`
+//! - a new entry is written `PENDING` (getpeername ignores it, connects through it write
+//!   state); after [`GRACE`], every live TCP socket whose peer is the backend and that has
+//!   no state (connected to the pod directly before the entry existed) gets `SOCK_DIRECT`
 //!   storage; then the entry becomes `ACTIVE`;
-//! - an active entry that goes away or changes frontend becomes `DRAINING` (connects create
-//!   storage again, getpeername still answers); after [`GRACE`], every live socket whose peer
-//!   is the backend and that has no storage (connected through the entry's frontend) gets
+//! - an active entry that goes away or changes frontend becomes `DRAINING` (connects write
+//!   state again, getpeername still answers); after [`GRACE`], every live socket whose peer
+//!   is the backend and that has no state (connected through the entry's frontend) gets
 //!   that translation as storage; then the entry is deleted (and a changed one comes back as
 //!   a new, pending entry).
 //!
@@ -62,7 +63,7 @@ use aya_obj::generated::bpf_cmd;
 use lb_common::maps::{
     Backend, FrontendKey, IPPROTO_TCP, MAX_REVERSE, REVERSE, REVERSE_ACTIVE, REVERSE_DRAINING,
     REVERSE_FILTER, REVERSE_FILTER_WORDS, REVERSE_PENDING, RevNat, Reverse, SOCK_CONNECTED,
-    SOCK_DIRECT, SOCKS, SockXlate, reverse_filter_bit,
+    SOCK_DIRECT, SOCKS, SockXlate, TCP_OWNERS, TCP_SOCKS, reverse_filter_bit,
 };
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -283,6 +284,12 @@ impl ReverseMap {
         };
         let reverse = ReverseReader::open(layout).map_err(map_err(REVERSE))?;
         let socks = MapData::from_pin(layout.map(SOCKS)).map_err(map_err(SOCKS))?;
+        let tcp_owners = MapData::from_pin(layout.map(TCP_OWNERS))
+            .and_then(|data| Array::try_from(Map::Array(data)))
+            .map_err(map_err(TCP_OWNERS))?;
+        let tcp_socks = MapData::from_pin(layout.map(TCP_SOCKS))
+            .and_then(|data| Array::try_from(Map::Array(data)))
+            .map_err(map_err(TCP_SOCKS))?;
         let filter = MapData::from_pin(layout.map(REVERSE_FILTER))
             .and_then(|data| Array::try_from(Map::Array(data)))
             .map_err(map_err(REVERSE_FILTER))?;
@@ -292,6 +299,8 @@ impl ReverseMap {
             filter,
             mirror: None,
             socks,
+            tcp_owners,
+            tcp_socks,
             cgroup,
             home: None,
             stuck: StdHashMap::new(),
@@ -330,6 +339,9 @@ struct Worker {
     mirror: Option<Vec<u64>>,
     /// `LB_SOCKS`, written through a copy of a client's socket descriptor.
     socks: MapData,
+    /// `LB_TCP_OWNERS` and `LB_TCP_SOCKS`: a socket that owns its slot has state already.
+    tcp_owners: Array<MapData, u64>,
+    tcp_socks: Array<MapData, SockXlate>,
     cgroup: PathBuf,
     /// This thread's namespace when it started (the agent's).
     home: Option<Netns>,
@@ -677,7 +689,7 @@ impl Worker {
     }
 
     /// Gives every live TCP socket of the cgroup subtree whose peer is a backend of
-    /// `walking` and that has no storage what getpeername must show from now on: the pod
+    /// `walking` and that has no state what getpeername must show from now on: the pod
     /// (a pending entry: the socket was connected directly) or the entry's Service (a
     /// draining entry: it was connected through it). Says which backends had a socket it
     /// could not handle.
@@ -757,8 +769,8 @@ impl Worker {
         }
     }
 
-    /// Writes `candidate`'s storage (see [`Worker::walk`]) unless it has some: whether it
-    /// wrote. A socket that cannot be reached and is still held is an error: its backend's
+    /// Writes `candidate`'s storage (see [`Worker::walk`]) unless it has state (its
+    /// `LB_TCP_SOCKS` slot or storage): whether it wrote. A socket that cannot be reached and is still held is an error: its backend's
     /// entry must keep its state.
     fn give_storage(
         &self,
@@ -768,6 +780,12 @@ impl Worker {
         entry: &Reverse,
         owners: &mut StdHashMap<u64, (u32, i32)>,
     ) -> Result<bool, String> {
+        let owns_slot =
+            super::sock_destroy::slot_state(&self.tcp_owners, &self.tcp_socks, candidate.cookie())
+                .map_err(|e| format!("cookie {} slot lookup: {e}", candidate.cookie()))?;
+        if owns_slot.is_some() {
+            return Ok(false); // has state: its slot answers, not the entry
+        }
         let inode = candidate.inode;
         let found = reach(
             inode,
@@ -800,7 +818,7 @@ impl Worker {
         if lookup(&self.socks, copy.as_raw_fd(), &mut existing)
             .map_err(|e| format!("pid {pid} fd {fd} lookup: {e}"))?
         {
-            return Ok(false); // has storage: the storage answers, not the entry
+            return Ok(false); // has storage: it answers, not the entry
         }
         match create_storage(&self.socks, copy.as_raw_fd(), &value) {
             Ok(()) => Ok(true),

@@ -17,9 +17,10 @@
 //! "program_type tracing is NOT available"). Both routes reach one network namespace at a time
 //! (a socket iterator walks the namespace it was created in, a netlink socket talks to its
 //! own), so either way lb enters each namespace.
-//! What lb translated a UDP socket to is in its `LB_UDP_SOCKS` slot, picked by the socket
-//! cookie that the dump reports. A TCP socket's (and a UDP socket's whose slot another socket
-//! held) is in its `LB_SOCKS` or `LB_DGRAMS` socket storage. A `sock_diag` dump returns storage
+//! What lb translated a socket to is in its `LB_TCP_SOCKS` or `LB_UDP_SOCKS` slot, picked by
+//! the socket cookie that the dump reports. A socket whose slot another socket held (and an
+//! MPTCP socket, and one the agent gave state) has it in its `LB_SOCKS` or `LB_DGRAMS` socket
+//! storage. A `sock_diag` dump returns storage
 //! for TCP only (`INET_DIAG_REQ_SK_BPF_STORAGES` is filled for connection sockets, not UDP:
 //! measured on 6.18), so lb reads it the way the map is keyed, by the socket itself: per
 //! namespace, dump the connected UDP (and, with the flag, TCP) sockets of both families; the
@@ -53,7 +54,7 @@ use lb_common::{
     Addr,
     maps::{
         Backend, DGRAMS, DgramXlate, IPPROTO_TCP, IPPROTO_UDP, MEMBERS, MemberKey, REVERSE,
-        SOCK_CONNECTED, SOCKS, SockXlate, UDP_OWNERS, UDP_SOCKS,
+        SOCK_CONNECTED, SOCKS, SockXlate, TCP_OWNERS, TCP_SOCKS, UDP_OWNERS, UDP_SOCKS,
     },
 };
 
@@ -144,6 +145,8 @@ impl SockDestroyer {
         let members: HashMap<MapData, MemberKey, u32> = super::maps::typed(layout, MEMBERS)?;
         let udp_socks: Array<MapData, DgramXlate> = super::maps::typed(layout, UDP_SOCKS)?;
         let udp_owners: Array<MapData, u64> = super::maps::typed(layout, UDP_OWNERS)?;
+        let tcp_socks: Array<MapData, SockXlate> = super::maps::typed(layout, TCP_SOCKS)?;
+        let tcp_owners: Array<MapData, u64> = super::maps::typed(layout, TCP_OWNERS)?;
         let reverse =
             super::revmap::ReverseReader::open(layout).map_err(|source| SockDestroyError::Map {
                 path: layout.map(REVERSE).display().to_string(),
@@ -156,6 +159,8 @@ impl SockDestroyer {
             dgrams,
             udp_owners,
             udp_socks,
+            tcp_owners,
+            tcp_socks,
             members,
             reverse,
             metrics,
@@ -190,9 +195,12 @@ struct Worker {
     /// picks, if the socket owns the slot.
     udp_owners: Array<MapData, u64>,
     udp_socks: Array<MapData, DgramXlate>,
+    /// `LB_TCP_OWNERS` and `LB_TCP_SOCKS`: the same for TCP sockets.
+    tcp_owners: Array<MapData, u64>,
+    tcp_socks: Array<MapData, SockXlate>,
     /// `LB_MEMBERS`: a pair that is a member again by the time of the pass keeps its sockets.
     members: HashMap<MapData, MemberKey, u32>,
-    /// `LB_REVERSE`: the Service of TCP sockets connected without storage.
+    /// `LB_REVERSE`: the Service of TCP sockets connected without state.
     reverse: super::revmap::ReverseReader,
     metrics: SockMetrics,
     /// This thread's namespace when it started (the agent's), to return to after each
@@ -436,11 +444,12 @@ impl Worker {
     }
 
     /// What lb connected the socket to that process `pid` holds as descriptor `fd` (socket
-    /// cookie `cookie`): its `LB_SOCKS` value (TCP) or the connected part of its
-    /// `LB_UDP_SOCKS` value (UDP, by cookie) or else of its `LB_DGRAMS` value, the storage
-    /// maps looked up through a copy of the descriptor (they are keyed by a socket
-    /// descriptor of the caller). A TCP socket without storage whose peer `peer` has an active or draining
-    /// `LB_REVERSE` entry was connected through that entry's frontend ([`super::revmap`]).
+    /// cookie `cookie`): its `LB_TCP_SOCKS` value (TCP, by cookie) or else its `LB_SOCKS`
+    /// value, or the connected part of its `LB_UDP_SOCKS` value (UDP, by cookie) or else of
+    /// its `LB_DGRAMS` value; the storage maps are looked up through a copy of the
+    /// descriptor (they are keyed by a socket descriptor of the caller). A TCP socket without
+    /// state whose peer `peer` has an active or draining `LB_REVERSE` entry was connected
+    /// through that entry's frontend ([`super::revmap`]).
     fn storage_of(
         &self,
         proto: u8,
@@ -450,16 +459,11 @@ impl Worker {
         peer: Backend,
     ) -> io::Result<Option<SockXlate>> {
         if proto == IPPROTO_UDP {
-            // The owner before and after the state: the same socket's state, not a slot that
-            // changed hands in between.
-            let slot = lb_common::maps::udp_sock_slot(cookie);
-            let owner = |owners: &Array<MapData, u64>| owners.get(&slot, 0);
-            if owner(&self.udp_owners).map_err(io::Error::other)? == cookie {
-                let state = self.udp_socks.get(&slot, 0).map_err(io::Error::other)?;
-                if owner(&self.udp_owners).map_err(io::Error::other)? == cookie {
-                    return Ok(Some(state.conn));
-                }
+            if let Some(state) = slot_state(&self.udp_owners, &self.udp_socks, cookie)? {
+                return Ok(Some(state.conn));
             }
+        } else if let Some(state) = slot_state(&self.tcp_owners, &self.tcp_socks, cookie)? {
+            return Ok(Some(state));
         }
         let copy = pidfd_getfd(pid, fd)?;
         if proto == IPPROTO_UDP {
@@ -483,6 +487,23 @@ impl Worker {
         let found = lookup(&self.socks, copy.as_raw_fd(), &mut value)?;
         Ok(found.then_some(value))
     }
+}
+
+/// The state in the slot of the socket with cookie `cookie` (`owners` and `states`: one
+/// protocol's slot table), if the socket owns the slot. The owner is read before and after
+/// the state: the same socket's state, not a slot that changed hands in between.
+pub(super) fn slot_state<T: aya::Pod>(
+    owners: &Array<MapData, u64>,
+    states: &Array<MapData, T>,
+    cookie: u64,
+) -> io::Result<Option<T>> {
+    let slot = lb_common::maps::sock_slot(cookie);
+    let owner = || owners.get(&slot, 0).map_err(io::Error::other);
+    if owner()? != cookie {
+        return Ok(None);
+    }
+    let state = states.get(&slot, 0).map_err(io::Error::other)?;
+    Ok((owner()? == cookie).then_some(state))
 }
 
 /// A sock_diag netlink socket in `ns`: the calling thread enters `ns` to create it, then
@@ -604,7 +625,7 @@ impl DiagSock {
     }
 
     /// The socket cookie (`idiag_cookie`: low word, then high word).
-    fn cookie(&self) -> u64 {
+    pub(super) fn cookie(&self) -> u64 {
         let word = |at: usize| {
             u64::from(u32::from_ne_bytes([
                 self.id[at],

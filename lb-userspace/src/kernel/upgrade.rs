@@ -129,6 +129,18 @@ pub const CHANGES: &[Change] = &[
         step: Step::Create,
     },
     Change {
+        map: lb_common::maps::TCP_OWNERS,
+        what: "new: which open TCP socket (cookie) owns each LB_TCP_SOCKS slot",
+        step: Step::Create,
+    },
+    Change {
+        map: lb_common::maps::TCP_SOCKS,
+        what: "new: a TCP socket's state in a slot picked by its cookie, freed by the new \
+               sock_release program when the socket closes (LB_SOCKS holds it only when \
+               another socket holds the slot, for MPTCP, and where the agent gives it)",
+        step: Step::Create,
+    },
+    Change {
         map: lb_common::maps::DGRAMS,
         what: "new UDP sockets keep their state in LB_UDP_SOCKS; LB_DGRAMS only when their \
                slot is taken",
@@ -144,20 +156,26 @@ pub const CHANGES: &[Change] = &[
     },
     Change {
         map: lb_common::maps::STATS,
-        what: "six counters appended (connect_no_storage, connect_direct_marked, \
-               getpeername_reverse, udp_socks_taken, udp_socks_claimed, udp_socks_released)",
+        what: "nine counters appended (connect_no_storage, connect_direct_marked, \
+               getpeername_reverse, udp_socks_taken, udp_socks_claimed, udp_socks_released, \
+               tcp_socks_taken, tcp_socks_claimed, tcp_socks_released)",
         step: Step::Replace {
             migrate: copy_counters,
         },
     },
     Change {
         map: lb_common::maps::SOCKS,
-        what: "SockXlate::flags has SOCK_DIRECT",
+        what: "SockXlate::flags has SOCK_DIRECT; new TCP sockets keep their state in \
+               LB_TCP_SOCKS, LB_SOCKS only when their slot is taken (and for MPTCP)",
         step: Step::Keep {
-            why: "layout-4 programs never set SOCK_DIRECT and always create storage on a \
-                  Service connect; a socket with storage never reads LB_REVERSE, and \
-                  LB_REVERSE gets entries only after the first sync, when the layout-5 \
-                  programs are attached",
+            why: "same value; layout-4 programs never set SOCK_DIRECT and always create \
+                  storage on a Service connect; a socket with state never reads LB_REVERSE, \
+                  and LB_REVERSE gets entries only after the first sync, when the layout-5 \
+                  programs are attached. The layout-5 programs read a TCP socket's \
+                  LB_TCP_SOCKS slot first and its LB_SOCKS storage next, so the sockets the \
+                  layout-4 programs translated keep their state; the takeover swaps \
+                  getpeername before connect (attach.rs HOOKS), so a slot is never written \
+                  while an old getpeername runs",
         },
     },
     Change {
