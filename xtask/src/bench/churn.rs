@@ -1,8 +1,10 @@
-//! Unconnected-UDP socket churn: many new sockets, one datagram each to a Service and its
-//! answer, and the entry counts of lb's per-socket maps before and after: the LRU maps, and
-//! the `LB_UDP_OWNERS` slots held (a socket's state lives in its slot, which its close frees).
-//! The counts should return to where they were (issue 11: no per-socket entry outlives its
-//! socket). Reported, not asserted.
+//! Socket churn: many new sockets, each used once and closed, and the entry counts of lb's
+//! per-socket maps before and after. Unconnected UDP: one datagram each to a Service and its
+//! answer; the LRU maps and the `LB_UDP_OWNERS` slots held. TCP: one connection each that
+//! needs state (to a backend with a reverse entry, directly); the `LB_TCP_OWNERS` slots held.
+//! A socket's state lives in its slot, which its close frees, so the counts should return to
+//! where they were (issue 11: no per-socket entry outlives its socket). Reported, not
+//! asserted.
 
 use std::net::SocketAddr;
 
@@ -12,14 +14,19 @@ use serde::{Deserialize, Serialize};
 use super::{measure, services::Proto, topology::Topology};
 use crate::cmd;
 
-/// The maps a socket's flows could leave entries in (`lb_common::maps::REVNAT`, `UDP_FLOWS`).
-/// And the slots of `LB_UDP_SOCKS` held ([`OWNERS`]).
-const MAPS: [&str; 3] = ["LB_REVNAT", "LB_UDP_FLOWS", OWNERS];
+/// The maps a UDP socket's flows could leave entries in (`lb_common::maps::REVNAT`,
+/// `UDP_FLOWS`), and the slots of `LB_UDP_SOCKS` held (`UDP_OWNERS`).
+pub const UDP_MAPS: &[&str] = &["LB_REVNAT", "LB_UDP_FLOWS", "LB_UDP_OWNERS"];
+/// The slots of `LB_TCP_SOCKS` held (`lb_common::maps::TCP_OWNERS`).
+pub const TCP_MAPS: &[&str] = &["LB_TCP_OWNERS"];
 
 /// One churn run.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ChurnRow {
     pub services: usize,
+    /// "udp" or "tcp" (absent in reports before TCP churn: UDP).
+    #[serde(default = "udp")]
+    pub proto: String,
     /// New sockets opened, used once and closed.
     pub sockets: usize,
     /// `(map, entries before, entries after)`.
@@ -29,10 +36,12 @@ pub struct ChurnRow {
     pub seconds: f64,
 }
 
-/// The array whose entries that are not 0 count (the slots held).
-const OWNERS: &str = "LB_UDP_OWNERS";
+fn udp() -> String {
+    "udp".to_owned()
+}
 
-/// Entries of pinned map `name` under `pin_path` (of an array: those that are not 0).
+/// Entries of pinned map `name` under `pin_path` (of an owners array, `*_OWNERS`: those that
+/// are not 0, the slots held).
 fn entries(pin_path: &std::path::Path, name: &str) -> anyhow::Result<usize> {
     let path = pin_path.join("maps").join(name);
     let out = cmd::output(
@@ -42,7 +51,7 @@ fn entries(pin_path: &std::path::Path, name: &str) -> anyhow::Result<usize> {
     )?;
     let list: Vec<serde_json::Value> =
         serde_json::from_str(&out).with_context(|| format!("bpftool map dump {name}"))?;
-    if name != OWNERS {
+    if !name.ends_with("_OWNERS") {
         return Ok(list.len());
     }
     Ok(list
@@ -55,27 +64,30 @@ fn entries(pin_path: &std::path::Path, name: &str) -> anyhow::Result<usize> {
         .count())
 }
 
-/// `sockets` new UDP sockets from the client pod to `addr`, with entry counts around them.
+/// `sockets` new `proto` sockets from the client pod to `addr`, with the entry counts of
+/// `maps` ([`UDP_MAPS`], [`TCP_MAPS`]) around them.
 pub fn run(
     topo: &Topology,
     pin_path: &std::path::Path,
     services: usize,
-    addr: SocketAddr,
+    (proto, addr): (Proto, SocketAddr),
     sockets: usize,
+    maps: &[&str],
 ) -> anyhow::Result<ChurnRow> {
-    let before: Vec<usize> = MAPS
+    let before: Vec<usize> = maps
         .iter()
         .map(|m| entries(pin_path, m))
         .collect::<anyhow::Result<_>>()?;
     let started = std::time::Instant::now();
-    let report = measure::rr(topo, Proto::Udp, addr, sockets)?;
+    let report = measure::rr(topo, proto, addr, sockets)?;
     let seconds = started.elapsed().as_secs_f64();
     let mut rows = Vec::new();
-    for (map, before) in MAPS.iter().zip(before) {
+    for (map, before) in maps.iter().zip(before) {
         rows.push(((*map).to_owned(), before, entries(pin_path, map)?));
     }
     Ok(ChurnRow {
         services,
+        proto: proto.lower().into(),
         sockets,
         entries: rows,
         lost: report.errors,

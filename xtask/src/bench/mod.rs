@@ -44,6 +44,9 @@ const PER_FILE: usize = 1000;
 const EXTRA_ENDPOINT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 201, 0, 250);
 /// An address of the backend pod that no Service has as an endpoint: lb's connect "miss".
 const NON_BACKEND: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 201, 0, 251);
+/// The most new TCP connections of the churn check: the client closes first, so each leaves
+/// a TIME_WAIT socket on its port for 60 s, and one destination has 28 232 ephemeral ports.
+const TCP_CHURN_MAX: usize = 20_000;
 
 /// How big and how long.
 struct Plan {
@@ -58,7 +61,8 @@ struct Plan {
     load_budget: Duration,
     /// Scales at which lb is also fed by the (stand-in) Kubernetes API.
     api_services: Vec<usize>,
-    /// New unconnected UDP sockets of the churn check (at the first scale).
+    /// New sockets of the churn checks: UDP (at the first scale), TCP (at the last, up to
+    /// [`TCP_CHURN_MAX`]).
     churn_sockets: usize,
     /// Scales of the NodePort comparison (lb's XDP vs iptables NodePort rules).
     nodeport_services: Vec<usize>,
@@ -274,7 +278,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         memory: Vec::new(),
         api: Vec::new(),
         prog_cost: Vec::new(),
-        udp_churn: Vec::new(),
+        socket_churn: Vec::new(),
         xdp: None,
         nodeport: Vec::new(),
         nodeport_pps: Vec::new(),
@@ -531,7 +535,7 @@ impl Bench {
                     // The backend pod on an address no Service uses, with lb's programs
                     // attached: what lb costs a connect() that is not to a Service (the
                     // "miss"); and a backend directly: a connect to an address with a reverse
-                    // entry (layout 5, TCP only: it gets socket storage marked direct).
+                    // entry (layout 5, TCP only: it gets state marked direct, in its slot).
                     points.push((
                         i,
                         proto,
@@ -579,8 +583,8 @@ impl Bench {
                     ));
                     if setup.mode == Mode::Lb && proto == Proto::Tcp && n > 2 {
                         // A Service whose endpoints other Services share (the first, which
-                        // sorts first, owns their reverse entries): its connects keep
-                        // socket storage.
+                        // sorts first, owns their reverse entries): its connects write
+                        // per-socket state (a slot).
                         points.push((
                             i,
                             proto,
@@ -678,7 +682,7 @@ impl Bench {
             .collect();
         self.prog_cost(n, &lb_points)?;
         if Some(&n) == self.plan.services.first() {
-            self.udp_churn(n, &setups)?;
+            self.socket_churn(n, &setups, Proto::Udp)?;
         }
         if n == self.plan.change_services {
             for setup in &setups {
@@ -695,6 +699,10 @@ impl Bench {
                     )?;
                 }
             }
+        }
+        if Some(&n) == self.plan.services.last() {
+            // Last: the connections' TIME_WAIT sockets would slow later connects to that pod.
+            self.socket_churn(n, &setups, Proto::Tcp)?;
         }
         Ok(())
     }
@@ -742,19 +750,41 @@ impl Bench {
         Ok(())
     }
 
-    /// The churn check ([`churn`]) against lb's setup, to Service 0's UDP port.
-    fn udp_churn(&mut self, n: usize, setups: &[Setup]) -> anyhow::Result<()> {
+    /// A churn check ([`churn`]) against lb's setup: new UDP sockets to Service 0's UDP port,
+    /// or new TCP connections to the first backend directly (an address with a reverse entry:
+    /// each connect writes state, marked direct), at most [`TCP_CHURN_MAX`].
+    fn socket_churn(&mut self, n: usize, setups: &[Setup], proto: Proto) -> anyhow::Result<()> {
         let Some((setup, agent)) = setups
             .iter()
             .find_map(|s| Some((s, s.programmed.agent.as_ref()?)))
         else {
             return Ok(());
         };
-        let sockets = self.plan.churn_sockets;
-        eprintln!("bench: {sockets} new UDP sockets to a Service (entry counts around them)");
-        let addr = SocketAddrV4::new(ServiceSet::vip(0), Proto::Udp.ports().0).into();
-        let row = churn::run(&setup.topo, &agent.pin_path, n, addr, sockets)?;
-        self.results.udp_churn.push(row);
+        let (addr, sockets, maps) = match proto {
+            Proto::Udp => (
+                SocketAddrV4::new(ServiceSet::vip(0), proto.ports().0),
+                self.plan.churn_sockets,
+                churn::UDP_MAPS,
+            ),
+            Proto::Tcp => (
+                SocketAddrV4::new(setup.topo.backends[0], proto.ports().1),
+                self.plan.churn_sockets.min(TCP_CHURN_MAX),
+                churn::TCP_MAPS,
+            ),
+        };
+        eprintln!(
+            "bench: {sockets} new {} sockets to {addr} (per-socket entries around them)",
+            proto.lower()
+        );
+        let row = churn::run(
+            &setup.topo,
+            &agent.pin_path,
+            n,
+            (proto, addr.into()),
+            sockets,
+            maps,
+        )?;
+        self.results.socket_churn.push(row);
         Ok(())
     }
 

@@ -22,9 +22,9 @@ pub struct Results {
     /// Run time of lb's programs per call, from the kernel's BPF statistics.
     #[serde(default)]
     pub prog_cost: Vec<ProgCostRow>,
-    /// Per-socket LRU entries around a churn of new unconnected UDP sockets.
-    #[serde(default)]
-    pub udp_churn: Vec<super::churn::ChurnRow>,
+    /// Per-socket entries around a churn of new unconnected UDP sockets and TCP connections.
+    #[serde(default, alias = "udp_churn")]
+    pub socket_churn: Vec<super::churn::ChurnRow>,
     /// lb's XDP programs per packet under test-run, beside Katran's.
     #[serde(default)]
     pub xdp: Option<super::xdp::XdpResults>,
@@ -659,19 +659,20 @@ impl Results {
                 );
             }
         }
-        if !self.udp_churn.is_empty() {
+        if !self.socket_churn.is_empty() {
             push_line!(
                 md,
-                "\n## Unconnected UDP socket churn: per-socket LRU entries before and after\n\n\
-                 New sockets, one datagram each to a Service and its answer (reported, not asserted).\n\n\
-                 | Services | sockets | map | entries before | entries after | lost | seconds |\n|---:|---:|---|---:|---:|---:|---:|"
+                "\n## Socket churn: per-socket entries before and after\n\n\
+                 New sockets, each used once and closed (reported, not asserted): UDP, one datagram each to a Service and its answer; TCP, one connection each to a backend directly (an address with a reverse entry: each connect writes state in its slot). An owners map counts the slots held.\n\n\
+                 | Services | proto | sockets | map | entries before | entries after | lost | seconds |\n|---:|---|---:|---|---:|---:|---:|---:|"
             );
-            for row in &self.udp_churn {
+            for row in &self.socket_churn {
                 for (map, before, after) in &row.entries {
                     push_line!(
                         md,
-                        "| {} | {} | {map} | {before} | {after} | {} | {:.1} |",
+                        "| {} | {} | {} | {map} | {before} | {after} | {} | {:.1} |",
                         row.services,
+                        row.proto,
                         row.sockets,
                         row.lost,
                         row.seconds
