@@ -706,6 +706,17 @@ pub const SPECS: &[MapSpec] = &[
         sized_by_agent: true,
     },
     MapSpec {
+        name: crate::nat::CT_FORWARD,
+        kind: MapKind::Array,
+        key_size: size::<u32>(),
+        value_size: size::<u32>(),
+        max_entries: crate::nat::CT_FORWARD_BUCKETS,
+        flags: 0,
+        // Only when it finds LB_CT without it (an upgrade): every bucket to 1.
+        agent_writes: true,
+        sized_by_agent: false,
+    },
+    MapSpec {
         name: crate::nat::SRC_RANGES,
         kind: MapKind::LpmTrie,
         // The trie's key: a u32 prefix length before the data.

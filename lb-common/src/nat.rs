@@ -35,6 +35,37 @@ pub const CT: &str = "LB_CT";
 /// Katran's flow table defaults to 8 M flows (one entry per flow).
 pub const MAX_CT: u32 = 1 << 19;
 
+/// Pinned name of the forward-entry filter: which frontends may have forward (5-tuple) entries
+/// in [`CT`].
+pub const CT_FORWARD: &str = "LB_CT_FWD";
+
+/// Buckets of [`CT_FORWARD`] (an array of u32, 512 KiB as the kernel rounds each value to 8
+/// bytes). A frontend's bucket is [`ct_forward_bucket`] of its address, port and protocol.
+pub const CT_FORWARD_BUCKETS: u32 = 1 << 16;
+
+/// The [`CT_FORWARD`] bucket of the frontend `addr`:`port` (network byte order) of protocol
+/// `proto`.
+///
+/// A bucket is 0 while no flow to a frontend of the bucket has been stored with a forward
+/// entry ([`CT_DIR_IN`], keyed by the 5-tuple) since the map was created, and 1 once one may
+/// have been: XDP sets it before it stores such an entry (an SNAT'd flow, a second flow of
+/// one client port), and nothing clears it. A client packet with no client entry for its
+/// flow looks its forward key up only when the bucket is 1: a new UDP flow (no SYN says it
+/// is new) to a frontend whose backends are all on this node then costs one cold `LB_CT`
+/// lookup, not two. The agent sets every bucket to 1 when it finds `LB_CT` pinned without
+/// this map (an upgrade from layout 4, whose flows all have forward entries).
+pub fn ct_forward_bucket(addr: &Addr, port: u16, proto: u8) -> u32 {
+    const K: u32 = 0x9e37_79b1;
+    let mut h = u32::from(port) | (u32::from(proto) << 16);
+    let mut i = 0;
+    while i < 4 {
+        h = (h ^ addr.0[i]).wrapping_mul(K);
+        h ^= h >> 16;
+        i += 1;
+    }
+    h.wrapping_mul(K) >> (32 - CT_FORWARD_BUCKETS.trailing_zeros())
+}
+
 /// First slot number of a frontend's external backends.
 pub const EXT_SLOT_BASE: u32 = 1 << 31;
 
@@ -292,6 +323,32 @@ pub const fn snat_port(random: u32, i: u32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_buckets_are_in_range_and_tell_frontends_apart() {
+        let v4 = |last: u8| Addr::from_v4_octets([10, 0, 0, last]);
+        let mut buckets = [0u32; 1536];
+        let mut n = 0;
+        for last in 0..=255u8 {
+            for port in [80u16, 443, 30080] {
+                for proto in [6u8, 17] {
+                    let bucket = ct_forward_bucket(&v4(last), port.to_be(), proto);
+                    assert!(bucket < CT_FORWARD_BUCKETS);
+                    buckets[n] = bucket;
+                    n += 1;
+                }
+            }
+        }
+        buckets.sort_unstable();
+        let distinct = 1 + buckets.windows(2).filter(|w| w[0] != w[1]).count();
+        // 1536 frontends: a good spread leaves few sharing a bucket.
+        assert!(distinct > 1_400, "{distinct} distinct buckets");
+        assert_ne!(
+            ct_forward_bucket(&v4(1), 80u16.to_be(), 6),
+            ct_forward_bucket(&v4(1), 80u16.to_be(), 17),
+            "TCP and UDP of one address and port"
+        );
+    }
 
     #[test]
     fn snat_ports_stay_in_range_and_differ() {

@@ -17,7 +17,7 @@ use crate::{
     kernel::{
         PinLayout,
         attach::{self, Attachment},
-        fs,
+        ct_forward, fs,
         maps::Maps,
         names::Names,
         object,
@@ -109,7 +109,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let capacities = args.capacity.capacities();
     let upgrading = upgrade::prepare(&layout, capacities)?;
     let adopted_maps = object::check_pinned(&layout, capacities)?;
+    let ct_forward = ct_forward::before_load(
+        &layout,
+        matches!(upgrading.decision(), upgrade::Decision::Upgrade { .. }),
+    );
     let mut ebpf = object::load(&layout, capacities)?;
+    ct_forward.after_load(&layout)?;
     crate::kernel::ebpf_log::start(&mut ebpf);
     upgrading.migrate(&layout, upgrade::Pass::BeforeSwap)?;
     let attachments = attach::attach_or_adopt(&mut ebpf, &layout, &cgroup)?;
@@ -208,8 +213,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     })
     .ok();
-    // Without the reverse-map thread every TCP connect keeps its socket storage: slower,
-    // exact all the same.
+    // Without the reverse-map thread every TCP connect to a Service writes per-socket state
+    // (a slot, or storage): slower, exact all the same.
     let reverse_map = ReverseMap::start(&layout, cgroup.clone(), metrics.reverse_stuck.clone())
         .map_err(|e| {
             tracing::error!(

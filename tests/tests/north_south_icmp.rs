@@ -429,6 +429,7 @@ fn wait_for_log(agent: &NodeAgent, text: &str) {
 
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
+const BPF_MAP_DELETE_ELEM: i64 = 3;
 const BPF_MAP_GET_NEXT_KEY: i64 = 4;
 /// `CtKey`: 40 bytes, `dir` at 37 (1 forward, 2 reply, 3 client), source port at 32.
 const CT_KEY: usize = 40;
@@ -505,6 +506,43 @@ fn ct_put(fd: i32, key: &[u8; CT_KEY], value: &[u8; CT_VALUE]) {
         ],
     );
     assert_eq!(ret, 0, "update: {}", std::io::Error::last_os_error());
+}
+
+/// Deletes the entry under `key`.
+fn ct_delete(fd: i32, key: &[u8; CT_KEY]) {
+    let (ret, _) = lb_tests::north_south::bpf(
+        BPF_MAP_DELETE_ELEM,
+        &[(0, fd as u64, 4), (8, key.as_ptr() as u64, 8)],
+    );
+    assert_eq!(ret, 0, "delete: {}", std::io::Error::last_os_error());
+}
+
+/// Sets the `LB_CT_FWD` bucket of IPv4 frontend `addr`:`port` (protocol `proto`) to 1, as the
+/// agent leaves every bucket after an upgrade from layout 4 (whose flows all have forward
+/// entries): XDP then looks such a flow's forward key up.
+fn mark_forward(agent: &NodeAgent, addr: &str, port: u16, proto: u8) {
+    let path = agent.pin_path.join("maps/LB_CT_FWD");
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let (fd, _) = lb_tests::north_south::bpf(7, &[(0, c.as_ptr() as u64, 8)]);
+    assert!(fd >= 0, "LB_CT_FWD: {}", std::io::Error::last_os_error());
+    let ip = addr.parse::<std::net::Ipv4Addr>().expect("IPv4");
+    let bucket = lb_common::nat::ct_forward_bucket(
+        &lb_common::Addr::from_v4_octets(ip.octets()),
+        port.to_be(),
+        proto,
+    );
+    let one = 1u32;
+    let (ret, _) = lb_tests::north_south::bpf(
+        BPF_MAP_UPDATE_ELEM,
+        &[
+            (0, fd as u64, 4),
+            (8, std::ptr::from_ref(&bucket) as u64, 8),
+            (16, std::ptr::from_ref(&one) as u64, 8),
+        ],
+    );
+    assert_eq!(ret, 0, "update: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(fd as i32) };
 }
 
 /// A conntrack key (`CtKey`) of IPv4 addresses.
@@ -654,6 +692,23 @@ fn second_flows_of_a_client_port_and_flows_of_layout_4_keep_two_entries() {
     }
     assert_eq!(agent.stat("xdp_tracked"), tracked + 2);
     assert_eq!(agent.stat("xdp_new_flow"), new_flows);
+    // Storing the second flow's forward entry marked its frontend in LB_CT_FWD: with the
+    // client entry gone (the first flow ended), its next packet still finds its forward
+    // entry and stays on its pod port, rather than starting a new flow.
+    let (client_key, client_value) = ct_entries(ct)
+        .into_iter()
+        .find(|(k, _)| k[37] == CT_DIR_CLIENT && k[32..34] == 41_500u16.to_be_bytes())
+        .expect("the first flow's client entry");
+    ct_delete(ct, &client_key);
+    let tracked = agent.stat("xdp_tracked");
+    assert_eq!(
+        test_run(xdp, &second.bytes()),
+        (XDP_PASS, second.to(pod, 9999).bytes()),
+        "the second flow without the first's client entry"
+    );
+    assert_eq!(agent.stat("xdp_tracked"), tracked + 1);
+    assert_eq!(agent.stat("xdp_new_flow"), new_flows);
+    ct_put(ct, &client_key, &client_value);
     // Each reply gets its own frontend back.
     for (port, node_port) in [(8080, 30080), (9999, 30085)] {
         let reply = Pkt::new(pod, client, UDP, port, 41_500);
@@ -687,6 +742,8 @@ fn second_flows_of_a_client_port_and_flows_of_layout_4_keep_two_entries() {
         .into_iter()
         .find(|(k, _)| k[37] == CT_DIR_CLIENT && k[32..34] == 41_500u16.to_be_bytes())
         .expect("the first flow's client entry");
+    // An upgrade sets every frontend's LB_CT_FWD bucket: such flows exist for any of them.
+    mark_forward(&agent, NODE4, 30080, UDP);
     let old_client = "192.0.2.91";
     let mut fwd = live;
     fwd[24..44].fill(0);
@@ -850,6 +907,7 @@ fn a_half_closed_tcp_flow_keeps_its_translation_until_both_sides_close() {
     // A flow of two entries (here: as layout 4 stored it) closes per entry as before: the
     // client's FIN marks the forward entry closing, the reply entry keeps the established
     // timeout, so a late reply is translated and touches the forward entry.
+    mark_forward(&agent, NODE4, 30080, TCP);
     let old_client = "192.0.2.93";
     let (_, live) = ct_entries(ct)
         .into_iter()

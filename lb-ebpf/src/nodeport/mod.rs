@@ -24,13 +24,14 @@ pub mod xdp;
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Addr,
     maps::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, Backend, MemberKey},
     nat::{
-        CT_DIR_CLIENT, CT_DIR_IN, CT_DIR_REPLY, CtEntry, CtKey, MAX_CT, MAX_SRC_RANGES, SrcRangeKey,
+        CT_DIR_CLIENT, CT_DIR_IN, CT_DIR_REPLY, CT_FORWARD_BUCKETS, CtEntry, CtKey, MAX_CT,
+        MAX_SRC_RANGES, SrcRangeKey, ct_forward_bucket,
     },
 };
 
@@ -41,6 +42,40 @@ use crate::maps::LB_MEMBERS;
 /// Per-CPU LRU lists; the agent sets the capacity (`--max-ct-entries`).
 #[map]
 pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_NO_COMMON_LRU);
+
+/// Which frontends may have forward entries in `LB_CT` (`lb_common::nat::ct_forward_bucket`
+/// has the protocol): a bucket becomes 1 here before XDP stores a forward entry; the agent
+/// sets them all when it finds `LB_CT` pinned without this map.
+#[map]
+pub static LB_CT_FWD: Array<u32> = Array::pinned(CT_FORWARD_BUCKETS, 0);
+
+/// The `LB_CT_FWD` bucket of the frontend `flow` is sent to.
+#[inline(always)]
+fn forward_bucket(flow: &Flow) -> Option<*mut u32> {
+    LB_CT_FWD.get_ptr_mut(ct_forward_bucket(&flow.dst, flow.dport, flow.proto))
+}
+
+/// Whether `LB_CT` may hold a forward entry ([`CT_DIR_IN`]) of a flow to the frontend `flow`
+/// is sent to: its bucket is not 0 (or cannot be read).
+#[inline(always)]
+pub fn may_have_forward(flow: &Flow) -> bool {
+    // SAFETY: a u32 in the array's value, read once.
+    forward_bucket(flow).is_none_or(|p| unsafe { p.read_volatile() } != 0)
+}
+
+/// Records that a forward entry of a flow to the frontend `flow` is sent to is about to be
+/// stored (before the store: a packet that finds the entry finds the bucket set).
+#[inline(always)]
+pub fn mark_forward(flow: &Flow) {
+    if let Some(p) = forward_bucket(flow) {
+        // SAFETY: as above; every writer stores the same value, so a plain store is enough.
+        unsafe {
+            if p.read_volatile() == 0 {
+                p.write_volatile(1);
+            }
+        }
+    }
+}
 
 /// Source ranges of LoadBalancer IPs (`lb_common::nat::SRC_RANGES`); written by the agent.
 #[map]

@@ -21,6 +21,7 @@ use lb_common::{
 
 use super::{
     Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, events, in_key, is_member, load_entry,
+    mark_forward, may_have_forward,
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, Skip, TCP_HLEN, UDP_HLEN, VLAN_HLEN, ext_walk,
@@ -369,7 +370,8 @@ fn remove_flow(flow: &Flow, s: &mut Scratch) {
 /// forward entry of the same 5-tuple can only be a second flow of the client's port whose
 /// holder has ended or a flow of layout 4, caught in its handshake (a retransmitted SYN,
 /// which may go to another backend: the first one's SYN-ACK never reached the client), or a
-/// closed flow opened again.
+/// closed flow opened again. Any other packet looks the forward key up only if the
+/// frontend's `LB_CT_FWD` bucket says such entries may exist (`lb_common::nat::ct_forward_bucket`).
 #[inline(always)]
 fn lookup_flow(flow: &Flow, s: &mut Scratch, opening: bool) -> Option<*mut CtEntry> {
     set_client_key(&mut s.ikey, flow.src, flow.sport, flow.proto);
@@ -383,6 +385,11 @@ fn lookup_flow(flow: &Flow, s: &mut Scratch, opening: bool) -> Option<*mut CtEnt
         }
         None if opening => return None,
         None => {}
+    }
+    // No forward entry of a flow to this frontend was ever stored: the forward key would
+    // miss too (a second cold lookup on every new UDP flow).
+    if !may_have_forward(flow) {
+        return None;
     }
     s.ikey = in_key(flow);
     LB_CT.get_ptr_mut(&s.ikey)
@@ -752,6 +759,8 @@ fn new_flow(
     s.reply.port = flow.dport;
     s.rkey = reply_key(flow, &backend);
     if snat {
+        // The forward key (`lookup_flow` leaves the client key when it skipped it).
+        s.ikey = in_key(flow);
         let Some(node) = node_addr(ctx, flow, backend.addr, s) else {
             return Err(pass(Some(stats::XDP_ERR_FIB)));
         };
@@ -767,6 +776,9 @@ fn new_flow(
         }
         s.entry.nat_port = s.rkey.dport;
     }
+    // `s.ikey` is the forward key (an SNAT'd flow, or `client_entry` found the client key
+    // held): readers must look it up from now on.
+    mark_forward(flow);
     if LB_CT
         .insert(&s.ikey, &s.entry, u64::from(BPF_NOEXIST))
         .is_err()

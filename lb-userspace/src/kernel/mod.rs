@@ -15,6 +15,7 @@
 
 pub mod attach;
 pub mod batch;
+pub mod ct_forward;
 pub mod ebpf_log;
 pub mod fs;
 pub mod mapped;

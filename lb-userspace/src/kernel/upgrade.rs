@@ -108,7 +108,7 @@ pub struct Change {
 pub const CHANGES: &[Change] = &[
     Change {
         map: lb_common::maps::REVERSE,
-        what: "new: TCP backend -> the one frontend whose connects write no socket storage",
+        what: "new: TCP backend -> the one frontend whose connects write no per-socket state",
         step: Step::Create,
     },
     Change {
@@ -138,6 +138,14 @@ pub const CHANGES: &[Change] = &[
         what: "new: a TCP socket's state in a slot picked by its cookie, freed by the new \
                sock_release program when the socket closes (LB_SOCKS holds it only when \
                another socket holds the slot, for MPTCP, and where the agent gives it)",
+        step: Step::Create,
+    },
+    Change {
+        map: lb_common::nat::CT_FORWARD,
+        what: "new: which frontends may have forward (5-tuple) entries in LB_CT; XDP looks a \
+               flow's forward key up only for those. Every layout-4 flow has one, so the \
+               agent sets every bucket before the new programs are attached \
+               (kernel/ct_forward.rs)",
         step: Step::Create,
     },
     Change {
