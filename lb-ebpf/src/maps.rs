@@ -30,8 +30,9 @@ pub static LB_SLOTS: HashMap<SlotKey, Backend> = HashMap::pinned(MAX_SLOTS, BPF_
 #[map]
 pub static LB_MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(MAX_MEMBERS, BPF_F_NO_PREALLOC);
 
-/// TCP backend -> the one frontend whose connects to it write no socket storage, and which
-/// getpeername shows for a socket without storage whose peer is that backend
+/// TCP backend -> the one frontend whose connects to it write no per-socket state, and which
+/// getpeername shows for a socket without state (no slot, no storage) whose peer is that
+/// backend
 /// (`lb_common::maps::Reverse`, with its protocol); written by the agent.
 #[map]
 pub static LB_REVERSE: HashMap<FrontendKey, Reverse> =

@@ -40,13 +40,17 @@ impl<T: Copy> Slots<T> {
             return false;
         };
         // SAFETY: an aligned u64 in the array's value, valid while the program runs.
-        if !unsafe { compare_exchange_zero(owner, cookie | SLOT_CLAIMING) } {
+        if unsafe { compare_exchange(owner, 0, cookie | SLOT_CLAIMING) } != 0 {
             return false;
         }
-        // SAFETY: the slot is this socket's now; only its own syscalls touch the state.
+        // SAFETY: the slot is this socket's now; only its own syscalls touch the state. The
+        // owner is published with a second compare-and-exchange, not a plain store: BPF's
+        // atomic instructions with a fetch are full barriers on every architecture, so a
+        // reader that sees the plain cookie sees the whole state (a plain store may be
+        // reordered before the state's on arm64).
         unsafe {
             *state = *value;
-            owner.write_volatile(cookie);
+            compare_exchange(owner, cookie | SLOT_CLAIMING, cookie);
         }
         true
     }
@@ -70,25 +74,25 @@ impl<T: Copy> Slots<T> {
     }
 }
 
-/// Sets `*owner` from 0 to `claimant` atomically (BPF `cmpxchg_64`: Rust's BPF target has no
-/// compare-and-exchange, though the kernel has had the instruction since 5.12); whether it
-/// was 0.
+/// Sets `*owner` from `expected` to `new` atomically, and returns what it held (BPF
+/// `cmpxchg_64`, a full barrier: Rust's BPF target has no compare-and-exchange, though the
+/// kernel has had the instruction since 5.12).
 ///
 /// # Safety
 /// `owner` points to an aligned u64 in a map value, valid while the program runs.
 #[inline(always)]
-unsafe fn compare_exchange_zero(owner: *mut u64, claimant: u64) -> bool {
-    let mut previous: u64 = 0;
+unsafe fn compare_exchange(owner: *mut u64, expected: u64, new: u64) -> u64 {
+    let mut previous: u64 = expected;
     // SAFETY: one atomic instruction on the caller's valid, aligned pointer; r0 holds the
-    // expected value (0) in and the value found out.
+    // expected value in and the value found out.
     unsafe {
         core::arch::asm!(
-            "r0 = cmpxchg_64({owner} + 0, r0, {claimant})",
+            "r0 = cmpxchg_64({owner} + 0, r0, {new})",
             owner = in(reg) owner,
-            claimant = in(reg) claimant,
+            new = in(reg) new,
             inout("r0") previous,
             options(nostack),
         );
     }
-    previous == 0
+    previous
 }

@@ -163,14 +163,14 @@ fn connect(
     };
     let sk = ctx_sock(ctx);
     if key.proto != IPPROTO_TCP {
-        store(LB_SOCKS.get_ptr_on(sk, true), &xlate);
+        let _stored = store(LB_SOCKS.get_ptr_on(sk, true), &xlate);
         return Ok((backend, stats::CONNECT_XLATED));
     }
     // SAFETY: helper call on the context's socket; it returns the subflow's MPTCP socket or
     // null (not a subflow).
     let msk = unsafe { bpf_skc_to_mptcp_sock(sk) };
     if !msk.is_null() {
-        store(LB_SOCKS.get_ptr_on(msk.cast(), true), &xlate);
+        let _stored = store(LB_SOCKS.get_ptr_on(msk.cast(), true), &xlate);
         return Ok((backend, stats::CONNECT_XLATED));
     }
     let cookie = socket_cookie(ctx);
@@ -187,19 +187,28 @@ fn connect(
         }
         // getpeername answers from the reverse entry: nothing to write.
         None if reverse_answers(&backend, key, frontend.id) => count(stats::CONNECT_NO_STORAGE),
-        None => tcp_insert(sk, cookie, &xlate),
+        None => {
+            let _stored = tcp_insert(sk, cookie, &xlate);
+        }
     }
     Ok((backend, stats::CONNECT_XLATED))
 }
 
-/// Writes `xlate` to a socket's storage, or counts that the kernel had none to give.
+/// Writes `xlate` to a socket's storage, or counts that the kernel had none to give;
+/// whether it wrote.
 #[inline(always)]
-fn store(state: Option<*mut SockXlate>, xlate: &SockXlate) {
+fn store(state: Option<*mut SockXlate>, xlate: &SockXlate) -> bool {
     match state {
-        // SAFETY: the socket's own storage, written under the socket lock that every hook
-        // runs with.
-        Some(state) => unsafe { *state = *xlate },
-        None => count(stats::ERR_REVNAT_UPDATE),
+        Some(state) => {
+            // SAFETY: the socket's own storage, written under the socket lock that every hook
+            // runs with.
+            unsafe { *state = *xlate };
+            true
+        }
+        None => {
+            count(stats::ERR_REVNAT_UPDATE);
+            false
+        }
     }
 }
 
@@ -216,17 +225,17 @@ fn tcp_state(sk: *mut c_void, cookie: u64) -> Option<*mut SockXlate> {
 }
 
 /// A TCP socket's first state, `value`: its `LB_TCP_SOCKS` slot when free, else its
-/// `LB_SOCKS` storage (the kernel allocates it). Without either (memory) the socket is
-/// translated all the same, and getpeername shows the backend (counted as
+/// `LB_SOCKS` storage (the kernel allocates it); whether it wrote. Without either (memory)
+/// the socket is translated all the same, and getpeername shows the backend (counted as
 /// `err_revnat_update`).
 #[inline(always)]
-fn tcp_insert(sk: *mut c_void, cookie: u64, value: &SockXlate) {
+fn tcp_insert(sk: *mut c_void, cookie: u64, value: &SockXlate) -> bool {
     if tcp_slots().claim(cookie, value) {
         count(stats::TCP_SOCKS_CLAIMED);
-        return;
+        return true;
     }
     count(stats::TCP_SOCKS_TAKEN);
-    store(LB_SOCKS.get_ptr_on(sk, true), value);
+    store(LB_SOCKS.get_ptr_on(sk, true), value)
 }
 
 /// The `LB_REVERSE` key of a TCP backend.
@@ -594,23 +603,28 @@ fn direct_to_backend(ctx: &SockAddrContext, sk: *mut c_void) {
         ..SockXlate::default()
     };
     let app = app_socket(ctx);
-    if app != sk {
+    let marked_now = if app != sk {
         if LB_SOCKS.get_ptr_on(app, false).is_some() {
             // A subflow that the MPTCP path manager adds to a connection lb already handled
             // (`__mptcp_subflow_connect` connects it to the connection's peer, the backend,
             // in the connection's cgroup): what the application connected to stands.
             return;
         }
-        store(LB_SOCKS.get_ptr_on(app, true), &marked);
+        store(LB_SOCKS.get_ptr_on(app, true), &marked)
     } else {
         let cookie = socket_cookie(ctx);
         match tcp_state(sk, cookie) {
-            // SAFETY: this socket's own state, written under the socket lock.
-            Some(state) => unsafe { *state = marked },
+            Some(state) => {
+                // SAFETY: this socket's own state, written under the socket lock.
+                unsafe { *state = marked };
+                true
+            }
             None => tcp_insert(sk, cookie, &marked),
         }
+    };
+    if marked_now {
+        count(stats::CONNECT_DIRECT_MARKED);
     }
-    count(stats::CONNECT_DIRECT_MARKED);
 }
 
 /// An unconnected UDP socket with more Services than its own flows: (socket, backend) ->

@@ -882,15 +882,35 @@ fn a_tcp_socket_whose_slot_is_held_keeps_its_state_in_storage() {
     );
 }
 
+/// Waits until `LB_REVERSE` holds an entry for each of the fixture's four TCP backends
+/// (pod1..pod3:8080, pod1's MPTCP port): from then on a direct connect to one writes state
+/// marked direct.
+fn wait_reverse_entries(agent: &Agent) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while map_entries(agent, "LB_REVERSE") < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "LB_REVERSE entries: {}",
+            map_entries(agent, "LB_REVERSE")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_tcp_slot_freed_by_a_closed_socket_carries_nothing_to_the_next() {
     // A socket connected through WEB1 (state in its slot) closes; a new socket gets the slot
-    // and connects to the same pod directly: it shows the pod, and its own connect through
-    // the Service afterwards (a second socket) claims a free slot again.
+    // and connects to the same pod directly (an address with a reverse entry: it writes
+    // state too, marked direct): it shows the pod.
     let f = start();
+    wait_reverse_entries(&f.agent);
     let pod1 = f.pod(1);
     let counter = |name: &str| event_count(&f.agent, name);
-    let (released, taken) = (counter("tcp_socks_released"), counter("tcp_socks_taken"));
+    let (claimed, released, taken) = (
+        counter("tcp_socks_claimed"),
+        counter("tcp_socks_released"),
+        counter("tcp_socks_taken"),
+    );
     let bits = lb_common::maps::SOCK_SLOTS.trailing_zeros();
     let reused = format!("reused-slot:{bits}");
     let out = f.steps(
@@ -914,7 +934,64 @@ fn a_tcp_slot_freed_by_a_closed_socket_carries_nothing_to_the_next() {
         counter("tcp_socks_released") > released,
         "the close freed the slot"
     );
+    assert_eq!(
+        counter("tcp_socks_claimed"),
+        claimed + 2,
+        "both connects claimed it"
+    );
     assert_eq!(counter("tcp_socks_taken"), taken, "no socket fell back");
+}
+
+#[test]
+fn a_tcp_socket_reconnected_shows_its_last_peer() {
+    // One socket, connect() after connect() (AF_UNSPEC in between): its state (in its slot)
+    // follows the last connect. Through WEB1 then straight to pod2 (an address with a reverse
+    // entry): the pod. Straight to pod2 then through WEB1: the Service.
+    let f = start();
+    wait_reverse_entries(&f.agent);
+    let pod2 = f.pod(2);
+    let claimed = event_count(&f.agent, "tcp_socks_claimed");
+    let via = format!("connect:{WEB1}");
+    let direct = format!("connect:{pod2}");
+    let out = f.steps(
+        "tcp4",
+        &[
+            &via,
+            "send",
+            "readline",
+            "getpeername",
+            "disconnect",
+            &direct,
+            "send",
+            "readline",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[2], Some("pod1"), WEB1, &out);
+    assert_eq!(out[3].peer.as_deref(), Some(WEB1), "{out:?}");
+    assert!(out[4].error.is_none(), "{out:?}");
+    assert_answer(&out[7], Some("pod2"), &pod2, &out);
+    assert_eq!(out[8].peer.as_deref(), Some(pod2.as_str()), "{out:?}");
+    let out = f.steps(
+        "tcp4",
+        &[
+            &direct,
+            "send",
+            "readline",
+            "getpeername",
+            "disconnect",
+            &via,
+            "send",
+            "readline",
+            "getpeername",
+        ],
+    );
+    assert_answer(&out[2], Some("pod2"), &pod2, &out);
+    assert_eq!(out[3].peer.as_deref(), Some(pod2.as_str()), "{out:?}");
+    assert_answer(&out[7], Some("pod1"), WEB1, &out);
+    assert_eq!(out[8].peer.as_deref(), Some(WEB1), "{out:?}");
+    // One slot per socket: the second connect of each rewrote the first's state.
+    assert_eq!(event_count(&f.agent, "tcp_socks_claimed"), claimed + 2);
 }
 
 /// Entries of a pinned map of the agent.

@@ -41,8 +41,8 @@ pub enum HookAttach {
 
 /// Every program lb attaches to the cgroup, by its name (lb-common's `programs`), in the
 /// order the links are attached or taken over. The release hook first: from the moment a
-/// connect or sendmsg program can claim a socket's `LB_UDP_SOCKS` slot, the hook that frees it
-/// is attached (an upgrade from layout 4 attaches it new). Then the readers (recvmsg,
+/// connect or sendmsg program can claim a socket's `LB_TCP_SOCKS` or `LB_UDP_SOCKS` slot, the
+/// hook that frees it is attached (an upgrade from layout 4 attaches it new). Then the readers (recvmsg,
 /// getpeername), then the writers (connect, sendmsg): during an upgrade's takeover the new
 /// readers, which read a socket's slot and then its storage, already run when the first new
 /// writer puts a socket's state in a slot, which the old readers would not see.

@@ -129,7 +129,7 @@ impl ReverseReader {
         Ok(Self { map })
     }
 
-    /// The Service that getpeername shows for a TCP socket without storage whose peer is
+    /// The Service that getpeername shows for a TCP socket without state whose peer is
     /// `backend` (the entry, active or draining), as the programs answer it.
     pub fn answer(&self, backend: &Backend) -> Option<RevNat> {
         let entry = self.map.get(&key_of(backend), 0).ok()?;

@@ -643,7 +643,7 @@ impl DiagSock {
         Backend::new(addr, port)
     }
 
-    /// Whether lb connected this socket (its `LB_SOCKS` value `xlate`) to a pair in
+    /// Whether lb connected this socket (its state `xlate`: slot, storage or reverse entry) to a pair in
     /// `removed`, and it still talks to that backend (a socket reconnected elsewhere since
     /// keeps its old value).
     fn is_stale(&self, xlate: &SockXlate, removed: &HashSet<MemberKey>) -> bool {

@@ -137,11 +137,11 @@ enum Command {
     },
     // --- Socket patterns (tests/tests/socket_patterns.rs; code in lb-testpod/patterns.rs) ---
     /// One socket runs a script of steps, one outcome each: `connect:ADDR`,
-    /// `fastopen-connect:ADDR`, `send`, `sendto:ADDR`, `fastopen:ADDR` (sendto with
+    /// `fastopen-connect:ADDR`, `disconnect` (connect with AF_UNSPEC), `send`, `sendto:ADDR`, `fastopen:ADDR` (sendto with
     /// MSG_FASTOPEN), `sendmsg:ADDR`, `sendmmsg:ADDR,ADDR,..`, `recv`, `recvfrom`, `recvmsg`,
     /// `recvmmsg:N` (one outcome per datagram), `quiet:MS` (recvfrom expecting nothing),
     /// `readline` (TCP), `getpeername`, `mptcp` (is the connection MPTCP end to end),
-    /// `same-slot:BITS`, `reused-slot:BITS`, `back` (lb's UDP slots: see patterns.rs), `pause`
+    /// `same-slot:BITS`, `reused-slot:BITS`, `back` (lb's socket slots: see patterns.rs), `pause`
     /// ("paused" on stderr, then wait for a line on stdin: the socket stays open meanwhile).
     Steps {
         #[arg(long, value_enum)]

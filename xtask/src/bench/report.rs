@@ -612,7 +612,7 @@ impl Results {
                  \"of direct p50\": run time per transaction over direct's p50 in this run (TCP: connect() alone, \
                  which runs only `lb_connect4`). \"x connect miss\": ns per call over `lb_connect4`'s on a \
                  TCP connect to the pod at an address that is no Service's backend (target \"pod\") at the same N, the unit of issue 11's targets; \
-                 target \"backend\": a backend pod connected to directly (layout 5: socket storage marked direct).\n\n\
+                 target \"backend\": a backend pod connected to directly (layout 5: state marked direct, in its slot).\n\n\
                  | Services | proto | target | program | ns per call | calls per transaction | of direct p50 | x connect miss |\n|---:|---|---|---|---:|---:|---:|---:|"
             );
             for row in &self.prog_cost {

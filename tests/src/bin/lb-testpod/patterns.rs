@@ -239,6 +239,18 @@ fn step(fd: RawFd, step: &str, timeout: Duration, out: &mut Vec<Outcome>) -> any
                 libc::connect(fd, (&raw const ss).cast(), len)
             })));
         }
+        // connect() with AF_UNSPEC: dissolves the association (a TCP socket goes back to
+        // CLOSE and may connect again).
+        "disconnect" => {
+            // SAFETY: all-zero is a valid sockaddr_storage; only its family is read.
+            let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            ss.ss_family = libc::AF_UNSPEC as libc::sa_family_t;
+            let len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            // SAFETY: connect with a valid sockaddr of `len` bytes.
+            out.push(sent(check(unsafe {
+                libc::connect(fd, (&raw const ss).cast(), len)
+            })));
+        }
         // send() on a connected socket.
         "send" => {
             // SAFETY: send of a static buffer.
@@ -513,7 +525,7 @@ fn recvmmsg(fd: RawFd, max: usize, out: &mut Vec<Outcome>) -> usize {
 
 /// Runs `steps` on one new socket of `kind`; one outcome per step (recvmmsg: per datagram).
 /// `same-slot:BITS` keeps the socket open and goes on with a new socket of the same kind
-/// whose cookie has the same low BITS bits (lb's `LB_UDP_SOCKS` slot of the first): it opens
+/// whose cookie has the same low BITS bits (lb's `LB_TCP_SOCKS`/`LB_UDP_SOCKS` slot of the first): it opens
 /// and closes sockets until one has (an error outcome if none did in 64 rounds of cookies).
 /// `reused-slot:BITS` does the same but closes the socket first (the new one gets its slot
 /// after it). `back` goes on with the socket `same-slot` kept last (the current one is kept
