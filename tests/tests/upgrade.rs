@@ -53,6 +53,19 @@ endpoints:
 - {addresses: [10.200.0.12], nodeName: node-a}
 ";
 
+/// Entries of the pinned `LB_REVERSE` (read with bpftool).
+fn reverse_entries(pin: &Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["--json", "map", "dump", "pinned"])
+        .arg(pin.join("maps/LB_REVERSE"))
+        .output()
+        .expect("bpftool");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
 /// The layout version recorded in the pinned `LB_META` (read with bpftool, not with lb).
 fn pinned_layout_version(pin: &Path) -> u32 {
     let meta = pin.join("maps/LB_META");
@@ -380,6 +393,37 @@ fn live_sockets_and_flows_survive_an_upgrade_from_the_previous_release() {
     }
     let fresh = FlowClient::tcp(&topo.ext, None, &nodeport).expect("a new NodePort TCP flow");
     first(fresh.ask(), "a new NodePort TCP flow");
+    // A direct TCP connection to a backend (once its reverse entry exists) writes its state
+    // in a slot of the new LB_TCP_SOCKS, which its close frees; it shows the pod.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while reverse_entries(&agent.pin_path) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no LB_REVERSE entry after the upgrade"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (claimed, released) = (
+        agent.stat("tcp_socks_claimed"),
+        agent.stat("tcp_socks_released"),
+    );
+    for outcome in topo.node.client(&["tcp", POD1, "--count", "2"]) {
+        assert_eq!(
+            outcome.peer.as_deref(),
+            Some(POD1),
+            "a new direct TCP connection shows the pod: {outcome:?}"
+        );
+    }
+    assert_eq!(
+        agent.stat("tcp_socks_claimed"),
+        claimed + 2,
+        "slots claimed"
+    );
+    assert_eq!(
+        agent.stat("tcp_socks_released"),
+        released + 2,
+        "slots freed at close"
+    );
 
     // The programs were swapped into the pinned links: one per hook, no second attachment;
     // the release hook is new in layout 5, attached by the upgrade.

@@ -31,6 +31,13 @@ pub struct ChurnRow {
     pub sockets: usize,
     /// `(map, entries before, entries after)`.
     pub entries: Vec<(String, usize, usize)>,
+    /// Slots claimed during the churn (`{proto}_socks_claimed`): about one per socket,
+    /// so the slots held before and after mean something.
+    #[serde(default)]
+    pub claimed: u64,
+    /// Sockets whose slot another held, their state in socket storage (`{proto}_socks_taken`).
+    #[serde(default)]
+    pub taken: u64,
     /// Transactions that got no answer.
     pub lost: usize,
     pub seconds: f64,
@@ -78,9 +85,24 @@ pub fn run(
         .iter()
         .map(|m| entries(pin_path, m))
         .collect::<anyhow::Result<_>>()?;
+    let counter = |name: String| -> anyhow::Result<u64> {
+        Ok(super::xdp::lb_counters(pin_path)?
+            .get(&name)
+            .copied()
+            .unwrap_or(0))
+    };
+    let (claimed, taken) = (
+        format!("{}_socks_claimed", proto.lower()),
+        format!("{}_socks_taken", proto.lower()),
+    );
+    let counted = (counter(claimed.clone())?, counter(taken.clone())?);
     let started = std::time::Instant::now();
     let report = measure::rr(topo, proto, addr, sockets)?;
     let seconds = started.elapsed().as_secs_f64();
+    let (claimed, taken) = (
+        counter(claimed)?.saturating_sub(counted.0),
+        counter(taken)?.saturating_sub(counted.1),
+    );
     let mut rows = Vec::new();
     for (map, before) in maps.iter().zip(before) {
         rows.push(((*map).to_owned(), before, entries(pin_path, map)?));
@@ -90,6 +112,8 @@ pub fn run(
         proto: proto.lower().into(),
         sockets,
         entries: rows,
+        claimed,
+        taken,
         lost: report.errors,
         seconds,
     })

@@ -663,17 +663,19 @@ impl Results {
             push_line!(
                 md,
                 "\n## Socket churn: per-socket entries before and after\n\n\
-                 New sockets, each used once and closed (reported, not asserted): UDP, one datagram each to a Service and its answer; TCP, one connection each to a backend directly (an address with a reverse entry: each connect writes state in its slot). An owners map counts the slots held.\n\n\
-                 | Services | proto | sockets | map | entries before | entries after | lost | seconds |\n|---:|---|---:|---|---:|---:|---:|---:|"
+                 New sockets, each used once and closed (reported, not asserted): UDP, one datagram each to a Service and its answer; TCP, one connection each to a backend directly (an address with a reverse entry: each connect writes state in its slot). An owners map counts the slots held; \"claimed\" and \"taken\" are the slots the sockets claimed and the sockets whose slot another held (their state in socket storage) during the churn.\n\n\
+                 | Services | proto | sockets | claimed | taken | map | entries before | entries after | lost | seconds |\n|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"
             );
             for row in &self.socket_churn {
                 for (map, before, after) in &row.entries {
                     push_line!(
                         md,
-                        "| {} | {} | {} | {map} | {before} | {after} | {} | {:.1} |",
+                        "| {} | {} | {} | {} | {} | {map} | {before} | {after} | {} | {:.1} |",
                         row.services,
                         row.proto,
                         row.sockets,
+                        row.claimed,
+                        row.taken,
                         row.lost,
                         row.seconds
                     );
