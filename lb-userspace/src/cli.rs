@@ -107,12 +107,6 @@ pub struct RunArgs {
     /// with kube-proxy (Cilium: bpf-lb-sock-terminate-pod-connections).
     #[arg(long)]
     pub close_tcp_to_removed_backends: bool,
-    /// Free socket slots whose owner no longer exists this often (seconds; 0: never). Kernel
-    /// sockets (NFS, Ceph, iSCSI clients) skip the release hook that frees a closing
-    /// socket's slot; a slot is freed two sweeps after its owner is gone from every
-    /// network namespace of the node.
-    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
-    pub slot_sweep_interval: u64,
 }
 
 #[derive(Debug, Args)]

@@ -22,7 +22,6 @@ use crate::{
         names::Names,
         object,
         revmap::ReverseMap,
-        slot_sweep,
         sock_destroy::{self, SockDestroyer},
         upgrade, xdp,
     },
@@ -220,21 +219,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|e| {
             tracing::error!(
                 error = format!("{:#}", anyhow::Error::from(e)),
-                "TCP connects to Services will keep per-socket state"
+                "TCP connects to Services will keep socket storage"
             );
         })
         .ok();
-    if args.slot_sweep_interval > 0 {
-        let settings = slot_sweep::Settings {
-            interval: Duration::from_secs(args.slot_sweep_interval),
-        };
-        if let Err(e) = slot_sweep::start(&layout, settings) {
-            tracing::error!(
-                error = format!("{:#}", anyhow::Error::from(e)),
-                "socket slots of kernel sockets will not be freed"
-            );
-        }
-    }
     let service_health = Arc::new(ServiceHealth::default());
     tokio::spawn(service_health::serve(
         service_health.clone(),

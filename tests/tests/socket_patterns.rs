@@ -45,10 +45,10 @@ struct Fixture {
 }
 
 fn start() -> Fixture {
-    start_with(false, &[])
+    start_with(false)
 }
 
-fn start_with(mptcp_server: bool, extra: &[&str]) -> Fixture {
+fn start_with(mptcp_server: bool) -> Fixture {
     let mut node = Node::new();
     for i in 1..=3 {
         node.add_pod(i, &format!("pod{i}"), &[8080], &[8080]);
@@ -95,12 +95,7 @@ fn start_with(mptcp_server: bool, extra: &[&str]) -> Fixture {
     for (name, text) in &files {
         dir.write(&format!("{name}.yaml"), text);
     }
-    let agent = Agent::start_manifests_with(
-        &node.cgroup.path,
-        &dir.0,
-        extra,
-        std::time::Duration::from_secs(20),
-    );
+    let agent = Agent::start(&node.cgroup.path, &dir.0);
     Fixture {
         _mptcp: mptcp,
         agent,
@@ -431,7 +426,7 @@ fn tcp_fast_open_is_translated_and_shows_the_service() {
 fn mptcp_getpeername_shows_the_service() {
     // The connect hook runs on the MPTCP socket's first subflow; getpeername on the MPTCP
     // socket. Against an MPTCP server (a real MPTCP connection) and a TCP one (fallback).
-    let f = start_with(true, &[]);
+    let f = start_with(true);
     let out = f.steps(
         "mptcp4",
         &[
@@ -523,7 +518,7 @@ fn an_mptcp_subflow_added_later_keeps_the_service_in_getpeername() {
     // (`__mptcp_subflow_connect`: a kernel connect to the connection's peer, the backend, in
     // the connection's cgroup). The connect hook sees a direct connect to a backend that has a
     // reverse entry; it must leave the connection's translation alone.
-    let f = start_with(true, &[]);
+    let f = start_with(true);
     let pod1 = &f.node.pods[0];
     f.node
         .client
@@ -1142,69 +1137,4 @@ fn tcp_sockets_that_need_state_leave_no_slots_behind() {
         "slots claimed"
     );
     assert_eq!(counter("tcp_socks_taken"), 0);
-}
-
-#[test]
-fn a_slot_whose_owner_is_gone_is_freed_and_a_live_one_is_kept() {
-    // Kernel sockets skip the release hook: their slots would stay held. The agent's sweep
-    // (every second here) frees a slot whose owner cookie no socket of the node has, and
-    // leaves the slot of a live connection alone.
-    let f = start_with(false, &["--slot-sweep-interval", "1"]);
-    let owners = f.agent.pin_path.join("maps/LB_TCP_OWNERS");
-    let owner_at = |slot: u32| -> u64 {
-        let out = std::process::Command::new("bpftool")
-            .args(["--json", "map", "lookup", "pinned"])
-            .arg(&owners)
-            .arg("key")
-            .args(slot.to_le_bytes().map(|b| b.to_string()))
-            .output()
-            .expect("bpftool");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-        let bytes: Vec<u8> = v["value"]
-            .as_array()
-            .expect("value bytes")
-            .iter()
-            .map(|b| {
-                u8::from_str_radix(b.as_str().unwrap_or("0x0").trim_start_matches("0x"), 16)
-                    .unwrap_or(0)
-            })
-            .collect();
-        u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
-    };
-    // A cookie no socket has (the kernel's count is far below it), in a free slot.
-    let slot = (1..64u32).find(|s| owner_at(*s) == 0).expect("a free slot");
-    let gone = (1u64 << 40) | u64::from(slot);
-    let status = std::process::Command::new("bpftool")
-        .args(["map", "update", "pinned"])
-        .arg(&owners)
-        .arg("key")
-        .args(slot.to_le_bytes().map(|b| b.to_string()))
-        .arg("value")
-        .args(gone.to_le_bytes().map(|b| b.to_string()))
-        .status()
-        .expect("bpftool");
-    assert!(status.success());
-    // A live connection through WEB1 (state in its slot) across several sweeps: it still
-    // shows WEB1 (without its slot it would show WEB, the owner of pod1's reverse entry).
-    let out = f.steps(
-        "tcp4",
-        &[
-            &format!("connect:{WEB1}"),
-            "send",
-            "readline",
-            "sleep:3500",
-            "getpeername",
-        ],
-    );
-    assert_answer(&out[2], Some("pod1"), WEB1, &out);
-    assert_eq!(out[4].peer.as_deref(), Some(WEB1), "{out:?}");
-    // The planted owner is gone by now (freed at the second sweep that saw it).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while owner_at(slot) != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slot {slot} still held by {gone:#x}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
 }

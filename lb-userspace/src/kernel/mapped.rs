@@ -1,7 +1,5 @@
-//! A mapping of a `BPF_F_MMAPABLE` array map's values (`mmap(2)` of the map's file
-//! descriptor, kernel 5.5): reading every element costs memory loads, not a syscall each, and
-//! a writable mapping allows a compare-and-exchange that the programs' own atomic
-//! instructions see (the same memory).
+//! A read-only mapping of a `BPF_F_MMAPABLE` array map's values (`mmap(2)` of the map's file
+//! descriptor, kernel 5.5): reading every element costs memory loads, not a syscall each.
 
 use std::{
     io,
@@ -11,14 +9,12 @@ use std::{
 
 use aya::maps::MapData;
 
-/// The values of an array of `u64`, mapped read-only (or read-write: [`MappedU64s::writable`]);
-/// unmapped on drop. The programs keep writing the map: each read is one aligned 64-bit load,
-/// a value as it is at that moment.
+/// The values of an array of `u64`, mapped read-only; unmapped on drop. The programs keep
+/// writing the map: each read is one aligned 64-bit load, a value as it is at that moment.
 pub struct MappedU64s {
     base: NonNull<u64>,
     len: usize,
     bytes: usize,
-    writable: bool,
 }
 
 // SAFETY: the mapping is plain shared memory that this type only reads, with volatile loads.
@@ -32,18 +28,6 @@ impl MappedU64s {
     /// # Errors
     /// The `mmap` error (EINVAL for a map without the flag).
     pub fn new(map: &MapData, len: u32) -> io::Result<Self> {
-        Self::map(map, len, false)
-    }
-
-    /// [`MappedU64s::new`], mapped read-write: [`MappedU64s::compare_exchange`] works.
-    ///
-    /// # Errors
-    /// The `mmap` error (EPERM for a frozen map).
-    pub fn writable(map: &MapData, len: u32) -> io::Result<Self> {
-        Self::map(map, len, true)
-    }
-
-    fn map(map: &MapData, len: u32, writable: bool) -> io::Result<Self> {
         let len = len as usize;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
@@ -55,11 +39,7 @@ impl MappedU64s {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                if writable {
-                    libc::PROT_READ | libc::PROT_WRITE
-                } else {
-                    libc::PROT_READ
-                },
+                libc::PROT_READ,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
                 0,
@@ -69,49 +49,7 @@ impl MappedU64s {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(addr.cast::<u64>()).ok_or_else(|| io::Error::other("mmap"))?;
-        Ok(Self {
-            base,
-            len,
-            bytes,
-            writable,
-        })
-    }
-
-    /// The value at `index` (`None` past the end).
-    pub fn get(&self, index: usize) -> Option<u64> {
-        // SAFETY: `index < len`, inside the mapping; page-aligned base, so each u64 is aligned.
-        (index < self.len).then(|| unsafe { self.base.as_ptr().add(index).read_volatile() })
-    }
-
-    /// How many values the mapping holds.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the mapping holds no value.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Sets the value at `index` from `current` to `new` atomically (a `lock cmpxchg` on the
-    /// shared memory, which the programs' BPF `cmpxchg` sees); whether it held `current`.
-    /// False past the end or on a read-only mapping.
-    pub fn compare_exchange(&self, index: usize, current: u64, new: u64) -> bool {
-        if !self.writable || index >= self.len {
-            return false;
-        }
-        // SAFETY: `index < len` inside a writable shared mapping, 8-byte aligned (page-aligned
-        // base); other writers (the programs) use atomic or aligned 64-bit accesses.
-        let value =
-            unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(index)) };
-        value
-            .compare_exchange(
-                current,
-                new,
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
-            )
-            .is_ok()
+        Ok(Self { base, len, bytes })
     }
 
     /// How many values are not 0.

@@ -24,7 +24,6 @@ pub mod names;
 pub mod netns;
 pub mod object;
 pub mod revmap;
-pub mod slot_sweep;
 pub mod sock_destroy;
 pub mod state;
 pub mod sys;
