@@ -710,9 +710,11 @@ pub const SPECS: &[MapSpec] = &[
         kind: MapKind::Array,
         key_size: size::<u32>(),
         value_size: size::<u32>(),
-        max_entries: crate::nat::CT_FORWARD_BUCKETS,
+        // The buckets, then the agent's CT_FORWARD_CONSISTENT mark.
+        max_entries: crate::nat::CT_FORWARD_BUCKETS + 1,
         flags: 0,
-        // Only when it finds LB_CT without it (an upgrade): every bucket to 1.
+        // Its mark at every start; every bucket to 1 on an upgrade or when the buckets may
+        // miss forward entries of LB_CT (kernel/ct_forward.rs).
         agent_writes: true,
         sized_by_agent: false,
     },

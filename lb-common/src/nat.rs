@@ -39,9 +39,16 @@ pub const MAX_CT: u32 = 1 << 19;
 /// in [`CT`].
 pub const CT_FORWARD: &str = "LB_CT_FWD";
 
-/// Buckets of [`CT_FORWARD`] (an array of u32, 512 KiB as the kernel rounds each value to 8
+/// Buckets of [`CT_FORWARD`] (u32 values, 512 KiB as the kernel rounds each value to 8
 /// bytes). A frontend's bucket is [`ct_forward_bucket`] of its address, port and protocol.
 pub const CT_FORWARD_BUCKETS: u32 = 1 << 16;
+
+/// The index of [`CT_FORWARD`] after its buckets (no frontend hashes to it): 1 once the agent
+/// has made the buckets consistent with [`CT`] (set them all where `CT` may hold forward
+/// entries they do not record, or found nothing to set), 0 in a map just created. An agent
+/// that finds [`CT`] pinned and this 0 (a start that stopped between creating the map and
+/// filling it) sets every bucket before attaching.
+pub const CT_FORWARD_CONSISTENT: u32 = CT_FORWARD_BUCKETS;
 
 /// The [`CT_FORWARD`] bucket of the frontend `addr`:`port` (network byte order) of protocol
 /// `proto`.
@@ -52,8 +59,9 @@ pub const CT_FORWARD_BUCKETS: u32 = 1 << 16;
 /// one client port), and nothing clears it. A client packet with no client entry for its
 /// flow looks its forward key up only when the bucket is 1: a new UDP flow (no SYN says it
 /// is new) to a frontend whose backends are all on this node then costs one cold `LB_CT`
-/// lookup, not two. The agent sets every bucket to 1 when it finds `LB_CT` pinned without
-/// this map (an upgrade from layout 4, whose flows all have forward entries).
+/// lookup, not two. The agent sets every bucket to 1 before attaching the programs on an
+/// upgrade from layout 4 (whose flows all have forward entries) and whenever it finds `LB_CT`
+/// pinned without this map or with [`CT_FORWARD_CONSISTENT`] 0.
 pub fn ct_forward_bucket(addr: &Addr, port: u16, proto: u8) -> u32 {
     const K: u32 = 0x9e37_79b1;
     let mut h = u32::from(port) | (u32::from(proto) << 16);

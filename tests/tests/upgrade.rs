@@ -53,6 +53,25 @@ endpoints:
 - {addresses: [10.200.0.12], nodeName: node-a}
 ";
 
+/// The value at `index` of the pinned `LB_CT_FWD` (read with bpftool).
+fn forward_bucket(pin: &Path, index: u32) -> u32 {
+    let out = Command::new("bpftool")
+        .args(["--json", "map", "lookup", "pinned"])
+        .arg(pin.join("maps/LB_CT_FWD"))
+        .arg("key")
+        .args(index.to_le_bytes().map(|b| b.to_string()))
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    let bytes: Vec<u8> = v["value"]
+        .as_array()
+        .expect("value bytes")
+        .iter()
+        .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+        .collect();
+    u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+}
+
 /// Entries of the pinned `LB_REVERSE` (read with bpftool).
 fn reverse_entries(pin: &Path) -> usize {
     let out = Command::new("bpftool")
@@ -372,6 +391,28 @@ fn live_sockets_and_flows_survive_an_upgrade_from_the_previous_release() {
         pod(&out[8], "connected UDP after the upgrade"),
         pod(&out[2], "connected UDP before the upgrade"),
         "the connected UDP socket keeps its backend: {out:?}"
+    );
+
+    // Every LB_CT_FWD bucket was set before the new XDP program ran (a layout-4 flow has a
+    // forward entry, which the new program looks up only where the bucket says so), and the
+    // map is marked consistent.
+    for (proto, name) in [(6u8, "TCP"), (17, "UDP")] {
+        let ip: std::net::Ipv4Addr = NODE4.parse().expect("node IPv4");
+        let bucket = lb_common::nat::ct_forward_bucket(
+            &lb_common::Addr::from_v4_octets(ip.octets()),
+            30101u16.to_be(),
+            proto,
+        );
+        assert_eq!(
+            forward_bucket(&agent.pin_path, bucket),
+            1,
+            "the NodePort's {name} bucket after the upgrade"
+        );
+    }
+    assert_eq!(
+        forward_bucket(&agent.pin_path, lb_common::nat::CT_FORWARD_CONSISTENT),
+        1,
+        "LB_CT_FWD marked consistent"
     );
 
     // North-south flows keep their backend.

@@ -45,9 +45,10 @@ pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_
 
 /// Which frontends may have forward entries in `LB_CT` (`lb_common::nat::ct_forward_bucket`
 /// has the protocol): a bucket becomes 1 here before XDP stores a forward entry; the agent
-/// sets them all when it finds `LB_CT` pinned without this map.
+/// sets them all where they may miss entries (`lb_common::nat::CT_FORWARD_CONSISTENT`). One
+/// more index after the buckets holds the agent's mark.
 #[map]
-pub static LB_CT_FWD: Array<u32> = Array::pinned(CT_FORWARD_BUCKETS, 0);
+pub static LB_CT_FWD: Array<u32> = Array::pinned(CT_FORWARD_BUCKETS + 1, 0);
 
 /// The `LB_CT_FWD` bucket of the frontend `flow` is sent to.
 #[inline(always)]
