@@ -556,6 +556,71 @@ fn a_socket_without_storage_to_a_removed_backend_is_reset_with_the_flag() {
     }
 }
 
+#[test]
+fn a_socket_whose_state_is_in_its_slot_to_a_removed_backend_is_reset_with_the_flag() {
+    // "aweb" sorts first and owns pod1's and pod2's reverse entries, so connects through
+    // "web" (the same pods) write their state in a LB_TCP_SOCKS slot. pod1 leaves "web" only:
+    // the socket through web to pod1 is found by its slot (its cookie, from the dump) and
+    // reset; the others stay.
+    let node = node(2);
+    let dir = TempDir::new("rev");
+    let pods = [ip(&node, 1), ip(&node, 2)];
+    dir.write("aweb.yaml", &svc("aweb", "10.96.0.92", &pods));
+    dir.write("web.yaml", &svc("web", "10.96.0.91", &pods));
+    let agent = Agent::start_manifests_with(
+        &node.cgroup.path,
+        &dir.0,
+        &["--close-tcp-to-removed-backends"],
+        Duration::from_secs(20),
+    );
+    wait_entries(
+        &agent,
+        &[
+            (&pod_addr(&node, 1), "10.96.0.92:80", ACTIVE),
+            (&pod_addr(&node, 2), "10.96.0.92:80", ACTIVE),
+        ],
+    );
+    let claimed = counter(&agent, "tcp_socks_claimed");
+    let mut hold = Holder::start(&node);
+    let mut to_pod1 = None;
+    for i in 0..40 {
+        let held = hold.open("10.96.0.91:80");
+        if held[i].backend.as_deref() == Some("pod1") {
+            to_pod1 = Some(i);
+            break;
+        }
+    }
+    let to_pod1 = to_pod1.expect("a socket to pod1");
+    let opened = hold.show().len();
+    assert_eq!(
+        counter(&agent, "tcp_socks_claimed") - claimed,
+        f64::from(u32::try_from(opened).expect("count")),
+        "each connect through web claimed a slot"
+    );
+    dir.write("web.yaml", &svc("web", "10.96.0.91", &[ip(&node, 2)]));
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let report = hold.report("show");
+        let reset: Vec<usize> = report
+            .held
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.error.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        if !reset.is_empty() {
+            assert_eq!(reset, [to_pod1], "{report:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod1's socket was not reset: {report:?}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `lb_reverse_entries_stuck`.
 fn stuck(agent: &Agent) -> f64 {
     agent.metric("lb_reverse_entries_stuck").unwrap_or(-1.0)
