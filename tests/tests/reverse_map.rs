@@ -516,15 +516,7 @@ fn a_socket_without_storage_to_a_removed_backend_is_reset_with_the_flag() {
     );
     let before = counter(&agent, "connect_no_storage");
     let mut hold = Holder::start(&node);
-    let mut to_pod1 = None;
-    for i in 0..40 {
-        let held = hold.open("10.96.0.91:80");
-        if held[i].backend.as_deref() == Some("pod1") {
-            to_pod1 = Some(i);
-            break;
-        }
-    }
-    let to_pod1 = to_pod1.expect("a socket to pod1");
+    let to_pod1 = open_until_pod1(&mut hold, "10.96.0.91:80");
     let opened = hold.show().len();
     assert_eq!(
         counter(&agent, "connect_no_storage") - before,
@@ -533,27 +525,7 @@ fn a_socket_without_storage_to_a_removed_backend_is_reset_with_the_flag() {
     // pod1 leaves: its socket (no storage: the reverse entry names the Service) is reset,
     // the others stay.
     dir.write("web.yaml", &svc("web", "10.96.0.91", &[ip(&node, 2)]));
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let report = hold.report("show");
-        let reset: Vec<usize> = report
-            .held
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.error.is_some())
-            .map(|(i, _)| i)
-            .collect();
-        if !reset.is_empty() {
-            assert_eq!(reset, [to_pod1], "{report:?}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pod1's socket was not reset: {report:?}\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_only_reset(&mut hold, &agent, to_pod1);
 }
 
 #[test]
@@ -582,15 +554,7 @@ fn a_socket_whose_state_is_in_its_slot_to_a_removed_backend_is_reset_with_the_fl
     );
     let claimed = counter(&agent, "tcp_socks_claimed");
     let mut hold = Holder::start(&node);
-    let mut to_pod1 = None;
-    for i in 0..40 {
-        let held = hold.open("10.96.0.91:80");
-        if held[i].backend.as_deref() == Some("pod1") {
-            to_pod1 = Some(i);
-            break;
-        }
-    }
-    let to_pod1 = to_pod1.expect("a socket to pod1");
+    let to_pod1 = open_until_pod1(&mut hold, "10.96.0.91:80");
     let opened = hold.show().len();
     assert_eq!(
         counter(&agent, "tcp_socks_claimed") - claimed,
@@ -598,6 +562,23 @@ fn a_socket_whose_state_is_in_its_slot_to_a_removed_backend_is_reset_with_the_fl
         "each connect through web claimed a slot"
     );
     dir.write("web.yaml", &svc("web", "10.96.0.91", &[ip(&node, 2)]));
+    wait_only_reset(&mut hold, &agent, to_pod1);
+}
+
+/// Opens sockets to `to` until one reaches pod1 (at most 40); its index among the held ones.
+fn open_until_pod1(hold: &mut Holder, to: &str) -> usize {
+    for i in 0..40 {
+        let held = hold.open(to);
+        if held[i].backend.as_deref() == Some("pod1") {
+            return i;
+        }
+    }
+    panic!("no socket to pod1 in 40 connects to {to}");
+}
+
+/// Waits (up to [`SETTLE`]) until a held socket is reset, and checks that it is the one at
+/// `index` and only that one.
+fn wait_only_reset(hold: &mut Holder, agent: &Agent, index: usize) {
     let deadline = Instant::now() + SETTLE;
     loop {
         let report = hold.report("show");
@@ -609,8 +590,8 @@ fn a_socket_whose_state_is_in_its_slot_to_a_removed_backend_is_reset_with_the_fl
             .map(|(i, _)| i)
             .collect();
         if !reset.is_empty() {
-            assert_eq!(reset, [to_pod1], "{report:?}");
-            break;
+            assert_eq!(reset, [index], "{report:?}");
+            return;
         }
         assert!(
             Instant::now() < deadline,

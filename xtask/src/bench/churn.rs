@@ -85,23 +85,23 @@ pub fn run(
         .iter()
         .map(|m| entries(pin_path, m))
         .collect::<anyhow::Result<_>>()?;
-    let counter = |name: String| -> anyhow::Result<u64> {
-        Ok(super::xdp::lb_counters(pin_path)?
-            .get(&name)
-            .copied()
-            .unwrap_or(0))
+    // This protocol's slot counters (claimed, taken), one read of LB_STATS.
+    let slot_counters = || -> anyhow::Result<(u64, u64)> {
+        let counters = super::xdp::lb_counters(pin_path)?;
+        let get = |what: &str| {
+            let name = format!("{}_socks_{what}", proto.lower());
+            counters.get(&name).copied().unwrap_or(0)
+        };
+        Ok((get("claimed"), get("taken")))
     };
-    let (claimed, taken) = (
-        format!("{}_socks_claimed", proto.lower()),
-        format!("{}_socks_taken", proto.lower()),
-    );
-    let counted = (counter(claimed.clone())?, counter(taken.clone())?);
+    let counted = slot_counters()?;
     let started = std::time::Instant::now();
     let report = measure::rr(topo, proto, addr, sockets)?;
     let seconds = started.elapsed().as_secs_f64();
+    let now = slot_counters()?;
     let (claimed, taken) = (
-        counter(claimed)?.saturating_sub(counted.0),
-        counter(taken)?.saturating_sub(counted.1),
+        now.0.saturating_sub(counted.0),
+        now.1.saturating_sub(counted.1),
     );
     let mut rows = Vec::new();
     for (map, before) in maps.iter().zip(before) {
