@@ -76,6 +76,8 @@ use crate::Addr;
 /// [`TCP_OWNERS`] says) instead of [`SOCKS`], which now holds the state of MPTCP sockets, of
 /// TCP sockets whose slot another socket held, of those the agent gives state for a draining
 /// [`REVERSE`] entry, and of those translated before the upgrade.
+/// Also 5: `LB_CT4` (`nat::CT4`) is new and holds the client entries of IPv4 flows under an
+/// 8-byte key; `LB_CT` keeps the rest, and every entry of layout 4 where it was.
 pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.
@@ -699,6 +701,16 @@ pub const SPECS: &[MapSpec] = &[
         name: crate::nat::CT,
         kind: MapKind::LruHash,
         key_size: size::<crate::nat::CtKey>(),
+        value_size: size::<crate::nat::CtEntry>(),
+        max_entries: crate::nat::MAX_CT,
+        flags: BPF_F_NO_COMMON_LRU,
+        agent_writes: false,
+        sized_by_agent: true,
+    },
+    MapSpec {
+        name: crate::nat::CT4,
+        kind: MapKind::LruHash,
+        key_size: size::<crate::nat::CtKey4>(),
         value_size: size::<crate::nat::CtEntry>(),
         max_entries: crate::nat::MAX_CT,
         flags: BPF_F_NO_COMMON_LRU,

@@ -148,11 +148,13 @@ pub struct CapacityArgs {
     /// Capacity of the backend maps (endpoints summed over all frontends).
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::MAX_SLOTS)]
     pub max_backends: u32,
-    /// Capacity of the north-south connection-tracking map `LB_CT`, in entries (one per
-    /// flow through XDP to a local backend, two per SNAT'd flow), fixed when the maps are created; rounded up to a multiple of the
-    /// CPUs, each of which evicts its own least recently used flows when its share is full.
-    /// 160 bytes of kernel memory per entry, reserved up front (Cilium's
-    /// `--bpf-ct-global-tcp-max`).
+    /// Capacity of each north-south connection-tracking map, in entries: `LB_CT4` (one per
+    /// IPv4 flow through XDP to a local backend) and `LB_CT` (one per IPv6 flow to a local
+    /// backend, two per SNAT'd flow), fixed when the maps are created; rounded up to a
+    /// multiple of the CPUs, each of which evicts its own least recently used flows when its
+    /// share is full. Reserved up front: 160 bytes of kernel memory per `LB_CT` entry, 128
+    /// per `LB_CT4` entry (Cilium's `--bpf-ct-global-tcp-max`, which also sizes its IPv4 and
+    /// IPv6 tables each).
     #[arg(long, value_name = "N", default_value_t = lb_common::nat::MAX_CT,
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_ct_entries: u32,

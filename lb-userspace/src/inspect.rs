@@ -232,6 +232,7 @@ pub fn stats(args: &InspectArgs) -> anyhow::Result<()> {
                 "udp_socks": entries(lb_common::maps::UDP_SOCKS),
                 "tcp_socks": entries(lb_common::maps::TCP_SOCKS),
                 "ct": entries(lb_common::nat::CT),
+                "ct4": entries(lb_common::nat::CT4),
             },
         });
         serde_json::to_writer_pretty(&mut out, &json)?;

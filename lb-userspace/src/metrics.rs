@@ -480,6 +480,7 @@ impl Collector for MapFillCollector {
         self.fill.set(lb_common::maps::UDP_SOCKS, sizes.udp_socks);
         self.fill.set(lb_common::maps::TCP_SOCKS, sizes.tcp_socks);
         self.fill.set(lb_common::nat::CT, sizes.ct);
+        self.fill.set(lb_common::nat::CT4, sizes.ct4);
         let fills = self.fill.fills();
         let gauge = prometheus_client::metrics::MetricType::Gauge;
         let mut family =

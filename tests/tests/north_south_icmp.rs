@@ -440,22 +440,68 @@ const CT_DIR_IN: u8 = 1;
 const CT_DIR_REPLY: u8 = 2;
 const CT_DIR_CLIENT: u8 = 3;
 
-/// The pinned conntrack map of `agent`, as a descriptor.
-fn ct_map(agent: &NodeAgent) -> i32 {
-    let path = agent.pin_path.join("maps/LB_CT");
+/// `CtKey4`: 8 bytes (the IPv4 client address, its port, the protocol, a zero byte).
+const CT4_KEY: usize = 8;
+
+/// The pinned conntrack maps of `agent`, as descriptors: `LB_CT`, and `LB_CT4`, which holds
+/// the client entries of IPv4 flows under 8-byte keys. The helpers below take and give every
+/// key in `CtKey`'s 40-byte form and route it to the map that holds it, as the programs do
+/// (`CtKey::client4`).
+#[derive(Clone, Copy)]
+struct Ct {
+    all: i32,
+    client4: i32,
+}
+
+impl Ct {
+    /// Closes both descriptors.
+    fn close(self) {
+        // SAFETY: our own descriptors, closed once.
+        unsafe {
+            libc::close(self.all);
+            libc::close(self.client4);
+        }
+    }
+
+    /// The map that holds `key` and the key in that map's form.
+    fn route(self, key: &[u8; CT_KEY]) -> (i32, Vec<u8>) {
+        let v4_mapped = key[..10].iter().all(|&b| b == 0) && key[10..12] == [0xff, 0xff];
+        if key[37] == CT_DIR_CLIENT && v4_mapped {
+            let mut k = vec![0u8; CT4_KEY];
+            k[..4].copy_from_slice(&key[12..16]);
+            k[4..6].copy_from_slice(&key[32..34]);
+            k[6] = key[36];
+            (self.client4, k)
+        } else {
+            (self.all, key.to_vec())
+        }
+    }
+}
+
+/// The pinned map `name` of `agent`, as a descriptor.
+fn pinned_map(agent: &NodeAgent, name: &str) -> i32 {
+    let path = agent.pin_path.join("maps").join(name);
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
     let (fd, _) = lb_tests::north_south::bpf(7, &[(0, c.as_ptr() as u64, 8)]);
-    assert!(fd >= 0, "LB_CT: {}", std::io::Error::last_os_error());
+    assert!(fd >= 0, "{name}: {}", std::io::Error::last_os_error());
     fd as i32
 }
 
-/// Every entry of the conntrack map `fd`: (key, value).
-fn ct_entries(fd: i32) -> Vec<([u8; CT_KEY], [u8; CT_VALUE])> {
+/// The pinned conntrack maps of `agent`.
+fn ct_map(agent: &NodeAgent) -> Ct {
+    Ct {
+        all: pinned_map(agent, "LB_CT"),
+        client4: pinned_map(agent, "LB_CT4"),
+    }
+}
+
+/// Every (key, value) of the map `fd` whose keys are `key_len` bytes long.
+fn map_entries(fd: i32, key_len: usize) -> Vec<(Vec<u8>, [u8; CT_VALUE])> {
     let mut out = Vec::new();
-    let mut key = [0u8; CT_KEY];
+    let mut key = vec![0u8; key_len];
     let mut first = true;
     loop {
-        let mut next = [0u8; CT_KEY];
+        let mut next = vec![0u8; key_len];
         let key_ptr = if first { 0 } else { key.as_ptr() as u64 };
         let (ret, _) = lb_tests::north_south::bpf(
             BPF_MAP_GET_NEXT_KEY,
@@ -480,14 +526,32 @@ fn ct_entries(fd: i32) -> Vec<([u8; CT_KEY], [u8; CT_VALUE])> {
             ],
         );
         if ret == 0 {
-            out.push((key, value));
+            out.push((key.clone(), value));
         }
     }
 }
 
+/// Every conntrack entry of both maps, keys in `CtKey`'s form: (key, value).
+fn ct_entries(ct: Ct) -> Vec<([u8; CT_KEY], [u8; CT_VALUE])> {
+    let mut out: Vec<_> = map_entries(ct.all, CT_KEY)
+        .into_iter()
+        .map(|(k, v)| (k.try_into().expect("40 bytes"), v))
+        .collect();
+    for (k4, v) in map_entries(ct.client4, CT4_KEY) {
+        let mut key = [0u8; CT_KEY];
+        key[10..12].copy_from_slice(&[0xff, 0xff]);
+        key[12..16].copy_from_slice(&k4[..4]);
+        key[32..34].copy_from_slice(&k4[4..6]);
+        key[36] = k4[6];
+        key[37] = CT_DIR_CLIENT;
+        out.push((key, v));
+    }
+    out
+}
+
 /// The entry of direction `dir` whose key has source port `sport`: (key, `seen`).
-fn ct_entry(fd: i32, dir: u8, sport: u16) -> ([u8; CT_KEY], u64) {
-    let (key, value) = ct_entries(fd)
+fn ct_entry(ct: Ct, dir: u8, sport: u16) -> ([u8; CT_KEY], u64) {
+    let (key, value) = ct_entries(ct)
         .into_iter()
         .find(|(k, _)| k[37] == dir && k[32..34] == sport.to_be_bytes())
         .unwrap_or_else(|| panic!("no conntrack entry dir {dir} sport {sport}"));
@@ -495,8 +559,9 @@ fn ct_entry(fd: i32, dir: u8, sport: u16) -> ([u8; CT_KEY], u64) {
     (key, seen)
 }
 
-/// Stores `value` under `key` in the conntrack map `fd`.
-fn ct_put(fd: i32, key: &[u8; CT_KEY], value: &[u8; CT_VALUE]) {
+/// Stores `value` under `key` in the conntrack map that holds it.
+fn ct_put(ct: Ct, key: &[u8; CT_KEY], value: &[u8; CT_VALUE]) {
+    let (fd, key) = ct.route(key);
     let (ret, _) = lb_tests::north_south::bpf(
         BPF_MAP_UPDATE_ELEM,
         &[
@@ -509,7 +574,8 @@ fn ct_put(fd: i32, key: &[u8; CT_KEY], value: &[u8; CT_VALUE]) {
 }
 
 /// Deletes the entry under `key`.
-fn ct_delete(fd: i32, key: &[u8; CT_KEY]) {
+fn ct_delete(ct: Ct, key: &[u8; CT_KEY]) {
+    let (fd, key) = ct.route(key);
     let (ret, _) = lb_tests::north_south::bpf(
         BPF_MAP_DELETE_ELEM,
         &[(0, fd as u64, 4), (8, key.as_ptr() as u64, 8)],
@@ -564,27 +630,20 @@ fn ct_key(src: &str, dst: &str, sport: u16, dport: u16, proto: u8, dir: u8) -> [
 }
 
 /// Sets `seen` of the entry under `key`.
-fn set_seen(fd: i32, key: &[u8; CT_KEY], seen: u64) {
+fn set_seen(ct: Ct, key: &[u8; CT_KEY], seen: u64) {
+    let (fd, map_key) = ct.route(key);
     let mut value = [0u8; CT_VALUE];
     let (ret, _) = lb_tests::north_south::bpf(
         BPF_MAP_LOOKUP_ELEM,
         &[
             (0, fd as u64, 4),
-            (8, key.as_ptr() as u64, 8),
+            (8, map_key.as_ptr() as u64, 8),
             (16, value.as_mut_ptr() as u64, 8),
         ],
     );
     assert_eq!(ret, 0, "lookup: {}", std::io::Error::last_os_error());
     value[48..56].copy_from_slice(&seen.to_ne_bytes());
-    let (ret, _) = lb_tests::north_south::bpf(
-        BPF_MAP_UPDATE_ELEM,
-        &[
-            (0, fd as u64, 4),
-            (8, key.as_ptr() as u64, 8),
-            (16, value.as_ptr() as u64, 8),
-        ],
-    );
-    assert_eq!(ret, 0, "update: {}", std::io::Error::last_os_error());
+    ct_put(ct, key, &value);
 }
 
 /// `bpf_ktime_get_coarse_ns()`'s clock, now.
@@ -615,6 +674,12 @@ fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent_at_tc_a
         .filter(|(k, _)| k[32..34] == 41_400u16.to_be_bytes() || k[32..34] == 8080u16.to_be_bytes())
         .count();
     assert_eq!(flow_entries, 1, "one conntrack entry per DNAT'd flow");
+    // An IPv4 client entry lives in LB_CT4, under its 8-byte key.
+    let in_client4 = map_entries(ct.client4, CT4_KEY)
+        .into_iter()
+        .filter(|(k, _)| k[4..6] == 41_400u16.to_be_bytes())
+        .count();
+    assert_eq!(in_client4, 1, "the client entry is in LB_CT4");
     // A flow whose client has been quiet for 50 s (of UDP's 60): a reply refreshes it.
     let (key, _) = ct_entry(ct, CT_DIR_CLIENT, 41_400);
     let now = coarse_now();
@@ -648,9 +713,9 @@ fn replies_through_tc_keep_the_flow_alive_and_expired_entries_are_absent_at_tc_a
     assert_eq!(agent.stat("xdp_new_flow"), new_flows + 1);
     let (_, seen) = ct_entry(ct, CT_DIR_CLIENT, 41_400);
     assert!(seen + 61_000_000_000 > coarse_now(), "fresh entry");
+    ct.close();
     // SAFETY: our own descriptors, closed once.
     unsafe {
-        libc::close(ct);
         libc::close(xdp);
         libc::close(tc);
     }
@@ -788,9 +853,9 @@ fn second_flows_of_a_client_port_and_flows_of_layout_4_keep_two_entries() {
             .any(|(k, _)| k[37] == CT_DIR_CLIENT && k[32..34] == 41_600u16.to_be_bytes()),
         "no client entry made for a layout-4 flow"
     );
+    ct.close();
     // SAFETY: our own descriptors, closed once.
     unsafe {
-        libc::close(ct);
         libc::close(xdp);
         libc::close(tc);
     }
@@ -808,8 +873,8 @@ const PSH: u8 = 0x08;
 const ACK: u8 = 0x10;
 
 /// The flags of the client entry of client port `sport`.
-fn ct_flags(fd: i32, sport: u16) -> u8 {
-    ct_entries(fd)
+fn ct_flags(ct: Ct, sport: u16) -> u8 {
+    ct_entries(ct)
         .into_iter()
         .find(|(k, _)| k[37] == CT_DIR_CLIENT && k[32..34] == sport.to_be_bytes())
         .map_or_else(
@@ -944,10 +1009,10 @@ fn a_half_closed_tcp_flow_keeps_its_translation_until_both_sides_close() {
         (TC_ACT_OK, data.from(NODE4, 30080).bytes()),
         "the late reply of a two-entry flow"
     );
+    ct.close();
     // SAFETY: our own descriptors, closed once.
     unsafe {
         libc::close(xdp);
         libc::close(tc);
-        libc::close(ct);
     }
 }

@@ -39,7 +39,7 @@ use lb_common::{
 };
 
 use super::{
-    Flow, LB_CT, LB_NAT_SCRATCH, Scratch,
+    Flow, LB_NAT_SCRATCH, Scratch, ct,
     parse::{Ext, IPV4_HLEN, IPV6_HLEN, MAX_EXT_HEADERS, ext_step, is_ext},
     xdp,
 };
@@ -354,7 +354,7 @@ fn lookup(e: &mut IcmpError, s: &mut Scratch) -> Found {
     let now = xdp::now();
     // The flow's client entry, if the quote came from its frontend.
     super::set_client_key(&mut s.ikey, e.dst, e.dport, e.proto);
-    if let Some(p) = LB_CT.get_ptr(&s.ikey) {
+    if let Some(p) = ct::get(&s.ikey) {
         // SAFETY: copied out at once.
         s.entry = unsafe { *p };
         if s.entry.nat_addr == e.src
@@ -371,7 +371,7 @@ fn lookup(e: &mut IcmpError, s: &mut Scratch) -> Found {
         }
     }
     s.ikey = quote_key(e, CT_DIR_IN);
-    if let Some(p) = LB_CT.get_ptr(&s.ikey) {
+    if let Some(p) = ct::get(&s.ikey) {
         // SAFETY: copied out at once.
         s.entry = unsafe { *p };
         if !ct_expired(s.entry.seen, now, e.proto, s.entry.flags) {
@@ -396,7 +396,7 @@ fn lookup(e: &mut IcmpError, s: &mut Scratch) -> Found {
         return Found::None;
     }
     s.ikey.dir = CT_DIR_REPLY;
-    let Some(p) = LB_CT.get_ptr(&s.ikey) else {
+    let Some(p) = ct::get(&s.ikey) else {
         return Found::None;
     };
     // SAFETY: copied out at once.
@@ -483,7 +483,7 @@ pub fn tc_error(ctx: &TcContext, flow: &Flow) -> i32 {
     }
     // The flow's client entry (the quote goes from the client to its backend)...
     super::set_client_key(&mut e.key, e.src, e.sport, e.proto);
-    if let Some(p) = LB_CT.get_ptr(&e.key) {
+    if let Some(p) = ct::get(&e.key) {
         // SAFETY: copied out at once.
         e.entry = unsafe { *p };
         if e.entry.addr == e.dst && e.entry.port == e.dport && e.entry.flags & CT_SNAT == 0 {
@@ -502,7 +502,7 @@ pub fn tc_error(ctx: &TcContext, flow: &Flow) -> i32 {
     e.key.proto = e.proto;
     e.key.dir = CT_DIR_REPLY;
     e.key._pad = [0; 2];
-    let Some(p) = LB_CT.get_ptr(&e.key) else {
+    let Some(p) = ct::get(&e.key) else {
         return TC_ACT_OK;
     };
     // SAFETY: copied out at once.

@@ -13,6 +13,7 @@
 //! Everything that is not for an external frontend passes untouched after one hash lookup
 //! (or none, for what is not TCP/UDP over IP).
 
+pub mod ct;
 pub mod events;
 pub mod icmp;
 pub mod parse;
@@ -24,24 +25,18 @@ pub mod xdp;
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, PerCpuArray},
 };
 use lb_common::{
     Addr,
-    maps::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, Backend, MemberKey},
+    maps::{BPF_F_NO_PREALLOC, Backend, MemberKey},
     nat::{
-        CT_DIR_CLIENT, CT_DIR_IN, CT_DIR_REPLY, CT_FORWARD_BUCKETS, CtEntry, CtKey, MAX_CT,
-        MAX_SRC_RANGES, SrcRangeKey, ct_forward_bucket,
+        CT_DIR_CLIENT, CT_DIR_IN, CT_DIR_REPLY, CT_FORWARD_BUCKETS, CtEntry, CtKey, MAX_SRC_RANGES,
+        SrcRangeKey, ct_forward_bucket,
     },
 };
 
 use crate::maps::LB_MEMBERS;
-
-/// Connection tracking (`lb_common::nat`): one client entry per flow to a local backend, a
-/// forward and a reply entry per SNAT'd flow; written by both programs.
-/// Per-CPU LRU lists; the agent sets the capacity (`--max-ct-entries`).
-#[map]
-pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_NO_COMMON_LRU);
 
 /// Which frontends may have forward entries in `LB_CT` (`lb_common::nat::ct_forward_bucket`
 /// has the protocol): a bucket becomes 1 here before XDP stores a forward entry; the agent
@@ -181,7 +176,7 @@ pub fn is_member(id: u32, backend: &Backend) -> bool {
 /// refreshed) to `now`, if it exists: either direction's packets keep the whole flow alive.
 #[inline(always)]
 pub fn touch(key: &CtKey, now: u64) {
-    if let Some(p) = LB_CT.get_ptr_mut(key) {
+    if let Some(p) = ct::get(key) {
         // SAFETY: a pointer into the map's value; a racing writer stores a timestamp too.
         unsafe { (*p).seen = now };
     }

@@ -23,7 +23,7 @@ use lb_common::{
 };
 
 use super::{
-    Flow, LB_CT,
+    Flow, ct,
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, ext_walk,
@@ -60,7 +60,7 @@ static LB_NAT_TC_FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 fn reply(ctx: &TcContext, flow: &Flow) {
     // The flow's one entry, keyed by the client, when the reply comes from its backend.
     let key = client_key(flow.dst, flow.dport, flow.proto);
-    if let Some(p) = LB_CT.get_ptr_mut(&key) {
+    if let Some(p) = ct::get(&key) {
         // SAFETY: copied out at once.
         let entry = unsafe { *p };
         if entry.addr == flow.src && entry.port == flow.sport && entry.flags & CT_SNAT == 0 {
@@ -93,7 +93,7 @@ fn reply(ctx: &TcContext, flow: &Flow) {
     }
     // A reply entry: a second flow of the client's port, or a flow of layout 4.
     let key = flow.ct_key(CT_DIR_REPLY);
-    let Some(p) = LB_CT.get_ptr_mut(&key) else {
+    let Some(p) = ct::get(&key) else {
         return;
     };
     // SAFETY: copied out at once.

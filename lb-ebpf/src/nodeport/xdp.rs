@@ -20,7 +20,7 @@ use lb_common::{
 };
 
 use super::{
-    Flow, LB_CT, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, events, in_key, is_member, load_entry,
+    Flow, LB_NAT_FLOW, LB_NAT_SCRATCH, Scratch, ct, events, in_key, is_member, load_entry,
     mark_forward, may_have_forward,
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET, IPPROTO_ICMP,
@@ -354,9 +354,9 @@ fn touch_forward(proto: u8, s: &mut Scratch) {
 fn remove_flow(flow: &Flow, s: &mut Scratch) {
     if s.ikey.dir != CT_DIR_CLIENT {
         set_reply_key(flow, s);
-        let _gone = LB_CT.remove(&s.rkey);
+        ct::remove(&s.rkey);
     }
-    let _gone = LB_CT.remove(&s.ikey);
+    ct::remove(&s.ikey);
 }
 
 /// The entry of the flow of `flow` (client side), its key left in `s.ikey`: the client entry
@@ -375,7 +375,7 @@ fn remove_flow(flow: &Flow, s: &mut Scratch) {
 #[inline(always)]
 fn lookup_flow(flow: &Flow, s: &mut Scratch, opening: bool) -> Option<*mut CtEntry> {
     set_client_key(&mut s.ikey, flow.src, flow.sport, flow.proto);
-    match LB_CT.get_ptr_mut(&s.ikey) {
+    match ct::get(&s.ikey) {
         Some(p) => {
             // SAFETY: fields read once from the map value.
             let (addr, port) = unsafe { ((*p).nat_addr, (*p).nat_port) };
@@ -392,7 +392,7 @@ fn lookup_flow(flow: &Flow, s: &mut Scratch, opening: bool) -> Option<*mut CtEnt
         return None;
     }
     s.ikey = in_key(flow);
-    LB_CT.get_ptr_mut(&s.ikey)
+    ct::get(&s.ikey)
 }
 
 /// Offsets above this are not translated (IPv6 extension headers of more than 16 KiB).
@@ -494,7 +494,7 @@ fn still_member(flow: &Flow, s: &mut Scratch, epoch: u32) -> bool {
         remove_flow(flow, s);
         return false;
     }
-    if let Some(p) = LB_CT.get_ptr_mut(&s.ikey) {
+    if let Some(p) = ct::get(&s.ikey) {
         // SAFETY: a pointer into the map's value (a racing stamp stores an epoch too).
         unsafe { (*p).epoch = epoch };
     }
@@ -517,7 +517,7 @@ fn reply(ctx: &XdpContext, flow: &Flow) -> Verdict {
     // SAFETY: as for `flow` in `ingress`.
     let s = unsafe { &mut *s };
     let key = flow.ct_key(CT_DIR_REPLY);
-    let Some(p) = LB_CT.get_ptr_mut(&key) else {
+    let Some(p) = ct::get(&key) else {
         return pass(None);
     };
     // Copied out at once.
@@ -664,17 +664,14 @@ fn alloc_port(s: &mut Scratch, proto: u8, now: u64) -> bool {
     let draw = unsafe { bpf_get_prandom_u32() };
     for i in 0..SNAT_TRIES {
         s.rkey.dport = snat_port(draw, i).to_be();
-        if LB_CT
-            .insert(&s.rkey, &s.reply, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
+        if ct::insert(&s.rkey, &s.reply, u64::from(BPF_NOEXIST)).is_ok() {
             return true;
         }
         // A port held by a flow that has ended is free.
-        if let Some(old) = LB_CT.get_ptr(&s.rkey) {
+        if let Some(old) = ct::get(&s.rkey) {
             // SAFETY: fields read once from the map value.
             let (seen, flags) = unsafe { ((*old).seen, (*old).flags) };
-            if ct_expired(seen, now, proto, flags) && LB_CT.insert(&s.rkey, &s.reply, 0).is_ok() {
+            if ct_expired(seen, now, proto, flags) && ct::insert(&s.rkey, &s.reply, 0).is_ok() {
                 return true;
             }
         }
@@ -779,15 +776,12 @@ fn new_flow(
     // `s.ikey` is the forward key (an SNAT'd flow, or `client_entry` found the client key
     // held): readers must look it up from now on.
     mark_forward(flow);
-    if LB_CT
-        .insert(&s.ikey, &s.entry, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
+    if ct::insert(&s.ikey, &s.entry, u64::from(BPF_NOEXIST)).is_err() {
         // Another CPU recorded this flow a moment ago: follow it.
         if snat {
-            let _gone = LB_CT.remove(&s.rkey);
+            ct::remove(&s.rkey);
         }
-        let Some(p) = LB_CT.get_ptr(&s.ikey) else {
+        let Some(p) = ct::get(&s.ikey) else {
             events::ct_insert_failed(ctx, frontend.id, flow.proto);
             return Err(drop(stats::XDP_ERR_CT_UPDATE));
         };
@@ -795,8 +789,8 @@ fn new_flow(
         load_entry(&mut s.entry, p);
         return Ok(());
     }
-    if !snat && LB_CT.insert(&s.rkey, &s.reply, 0).is_err() {
-        let _gone = LB_CT.remove(&s.ikey);
+    if !snat && ct::insert(&s.rkey, &s.reply, 0).is_err() {
+        ct::remove(&s.ikey);
         events::ct_insert_failed(ctx, frontend.id, flow.proto);
         return Err(drop(stats::XDP_ERR_CT_UPDATE));
     }
@@ -813,13 +807,10 @@ fn client_entry(flow: &Flow, s: &mut Scratch, now: u64) -> bool {
     s.entry.nat_addr = flow.dst;
     s.entry.nat_port = flow.dport;
     set_client_key(&mut s.ikey, flow.src, flow.sport, flow.proto);
-    if LB_CT
-        .insert(&s.ikey, &s.entry, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
+    if ct::insert(&s.ikey, &s.entry, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
-    if let Some(p) = LB_CT.get_ptr(&s.ikey) {
+    if let Some(p) = ct::get(&s.ikey) {
         // SAFETY: fields read once from the map value.
         let (addr, port, seen, flags) =
             unsafe { ((*p).nat_addr, (*p).nat_port, (*p).seen, (*p).flags) };
@@ -830,7 +821,7 @@ fn client_entry(flow: &Flow, s: &mut Scratch, now: u64) -> bool {
         }
         // The key's flow has ended: this one takes it over.
         if ct_expired(seen, now, flow.proto, flags)
-            && LB_CT.insert(&s.ikey, &s.entry, u64::from(BPF_ANY)).is_ok()
+            && ct::insert(&s.ikey, &s.entry, u64::from(BPF_ANY)).is_ok()
         {
             return true;
         }

@@ -17,7 +17,7 @@ use lb_common::{
         META_MEMBER_EPOCH, MemberKey, REVNAT, RevNat, RevNatKey, SLOTS, STATS, SlotKey, SockXlate,
         TCP_OWNERS, TCP_SOCKS, UDP_FLOWS, UDP_OWNERS, UDP_SOCKS, UdpFlowKey,
     },
-    nat::{CT, CtEntry, CtKey, SRC_RANGE_PRESENT, SRC_RANGES, SrcRangeKey},
+    nat::{CT, CT4, CtEntry, CtKey, CtKey4, SRC_RANGE_PRESENT, SRC_RANGES, SrcRangeKey},
 };
 
 use aya::maps::IterableMap as _;
@@ -123,6 +123,8 @@ pub struct Maps {
     meta: Array<MapData, u32>,
     /// The north-south connection tracking (read for its fill only).
     ct: HashMap<MapData, CtKey, CtEntry>,
+    /// Its IPv4 client entries (the same).
+    ct4: HashMap<MapData, CtKey4, CtEntry>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
 }
 
@@ -156,8 +158,10 @@ pub struct ConnTableSizes {
     pub udp_socks: usize,
     /// `LB_TCP_SOCKS` slots held, the same way (`LB_TCP_OWNERS`).
     pub tcp_socks: usize,
-    /// `LB_CT` (one entry per north-south flow to a local backend, two per SNAT'd flow).
+    /// `LB_CT` (one entry per IPv6 north-south flow to a local backend, two per SNAT'd flow).
     pub ct: usize,
+    /// `LB_CT4` (one entry per IPv4 north-south flow to a local backend).
+    pub ct4: usize,
 }
 
 impl Maps {
@@ -187,6 +191,7 @@ impl Maps {
             stats: typed(layout, STATS)?,
             meta: typed(layout, META)?,
             ct,
+            ct4: typed(layout, CT4)?,
             src_ranges: typed(layout, SRC_RANGES)?,
         })
     }
@@ -454,6 +459,7 @@ impl Maps {
             UDP_SOCKS => self.udp_socks.map(),
             TCP_SOCKS => self.tcp_socks.map(),
             CT => self.ct.map(),
+            CT4 => self.ct4.map(),
             SRC_RANGES => self.src_ranges.map(),
             _ => return 0,
         };
@@ -476,6 +482,7 @@ impl Maps {
             (UDP_SOCKS, sizes.udp_socks),
             (TCP_SOCKS, sizes.tcp_socks),
             (CT, sizes.ct),
+            (CT4, sizes.ct4),
             (SRC_RANGES, self.src_ranges.keys().count()),
         ]
         .into_iter()
@@ -504,6 +511,7 @@ impl Maps {
             udp_socks: Self::slots_held(self.udp_owners.as_ref()),
             tcp_socks: Self::slots_held(self.tcp_owners.as_ref()),
             ct: self.ct.keys().count(),
+            ct4: self.ct4.keys().count(),
         }
     }
 }

@@ -39,8 +39,8 @@ pub struct Capacities {
     pub frontends: u32,
     /// Backend slots over all frontends (and memberships, one each).
     pub backends: u32,
-    /// Connection-tracking entries (`LB_CT`, one per north-south flow to a local
-    /// backend, two per SNAT'd flow), already a multiple
+    /// Connection-tracking entries, of `LB_CT` and of `LB_CT4` each (one per north-south
+    /// flow to a local backend, two per SNAT'd flow), already a multiple
     /// of the possible CPUs (the kernel rounds a per-CPU LRU map's capacity so).
     pub ct: u32,
 }
@@ -61,7 +61,7 @@ impl Capacities {
         match spec.name {
             lb_common::maps::FRONTENDS => self.frontends,
             lb_common::maps::SLOTS | lb_common::maps::MEMBERS => self.backends,
-            lb_common::nat::CT => self.ct,
+            lb_common::nat::CT | lb_common::nat::CT4 => self.ct,
             _ => spec.max_entries,
         }
     }

@@ -130,7 +130,7 @@ fn check_shape(
             asked: capacities.of(spec),
             flag: match spec.name {
                 lb_common::maps::FRONTENDS => "--max-frontends",
-                lb_common::nat::CT => "--max-ct-entries",
+                lb_common::nat::CT | lb_common::nat::CT4 => "--max-ct-entries",
                 _ => "--max-backends",
             },
         });

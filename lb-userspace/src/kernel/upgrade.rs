@@ -149,6 +149,12 @@ pub const CHANGES: &[Change] = &[
         step: Step::Create,
     },
     Change {
+        map: lb_common::nat::CT4,
+        what: "new: the client entries of IPv4 flows to a backend on this node, under an 8-byte \
+               key (LB_CT keeps IPv6 client entries and every 5-tuple entry)",
+        step: Step::Create,
+    },
+    Change {
         map: lb_common::maps::DGRAMS,
         what: "new UDP sockets keep their state in LB_UDP_SOCKS; LB_DGRAMS only when their \
                slot is taken",
@@ -188,7 +194,8 @@ pub const CHANGES: &[Change] = &[
     },
     Change {
         map: lb_common::nat::CT,
-        what: "a flow to a backend on this node is one entry keyed by the client (CT_DIR_CLIENT); \
+        what: "a flow to a backend on this node is one entry keyed by the client (CT_DIR_CLIENT; \
+               IPv6 flows here, IPv4 ones in the new LB_CT4); \
                CtEntry::flags gains CT_FIN_CLIENT and CT_FIN_BACKEND (bits 2 and 3, a client \
                entry's per-side FIN), and CT_CLOSING now means closed (an RST, or a FIN in a \
                one-direction entry)",

@@ -296,8 +296,8 @@ impl Results {
              number for new-flow rows) then tail-calls the program, repeat={} ({} for new-flow rows), harness floor \
              subtracted; `direct` = plain repeat (the miss only). Median over {} runs [min-max]; \"net\" = minus the floor of \
              its kind in the same run. lb: 10 local endpoints per frontend (DNAT, no SNAT; Katran: IPIP to 10 reals); \
-             its conntrack holds {} entries (1 per flow to a local backend; one LRU list per CPU), the rows made {} (none evicted while that \
-             stays below the CPU's share). Pinned to CPU {}; other \
+             its conntrack maps hold {} entries each (`LB_CT4`: an IPv4 flow to a local backend, 1 entry; `LB_CT`: an IPv6 one; one LRU \
+             list per CPU), the rows made {} (none evicted while that stays below the CPU's share). Pinned to CPU {}; other \
              processes used {:.1}% of the CPUs during lb's rounds{}. Katran: {}.\n",
             xdp.single,
             xdp.repeat,
