@@ -78,8 +78,8 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
                     None if u16::from_be(flow.dport) < SNAT_PORT_MIN => {
                         return xdp_action::XDP_PASS;
                     }
-                    // Called from here, not from `translate`: the call chain through
-                    // `reply` and `rewrite` then does not carry `translate`'s frame.
+                    // A call of its own (not inlined like `translate`): the chain through
+                    // `reply` and `rewrite` must fit beside the entry's frame.
                     None => reply(ctx, flow),
                 }
             }
@@ -146,8 +146,9 @@ pub(super) fn write<const N: usize>(
 /// Header fields are read through one bounds-checked pointer per header, not copied: a copy
 /// of the IPv6 header would take 40 bytes of this frame (and the addresses 32 more), and
 /// every byte of it counts against the 512 bytes of the whole call chain.
-// A BPF-to-BPF call of its own, so that its frame is not on the stack of the translation.
-#[inline(never)]
+// Inlined into the entry function (see `translate`); reading in place keeps its share of the
+// entry's frame at 8 bytes.
+#[inline(always)]
 fn parse(ctx: &XdpContext, out: &mut Flow) -> Result<(), Skip> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(read::<2>(ctx, 12).map_err(|_| Skip::Other)?);
@@ -360,8 +361,8 @@ fn set_reply_key(flow: &Flow, s: &mut Scratch) {
 
 /// Touches the reply entry of the flow of `flow` with forward entry `s.entry` (its `seen`
 /// becomes `s.now`).
-// A BPF-to-BPF call of its own: `translate`'s frame is at the limit of the call chain's
-// 512 bytes (its key would be built on that stack).
+// A BPF-to-BPF call of its own: the entry's frame (with `translate` in it) is near the limit
+// of the call chain's 512 bytes (its key would be built on that stack).
 #[inline(never)]
 fn touch_reply(flow: &Flow, s: &mut Scratch) {
     set_reply_key(flow, s);
@@ -525,7 +526,7 @@ fn translate(ctx: &XdpContext, flow: &Flow, frontend: *const Frontend) -> Verdic
 /// `epoch` since the entry was stamped: if so the entry gets `epoch`, else the flow ends here
 /// (the backend left the Service) and its entries go, so that a new flow on the same ports
 /// starts afresh.
-// A BPF-to-BPF call of its own: `translate`'s frame is on the longest call chain, and this
+// A BPF-to-BPF call of its own: the entry's frame is on the longest call chain, and this
 // runs only after a backend left some Service.
 #[inline(never)]
 fn still_member(flow: &Flow, s: &mut Scratch, epoch: u32) -> bool {
