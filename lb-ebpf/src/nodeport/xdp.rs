@@ -873,34 +873,49 @@ fn client_entry(flow: &Flow, s: &mut Scratch, now: u64) -> bool {
     false
 }
 
-/// Writes `addr` at `addr_off` and `port` at `port_off`, folding the changes into the IPv4
-/// header checksum and the L4 checksum `l4`.
+/// An address and port as [`rewrite_one`] reads them: by reference (in the scratch or the
+/// parsed flow, both map memory), so that no 16-byte copy lands on the stack.
+#[derive(Clone, Copy)]
+struct Endpoint<'a> {
+    addr: &'a Addr,
+    port: u16,
+}
+
+/// Writes `new` over `old` (the address at `addr_off`, the port at `port_off`), folding the
+/// changes into the IPv4 header checksum and the L4 checksum `l4`.
 #[inline(always)]
 fn rewrite_one(
     ctx: &XdpContext,
     flow: &Flow,
-    old: (Addr, u16),
-    new: (Addr, u16),
+    old: Endpoint<'_>,
+    new: Endpoint<'_>,
     (addr_off, port_off): (usize, usize),
     mut l4: u16,
 ) -> Result<u16, Skip> {
     if flow.v6 {
-        l4 = csum::update(l4, &csum::addr_words(&old.0), &csum::addr_words(&new.0));
-        write::<16>(ctx, addr_off, new.0.octets())?;
+        l4 = csum::update_addr(l4, old.addr, new.addr);
+        let p = bytes::<16>(ctx, addr_off)
+            .ok_or(Skip::Malformed)?
+            .cast::<u32>();
+        for i in 0..4 {
+            // SAFETY: bounds-checked against data_end by `bytes`; unaligned word stores of the
+            // address as it lies in memory (network order).
+            unsafe { p.add(i).write_unaligned(new.addr.0[i]) };
+        }
     } else {
-        let o = csum::v4_words(old.0.v4_word());
-        let n = csum::v4_words(new.0.v4_word());
+        let o = csum::v4_words(old.addr.v4_word());
+        let n = csum::v4_words(new.addr.v4_word());
         let ip_check = u16::from_ne_bytes(read::<2>(ctx, flow.l3 + 10)?);
         write::<2>(
             ctx,
             flow.l3 + 10,
             csum::update(ip_check, &o, &n).to_ne_bytes(),
         )?;
-        write::<4>(ctx, addr_off, new.0.v4_word().to_ne_bytes())?;
+        write::<4>(ctx, addr_off, new.addr.v4_word().to_ne_bytes())?;
         l4 = csum::update(l4, &o, &n);
     }
-    l4 = csum::update(l4, &[old.1], &[new.1]);
-    write::<2>(ctx, port_off, new.1.to_ne_bytes())?;
+    l4 = csum::update(l4, &[old.port], &[new.port]);
+    write::<2>(ctx, port_off, new.port.to_ne_bytes())?;
     Ok(l4)
 }
 
@@ -964,15 +979,16 @@ const NAT_REPLY: u8 = 2;
 // A BPF-to-BPF call of its own (see `reply`).
 #[inline(never)]
 fn rewrite(ctx: &XdpContext, flow: &Flow, mode: u8, s: &Scratch) -> Result<(), Skip> {
+    let at = |addr, port| Endpoint { addr, port };
     let (src, dst) = if mode == NAT_REPLY {
         (
-            (s.entry.addr, s.entry.port),
-            (s.entry.nat_addr, s.entry.nat_port),
+            at(&s.entry.addr, s.entry.port),
+            at(&s.entry.nat_addr, s.entry.nat_port),
         )
     } else {
         (
-            (s.entry.nat_addr, s.entry.nat_port),
-            (s.entry.addr, s.entry.port),
+            at(&s.entry.nat_addr, s.entry.nat_port),
+            at(&s.entry.addr, s.entry.port),
         )
     };
     let snat = mode != NAT_DST;
@@ -983,7 +999,7 @@ fn rewrite(ctx: &XdpContext, flow: &Flow, mode: u8, s: &Scratch) -> Result<(), S
     let mut l4 = rewrite_one(
         ctx,
         flow,
-        (flow.dst, flow.dport),
+        at(&flow.dst, flow.dport),
         dst,
         (flow.l3 + dst_off, flow.l4 + 2),
         old_check,
@@ -992,7 +1008,7 @@ fn rewrite(ctx: &XdpContext, flow: &Flow, mode: u8, s: &Scratch) -> Result<(), S
         l4 = rewrite_one(
             ctx,
             flow,
-            (flow.src, flow.sport),
+            at(&flow.src, flow.sport),
             src,
             (flow.l3 + src_off, flow.l4),
             l4,
