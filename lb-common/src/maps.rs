@@ -77,7 +77,10 @@ use crate::Addr;
 /// TCP sockets whose slot another socket held, of those the agent gives state for a draining
 /// [`REVERSE`] entry, and of those translated before the upgrade.
 /// Also 5: `LB_CT4` (`nat::CT4`) is new and holds the client entries of IPv4 flows under an
-/// 8-byte key; `LB_CT` keeps the rest, and every entry of layout 4 where it was.
+/// 8-byte key; `LB_CT` keeps the rest, and every entry of layout 4 where it was. Layout 5 is
+/// not released yet, so no pin set holds IPv4 client entries in `LB_CT`: a development build
+/// from before `LB_CT4` leaves its IPv4 flows to local pods there, unmoved (they start again
+/// after the restart, as after `lb cleanup`).
 pub const LAYOUT_VERSION: u32 = 5;
 
 /// IP protocol numbers as `bpf_sock_addr.protocol` reports them.

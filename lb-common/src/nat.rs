@@ -3,16 +3,16 @@
 //!
 //! Traffic from outside the node to an external frontend (NodePort, externalIP, LoadBalancer
 //! IP; see [`crate::maps::Frontend::flags`]) is translated per packet: the XDP program on each
-//! `--xdp-iface` rewrites the destination to a backend (DNAT) and records the flow in [`CT`],
-//! in one entry keyed by the client ([`CT_DIR_CLIENT`]); the tc egress program on the same
+//! `--xdp-iface` rewrites the destination to a backend (DNAT) and records the flow in one
+//! entry keyed by the client ([`CT_DIR_CLIENT`]; in [`CT4`] for IPv4, [`CT`] for IPv6); the tc egress program on the same
 //! interface finds it from the reply and restores the frontend as its source. SNAT'd flows
 //! (and a second flow of one client port) have one entry per direction, as Cilium's
 //! `bpf/lib/conntrack.h` keeps them. A flow to a
 //! backend on another node (`externalTrafficPolicy: Cluster`) is also SNAT'd to this node's
 //! address and a port of [`SNAT_PORT_MIN`]..=[`SNAT_PORT_MAX`] ([`CT_SNAT`]); its reply comes
 //! back through XDP, which translates it and sends both directions out by FIB lookup. Entries
-//! expire by protocol state ([`ct_timeout_ns`]). Both programs write [`CT`]; the agent only
-//! reads it (inspection).
+//! expire by protocol state ([`ct_timeout_ns`]). Both programs write [`CT`] and [`CT4`]; the
+//! agent only reads them (inspection).
 //!
 //! External backends live in their own slot range of [`crate::maps::SLOTS`]:
 //! `(id, EXT_SLOT_BASE + 0..ext_count)`, this node's first. They can differ from the socket
@@ -25,14 +25,14 @@ use crate::Addr;
 /// Pinned name of the connection-tracking map.
 pub const CT: &str = "LB_CT";
 
-/// Default capacity of [`CT`], in entries (one per flow to a backend on this node, two per
-/// SNAT'd flow): `lb run --max-ct-entries` sets it
-/// when the map is created. LRU with one list per CPU
-/// ([`crate::maps::BPF_F_NO_COMMON_LRU`]), so the oldest flows of a CPU make room when that
-/// CPU's share (`capacity / CPUs`) is full. Preallocated: 160 bytes of kernel memory per
-/// entry (key, value, hash and LRU nodes; the map's memlock as measured on kernel 6.18), so
-/// 512 Ki entries (256 Ki flows) take 80 MiB. Cilium's default for TCP (`--bpf-ct-global-tcp-max`) is the same 512 Ki entries;
-/// Katran's flow table defaults to 8 M flows (one entry per flow).
+/// Default capacity of [`CT`] and of [`CT4`] each, in entries (one per flow to a backend on
+/// this node, two per SNAT'd flow): `lb run --max-ct-entries` sets it when the maps are
+/// created. LRU with one list per CPU ([`crate::maps::BPF_F_NO_COMMON_LRU`]), so the oldest
+/// flows of a CPU make room when that CPU's share (`capacity / CPUs`) is full. Preallocated
+/// (key, value, hash and LRU nodes; the maps' memlock as measured on kernel 6.18): 160 bytes
+/// per [`CT`] entry and 128 per [`CT4`] entry, so 512 Ki entries each take 80 + 64 MiB.
+/// Cilium's default for TCP (`--bpf-ct-global-tcp-max`) is the same 512 Ki entries, for each
+/// family; Katran's flow table defaults to 8 M flows (one entry per flow).
 pub const MAX_CT: u32 = 1 << 19;
 
 /// Pinned name of the IPv4 client-entry map: the [`CT_DIR_CLIENT`] entries of IPv4 flows,
@@ -44,7 +44,7 @@ pub const MAX_CT: u32 = 1 << 19;
 /// Why: an established or new IPv4 flow to a backend on this node, the common north-south
 /// case, looks its client entry up on every packet. The kernel hashes the whole key
 /// (`jhash2` over its words) and compares it whole in the bucket, so 8 bytes instead of 40
-/// save two `jhash` mixing rounds and four word compares per lookup and per insert.
+/// save three `jhash` mixing rounds and four word compares per lookup and per insert.
 /// Written by both programs, read by the agent (inspection); the same capacity as [`CT`]
 /// (`--max-ct-entries`), and the same per-CPU LRU lists.
 pub const CT4: &str = "LB_CT4";

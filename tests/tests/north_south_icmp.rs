@@ -463,14 +463,25 @@ impl Ct {
         }
     }
 
-    /// The map that holds `key` and the key in that map's form.
+    /// The map that holds `key` and the key in that map's form, as `CtKey::client4` decides
+    /// for the programs.
     fn route(self, key: &[u8; CT_KEY]) -> (i32, Vec<u8>) {
-        let v4_mapped = key[..10].iter().all(|&b| b == 0) && key[10..12] == [0xff, 0xff];
-        if key[37] == CT_DIR_CLIENT && v4_mapped {
+        let octets = |at: usize| -> [u8; 16] { key[at..at + 16].try_into().expect("16 bytes") };
+        let port = |at: usize| u16::from_ne_bytes([key[at], key[at + 1]]);
+        let ct_key = lb_common::nat::CtKey {
+            src: lb_common::Addr::from_v6_octets(octets(0)),
+            dst: lb_common::Addr::from_v6_octets(octets(16)),
+            sport: port(32),
+            dport: port(34),
+            proto: key[36],
+            dir: key[37],
+            _pad: [0; 2],
+        };
+        if let Some(k4) = ct_key.client4() {
             let mut k = vec![0u8; CT4_KEY];
-            k[..4].copy_from_slice(&key[12..16]);
-            k[4..6].copy_from_slice(&key[32..34]);
-            k[6] = key[36];
+            k[..4].copy_from_slice(&k4.addr.to_ne_bytes());
+            k[4..6].copy_from_slice(&k4.port.to_ne_bytes());
+            k[6] = k4.proto;
             (self.client4, k)
         } else {
             (self.all, key.to_vec())

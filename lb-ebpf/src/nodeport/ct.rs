@@ -14,12 +14,12 @@ use lb_common::{
 /// per SNAT'd flow and per second flow of a client port, every flow of layout 4; written by
 /// both programs. Per-CPU LRU lists; the agent sets the capacity (`--max-ct-entries`).
 #[map]
-pub static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_NO_COMMON_LRU);
+static LB_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_NO_COMMON_LRU);
 
 /// The client entries of IPv4 flows (`lb_common::nat::CT4`), one per flow to a backend on this
 /// node; written by both programs. Per-CPU LRU lists, the capacity of `LB_CT`.
 #[map]
-pub static LB_CT4: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_NO_COMMON_LRU);
+static LB_CT4: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_CT, BPF_F_NO_COMMON_LRU);
 
 /// The entry under `key`, if any (a pointer into the map's value).
 #[inline(always)]

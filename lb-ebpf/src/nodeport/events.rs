@@ -8,13 +8,14 @@
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::{error, warn};
 
-/// A conntrack entry could not be stored (`LB_CT` full of live entries, or an update error);
+/// A conntrack entry could not be stored (`LB_CT4` or `LB_CT` full of live entries, or an
+/// update error);
 /// `frontend` is the frontend id, `proto` the IP protocol.
 #[inline(never)]
 pub fn ct_insert_failed(ctx: &XdpContext, frontend: u32, proto: u8) {
     error!(
         ctx,
-        "xdp: conntrack insert failed (frontend id {}, protocol {}): LB_CT full or an update error",
+        "xdp: conntrack insert failed (frontend id {}, protocol {}): LB_CT4/LB_CT full or an update error",
         frontend,
         proto
     );

@@ -2,7 +2,7 @@
 //! LoadBalancer IPs, translated per packet.
 //!
 //! - [`xdp`] runs on each `--xdp-iface` at ingress: parses the packet, finds an external
-//!   frontend, keeps each flow on one backend through the connection-tracking map `LB_CT` and
+//!   frontend, keeps each flow on one backend through the connection-tracking maps ([`ct`]) and
 //!   rewrites the destination (DNAT) with incremental checksum updates; then hands the packet
 //!   to the stack, which routes it to the pod. A backend on another node also gets SNAT to
 //!   this node's address and an allocated port, and XDP sends the packet out itself (FIB

@@ -144,8 +144,8 @@ pub(super) fn write<const N: usize>(
 /// into `out`.
 ///
 /// Header fields are read through one bounds-checked pointer per header, not copied: a copy
-/// of the IPv6 header would take 40 bytes of this frame (and the addresses 32 more), and
-/// every byte of it counts against the 512 bytes of the whole call chain.
+/// of the IPv6 header would take 40 bytes of the entry's frame (and the addresses 32 more),
+/// and every byte of that frame counts against the 512 bytes of each call chain below it.
 // Inlined into the entry function (see `translate`); reading in place keeps its share of the
 // entry's frame at 8 bytes.
 #[inline(always)]
@@ -244,7 +244,9 @@ fn parse(ctx: &XdpContext, out: &mut Flow) -> Result<(), Skip> {
     Ok(())
 }
 
-/// The IPv6 address at `p` (16 bytes in network order) as an [`Addr`], read as four words.
+/// The IPv6 address at `p` (16 bytes in network order) as an [`Addr`], read as four
+/// unaligned words (the BPF backend emits them as byte loads and shifts: no alignment is
+/// assumed on any architecture).
 ///
 /// # Safety
 /// `p` points at 16 readable bytes.
@@ -443,7 +445,11 @@ const MAX_OFF: usize = MAX_L4_OFF + 64;
 ///
 /// The parsed flow comes through map memory on purpose: the verifier then sees its offsets
 /// as one bounded range instead of one state per path through the parser (IPv4 options,
-/// VLAN, IPv6 extension headers), and verifies what follows once instead of per path.
+/// VLAN, IPv6 extension headers), and verifies what follows once instead of per path. With
+/// `parse` inlined into the same function this holds because the map lookups and helper
+/// calls between them make LLVM read `l3`/`l4` back from `LB_NAT_FLOW` rather than keep
+/// `parse`'s registers (check the object when moving code between them: a refused or much
+/// longer verification is the symptom).
 // Inlined into the entry function: a BPF-to-BPF call costs about 8 ns on an established
 // flow's packet here (measured: three empty calls added 26 ns), as every return of the JIT'd
 // code goes through the kernel's return thunk (`spec_rstack_overflow: Safe RET` on this AMD
@@ -898,8 +904,9 @@ fn rewrite_one(
             .ok_or(Skip::Malformed)?
             .cast::<u32>();
         for i in 0..4 {
-            // SAFETY: bounds-checked against data_end by `bytes`; unaligned word stores of the
-            // address as it lies in memory (network order).
+            // SAFETY: bounds-checked against data_end by `bytes`; unaligned word stores (byte
+            // stores, as the BPF backend emits them) of the address as it lies in memory
+            // (network order).
             unsafe { p.add(i).write_unaligned(new.addr.0[i]) };
         }
     } else {
