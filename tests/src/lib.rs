@@ -23,6 +23,7 @@ use serde::Deserialize;
 pub mod container;
 pub mod fake_api;
 pub mod north_south;
+pub mod pinned;
 pub mod xdp;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);

@@ -112,18 +112,6 @@ struct Entry {
     state: u32,
 }
 
-fn bytes_of(value: &serde_json::Value) -> Vec<u8> {
-    value
-        .as_array()
-        .expect("byte array")
-        .iter()
-        .map(|b| {
-            let text = b.as_str().expect("hex byte");
-            u8::from_str_radix(text.trim_start_matches("0x"), 16).expect("hex")
-        })
-        .collect()
-}
-
 /// An IPv4-mapped address and a network-order port from a key or value.
 fn addr_port(bytes: &[u8]) -> String {
     let ip = std::net::Ipv4Addr::new(bytes[12], bytes[13], bytes[14], bytes[15]);
@@ -132,33 +120,12 @@ fn addr_port(bytes: &[u8]) -> String {
 }
 
 fn reverse_entries(agent: &Agent) -> Vec<Entry> {
-    let map = agent.pin_path.join("maps/LB_REVERSE");
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&map)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    let mut entries: Vec<Entry> = json
-        .as_array()
-        .expect("entries")
+    let mut entries: Vec<Entry> = lb_tests::pinned::dump(&agent.pin_path.join("maps/LB_REVERSE"))
         .iter()
-        // An entry the agent deleted between bpftool's key walk and its lookup comes with
-        // `"value": {"error": ...}` instead of bytes: it is gone.
-        .filter(|e| e["value"].is_array())
-        .map(|e| {
-            let key = bytes_of(&e["key"]);
-            let value = bytes_of(&e["value"]);
-            Entry {
-                backend: addr_port(&key),
-                service: addr_port(&value),
-                state: u32::from_ne_bytes([value[24], value[25], value[26], value[27]]),
-            }
+        .map(|e| Entry {
+            backend: addr_port(&e.key),
+            service: addr_port(&e.value),
+            state: u32::from_ne_bytes([e.value[24], e.value[25], e.value[26], e.value[27]]),
         })
         .collect();
     entries.sort_by(|a, b| a.backend.cmp(&b.backend));
@@ -185,21 +152,7 @@ fn write_entry(agent: &Agent, entry: &Entry, id: u32) {
     value.extend([0, 0]);
     value.extend(id.to_ne_bytes());
     value.extend(entry.state.to_ne_bytes());
-    let hex = |b: &[u8]| b.iter().map(|x| format!("0x{x:02x}")).collect::<Vec<_>>();
-    let map = agent.pin_path.join("maps/LB_REVERSE");
-    let mut args = vec![
-        "bpftool".to_owned(),
-        "map".to_owned(),
-        "update".to_owned(),
-        "pinned".to_owned(),
-        map.display().to_string(),
-        "key".to_owned(),
-    ];
-    args.extend(hex(&key));
-    args.push("value".to_owned());
-    args.extend(hex(&value));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    lb_tests::sh(&args);
+    lb_tests::pinned::update(&agent.pin_path.join("maps/LB_REVERSE"), &key, &value);
 }
 
 /// Waits until the entries are exactly `want` (backend, service, state), sorted by backend.

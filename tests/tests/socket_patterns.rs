@@ -476,37 +476,23 @@ fn wait_for_active_reverse_entry(f: &Fixture, backend: &str, service: &str) {
             u16::from_be_bytes([b[16], b[17]])
         )
     };
-    let bytes = |v: &serde_json::Value| -> Option<Vec<u8>> {
-        v.as_array()?
-            .iter()
-            .map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-            .collect()
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let out = std::process::Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(&map)
-            .output()
-            .expect("bpftool");
-        let json: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-        let found = json.as_array().into_iter().flatten().any(|e| {
-            match (bytes(&e["key"]), bytes(&e["value"])) {
-                (Some(k), Some(v)) if k.len() >= 18 && v.len() >= 28 => {
-                    addr_port(&k) == backend
-                        && addr_port(&v) == service
-                        && u32::from_ne_bytes([v[24], v[25], v[26], v[27]]) == ACTIVE
-                }
-                _ => false,
-            }
+        let entries = lb_tests::pinned::try_dump(&map).unwrap_or_default();
+        let found = entries.iter().any(|e| {
+            e.key.len() >= 18
+                && e.value.len() >= 28
+                && addr_port(&e.key) == backend
+                && addr_port(&e.value) == service
+                && u32::from_ne_bytes([e.value[24], e.value[25], e.value[26], e.value[27]])
+                    == ACTIVE
         });
         if found {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no active LB_REVERSE entry {backend} -> {service}: {json}"
+            "no active LB_REVERSE entry {backend} -> {service}: {entries:?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -996,19 +982,7 @@ fn a_tcp_socket_reconnected_shows_its_last_peer() {
 
 /// Entries of a pinned map of the agent.
 fn map_entries(agent: &Agent, map: &str) -> usize {
-    let path = agent.pin_path.join("maps").join(map);
-    let out = std::process::Command::new("bpftool")
-        .args(["--json", "map", "dump", "pinned"])
-        .arg(&path)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map dump {}: {out:?}",
-        path.display()
-    );
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    entries.as_array().map_or(0, Vec::len)
+    lb_tests::pinned::dump(&agent.pin_path.join("maps").join(map)).len()
 }
 
 #[test]
@@ -1047,23 +1021,9 @@ fn event_count(agent: &Agent, name: &str) -> u64 {
 /// The slots of owners array `owners` (`LB_UDP_OWNERS`, `LB_TCP_OWNERS`) held by a socket (an
 /// array: every index is there, a held one is not 0).
 fn held_slots(agent: &Agent, owners: &str) -> usize {
-    let path = agent.pin_path.join("maps").join(owners);
-    let out = std::process::Command::new("bpftool")
-        .args(["--json", "map", "dump", "pinned"])
-        .arg(&path)
-        .output()
-        .expect("bpftool");
-    assert!(out.status.success(), "bpftool map dump: {out:?}");
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    entries
-        .as_array()
-        .expect("an array dump")
+    lb_tests::pinned::dump(&agent.pin_path.join("maps").join(owners))
         .iter()
-        .filter(|e| {
-            e["value"]
-                .as_array()
-                .is_some_and(|bytes| bytes.iter().any(|b| b != "0x00"))
-        })
+        .filter(|e| e.value.iter().any(|&b| b != 0))
         .count()
 }
 

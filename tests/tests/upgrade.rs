@@ -22,7 +22,7 @@ use std::{
 use lb_tests::{
     Outcome, TempDir, attached_programs, lb_bin,
     north_south::{FlowClient, NODE4, NodeAgent, Topology},
-    previous_lb_bin, sh, testpod_bin,
+    previous_lb_bin, testpod_bin,
 };
 
 const SVC: &str = "10.96.71.1:80";
@@ -55,62 +55,20 @@ endpoints:
 
 /// The value at `index` of the pinned `LB_CT_FWD` (read with bpftool).
 fn forward_bucket(pin: &Path, index: u32) -> u32 {
-    let out = Command::new("bpftool")
-        .args(["--json", "map", "lookup", "pinned"])
-        .arg(pin.join("maps/LB_CT_FWD"))
-        .arg("key")
-        .args(index.to_le_bytes().map(|b| b.to_string()))
-        .output()
-        .expect("bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    let bytes: Vec<u8> = v["value"]
-        .as_array()
-        .expect("value bytes")
-        .iter()
-        .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-        .collect();
-    u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+    let bytes = lb_tests::pinned::lookup(&pin.join("maps/LB_CT_FWD"), &index.to_ne_bytes())
+        .expect("an array has every index");
+    u32::from_ne_bytes(bytes.try_into().expect("4 bytes"))
 }
 
 /// Entries of the pinned `LB_REVERSE` (read with bpftool).
 fn reverse_entries(pin: &Path) -> usize {
-    let out = Command::new("bpftool")
-        .args(["--json", "map", "dump", "pinned"])
-        .arg(pin.join("maps/LB_REVERSE"))
-        .output()
-        .expect("bpftool");
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().map(Vec::len))
-        .unwrap_or(0)
+    lb_tests::pinned::try_dump(&pin.join("maps/LB_REVERSE")).map_or(0, |e| e.len())
 }
 
 /// The layout version recorded in the pinned `LB_META` (read with bpftool, not with lb).
 fn pinned_layout_version(pin: &Path) -> u32 {
-    let meta = pin.join("maps/LB_META");
-    let out = sh(&[
-        "bpftool",
-        "-j",
-        "map",
-        "lookup",
-        "pinned",
-        meta.to_str().expect("utf-8"),
-        "key",
-        "0",
-        "0",
-        "0",
-        "0",
-    ]);
-    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("bpftool json");
-    let bytes: Vec<u8> = json["value"]
-        .as_array()
-        .expect("value bytes")
-        .iter()
-        .map(|b| {
-            let b = b.as_str().expect("hex byte");
-            u8::from_str_radix(b.trim_start_matches("0x"), 16).expect("hex byte")
-        })
-        .collect();
+    let bytes = lb_tests::pinned::lookup(&pin.join("maps/LB_META"), &0u32.to_ne_bytes())
+        .expect("LB_META index 0");
     u32::from_ne_bytes(bytes[..4].try_into().expect("4 bytes"))
 }
 
