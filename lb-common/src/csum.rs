@@ -38,15 +38,16 @@ pub fn update(check: u16, old: &[u16], new: &[u16]) -> u16 {
     !fold(sum)
 }
 
-/// [`update`] for a 16-byte address `old` that became `new`, from its four 32-bit words
-/// without building the eight 16-bit ones: the halves of a word as it lies in memory are its
-/// low and high 16 bits on either byte order, and their sum is what [`update`] adds (so the
-/// result is the same, bit for bit). On the BPF stack the two `[u16; 8]` copies cost 32
-/// bytes of the 512 a call chain has.
+/// Adds the one's complement difference of the 16-byte address `old` -> `new` to the
+/// accumulator `sum`, from the addresses' four 32-bit words without building the eight 16-bit
+/// ones: the halves of a word as it lies in memory are its low and high 16 bits on either
+/// byte order, and their sum is what [`update`] adds over [`addr_words`]. For IPv4 addresses
+/// (mapped) the other words are the same in both and cancel out (`!w + w` is one's
+/// complement zero). On the BPF stack the two `[u16; 8]` copies would cost 32 bytes of the
+/// 512 a call chain has.
 #[inline(always)]
 #[must_use]
-pub fn update_addr(check: u16, old: &crate::Addr, new: &crate::Addr) -> u16 {
-    let mut sum = u32::from(!check);
+pub const fn add_addr(mut sum: u32, old: &crate::Addr, new: &crate::Addr) -> u32 {
     let mut i = 0;
     while i < 4 {
         let o = !old.0[i];
@@ -54,7 +55,15 @@ pub fn update_addr(check: u16, old: &crate::Addr, new: &crate::Addr) -> u16 {
         sum += (o & 0xffff) + (o >> 16) + (n & 0xffff) + (n >> 16);
         i += 1;
     }
-    !fold(sum)
+    sum
+}
+
+/// [`update`] for a 16-byte address `old` that became `new` ([`add_addr`]): the same result,
+/// bit for bit.
+#[inline(always)]
+#[must_use]
+pub fn update_addr(check: u16, old: &crate::Addr, new: &crate::Addr) -> u16 {
+    !fold(add_addr(u32::from(!check), old, new))
 }
 
 /// The words of a 16-byte address, as they lie in memory.

@@ -214,21 +214,6 @@ fn parse_quote<P: Packet>(p: &P, e: &mut IcmpError) -> Result<(), Miss> {
     Ok(())
 }
 
-/// Adds the one's complement difference of `old` -> `new` (all 16-bit words of the 16-byte
-/// form, as they lie in memory) to `sum`. For IPv4 addresses the other words are the same
-/// in both and cancel out (`!w + w` is one's complement zero).
-#[inline(always)]
-fn addr_sum(mut sum: u32, old: &Addr, new: &Addr) -> u32 {
-    for i in 0..4 {
-        let (o, n) = (old.0[i], new.0[i]);
-        sum += u32::from(!(o as u16))
-            + u32::from(!((o >> 16) as u16))
-            + u32::from(n as u16)
-            + u32::from((n >> 16) as u16);
-    }
-    sum
-}
-
 /// The checksum field `check` after the covered data changed by `sum` (RFC 1624 eqn. 3).
 #[inline(always)]
 fn apply(check: u16, sum: u32) -> u16 {
@@ -259,7 +244,11 @@ fn rewrite<P: Packet>(p: &P, e: &IcmpError) -> Option<()> {
     // What the words covered by the ICMP checksum changed by.
     let mut icmp: u32 = 0;
     // The outer header: the IPv4 header checksum, or the ICMPv6 pseudo-header.
-    let outer = addr_sum(addr_sum(0, &e.osrc, &e.new_osrc), &e.odst, &e.new_odst);
+    let outer = csum::add_addr(
+        csum::add_addr(0, &e.osrc, &e.new_osrc),
+        &e.odst,
+        &e.new_odst,
+    );
     put_addr(p, v6, l3 + src_off, &e.new_osrc)?;
     put_addr(p, v6, l3 + dst_off, &e.new_odst)?;
     if v6 {
@@ -270,8 +259,8 @@ fn rewrite<P: Packet>(p: &P, e: &IcmpError) -> Option<()> {
     }
     // The quoted addresses: covered by the ICMP checksum, the quoted IPv4 header checksum and
     // the quoted TCP/UDP checksum (pseudo-header).
-    let inner = u32::from(csum::fold(addr_sum(
-        addr_sum(0, &e.src, &e.new_src),
+    let inner = u32::from(csum::fold(csum::add_addr(
+        csum::add_addr(0, &e.src, &e.new_src),
         &e.dst,
         &e.new_dst,
     )));
