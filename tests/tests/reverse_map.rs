@@ -454,27 +454,8 @@ fn a_socket_without_storage_to_a_removed_backend_is_reset_with_the_flag() {
         "web.yaml",
         &svc("web", "10.96.0.91", &[ip(&node, 1), ip(&node, 2)]),
     );
-    let agent = Agent::start_manifests_with(
-        &node.cgroup.path,
-        &dir.0,
-        &["--close-tcp-to-removed-backends"],
-        Duration::from_secs(20),
-    );
-    wait_entries(
-        &agent,
-        &[
-            (&pod_addr(&node, 1), "10.96.0.91:80", ACTIVE),
-            (&pod_addr(&node, 2), "10.96.0.91:80", ACTIVE),
-        ],
-    );
-    let before = counter(&agent, "connect_no_storage");
-    let mut hold = Holder::start(&node);
-    let to_pod1 = open_until_pod1(&mut hold, "10.96.0.91:80");
-    let opened = hold.show().len();
-    assert_eq!(
-        counter(&agent, "connect_no_storage") - before,
-        f64::from(u32::try_from(opened).expect("count"))
-    );
+    let agent = start_closing(&node, &dir, "10.96.0.91:80");
+    let (mut hold, to_pod1) = open_counting(&agent, &node, "connect_no_storage");
     // pod1 leaves: its socket (no storage: the reverse entry names the Service) is reset,
     // the others stay.
     dir.write("web.yaml", &svc("web", "10.96.0.91", &[ip(&node, 2)]));
@@ -492,6 +473,16 @@ fn a_socket_whose_state_is_in_its_slot_to_a_removed_backend_is_reset_with_the_fl
     let pods = [ip(&node, 1), ip(&node, 2)];
     dir.write("aweb.yaml", &svc("aweb", "10.96.0.92", &pods));
     dir.write("web.yaml", &svc("web", "10.96.0.91", &pods));
+    let agent = start_closing(&node, &dir, "10.96.0.92:80");
+    // Each connect through web claimed a slot.
+    let (mut hold, to_pod1) = open_counting(&agent, &node, "tcp_socks_claimed");
+    dir.write("web.yaml", &svc("web", "10.96.0.91", &[ip(&node, 2)]));
+    wait_only_reset(&mut hold, &agent, to_pod1);
+}
+
+/// An agent with `--close-tcp-to-removed-backends` on the manifests in `dir`, once pod1's and
+/// pod2's reverse entries name `owner` and are active.
+fn start_closing(node: &Node, dir: &TempDir, owner: &str) -> Agent {
     let agent = Agent::start_manifests_with(
         &node.cgroup.path,
         &dir.0,
@@ -501,21 +492,27 @@ fn a_socket_whose_state_is_in_its_slot_to_a_removed_backend_is_reset_with_the_fl
     wait_entries(
         &agent,
         &[
-            (&pod_addr(&node, 1), "10.96.0.92:80", ACTIVE),
-            (&pod_addr(&node, 2), "10.96.0.92:80", ACTIVE),
+            (&pod_addr(node, 1), owner, ACTIVE),
+            (&pod_addr(node, 2), owner, ACTIVE),
         ],
     );
-    let claimed = counter(&agent, "tcp_socks_claimed");
-    let mut hold = Holder::start(&node);
+    agent
+}
+
+/// Opens connections through web (10.96.0.91:80) until one reaches pod1
+/// ([`open_until_pod1`]), and checks that each connect counted `event` once: the holder and
+/// the index of pod1's socket.
+fn open_counting(agent: &Agent, node: &Node, event: &str) -> (Holder, usize) {
+    let before = counter(agent, event);
+    let mut hold = Holder::start(node);
     let to_pod1 = open_until_pod1(&mut hold, "10.96.0.91:80");
     let opened = hold.show().len();
     assert_eq!(
-        counter(&agent, "tcp_socks_claimed") - claimed,
+        counter(agent, event) - before,
         f64::from(u32::try_from(opened).expect("count")),
-        "each connect through web claimed a slot"
+        "{event}: one per connect"
     );
-    dir.write("web.yaml", &svc("web", "10.96.0.91", &[ip(&node, 2)]));
-    wait_only_reset(&mut hold, &agent, to_pod1);
+    (hold, to_pod1)
 }
 
 /// Opens sockets to `to` until one reaches pod1 (at most 40); its index among the held ones.
